@@ -1,0 +1,1 @@
+//! Hyper-V Replica Log (HRL) change logs. Being written.

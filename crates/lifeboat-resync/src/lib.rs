@@ -1,0 +1,1 @@
+//! Fixed-block maps and resync planning. Being written.
