@@ -1,0 +1,2 @@
+//! The `lifeboat` command. Being written.
+fn main() {}
