@@ -1,0 +1,1 @@
+//! Lifeboat API types. Being written.
