@@ -49,3 +49,79 @@ pub fn validate_chain(headers: &[FileHeader]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is the test failure report
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::format::{
+        CREATOR_APPLICATION_LIFEBOAT, FILE_TYPE_HRL, FLAGS_NONE, HrlTime, LOG_FORMAT_VERSION_2,
+    };
+
+    fn log(id: u128, previous: u128, sealed: bool) -> FileHeader {
+        FileHeader {
+            log_format_version: LOG_FORMAT_VERSION_2,
+            created_at: HrlTime(0),
+            creator_application: CREATOR_APPLICATION_LIFEBOAT,
+            creator_version: 1,
+            original_size: 8192,
+            current_size: 8192,
+            eol_location: if sealed { 8192 } else { 0 },
+            error_code: 0,
+            metadata_size: 4096,
+            unique_id: Uuid::from_u128(id),
+            previous_unique_id: Uuid::from_u128(previous),
+            last_modified: HrlTime(0),
+            total_metadata_entries: 0,
+            file_type: FILE_TYPE_HRL,
+            flags: FLAGS_NONE,
+            vhd2_data_write_guid: Uuid::nil(),
+        }
+    }
+
+    #[test]
+    fn accepts_a_linked_chain_with_an_open_tail() {
+        assert!(validate_chain(&[]).is_ok());
+        assert!(validate_chain(&[log(1, 0, false)]).is_ok());
+        assert!(validate_chain(&[log(1, 99, true), log(2, 1, true), log(3, 2, false)]).is_ok());
+    }
+
+    #[test]
+    fn rejects_a_broken_link() {
+        let err = validate_chain(&[log(1, 0, true), log(2, 1, true), log(3, 1, true)])
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            HrlError::ValidateLogChain {
+                log_index: 2,
+                problem: Problem::ChainLinkMismatch { .. }
+            }
+        ));
+        assert!(err.is_recoverable_by_resync());
+    }
+
+    #[test]
+    fn rejects_an_open_log_before_the_newest() {
+        let err = validate_chain(&[log(1, 0, false), log(2, 1, true)])
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            HrlError::ValidateLogChain { log_index: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn rejects_a_cycle() {
+        let err = validate_chain(&[log(1, 2, true), log(2, 1, true), log(1, 2, true)])
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            HrlError::ValidateLogChain { log_index: 2, .. }
+        ));
+    }
+}

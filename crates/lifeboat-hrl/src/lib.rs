@@ -32,3 +32,7 @@ pub use reader::{
     read_log_bytes,
 };
 pub use writer::{HrlWriter, SealedLog, WriterOptions};
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is the test failure report
+mod test_support;

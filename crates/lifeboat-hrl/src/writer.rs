@@ -340,3 +340,204 @@ impl<W: Write + Seek> HrlWriter<W> {
         })
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is the test failure report
+mod tests {
+    use std::io::{self, Cursor};
+
+    use super::*;
+    use crate::error::Remedy;
+    use crate::format::{MetadataBlockHeader, MetadataEntry};
+    use crate::reader::HrlReader;
+
+    fn header_of(bytes: &[u8]) -> FileHeader {
+        let mut raw = [0u8; HEADER_SIZE as usize];
+        raw.copy_from_slice(&bytes[..HEADER_SIZE as usize]);
+        FileHeader::decode(&raw).unwrap()
+    }
+
+    fn options() -> WriterOptions {
+        WriterOptions::new(Uuid::from_u128(0xA), HrlTime(100))
+    }
+
+    #[test]
+    fn create_writes_header_and_empty_first_block() {
+        let w = HrlWriter::create(Cursor::new(Vec::new()), &options()).unwrap();
+        let bytes = w.get_ref().get_ref().clone();
+        assert_eq!(bytes.len(), 8192);
+        let h = header_of(&bytes);
+        assert_eq!(h.original_size, 8192);
+        assert_eq!(h.current_size, 8192);
+        assert_eq!(h.eol_location, 0);
+        assert_eq!(h.total_metadata_entries, 0);
+        assert_eq!(h.metadata_size, 4096);
+        assert_eq!(h.creator_application, CREATOR_APPLICATION_LIFEBOAT);
+        let mut raw = [0u8; 32];
+        raw.copy_from_slice(&bytes[4096..4128]);
+        let first = MetadataBlockHeader::decode(&raw, 4096).unwrap();
+        assert_eq!(first.previous_metadata_location, 0);
+        assert_eq!(first.valid_metadata_entries, 0);
+    }
+
+    #[test]
+    fn batch_larger_than_a_block_spans_blocks_and_counters_stay_true() {
+        let mut w = HrlWriter::create(Cursor::new(Vec::new()), &options()).unwrap();
+        let data = vec![7u8; 512];
+        w.append_batch(
+            (0..300u64).map(|i| (i * 512, data.as_slice())),
+            HrlTime(200),
+        )
+        .unwrap();
+        let bytes = w.get_ref().get_ref().clone();
+        // 127 + 127 + 46 entries: three blocks after the empty first one.
+        assert_eq!(bytes.len() as u64, 8192 + 300 * 512 + 3 * 4096);
+        let h = header_of(&bytes);
+        assert_eq!(h.total_metadata_entries, 300);
+        assert_eq!(h.current_size, bytes.len() as u64);
+        assert_eq!(h.last_modified, HrlTime(200));
+        // The second block sits right after the first 127 writes' data and links back.
+        let second = 8192 + 127 * 512;
+        let mut raw = [0u8; 32];
+        raw.copy_from_slice(&bytes[second..second + 32]);
+        let head = MetadataBlockHeader::decode(&raw, second as u64).unwrap();
+        assert_eq!(head.valid_metadata_entries, 127);
+        assert_eq!(head.previous_metadata_location, (second - 4096) as u64);
+        let mut raw_entry = [0u8; 32];
+        raw_entry.copy_from_slice(&bytes[second + 32..second + 64]);
+        let entry = MetadataEntry::decode(&raw_entry, second as u64, 0).unwrap();
+        assert_eq!(entry.data_checksum, DataChecksum::of(&data));
+        assert_eq!(entry.timestamp, HrlTime(200));
+
+        let sealed = w.seal(HrlTime(300)).unwrap();
+        let bytes = sealed.sink.into_inner();
+        let h = header_of(&bytes);
+        assert_eq!(h, sealed.header);
+        assert_eq!(h.eol_location, bytes.len() as u64);
+        assert_eq!(h.last_modified, HrlTime(300));
+        let mut reader = HrlReader::open(Cursor::new(&bytes)).unwrap();
+        assert_eq!(reader.read_all().unwrap().len(), 300);
+    }
+
+    #[test]
+    fn header_describes_the_last_commit_between_commits() {
+        let mut w = HrlWriter::create(Cursor::new(Vec::new()), &options()).unwrap();
+        w.append_batch([(0, &b"abc"[..])], HrlTime(101)).unwrap();
+        let committed = header_of(w.get_ref().get_ref());
+        for i in 0..200u64 {
+            w.write(i, b"x", HrlTime(102)).unwrap();
+        }
+        // A full block was written mid-batch, but the header still tells the last commit.
+        assert_eq!(header_of(w.get_ref().get_ref()), committed);
+        w.commit(HrlTime(103)).unwrap();
+        let h = header_of(w.get_ref().get_ref());
+        assert_eq!(h.total_metadata_entries, 201);
+        assert_eq!(h.current_size, w.len_bytes());
+    }
+
+    #[test]
+    fn next_log_of_a_chain_links_to_the_sealed_one() {
+        let opts = options()
+            .with_metadata_size(1024)
+            .with_vhd2_data_write_guid(Uuid::from_u128(0xD));
+        let w = HrlWriter::create(Cursor::new(Vec::new()), &opts).unwrap();
+        let sealed = w.seal(HrlTime(150)).unwrap();
+        let next = WriterOptions::following(&sealed.header, Uuid::from_u128(0xB), HrlTime(151));
+        let w2 = HrlWriter::create(Cursor::new(Vec::new()), &next).unwrap();
+        assert_eq!(w2.header().previous_unique_id, Uuid::from_u128(0xA));
+        assert_eq!(w2.header().metadata_size, 1024);
+        assert_eq!(w2.header().vhd2_data_write_guid, Uuid::from_u128(0xD));
+        let h2 = w2.seal(HrlTime(152)).unwrap().header;
+        assert!(crate::chain::validate_chain(&[sealed.header, h2]).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_metadata_sizes() {
+        for size in [0, 256, 1000, 4095, MAX_WRITER_METADATA_SIZE + 512] {
+            let err =
+                HrlWriter::create(Cursor::new(Vec::new()), &options().with_metadata_size(size))
+                    .err()
+                    .unwrap();
+            assert!(matches!(
+                err,
+                HrlError::ConfigureWriter {
+                    field: "metadata_size",
+                    ..
+                }
+            ));
+            assert_eq!(err.remedy(), Remedy::FixCaller);
+        }
+        assert!(
+            HrlWriter::create(Cursor::new(Vec::new()), &options().with_metadata_size(512)).is_ok()
+        );
+    }
+
+    #[test]
+    fn rejects_writes_past_the_end_of_the_address_space() {
+        let mut w = HrlWriter::create(Cursor::new(Vec::new()), &options()).unwrap();
+        let err = w.write(u64::MAX, b"ab", HrlTime(1)).err().unwrap();
+        assert!(matches!(
+            err,
+            HrlError::AppendWrite {
+                problem: Problem::Overflow,
+                ..
+            }
+        ));
+        // The writer is still usable after a rejected argument.
+        w.write(0, b"ab", HrlTime(1)).unwrap();
+    }
+
+    /// A sink that fails every write once `budget` bytes have been written.
+    #[derive(Debug)]
+    struct FailingSink {
+        inner: Cursor<Vec<u8>>,
+        budget: usize,
+    }
+
+    impl Write for FailingSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if buf.len() > self.budget {
+                return Err(io::Error::other("disk full"));
+            }
+            self.budget -= buf.len();
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Seek for FailingSink {
+        fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(pos)
+        }
+    }
+
+    #[test]
+    fn io_failure_poisons_the_writer_and_asks_for_resync() {
+        let sink = FailingSink {
+            inner: Cursor::new(Vec::new()),
+            budget: 8192 + 100,
+        };
+        let mut w = HrlWriter::create(sink, &options()).unwrap();
+        let err = w.write(0, &[1u8; 200], HrlTime(1)).err().unwrap();
+        assert!(matches!(
+            err,
+            HrlError::WriteLog {
+                offset: 8192,
+                len: 200,
+                ..
+            }
+        ));
+        assert!(err.is_recoverable_by_resync());
+        assert!(matches!(
+            w.write(0, b"a", HrlTime(1)),
+            Err(HrlError::UseFailedWriter)
+        ));
+        assert!(matches!(
+            w.commit(HrlTime(1)),
+            Err(HrlError::UseFailedWriter)
+        ));
+        assert!(matches!(w.seal(HrlTime(1)), Err(HrlError::UseFailedWriter)));
+    }
+}
