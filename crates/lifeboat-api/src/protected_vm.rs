@@ -1,0 +1,453 @@
+//! `ProtectedVM` (short name `pvm`): one virtual machine under protection.
+//!
+//! The spec names the VM, the node that hosts it, how to reach its hypervisor, its disks and
+//! its policy, and carries requests (resync, test failover, failover, commit, cleanup) as
+//! tokens: a new token value asks for the action once, and `status.handledRequests` echoes the
+//! token back when the action was handled.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{ErrorStatus, Health, RecoveryPointSelector, RequestToken};
+use crate::policy::PolicyReference;
+
+/// The desired state of a protected VM.
+// NB: each `printcolumn(...)` repeats the same keys, which clippy takes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "lifeboat.io",
+    version = "v1alpha1",
+    kind = "ProtectedVM",
+    plural = "protectedvms",
+    namespaced,
+    status = "ProtectedVMStatus",
+    shortname = "pvm",
+    category = "lifeboat",
+    derive = "PartialEq",
+    cel,
+    doc = "A virtual machine whose disks Lifeboat replicates, with its recovery points and failover state.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the VM is in its protection life cycle"
+    ),
+    printcolumn(
+        name = "Health",
+        type_ = "string",
+        json_path = ".status.health",
+        description = "Normal, Warning or Critical"
+    ),
+    printcolumn(
+        name = "RPO",
+        type_ = "string",
+        json_path = ".status.rpo",
+        description = "Age of the latest durable recovery point"
+    ),
+    printcolumn(
+        name = "Last Sync",
+        type_ = "date",
+        json_path = ".status.lastSuccessfulCycleTime",
+        description = "When the last replication cycle succeeded"
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".spec.nodeName",
+        priority = 1,
+        description = "The node that hosts the VM"
+    ),
+    printcolumn(
+        name = "Policy",
+        type_ = "string",
+        json_path = ".spec.policyRef.name",
+        priority = 1,
+        description = "The ReplicationPolicy in use"
+    ),
+    printcolumn(
+        name = "Pending",
+        type_ = "integer",
+        json_path = ".status.pendingLogBytes",
+        priority = 1,
+        description = "Bytes of change logs awaiting shipment"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.hypervisor.qemu) || self.disks.all(d, has(d.blockNode))",
+     "message": "every disk of a qemu VM needs a blockNode (the QEMU block node name)"},
+    {"rule": "self.disks.exists(d, !has(d.excluded) || !d.excluded)",
+     "message": "at least one disk must not be excluded"}
+]))]
+pub struct ProtectedVMSpec {
+    /// The VM's name on its hypervisor.
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "vmName is immutable"}
+    ]))]
+    pub vm_name: String,
+    /// The node that hosts the VM; the agent on that node does the work.
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: String,
+    /// How to reach the hypervisor: exactly one backend.
+    pub hypervisor: HypervisorSpec,
+    /// The VM's disks. Disks are identified by name; a disk's path and block node cannot
+    /// change once set.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub disks: Vec<DiskSpec>,
+    /// The ReplicationPolicy (same namespace).
+    pub policy_ref: PolicyReference,
+    /// Enabled to protect the VM, Disabled to stop protecting it.
+    #[serde(default)]
+    pub protection: ProtectionState,
+    /// When disabling protection, also delete the replica and its recovery points.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete_replica_on_disable: bool,
+    /// Actions asked for by setting a new token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Requests>,
+}
+
+/// The hypervisor backend and its connection details: exactly one of `qemu` and `hyperv`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.qemu) != has(self.hyperv)",
+     "message": "exactly one of qemu and hyperv must be set"},
+    {"rule": "has(self.qemu) == has(oldSelf.qemu)",
+     "message": "the hypervisor kind cannot change once the VM is protected"}
+]))]
+pub struct HypervisorSpec {
+    /// A QEMU/KVM VM on a Linux node, reached over its QMP socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<QemuSpec>,
+    /// A Hyper-V VM on a Windows node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyperv: Option<HyperVSpec>,
+}
+
+/// How to reach a QEMU VM.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QemuSpec {
+    /// Absolute path of the VM's QMP unix socket on the node.
+    #[schemars(regex(pattern = r"^/"), length(min = 2, max = 4096))]
+    pub qmp_socket: String,
+    /// Absolute path of the QEMU guest agent's socket, for application-consistent points
+    /// (filesystem freeze). Absent: crash-consistent points only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"), length(min = 2, max = 4096))]
+    pub guest_agent_socket: Option<String>,
+}
+
+/// How to find a Hyper-V VM.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HyperVSpec {
+    /// The VM's GUID (`Msvm_ComputerSystem.Name`), when names are not unique on the host.
+    /// Absent: the VM is found by `vmName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"))]
+    pub vm_id: Option<String>,
+}
+
+/// One virtual disk of the VM.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskSpec {
+    /// The disk's name within the VM: a DNS label, used to name its replica.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub name: String,
+    /// The disk image on the node (qcow2, raw or VHDX).
+    #[schemars(length(min = 1, max = 4096))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "a disk's path is immutable: add a new disk instead"}
+    ]))]
+    pub path: String,
+    /// The QEMU block node name of the disk (qemu only), e.g. `drive-virtio-disk0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[A-Za-z][A-Za-z0-9_.+-]*$"),
+        length(min = 1, max = 127)
+    )]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "a disk's blockNode is immutable"}
+    ]))]
+    pub block_node: Option<String>,
+    /// Leave this disk out of replication (a scratch or page-file disk).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub excluded: bool,
+}
+
+/// Whether the VM should be protected.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum ProtectionState {
+    /// Protect the VM.
+    #[default]
+    Enabled,
+    /// Stop protecting the VM (tracking stops, bitmaps are removed).
+    Disabled,
+}
+
+/// Actions asked for by token. Set a new token value to ask again.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Requests {
+    /// Resynchronize now, outside the policy's window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub resync: Option<RequestToken>,
+    /// Materialise a recovery point as a separately named disk set, for a test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_failover: Option<TestFailoverRequest>,
+    /// Remove the disks of the last test failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub cleanup_test_failover: Option<RequestToken>,
+    /// Fail the VM over to a recovery point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverRequest>,
+    /// After a failover, drop the other recovery points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub commit: Option<RequestToken>,
+}
+
+/// A test failover request.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TestFailoverRequest {
+    /// The request token.
+    #[schemars(length(min = 1, max = 63))]
+    pub token: RequestToken,
+    /// Which point to materialise. Absent: the latest.
+    #[serde(default)]
+    pub recovery_point: RecoveryPointSelector,
+}
+
+/// Planned or unplanned failover.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum FailoverType {
+    /// Ship everything pending first (the source is still up), then stop protection.
+    Planned,
+    /// Use the latest durable point (the source is gone).
+    #[default]
+    Unplanned,
+}
+
+/// A failover request.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.type != 'Planned' || !has(self.recoveryPoint) || self.recoveryPoint.kind == 'Latest'",
+     "message": "a planned failover always uses the latest point, after shipping what is pending"}
+]))]
+pub struct FailoverRequest {
+    /// The request token.
+    #[schemars(length(min = 1, max = 63))]
+    pub token: RequestToken,
+    /// Planned or Unplanned.
+    #[serde(rename = "type", default)]
+    pub failover_type: FailoverType,
+    /// Which point to fail over to. Absent: the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point: Option<RecoveryPointSelector>,
+}
+
+/// Where the VM is in its protection life cycle.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum ProtectionPhase {
+    /// Accepted; protection not started yet.
+    #[default]
+    Pending,
+    /// Prerequisites checked, replica disks created.
+    EnablingProtection,
+    /// Disks being copied from a point-in-time view.
+    InitialReplication,
+    /// Changes made during the copy being shipped; the first point being cut.
+    FinalizingProtection,
+    /// Delta replication every copy interval.
+    Protected,
+    /// Comparing block checksums and sending the blocks that differ.
+    Resynchronizing,
+    /// A failover is running.
+    FailingOver,
+    /// Failed over to a recovery point; not replicating.
+    FailedOver,
+    /// Failover committed; the other points are gone.
+    FailoverCommitted,
+    /// Protection being removed.
+    DisablingProtection,
+    /// Not protected.
+    Disabled,
+}
+
+/// Progress of one disk's copy (initial replication or resync).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskProgress {
+    /// The disk's name.
+    pub name: String,
+    /// Bytes copied (or compared, during a resync).
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// Bytes to go through in all.
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// Recent throughput.
+    #[serde(default)]
+    pub throughput_bytes_per_second: u64,
+}
+
+/// Consistency of a recovery point.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum Consistency {
+    /// As if the VM lost power at that instant.
+    #[default]
+    CrashConsistent,
+    /// The guest's filesystems (and VSS writers on Windows) were quiesced.
+    AppConsistent,
+}
+
+/// One recovery point, as status shows it.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPointRef {
+    /// The point's name.
+    pub name: String,
+    /// The instant the point captures.
+    pub time: Time,
+    /// Crash- or app-consistent.
+    pub consistency: Consistency,
+}
+
+/// A summary of the VM's recovery points.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPointsSummary {
+    /// The newest point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<RecoveryPointRef>,
+    /// The newest app-consistent point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_app_consistent: Option<RecoveryPointRef>,
+    /// The oldest point kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<RecoveryPointRef>,
+    /// How many points are kept.
+    #[serde(default)]
+    pub count: u32,
+}
+
+/// The tokens of the requests that were handled.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HandledRequests {
+    /// The last resync token handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<RequestToken>,
+    /// The last test failover token handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_failover: Option<RequestToken>,
+    /// The last cleanup token handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_test_failover: Option<RequestToken>,
+    /// The last failover token handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<RequestToken>,
+    /// The last commit token handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<RequestToken>,
+}
+
+/// Disks materialised by a (test) failover.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverResult {
+    /// The recovery point used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point: Option<RecoveryPointRef>,
+    /// Where each disk was materialised (a file path or a blob URL), by disk name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<MaterialisedDisk>,
+    /// Whether every disk matched the manifest's digest.
+    #[serde(default)]
+    pub verified: bool,
+}
+
+/// One materialised disk.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MaterialisedDisk {
+    /// The disk's name.
+    pub name: String,
+    /// Where it is.
+    pub location: String,
+}
+
+/// What Lifeboat observed of a protected VM.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtectedVMStatus {
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Where the VM is in its life cycle.
+    #[serde(default)]
+    pub phase: ProtectionPhase,
+    /// Normal, Warning or Critical.
+    #[serde(default)]
+    pub health: Health,
+    /// Age of the latest durable recovery point, e.g. `2m30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo: Option<String>,
+    /// The same, in seconds, for machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_seconds: Option<u64>,
+    /// When the last replication cycle succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_cycle_time: Option<Time>,
+    /// How long the last cycle took, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cycle_duration_seconds: Option<f64>,
+    /// When the next cycle is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cycle_time: Option<Time>,
+    /// Bytes of change logs written and not yet shipped.
+    #[serde(default)]
+    pub pending_log_bytes: u64,
+    /// Per-disk copy progress (initial replication, resync).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskProgress>,
+    /// The recovery points kept.
+    #[serde(default)]
+    pub recovery_points: RecoveryPointsSummary,
+    /// The last error, until a step succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<ErrorStatus>,
+    /// Request tokens handled.
+    #[serde(default)]
+    pub handled_requests: HandledRequests,
+    /// The disks of the current test failover, if one exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_failover: Option<FailoverResult>,
+    /// The disks of the failover, once failed over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverResult>,
+    /// Protected, InitialReplicationComplete, Replicating, ResyncRequired, Resynchronizing,
+    /// TestFailoverSucceeded, FailedOver.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
