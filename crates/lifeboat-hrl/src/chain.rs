@@ -20,9 +20,8 @@ pub fn validate_chain(headers: &[FileHeader]) -> Result<()> {
         if !seen.insert(header.unique_id) {
             return Err(HrlError::ValidateLogChain {
                 log_index: index,
-                problem: Problem::UnexpectedValue {
-                    found: 0,
-                    expected: "a UniqueId not used by an earlier log of the chain",
+                problem: Problem::RepeatedUniqueId {
+                    unique_id: header.unique_id,
                 },
             });
         }
@@ -40,10 +39,8 @@ pub fn validate_chain(headers: &[FileHeader]) -> Result<()> {
         if index + 1 < headers.len() && !header.is_sealed() {
             return Err(HrlError::ValidateLogChain {
                 log_index: index,
-                problem: Problem::UnexpectedValue {
-                    found: 0,
-                    expected: "EOLLocation set: only the newest log of a chain may be open",
-                },
+                // Only the newest log of a chain may still be open.
+                problem: Problem::NotSealed,
             });
         }
     }
@@ -110,7 +107,10 @@ mod tests {
             .unwrap();
         assert!(matches!(
             err,
-            HrlError::ValidateLogChain { log_index: 0, .. }
+            HrlError::ValidateLogChain {
+                log_index: 0,
+                problem: Problem::NotSealed
+            }
         ));
     }
 

@@ -48,6 +48,15 @@ pub enum Problem {
         /// Actual file length.
         available: u64,
     },
+    /// A UniqueId appears twice in a sequence of logs (a cycle).
+    #[error("UniqueId {unique_id} appears more than once")]
+    RepeatedUniqueId {
+        /// The repeated id.
+        unique_id: Uuid,
+    },
+    /// A log that must be sealed (EOLLocation set) is still open.
+    #[error("the log is not sealed")]
+    NotSealed,
     /// A log's PreviousUniqueId is not the UniqueId of the log before it.
     #[error("chain link mismatch: expected previous log {expected}, found {found}")]
     ChainLinkMismatch {

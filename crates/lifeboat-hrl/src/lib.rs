@@ -11,7 +11,7 @@
 //!
 //! The core is pure and synchronous: it takes `Read + Seek` / `Write + Seek`, never reads a
 //! clock (timestamps come from the caller) and never touches the file system itself. The
-//! on-disk layout lives in [`format`]; see `docs/hrl-format.md` in the shared docs.
+//! on-disk layout lives in [`mod@format`]; see `docs/hrl-format.md` in the shared docs.
 
 pub mod accounting;
 pub mod chain;

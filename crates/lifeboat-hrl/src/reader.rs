@@ -165,8 +165,10 @@ impl<R: Read + Seek> HrlReader<R> {
     }
 
     /// Opens and validates a log: the header, every block and entry, the chain's layout and
-    /// every write's data checksum. A sealed log must validate entirely; an unsealed one is
-    /// cut after its last valid block (see [`Self::recovery`]).
+    /// every write's data checksum. A sealed log must validate entirely, and its
+    /// TotalMetadataEntries must count its entries; bytes after its EOLLocation are ignored.
+    /// An unsealed log is cut after its last valid block (see [`Self::recovery`]); its header
+    /// counters are not checked, since a crash may leave them behind the blocks.
     pub fn open_with(mut source: R, options: ReadOptions) -> Result<Self> {
         let file_len = source
             .seek(SeekFrom::End(0))
