@@ -1,4 +1,12 @@
-//! The node agent: hypervisor backends (QEMU/KVM over QMP and NBD; Hyper-V over WMI and
-//! RCT), change-log writing and shipping, initial replication, resync and failover.
+//! The node agent: what actually protects a VM. It tracks writes through the VM's hypervisor,
+//! copies the disks once (initial replication), then every copy interval cuts a change set,
+//! writes it as sealed HRL logs, applies them to the replica store and cuts a recovery point;
+//! it resynchronizes with fixed-block checksums when tracking is lost or the logs pile up, and
+//! materialises recovery points for (test) failover.
 //!
-//! Empty until the agent issue fills it.
+//! ```text
+//!   Hypervisor (qemu | hyperv) ──View──> engine ──HRL logs──> ReplicaStore ──> points
+//! ```
+
+pub mod backend;
+pub mod qemu;

@@ -1,0 +1,185 @@
+//! The seam between the agent's replication engine and a hypervisor: one trait per role, one
+//! implementation per hypervisor (`qemu` over QMP and NBD; `hyperv` over WMI and RCT).
+//!
+//! ```text
+//!  engine ──open_view(cycle)──> Hypervisor ──> View (all disks frozen at one instant)
+//!    │                                          ├─ changed_extents(disk)   since the last cycle
+//!    │                                          ├─ allocated_extents(disk) for a full copy
+//!    │                                          ├─ read(disk, offset, len)
+//!    └─────────────── close(Commit | Abandon) ──┘
+//! ```
+//!
+//! # Guarantees every implementation gives
+//!
+//! - `open_view` starts a new tracking epoch and freezes the previous one atomically for all
+//!   the VM's disks, so a recovery point is consistent across disks.
+//! - `close(Commit)` forgets the frozen epoch's changes (they are safe in a sealed log);
+//!   `close(Abandon)` folds them back into the running epoch, so that a failed cycle loses
+//!   nothing and the next cycle ships them.
+//! - A tracking epoch the hypervisor cannot vouch for (a bitmap left inconsistent by a crash,
+//!   a disk modified while tracking was off) is reported as [`Tracking::Lost`], never papered
+//!   over: the engine resynchronizes.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::fmt;
+use std::ops::Range;
+
+/// One disk of a VM as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskRef {
+    /// The disk's name in the ProtectedVM (a DNS label).
+    pub name: String,
+    /// The image path on the node.
+    pub path: String,
+    /// The hypervisor's handle for the disk (the QEMU block node name; unused on Hyper-V).
+    pub node: Option<String>,
+}
+
+/// What the hypervisor says of a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// The disk's name.
+    pub name: String,
+    /// Its virtual size.
+    pub size_bytes: u64,
+}
+
+/// Whether changes to a disk are being tracked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tracking {
+    /// No tracking set up yet.
+    Absent,
+    /// Every change since the last committed view is known.
+    Active,
+    /// Changes may have been missed; the reason says why. The disk needs a resync.
+    Lost(String),
+}
+
+/// Whether an application-consistent view was asked for and obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quiesce {
+    /// Crash-consistent: as if the VM lost power.
+    None,
+    /// Ask the guest to quiesce (QEMU guest agent fsfreeze; VSS through a Hyper-V checkpoint).
+    Application,
+}
+
+/// How a view ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseView {
+    /// The view's changes are safely recorded: forget them.
+    Commit,
+    /// The cycle failed: keep the view's changes for the next cycle.
+    Abandon,
+}
+
+/// Why a backend call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The VM or its hypervisor endpoint is gone: non-recoverable until someone acts.
+    #[error("VM {vm} not found: {detail}")]
+    VmNotFound {
+        /// The VM.
+        vm: String,
+        /// What was tried.
+        detail: String,
+    },
+    /// A disk the ProtectedVM names is not attached to the VM, or its image is missing.
+    #[error("disk {disk:?} of VM {vm} not found: {detail}")]
+    DiskNotFound {
+        /// The VM.
+        vm: String,
+        /// The disk's name.
+        disk: String,
+        /// What was found instead.
+        detail: String,
+    },
+    /// The hypervisor refused or failed a command that may work later (busy, a transient
+    /// socket error).
+    #[error("{action} on VM {vm} failed: {detail}")]
+    Transient {
+        /// The VM.
+        vm: String,
+        /// What was being done.
+        action: String,
+        /// The hypervisor's answer.
+        detail: String,
+    },
+    /// The hypervisor failed a command in a way retrying cannot fix (a broken disk chain, an
+    /// unsupported image format, access denied).
+    #[error("{action} on VM {vm} failed: {detail}")]
+    Permanent {
+        /// The VM.
+        vm: String,
+        /// What was being done.
+        action: String,
+        /// The hypervisor's answer.
+        detail: String,
+    },
+}
+
+impl BackendError {
+    /// Whether retrying later can help.
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self, Self::Transient { .. })
+    }
+
+    /// A stable CamelCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::VmNotFound { .. } => "VmNotFound",
+            Self::DiskNotFound { .. } => "DiskNotFound",
+            Self::Transient { .. } => "HypervisorBusy",
+            Self::Permanent { .. } => "HypervisorError",
+        }
+    }
+}
+
+/// A point-in-time view of every tracked disk of one VM.
+#[async_trait]
+pub trait View: Send + Sync + fmt::Debug {
+    /// The view's cycle number (the one `open_view` was given).
+    fn cycle(&self) -> u64;
+
+    /// Whether the view is application-consistent.
+    fn quiesced(&self) -> Quiesce;
+
+    /// The disks in the view, with their sizes.
+    fn disks(&self) -> &[DiskInfo];
+
+    /// The ranges of `disk` changed since the previous committed view, sorted and disjoint.
+    async fn changed_extents(&self, disk: &str) -> Result<Vec<Range<u64>>, BackendError>;
+
+    /// The ranges of `disk` that may hold data (allocated), sorted and disjoint; the rest
+    /// reads as zeros. For a full copy.
+    async fn allocated_extents(&self, disk: &str) -> Result<Vec<Range<u64>>, BackendError>;
+
+    /// Read `len` bytes at `offset` of `disk` as of the view.
+    async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes, BackendError>;
+
+    /// End the view: commit its changes as shipped, or abandon them to the next cycle.
+    async fn close(self: Box<Self>, how: CloseView) -> Result<(), BackendError>;
+}
+
+/// One VM's hypervisor connection.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + fmt::Debug {
+    /// The VM's name, for messages.
+    fn vm(&self) -> &str;
+
+    /// Check the VM is reachable and its disks exist; return their sizes.
+    async fn inspect(&self, disks: &[DiskRef]) -> Result<Vec<DiskInfo>, BackendError>;
+
+    /// The tracking state of each disk, in the order given.
+    async fn tracking(&self, disks: &[DiskRef]) -> Result<Vec<Tracking>, BackendError>;
+
+    /// Start tracking every disk (idempotent; a disk whose tracking was lost starts anew).
+    async fn start_tracking(&self, disks: &[DiskRef]) -> Result<(), BackendError>;
+
+    /// Open a view of all `disks` at one instant, freezing the changes tracked so far.
+    async fn open_view(&self, disks: &[DiskRef], cycle: u64, quiesce: Quiesce) -> Result<Box<dyn View>, BackendError>;
+
+    /// Stop tracking and remove what tracking left on the disks (bitmaps, reference points).
+    async fn stop_tracking(&self, disks: &[DiskRef]) -> Result<(), BackendError>;
+}
