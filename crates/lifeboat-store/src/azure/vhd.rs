@@ -103,7 +103,8 @@ pub struct Footer {
 /// [`data_size_bytes`]), created at `created_unix_secs`, with `unique_id`.
 pub fn footer(data_size_bytes: u64, created_unix_secs: u64, unique_id: [u8; 16]) -> [u8; 512] {
     let mut f = [0u8; 512];
-    let timestamp = u32::try_from(created_unix_secs.saturating_sub(VHD_EPOCH_UNIX_SECS)).unwrap_or(u32::MAX);
+    let timestamp =
+        u32::try_from(created_unix_secs.saturating_sub(VHD_EPOCH_UNIX_SECS)).unwrap_or(u32::MAX);
     let g = geometry(data_size_bytes);
     f[0..8].copy_from_slice(COOKIE);
     f[8..12].copy_from_slice(&FEATURES_RESERVED.to_be_bytes());
@@ -155,7 +156,9 @@ pub fn parse_footer(bytes: &[u8]) -> Result<Footer, String> {
     let stored = be32(64);
     let computed = checksum(f);
     if stored != computed {
-        return Err(format!("footer checksum {stored:#010x} does not match its bytes ({computed:#010x})"));
+        return Err(format!(
+            "footer checksum {stored:#010x} does not match its bytes ({computed:#010x})"
+        ));
     }
     let mut unique_id = [0u8; 16];
     unique_id.copy_from_slice(&f[68..84]);
@@ -198,7 +201,15 @@ mod tests {
             (8 * 1024 * 1024 * MIB, (65535, 16, 255)), // 8 TiB: clamped
         ];
         for (size, (cylinders, heads, sectors_per_track)) in cases {
-            assert_eq!(geometry(size), Geometry { cylinders, heads, sectors_per_track }, "size {size:#x}");
+            assert_eq!(
+                geometry(size),
+                Geometry {
+                    cylinders,
+                    heads,
+                    sectors_per_track
+                },
+                "size {size:#x}"
+            );
         }
     }
 
@@ -211,12 +222,19 @@ mod tests {
                    e0077834";
         let mut bytes = [0u8; 512];
         for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
-            let s = std::str::from_utf8(pair).unwrap();
-            bytes[i] = u8::from_str_radix(s, 16).unwrap();
+            let s = std::str::from_utf8(pair).expect("test value");
+            bytes[i] = u8::from_str_radix(s, 16).expect("test value");
         }
-        let f = parse_footer(&bytes).unwrap();
+        let f = parse_footer(&bytes).expect("test value");
         assert_eq!(f.current_size_bytes, 0x00a0_7000);
-        assert_eq!(f.geometry, Geometry { cylinders: 302, heads: 4, sectors_per_track: 17 });
+        assert_eq!(
+            f.geometry,
+            Geometry {
+                cylinders: 302,
+                heads: 4,
+                sectors_per_track: 17
+            }
+        );
         assert_eq!(f.disk_type, DISK_TYPE_FIXED);
         assert_eq!(checksum(&bytes), 0xffff_e64a);
     }
@@ -240,11 +258,14 @@ mod tests {
             - f[64..68].iter().map(|b| u32::from(*b)).sum::<u32>();
         assert_eq!(u32::from_be_bytes([f[64], f[65], f[66], f[67]]), !sum);
 
-        let parsed = parse_footer(&f).unwrap();
+        let parsed = parse_footer(&f).expect("test value");
         assert_eq!(parsed.current_size_bytes, 10 * MIB);
         assert_eq!(parsed.geometry, geometry(10 * MIB));
         assert_eq!(parsed.disk_type, DISK_TYPE_FIXED);
-        assert_eq!(u64::from(parsed.timestamp_vhd_secs), created - VHD_EPOCH_UNIX_SECS);
+        assert_eq!(
+            u64::from(parsed.timestamp_vhd_secs),
+            created - VHD_EPOCH_UNIX_SECS
+        );
         assert_eq!(parsed.unique_id, id);
     }
 
@@ -252,9 +273,9 @@ mod tests {
     fn a_damaged_footer_is_refused() {
         let mut f = footer(MIB, 1_767_225_600, [7; 16]);
         f[45] ^= 1;
-        assert!(parse_footer(&f).unwrap_err().contains("checksum"));
+        assert!(parse_footer(&f).expect_err("an error").contains("checksum"));
         f[0] = b'x';
-        assert!(parse_footer(&f).unwrap_err().contains("cookie"));
+        assert!(parse_footer(&f).expect_err("an error").contains("cookie"));
         assert!(parse_footer(&f[..100]).is_err());
     }
 }
