@@ -579,28 +579,40 @@ fn resync_part(config: &Config, pair: &Pair) -> BenchResult<()> {
 
 fn sweep_part(config: &Config, pair: &Pair) -> BenchResult<()> {
     println!(
-        "\n### Block-size sweep (1 % of 64 KiB blocks changed; resync hashing both images, xxh3-128)\n"
+        "\n### Block-size sweep (1 % of 64 KiB blocks changed; resync hashing both images, xxh3-128, {} rounds)\n",
+        config.runs
     );
     println!(
         "| block size | median s | data sent (bytes) | sent / changed | ranges | map size (bytes) |\n|---|---|---|---|---|---|"
     );
     pair.warm_cache()?;
-    for block_kib in [16u32, 64, 256, 1024] {
+    let block_sizes_kib = [16u32, 64, 256, 1024];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); block_sizes_kib.len()];
+    let mut last: Vec<Option<ResyncRun>> = block_sizes_kib.iter().map(|_| None).collect();
+    // NB: rounds interleave the block sizes, so that a burst of load from elsewhere on the
+    // machine spreads over all of them instead of skewing one.
+    for _ in 0..config.runs {
+        for (index, block_kib) in block_sizes_kib.iter().enumerate() {
+            let options = resync_options(
+                block_kib * 1024,
+                HashAlgorithm::Xxh3_128,
+                &config.dir,
+                false,
+            );
+            pair.restore_target()?;
+            let run = lifeboat(pair, &options)?;
+            times[index].push(run.elapsed);
+            last[index] = Some(run);
+        }
+    }
+    for (index, block_kib) in block_sizes_kib.iter().enumerate() {
+        let Some(run) = &last[index] else { continue };
         let options = resync_options(
             block_kib * 1024,
             HashAlgorithm::Xxh3_128,
             &config.dir,
             false,
         );
-        let mut times = Vec::new();
-        let mut last = None;
-        for _ in 0..config.runs.min(3) {
-            pair.restore_target()?;
-            let run = lifeboat(pair, &options)?;
-            times.push(run.elapsed);
-            last = Some(run);
-        }
-        let Some(run) = last else { continue };
         let map = hash_image(
             &lifeboat_resync::FileImage::open(&pair.source)?,
             &options.hash,
@@ -608,7 +620,7 @@ fn sweep_part(config: &Config, pair: &Pair) -> BenchResult<()> {
         )?;
         println!(
             "| {block_kib} KiB | {:.3} | {} | {:.2} | {} | {} |",
-            median(&mut times).as_secs_f64(),
+            median(&mut times[index]).as_secs_f64(),
             run.copied_bytes,
             run.copied_bytes as f64 / pair.changed_bytes() as f64,
             run.ranges,
