@@ -9,4 +9,11 @@
 //! ```
 
 pub mod backend;
+pub mod engine;
+pub mod error;
 pub mod qemu;
+pub mod state;
+pub mod throttle;
+
+pub use engine::{Progress, Replicator, Report, Settings};
+pub use error::AgentError;
