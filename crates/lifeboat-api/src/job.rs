@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{ErrorStatus, LocalObjectReference, RecoveryPointSelector, RequestToken};
-use crate::protected_vm::FailoverType;
+use crate::protected_vm::{FailoverResult, FailoverType};
 
 /// One operation on one VM.
 // NB: each `printcolumn(...)` repeats the same keys, which clippy takes for duplicates.
@@ -28,6 +28,7 @@ use crate::protected_vm::FailoverType;
     derive = "PartialEq",
     cel,
     doc = "One operation on one protected VM (enable, finalize, resync, failover, ...), run by the agent on the VM's node.",
+    selectable = ".spec.nodeName",
     printcolumn(
         name = "VM",
         type_ = "string",
@@ -238,6 +239,9 @@ pub struct ReplicationJobStatus {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorStatus>,
+    /// What a (test) failover materialised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<FailoverResult>,
     /// Conditions, for tools that read them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

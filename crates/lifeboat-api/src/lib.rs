@@ -13,6 +13,7 @@
 //! applies the same schema offline, for standalone mode, `lifeboat validate` and the tests.
 
 pub mod common;
+pub mod contract;
 pub mod job;
 pub mod manifest;
 pub mod policy;
@@ -24,7 +25,9 @@ pub use job::{JobPhase, JobType, ReplicationJob, ReplicationJobSpec, Replication
 pub use policy::{
     CopyFrequency, ReplicationPolicy, ReplicationPolicySpec, ReplicationPolicyStatus,
 };
-pub use protected_vm::{ProtectedVM, ProtectedVMSpec, ProtectedVMStatus, ProtectionPhase};
+pub use protected_vm::{
+    AgentReport, JobReference, ProtectedVM, ProtectedVMSpec, ProtectedVMStatus, ProtectionPhase,
+};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{ErrorStatus, Health, RecoveryPointSelector, RequestToken};
+use crate::job::{JobParameters, JobPhase, JobType, ResyncReason};
 use crate::policy::PolicyReference;
 
 /// The desired state of a protected VM.
@@ -29,6 +30,7 @@ use crate::policy::PolicyReference;
     derive = "PartialEq",
     cel,
     doc = "A virtual machine whose disks Lifeboat replicates, with its recovery points and failover state.",
+    selectable = ".spec.nodeName",
     printcolumn(
         name = "Phase",
         type_ = "string",
@@ -52,6 +54,13 @@ use crate::policy::PolicyReference;
         type_ = "date",
         json_path = ".status.lastSuccessfulCycleTime",
         description = "When the last replication cycle succeeded"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.healthReason",
+        priority = 1,
+        description = "Why the health is what it is"
     ),
     printcolumn(
         name = "Node",
@@ -223,6 +232,11 @@ pub struct Requests {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub commit: Option<RequestToken>,
+    /// Retry the operation that failed now: after a non-recoverable error (once its cause is
+    /// fixed), or to skip what is left of a recoverable error's backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub retry: Option<RequestToken>,
 }
 
 /// A test failover request.
@@ -309,6 +323,16 @@ pub struct DiskProgress {
     /// Recent throughput.
     #[serde(default)]
     pub throughput_bytes_per_second: u64,
+    /// The disk's size (agent reports; the resync threshold is a percent of it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size_bytes: u64,
+    /// Bytes of this disk's change logs written and not yet shipped (agent reports).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pending_log_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Consistency of a recovery point.
@@ -370,6 +394,9 @@ pub struct HandledRequests {
     /// The last commit token handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<RequestToken>,
+    /// The last retry token handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RequestToken>,
 }
 
 /// Disks materialised by a (test) failover.
@@ -398,18 +425,34 @@ pub struct MaterialisedDisk {
 }
 
 /// What Lifeboat observed of a protected VM.
+///
+/// # Ownership
+///
+/// Two writers share this status by server-side apply, each under its own field manager
+/// (`lifeboat_api::contract`): the node's agent owns `agent` and nothing else; the operator owns
+/// every other field. The agent reports facts; the operator decides, from those facts, the
+/// policy and the time, everything else (and mirrors the facts people read in `kubectl get`).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProtectedVMStatus {
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The generation of the ReplicationPolicy the status was decided with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_generation: Option<i64>,
     /// Where the VM is in its life cycle.
     #[serde(default)]
     pub phase: ProtectionPhase,
     /// Normal, Warning or Critical.
     #[serde(default)]
     pub health: Health,
+    /// Why: a stable CamelCase word (`Healthy`, `AgentQuiet`, `RpoOverThreshold`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_reason: Option<String>,
+    /// The same, for a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_message: Option<String>,
     /// Age of the latest durable recovery point, e.g. `2m30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo: Option<String>,
@@ -440,6 +483,13 @@ pub struct ProtectedVMStatus {
     /// Request tokens handled.
     #[serde(default)]
     pub handled_requests: HandledRequests,
+    /// The job the VM is waiting on, or the last one it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_job: Option<JobReference>,
+    /// When the last resynchronization completed (the agent's facts older than this no longer
+    /// ask for one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resync_time: Option<Time>,
     /// The disks of the current test failover, if one exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_failover: Option<FailoverResult>,
@@ -450,4 +500,104 @@ pub struct ProtectedVMStatus {
     /// TestFailoverSucceeded, FailedOver.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// What the node's agent last reported: facts only, written by the agent alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentReport>,
+}
+
+/// The job a VM is waiting on, or the last one it ran (written by the operator).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobReference {
+    /// The ReplicationJob's name.
+    pub name: String,
+    /// Its operation.
+    #[serde(rename = "type")]
+    pub job_type: JobType,
+    /// Its phase, as the operator last took it in.
+    #[serde(default)]
+    pub phase: JobPhase,
+    /// The VM's job counter when the job was created: job names end with it.
+    #[serde(default)]
+    pub sequence: u32,
+    /// 1 for the first try of an operation, 2 for its first retry, ...
+    #[serde(default)]
+    pub attempt: u32,
+    /// The job's parameters, kept so that a retry asks for the same thing.
+    #[serde(default)]
+    pub parameters: JobParameters,
+}
+
+/// What the node's agent reports about a VM: facts, no decisions. The agent writes this by
+/// server-side apply under its own field manager, at most once per cycle.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentReport {
+    /// When the agent wrote this report. A report is a sign of life of the agent for this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_time: Option<Time>,
+    /// The generation of the ReplicationPolicy the agent replicates with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_generation: Option<i64>,
+    /// When the last cycle started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cycle_start_time: Option<Time>,
+    /// When the last cycle that succeeded ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_cycle_time: Option<Time>,
+    /// How long the last cycle took, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cycle_duration_seconds: Option<f64>,
+    /// Cycle counts.
+    #[serde(default)]
+    pub cycles: CycleStatistics,
+    /// Bytes of change logs written and not yet shipped, all disks together.
+    #[serde(default)]
+    pub pending_log_bytes: u64,
+    /// Per-disk facts: size, pending log bytes, copy progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskProgress>,
+    /// The recovery points kept in the replica store.
+    #[serde(default)]
+    pub recovery_points: RecoveryPointsSummary,
+    /// The last cycle error, until a cycle succeeds (class, reason, retry count, next retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<ErrorStatus>,
+    /// Set when change tracking can no longer be trusted and only a resync can continue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_lost: Option<TrackingLost>,
+}
+
+/// Cycle counts reported by the agent.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CycleStatistics {
+    /// Cycles that succeeded in the hour before the report.
+    #[serde(default)]
+    pub succeeded_last_hour: u32,
+    /// Cycles that failed in the hour before the report.
+    #[serde(default)]
+    pub failed_last_hour: u32,
+    /// Cycles that succeeded since the agent started protecting the VM.
+    #[serde(default)]
+    pub succeeded_total: u64,
+    /// Cycles that failed since then.
+    #[serde(default)]
+    pub failed_total: u64,
+    /// Bytes shipped to the replica store since then.
+    #[serde(default)]
+    pub bytes_shipped_total: u64,
+}
+
+/// Change tracking lost: delta replication cannot continue without a resync.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackingLost {
+    /// TrackingLost (a bitmap left inconsistent, a disk changed while untracked) or CorruptLog.
+    pub reason: ResyncReason,
+    /// When the agent found out.
+    pub time: Time,
+    /// What happened, for a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
