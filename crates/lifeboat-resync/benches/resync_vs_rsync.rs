@@ -96,6 +96,46 @@ fn spread(durations: &[Duration]) -> String {
     format!("{:.3}–{:.3}", min.as_secs_f64(), max.as_secs_f64())
 }
 
+/// CPU seconds used so far by this process and its waited-for children (rsync, cat), from
+/// /proc/self/stat (clock ticks of 10 ms). Unlike wall time, this does not move when other
+/// work on the machine takes a core away.
+fn cpu_seconds() -> BenchResult<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let after_name = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| fail("unexpected /proc/self/stat"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14-17 of stat(5) (utime, stime, cutime, cstime); `fields[0]` is field 3.
+    let mut ticks = 0u64;
+    for index in 11..=14 {
+        ticks += fields
+            .get(index)
+            .ok_or_else(|| fail("short /proc/self/stat"))?
+            .parse::<u64>()?;
+    }
+    Ok(ticks as f64 / 100.0)
+}
+
+/// Runs `step`, returning its result and the CPU seconds it used.
+fn with_cpu<T>(step: impl FnOnce() -> BenchResult<T>) -> BenchResult<(T, f64)> {
+    let before = cpu_seconds()?;
+    let result = step()?;
+    Ok((result, cpu_seconds()? - before))
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn median_f64(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn gbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e9
 }
@@ -467,30 +507,33 @@ fn resync_part(config: &Config, pair: &Pair) -> BenchResult<()> {
     pair.warm_cache()?;
 
     let (mut a, mut b, mut a_blake, mut c, mut d) = (vec![], vec![], vec![], vec![], vec![]);
+    // CPU seconds per step: (a), (b), (a'), (c), (d).
+    let mut cpu: [Vec<f64>; 5] = Default::default();
     let mut last = None;
     let mut rsync_last = None;
     for run in 0..config.runs {
         pair.restore_target()?;
-        let lifeboat_a = lifeboat(pair, &hashing_both)?;
+        let load = load_average();
+        let (lifeboat_a, cpu_a) = with_cpu(|| lifeboat(pair, &hashing_both))?;
         if run == 0 {
             check_equal(pair)?;
         }
         pair.restore_target()?;
         store_map(&dir.join("target.map"), &target_map, false)?;
-        let lifeboat_b = lifeboat(pair, &stored)?;
+        let (lifeboat_b, cpu_b) = with_cpu(|| lifeboat(pair, &stored))?;
         if run == 0 {
             check_equal(pair)?;
         }
         pair.restore_target()?;
-        let lifeboat_blake = lifeboat(pair, &blake)?;
+        let (lifeboat_blake, cpu_blake) = with_cpu(|| lifeboat(pair, &blake))?;
         pair.restore_target()?;
-        let rsync_run = rsync(pair)?;
+        let (rsync_run, cpu_rsync) = with_cpu(|| rsync(pair))?;
         if run == 0 {
             check_equal(pair)?;
         }
-        let floor = cat(&[&pair.source, &pair.target])?;
+        let (floor, cpu_floor) = with_cpu(|| cat(&[&pair.source, &pair.target]))?;
         eprintln!(
-            "run {run}: resync {:.3} s (hash source {:.3}, target {:.3}, apply {:.3}), stored map {:.3} s, blake3 {:.3} s, rsync {:.3} s, floor {:.3} s",
+            "run {run} (load average {load}): resync {:.3} s (hash source {:.3}, target {:.3}, apply {:.3}), stored map {:.3} s, blake3 {:.3} s, rsync {:.3} s, floor {:.3} s; cpu s: {cpu_a:.2} {cpu_b:.2} {cpu_blake:.2} {cpu_rsync:.2} {cpu_floor:.2}",
             lifeboat_a.elapsed.as_secs_f64(),
             lifeboat_a.hash_source.as_secs_f64(),
             lifeboat_a.hash_target.as_secs_f64(),
@@ -505,6 +548,12 @@ fn resync_part(config: &Config, pair: &Pair) -> BenchResult<()> {
         a_blake.push(lifeboat_blake.elapsed);
         c.push(rsync_run.elapsed);
         d.push(floor);
+        for (series, value) in cpu
+            .iter_mut()
+            .zip([cpu_a, cpu_b, cpu_blake, cpu_rsync, cpu_floor])
+        {
+            series.push(value);
+        }
         last = Some((lifeboat_a, lifeboat_b));
         rsync_last = Some(rsync_run);
     }
@@ -563,6 +612,12 @@ fn resync_part(config: &Config, pair: &Pair) -> BenchResult<()> {
         "| (d) floor: cat source target > /dev/null | {:.3} | {} | – |",
         md.as_secs_f64(),
         spreads[4]
+    );
+    let [cpu_a, cpu_b, cpu_blake, cpu_rsync, cpu_floor] =
+        cpu.map(|mut series| median_f64(&mut series));
+    println!(
+        "\nCPU seconds (this process and its children), medians: (a) {cpu_a:.2}, (b) {cpu_b:.2}, (a') {cpu_blake:.2}, (c) rsync {cpu_rsync:.2}, (d) floor {cpu_floor:.2}; rsync / (a) {:.1}x",
+        cpu_rsync / cpu_a
     );
     let ratio = |x: Duration, y: Duration| x.as_secs_f64() / y.as_secs_f64();
     println!("\n| ratio | value | target |\n|---|---|---|");
