@@ -29,6 +29,7 @@
 //! vanishes. So `start_tracking` records the disks it tracks in `<work_dir>/<vm>.tracking.json`,
 //! and a tracked disk found without any bitmap is [`Tracking::Lost`], not `Absent`.
 
+mod discover;
 pub mod nbd;
 pub mod qmp;
 mod view;
@@ -79,9 +80,10 @@ pub struct QemuOptions {
     /// The host side of the VM's QEMU guest agent socket; without it views are
     /// crash-consistent only.
     pub guest_agent_socket: Option<PathBuf>,
-    /// The unix socket of an NBD server already running in this QEMU (QEMU runs at most one
-    /// and QMP cannot tell its address). Without it the backend starts its own on
-    /// `<work_dir>/<vm>.nbd.sock` and stops it when its last view closes.
+    /// The unix socket of the NBD server QEMU already runs, if it runs one (QEMU runs at
+    /// most one, and QMP cannot tell its address). Without it the backend starts its own on
+    /// `<work_dir>/<vm>.nbd.sock` and stops it when its view closes, or, when QEMU already
+    /// runs one, finds its unix socket through `/proc` (QEMU's pid from the QMP socket).
     pub nbd_server_socket: Option<PathBuf>,
     /// The limit on each QMP command.
     pub qmp_timeout: Duration,
@@ -603,19 +605,39 @@ impl Inner {
         let args = json!({ "addr": { "type": "unix", "data": { "path": path } } });
         match self.qmp_raw("nbd-server-start", args).await {
             Ok(_) => Ok((path, true)),
-            // NB: QEMU runs one NBD server and cannot tell where it listens. One on our own
-            // path is ours (an earlier view's that a crash left running); any other one must
-            // be configured (QemuOptions::nbd_server_socket).
-            Err(e) if e.desc().contains("already running") && path.exists() => Ok((path, false)),
-            Err(e) if e.desc().contains("already running") => Err(self.permanent(
-                "start the NBD server",
-                format!(
-                    "QEMU already runs an NBD server that Lifeboat did not start and QMP cannot tell its address: \
-                     give its unix socket as QemuOptions::nbd_server_socket ({e})"
-                ),
-            )),
+            // NB: QEMU runs one NBD server and QMP cannot tell where it listens. One on our
+            // own path is ours (an earlier view's that a crash left running: stop it when
+            // idle); another one is looked for through /proc (see `discover`).
+            Err(e) if e.desc().contains("already running") && path.exists() => Ok((path, true)),
+            Err(e) if e.desc().contains("already running") => match self.discover_nbd_server().await {
+                Ok(found) => {
+                    tracing::info!(vm = %self.vm, socket = %found.display(), "exporting views on QEMU's running NBD server");
+                    Ok((found, false))
+                }
+                Err(why) => Err(self.permanent(
+                    "start the NBD server",
+                    format!(
+                        "QEMU already runs an NBD server that Lifeboat did not start and QMP cannot tell its \
+                         address ({why}): give its unix socket as QemuOptions::nbd_server_socket"
+                    ),
+                )),
+            },
             Err(e) => Err(e.into_backend(&self.vm, "nbd-server-start", None)),
         }
+    }
+
+    /// The unix socket of the NBD server QEMU runs, found through `/proc`.
+    async fn discover_nbd_server(&self) -> Result<PathBuf, String> {
+        let pid = self
+            .qmp
+            .peer_pid()
+            .ok_or("the QMP socket does not tell QEMU's pid")?;
+        let probe = self.options.nbd_timeout.min(Duration::from_secs(1));
+        discover::nbd_server_of(pid, self.qmp.socket(), probe)
+            .await?
+            .ok_or_else(|| {
+                format!("no listening unix socket of QEMU (pid {pid}) greets as an NBD server")
+            })
     }
 
     /// Stop the NBD server this backend started, once no export is left on it.

@@ -119,6 +119,13 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// The largest read request sent: QEMU's server refuses more than 32 MiB per request.
 pub const MAX_READ_REQUEST_BYTES: u32 = 32 << 20;
+/// The read request size the client uses unless told otherwise: many 1 MiB requests in
+/// flight read a QEMU export about twice as fast as 32 MiB ones (measured here over a unix
+/// socket, 512 MiB read in 64 MiB calls: 32 MiB × 1 in flight 400-680 MiB/s, 4 MiB × 4
+/// 610-690 MiB/s, 1 MiB × 8 880-1080 MiB/s; `qemu::tests::read_throughput` re-measures).
+pub const DEFAULT_READ_REQUEST_BYTES: u32 = 1 << 20;
+/// How many requests one call keeps in flight unless told otherwise.
+pub const DEFAULT_WINDOW: usize = 8;
 /// The largest block status request sent (the protocol's length is 32 bits).
 pub(crate) const MAX_STATUS_REQUEST_BYTES: u32 = 1 << 31;
 /// The largest option reply payload accepted (strings are at most 4096 bytes by the spec).
@@ -870,9 +877,15 @@ pub struct ReadAssembly {
 impl ReadAssembly {
     /// A zero-filled buffer for `req`.
     pub fn new(req: Request) -> Self {
+        Self::with_buffer(req, BytesMut::zeroed(req.len as usize))
+    }
+
+    /// Fill `buf` (zeroed, `req.len` bytes: a slice of a larger read's buffer).
+    pub fn with_buffer(req: Request, buf: BytesMut) -> Self {
+        debug_assert_eq!(buf.len(), req.len as usize);
         Self {
             req,
-            buf: BytesMut::zeroed(req.len as usize),
+            buf,
             covered: Vec::new(),
             error: None,
             simple: false,
@@ -922,7 +935,12 @@ impl ReadAssembly {
     }
 
     /// The data, once the final chunk arrived.
-    pub fn finish(mut self) -> Result<Bytes, NbdError> {
+    pub fn finish(self) -> Result<Bytes, NbdError> {
+        self.finish_mut().map(BytesMut::freeze)
+    }
+
+    /// Like [`ReadAssembly::finish`], keeping the buffer mutable (to be `unsplit`).
+    pub fn finish_mut(mut self) -> Result<BytesMut, NbdError> {
         if let Some(e) = self.error {
             return Err(e);
         }
@@ -951,7 +969,7 @@ impl ReadAssembly {
                 )));
             }
         }
-        Ok(self.buf.freeze())
+        Ok(self.buf)
     }
 }
 
@@ -1079,6 +1097,7 @@ pub struct NbdClient<S = UnixStream> {
     export: String,
     negotiated: Negotiated,
     next_handle: u64,
+    read_request_bytes: u32,
     window: usize,
     timeout: Duration,
     broken: bool,
@@ -1135,11 +1154,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
         Ok(Self {
             stream,
             export: export.to_owned(),
-            negotiated,
             next_handle: 1,
-            window: 4,
+            read_request_bytes: DEFAULT_READ_REQUEST_BYTES.min(negotiated.max_read_bytes),
+            window: DEFAULT_WINDOW,
             timeout,
             broken: false,
+            negotiated,
         })
     }
 
@@ -1163,9 +1183,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
         self.window = window.max(1);
     }
 
-    /// Set the largest read request (capped by what the server accepts, at least 512 bytes).
-    pub fn set_max_read_bytes(&mut self, bytes: u32) {
-        self.negotiated.max_read_bytes = bytes.clamp(512, self.negotiated.max_read_bytes);
+    /// Set the size reads are split into (capped by what the server accepts, at least 512
+    /// bytes; default [`DEFAULT_READ_REQUEST_BYTES`]).
+    pub fn set_read_request_bytes(&mut self, bytes: u32) {
+        self.read_request_bytes = bytes.clamp(512, self.negotiated.max_read_bytes.max(512));
     }
 
     /// The id of a negotiated meta context.
@@ -1207,7 +1228,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
         }
         let total = usize::try_from(len)
             .map_err(|_| NbdError::Invalid(format!("{len} bytes do not fit memory")))?;
-        let step = u64::from(self.negotiated.max_read_bytes);
+        let step = u64::from(self.read_request_bytes.max(1));
         let mut requests = Vec::new();
         let mut at = offset;
         while at < offset + len {
@@ -1220,26 +1241,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
             });
             at += u64::from(n);
         }
+        // NB: one zeroed buffer, split into one piece per request; the pieces are unsplit
+        // back in order without copying, so data lands exactly once, straight from the socket.
+        let mut whole = BytesMut::zeroed(total);
+        let mut pieces: std::collections::VecDeque<BytesMut> = requests
+            .iter()
+            .map(|r| whole.split_to(r.len as usize))
+            .collect();
         self.broken = true;
-        let mut results: Vec<Option<Bytes>> = vec![None; requests.len()];
+        let mut results: Vec<Option<BytesMut>> = vec![None; requests.len()];
         let outcome = self
             .run(
                 &requests,
-                |req, _| Pending::Read(ReadAssembly::new(*req)),
+                |req, _| {
+                    Pending::Read(ReadAssembly::with_buffer(
+                        *req,
+                        pieces.pop_front().unwrap_or_default(),
+                    ))
+                },
                 &mut results,
             )
             .await;
         self.settle(&outcome);
         outcome?;
-        if results.len() == 1 {
-            return results
-                .pop()
-                .flatten()
-                .ok_or_else(|| protocol("read finished without data"));
-        }
-        let mut out = BytesMut::with_capacity(total);
-        for r in results {
-            out.extend_from_slice(&r.ok_or_else(|| protocol("read finished without data"))?);
+        let mut parts = results.into_iter();
+        let mut out = parts
+            .next()
+            .flatten()
+            .ok_or_else(|| protocol("read finished without data"))?;
+        for part in parts {
+            out.unsplit(part.ok_or_else(|| protocol("read finished without data"))?);
         }
         Ok(out.freeze())
     }
@@ -1321,7 +1352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
     async fn run<T: FromPending>(
         &mut self,
         requests: &[Request],
-        start: impl Fn(&Request, usize) -> Pending,
+        mut start: impl FnMut(&Request, usize) -> Pending,
         results: &mut [Option<T>],
     ) -> Result<(), NbdError> {
         let mut inflight: HashMap<u64, (usize, Pending)> = HashMap::new();
@@ -1373,10 +1404,10 @@ trait FromPending: Sized {
     fn finish(pending: Pending) -> Result<Self, NbdError>;
 }
 
-impl FromPending for Bytes {
+impl FromPending for BytesMut {
     fn finish(pending: Pending) -> Result<Self, NbdError> {
         match pending {
-            Pending::Read(r) => r.finish(),
+            Pending::Read(r) => r.finish_mut(),
             Pending::Status(_) => Err(protocol("block status finished as a read")),
         }
     }

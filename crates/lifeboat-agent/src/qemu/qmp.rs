@@ -21,7 +21,7 @@ use crate::backend::BackendError;
 use serde_json::{Value, json};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -191,6 +191,8 @@ impl QmpError {
 struct Conn {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    /// The process at the other end (`SO_PEERCRED`), if the kernel says.
+    peer_pid: Option<u32>,
 }
 
 impl Conn {
@@ -202,10 +204,16 @@ impl Conn {
                 socket: socket.to_owned(),
                 source,
             })?;
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
         let (r, w) = stream.into_split();
         Ok(Self {
             reader: BufReader::new(r),
             writer: w,
+            peer_pid,
         })
     }
 
@@ -254,6 +262,8 @@ pub struct QmpClient {
     timeout: Duration,
     conn: Mutex<Option<Conn>>,
     next_id: AtomicU64,
+    /// QEMU's pid as of the last connection (0: unknown).
+    peer_pid: AtomicU32,
 }
 
 impl QmpClient {
@@ -264,7 +274,13 @@ impl QmpClient {
             timeout,
             conn: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            peer_pid: AtomicU32::new(0),
         }
+    }
+
+    /// The pid of the QEMU process behind the socket, as of the last connection.
+    pub fn peer_pid(&self) -> Option<u32> {
+        Some(self.peer_pid.load(Ordering::Relaxed)).filter(|p| *p != 0)
     }
 
     /// The socket's path.
@@ -363,6 +379,8 @@ impl QmpClient {
 
     async fn handshake(&self) -> Result<Conn, QmpError> {
         let mut c = Conn::open("QMP", &self.socket).await?;
+        self.peer_pid
+            .store(c.peer_pid.unwrap_or(0), Ordering::Relaxed);
         let greeting = c
             .recv()
             .await

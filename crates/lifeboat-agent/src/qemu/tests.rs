@@ -635,6 +635,53 @@ async fn without_a_configured_server_the_backend_runs_its_own() {
     }
 }
 
+#[tokio::test]
+async fn a_running_nbd_server_is_found_and_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(tmp.path(), &[("disk0", 8 * MIB)]);
+    // What the engine does: no NBD socket configured, while QSD runs one for the guest.
+    let hv = QemuHypervisor::new("vm1", &qsd.qmp, tmp.path().join("work"));
+    let disks = qsd.disk_refs();
+    hv.start_tracking(&disks).await.unwrap();
+    qsd.guest("disk0", &["write -P 0x77 1M 64k"]).await;
+    let view = open(&hv, &disks, 1).await;
+    assert_eq!(
+        view.changed_extents("vol-disk0").await.unwrap(),
+        vec![range(MIB, 64 * KIB)]
+    );
+    assert!(
+        view.read("vol-disk0", MIB, 64 * KIB)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0x77)
+    );
+    view.close(CloseView::Commit).await.unwrap();
+    assert!(!hv.inner.nbd_socket_path().exists(), "no server of its own");
+    // The guest's server keeps running.
+    qsd.guest("disk0", &["read -P 0x77 1M 64k"]).await;
+}
+
+#[test]
+fn proc_net_unix_parsing() {
+    let table = "\
+Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 23456 /run/vm1/nbd.sock
+0000000000000000: 00000002 00000000 00010000 0001 01 23457 @abstract
+0000000000000000: 00000003 00000000 00000000 0001 03 23458 /run/vm1/nbd.sock
+0000000000000000: 00000002 00000000 00010000 0002 01 23459 /run/dgram.sock
+0000000000000000: 00000002 00000000 00010000 0001 01 23460
+garbage
+";
+    assert_eq!(
+        discover::listening_unix_sockets(table),
+        vec![(23456, PathBuf::from("/run/vm1/nbd.sock"))]
+    );
+    assert_eq!(discover::socket_inode("socket:[23456]"), Some(23456));
+    assert_eq!(discover::socket_inode("pipe:[1]"), None);
+    assert_eq!(discover::socket_inode("/dev/null"), None);
+}
+
 /// A fake QEMU guest agent: answers sync, freeze and thaw, and logs what it was asked.
 async fn fake_guest_agent(path: PathBuf, fail_freeze: bool) -> Arc<Mutex<Vec<String>>> {
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -1314,7 +1361,7 @@ async fn client_matches_out_of_order_replies_by_handle() {
     let (mut client, mut server) = client_for(MIB).await;
     assert_eq!(client.size(), MIB);
     assert_eq!(client.context_id(BASE_ALLOCATION), Some(5));
-    client.set_max_read_bytes(4096);
+    client.set_read_request_bytes(4096);
     let server_side = async move {
         let mut reqs = Vec::new();
         for _ in 0..3 {
@@ -1650,4 +1697,46 @@ fn qmp_errors_map_to_backend_errors() {
         timeout: Duration::from_secs(1),
     };
     assert!(timeout.into_backend("vm", "x", None).is_recoverable());
+}
+
+#[tokio::test]
+#[ignore = "a measurement, not a test: cargo test -p lifeboat-agent --release qemu::tests::read_throughput -- --ignored --nocapture"]
+async fn read_throughput() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 512 * MIB;
+    let qsd = Qsd::start(tmp.path(), &[("disk0", size)]);
+    let hv = qsd.hypervisor();
+    let disks = qsd.disk_refs();
+    hv.start_tracking(&disks).await.unwrap();
+    let writes: Vec<String> = (0..size / (32 * MIB))
+        .map(|i| format!("write -P {} {}M 32M", i + 1, i * 32))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qsd.guest("disk0", &writes).await;
+    let view = open(&hv, &disks, 1).await;
+    let socket = qsd.nbd.clone().unwrap();
+    for (request, window) in [
+        (32 << 20, 1),
+        (4 << 20, 4),
+        (DEFAULT_READ_REQUEST_BYTES, DEFAULT_WINDOW),
+        (512 << 10, 16),
+    ] {
+        let mut c = NbdClient::connect_unix(&socket, "lbx-1-0", &[], Duration::from_secs(30))
+            .await
+            .unwrap();
+        c.set_read_request_bytes(request);
+        c.set_window(window);
+        let t = Instant::now();
+        for chunk in 0..size / (64 * MIB) {
+            let data = c.read(chunk * 64 * MIB, 64 * MIB).await.unwrap();
+            assert_eq!(data[0], (chunk * 2 + 1) as u8);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "request {:>5} KiB window {window:>2}: {:>6.0} MiB/s",
+            request >> 10,
+            (size >> 20) as f64 / secs
+        );
+    }
+    view.close(CloseView::Commit).await.unwrap();
 }
