@@ -526,6 +526,9 @@ pub struct JobReference {
     /// The job's parameters, kept so that a retry asks for the same thing.
     #[serde(default)]
     pub parameters: JobParameters,
+    /// The error of the operation's last failed attempt, until the operation succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<ErrorStatus>,
 }
 
 /// What the node's agent reports about a VM: facts, no decisions. The agent writes this by

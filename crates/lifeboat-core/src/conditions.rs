@@ -1,8 +1,47 @@
 //! Conditions, set in one place: a condition's `lastTransitionTime` moves only when its status
 //! really changes, so that `kubectl describe` and alerting see real transitions and not every
 //! reconcile. Reasons are stable CamelCase words.
+//!
+//! Every condition of every resource is decided here, from a small summary the decision of
+//! that resource hands over ([`VmConditionFacts`], [`PolicyConditionFacts`]):
+//!
+//! | resource | condition | True when |
+//! |---|---|---|
+//! | ProtectedVM | `Protected` | the replication relationship exists (Protected, Resynchronizing, FailingOver) |
+//! | ProtectedVM | `InitialReplicationComplete` | FinalizeProtection succeeded (until protection is disabled) |
+//! | ProtectedVM | `Replicating` | delta cycles run (Unknown while the agent is silent) |
+//! | ProtectedVM | `ResyncRequired` | delta replication cannot continue without a resync |
+//! | ProtectedVM | `Resynchronizing` | a Resynchronize job runs |
+//! | ProtectedVM | `TestFailoverSucceeded` | a test failover's disks exist |
+//! | ProtectedVM | `FailedOver` | the VM failed over (and maybe committed) |
+//! | ReplicationPolicy | `Ready` | every field is usable and the target answers |
+//! | ReplicationPolicy | `DeletionBlocked` | the policy is being deleted while VMs use it |
 
 use std::time::SystemTime;
+
+use crate::model::{ErrorReport, JobKind, JobState, Phase, ResyncReason};
+
+/// Condition types of a ProtectedVM and of a ReplicationPolicy.
+pub mod types {
+    /// ProtectedVM: the replication relationship exists.
+    pub const PROTECTED: &str = "Protected";
+    /// ProtectedVM: the first recovery point was cut.
+    pub const INITIAL_REPLICATION_COMPLETE: &str = "InitialReplicationComplete";
+    /// ProtectedVM: delta cycles run.
+    pub const REPLICATING: &str = "Replicating";
+    /// ProtectedVM: a resync is needed.
+    pub const RESYNC_REQUIRED: &str = "ResyncRequired";
+    /// ProtectedVM: a resync runs.
+    pub const RESYNCHRONIZING: &str = "Resynchronizing";
+    /// ProtectedVM: a test failover's disks exist.
+    pub const TEST_FAILOVER_SUCCEEDED: &str = "TestFailoverSucceeded";
+    /// ProtectedVM: failed over.
+    pub const FAILED_OVER: &str = "FailedOver";
+    /// ReplicationPolicy: usable.
+    pub const READY: &str = "Ready";
+    /// ReplicationPolicy: deletion waits for the VMs that use it.
+    pub const DELETION_BLOCKED: &str = "DeletionBlocked";
+}
 
 /// True, False or Unknown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -73,6 +112,308 @@ pub fn set_condition(
     }
 }
 
+/// A condition's decided value, before it is set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// True, False or Unknown.
+    pub status: ConditionStatus,
+    /// A stable CamelCase reason.
+    pub reason: String,
+    /// For people.
+    pub message: String,
+}
+
+impl Verdict {
+    /// A True verdict.
+    pub fn yes(reason: &str, message: impl Into<String>) -> Self {
+        Self::new(ConditionStatus::True, reason, message)
+    }
+
+    /// A False verdict.
+    pub fn no(reason: &str, message: impl Into<String>) -> Self {
+        Self::new(ConditionStatus::False, reason, message)
+    }
+
+    fn new(status: ConditionStatus, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What a ProtectedVM's conditions are decided from.
+#[derive(Clone, Debug)]
+pub struct VmConditionFacts<'a> {
+    /// The phase, as decided in this pass.
+    pub phase: Phase,
+    /// Why a Pending VM waits, or why disabling waits: reason and message.
+    pub waiting: Option<(&'a str, &'a str)>,
+    /// The current job: its kind and state.
+    pub current_job: Option<(JobKind, JobState)>,
+    /// The error of the current operation, while it stands.
+    pub job_error: Option<&'a ErrorReport>,
+    /// The agent's last cycle error, while it stands.
+    pub cycle_error: Option<&'a ErrorReport>,
+    /// `AgentQuiet` or `AgentLost` while the node's agent is silent.
+    pub agent_silent: Option<&'a str>,
+    /// Why a resync is required, when it is.
+    pub resync_required: Option<ResyncReason>,
+    /// Why the running resync runs.
+    pub resync_reason: Option<ResyncReason>,
+    /// Whether a test failover's disks exist.
+    pub test_failover_exists: bool,
+    /// What happened to a test failover in this pass (failed, rejected, cleaned up), if anything.
+    pub test_failover_outcome: Option<Verdict>,
+    /// What happened to a failover request in this pass (failed, rejected), if anything.
+    pub failover_outcome: Option<Verdict>,
+}
+
+fn previous<'c>(conditions: &'c [ObservedCondition], type_: &str) -> Option<&'c ObservedCondition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// The previous False verdict (a sticky outcome: failed, rejected, cleaned up), or `default`.
+fn keep_false_or(conditions: &[ObservedCondition], type_: &str, default: Verdict) -> Verdict {
+    previous(conditions, type_)
+        .filter(|c| c.status == ConditionStatus::False)
+        .map_or(default, |c| Verdict {
+            status: c.status,
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        })
+}
+
+/// The seven conditions of a ProtectedVM, in a stable order.
+pub fn vm_verdicts(
+    facts: &VmConditionFacts<'_>,
+    conditions: &[ObservedCondition],
+) -> [(&'static str, Verdict); 7] {
+    use Phase as P;
+    let phase = facts.phase;
+    let failed = |default: Verdict| match facts.job_error {
+        Some(e) => Verdict::no(&e.reason, e.message.clone()),
+        None => default,
+    };
+    let protected = match phase {
+        P::Pending => {
+            let (reason, message) = facts
+                .waiting
+                .unwrap_or(("ProtectionPending", "protection has not started yet"));
+            failed(Verdict::no(reason, message))
+        }
+        P::EnablingProtection => failed(Verdict::no(
+            "EnablingProtection",
+            "checking prerequisites and creating the replica disks",
+        )),
+        P::InitialReplication => failed(Verdict::no(
+            "InitialReplicationInProgress",
+            "copying the disks",
+        )),
+        P::FinalizingProtection => failed(Verdict::no(
+            "FinalizingProtection",
+            "shipping the changes made during the copy",
+        )),
+        P::Protected | P::Resynchronizing => Verdict::yes("Protected", "the VM is protected"),
+        P::FailingOver => Verdict::yes("FailingOver", "a failover is running"),
+        P::FailedOver => Verdict::no("FailedOver", "the VM failed over; it is not replicating"),
+        P::FailoverCommitted => Verdict::no(
+            "FailoverCommitted",
+            "the failover was committed; it is not replicating",
+        ),
+        P::DisablingProtection => {
+            let (reason, message) = facts
+                .waiting
+                .unwrap_or(("DisablingProtection", "protection is being disabled"));
+            failed(Verdict::no(reason, message))
+        }
+        P::Disabled => Verdict::no("ProtectionDisabled", "the VM is not protected"),
+    };
+    // Disabling that waits for a running job says so, whatever the phase.
+    let protected = match facts.waiting {
+        Some((reason, message)) if !matches!(phase, P::Pending | P::DisablingProtection) => {
+            Verdict {
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                ..protected
+            }
+        }
+        _ => protected,
+    };
+    let initial = match phase {
+        P::Protected
+        | P::Resynchronizing
+        | P::FailingOver
+        | P::FailedOver
+        | P::FailoverCommitted => Verdict::yes(
+            "InitialReplicationComplete",
+            "the first recovery point was cut",
+        ),
+        P::Pending | P::EnablingProtection => Verdict::no(
+            "InitialReplicationPending",
+            "the disks have not been copied yet",
+        ),
+        P::InitialReplication => Verdict::no("InitialReplicationInProgress", "copying the disks"),
+        P::FinalizingProtection => Verdict::no(
+            "FinalizingProtection",
+            "shipping the changes made during the copy",
+        ),
+        P::DisablingProtection | P::Disabled => {
+            Verdict::no("ProtectionDisabled", "the VM is not protected")
+        }
+    };
+    let replicating = match phase {
+        P::Protected => match (facts.agent_silent, facts.resync_required, facts.cycle_error) {
+            (Some(silent), _, _) => Verdict {
+                status: ConditionStatus::Unknown,
+                reason: silent.to_owned(),
+                message: "the node's agent has not reported lately".into(),
+            },
+            (None, Some(reason), _) => Verdict::no(
+                "ResyncRequired",
+                format!("delta replication stopped: {}", reason.as_str()),
+            ),
+            (None, None, Some(e)) => Verdict::no(&e.reason, e.message.clone()),
+            (None, None, None) => Verdict::yes(
+                "DeltaReplication",
+                "changes are shipped every copy interval",
+            ),
+        },
+        P::Resynchronizing => Verdict::no("Resynchronizing", "a resynchronization runs"),
+        P::Pending | P::EnablingProtection | P::InitialReplication | P::FinalizingProtection => {
+            Verdict::no(
+                "NotYetProtected",
+                "delta replication starts after finalize protection",
+            )
+        }
+        P::FailingOver | P::FailedOver | P::FailoverCommitted => {
+            Verdict::no("FailedOver", "replication stops at failover")
+        }
+        P::DisablingProtection | P::Disabled => {
+            Verdict::no("ProtectionDisabled", "the VM is not protected")
+        }
+    };
+    let resync_required = match facts.resync_required {
+        Some(reason) => Verdict::yes(
+            reason.as_str(),
+            "delta replication cannot continue without a resynchronization",
+        ),
+        None => Verdict::no("ResyncNotRequired", "change tracking is intact"),
+    };
+    let resynchronizing = if phase == P::Resynchronizing {
+        let reason = facts
+            .resync_reason
+            .map_or("Resynchronizing", ResyncReason::as_str);
+        Verdict::yes(
+            reason,
+            "comparing block checksums and sending the blocks that differ",
+        )
+    } else {
+        Verdict::no("NotResynchronizing", "no resynchronization runs")
+    };
+    let test_failover = match (facts.current_job, &facts.test_failover_outcome) {
+        (Some((JobKind::TestFailover, state)), _) if !state.is_finished() => {
+            Verdict::no("TestFailoverInProgress", "a test failover is running")
+        }
+        _ if facts.test_failover_exists => Verdict::yes(
+            "TestFailoverSucceeded",
+            "the test failover's disks are ready; clean them up when done",
+        ),
+        (_, Some(outcome)) => outcome.clone(),
+        (_, None) => keep_false_or(
+            conditions,
+            types::TEST_FAILOVER_SUCCEEDED,
+            Verdict::no("NoTestFailover", "no test failover has run"),
+        ),
+    };
+    let failed_over = match phase {
+        P::FailingOver => Verdict::no("FailoverInProgress", "a failover is running"),
+        P::FailedOver => Verdict::yes("FailedOver", "the VM failed over to a recovery point"),
+        P::FailoverCommitted => Verdict::yes("FailoverCommitted", "the failover was committed"),
+        _ => match &facts.failover_outcome {
+            Some(outcome) => outcome.clone(),
+            None => keep_false_or(
+                conditions,
+                types::FAILED_OVER,
+                Verdict::no("NotFailedOver", "the VM has not failed over"),
+            ),
+        },
+    };
+    [
+        (types::PROTECTED, protected),
+        (types::INITIAL_REPLICATION_COMPLETE, initial),
+        (types::REPLICATING, replicating),
+        (types::RESYNC_REQUIRED, resync_required),
+        (types::RESYNCHRONIZING, resynchronizing),
+        (types::TEST_FAILOVER_SUCCEEDED, test_failover),
+        (types::FAILED_OVER, failed_over),
+    ]
+}
+
+/// What a ReplicationPolicy's conditions are decided from.
+#[derive(Clone, Debug)]
+pub struct PolicyConditionFacts<'a> {
+    /// The first invalid field: condition reason and message (naming the field).
+    pub invalid: Option<(&'a str, &'a str)>,
+    /// The target's reachability, when it was probed: `Err` holds why not.
+    pub reachable: Option<Result<(), &'a str>>,
+    /// Whether the policy is being deleted.
+    pub deleting: bool,
+    /// The ProtectedVMs that use the policy.
+    pub users: &'a [String],
+}
+
+/// The conditions of a ReplicationPolicy: `Ready` and `DeletionBlocked`.
+pub fn policy_verdicts(facts: &PolicyConditionFacts<'_>) -> [(&'static str, Verdict); 2] {
+    let ready = match (facts.invalid, facts.reachable) {
+        (Some((reason, message)), _) => Verdict::no(reason, message),
+        (None, Some(Err(why))) => Verdict::no("TargetUnreachable", why),
+        (None, Some(Ok(()))) => Verdict::yes("Ready", "the policy is valid and its target answers"),
+        (None, None) => Verdict::yes(
+            "Ready",
+            "the policy is valid; the agents check its local target on their nodes",
+        ),
+    };
+    let blocked = if facts.deleting && !facts.users.is_empty() {
+        const SHOWN: usize = 5;
+        let mut names = facts.users[..facts.users.len().min(SHOWN)].join(", ");
+        if facts.users.len() > SHOWN {
+            names.push_str(&format!(" and {} more", facts.users.len() - SHOWN));
+        }
+        Verdict::yes(
+            "InUse",
+            format!(
+                "deletion waits until no ProtectedVM uses the policy: {} use it ({names})",
+                facts.users.len()
+            ),
+        )
+    } else {
+        Verdict::no("NotBlocked", "nothing holds the policy back")
+    };
+    [(types::READY, ready), (types::DELETION_BLOCKED, blocked)]
+}
+
+/// Set every verdict with [`set_condition`]; returns whether anything changed.
+pub fn set_verdicts(
+    conditions: &mut Vec<ObservedCondition>,
+    verdicts: impl IntoIterator<Item = (&'static str, Verdict)>,
+    observed_generation: Option<i64>,
+    now: SystemTime,
+) -> bool {
+    verdicts.into_iter().fold(false, |changed, (type_, v)| {
+        set_condition(
+            conditions,
+            type_,
+            v.status,
+            &v.reason,
+            &v.message,
+            observed_generation,
+            now,
+        ) | changed
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +479,136 @@ mod tests {
             t(40)
         ));
         assert_eq!(c.len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::*;
+    use crate::retry::ErrorClass;
+
+    fn facts(phase: Phase) -> VmConditionFacts<'static> {
+        VmConditionFacts {
+            phase,
+            waiting: None,
+            current_job: None,
+            job_error: None,
+            cycle_error: None,
+            agent_silent: None,
+            resync_required: None,
+            resync_reason: None,
+            test_failover_exists: false,
+            test_failover_outcome: None,
+            failover_outcome: None,
+        }
+    }
+
+    fn reasons(f: &VmConditionFacts<'_>) -> Vec<(String, ConditionStatus)> {
+        vm_verdicts(f, &[])
+            .into_iter()
+            .map(|(_, v)| (v.reason, v.status))
+            .collect()
+    }
+
+    #[test]
+    fn every_reason_is_a_camel_case_word() {
+        let error = ErrorReport {
+            class: ErrorClass::Recoverable,
+            reason: "StoreUnreachable".into(),
+            message: "down".into(),
+            retry_count: 0,
+            next_retry_time: None,
+            first_seen_time: None,
+        };
+        let phases = [
+            Phase::Pending,
+            Phase::EnablingProtection,
+            Phase::InitialReplication,
+            Phase::FinalizingProtection,
+            Phase::Protected,
+            Phase::Resynchronizing,
+            Phase::FailingOver,
+            Phase::FailedOver,
+            Phase::FailoverCommitted,
+            Phase::DisablingProtection,
+            Phase::Disabled,
+        ];
+        for phase in phases {
+            for f in [
+                facts(phase),
+                VmConditionFacts {
+                    job_error: Some(&error),
+                    cycle_error: Some(&error),
+                    resync_required: Some(ResyncReason::TrackingLost),
+                    test_failover_exists: true,
+                    ..facts(phase)
+                },
+                VmConditionFacts {
+                    agent_silent: Some("AgentLost"),
+                    ..facts(phase)
+                },
+            ] {
+                for (reason, _) in reasons(&f) {
+                    assert!(
+                        reason
+                            .chars()
+                            .next()
+                            .is_some_and(|c| c.is_ascii_uppercase())
+                            && reason.chars().all(|c| c.is_ascii_alphanumeric()),
+                        "{phase:?}: {reason:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn replicating_says_why_not() {
+        let protected = facts(Phase::Protected);
+        assert_eq!(
+            reasons(&protected)[2],
+            ("DeltaReplication".into(), ConditionStatus::True)
+        );
+        let silent = VmConditionFacts {
+            agent_silent: Some("AgentQuiet"),
+            ..protected.clone()
+        };
+        assert_eq!(
+            reasons(&silent)[2],
+            ("AgentQuiet".into(), ConditionStatus::Unknown)
+        );
+        let resync = VmConditionFacts {
+            resync_required: Some(ResyncReason::LogThresholdReached),
+            ..protected
+        };
+        assert_eq!(
+            reasons(&resync)[2],
+            ("ResyncRequired".into(), ConditionStatus::False)
+        );
+        assert_eq!(
+            reasons(&resync)[3],
+            ("LogThresholdReached".into(), ConditionStatus::True)
+        );
+    }
+
+    #[test]
+    fn a_policy_in_use_says_by_whom() {
+        let users: Vec<String> = (0..7).map(|i| format!("vm{i}")).collect();
+        let [ready, blocked] = policy_verdicts(&PolicyConditionFacts {
+            invalid: None,
+            reachable: Some(Err("connect to blob.example:443: refused")),
+            deleting: true,
+            users: &users,
+        });
+        assert_eq!(ready.1.reason, "TargetUnreachable");
+        assert_eq!(blocked.1.reason, "InUse");
+        assert!(
+            blocked
+                .1
+                .message
+                .contains("7 use it (vm0, vm1, vm2, vm3, vm4 and 2 more)"),
+            "{}",
+            blocked.1.message
+        );
     }
 }

@@ -80,6 +80,37 @@ pub struct HealthDecision {
     pub message: String,
 }
 
+/// How long the agent may be silent before a VM turns Warning (`AgentQuiet`).
+pub fn agent_quiet_after(copy_interval: Duration) -> Duration {
+    (copy_interval * 2).max(AGENT_QUIET_MIN)
+}
+
+/// How long the agent may be silent before a VM turns Critical (`AgentLost`).
+pub fn agent_lost_after(copy_interval: Duration) -> Duration {
+    (copy_interval * 6).max(AGENT_LOST_MIN)
+}
+
+/// The earliest time after `inputs.now` at which a rule that depends on time alone (agent
+/// silence, no recent cycle, RPO over threshold) may change the decision, if nothing else
+/// happens meanwhile: the operator looks again then, instead of polling.
+pub fn next_health_change(inputs: &HealthInputs) -> Option<SystemTime> {
+    let now = inputs.now;
+    let mut times = Vec::with_capacity(4);
+    if let Some(heartbeat) = inputs.agent_heartbeat {
+        times.push(heartbeat + agent_quiet_after(inputs.copy_interval));
+        times.push(heartbeat + agent_lost_after(inputs.copy_interval));
+    }
+    if let Some(since) = inputs.replicating_since {
+        let last = inputs.last_successful_cycle.unwrap_or(since).max(since);
+        // NB: the rules say "over", so the decision changes just after the threshold.
+        times.push(last + NO_CYCLE_WARNING_AFTER + Duration::from_secs(1));
+        if let Some(point) = inputs.latest_point {
+            times.push(point + inputs.rpo_threshold + Duration::from_secs(1));
+        }
+    }
+    times.into_iter().filter(|t| *t > now).min()
+}
+
 fn age(since: SystemTime, now: SystemTime) -> Duration {
     now.duration_since(since).unwrap_or_default()
 }
@@ -108,7 +139,7 @@ pub fn decide_health(inputs: &HealthInputs) -> HealthDecision {
     }
     if let Some(heartbeat) = inputs.agent_heartbeat {
         let silent = age(heartbeat, now);
-        if silent >= (inputs.copy_interval * 6).max(AGENT_LOST_MIN) {
+        if silent >= agent_lost_after(inputs.copy_interval) {
             return decision(
                 Health::Critical,
                 "AgentLost",
@@ -118,7 +149,7 @@ pub fn decide_health(inputs: &HealthInputs) -> HealthDecision {
                 ),
             );
         }
-        if silent >= (inputs.copy_interval * 2).max(AGENT_QUIET_MIN) {
+        if silent >= agent_quiet_after(inputs.copy_interval) {
             return decision(
                 Health::Warning,
                 "AgentQuiet",
@@ -313,6 +344,38 @@ mod tests {
             .1,
             "Healthy"
         );
+    }
+
+    #[test]
+    fn the_next_change_is_the_first_threshold_ahead() {
+        // Heartbeat at 7190: quiet at 7790, lost at 8990; last cycle and point at 7100: no
+        // recent cycle after 10701, RPO over 30 minutes after 8901.
+        assert_eq!(next_health_change(&healthy()), Some(at(7790)));
+        let silent = HealthInputs {
+            agent_heartbeat: Some(at(6000)),
+            ..healthy()
+        };
+        assert_eq!(next_health_change(&silent), Some(at(7800)), "lost next");
+        let no_agent = HealthInputs {
+            agent_heartbeat: None,
+            ..healthy()
+        };
+        assert_eq!(next_health_change(&no_agent), Some(at(8901)));
+        // Every time-driven rule flips at its time and not before.
+        for inputs in [healthy(), silent, no_agent] {
+            if let Some(change) = next_health_change(&inputs) {
+                let before = decide_health(&HealthInputs {
+                    now: change - Duration::from_secs(1),
+                    ..inputs.clone()
+                });
+                let after = decide_health(&HealthInputs {
+                    now: change,
+                    ..inputs.clone()
+                });
+                assert_eq!(before.reason, decide_health(&inputs).reason);
+                assert_ne!(before.reason, after.reason, "{change:?}");
+            }
+        }
     }
 
     #[test]

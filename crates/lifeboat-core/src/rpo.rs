@@ -9,6 +9,11 @@ pub fn rpo(latest_point: Option<SystemTime>, now: SystemTime) -> Option<Duration
     latest_point.map(|at| now.duration_since(at).unwrap_or_default())
 }
 
+/// A time as RFC 3339 in UTC (`2025-03-03T09:00:00Z`), for messages.
+pub fn format_rfc3339(at: SystemTime) -> String {
+    jiff::Timestamp::try_from(at).map_or_else(|_| format!("{at:?}"), |t| t.to_string())
+}
+
 /// A duration the way `kubectl` prints ages: `45s`, `2m30s`, `1h5m`, `3d4h`.
 pub fn format_duration(duration: Duration) -> String {
     let s = duration.as_secs();

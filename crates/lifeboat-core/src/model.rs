@@ -1,0 +1,237 @@
+//! The words the decisions speak: the life-cycle phases, the jobs, the requests, the errors.
+//! They mirror the API types of `lifeboat-api` without depending on Kubernetes; the operator
+//! maps one to the other (and a round-trip test there keeps the two in step).
+
+use std::time::{Duration, SystemTime};
+
+use crate::retry::ErrorClass;
+
+/// Where a VM is in its protection life cycle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Accepted; protection not started yet.
+    #[default]
+    Pending,
+    /// The EnableProtection job is checking prerequisites and creating the replica disks.
+    EnablingProtection,
+    /// The EnableProtection job is copying the disks.
+    InitialReplication,
+    /// The FinalizeProtection job ships the changes made during the copy.
+    FinalizingProtection,
+    /// Delta replication every copy interval.
+    Protected,
+    /// A Resynchronize job runs.
+    Resynchronizing,
+    /// A Failover job runs.
+    FailingOver,
+    /// Failed over; not replicating.
+    FailedOver,
+    /// Failover committed.
+    FailoverCommitted,
+    /// A DisableProtection job runs.
+    DisablingProtection,
+    /// Not protected.
+    Disabled,
+}
+
+impl Phase {
+    /// Whether the node's agent has work for the VM in this phase, so that its silence matters.
+    pub fn needs_agent(self) -> bool {
+        matches!(
+            self,
+            Self::EnablingProtection
+                | Self::InitialReplication
+                | Self::FinalizingProtection
+                | Self::Protected
+                | Self::Resynchronizing
+                | Self::FailingOver
+                | Self::DisablingProtection
+        )
+    }
+}
+
+/// The operations, as ASR names its jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    /// Check prerequisites, create the replica disks, copy the disks.
+    EnableProtection,
+    /// Ship the changes made during the copy, cut the first recovery point.
+    FinalizeProtection,
+    /// Compare block checksums and send the blocks that differ.
+    Resynchronize,
+    /// Materialise a recovery point under a separate name.
+    TestFailover,
+    /// Remove a test failover's disks.
+    CleanupTestFailover,
+    /// Fail over to a recovery point.
+    Failover,
+    /// After a failover, drop the other recovery points.
+    Commit,
+    /// Stop tracking and, if asked, delete the replica.
+    DisableProtection,
+}
+
+impl JobKind {
+    /// Every kind, in life-cycle order.
+    pub const ALL: [Self; 8] = [
+        Self::EnableProtection,
+        Self::FinalizeProtection,
+        Self::Resynchronize,
+        Self::TestFailover,
+        Self::CleanupTestFailover,
+        Self::Failover,
+        Self::Commit,
+        Self::DisableProtection,
+    ];
+
+    /// The word job names use for the kind (`web01-resync-7`).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::EnableProtection => "enable",
+            Self::FinalizeProtection => "finalize",
+            Self::Resynchronize => "resync",
+            Self::TestFailover => "testfailover",
+            Self::CleanupTestFailover => "cleanup",
+            Self::Failover => "failover",
+            Self::Commit => "commit",
+            Self::DisableProtection => "disable",
+        }
+    }
+
+    /// The kind's name, as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EnableProtection => "EnableProtection",
+            Self::FinalizeProtection => "FinalizeProtection",
+            Self::Resynchronize => "Resynchronize",
+            Self::TestFailover => "TestFailover",
+            Self::CleanupTestFailover => "CleanupTestFailover",
+            Self::Failover => "Failover",
+            Self::Commit => "Commit",
+            Self::DisableProtection => "DisableProtection",
+        }
+    }
+}
+
+/// Where a job is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum JobState {
+    /// Created, not claimed yet.
+    #[default]
+    Pending,
+    /// Claimed and running.
+    Running,
+    /// Claimed, waiting for something outside Lifeboat.
+    WaitingForInput,
+    /// Done.
+    Succeeded,
+    /// Ended with an error.
+    Failed,
+}
+
+impl JobState {
+    /// Succeeded or Failed.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+/// Why a resync runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResyncReason {
+    /// The pending logs reached the policy's threshold.
+    LogThresholdReached,
+    /// Change tracking was lost.
+    TrackingLost,
+    /// A change log failed its checksums.
+    CorruptLog,
+    /// Someone asked.
+    Requested,
+}
+
+impl ResyncReason {
+    /// The reason's name, as the API and the conditions spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LogThresholdReached => "LogThresholdReached",
+            Self::TrackingLost => "TrackingLost",
+            Self::CorruptLog => "CorruptLog",
+            Self::Requested => "Requested",
+        }
+    }
+}
+
+/// Planned or unplanned failover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailoverKind {
+    /// Ship what is pending first.
+    Planned,
+    /// Use the latest durable point.
+    Unplanned,
+}
+
+/// Which recovery point a (test) failover uses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PointChoice {
+    /// The newest point.
+    Latest,
+    /// The newest fully applied point.
+    LatestProcessed,
+    /// The newest app-consistent point.
+    LatestAppConsistent,
+    /// A point by name.
+    Named(String),
+}
+
+/// An error as the agent reported it, or as the operator decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorReport {
+    /// Recoverable or NonRecoverable.
+    pub class: ErrorClass,
+    /// A stable CamelCase reason.
+    pub reason: String,
+    /// For a human.
+    pub message: String,
+    /// Retries so far.
+    pub retry_count: u32,
+    /// When the next retry is due.
+    pub next_retry_time: Option<SystemTime>,
+    /// When the error was first seen.
+    pub first_seen_time: Option<SystemTime>,
+}
+
+/// The parameters of a job.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobParams {
+    /// The request token the job answers.
+    pub request_token: Option<String>,
+    /// Failover: planned or unplanned.
+    pub failover: Option<FailoverKind>,
+    /// (Test) failover: which point.
+    pub point: Option<PointChoice>,
+    /// Resynchronize: why.
+    pub resync_reason: Option<ResyncReason>,
+    /// DisableProtection: delete the replica too.
+    pub delete_replica: bool,
+}
+
+/// A policy's settings, as the decisions need them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicySettings {
+    /// The policy's generation.
+    pub generation: Option<i64>,
+    /// The copy interval.
+    pub copy_interval: Duration,
+    /// Health turns Warning above this RPO.
+    pub rpo_threshold: Duration,
+    /// Automatic (true) or manual resync.
+    pub resync_automatic: bool,
+    /// When automatic resyncs may run (`None`: any time).
+    pub resync_window: Option<crate::window::DailyWindow>,
+    /// Resync when a disk's pending logs reach this percent of its size.
+    pub log_threshold_percent: u32,
+    /// Initial replication does not start before this time.
+    pub initial_replication_start: Option<SystemTime>,
+    /// Why new protection must wait (a field of the policy is invalid), as a condition reason.
+    pub blocking_problem: Option<String>,
+}

@@ -1,0 +1,1061 @@
+//! The VM decision over whole life cycles, with a controllable clock: a small world holds the
+//! jobs and the agent's facts, a scripted agent acts on the jobs, and every step feeds the
+//! decision's own output back in, as the operator does with status.
+
+use super::*;
+use crate::window::WindowSpec;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+const T0: SystemTime = SystemTime::UNIX_EPOCH;
+const MIN: Duration = Duration::from_secs(60);
+const INTERVAL: Duration = Duration::from_secs(300);
+
+fn at(secs: u64) -> SystemTime {
+    T0 + Duration::from_secs(secs)
+}
+
+fn policy() -> PolicySettings {
+    PolicySettings {
+        generation: Some(1),
+        copy_interval: INTERVAL,
+        rpo_threshold: Duration::from_secs(1800),
+        resync_automatic: true,
+        resync_window: None,
+        log_threshold_percent: 50,
+        initial_replication_start: None,
+        blocking_problem: None,
+    }
+}
+
+fn error(class: ErrorClass, reason: &str) -> ErrorReport {
+    ErrorReport {
+        class,
+        reason: reason.into(),
+        message: format!("{reason} happened"),
+        retry_count: 0,
+        next_retry_time: None,
+        first_seen_time: None,
+    }
+}
+
+/// The API server, the agent and the clock, as far as one VM's decisions see them.
+struct World {
+    now: SystemTime,
+    spec: VmSpec,
+    state: VmState,
+    policy: Option<PolicySettings>,
+    agent: Option<AgentFacts>,
+    jobs: BTreeMap<String, JobFacts>,
+    kinds: BTreeMap<String, JobKind>,
+    heartbeat: Option<SystemTime>,
+    finalizer: bool,
+    last: Option<VmDecision>,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            now: at(1_000_000),
+            spec: VmSpec {
+                name: "web".into(),
+                generation: 1,
+                created: at(1_000_000),
+                deleting: false,
+                protect: true,
+                delete_replica: false,
+                requests: Requests::default(),
+            },
+            state: VmState::default(),
+            policy: Some(policy()),
+            agent: None,
+            jobs: BTreeMap::new(),
+            kinds: BTreeMap::new(),
+            heartbeat: Some(at(1_000_000)),
+            finalizer: true,
+            last: None,
+        }
+    }
+
+    fn observation(&self) -> JobObservation {
+        match &self.state.job {
+            Some(record) if !record.state.is_finished() => self
+                .jobs
+                .get(&record.name)
+                .cloned()
+                .map_or(JobObservation::Missing, JobObservation::Found),
+            _ => JobObservation::NotLookedUp,
+        }
+    }
+
+    fn decide(&self) -> VmDecision {
+        decide_vm(&VmInput {
+            now: self.now,
+            spec: &self.spec,
+            state: &self.state,
+            policy: self.policy.as_ref(),
+            agent: self.agent.as_ref(),
+            job: &self.observation(),
+            heartbeat: self.heartbeat,
+        })
+    }
+
+    /// One reconcile: decide, then do what the operator does with the decision.
+    fn step(&mut self) -> VmDecision {
+        let d = self.decide();
+        if let Some(job) = &d.create_job {
+            assert!(
+                self.active_jobs().is_empty()
+                    || d.delete_job
+                        .as_ref()
+                        .is_some_and(|n| self.active_jobs() == [n.clone()]),
+                "one job at a time: {:?} while {:?} runs",
+                job.name,
+                self.active_jobs()
+            );
+            assert!(!self.jobs.contains_key(&job.name), "names are unique");
+            self.jobs.insert(
+                job.name.clone(),
+                JobFacts {
+                    name: job.name.clone(),
+                    state: JobState::Pending,
+                    copying: false,
+                    start_time: None,
+                    completion_time: None,
+                    error: None,
+                },
+            );
+            self.kinds.insert(job.name.clone(), job.kind);
+        }
+        if let Some(name) = &d.delete_job {
+            self.jobs.remove(name);
+        }
+        if d.release_finalizer {
+            self.finalizer = false;
+        }
+        self.state = d.state.clone();
+        self.last = Some(d.clone());
+        d
+    }
+
+    fn active_jobs(&self) -> Vec<String> {
+        self.jobs
+            .values()
+            .filter(|j| !j.state.is_finished())
+            .map(|j| j.name.clone())
+            .collect()
+    }
+
+    fn current(&self) -> (String, JobKind) {
+        let record = self
+            .state
+            .job
+            .as_ref()
+            .unwrap_or_else(|| panic!("no current job"));
+        (record.name.clone(), record.kind)
+    }
+
+    fn phase(&self) -> Phase {
+        self.state.phase
+    }
+
+    fn condition(&self, type_: &str) -> (crate::ConditionStatus, String) {
+        self.state
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status, c.reason.clone()))
+            .unwrap_or_else(|| panic!("no condition {type_}"))
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.heartbeat = Some(self.now);
+    }
+
+    // ---- the scripted agent ----
+
+    fn claim(&mut self) -> String {
+        let (name, _) = self.current();
+        let now = self.now;
+        let job = self
+            .jobs
+            .get_mut(&name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(job.state, JobState::Pending);
+        job.state = JobState::Running;
+        job.start_time = Some(now);
+        name
+    }
+
+    fn end(&mut self, outcome: Result<(), ErrorReport>) {
+        let (name, kind) = self.current();
+        let now = self.now;
+        let job = self
+            .jobs
+            .get_mut(&name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        if job.state == JobState::Pending {
+            job.start_time = Some(now);
+        }
+        job.completion_time = Some(now);
+        match outcome {
+            Ok(()) => {
+                job.state = JobState::Succeeded;
+                if matches!(kind, JobKind::FinalizeProtection | JobKind::Resynchronize) {
+                    // The first point (or the first after a resync) and a clean report.
+                    self.agent = Some(AgentFacts {
+                        report_time: Some(now),
+                        last_cycle_start: Some(now),
+                        last_successful_cycle: Some(now),
+                        latest_point: Some(now),
+                        cycles_succeeded_last_hour: 12,
+                        disks: vec![DiskFacts {
+                            name: "os".into(),
+                            size_bytes: 100,
+                            pending_log_bytes: 0,
+                        }],
+                        ..AgentFacts::default()
+                    });
+                }
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(e);
+            }
+        }
+    }
+
+    fn run_current_job(&mut self) {
+        self.claim();
+        self.step();
+        self.end(Ok(()));
+        self.step();
+    }
+
+    fn cycle(&mut self) {
+        let now = self.now;
+        let agent = self.agent.get_or_insert_with(AgentFacts::default);
+        agent.report_time = Some(now);
+        agent.last_cycle_start = Some(now);
+        agent.last_successful_cycle = Some(now);
+        agent.latest_point = Some(now);
+        agent.last_error = None;
+    }
+
+    fn protected() -> Self {
+        let mut w = Self::new();
+        w.step();
+        w.run_current_job(); // enable -> finalize created
+        w.run_current_job(); // finalize -> protected
+        assert_eq!(w.phase(), Phase::Protected);
+        w
+    }
+
+    fn notices(&self) -> Vec<&'static str> {
+        self.last
+            .as_ref()
+            .map_or(vec![], |d| d.notices.iter().map(|n| n.reason).collect())
+    }
+}
+
+#[test]
+fn the_whole_life_cycle() {
+    let mut w = World::new();
+    let d = w.step();
+    assert_eq!(w.phase(), Phase::EnablingProtection);
+    assert_eq!(
+        d.create_job.as_ref().map(|j| j.name.as_str()),
+        Some("web-enable-1")
+    );
+    assert_eq!(w.notices(), ["JobCreated"]);
+    assert_eq!(
+        w.condition("Protected"),
+        (crate::ConditionStatus::False, "EnablingProtection".into())
+    );
+
+    w.claim();
+    w.step();
+    assert_eq!(w.notices(), ["JobStarted"]);
+    if let Some(j) = w.jobs.get_mut("web-enable-1") {
+        j.copying = true;
+    }
+    w.step();
+    assert_eq!(w.phase(), Phase::InitialReplication);
+    w.end(Ok(()));
+    let d = w.step();
+    assert_eq!(w.notices(), ["JobSucceeded", "JobCreated"]);
+    assert_eq!(
+        d.create_job.map(|j| j.kind),
+        Some(JobKind::FinalizeProtection)
+    );
+    assert_eq!(w.phase(), Phase::FinalizingProtection);
+    assert_eq!(
+        d.finished_job.map(|f| f.kind),
+        Some(JobKind::EnableProtection)
+    );
+
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::Protected);
+    assert_eq!(w.condition("Protected").0, crate::ConditionStatus::True);
+    assert_eq!(
+        w.condition("InitialReplicationComplete").0,
+        crate::ConditionStatus::True
+    );
+    assert_eq!(
+        w.condition("Replicating"),
+        (crate::ConditionStatus::True, "DeltaReplication".into())
+    );
+    assert_eq!(w.state.health, Some(Health::Normal));
+    assert_eq!(w.state.rpo, Some(Duration::ZERO));
+    assert_eq!(w.state.next_cycle, Some(w.now + INTERVAL));
+
+    // Test failover, then its cleanup.
+    w.spec.requests.test_failover = Some(TestFailoverAsk {
+        token: "t1".into(),
+        point: PointChoice::LatestAppConsistent,
+    });
+    let d = w.step();
+    let job = d
+        .create_job
+        .unwrap_or_else(|| panic!("no test failover job"));
+    assert_eq!(job.params.point, Some(PointChoice::LatestAppConsistent));
+    assert_eq!(job.params.request_token.as_deref(), Some("t1"));
+    assert_eq!(
+        w.state.handled.test_failover, None,
+        "not handled before it ran"
+    );
+    assert_eq!(
+        w.condition("TestFailoverSucceeded").1,
+        "TestFailoverInProgress"
+    );
+    w.run_current_job();
+    assert_eq!(w.state.handled.test_failover.as_deref(), Some("t1"));
+    assert_eq!(
+        w.last.as_ref().map(|d| d.results),
+        Some(ResultChange::TestFailoverFromJob)
+    );
+    assert_eq!(
+        w.condition("TestFailoverSucceeded").0,
+        crate::ConditionStatus::True
+    );
+    w.spec.requests.cleanup_test_failover = Some("c1".into());
+    w.step();
+    w.run_current_job();
+    assert_eq!(w.state.handled.cleanup_test_failover.as_deref(), Some("c1"));
+    assert_eq!(
+        w.condition("TestFailoverSucceeded"),
+        (crate::ConditionStatus::False, "CleanedUp".into())
+    );
+    assert!(!w.state.test_failover_exists);
+
+    // Planned failover, then commit.
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    let d = w.step();
+    assert_eq!(
+        d.create_job.map(|j| j.params.failover),
+        Some(Some(FailoverKind::Planned))
+    );
+    assert_eq!(w.phase(), Phase::FailingOver);
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedOver);
+    assert_eq!(w.condition("FailedOver").0, crate::ConditionStatus::True);
+    assert_eq!(w.condition("Replicating").1, "FailedOver");
+    w.spec.requests.commit = Some("k1".into());
+    w.step();
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailoverCommitted);
+    assert_eq!(w.state.handled.commit.as_deref(), Some("k1"));
+
+    // Delete: disable protection, then let the finalizer go.
+    w.spec.deleting = true;
+    let d = w.step();
+    assert_eq!(
+        d.create_job.map(|j| j.kind),
+        Some(JobKind::DisableProtection)
+    );
+    assert!(w.finalizer);
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::Disabled);
+    assert!(!w.finalizer);
+}
+
+#[test]
+fn every_row_of_the_retry_table_for_a_failed_job() {
+    let mut w = World::new();
+    w.step();
+    let started = w.now;
+    // 5-minute interval: retries 6, 7, 9, 13, 15, then 35 minutes after each failure.
+    let expected = [6u64, 7, 9, 13, 15, 35, 35, 35];
+    for (n, minutes) in expected.into_iter().enumerate() {
+        let failure = error(ErrorClass::Recoverable, "StoreUnreachable");
+        w.claim();
+        w.end(Err(failure));
+        let failed_at = w.now;
+        let d = w.step();
+        assert!(d.create_job.is_none(), "no retry at once");
+        assert_eq!(
+            d.requeue_after,
+            (MIN * u32::try_from(minutes).unwrap_or(0)).min(MAX_REQUEUE),
+            "failure {}",
+            n + 1
+        );
+        let e = w
+            .state
+            .last_error
+            .clone()
+            .unwrap_or_else(|| panic!("no error"));
+        assert_eq!(e.retry_count, u32::try_from(n).unwrap_or(0));
+        assert_eq!(
+            e.next_retry_time,
+            Some(failed_at + MIN * u32::try_from(minutes).unwrap_or(0))
+        );
+        assert_eq!(e.first_seen_time, Some(started), "first seen stays");
+        // A second before the retry time: still nothing.
+        w.advance(MIN * u32::try_from(minutes).unwrap_or(0) - Duration::from_secs(1));
+        assert!(w.step().create_job.is_none());
+        w.advance(Duration::from_secs(1));
+        let d = w.step();
+        let job = d.create_job.unwrap_or_else(|| panic!("retry {}", n + 1));
+        assert_eq!(job.kind, JobKind::EnableProtection);
+        assert_eq!(job.attempt, u32::try_from(n).unwrap_or(0) + 2);
+        assert!(
+            w.state.last_error.is_some(),
+            "the error shows while retrying"
+        );
+    }
+    w.run_current_job();
+    assert_eq!(w.state.last_error, None, "success clears the error");
+}
+
+#[test]
+fn the_agents_retry_time_is_honoured_but_never_sooner_than_the_backoff() {
+    let mut w = World::new();
+    w.step();
+    w.claim();
+    let later = w.now + Duration::from_secs(3600);
+    w.end(Err(ErrorReport {
+        next_retry_time: Some(later),
+        ..error(ErrorClass::Recoverable, "LowDiskSpace")
+    }));
+    w.step();
+    assert_eq!(
+        w.state.last_error.as_ref().and_then(|e| e.next_retry_time),
+        Some(later)
+    );
+    w.advance(Duration::from_secs(3599));
+    assert!(w.step().create_job.is_none());
+    w.advance(Duration::from_secs(1));
+    assert!(w.step().create_job.is_some());
+    // An agent asking for an immediate retry gets the backoff.
+    w.claim();
+    let now = w.now;
+    w.end(Err(ErrorReport {
+        next_retry_time: Some(now),
+        ..error(ErrorClass::Recoverable, "LowDiskSpace")
+    }));
+    let d = w.step();
+    assert!(d.create_job.is_none());
+    assert_eq!(
+        d.requeue_after,
+        INTERVAL + 2 * MIN,
+        "second failure: interval + 2 min"
+    );
+}
+
+#[test]
+fn a_non_recoverable_failure_waits_for_a_change_or_a_retry_request() {
+    let mut w = World::new();
+    w.step();
+    w.claim();
+    w.end(Err(error(ErrorClass::NonRecoverable, "VmNotFound")));
+    let d = w.step();
+    assert_eq!(w.state.health, Some(Health::Critical));
+    assert_eq!(w.state.health_reason, "NonRecoverableError");
+    assert_eq!(
+        w.condition("Protected"),
+        (crate::ConditionStatus::False, "VmNotFound".into())
+    );
+    assert!(
+        d.notices
+            .iter()
+            .any(|n| n.reason == "HealthCritical" && n.warning)
+    );
+    for _ in 0..5 {
+        w.advance(Duration::from_secs(24 * 3600));
+        assert!(w.step().create_job.is_none(), "no retry, ever");
+    }
+    // An administrator fixed the VM and asks for a retry.
+    w.spec.requests.retry = Some("r1".into());
+    let d = w.step();
+    assert_eq!(d.create_job.map(|j| j.attempt), Some(2));
+    assert_eq!(w.state.handled.retry.as_deref(), Some("r1"));
+    w.claim();
+    w.end(Err(error(ErrorClass::NonRecoverable, "VmNotFound")));
+    w.step();
+    // A spec change is a reason to try again too.
+    w.spec.generation = 2;
+    assert!(w.step().create_job.is_some());
+}
+
+#[test]
+fn requests_that_cannot_run_are_rejected_and_echoed() {
+    let mut w = World::new();
+    w.policy = None; // stuck in Pending
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    });
+    w.spec.requests.commit = Some("k1".into());
+    let d = w.step();
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
+    assert_eq!(w.state.handled.commit.as_deref(), Some("k1"));
+    assert_eq!(
+        w.condition("FailedOver"),
+        (crate::ConditionStatus::False, "NoRecoveryPoint".into())
+    );
+    assert_eq!(
+        d.notices
+            .iter()
+            .filter(|n| n.reason == "RequestRejected")
+            .count(),
+        2
+    );
+    assert_eq!(w.condition("Protected").1, "PolicyNotFound");
+    assert_eq!(d.requeue_after, MIN);
+
+    let mut w = World::protected();
+    w.cycle();
+    w.spec.requests.test_failover = Some(TestFailoverAsk {
+        token: "t1".into(),
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.run_current_job();
+    w.spec.requests.test_failover = Some(TestFailoverAsk {
+        token: "t2".into(),
+        point: PointChoice::Latest,
+    });
+    w.step();
+    assert_eq!(w.state.handled.test_failover.as_deref(), Some("t2"));
+    assert!(w.notices().contains(&"RequestRejected"));
+    assert_eq!(
+        w.condition("TestFailoverSucceeded").1,
+        "TestFailoverSucceeded",
+        "the first one still stands"
+    );
+    assert!(
+        w.state.test_failover_exists,
+        "the first test failover's disks stay"
+    );
+}
+
+#[test]
+fn requests_wait_while_a_job_runs() {
+    let mut w = World::protected();
+    w.spec.requests.resync = Some("r1".into());
+    w.step();
+    let resync = w.claim();
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    });
+    assert!(w.step().create_job.is_none(), "one job at a time");
+    assert_eq!(w.state.handled.failover, None);
+    w.end(Ok(()));
+    let d = w.step();
+    assert_eq!(w.state.handled.resync.as_deref(), Some("r1"));
+    assert_eq!(
+        d.create_job.map(|j| j.kind),
+        Some(JobKind::Failover),
+        "then the failover, after {resync}"
+    );
+}
+
+#[test]
+fn tracking_lost_starts_an_automatic_resync_and_stale_facts_do_not_repeat_it() {
+    let mut w = World::protected();
+    w.advance(MIN);
+    let lost_at = w.now;
+    if let Some(a) = w.agent.as_mut() {
+        a.tracking_lost = Some((ResyncReason::TrackingLost, lost_at));
+        a.report_time = Some(lost_at);
+    }
+    let d = w.step();
+    assert_eq!(
+        w.condition("ResyncRequired"),
+        (crate::ConditionStatus::True, "TrackingLost".into())
+    );
+    let job = d.create_job.unwrap_or_else(|| panic!("no resync"));
+    assert_eq!(job.params.resync_reason, Some(ResyncReason::TrackingLost));
+    assert_eq!(w.phase(), Phase::Resynchronizing);
+    assert_eq!(
+        w.condition("Resynchronizing"),
+        (crate::ConditionStatus::True, "TrackingLost".into())
+    );
+    assert_eq!(w.condition("Replicating").1, "Resynchronizing");
+    w.claim();
+    w.step();
+    w.advance(MIN);
+    // The agent still shows the old flag when the job ends: it predates the resync.
+    let stale = w.agent.clone();
+    w.end(Ok(()));
+    w.agent = stale;
+    let d = w.step();
+    assert_eq!(w.phase(), Phase::Protected);
+    assert!(d.create_job.is_none());
+    assert_eq!(
+        w.condition("ResyncRequired").0,
+        crate::ConditionStatus::False
+    );
+}
+
+#[test]
+fn a_resync_that_cannot_run_is_critical() {
+    let lost = |w: &mut World| {
+        let now = w.now;
+        if let Some(a) = w.agent.as_mut() {
+            a.tracking_lost = Some((ResyncReason::CorruptLog, now));
+        }
+    };
+    // Manual mode: Critical until someone asks.
+    let mut w = World::protected();
+    if let Some(p) = w.policy.as_mut() {
+        p.resync_automatic = false;
+    }
+    w.advance(MIN);
+    lost(&mut w);
+    assert!(w.step().create_job.is_none());
+    assert_eq!(
+        (w.state.health, w.state.health_reason.as_str()),
+        (Some(Health::Critical), "ResyncBlocked")
+    );
+    w.spec.requests.resync = Some("now".into());
+    let d = w.step();
+    assert_eq!(
+        d.create_job.map(|j| j.params.resync_reason),
+        Some(Some(ResyncReason::Requested))
+    );
+    assert_eq!(w.state.health, Some(Health::Normal), "it can run now");
+
+    // Automatic, outside the window: Critical, and a look again when the window opens.
+    let mut w = World::protected();
+    let hour = (w.now.duration_since(T0).unwrap_or_default().as_secs() / 3600) % 24;
+    let window = crate::window::DailyWindow::parse(&WindowSpec {
+        start: format!("{:02}:00", (hour + 2) % 24),
+        end: format!("{:02}:00", (hour + 3) % 24),
+        days: vec![],
+        time_zone: None,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let opening = window.next_opening(w.now);
+    if let Some(p) = w.policy.as_mut() {
+        p.resync_window = Some(window);
+    }
+    w.advance(MIN);
+    lost(&mut w);
+    let d = w.step();
+    assert!(d.create_job.is_none());
+    assert_eq!(w.state.health_reason, "ResyncBlocked");
+    let opening = opening.unwrap_or_else(|| panic!("no opening"));
+    assert!(
+        w.now + d.requeue_after <= opening,
+        "looks again by the opening"
+    );
+    w.now = opening;
+    w.heartbeat = Some(opening);
+    assert_eq!(
+        w.step().create_job.map(|j| j.kind),
+        Some(JobKind::Resynchronize)
+    );
+}
+
+#[test]
+fn pending_logs_over_the_threshold_ask_for_a_resync() {
+    let mut w = World::protected();
+    w.advance(MIN);
+    w.cycle();
+    if let Some(a) = w.agent.as_mut() {
+        a.disks[0].pending_log_bytes = 49;
+    }
+    assert!(w.step().create_job.is_none());
+    if let Some(a) = w.agent.as_mut() {
+        a.disks[0].pending_log_bytes = 50;
+    }
+    let d = w.step();
+    assert_eq!(
+        d.create_job.map(|j| j.params.resync_reason),
+        Some(Some(ResyncReason::LogThresholdReached))
+    );
+}
+
+#[test]
+fn health_follows_the_agent_the_cycles_and_the_rpo() {
+    let mut w = World::protected();
+    w.cycle();
+    w.step();
+    assert_eq!(w.state.health_reason, "Healthy");
+    // The agent goes silent: Warning after 10 minutes, Critical after 30.
+    let silent_from = w.now;
+    w.now += Duration::from_secs(600);
+    w.step();
+    assert_eq!(
+        (w.state.health, w.state.health_reason.as_str()),
+        (Some(Health::Warning), "AgentQuiet")
+    );
+    assert_eq!(
+        w.condition("Replicating"),
+        (crate::ConditionStatus::Unknown, "AgentQuiet".into())
+    );
+    assert!(w.notices().contains(&"HealthWarning"));
+    w.now = silent_from + Duration::from_secs(1800);
+    w.step();
+    assert_eq!(
+        (w.state.health, w.state.health_reason.as_str()),
+        (Some(Health::Critical), "AgentLost")
+    );
+    // It comes back and replicates: Normal again.
+    w.heartbeat = Some(w.now);
+    w.cycle();
+    w.step();
+    assert_eq!(w.state.health_reason, "Healthy");
+    assert!(w.notices().contains(&"HealthNormal"));
+    // Alive, but the cycles fail: the RPO grows past the threshold.
+    let last_point = w.now;
+    w.advance(Duration::from_secs(1801));
+    if let Some(a) = w.agent.as_mut() {
+        a.report_time = Some(w.now);
+        a.last_error = Some(error(ErrorClass::Recoverable, "StoreUnreachable"));
+    }
+    w.step();
+    assert_eq!(w.state.health_reason, "RpoOverThreshold");
+    assert_eq!(
+        w.condition("Replicating"),
+        (crate::ConditionStatus::False, "StoreUnreachable".into())
+    );
+    assert_eq!(
+        w.state.last_error.as_ref().map(|e| e.reason.as_str()),
+        Some("StoreUnreachable")
+    );
+    assert_eq!(
+        w.state.rpo,
+        Some(w.now.duration_since(last_point).unwrap_or_default())
+    );
+}
+
+#[test]
+fn more_than_a_fifth_of_the_hours_cycles_missed_is_a_warning() {
+    let mut w = World::protected();
+    w.advance(Duration::from_secs(3600));
+    w.cycle();
+    if let Some(a) = w.agent.as_mut() {
+        a.cycles_succeeded_last_hour = 10; // of 12 due
+    }
+    w.step();
+    assert_eq!(w.state.health_reason, "Healthy");
+    if let Some(a) = w.agent.as_mut() {
+        a.cycles_succeeded_last_hour = 9;
+    }
+    w.step();
+    assert_eq!(w.state.health_reason, "CyclesMissed");
+}
+
+#[test]
+fn at_most_one_status_write_per_cycle() {
+    let mut w = World::protected();
+    let mut writes = 0;
+    for _ in 0..20 {
+        // A cycle report, then the echo of the operator's own write, then a timer.
+        w.advance(INTERVAL);
+        w.cycle();
+        for _ in 0..3 {
+            if w.step().changed {
+                writes += 1;
+            }
+        }
+    }
+    assert_eq!(writes, 20);
+    // The agent is silent: the RPO alone is rewritten once per interval, not every reconcile.
+    let mut writes = 0;
+    for _ in 0..12 {
+        w.now += INTERVAL / 2;
+        if w.step().changed {
+            writes += 1;
+        }
+    }
+    assert!(writes <= 7, "{writes} writes in 6 intervals");
+}
+
+#[test]
+fn disabling_withdraws_an_unclaimed_job_and_waits_for_a_running_one() {
+    let mut w = World::new();
+    w.step();
+    w.spec.protect = false;
+    let d = w.step();
+    assert_eq!(d.delete_job.as_deref(), Some("web-enable-1"));
+    assert!(
+        d.create_job.is_none(),
+        "nothing ran on the node: nothing to disable"
+    );
+    assert_eq!(w.phase(), Phase::Disabled);
+    // Protection wanted again.
+    w.spec.protect = true;
+    assert_eq!(
+        w.step().create_job.map(|j| j.name),
+        Some("web-enable-2".into())
+    );
+
+    let mut w = World::protected();
+    w.spec.requests.resync = Some("r".into());
+    w.step();
+    w.claim();
+    w.spec.deleting = true;
+    let d = w.step();
+    assert!(d.create_job.is_none() && d.delete_job.is_none());
+    assert_eq!(w.condition("Protected").1, "WaitingForJob");
+    assert_eq!(d.requeue_after, Duration::from_secs(30));
+    w.end(Ok(()));
+    assert_eq!(
+        w.step().create_job.map(|j| j.kind),
+        Some(JobKind::DisableProtection)
+    );
+    w.run_current_job();
+    assert!(!w.finalizer);
+
+    // A VM deleted before anything was created lets go at once.
+    let mut w = World::new();
+    w.policy = None;
+    w.step();
+    w.spec.deleting = true;
+    assert!(w.step().release_finalizer);
+}
+
+#[test]
+fn initial_replication_waits_for_its_start_time_and_a_usable_policy() {
+    let mut w = World::new();
+    let start = w.now + Duration::from_secs(7200);
+    if let Some(p) = w.policy.as_mut() {
+        p.initial_replication_start = Some(start);
+    }
+    let d = w.step();
+    assert!(d.create_job.is_none());
+    assert_eq!(w.condition("Protected").1, "WaitingForStartTime");
+    assert_eq!(d.requeue_after, MAX_REQUEUE);
+    w.now = start;
+    assert!(w.step().create_job.is_some());
+
+    let mut w = World::new();
+    if let Some(p) = w.policy.as_mut() {
+        p.blocking_problem = Some("spec.resync.window: unknown time zone".into());
+    }
+    assert!(w.step().create_job.is_none());
+    assert_eq!(w.condition("Protected").1, "PolicyNotReady");
+}
+
+#[test]
+fn a_job_deleted_under_the_operator_is_a_recoverable_failure() {
+    let mut w = World::new();
+    w.step();
+    w.jobs.clear();
+    let d = w.step();
+    assert_eq!(
+        w.state.last_error.as_ref().map(|e| e.reason.as_str()),
+        Some("JobDeleted")
+    );
+    assert_eq!(d.requeue_after, INTERVAL + MIN);
+}
+
+#[test]
+fn job_names_are_short_enough_and_distinct() {
+    assert_eq!(
+        job_name("web", JobKind::TestFailover, 3),
+        "web-testfailover-3"
+    );
+    let long = "v".repeat(253);
+    let a = job_name(&long, JobKind::DisableProtection, 12);
+    assert!(a.len() <= 253, "{}", a.len());
+    assert_ne!(
+        a,
+        job_name(
+            &format!("{}w", "v".repeat(252)),
+            JobKind::DisableProtection,
+            12
+        )
+    );
+}
+
+// ---- properties over random life cycles ----
+
+#[derive(Clone, Debug)]
+enum Act {
+    Wait(u64),
+    Claim,
+    Succeed,
+    Fail(bool),
+    Cycle,
+    Silence(u64),
+    TrackingLost,
+    AskResync,
+    AskTestFailover,
+    AskCleanup,
+    AskFailover,
+    AskCommit,
+    AskRetry,
+    Toggle,
+    Delete,
+}
+
+fn act() -> impl Strategy<Value = Act> {
+    prop_oneof![
+        (1u64..4000).prop_map(Act::Wait),
+        Just(Act::Claim),
+        Just(Act::Succeed),
+        Just(Act::Succeed),
+        any::<bool>().prop_map(Act::Fail),
+        Just(Act::Cycle),
+        (1u64..4000).prop_map(Act::Silence),
+        Just(Act::TrackingLost),
+        Just(Act::AskResync),
+        Just(Act::AskTestFailover),
+        Just(Act::AskCleanup),
+        Just(Act::AskFailover),
+        Just(Act::AskCommit),
+        Just(Act::AskRetry),
+        Just(Act::Toggle),
+        Just(Act::Delete),
+    ]
+}
+
+fn apply(w: &mut World, act: &Act, tokens: &mut u32) {
+    let active = w
+        .state
+        .job
+        .as_ref()
+        .filter(|j| !j.state.is_finished())
+        .map(|j| j.name.clone())
+        .filter(|n| w.jobs.contains_key(n));
+    let mut token = || {
+        *tokens += 1;
+        format!("t{tokens}")
+    };
+    match act {
+        Act::Wait(s) => w.advance(Duration::from_secs(*s)),
+        Act::Silence(s) => w.now += Duration::from_secs(*s),
+        Act::Claim => {
+            if let Some(job) = active.and_then(|n| w.jobs.get_mut(&n))
+                && job.state == JobState::Pending
+            {
+                job.state = JobState::Running;
+                job.start_time = Some(w.now);
+            }
+        }
+        Act::Succeed if active.is_some() => w.end(Ok(())),
+        Act::Fail(recoverable) if active.is_some() => {
+            let class = if *recoverable {
+                ErrorClass::Recoverable
+            } else {
+                ErrorClass::NonRecoverable
+            };
+            w.end(Err(error(class, "Boom")));
+        }
+        Act::Succeed | Act::Fail(_) => {}
+        Act::Cycle => {
+            if w.state.phase == Phase::Protected {
+                w.cycle();
+            }
+        }
+        Act::TrackingLost => {
+            let now = w.now;
+            if let Some(a) = w.agent.as_mut() {
+                a.tracking_lost = Some((ResyncReason::TrackingLost, now));
+                a.report_time = Some(now);
+            }
+        }
+        Act::AskResync => w.spec.requests.resync = Some(token()),
+        Act::AskTestFailover => {
+            w.spec.requests.test_failover = Some(TestFailoverAsk {
+                token: token(),
+                point: PointChoice::Latest,
+            });
+        }
+        Act::AskCleanup => w.spec.requests.cleanup_test_failover = Some(token()),
+        Act::AskFailover => {
+            w.spec.requests.failover = Some(FailoverAsk {
+                token: token(),
+                kind: FailoverKind::Unplanned,
+                point: PointChoice::Latest,
+            });
+        }
+        Act::AskCommit => w.spec.requests.commit = Some(token()),
+        Act::AskRetry => w.spec.requests.retry = Some(token()),
+        Act::Toggle => {
+            w.spec.protect = !w.spec.protect;
+            w.spec.generation += 1;
+        }
+        Act::Delete => w.spec.deleting = true,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Whatever happens: one job at a time (checked in `step`), requeues within bounds, no
+    /// retry before its time, tokens echoed only once asked, decisions idempotent.
+    #[test]
+    fn random_life_cycles_keep_the_guarantees(acts in prop::collection::vec(act(), 1..60)) {
+        let mut w = World::new();
+        let mut tokens = 0;
+        let mut asked: Vec<String> = Vec::new();
+        w.step();
+        for act in &acts {
+            apply(&mut w, act, &mut tokens);
+            let r = &w.spec.requests;
+            asked.extend(
+                [r.resync.clone(), r.test_failover.as_ref().map(|a| a.token.clone()),
+                 r.cleanup_test_failover.clone(), r.failover.as_ref().map(|a| a.token.clone()),
+                 r.commit.clone(), r.retry.clone()].into_iter().flatten());
+            let before = w.state.clone();
+            let d = w.step();
+            prop_assert!(d.requeue_after >= MIN_REQUEUE && d.requeue_after <= MAX_REQUEUE);
+            if let Some(job) = &d.create_job {
+                // A retry comes no sooner than the failed attempt's retry time, unless asked.
+                if let Some(previous) = before.job.as_ref().filter(|p| p.kind == job.kind && job.attempt > 1)
+                    && let Some(e) = &previous.error
+                    && before.handled.retry == w.state.handled.retry
+                    && before.observed_generation == Some(w.spec.generation)
+                {
+                    prop_assert_eq!(e.class, ErrorClass::Recoverable);
+                    prop_assert!(e.next_retry_time.is_none_or(|t| t <= w.now), "{:?} retried early", job);
+                }
+            }
+            let h = &w.state.handled;
+            for token in [&h.resync, &h.test_failover, &h.cleanup_test_failover, &h.failover, &h.commit, &h.retry].into_iter().flatten() {
+                prop_assert!(asked.contains(token), "{} echoed but never asked", token);
+            }
+            // Idempotence: the same facts at the same time decide nothing new.
+            let again = w.decide();
+            prop_assert!(again.create_job.is_none(), "{:?}", again.create_job);
+            prop_assert!(!again.changed, "{:?}\n{:?}", w.state, again.state);
+            prop_assert!(again.notices.is_empty(), "{:?}", again.notices);
+        }
+        // With a cooperative agent, a deleted VM lets go of its finalizer.
+        w.spec.deleting = true;
+        for n in 0..12 {
+            w.advance(Duration::from_secs(3600));
+            // An administrator, after a non-recoverable failure.
+            w.spec.requests.retry = Some(format!("admin-{n}"));
+            w.step();
+            if w.state.job.as_ref().is_some_and(|j| !j.state.is_finished()) && !w.active_jobs().is_empty() {
+                w.end(Ok(()));
+            }
+        }
+        w.step();
+        prop_assert!(!w.finalizer, "stuck in {:?} with {:?}", w.state.phase, w.state.job);
+    }
+}
