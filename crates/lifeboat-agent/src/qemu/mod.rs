@@ -487,7 +487,11 @@ impl Inner {
             .await
         {
             Ok(_) => {}
-            Err(e) if e.is_missing_node() || e.desc().contains("No active block job") => {}
+            // NB: QEMU 10 answers DeviceNotActive "Block job 'x' not found".
+            Err(e)
+                if e.is_missing_node()
+                    || e.desc().contains("not found")
+                    || e.desc().contains("No active block job") => {}
             Err(e) => {
                 return Err(e.into_backend(&self.vm, &format!("block-job-cancel {id}"), None));
             }

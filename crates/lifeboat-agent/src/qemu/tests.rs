@@ -607,6 +607,71 @@ async fn a_crashed_agents_leftovers_are_swept_and_nothing_is_lost() {
 }
 
 #[tokio::test]
+async fn a_failed_open_rolls_back_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(tmp.path(), &[("disk0", 16 * MIB), ("disk1", 8 * MIB)]);
+    let disks = qsd.disk_refs();
+    let leftovers = |hv: &QemuHypervisor| {
+        let hv = hv.inner.clone();
+        async move {
+            let nodes = hv.nodes().await.unwrap();
+            let fleece = nodes
+                .iter()
+                .filter(|n| n.name.starts_with(FLEECE_NODE_PREFIX))
+                .count();
+            let jobs = hv.qmp("query-block-jobs", Value::Null, None).await.unwrap();
+            let exports = hv
+                .qmp("query-block-exports", Value::Null, None)
+                .await
+                .unwrap();
+            (
+                fleece,
+                jobs.as_array().unwrap().len(),
+                exports.as_array().unwrap().len(),
+            )
+        }
+    };
+    {
+        // Before QEMU is touched: the overlay cannot be created.
+        let hv = qsd.hypervisor_with(QemuOptions {
+            qemu_img: "false".into(),
+            ..QemuOptions::default()
+        });
+        hv.start_tracking(&disks).await.unwrap();
+        qsd.guest("disk0", &["write -P 0x41 1M 64k"]).await;
+        let err = hv.open_view(&disks, 1, Quiesce::None).await.unwrap_err();
+        assert!(err.to_string().contains("fleece overlay"), "{err}");
+        assert_eq!(leftovers(&hv).await, (0, 0, 2));
+        assert_eq!(
+            bitmaps(&hv, "disk0").await,
+            vec![("lifeboat-0".into(), true)]
+        );
+    }
+    {
+        // After the cut: the view's NBD server cannot be reached.
+        let bogus = tmp.path().join("bogus.sock");
+        let hv = qsd.hypervisor_with(QemuOptions {
+            nbd_server_socket: Some(bogus),
+            ..QemuOptions::default()
+        });
+        let err = hv.open_view(&disks, 2, Quiesce::None).await.unwrap_err();
+        assert!(err.to_string().contains("bogus.sock"), "{err}");
+        assert_eq!(leftovers(&hv).await, (0, 0, 2));
+        for node in ["disk0", "disk1"] {
+            assert_eq!(bitmaps(&hv, node).await, vec![("lifeboat-2".into(), true)]);
+        }
+        assert!(!hv.inner.fleece_path("lbf-2-0").exists());
+    }
+    let hv = qsd.hypervisor();
+    let view = open(&hv, &disks, 3).await;
+    assert_eq!(
+        view.changed_extents("vol-disk0").await.unwrap(),
+        vec![range(MIB, 64 * KIB)]
+    );
+    view.close(CloseView::Commit).await.unwrap();
+}
+
+#[tokio::test]
 async fn without_a_configured_server_the_backend_runs_its_own() {
     let tmp = tempfile::tempdir().unwrap();
     let qsd = Qsd::start_with(tmp.path(), &[("disk0", 8 * MIB)], false);

@@ -11,6 +11,7 @@
 //! ```
 
 use super::nbd::{self, NbdClient, NbdError};
+use super::qmp::GuestAgent;
 use super::{DIRTY_BITMAP_CONTEXT_PREFIX, Inner, Resolved, bitmap_name, merge_and_remove};
 use crate::backend::{BackendError, CloseView, DiskInfo, Quiesce, View};
 use async_trait::async_trait;
@@ -158,7 +159,7 @@ impl QemuView {
                 "data": { "device": p.node, "target": p.fleece_node, "sync": "none", "job-id": p.job } }));
         }
         let agent = match (quiesce, &inner.guest_agent) {
-            (Quiesce::Application, Some(agent)) => Some(agent),
+            (Quiesce::Application, Some(agent)) => Some(agent.clone()),
             (Quiesce::Application, None) => {
                 tracing::info!(vm = %inner.vm, cycle = self.cycle,
                     "no guest agent socket configured: the view is crash-consistent");
@@ -166,47 +167,18 @@ impl QemuView {
             }
             (Quiesce::None, _) => None,
         };
-        if let Some(agent) = agent {
-            match agent.execute("guest-fsfreeze-freeze", Value::Null).await {
-                Ok(n) => {
-                    tracing::debug!(vm = %inner.vm, frozen = %n, "guest file systems frozen");
-                    self.quiesced = Quiesce::Application;
-                }
-                Err(e) => tracing::warn!(vm = %inner.vm, cycle = self.cycle, error = %e,
-                    "the guest could not be frozen: the view is crash-consistent"),
-            }
+        // NB: freeze, cut and thaw run in a task of their own, so that a caller who gives up
+        // (a timeout, a cancelled cycle) cannot leave the guest frozen or the cut half-known.
+        let task = tokio::spawn(cut(Arc::clone(&inner), actions, agent));
+        let outcome = task
+            .await
+            .map_err(|e| inner.permanent("cut the view", format!("the cut task failed: {e}")))?;
+        self.cut = outcome.cut.is_ok();
+        if outcome.quiesced {
+            self.quiesced = Quiesce::Application;
         }
-        let cut = inner
-            .qmp("transaction", json!({ "actions": actions }), None)
-            .await;
-        self.cut = cut.is_ok();
-        // NB: thaw whatever happened to the freeze and the transaction: a guest left frozen
-        // hangs the VM.
-        if let Some(agent) = agent {
-            let mut thawed = Err(None);
-            for _ in 0..3 {
-                match agent.execute("guest-fsfreeze-thaw", Value::Null).await {
-                    Ok(_) => {
-                        thawed = Ok(());
-                        break;
-                    }
-                    Err(e) => thawed = Err(Some(e)),
-                }
-            }
-            if let Err(Some(e)) = thawed {
-                tracing::error!(vm = %inner.vm, socket = %agent.socket().display(), error = %e,
-                    "thawing the guest failed: its file systems may still be frozen");
-                cut?;
-                return Err(inner.permanent(
-                    "guest-fsfreeze-thaw",
-                    format!(
-                        "guest agent {}: {e}; the guest may still be frozen",
-                        agent.socket().display()
-                    ),
-                ));
-            }
-        }
-        cut?;
+        outcome.cut?;
+        outcome.thaw?;
 
         let (socket, started) = inner.ensure_nbd_server().await?;
         self.nbd_socket = Some(socket);
@@ -460,6 +432,65 @@ impl Drop for QemuView {
                 "a view was dropped without close: the next tracking() or open_view() cleans up and keeps its changes");
             self.inner.set_open_cycle(None);
         }
+    }
+}
+
+/// What [`cut`] did.
+struct CutOutcome {
+    /// Whether the guest's file systems were frozen for the transaction.
+    quiesced: bool,
+    /// The transaction's result.
+    cut: Result<(), BackendError>,
+    /// The thaw's result (Ok when there was nothing to thaw).
+    thaw: Result<(), BackendError>,
+}
+
+/// Freeze the guest (with an agent), run the cut transaction, thaw (whatever happened).
+async fn cut(inner: Arc<Inner>, actions: Vec<Value>, agent: Option<GuestAgent>) -> CutOutcome {
+    let mut quiesced = false;
+    if let Some(agent) = &agent {
+        match agent.execute("guest-fsfreeze-freeze", Value::Null).await {
+            Ok(n) => {
+                tracing::debug!(vm = %inner.vm, frozen = %n, "guest file systems frozen");
+                quiesced = true;
+            }
+            Err(e) => tracing::warn!(vm = %inner.vm, error = %e,
+                "the guest could not be frozen: the view is crash-consistent"),
+        }
+    }
+    let cut = inner
+        .qmp("transaction", json!({ "actions": actions }), None)
+        .await
+        .map(|_| ());
+    let mut thaw = Ok(());
+    // NB: thaw even when the freeze reported failure: it may have frozen some file systems.
+    if let Some(agent) = &agent {
+        let mut last = None;
+        for _ in 0..3 {
+            match agent.execute("guest-fsfreeze-thaw", Value::Null).await {
+                Ok(_) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            tracing::error!(vm = %inner.vm, socket = %agent.socket().display(), error = %e,
+                "thawing the guest failed: its file systems may still be frozen");
+            thaw = Err(inner.permanent(
+                "guest-fsfreeze-thaw",
+                format!(
+                    "guest agent {}: {e}; the guest may still be frozen",
+                    agent.socket().display()
+                ),
+            ));
+        }
+    }
+    CutOutcome {
+        quiesced,
+        cut,
+        thaw,
     }
 }
 
