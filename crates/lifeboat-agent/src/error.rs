@@ -92,7 +92,10 @@ impl AgentError {
             Self::WriteLog { .. } | Self::State { .. } => true,
             // A corrupt log is handled by a resync, which is retried as such.
             Self::CorruptLog { .. } => true,
-            Self::BlockMap { .. } | Self::CorruptState { .. } | Self::NotReady { .. } | Self::DigestMismatch { .. } => false,
+            Self::BlockMap { .. }
+            | Self::CorruptState { .. }
+            | Self::NotReady { .. }
+            | Self::DigestMismatch { .. } => false,
         }
     }
 
@@ -111,8 +114,15 @@ impl AgentError {
         }
     }
 
-    pub(crate) fn state(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> AgentError {
+    pub(crate) fn state(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> AgentError {
         let path = path.into();
-        move |source| AgentError::State { action, path, source }
+        move |source| AgentError::State {
+            action,
+            path,
+            source,
+        }
     }
 }

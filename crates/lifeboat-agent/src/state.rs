@@ -110,7 +110,10 @@ impl AgentState {
     pub fn load(dir: &Path) -> Result<AgentState, AgentError> {
         let path = Self::path(dir);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::CorruptState { path, detail: e.to_string() }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::CorruptState {
+                path,
+                detail: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
             Err(e) => Err(AgentError::state("read agent state", path)(e)),
         }
@@ -123,13 +126,20 @@ impl AgentState {
     /// The I/O error, naming the file.
     pub fn save(&self, dir: &Path) -> Result<(), AgentError> {
         let path = Self::path(dir);
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| AgentError::CorruptState { path: path.clone(), detail: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| AgentError::CorruptState {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
         write_atomic(&path, &bytes)
     }
 
     /// Bytes of logs written and not yet shipped.
     pub fn pending_log_bytes(&self) -> u64 {
-        self.pending.iter().flat_map(|c| c.logs.iter()).map(|l| l.size_bytes).sum()
+        self.pending
+            .iter()
+            .flat_map(|c| c.logs.iter())
+            .map(|l| l.size_bytes)
+            .sum()
     }
 }
 
@@ -139,10 +149,13 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> 
     std::fs::create_dir_all(dir).map_err(AgentError::state("create folder", dir))?;
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp).map_err(AgentError::state("create", &tmp))?;
-    file.write_all(bytes).map_err(AgentError::state("write", &tmp))?;
+    file.write_all(bytes)
+        .map_err(AgentError::state("write", &tmp))?;
     file.sync_all().map_err(AgentError::state("sync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(AgentError::state("replace", path))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(AgentError::state("sync folder", dir))
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(AgentError::state("sync folder", dir))
 }
 
 #[cfg(test)]
@@ -152,23 +165,36 @@ mod tests {
     #[test]
     fn state_round_trips_and_a_corrupt_file_is_reported() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(AgentState::load(dir.path()).ok(), Some(AgentState::default()));
+        assert_eq!(
+            AgentState::load(dir.path()).ok(),
+            Some(AgentState::default())
+        );
         let state = AgentState {
-            phase: EnginePhase::ResyncRequired { reason: "TrackingLost".into() },
+            phase: EnginePhase::ResyncRequired {
+                reason: "TrackingLost".into(),
+            },
             last_cycle: 7,
             pending: vec![PendingCycle {
                 cycle: 7,
                 time_unix_ms: 1,
                 app_consistent: false,
-                logs: vec![PendingLog { disk: "root".into(), path: "/x".into(), size_bytes: 4096 }],
+                logs: vec![PendingLog {
+                    disk: "root".into(),
+                    path: "/x".into(),
+                    size_bytes: 4096,
+                }],
             }],
             ..AgentState::default()
         };
         state.save(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(AgentState::load(dir.path()).ok(), Some(state.clone()));
         assert_eq!(state.pending_log_bytes(), 4096);
-        std::fs::write(AgentState::path(dir.path()), b"{not json").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(AgentState::path(dir.path()), b"{not json")
+            .unwrap_or_else(|e| panic!("{e}"));
         let error = AgentState::load(dir.path()).err();
-        assert!(matches!(error, Some(AgentError::CorruptState { .. })), "{error:?}");
+        assert!(
+            matches!(error, Some(AgentError::CorruptState { .. })),
+            "{error:?}"
+        );
     }
 }

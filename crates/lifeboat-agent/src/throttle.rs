@@ -32,7 +32,13 @@ impl Throttle {
     }
 
     fn starting_at(limit_bytes_per_second: Option<u64>, now: Instant) -> Throttle {
-        Throttle { inner: Mutex::new(Bucket { limit_bytes_per_second, available: 0.0, updated: now }) }
+        Throttle {
+            inner: Mutex::new(Bucket {
+                limit_bytes_per_second,
+                available: 0.0,
+                updated: now,
+            }),
+        }
     }
 
     /// A throttle at `mbps` megabits per second (None: unlimited).
@@ -50,13 +56,19 @@ impl Throttle {
     /// at most one second of bytes, so a burst after a quiet spell stays bounded.
     fn reserve(&self, bytes: u64, now: Instant) -> Duration {
         let mut bucket = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(rate) = bucket.limit_bytes_per_second.filter(|r| *r > 0) else { return Duration::ZERO };
+        let Some(rate) = bucket.limit_bytes_per_second.filter(|r| *r > 0) else {
+            return Duration::ZERO;
+        };
         let rate = rate as f64;
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.available = (bucket.available + elapsed * rate).min(rate);
         bucket.updated = now;
         bucket.available -= bytes as f64;
-        if bucket.available >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-bucket.available / rate) }
+        if bucket.available >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-bucket.available / rate)
+        }
     }
 
     /// Wait until `bytes` may be sent.
@@ -80,7 +92,10 @@ mod tests {
         assert_eq!(throttle.reserve(500, t0), Duration::from_millis(500));
         assert_eq!(throttle.reserve(500, t0), Duration::from_secs(1));
         // Two seconds later the debt is paid and the bucket refilled (capped at one second).
-        assert_eq!(throttle.reserve(1_000, t0 + Duration::from_secs(3)), Duration::ZERO);
+        assert_eq!(
+            throttle.reserve(1_000, t0 + Duration::from_secs(3)),
+            Duration::ZERO
+        );
         throttle.set_limit(None);
         assert_eq!(throttle.reserve(u64::MAX, t0), Duration::ZERO);
         assert_eq!(Throttle::from_mbps(Some(8)).reserve(0, t0), Duration::ZERO);

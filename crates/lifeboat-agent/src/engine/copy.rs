@@ -33,13 +33,18 @@ impl Replicator {
     /// Hypervisor and store failures; the cursor keeps what was done.
     pub async fn initial_copy(&mut self, progress: ProgressSink<'_>) -> Result<Report, AgentError> {
         if self.state.phase != EnginePhase::Enabled {
-            return Err(AgentError::NotReady { what: format!("VM {} is not waiting for its initial copy", self.vm) });
+            return Err(AgentError::NotReady {
+                what: format!("VM {} is not waiting for its initial copy", self.vm),
+            });
         }
         let started = Instant::now();
         let cycle = self.next_cycle();
         let resume = self.state.copy.clone();
         self.save()?;
-        let view = self.hypervisor.open_view(&self.disks, cycle, Quiesce::None).await?;
+        let view = self
+            .hypervisor
+            .open_view(&self.disks, cycle, Quiesce::None)
+            .await?;
         let result = self.copy_from(view.as_ref(), resume, progress).await;
         match result {
             Ok(mut report) => {
@@ -59,40 +64,80 @@ impl Replicator {
         }
     }
 
-    async fn copy_from(&mut self, view: &dyn View, resume: Option<CopyCursor>, progress: ProgressSink<'_>) -> Result<Report, AgentError> {
+    async fn copy_from(
+        &mut self,
+        view: &dyn View,
+        resume: Option<CopyCursor>,
+        progress: ProgressSink<'_>,
+    ) -> Result<Report, AgentError> {
         let block = u64::from(self.settings.block_size_bytes);
         let chunk = (COPY_CHUNK_BYTES / block).max(1) * block;
-        let mut uploader = Uploader::new(self.store.clone(), self.vm.clone(), self.throttle.clone(), self.settings.upload_concurrency);
+        let mut uploader = Uploader::new(
+            self.store.clone(),
+            self.vm.clone(),
+            self.throttle.clone(),
+            self.settings.upload_concurrency,
+        );
         let mut report = Report::default();
         let disks = view.disks().to_vec();
         let start = resume.clone().unwrap_or_default();
         for (index, info) in disks.iter().enumerate().skip(start.disk_index) {
             let disk = info.name.as_str();
-            let map_error = |source| AgentError::BlockMap { disk: disk.to_owned(), source };
+            let map_error = |source| AgentError::BlockMap {
+                disk: disk.to_owned(),
+                source,
+            };
             let resumed = resume.is_some();
             let mut map = if resumed {
-                maps::load_trusted(self.store.as_ref(), &self.vm, disk, info.size_bytes, self.settings.block_size_bytes, &[TAG_COPY])
-                    .await?
+                maps::load_trusted(
+                    self.store.as_ref(),
+                    &self.vm,
+                    disk,
+                    info.size_bytes,
+                    self.settings.block_size_bytes,
+                    &[TAG_COPY],
+                )
+                .await?
             } else {
                 None
             };
-            let mut from = if index == start.disk_index { start.offset } else { 0 };
+            let mut from = if index == start.disk_index {
+                start.offset
+            } else {
+                0
+            };
             if map.is_none() {
                 // Without the map of what was copied, start this disk over.
                 from = 0;
             }
             let mut map = match map.take() {
                 Some(map) => map,
-                None => BlockMap::new_zeroed(HashAlgorithm::default(), self.settings.block_size_bytes, info.size_bytes).map_err(map_error)?,
+                None => BlockMap::new_zeroed(
+                    HashAlgorithm::default(),
+                    self.settings.block_size_bytes,
+                    info.size_bytes,
+                )
+                .map_err(map_error)?,
             };
             if resumed && from > 0 {
                 // Bring what an earlier view copied up to this view.
                 let changed = maps::align(&view.changed_extents(disk).await?, block, from);
                 for range in changed {
-                    self.copy_range(view, disk, range, chunk, true, &mut map, &mut uploader, &mut report).await?;
+                    self.copy_range(
+                        view,
+                        disk,
+                        range,
+                        chunk,
+                        true,
+                        &mut map,
+                        &mut uploader,
+                        &mut report,
+                    )
+                    .await?;
                 }
             }
-            let allocated = maps::align(&view.allocated_extents(disk).await?, block, info.size_bytes);
+            let allocated =
+                maps::align(&view.allocated_extents(disk).await?, block, info.size_bytes);
             let disk_started = Instant::now();
             let mut last_checkpoint = from;
             // A resumed copy may find stale data past its cursor: it rewrites every range,
@@ -103,7 +148,17 @@ impl Replicator {
                 if resumed && next < range.start {
                     uploader.zero(disk, next, range.start - next).await?;
                 }
-                self.copy_range(view, disk, range.clone(), chunk, resumed, &mut map, &mut uploader, &mut report).await?;
+                self.copy_range(
+                    view,
+                    disk,
+                    range.clone(),
+                    chunk,
+                    resumed,
+                    &mut map,
+                    &mut uploader,
+                    &mut report,
+                )
+                .await?;
                 next = range.end;
                 let position = range.end;
                 progress(&Progress {
@@ -115,8 +170,14 @@ impl Replicator {
                 });
                 if position - last_checkpoint >= CHECKPOINT_BYTES {
                     uploader.finish().await?;
-                    self.store.put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map)).await?;
-                    self.state.copy = Some(CopyCursor { cycle: view.cycle(), disk_index: index, offset: position });
+                    self.store
+                        .put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map))
+                        .await?;
+                    self.state.copy = Some(CopyCursor {
+                        cycle: view.cycle(),
+                        disk_index: index,
+                        offset: position,
+                    });
                     self.save()?;
                     last_checkpoint = position;
                 }
@@ -125,8 +186,14 @@ impl Replicator {
                 uploader.zero(disk, next, info.size_bytes - next).await?;
             }
             uploader.finish().await?;
-            self.store.put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map)).await?;
-            self.state.copy = Some(CopyCursor { cycle: view.cycle(), disk_index: index + 1, offset: 0 });
+            self.store
+                .put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map))
+                .await?;
+            self.state.copy = Some(CopyCursor {
+                cycle: view.cycle(),
+                disk_index: index + 1,
+                offset: 0,
+            });
             self.save()?;
             progress(&Progress {
                 operation: "InitialReplication",
@@ -162,7 +229,11 @@ impl Replicator {
             let len = chunk.min(range.end - offset);
             let data = view.read(disk, offset, len).await?;
             report.bytes_read += len;
-            map.update_range(offset, &data).map_err(|source| AgentError::BlockMap { disk: disk.to_owned(), source })?;
+            map.update_range(offset, &data)
+                .map_err(|source| AgentError::BlockMap {
+                    disk: disk.to_owned(),
+                    source,
+                })?;
             if !is_zero(&data) {
                 uploader.write(disk, offset, data).await?;
             } else if rewrite {

@@ -40,9 +40,15 @@ impl Replicator {
         match &self.state.phase {
             EnginePhase::Copied | EnginePhase::Protected => {}
             EnginePhase::ResyncRequired { reason } => {
-                return Err(AgentError::NotReady { what: format!("VM {} needs a resync first ({reason})", self.vm) });
+                return Err(AgentError::NotReady {
+                    what: format!("VM {} needs a resync first ({reason})", self.vm),
+                });
             }
-            other => return Err(AgentError::NotReady { what: format!("VM {} cannot replicate while {other:?}", self.vm) }),
+            other => {
+                return Err(AgentError::NotReady {
+                    what: format!("VM {} cannot replicate while {other:?}", self.vm),
+                });
+            }
         }
         let started = Instant::now();
         let mut report = Report::default();
@@ -56,18 +62,37 @@ impl Replicator {
         }
 
         let time_unix_ms = unix_ms(now);
-        let quiesce = match (self.settings.app_consistent_every, self.state.last_app_consistent_unix_ms) {
-            (Some(every), Some(last)) if time_unix_ms.saturating_sub(last) >= every.as_millis() as u64 => Quiesce::Application,
+        let quiesce = match (
+            self.settings.app_consistent_every,
+            self.state.last_app_consistent_unix_ms,
+        ) {
+            (Some(every), Some(last))
+                if time_unix_ms.saturating_sub(last) >= every.as_millis() as u64 =>
+            {
+                Quiesce::Application
+            }
             (Some(_), None) => Quiesce::Application,
             _ => Quiesce::None,
         };
         let cycle = self.next_cycle();
         self.save()?;
-        let view = self.hypervisor.open_view(&self.disks, cycle, quiesce).await?;
+        let view = self
+            .hypervisor
+            .open_view(&self.disks, cycle, quiesce)
+            .await?;
         let mut written = Vec::new();
         let mut failure = None;
         for info in view.disks().to_vec() {
-            match logs::write_log(&self.dir, view.as_ref(), &info.name, info.size_bytes, self.settings.block_size_bytes, time_unix_ms).await {
+            match logs::write_log(
+                &self.dir,
+                view.as_ref(),
+                &info.name,
+                info.size_bytes,
+                self.settings.block_size_bytes,
+                time_unix_ms,
+            )
+            .await
+            {
                 Ok((log, bytes)) => {
                     report.bytes_read += bytes;
                     written.push(log);
@@ -81,22 +106,44 @@ impl Replicator {
         if let Some(e) = failure {
             logs::delete_files(&written)?;
             if let Err(close) = view.close(CloseView::Abandon).await {
-                report.warnings.push(format!("closing the view of cycle {cycle}: {close}"));
+                report
+                    .warnings
+                    .push(format!("closing the view of cycle {cycle}: {close}"));
             }
             return Err(e);
         }
         let app_consistent = view.quiesced() == Quiesce::Application;
-        self.state.pending.push(PendingCycle { cycle, time_unix_ms, app_consistent, logs: written });
+        let sizes: Vec<(String, u64)> = view
+            .disks()
+            .iter()
+            .map(|d| (d.name.clone(), d.size_bytes))
+            .collect();
+        self.state.pending.push(PendingCycle {
+            cycle,
+            time_unix_ms,
+            app_consistent,
+            logs: written,
+        });
         self.save()?;
         if let Err(close) = view.close(CloseView::Commit).await {
             // NB: the logs are recorded; a view left open is cleaned up by the next
             // open_view, which folds its changes back: they are shipped twice, harmlessly.
-            report.warnings.push(format!("closing the view of cycle {cycle}: {close}"));
+            report
+                .warnings
+                .push(format!("closing the view of cycle {cycle}: {close}"));
         }
 
         let threshold = ResyncThreshold::new(self.settings.log_threshold_percent);
-        for info in &self.store_disks().await? {
-            let pending = self.state.pending.iter().flat_map(|c| c.logs.iter()).filter(|l| l.disk == info.0).map(|l| l.size_bytes);
+        // NB: the sizes come from the view, not the store: the check must work while the
+        // store is unreachable, which is when logs pile up.
+        for info in &sizes {
+            let pending = self
+                .state
+                .pending
+                .iter()
+                .flat_map(|c| c.logs.iter())
+                .filter(|l| l.disk == info.0)
+                .map(|l| l.size_bytes);
             if threshold.is_reached_by_logs(pending, info.1) {
                 logs::delete_pending(&mut self.state)?;
                 return self.resync_needed(
@@ -117,15 +164,11 @@ impl Replicator {
         Ok(report)
     }
 
-    /// The replica disks and their sizes, from the manifest.
-    async fn store_disks(&self) -> Result<Vec<(String, u64)>, AgentError> {
-        let manifest = self.store.manifest(&self.vm).await?;
-        Ok(manifest.map(|m| m.disks.into_iter().map(|d| (d.name, d.size_bytes)).collect()).unwrap_or_default())
-    }
-
     fn resync_needed(&mut self, mut report: Report, reason: &str) -> Result<Report, AgentError> {
         tracing::warn!(vm = %self.vm, reason, "resync required");
-        self.set_phase(EnginePhase::ResyncRequired { reason: reason.to_owned() })?;
+        self.set_phase(EnginePhase::ResyncRequired {
+            reason: reason.to_owned(),
+        })?;
         report.resync_required = Some(reason.to_owned());
         Ok(report)
     }
@@ -134,7 +177,10 @@ impl Replicator {
     /// when the stored one cannot be trusted.
     pub(super) async fn current_maps(&self) -> Result<BTreeMap<String, BlockMap>, AgentError> {
         let manifest = self.store.manifest(&self.vm).await?;
-        let latest = manifest.as_ref().and_then(|m| m.latest()).map(|p| p.id.clone());
+        let latest = manifest
+            .as_ref()
+            .and_then(|m| m.latest())
+            .map(|p| p.id.clone());
         let mut trusted: Vec<&str> = Vec::new();
         if let Some(id) = &latest {
             trusted.push(id);
@@ -145,13 +191,31 @@ impl Replicator {
             trusted.push(TAG_RESYNC);
         }
         let mut out = BTreeMap::new();
-        for (disk, size) in manifest.map(|m| m.disks.into_iter().map(|d| (d.name, d.size_bytes)).collect::<Vec<_>>()).unwrap_or_default() {
+        for (disk, size) in manifest
+            .map(|m| {
+                m.disks
+                    .into_iter()
+                    .map(|d| (d.name, d.size_bytes))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+        {
             let block = self.settings.block_size_bytes;
-            let map = match maps::load_trusted(self.store.as_ref(), &self.vm, &disk, size, block, &trusted).await? {
+            let map = match maps::load_trusted(
+                self.store.as_ref(),
+                &self.vm,
+                &disk,
+                size,
+                block,
+                &trusted,
+            )
+            .await?
+            {
                 Some(map) => map,
                 None => {
                     tracing::info!(vm = %self.vm, disk, "the stored block map does not describe the replica: re-hashing it");
-                    maps::hash_replica(self.store.as_ref(), &self.vm, &disk, &At::Live, size, block).await?
+                    maps::hash_replica(self.store.as_ref(), &self.vm, &disk, &At::Live, size, block)
+                        .await?
                 }
             };
             out.insert(disk, map);
@@ -168,11 +232,18 @@ impl Replicator {
         while let Some(cycle) = self.state.pending.first().cloned() {
             self.state.applying = true;
             self.save()?;
-            let mut uploader = Uploader::new(self.store.clone(), self.vm.clone(), self.throttle.clone(), self.settings.upload_concurrency);
+            let mut uploader = Uploader::new(
+                self.store.clone(),
+                self.vm.clone(),
+                self.throttle.clone(),
+                self.settings.upload_concurrency,
+            );
             let mut applied = Ok(());
             for log in &cycle.logs {
                 let Some(map) = maps.get_mut(&log.disk) else {
-                    applied = Err(AgentError::NotReady { what: format!("disk {:?} has no replica in the store", log.disk) });
+                    applied = Err(AgentError::NotReady {
+                        what: format!("disk {:?} has no replica in the store", log.disk),
+                    });
                     break;
                 };
                 if let Err(e) = logs::apply_log(log, map, &mut uploader).await {
@@ -185,17 +256,38 @@ impl Replicator {
             finished?;
             report.bytes_sent += uploader.bytes_sent;
             self.store.flush(&self.vm).await?;
-            let consistency = if cycle.app_consistent { Consistency::AppConsistent } else { Consistency::CrashConsistent };
-            let digests = maps.iter().map(|(disk, map)| (disk.clone(), maps::digest(map))).collect();
+            let consistency = if cycle.app_consistent {
+                Consistency::AppConsistent
+            } else {
+                Consistency::CrashConsistent
+            };
+            let digests = maps
+                .iter()
+                .map(|(disk, map)| (disk.clone(), maps::digest(map)))
+                .collect();
             let point = self
                 .store
-                .cut_point(&self.vm, NewPoint { time_unix_ms: cycle.time_unix_ms, cycle: cycle.cycle, consistency, digests })
+                .cut_point(
+                    &self.vm,
+                    NewPoint {
+                        time_unix_ms: cycle.time_unix_ms,
+                        cycle: cycle.cycle,
+                        consistency,
+                        digests,
+                    },
+                )
                 .await?;
             for (disk, map) in &maps {
-                self.store.put_block_map(&self.vm, disk, maps::encode(&point.id, map)).await?;
+                self.store
+                    .put_block_map(&self.vm, disk, maps::encode(&point.id, map))
+                    .await?;
             }
             let now_ms = unix_ms(SystemTime::now()).max(cycle.time_unix_ms);
-            report.pruned.extend(self.store.prune(&self.vm, self.settings.retention.as_millis() as u64, now_ms).await?);
+            report.pruned.extend(
+                self.store
+                    .prune(&self.vm, self.settings.retention.as_millis() as u64, now_ms)
+                    .await?,
+            );
             self.state.pending.remove(0);
             self.state.applying = false;
             if cycle.app_consistent {

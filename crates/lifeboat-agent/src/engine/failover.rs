@@ -62,7 +62,9 @@ impl Replicator {
     async fn choose_point(&self, choice: &PointChoice) -> Result<RecoveryPoint, AgentError> {
         let manifest = self.store.manifest(&self.vm).await?;
         let Some(manifest) = manifest else {
-            return Err(AgentError::NotReady { what: format!("VM {} has no replica yet", self.vm) });
+            return Err(AgentError::NotReady {
+                what: format!("VM {} has no replica yet", self.vm),
+            });
         };
         let point = match choice {
             PointChoice::Latest => manifest.latest(),
@@ -70,7 +72,11 @@ impl Replicator {
             PointChoice::Named(id) => manifest.point(id),
         };
         point.cloned().ok_or_else(|| AgentError::NotReady {
-            what: format!("VM {} has no recovery point matching {choice:?} (it has {})", self.vm, manifest.points.len()),
+            what: format!(
+                "VM {} has no recovery point matching {choice:?} (it has {})",
+                self.vm,
+                manifest.points.len()
+            ),
         })
     }
 
@@ -80,7 +86,13 @@ impl Replicator {
     /// # Errors
     ///
     /// No such point, store failures, or [`AgentError::DigestMismatch`].
-    pub async fn materialise(&self, choice: &PointChoice, dir: &Path, label: &str, progress: ProgressSink<'_>) -> Result<FailoverReport, AgentError> {
+    pub async fn materialise(
+        &self,
+        choice: &PointChoice,
+        dir: &Path,
+        label: &str,
+        progress: ProgressSink<'_>,
+    ) -> Result<FailoverReport, AgentError> {
         let point = self.choose_point(choice).await?;
         std::fs::create_dir_all(dir).map_err(AgentError::state("create failover folder", dir))?;
         let mut disks = Vec::new();
@@ -90,7 +102,11 @@ impl Replicator {
             match self.materialise_disk(&point, pd, &path, progress).await {
                 Ok(read) => {
                     bytes_read += read;
-                    disks.push(MaterialisedDisk { name: pd.name.clone(), path, size_bytes: pd.size_bytes });
+                    disks.push(MaterialisedDisk {
+                        name: pd.name.clone(),
+                        path,
+                        size_bytes: pd.size_bytes,
+                    });
                 }
                 Err(e) => {
                     for disk in disks.iter().map(|d| &d.path).chain(std::iter::once(&path)) {
@@ -100,32 +116,57 @@ impl Replicator {
                 }
             }
         }
-        Ok(FailoverReport { point, disks, bytes_read })
+        Ok(FailoverReport {
+            point,
+            disks,
+            bytes_read,
+        })
     }
 
-    async fn materialise_disk(&self, point: &RecoveryPoint, pd: &lifeboat_store::PointDisk, path: &Path, progress: ProgressSink<'_>) -> Result<u64, AgentError> {
-        let map_error = |source| AgentError::BlockMap { disk: pd.name.clone(), source };
-        let algorithm = algorithm_named(&pd.digest.algorithm).ok_or_else(|| AgentError::DigestMismatch {
+    async fn materialise_disk(
+        &self,
+        point: &RecoveryPoint,
+        pd: &lifeboat_store::PointDisk,
+        path: &Path,
+        progress: ProgressSink<'_>,
+    ) -> Result<u64, AgentError> {
+        let map_error = |source| AgentError::BlockMap {
             disk: pd.name.clone(),
-            point: point.id.clone(),
-            detail: format!("unknown digest algorithm {:?}", pd.digest.algorithm),
-        })?;
+            source,
+        };
+        let algorithm =
+            algorithm_named(&pd.digest.algorithm).ok_or_else(|| AgentError::DigestMismatch {
+                disk: pd.name.clone(),
+                point: point.id.clone(),
+                detail: format!("unknown digest algorithm {:?}", pd.digest.algorithm),
+            })?;
         let block = u64::from(pd.digest.block_size_bytes);
-        let mut map = BlockMap::new_zeroed(algorithm, pd.digest.block_size_bytes, pd.size_bytes).map_err(map_error)?;
-        let mut file = std::fs::File::create(path).map_err(AgentError::state("create failover disk", path))?;
-        file.set_len(pd.size_bytes).map_err(AgentError::state("size failover disk", path))?;
+        let mut map = BlockMap::new_zeroed(algorithm, pd.digest.block_size_bytes, pd.size_bytes)
+            .map_err(map_error)?;
+        let mut file =
+            std::fs::File::create(path).map_err(AgentError::state("create failover disk", path))?;
+        file.set_len(pd.size_bytes)
+            .map_err(AgentError::state("size failover disk", path))?;
         let at = At::Point(point.id.clone());
         let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
         let started = Instant::now();
         let mut read = 0;
-        for range in maps::align(&self.store.data_ranges(&self.vm, &pd.name, &at).await?, block, pd.size_bytes) {
+        for range in maps::align(
+            &self.store.data_ranges(&self.vm, &pd.name, &at).await?,
+            block,
+            pd.size_bytes,
+        ) {
             let mut offset = range.start;
             while offset < range.end {
                 let len = chunk.min(range.end - offset);
-                let data = self.store.read(&self.vm, &pd.name, &at, offset, len).await?;
+                let data = self
+                    .store
+                    .read(&self.vm, &pd.name, &at, offset, len)
+                    .await?;
                 map.update_range(offset, &data).map_err(map_error)?;
                 if !is_zero(&data) {
-                    file.write_all_at(&data, offset).map_err(AgentError::state("write failover disk", path))?;
+                    file.write_all_at(&data, offset)
+                        .map_err(AgentError::state("write failover disk", path))?;
                 }
                 read += len;
                 offset += len;
@@ -138,14 +179,19 @@ impl Replicator {
                 throughput_bytes_per_second: throughput(read, started),
             });
         }
-        file.flush().map_err(AgentError::state("flush failover disk", path))?;
-        file.sync_all().map_err(AgentError::state("sync failover disk", path))?;
+        file.flush()
+            .map_err(AgentError::state("flush failover disk", path))?;
+        file.sync_all()
+            .map_err(AgentError::state("sync failover disk", path))?;
         let got = maps::digest(&map);
         if got != pd.digest {
             return Err(AgentError::DigestMismatch {
                 disk: pd.name.clone(),
                 point: point.id.clone(),
-                detail: format!("the manifest says {}, the replica reads as {}", pd.digest.fingerprint, got.fingerprint),
+                detail: format!(
+                    "the manifest says {}, the replica reads as {}",
+                    pd.digest.fingerprint, got.fingerprint
+                ),
             });
         }
         Ok(read)
@@ -156,11 +202,18 @@ impl Replicator {
     /// # Errors
     ///
     /// A file that exists and cannot be removed.
-    pub fn remove_materialised(&self, dir: &Path, label: &str, disks: &[String]) -> Result<(), AgentError> {
+    pub fn remove_materialised(
+        &self,
+        dir: &Path,
+        label: &str,
+        disks: &[String],
+    ) -> Result<(), AgentError> {
         for disk in disks {
             let path = disk_image_path(dir, self.vm.name(), label, disk);
             match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(AgentError::state("remove failover disk", path)(e)),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(AgentError::state("remove failover disk", path)(e));
+                }
                 _ => {}
             }
         }
@@ -175,11 +228,23 @@ impl Replicator {
     ///
     /// The final cycle's, the store's or the verification's failure; the VM stays protected
     /// if the failover did not happen.
-    pub async fn failover(&mut self, planned: bool, choice: &PointChoice, dir: &Path, now: SystemTime, progress: ProgressSink<'_>) -> Result<FailoverReport, AgentError> {
+    pub async fn failover(
+        &mut self,
+        planned: bool,
+        choice: &PointChoice,
+        dir: &Path,
+        now: SystemTime,
+        progress: ProgressSink<'_>,
+    ) -> Result<FailoverReport, AgentError> {
         let choice = if planned {
             let report = self.run_cycle(now).await?;
             if let Some(reason) = report.resync_required {
-                return Err(AgentError::NotReady { what: format!("a planned failover of VM {} needs a resync first: {reason}", self.vm) });
+                return Err(AgentError::NotReady {
+                    what: format!(
+                        "a planned failover of VM {} needs a resync first: {reason}",
+                        self.vm
+                    ),
+                });
             }
             PointChoice::Latest
         } else {
@@ -190,7 +255,9 @@ impl Replicator {
             self.hypervisor.stop_tracking(&self.disks).await?;
         }
         super::logs::delete_pending(&mut self.state)?;
-        self.set_phase(EnginePhase::FailedOver { point: report.point.id.clone() })?;
+        self.set_phase(EnginePhase::FailedOver {
+            point: report.point.id.clone(),
+        })?;
         Ok(report)
     }
 
@@ -201,10 +268,20 @@ impl Replicator {
     /// Not failed over, or store failures.
     pub async fn commit(&mut self) -> Result<Vec<String>, AgentError> {
         let EnginePhase::FailedOver { point } = self.state.phase.clone() else {
-            return Err(AgentError::NotReady { what: format!("VM {} has not failed over", self.vm) });
+            return Err(AgentError::NotReady {
+                what: format!("VM {} has not failed over", self.vm),
+            });
         };
         let manifest = self.store.manifest(&self.vm).await?;
-        let others: Vec<String> = manifest.map(|m| m.points.into_iter().map(|p| p.id).filter(|id| *id != point).collect()).unwrap_or_default();
+        let others: Vec<String> = manifest
+            .map(|m| {
+                m.points
+                    .into_iter()
+                    .map(|p| p.id)
+                    .filter(|id| *id != point)
+                    .collect()
+            })
+            .unwrap_or_default();
         for id in &others {
             self.store.delete_point(&self.vm, id).await?;
         }

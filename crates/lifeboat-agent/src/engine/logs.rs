@@ -49,14 +49,25 @@ pub(super) async fn write_log(
     time_unix_ms: u64,
 ) -> Result<(PendingLog, u64), AgentError> {
     let path = log_path(dir, disk, view.cycle());
-    let folder = path.parent().map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
+    let folder = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.to_path_buf());
     std::fs::create_dir_all(&folder).map_err(AgentError::state("create log folder", &folder))?;
     let file = File::create(&path).map_err(AgentError::state("create change log", &path))?;
     let t = hrl_time(time_unix_ms);
-    let log_error = |source| AgentError::WriteLog { path: path.clone(), source };
+    let log_error = |source| AgentError::WriteLog {
+        path: path.clone(),
+        source,
+    };
     let id = uuid::Uuid::new_v4();
-    let mut writer = HrlWriter::create(BufWriter::new(file), &WriterOptions::new(id, t)).map_err(log_error)?;
-    let extents = align(&view.changed_extents(disk).await?, u64::from(block_size_bytes), size_bytes);
+    let mut writer =
+        HrlWriter::create(BufWriter::new(file), &WriterOptions::new(id, t)).map_err(log_error)?;
+    let extents = align(
+        &view.changed_extents(disk).await?,
+        u64::from(block_size_bytes),
+        size_bytes,
+    );
     let block = u64::from(block_size_bytes);
     // Whole blocks per entry, so that applying can update the block map from the entry.
     let piece = (LOG_WRITE_BYTES / block).max(1) * block;
@@ -73,21 +84,47 @@ pub(super) async fn write_log(
         writer.commit(t).map_err(log_error)?;
     }
     let sealed = writer.seal(t).map_err(log_error)?;
-    let file = sealed.sink.into_inner().map_err(|e| AgentError::state("flush change log", &path)(e.into_error()))?;
-    file.sync_all().map_err(AgentError::state("sync change log", &path))?;
-    File::open(&folder).and_then(|d| d.sync_all()).map_err(AgentError::state("sync log folder", &folder))?;
-    let size_bytes = file.metadata().map_err(AgentError::state("stat change log", &path))?.len();
-    Ok((PendingLog { disk: disk.to_owned(), path, size_bytes }, bytes_read))
+    let file = sealed
+        .sink
+        .into_inner()
+        .map_err(|e| AgentError::state("flush change log", &path)(e.into_error()))?;
+    file.sync_all()
+        .map_err(AgentError::state("sync change log", &path))?;
+    File::open(&folder)
+        .and_then(|d| d.sync_all())
+        .map_err(AgentError::state("sync log folder", &folder))?;
+    let size_bytes = file
+        .metadata()
+        .map_err(AgentError::state("stat change log", &path))?
+        .len();
+    Ok((
+        PendingLog {
+            disk: disk.to_owned(),
+            path,
+            size_bytes,
+        },
+        bytes_read,
+    ))
 }
 
 /// Apply a sealed log to the replica disk and to its block map. Every entry's checksums are
 /// verified before its data is sent.
-pub(super) async fn apply_log(log: &PendingLog, map: &mut BlockMap, uploader: &mut Uploader) -> Result<u64, AgentError> {
+pub(super) async fn apply_log(
+    log: &PendingLog,
+    map: &mut BlockMap,
+    uploader: &mut Uploader,
+) -> Result<u64, AgentError> {
     let path = log.path.clone();
-    let corrupt = |source| AgentError::CorruptLog { path: path.clone(), source };
+    let corrupt = |source| AgentError::CorruptLog {
+        path: path.clone(),
+        source,
+    };
     let file = File::open(&log.path).map_err(AgentError::state("open change log", &log.path))?;
-    let options = ReadOptions { data_checksums: lifeboat_hrl::DataChecksumPolicy::VerifyAll };
-    let mut reader = HrlReader::open_with(std::io::BufReader::new(file), options).map_err(corrupt)?;
+    let options = ReadOptions {
+        data_checksums: lifeboat_hrl::DataChecksumPolicy::VerifyAll,
+    };
+    let mut reader =
+        HrlReader::open_with(std::io::BufReader::new(file), options).map_err(corrupt)?;
     if reader.recovery().is_some() {
         // NB: our logs are sealed before they are recorded; an unsealed one was damaged.
         return Err(AgentError::CorruptLog {
@@ -102,9 +139,14 @@ pub(super) async fn apply_log(log: &PendingLog, map: &mut BlockMap, uploader: &m
     for write in reader.writes() {
         let write = write.map_err(corrupt)?;
         map.update_range(write.disk_offset, &write.data)
-            .map_err(|source| AgentError::BlockMap { disk: log.disk.clone(), source })?;
+            .map_err(|source| AgentError::BlockMap {
+                disk: log.disk.clone(),
+                source,
+            })?;
         bytes += write.data.len() as u64;
-        uploader.write(&log.disk, write.disk_offset, Bytes::from(write.data)).await?;
+        uploader
+            .write(&log.disk, write.disk_offset, Bytes::from(write.data))
+            .await?;
     }
     Ok(bytes)
 }
@@ -112,14 +154,23 @@ pub(super) async fn apply_log(log: &PendingLog, map: &mut BlockMap, uploader: &m
 /// Remove log files that no pending cycle names (a crash between sealing a log and
 /// recording its cycle): the hypervisor still tracks their changes.
 pub(super) fn remove_unrecorded(dir: &Path, state: &AgentState) -> Result<(), AgentError> {
-    let Ok(disks) = std::fs::read_dir(logs_dir(dir)) else { return Ok(()) };
+    let Ok(disks) = std::fs::read_dir(logs_dir(dir)) else {
+        return Ok(());
+    };
     for disk in disks.flatten() {
-        let Ok(files) = std::fs::read_dir(disk.path()) else { continue };
+        let Ok(files) = std::fs::read_dir(disk.path()) else {
+            continue;
+        };
         for file in files.flatten() {
             let path = file.path();
-            let recorded = state.pending.iter().flat_map(|c| c.logs.iter()).any(|l| l.path == path);
+            let recorded = state
+                .pending
+                .iter()
+                .flat_map(|c| c.logs.iter())
+                .any(|l| l.path == path);
             if !recorded {
-                std::fs::remove_file(&path).map_err(AgentError::state("remove unrecorded change log", &path))?;
+                std::fs::remove_file(&path)
+                    .map_err(AgentError::state("remove unrecorded change log", &path))?;
             }
         }
     }

@@ -48,9 +48,12 @@ pub(super) async fn load_trusted(
     block_size_bytes: u32,
     trusted: &[&str],
 ) -> Result<Option<BlockMap>, AgentError> {
-    let Some(bytes) = store.block_map(vm, disk).await? else { return Ok(None) };
+    let Some(bytes) = store.block_map(vm, disk).await? else {
+        return Ok(None);
+    };
     Ok(decode(&bytes).and_then(|(tag, map)| {
-        let fits = map.image_size_bytes() == size_bytes && map.block_size_bytes() == block_size_bytes;
+        let fits =
+            map.image_size_bytes() == size_bytes && map.block_size_bytes() == block_size_bytes;
         (fits && trusted.contains(&tag.as_str())).then_some(map)
     }))
 }
@@ -65,8 +68,12 @@ pub(super) async fn hash_replica(
     size_bytes: u64,
     block_size_bytes: u32,
 ) -> Result<BlockMap, AgentError> {
-    let map_error = |source| AgentError::BlockMap { disk: disk.to_owned(), source };
-    let mut map = BlockMap::new_zeroed(HashAlgorithm::default(), block_size_bytes, size_bytes).map_err(map_error)?;
+    let map_error = |source| AgentError::BlockMap {
+        disk: disk.to_owned(),
+        source,
+    };
+    let mut map = BlockMap::new_zeroed(HashAlgorithm::default(), block_size_bytes, size_bytes)
+        .map_err(map_error)?;
     let block = u64::from(block_size_bytes);
     let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
     for range in align(&store.data_ranges(vm, disk, at).await?, block, size_bytes) {
@@ -92,7 +99,11 @@ pub(super) fn digest(map: &BlockMap) -> DiskDigest {
 
 /// Ranges widened to whole blocks (the last one may end at the disk's short end), clipped to
 /// `size_bytes`, sorted and merged.
-pub(super) fn align(ranges: &[std::ops::Range<u64>], block: u64, size_bytes: u64) -> Vec<std::ops::Range<u64>> {
+pub(super) fn align(
+    ranges: &[std::ops::Range<u64>],
+    block: u64,
+    size_bytes: u64,
+) -> Vec<std::ops::Range<u64>> {
     let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
     let mut sorted: Vec<_> = ranges.to_vec();
     sorted.sort_by_key(|r| r.start);
@@ -116,17 +127,31 @@ mod tests {
 
     #[test]
     fn tagged_maps_round_trip_and_junk_is_not_a_map() {
-        let map = BlockMap::new_zeroed(HashAlgorithm::default(), 65536, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let map = BlockMap::new_zeroed(HashAlgorithm::default(), 65536, 1 << 20)
+            .unwrap_or_else(|e| panic!("{e}"));
         let bytes = encode("20261128T000000.000Z-c1", &map);
-        assert_eq!(decode(&bytes), Some(("20261128T000000.000Z-c1".to_owned(), map.clone())));
+        assert_eq!(
+            decode(&bytes),
+            Some(("20261128T000000.000Z-c1".to_owned(), map.clone()))
+        );
         assert_eq!(decode(b"LBMT\xff\xff"), None);
-        assert_eq!(decode(&map.encode()), None, "an untagged map is not trusted");
+        assert_eq!(
+            decode(&map.encode()),
+            None,
+            "an untagged map is not trusted"
+        );
     }
 
     #[test]
     fn ranges_widen_to_blocks_and_merge() {
-        assert_eq!(align(&[5..10, 4000..4200, 70..80], 4096, 1 << 20), vec![0..8192]);
-        assert_eq!(align(&[0..1, 10_000..10_001], 4096, 10_240), [0..4096, 8192..10_240]);
+        assert_eq!(
+            align(&[5..10, 4000..4200, 70..80], 4096, 1 << 20),
+            vec![0..8192]
+        );
+        assert_eq!(
+            align(&[0..1, 10_000..10_001], 4096, 10_240),
+            [0..4096, 8192..10_240]
+        );
         assert_eq!(align(&[], 4096, 100), Vec::<std::ops::Range<u64>>::new());
     }
 }

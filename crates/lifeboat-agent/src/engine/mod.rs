@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lifeboat_store::{ReplicaStore, RecoveryPoint, VmKey};
+use lifeboat_store::{RecoveryPoint, ReplicaStore, VmKey};
 
 use crate::backend::{DiskInfo, DiskRef, Hypervisor};
 use crate::error::AgentError;
@@ -128,7 +128,9 @@ pub struct Replicator {
 
 /// Milliseconds since the Unix epoch of `time`.
 pub fn unix_ms(time: std::time::SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Replicator {
@@ -147,10 +149,19 @@ impl Replicator {
         store: Arc<dyn ReplicaStore>,
         settings: Settings,
     ) -> Result<Replicator, AgentError> {
-        std::fs::create_dir_all(&dir).map_err(AgentError::state("create agent state folder", &dir))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(AgentError::state("create agent state folder", &dir))?;
         let state = AgentState::load(&dir)?;
-        let engine =
-            Replicator { vm, disks, dir, hypervisor, store, settings, throttle: Arc::new(Throttle::default()), state };
+        let engine = Replicator {
+            vm,
+            disks,
+            dir,
+            hypervisor,
+            store,
+            settings,
+            throttle: Arc::new(Throttle::default()),
+            state,
+        };
         logs::remove_unrecorded(&engine.dir, &engine.state)?;
         if engine.state.applying {
             // NB: a crash while applying a cycle leaves the live replica between two points;
@@ -213,13 +224,17 @@ impl Replicator {
     /// The first prerequisite that fails, naming what is wrong.
     pub async fn enable(&mut self) -> Result<Vec<DiskInfo>, AgentError> {
         if self.disks.is_empty() {
-            return Err(AgentError::NotReady { what: format!("VM {} has no disk to protect", self.vm) });
+            return Err(AgentError::NotReady {
+                what: format!("VM {} has no disk to protect", self.vm),
+            });
         }
         let infos = self.hypervisor.inspect(&self.disks).await?;
         self.store.check_writable().await?;
         check_log_space(&self.dir, &infos)?;
         for info in &infos {
-            self.store.create_disk(&self.vm, &info.name, info.size_bytes).await?;
+            self.store
+                .create_disk(&self.vm, &info.name, info.size_bytes)
+                .await?;
         }
         self.hypervisor.start_tracking(&self.disks).await?;
         if self.state.phase == EnginePhase::New || self.state.phase == EnginePhase::Disabled {
@@ -239,7 +254,11 @@ impl Replicator {
         if delete_replica {
             self.store.delete_vm(&self.vm).await?;
         }
-        self.state = AgentState { phase: EnginePhase::Disabled, last_cycle: self.state.last_cycle, ..AgentState::default() };
+        self.state = AgentState {
+            phase: EnginePhase::Disabled,
+            last_cycle: self.state.last_cycle,
+            ..AgentState::default()
+        };
         self.save()
     }
 
@@ -249,7 +268,9 @@ impl Replicator {
     ///
     /// The state file cannot be saved.
     pub fn require_resync(&mut self, reason: &str) -> Result<(), AgentError> {
-        self.set_phase(EnginePhase::ResyncRequired { reason: reason.to_owned() })
+        self.set_phase(EnginePhase::ResyncRequired {
+            reason: reason.to_owned(),
+        })
     }
 }
 
@@ -257,7 +278,8 @@ impl Replicator {
 /// resync threshold could ever need for one cycle: 1 GiB or 5 % of the disks, whichever is
 /// smaller.
 fn check_log_space(dir: &Path, disks: &[DiskInfo]) -> Result<(), AgentError> {
-    let stat = rustix::fs::statvfs(dir).map_err(|e| AgentError::state("measure free space of", dir)(e.into()))?;
+    let stat = rustix::fs::statvfs(dir)
+        .map_err(|e| AgentError::state("measure free space of", dir)(e.into()))?;
     let free = stat.f_bavail.saturating_mul(stat.f_frsize);
     let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
     let needed = (total / 20).min(1 << 30);
@@ -267,7 +289,9 @@ fn check_log_space(dir: &Path, disks: &[DiskInfo]) -> Result<(), AgentError> {
             path: dir.to_path_buf(),
             source: std::io::Error::new(
                 std::io::ErrorKind::StorageFull,
-                format!("{free} bytes free, {needed} needed for the logs of {total} bytes of disks"),
+                format!(
+                    "{free} bytes free, {needed} needed for the logs of {total} bytes of disks"
+                ),
             ),
         });
     }
@@ -277,5 +301,9 @@ fn check_log_space(dir: &Path, disks: &[DiskInfo]) -> Result<(), AgentError> {
 /// Throughput of `bytes` over the time since `started`.
 fn throughput(bytes: u64, started: Instant) -> u64 {
     let secs = started.elapsed().as_secs_f64();
-    if secs > 0.0 { (bytes as f64 / secs) as u64 } else { 0 }
+    if secs > 0.0 {
+        (bytes as f64 / secs) as u64
+    } else {
+        0
+    }
 }

@@ -41,10 +41,18 @@ impl Replicator {
     /// # Errors
     ///
     /// Hypervisor and store failures; the saved target map keeps what was done.
-    pub async fn resync(&mut self, now: SystemTime, progress: ProgressSink<'_>) -> Result<Report, AgentError> {
+    pub async fn resync(
+        &mut self,
+        now: SystemTime,
+        progress: ProgressSink<'_>,
+    ) -> Result<Report, AgentError> {
         match &self.state.phase {
             EnginePhase::Copied | EnginePhase::Protected | EnginePhase::ResyncRequired { .. } => {}
-            other => return Err(AgentError::NotReady { what: format!("VM {} cannot resynchronize while {other:?}", self.vm) }),
+            other => {
+                return Err(AgentError::NotReady {
+                    what: format!("VM {} cannot resynchronize while {other:?}", self.vm),
+                });
+            }
         }
         let started = Instant::now();
         // Pending logs are superseded: the resync brings everything they hold.
@@ -55,8 +63,14 @@ impl Replicator {
         let cycle = self.next_cycle();
         self.state.resync_cycle = Some(cycle);
         self.save()?;
-        let view = self.hypervisor.open_view(&self.disks, cycle, Quiesce::None).await?;
-        match self.resync_from(view.as_ref(), maps_before, resuming, unix_ms(now), progress).await {
+        let view = self
+            .hypervisor
+            .open_view(&self.disks, cycle, Quiesce::None)
+            .await?;
+        match self
+            .resync_from(view.as_ref(), maps_before, resuming, unix_ms(now), progress)
+            .await
+        {
             Ok(mut report) => {
                 view.close(CloseView::Commit).await?;
                 report.duration = started.elapsed();
@@ -82,10 +96,18 @@ impl Replicator {
         let block = u64::from(self.settings.block_size_bytes);
         let chunk = (READ_CHUNK_BYTES / block).max(1) * block;
         let mut report = Report::default();
-        let mut uploader = Uploader::new(self.store.clone(), self.vm.clone(), self.throttle.clone(), self.settings.upload_concurrency);
+        let mut uploader = Uploader::new(
+            self.store.clone(),
+            self.vm.clone(),
+            self.throttle.clone(),
+            self.settings.upload_concurrency,
+        );
         for info in view.disks().to_vec() {
             let disk = info.name.as_str();
-            let map_error = |source| AgentError::BlockMap { disk: disk.to_owned(), source };
+            let map_error = |source| AgentError::BlockMap {
+                disk: disk.to_owned(),
+                source,
+            };
             let disk_started = Instant::now();
             let report_progress = |done: u64| {
                 progress(&Progress {
@@ -99,12 +121,27 @@ impl Replicator {
             let mut target = match targets.remove(disk) {
                 Some(map) if map.image_size_bytes() == info.size_bytes => map,
                 _ => {
-                    self.store.resize_disk(&self.vm, disk, info.size_bytes).await?;
-                    maps::hash_replica(self.store.as_ref(), &self.vm, disk, &lifeboat_store::At::Live, info.size_bytes, self.settings.block_size_bytes).await?
+                    self.store
+                        .resize_disk(&self.vm, disk, info.size_bytes)
+                        .await?;
+                    maps::hash_replica(
+                        self.store.as_ref(),
+                        &self.vm,
+                        disk,
+                        &lifeboat_store::At::Live,
+                        info.size_bytes,
+                        self.settings.block_size_bytes,
+                    )
+                    .await?
                 }
             };
             // Source map: read and hash what the view holds; unallocated space is zeros.
-            let mut source = BlockMap::new_zeroed(HashAlgorithm::default(), self.settings.block_size_bytes, info.size_bytes).map_err(map_error)?;
+            let mut source = BlockMap::new_zeroed(
+                HashAlgorithm::default(),
+                self.settings.block_size_bytes,
+                info.size_bytes,
+            )
+            .map_err(map_error)?;
             let mut hashed = 0;
             for range in maps::align(&view.allocated_extents(disk).await?, block, info.size_bytes) {
                 let mut offset = range.start;
@@ -121,10 +158,25 @@ impl Replicator {
             if resuming {
                 // NB: the range in flight when an earlier attempt stopped may hold writes
                 // the saved map does not know: send it again, whatever the map says.
-                if let Some((_, start, end)) = self.state.resync_intent.clone().filter(|(d, _, _)| d == disk) {
+                if let Some((_, start, end)) = self
+                    .state
+                    .resync_intent
+                    .clone()
+                    .filter(|(d, _, _)| d == disk)
+                {
                     let end = end.min(info.size_bytes);
                     if start < end {
-                        self.copy_range(view, disk, start..end, chunk, true, &mut target, &mut uploader, &mut report).await?;
+                        self.copy_range(
+                            view,
+                            disk,
+                            start..end,
+                            chunk,
+                            true,
+                            &mut target,
+                            &mut uploader,
+                            &mut report,
+                        )
+                        .await?;
                     }
                 }
             }
@@ -137,8 +189,12 @@ impl Replicator {
                     // Checkpoint: what is in flight lands, the map is saved, and the next
                     // window of the disk is declared before anything in it is written.
                     uploader.finish().await?;
-                    self.store.put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target)).await?;
-                    intent_end = end.max(start.saturating_add(CHECKPOINT_BYTES)).min(info.size_bytes);
+                    self.store
+                        .put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target))
+                        .await?;
+                    intent_end = end
+                        .max(start.saturating_add(CHECKPOINT_BYTES))
+                        .min(info.size_bytes);
                     self.state.resync_intent = Some((disk.to_owned(), start, intent_end));
                     self.save()?;
                 }
@@ -156,14 +212,18 @@ impl Replicator {
                     }
                     RangeOp::Zero => {
                         uploader.zero(disk, start, end - start).await?;
-                        target.update_range(start, &vec![0u8; (end - start) as usize]).map_err(map_error)?;
+                        target
+                            .update_range(start, &vec![0u8; (end - start) as usize])
+                            .map_err(map_error)?;
                     }
                 }
                 done += end - start;
                 report_progress(info.size_bytes + done.min(info.size_bytes));
             }
             uploader.finish().await?;
-            self.store.put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target)).await?;
+            self.store
+                .put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target))
+                .await?;
             self.state.resync_intent = None;
             self.save()?;
             report_progress(info.size_bytes * 2);
@@ -172,15 +232,35 @@ impl Replicator {
         report.bytes_sent = uploader.bytes_sent;
         report.bytes_zeroed = uploader.bytes_zeroed;
         self.store.flush(&self.vm).await?;
-        let digests = targets.iter().map(|(disk, map)| (disk.clone(), maps::digest(map))).collect();
+        let digests = targets
+            .iter()
+            .map(|(disk, map)| (disk.clone(), maps::digest(map)))
+            .collect();
         let point = self
             .store
-            .cut_point(&self.vm, NewPoint { time_unix_ms, cycle: view.cycle(), consistency: Consistency::CrashConsistent, digests })
+            .cut_point(
+                &self.vm,
+                NewPoint {
+                    time_unix_ms,
+                    cycle: view.cycle(),
+                    consistency: Consistency::CrashConsistent,
+                    digests,
+                },
+            )
             .await?;
         for (disk, map) in &targets {
-            self.store.put_block_map(&self.vm, disk, maps::encode(&point.id, map)).await?;
+            self.store
+                .put_block_map(&self.vm, disk, maps::encode(&point.id, map))
+                .await?;
         }
-        report.pruned = self.store.prune(&self.vm, self.settings.retention.as_millis() as u64, time_unix_ms).await?;
+        report.pruned = self
+            .store
+            .prune(
+                &self.vm,
+                self.settings.retention.as_millis() as u64,
+                time_unix_ms,
+            )
+            .await?;
         report.point = Some(point);
         self.state.resync_cycle = None;
         self.state.phase = EnginePhase::Protected;

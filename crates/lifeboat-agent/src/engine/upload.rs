@@ -23,7 +23,12 @@ pub(super) struct Uploader {
 }
 
 impl Uploader {
-    pub(super) fn new(store: Arc<dyn ReplicaStore>, vm: VmKey, throttle: Arc<Throttle>, concurrency: usize) -> Uploader {
+    pub(super) fn new(
+        store: Arc<dyn ReplicaStore>,
+        vm: VmKey,
+        throttle: Arc<Throttle>,
+        concurrency: usize,
+    ) -> Uploader {
         Uploader {
             store,
             vm,
@@ -43,15 +48,32 @@ impl Uploader {
     }
 
     /// Queue a write of `data` at `offset` (page-aligned), split into Put Page sized pieces.
-    pub(super) async fn write(&mut self, disk: &str, offset: u64, data: Bytes) -> Result<(), AgentError> {
+    pub(super) async fn write(
+        &mut self,
+        disk: &str,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), AgentError> {
         let mut at = 0usize;
         while at < data.len() {
             let piece = data.slice(at..data.len().min(at + MAX_WRITE_BYTES as usize));
             self.reap()?;
-            let permit = self.slots.clone().acquire_owned().await.map_err(|e| AgentError::NotReady { what: e.to_string() })?;
+            let permit =
+                self.slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| AgentError::NotReady {
+                        what: e.to_string(),
+                    })?;
             self.throttle.take(piece.len() as u64).await;
             self.bytes_sent += piece.len() as u64;
-            let (store, vm, disk, piece_offset) = (self.store.clone(), self.vm.clone(), disk.to_owned(), offset + at as u64);
+            let (store, vm, disk, piece_offset) = (
+                self.store.clone(),
+                self.vm.clone(),
+                disk.to_owned(),
+                offset + at as u64,
+            );
             at += piece.len();
             self.tasks.spawn(async move {
                 let result = store.write(&vm, &disk, piece_offset, piece).await;
@@ -63,9 +85,21 @@ impl Uploader {
     }
 
     /// Queue making `len` bytes at `offset` read as zeros (no data sent).
-    pub(super) async fn zero(&mut self, disk: &str, offset: u64, len: u64) -> Result<(), AgentError> {
+    pub(super) async fn zero(
+        &mut self,
+        disk: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), AgentError> {
         self.reap()?;
-        let permit = self.slots.clone().acquire_owned().await.map_err(|e| AgentError::NotReady { what: e.to_string() })?;
+        let permit =
+            self.slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| AgentError::NotReady {
+                    what: e.to_string(),
+                })?;
         self.bytes_zeroed += len;
         let (store, vm, disk) = (self.store.clone(), self.vm.clone(), disk.to_owned());
         self.tasks.spawn(async move {
@@ -93,6 +127,8 @@ impl Uploader {
 fn flatten(done: Result<Result<(), StoreError>, tokio::task::JoinError>) -> Result<(), AgentError> {
     match done {
         Ok(result) => result.map_err(AgentError::from),
-        Err(e) => Err(AgentError::NotReady { what: format!("a store request ended abnormally: {e}") }),
+        Err(e) => Err(AgentError::NotReady {
+            what: format!("a store request ended abnormally: {e}"),
+        }),
     }
 }
