@@ -11,9 +11,13 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod jobs;
 pub mod qemu;
 pub mod state;
 pub mod throttle;
+pub mod worker;
 
 pub use engine::{Progress, Replicator, Report, Settings};
 pub use error::AgentError;
+pub use jobs::{JobDirs, JobResult, run_job};
+pub use worker::{VmFacts, Worker};

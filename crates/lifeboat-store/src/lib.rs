@@ -33,6 +33,8 @@ pub mod manifest;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use error::StoreError;
 pub use manifest::{Consistency, DiskDigest, Manifest, ManifestDisk, PointDisk, RecoveryPoint};

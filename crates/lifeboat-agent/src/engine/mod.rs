@@ -181,6 +181,21 @@ impl Replicator {
         &self.state
     }
 
+    /// The names of the protected disks.
+    pub fn disk_names(&self) -> Vec<String> {
+        self.disks.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The replica store.
+    pub fn store(&self) -> &Arc<dyn ReplicaStore> {
+        &self.store
+    }
+
     /// The VM's state folder.
     pub fn dir(&self) -> &Path {
         &self.dir
