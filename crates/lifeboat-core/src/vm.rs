@@ -353,6 +353,8 @@ pub struct VmDecision {
     pub release_finalizer: bool,
     /// When to decide again if nothing happens meanwhile.
     pub requeue_after: Duration,
+    /// Cycles due in the last hour that did not succeed, for metrics.
+    pub cycles_missed_last_hour: u32,
 }
 
 /// The name of the `sequence`-th job of VM `vm`: `<vm>-<kind>-<sequence>`, at most 253
@@ -1395,6 +1397,7 @@ impl<'a> Pass<'a> {
             results: self.results,
             release_finalizer: self.release,
             requeue_after,
+            cycles_missed_last_hour: health_inputs.cycles_missed_last_hour,
         }
     }
 }

@@ -1,0 +1,83 @@
+//! The ReplicationJob controller: keeps finished jobs for the retention period, so that
+//! `kubectl get rjob` reads like ASR's jobs list, then deletes them. Running jobs belong to
+//! the ProtectedVM controller, which follows them through its `owns` relation.
+
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams};
+use kube::runtime::controller::Action;
+use lifeboat_api::ReplicationJob;
+use lifeboat_core::job::{JobFate, job_fate};
+use lifeboat_core::vm::MAX_REQUEUE;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::mapping::{self, whole_seconds};
+use crate::vm::{RETRY_NON_RECOVERABLE, RETRY_RECOVERABLE};
+
+/// The controller's name in metrics and logs.
+pub const CONTROLLER: &str = "ReplicationJob";
+
+/// Reconcile one ReplicationJob.
+///
+/// # Errors
+///
+/// `DeleteJob` when an expired job could not be deleted.
+pub async fn reconcile(job: Arc<ReplicationJob>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    let now = whole_seconds(ctx.clock.now());
+    let status = job.status.clone().unwrap_or_default();
+    let created = job
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(now, mapping::system_time);
+    let fate = job_fate(
+        mapping::job_state(status.phase),
+        status.completion_time.as_ref().map(mapping::system_time),
+        created,
+        now,
+        ctx.settings.job_retention,
+    );
+    match fate {
+        JobFate::Active => Ok(Action::requeue(MAX_REQUEUE)),
+        JobFate::KeepUntil(until) => Ok(Action::requeue(
+            until
+                .duration_since(now)
+                .unwrap_or_default()
+                .min(MAX_REQUEUE * 6),
+        )),
+        JobFate::Delete => {
+            let ns = job.namespace().unwrap_or_default();
+            let api: Api<ReplicationJob> = Api::namespaced(ctx.client.clone(), &ns);
+            match api
+                .delete(&job.name_any(), &DeleteParams::background())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(source) => {
+                    return Err(Error::DeleteJob {
+                        name: format!("{ns}/{}", job.name_any()),
+                        source,
+                    });
+                }
+            }
+            tracing::debug!(job = %job.name_any(), "deleted a finished job past its retention");
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Count the error and look again later.
+pub fn error_policy(job: Arc<ReplicationJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_failed(CONTROLLER, error.metric_label());
+    tracing::warn!(job = %job.name_any(), error = %error, "reconcile failed");
+    Action::requeue(if error.is_recoverable() {
+        RETRY_RECOVERABLE
+    } else {
+        RETRY_NON_RECOVERABLE
+    })
+}
