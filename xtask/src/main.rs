@@ -4,6 +4,7 @@
 //! cargo xtask crdgen            write crds/*.yaml from the API types
 //! cargo xtask crdgen --check    fail when crds/ differs from what the types generate
 //! cargo xtask test              everything CI checks: fmt, clippy, generated files, tests
+//! cargo xtask windows           the agent for Windows nodes: clippy and a build that links
 //! cargo xtask bench resync      the resync benchmark against rsync (release build)
 //! ```
 
@@ -29,6 +30,8 @@ enum Task {
     },
     /// Run every check CI runs: formatting, clippy, generated files, the test suite.
     Test,
+    /// Check and build the agent for Windows nodes (x86_64-pc-windows-gnu, linked by mingw-w64).
+    Windows,
     /// Run a benchmark in a release build.
     Bench {
         /// Which benchmark.
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Crdgen { check } => crdgen(&root, check),
         Task::Test => test(&root),
+        Task::Windows => windows(&root),
         Task::Bench { which, args } => bench(&root, which, &args),
     }
 }
@@ -164,7 +168,60 @@ fn test(root: &Path) -> Result<()> {
         &["test", "--workspace", "--all-targets", "--no-fail-fast"],
     )?;
     run(root, "cargo", &["test", "--workspace", "--doc"])?;
+    if windows_target_installed() {
+        windows(root)?;
+    } else {
+        println!(
+            "skipping the Windows build: `rustup target add {WINDOWS_TARGET}` and mingw-w64 \
+             (Debian: gcc-mingw-w64-x86-64) are not both installed"
+        );
+    }
     Ok(())
+}
+
+/// The target of Windows nodes.
+const WINDOWS_TARGET: &str = "x86_64-pc-windows-gnu";
+
+/// Whether the Windows target's standard library and its linker are installed.
+fn windows_target_installed() -> bool {
+    let target = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == WINDOWS_TARGET)
+        });
+    let linker = Command::new("x86_64-w64-mingw32-gcc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    target && linker
+}
+
+/// The agent for Windows: clippy with warnings denied, then a build of the library's test
+/// binary, which links every Windows import (WMI, virtdisk.dll) with mingw-w64.
+// NB: `--lib` only: the integration tests under tests/ drive QEMU and are Linux-only.
+fn windows(root: &Path) -> Result<()> {
+    let target = format!("--target={WINDOWS_TARGET}");
+    run(
+        root,
+        "cargo",
+        &[
+            "clippy",
+            "-p",
+            "lifeboat-agent",
+            &target,
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    run(
+        root,
+        "cargo",
+        &["test", "-p", "lifeboat-agent", &target, "--lib", "--no-run"],
+    )
 }
 
 fn bench(root: &Path, which: Bench, args: &[String]) -> Result<()> {

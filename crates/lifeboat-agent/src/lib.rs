@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod hyperv;
 pub mod jobs;
 pub mod qemu;
 pub mod state;

@@ -19,7 +19,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -125,13 +124,13 @@ impl BlockSource for FileImage {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
-        FileExt::read_exact_at(&self.file, buf, offset_bytes)
+        positional::read_exact_at(&self.file, buf, offset_bytes)
     }
 }
 
 impl BlockSink for FileImage {
     fn write_all_at(&self, data: &[u8], offset_bytes: u64) -> io::Result<()> {
-        FileExt::write_all_at(&self.file, data, offset_bytes)
+        positional::write_all_at(&self.file, data, offset_bytes)
     }
 
     fn set_size_bytes(&self, size_bytes: u64) -> io::Result<()> {
@@ -869,11 +868,76 @@ fn store_atomically(path: &Path, bytes: &[u8], sync: bool) -> Result<(), ResyncE
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);
     let file = File::create(&temporary).map_err(fail)?;
-    FileExt::write_all_at(&file, bytes, 0).map_err(fail)?;
+    positional::write_all_at(&file, bytes, 0).map_err(fail)?;
     if sync {
         file.sync_all().map_err(fail)?;
     }
     std::fs::rename(&temporary, path).map_err(fail)
+}
+
+/// Positional file I/O on every platform: `pread`/`pwrite` on unix, `seek_read`/`seek_write`
+/// in a loop on Windows.
+///
+/// # Caveats
+/// On Windows these move the file's cursor: do not mix them with cursor-based reads or
+/// writes on the same handle.
+pub mod positional {
+    use std::fs::File;
+    use std::io;
+
+    /// Fills `buf` from `offset_bytes`; a file that ends first is `UnexpectedEof`.
+    pub fn read_exact_at(file: &File, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::FileExt::read_exact_at(file, buf, offset_bytes)
+        }
+        #[cfg(windows)]
+        {
+            use std::os::windows::fs::FileExt;
+            let mut done = 0;
+            while done < buf.len() {
+                match file.seek_read(&mut buf[done..], offset_bytes + done as u64) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "failed to fill whole buffer",
+                        ));
+                    }
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Writes all of `data` at `offset_bytes`.
+    pub fn write_all_at(file: &File, data: &[u8], offset_bytes: u64) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::FileExt::write_all_at(file, data, offset_bytes)
+        }
+        #[cfg(windows)]
+        {
+            use std::os::windows::fs::FileExt;
+            let mut done = 0;
+            while done < data.len() {
+                match file.seek_write(&data[done..], offset_bytes + done as u64) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            "failed to write whole buffer",
+                        ));
+                    }
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -36,7 +36,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use xxhash_rust::xxh3::xxh3_64;
@@ -379,6 +378,7 @@ impl Disk {
         Ok(())
     }
 
+    #[cfg(unix)]
     fn live_data_ranges(&self) -> Result<Vec<Range<u64>>, StoreError> {
         use rustix::fs::{SeekFrom, seek};
         let mut ranges = Vec::new();
@@ -403,6 +403,17 @@ impl Disk {
             pos = end;
         }
         Ok(ranges)
+    }
+}
+
+#[cfg(not(unix))]
+impl Disk {
+    /// NB: no SEEK_DATA/SEEK_HOLE here: the whole live disk counts as data (a hole reads as
+    /// zeros, so this costs reads, never correctness).
+    fn live_data_ranges(&self) -> Result<Vec<Range<u64>>, StoreError> {
+        Ok(std::iter::once(0..self.size_bytes)
+            .filter(|r| !r.is_empty())
+            .collect())
     }
 }
 
@@ -601,9 +612,99 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .map_err(StoreError::io("write", &tmp))?;
     file.sync_all().map_err(StoreError::io("sync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(StoreError::io("replace", path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(StoreError::io("sync folder", dir))
+    sync_folder(dir).map_err(StoreError::io("sync folder", dir))
+}
+
+/// Make a rename in `dir` durable.
+#[cfg(unix)]
+fn sync_folder(dir: &Path) -> std::io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// NB: Windows cannot open a folder as a file (and NTFS journals its metadata): nothing to do.
+#[cfg(not(unix))]
+fn sync_folder(_dir: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Make `[offset, offset + len)` of `file` read as zeros, freeing its space.
+#[cfg(unix)]
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// NB: without hole punching (Windows) the range is written with zeros: the same reads,
+/// without the space saving.
+#[cfg(not(unix))]
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; (GRANULE_BYTES * 16) as usize];
+    let mut done = 0;
+    while done < len {
+        let step = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..step], offset + done)?;
+        done += step as u64;
+    }
+    Ok(())
+}
+
+/// Positional I/O on every platform: `pread`/`pwrite` on unix, `seek_read`/`seek_write` in
+/// a loop on Windows.
+// NB: on Windows these move the file cursor; replica files are only read and written
+// positionally, and undo segments are opened for append, which ignores the cursor.
+trait PositionalIo {
+    /// Fill `buf` from `offset`; a file that ends first is `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// Write all of `data` at `offset`.
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
+}
+
+#[cfg(unix)]
+impl PositionalIo for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, data, offset)
+    }
+}
+
+#[cfg(windows)]
+impl PositionalIo for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::os::windows::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.seek_read(&mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        use std::os::windows::fs::FileExt;
+        let mut done = 0;
+        while done < data.len() {
+            match self.seek_write(&data[done..], offset + done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn remove_if_exists(path: &Path, action: &'static str) -> Result<(), StoreError> {
@@ -749,14 +850,8 @@ impl ReplicaStore for LocalStore {
             check_range(&disk, offset, len, size, false)?;
             state.preserve(&disk, offset..offset + len)?;
             let d = state.live_disk(&disk)?;
-            use rustix::fs::{FallocateFlags, fallocate};
-            fallocate(
-                &d.file,
-                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-                offset,
-                len,
-            )
-            .map_err(|e| StoreError::io("free replica disk range", &d.path)(e.into()))
+            punch_hole(&d.file, offset, len)
+                .map_err(StoreError::io("free replica disk range", &d.path))
         })
         .await
     }

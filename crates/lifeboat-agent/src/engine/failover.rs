@@ -4,10 +4,10 @@
 //! planned failover first ships everything pending; commit drops the other points.
 
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
+use lifeboat_resync::image::positional;
 use lifeboat_resync::{BlockMap, HashAlgorithm, is_zero};
 use lifeboat_store::{At, MAX_WRITE_BYTES, RecoveryPoint};
 
@@ -165,7 +165,7 @@ impl Replicator {
                     .await?;
                 map.update_range(offset, &data).map_err(map_error)?;
                 if !is_zero(&data) {
-                    file.write_all_at(&data, offset)
+                    positional::write_all_at(&file, &data, offset)
                         .map_err(AgentError::state("write failover disk", path))?;
                 }
                 read += len;

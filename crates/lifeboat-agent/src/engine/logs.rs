@@ -90,9 +90,7 @@ pub(super) async fn write_log(
         .map_err(|e| AgentError::state("flush change log", &path)(e.into_error()))?;
     file.sync_all()
         .map_err(AgentError::state("sync change log", &path))?;
-    File::open(&folder)
-        .and_then(|d| d.sync_all())
-        .map_err(AgentError::state("sync log folder", &folder))?;
+    super::sync_folder(&folder).map_err(AgentError::state("sync log folder", &folder))?;
     let size_bytes = file
         .metadata()
         .map_err(AgentError::state("stat change log", &path))?

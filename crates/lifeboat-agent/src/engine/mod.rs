@@ -293,9 +293,7 @@ impl Replicator {
 /// resync threshold could ever need for one cycle: 1 GiB or 5 % of the disks, whichever is
 /// smaller.
 fn check_log_space(dir: &Path, disks: &[DiskInfo]) -> Result<(), AgentError> {
-    let stat = rustix::fs::statvfs(dir)
-        .map_err(|e| AgentError::state("measure free space of", dir)(e.into()))?;
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    let free = free_space_bytes(dir).map_err(AgentError::state("measure free space of", dir))?;
     let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
     let needed = (total / 20).min(1 << 30);
     if free < needed {
@@ -310,6 +308,31 @@ fn check_log_space(dir: &Path, disks: &[DiskInfo]) -> Result<(), AgentError> {
             ),
         });
     }
+    Ok(())
+}
+
+/// The bytes an unprivileged writer may still use on the file system of `dir`.
+#[cfg(unix)]
+fn free_space_bytes(dir: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(dir)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// The bytes the caller may still use on the volume of `dir`.
+#[cfg(windows)]
+fn free_space_bytes(dir: &Path) -> std::io::Result<u64> {
+    crate::hyperv::sys::free_space_bytes(dir)
+}
+
+/// Make the creation or rename of a file in `dir` durable.
+#[cfg(unix)]
+pub(crate) fn sync_folder(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// NB: Windows cannot open a folder as a file (and NTFS journals its metadata): nothing to do.
+#[cfg(not(unix))]
+pub(crate) fn sync_folder(_dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 

@@ -29,6 +29,9 @@
 //! vanishes. So `start_tracking` records the disks it tracks in `<work_dir>/<vm>.tracking.json`,
 //! and a tracked disk found without any bitmap is [`Tracking::Lost`], not `Absent`.
 
+// NB: unix sockets (QMP, NBD) and /proc: the backend of Linux nodes only.
+#![cfg(unix)]
+
 mod discover;
 pub mod nbd;
 pub mod qmp;
