@@ -1,0 +1,269 @@
+//! The agent's HTTP endpoint: `/healthz` (the process answers), `/readyz` (its caches are in
+//! sync) and `/metrics` (Prometheus text). A few lines of hyper, as in the operator.
+//!
+//! | metric | labels |
+//! |---|---|
+//! | `lifeboat_agent_vms` | |
+//! | `lifeboat_agent_claims_total` | outcome: won, lost, error |
+//! | `lifeboat_agent_jobs_total` | type, outcome: succeeded, failed, abandoned, withdrawn |
+//! | `lifeboat_agent_cycles_total` | outcome: succeeded, failed, resync_required |
+//! | `lifeboat_agent_reports_total` | outcome: applied, unchanged, failed |
+//! | `lifeboat_agent_heartbeats_total` | outcome: renewed, failed |
+//! | `lifeboat_agent_api_errors_total` | action |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+type Labels1 = [(&'static str, String); 1];
+type Labels2 = [(&'static str, String); 2];
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    vms: Gauge,
+    claims: Family<Labels1, Counter>,
+    jobs: Family<Labels2, Counter>,
+    cycles: Family<Labels1, Counter>,
+    reports: Family<Labels1, Counter>,
+    heartbeats: Family<Labels1, Counter>,
+    api_errors: Family<Labels1, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lifeboat_agent");
+        let metrics = Self {
+            vms: Gauge::default(),
+            claims: Family::default(),
+            jobs: Family::default(),
+            cycles: Family::default(),
+            reports: Family::default(),
+            heartbeats: Family::default(),
+            api_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("vms", "Protected VMs this agent runs", metrics.vms.clone());
+        registry.register("claims", "Job claims", metrics.claims.clone());
+        registry.register("jobs", "Jobs run to an end", metrics.jobs.clone());
+        registry.register("cycles", "Delta replication cycles", metrics.cycles.clone());
+        registry.register(
+            "reports",
+            "status.agent reports considered",
+            metrics.reports.clone(),
+        );
+        registry.register(
+            "heartbeats",
+            "Heartbeat Lease renewals",
+            metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "api_errors",
+            "Kubernetes API calls that failed",
+            metrics.api_errors.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The number of VMs the agent runs.
+    pub fn set_vms(&self, count: usize) {
+        self.vms.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A claim ended with `outcome`.
+    pub fn claim(&self, outcome: &'static str) {
+        self.claims
+            .get_or_create(&[("outcome", outcome.into())])
+            .inc();
+    }
+
+    /// A job of `job_type` ended with `outcome`.
+    pub fn job(&self, job_type: &str, outcome: &'static str) {
+        self.jobs
+            .get_or_create(&[("type", job_type.into()), ("outcome", outcome.into())])
+            .inc();
+    }
+
+    /// A cycle ended with `outcome`.
+    pub fn cycle(&self, outcome: &'static str) {
+        self.cycles
+            .get_or_create(&[("outcome", outcome.into())])
+            .inc();
+    }
+
+    /// A report was applied, skipped as unchanged, or failed.
+    pub fn report(&self, outcome: &'static str) {
+        self.reports
+            .get_or_create(&[("outcome", outcome.into())])
+            .inc();
+    }
+
+    /// A heartbeat was renewed or failed.
+    pub fn heartbeat(&self, outcome: &'static str) {
+        self.heartbeats
+            .get_or_create(&[("outcome", outcome.into())])
+            .inc();
+    }
+
+    /// An API call of `action` failed.
+    pub fn api_error(&self, action: &'static str) {
+        self.api_errors
+            .get_or_create(&[("action", action.into())])
+            .inc();
+    }
+
+    /// The metrics as Prometheus text.
+    ///
+    /// # Errors
+    ///
+    /// Formatting failed.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn route(
+    request: &Request<Incoming>,
+    metrics: &Metrics,
+    ready: &AtomicBool,
+) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if request.method() != Method::GET {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n");
+    }
+    match request.uri().path() {
+        "/metrics" => match metrics.encode() {
+            Ok(text) => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            ),
+            Err(_) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, "encode metrics\n"),
+        },
+        "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
+        "/readyz" if ready.load(Ordering::Relaxed) => respond(StatusCode::OK, TEXT, "ready\n"),
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "caches not synced yet\n",
+        ),
+        _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n"),
+    }
+}
+
+/// Serve the endpoint on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::warn!(%error, "accept a health connection");
+                continue;
+            }
+        };
+        let (metrics, ready) = (Arc::clone(&metrics), Arc::clone(&ready));
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let response = route(&request, &metrics, &ready);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, "health connection");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        answer
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let metrics = Arc::new(Metrics::new());
+        metrics.claim("won");
+        metrics.set_vms(3);
+        let ready = Arc::new(AtomicBool::new(false));
+        let server = tokio::spawn(serve(listener, metrics, Arc::clone(&ready)));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        ready.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let text = get(addr, "/metrics").await;
+        assert!(
+            text.contains("lifeboat_agent_claims_total{outcome=\"won\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("lifeboat_agent_vms 3"), "{text}");
+        server.abort();
+    }
+}
