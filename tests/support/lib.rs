@@ -1,4 +1,10 @@
-//! Helpers shared by Lifeboat's cross-crate tests (under `tests/`).
+//! Helpers shared by Lifeboat's cross-crate tests (under `tests/`), and two test fixtures:
+//! [`apiserver`], a small Kubernetes API server, and [`agent`], a scripted stand-in for the
+//! node agent. Neither is shipped: this package is `publish = false` and nothing but tests and
+//! benchmarks depend on it.
+
+pub mod agent;
+pub mod apiserver;
 
 use std::path::{Path, PathBuf};
 
@@ -20,4 +26,27 @@ pub fn yaml_files(folder: &str) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// Poll `check` every 20 ms until it returns `Some`, for at most `seconds`.
+///
+/// # Panics
+///
+/// When time runs out, with `what` in the message.
+pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {seconds}s waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Writing a resource's status failed.
-    #[error("apply the status of {kind} {name}: {source}")]
+    #[error("apply the status of {kind} {name}")]
     ApplyStatus {
         /// The resource's kind.
         kind: &'static str,
@@ -18,7 +18,7 @@ pub enum Error {
         source: kube::Error,
     },
     /// Creating a ReplicationJob failed.
-    #[error("create ReplicationJob {name}: {source}")]
+    #[error("create ReplicationJob {name}")]
     CreateJob {
         /// `namespace/name`.
         name: String,
@@ -37,7 +37,7 @@ pub enum Error {
         last: String,
     },
     /// Reading a ReplicationJob failed.
-    #[error("get ReplicationJob {name}: {source}")]
+    #[error("get ReplicationJob {name}")]
     GetJob {
         /// `namespace/name`.
         name: String,
@@ -46,7 +46,7 @@ pub enum Error {
         source: kube::Error,
     },
     /// Deleting a ReplicationJob failed.
-    #[error("delete ReplicationJob {name}: {source}")]
+    #[error("delete ReplicationJob {name}")]
     DeleteJob {
         /// `namespace/name`.
         name: String,
@@ -55,7 +55,7 @@ pub enum Error {
         source: kube::Error,
     },
     /// Adding or removing a finalizer failed.
-    #[error("update the finalizers of {kind} {name}: {source}")]
+    #[error("update the finalizers of {kind} {name}")]
     PatchFinalizers {
         /// The resource's kind.
         kind: &'static str,
@@ -74,7 +74,7 @@ pub enum Error {
         name: String,
     },
     /// Turning a value into JSON failed.
-    #[error("serialize {what}: {source}")]
+    #[error("serialize {what}")]
     Serialize {
         /// What was serialized.
         what: &'static str,
@@ -83,14 +83,14 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// No Kubernetes client could be made (no kubeconfig, no in-cluster service account).
-    #[error("connect to the Kubernetes API: {source}")]
+    #[error("connect to the Kubernetes API")]
     ConnectApi {
         /// The client error.
         #[source]
         source: kube::Error,
     },
     /// The metrics and health endpoint could not listen.
-    #[error("listen on {addr} for metrics and health checks: {source}")]
+    #[error("listen on {addr} for metrics and health checks")]
     BindMetrics {
         /// The address.
         addr: SocketAddr,
@@ -99,7 +99,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Reading or writing the leader election Lease failed.
-    #[error("{action} the leader Lease {name}: {source}")]
+    #[error("{action} the leader Lease {name}")]
     Lease {
         /// get, create or update.
         action: &'static str,
@@ -140,6 +140,18 @@ pub fn api_error_is_recoverable(error: &kube::Error) -> bool {
 }
 
 impl Error {
+    /// The message with every cause after it (`a: b: c`), for logs, which print one line.
+    pub fn report(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            cause = e.source();
+        }
+        text
+    }
+
     /// A short label for the `error` dimension of the reconcile error metric.
     pub fn metric_label(&self) -> &'static str {
         match self {

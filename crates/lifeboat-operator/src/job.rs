@@ -74,7 +74,7 @@ pub async fn reconcile(job: Arc<ReplicationJob>, ctx: Arc<Context>) -> Result<Ac
 pub fn error_policy(job: Arc<ReplicationJob>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_failed(CONTROLLER, error.metric_label());
-    tracing::warn!(job = %job.name_any(), error = %error, "reconcile failed");
+    tracing::warn!(job = %job.name_any(), error = %error.report(), "reconcile failed");
     Action::requeue(if error.is_recoverable() {
         RETRY_RECOVERABLE
     } else {

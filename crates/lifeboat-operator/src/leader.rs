@@ -198,7 +198,7 @@ impl LeaderElection {
                     .unwrap_or_default()
                     .clamp(Duration::from_millis(200), self.renew_period),
                 Err(error) => {
-                    tracing::warn!(%error, "leader election");
+                    tracing::warn!(error = %error.report(), "leader election");
                     self.renew_period
                 }
             };
@@ -226,7 +226,7 @@ impl LeaderElection {
                 }
                 Err(error) => {
                     let since = self.clock.now().duration_since(renewed).unwrap_or_default();
-                    tracing::warn!(%error, "could not renew the leader Lease");
+                    tracing::warn!(error = %error.report(), "could not renew the leader Lease");
                     if since >= self.lease_duration {
                         return Error::LeadershipLost {
                             name: self.qualified(),

@@ -66,6 +66,8 @@ pub struct Config {
     pub lease_namespace: String,
     /// This replica's identity in the election (the pod's name).
     pub identity: String,
+    /// How long the leader's Lease holds without renewal (renewed every third of it).
+    pub lease_duration: Duration,
     /// How long finished jobs are kept.
     pub job_retention: Duration,
     /// Reconciles of each controller that may run at once.
@@ -81,6 +83,7 @@ impl Default for Config {
             lease_name: "lifeboat-operator".into(),
             lease_namespace: "lifeboat-system".into(),
             identity: std::env::var("POD_NAME").unwrap_or_else(|_| "lifeboat-operator".into()),
+            lease_duration: Duration::from_secs(15),
             job_retention: lifeboat_core::job::DEFAULT_JOB_RETENTION,
             concurrency: 16,
         }
@@ -264,13 +267,16 @@ impl Operator {
             tokio::spawn(http::serve(listener, self.metrics(), Arc::clone(&ready)));
         }
         let election = self.config.leader_election.then(|| {
-            leader::LeaderElection::new(
+            let mut election = leader::LeaderElection::new(
                 self.client.clone(),
                 &self.config.lease_namespace,
                 &self.config.lease_name,
                 &self.config.identity,
                 Arc::clone(&self.clock),
-            )
+            );
+            election.lease_duration = self.config.lease_duration;
+            election.renew_period = self.config.lease_duration / 3;
+            election
         });
         if let Some(election) = &election {
             // NB: a standby is ready: it serves its purpose by waiting.

@@ -143,7 +143,7 @@ pub async fn reconcile(policy: Arc<ReplicationPolicy>, ctx: Arc<Context>) -> Res
 pub fn error_policy(policy: Arc<ReplicationPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_failed(CONTROLLER, error.metric_label());
-    tracing::warn!(policy = %policy.name_any(), error = %error, "reconcile failed");
+    tracing::warn!(policy = %policy.name_any(), error = %error.report(), "reconcile failed");
     Action::requeue(if error.is_recoverable() {
         RETRY_RECOVERABLE
     } else {

@@ -375,7 +375,7 @@ pub fn error_policy(vm: Arc<ProtectedVM>, error: &Error, ctx: Arc<Context>) -> A
         .reconcile_failed(CONTROLLER, error.metric_label());
     tracing::warn!(
         vm = %format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any()),
-        error = %error,
+        error = %error.report(),
         recoverable = error.is_recoverable(),
         "reconcile failed"
     );

@@ -4,12 +4,15 @@
 //! ```text
 //! lifeboat validate FILE...   check manifests as `kubectl apply` would, offline
 //! lifeboat crds               print the CustomResourceDefinitions (pipe to kubectl apply -f -)
+//! lifeboat operator           run the control plane (in a cluster, or with a kubeconfig)
 //! ```
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +36,108 @@ enum Command {
     },
     /// Print Lifeboat's CustomResourceDefinitions as YAML.
     Crds,
+    /// Run the operator: turn ReplicationPolicies and ProtectedVMs into ReplicationJobs for the
+    /// node agents, and write status, conditions, events and metrics.
+    Operator(OperatorArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct OperatorArgs {
+    /// Watch this namespace only. Without it: every namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Serve /metrics, /healthz and /readyz on this address.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader among replicas with a Lease, so that only one acts.
+    #[arg(long, value_enum, default_value = "on")]
+    leader_election: Switch,
+    /// The leader election Lease's name.
+    #[arg(long, default_value = "lifeboat-operator")]
+    lease_name: String,
+    /// The namespace of the leader election Lease and of the agents' heartbeat Leases
+    /// [default: $POD_NAMESPACE, else lifeboat-system].
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// This replica's identity in the election [default: $POD_NAME, else the host name].
+    #[arg(long)]
+    identity: Option<String>,
+    /// How long finished ReplicationJobs are kept, e.g. 90m, 24h, 7d.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    job_retention: Duration,
+    /// Reconciles of each resource that may run at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+    /// Log lines as text or JSON (the level comes from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// `90s`, `15m`, `24h`, `7d`, or seconds.
+fn parse_duration(text: &str) -> Result<Duration> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a duration like 24h"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => bail!("unknown unit {other:?} in {text:?}: use s, m, h or d"),
+    };
+    Ok(Duration::from_secs(n * seconds))
+}
+
+fn operator(args: OperatorArgs) -> Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let config = lifeboat_operator::Config {
+        namespace: args.namespace,
+        metrics_addr: Some(args.metrics_addr),
+        leader_election: matches!(args.leader_election, Switch::On),
+        lease_name: args.lease_name,
+        lease_namespace: args
+            .lease_namespace
+            .or_else(|| env("POD_NAMESPACE"))
+            .unwrap_or_else(|| "lifeboat-system".into()),
+        identity: args
+            .identity
+            .or_else(|| env("POD_NAME"))
+            .or_else(|| env("HOSTNAME"))
+            .unwrap_or_else(|| "lifeboat-operator".into()),
+        job_retention: args.job_retention,
+        concurrency: args.concurrency,
+        ..lifeboat_operator::Config::default()
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(lifeboat_operator::run(config))
+        .context("operator")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -57,6 +162,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Operator(args) => operator(args),
     }
 }
 
