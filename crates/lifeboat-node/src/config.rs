@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use lifeboat_agent::Settings;
 use lifeboat_agent::backend::{DiskRef, Hypervisor};
 use lifeboat_api::{ProtectedVM, ReplicationPolicy};
+use lifeboat_core::window::{DailyWindow, WindowSpec};
 use lifeboat_store::VmKey;
 
 /// Why a VM cannot be configured.
@@ -61,8 +62,28 @@ pub struct VmConfig {
     pub settings: Settings,
     /// Upload limits in Mbit/s: (work hours, off hours).
     pub bandwidth_mbps: (Option<u32>, Option<u32>),
+    /// The work hours the bandwidth limits switch on (`None`: every hour is an off hour).
+    pub work_hours: Option<WindowSpec>,
     /// The policy's generation the settings come from.
     pub policy_generation: Option<i64>,
+}
+
+impl VmConfig {
+    /// The upload limit in force at `now`, in bytes per second (`None`: unlimited): the
+    /// policy's work-hours limit inside its work hours, its off-hours limit outside them.
+    ///
+    /// NB: a work-hours window that does not parse counts as no work hours (the operator's
+    /// policy check reports it on the policy's Ready condition).
+    pub fn upload_limit_bytes_per_second(&self, now: SystemTime) -> Option<u64> {
+        let working = self
+            .work_hours
+            .as_ref()
+            .and_then(|w| DailyWindow::parse(w).ok())
+            .is_some_and(|w| w.contains(now));
+        let (work, off) = self.bandwidth_mbps;
+        let mbps = if working { work } else { off };
+        mbps.map(|m| u64::from(m) * 1_000_000 / 8)
+    }
 }
 
 /// The engine's configuration for `vm` under `policy`.
@@ -134,6 +155,7 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
         hypervisor,
         settings,
         bandwidth_mbps,
+        work_hours: lifeboat_operator::mapping::policy_spec(policy).work_hours,
         policy_generation: policy.metadata.generation,
     })
 }
@@ -176,5 +198,43 @@ pub fn hypervisor(config: &VmConfig, work_dir: &Path) -> Result<Arc<dyn Hypervis
         #[cfg(not(unix))]
         HypervisorConfig::Qemu { .. } => Err(unavailable("qemu")),
         HypervisorConfig::HyperV { .. } => Err(unavailable("hyperv")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(work_hours: Option<WindowSpec>) -> VmConfig {
+        VmConfig {
+            key: VmKey::new("ns", "web").unwrap_or_else(|e| panic!("{e}")),
+            vm_name: "web".into(),
+            disks: Vec::new(),
+            hypervisor: HypervisorConfig::HyperV { vm_id: None },
+            settings: Settings::default(),
+            bandwidth_mbps: (Some(8), Some(80)),
+            work_hours,
+            policy_generation: None,
+        }
+    }
+
+    #[test]
+    fn the_upload_limit_follows_the_work_hours() {
+        // 2025-06-16 was a Monday; 10:00 and 20:00 UTC.
+        let monday_10 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_068_000);
+        let monday_20 = monday_10 + Duration::from_secs(10 * 3600);
+        let hours = WindowSpec {
+            start: "09:00".into(),
+            end: "17:00".into(),
+            days: vec![0, 1, 2, 3, 4],
+            time_zone: None,
+        };
+        let c = config(Some(hours));
+        assert_eq!(c.upload_limit_bytes_per_second(monday_10), Some(1_000_000));
+        assert_eq!(c.upload_limit_bytes_per_second(monday_20), Some(10_000_000));
+        assert_eq!(
+            config(None).upload_limit_bytes_per_second(monday_10),
+            Some(10_000_000)
+        );
     }
 }

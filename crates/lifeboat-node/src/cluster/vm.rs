@@ -177,6 +177,10 @@ impl VmTask {
             .get(&ObjectRef::new(&vm.spec.policy_ref.name).within(&self.namespace));
         self.ensure_open(vm, policy.as_deref()).await;
         self.follow_retry_request(vm);
+        if let Some(slot) = &self.slot {
+            let limit = slot.config.upload_limit_bytes_per_second(SystemTime::now());
+            slot.worker.engine().throttle().set_limit(limit);
+        }
         if let Some(job) = self.next_claimable(&jobs) {
             self.claim_and_run(&job, stop).await;
         } else {
@@ -456,6 +460,8 @@ impl VmTask {
         let dirs = JobDirs {
             failover_dir: self.shared.failover_dir.clone(),
         };
+        let upload = Arc::clone(slot.worker.engine().throttle());
+        let config = slot.config.clone();
         let end = {
             let run = run_job_on(&mut slot.worker, &claimed, &dirs, &sink);
             tokio::pin!(run);
@@ -467,6 +473,8 @@ impl VmTask {
                     outcome = &mut run => break RunEnd::Finished(Box::new(outcome)),
                     () = &mut deadline => break RunEnd::Stopped,
                     _ = check.tick() => {
+                        // NB: a long copy crosses the work-hours edges: follow them.
+                        upload.set_limit(config.upload_limit_bytes_per_second(SystemTime::now()));
                         let key = ObjectRef::from_obj(claimed.as_ref());
                         let gone = self.shared.jobs.get(&key).is_none_or(|j| {
                             j.metadata.deletion_timestamp.is_some() || j.metadata.uid != claimed.metadata.uid

@@ -1,0 +1,404 @@
+//! End to end: the real cluster agent and the real operator against the test API server
+//! (`lifeboat-tests`' fixture), protecting a VM whose block layer is a real
+//! `qemu-storage-daemon`, replicating to the local folder store. Nothing is scripted: the
+//! operator creates the jobs, the agent claims and runs them on the engine, and the VM ends
+//! Protected with a recovery point.
+//!
+//! ```text
+//!  test ──create policy, VM──> TestApiServer <──watch, claim, status, SSA, Lease── agent ──QMP/NBD──> qsd
+//!                                   ^                                               └──> local store
+//!                                   └──────── operator (jobs, phase, health) ───────┘
+//! ```
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use lifeboat_api::job::JobPhase;
+use lifeboat_api::{ProtectedVM, ProtectionPhase, ReplicationJob, ReplicationPolicy};
+use lifeboat_node::cluster::{Agent, AgentOptions, Timing};
+use lifeboat_operator::{Config, Operator};
+use lifeboat_tests::apiserver::TestApiServer;
+use lifeboat_tests::eventually;
+use serde_json::json;
+
+const NS: &str = "e2e";
+const LEASES: &str = "lifeboat-system";
+const NODE: &str = "node-1";
+
+/// A qemu-storage-daemon holding one qcow2 disk `os`, QMP and NBD on unix sockets; killed by
+/// its process id when dropped.
+struct Qsd {
+    child: Child,
+    qmp: PathBuf,
+    nbd: PathBuf,
+    image: PathBuf,
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (Debian's qemu-utils): {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Qsd {
+    fn start(dir: &Path, size: u64) -> Qsd {
+        let image = dir.join("os.qcow2");
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                image.to_str().unwrap(),
+                &size.to_string(),
+            ],
+        );
+        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
+        let child = Command::new("qemu-storage-daemon")
+            .args([
+                "--blockdev".to_owned(),
+                format!("driver=file,node-name=os-file,filename={}", image.display()),
+                "--blockdev".to_owned(),
+                "driver=qcow2,node-name=os,file=os-file".to_owned(),
+                "--nbd-server".to_owned(),
+                format!("addr.type=unix,addr.path={}", nbd.display()),
+                "--export".to_owned(),
+                "type=nbd,id=guest-os,node-name=os,name=os,writable=on".to_owned(),
+                "--chardev".to_owned(),
+                format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()),
+                "--monitor".to_owned(),
+                "chardev=qmp0".to_owned(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start qemu-storage-daemon: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(qmp.exists() && nbd.exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not open its sockets"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd {
+            child,
+            qmp,
+            nbd,
+            image,
+        }
+    }
+
+    /// Write `len` bytes of `pattern` at `offset`, as the guest.
+    fn guest_write(&self, offset: u64, len: u64, pattern: u8) {
+        let uri = format!("nbd+unix:///os?socket={}", self.nbd.display());
+        let command = format!("write -P {pattern:#04x} {offset} {len}");
+        run("qemu-io", &["-f", "raw", &uri, "-c", &command]);
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_operator(
+    client: &Client,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<lifeboat_operator::Result<()>>,
+) {
+    let config = Config {
+        namespace: Some(NS.into()),
+        lease_namespace: LEASES.into(),
+        ..Config::default()
+    };
+    let operator = Operator::new(client.clone(), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(operator.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+async fn vm_until(
+    server: &TestApiServer,
+    vms: &Api<ProtectedVM>,
+    jobs: &Api<ReplicationJob>,
+    what: &str,
+    check: impl Fn(&ProtectedVM) -> bool,
+) -> ProtectedVM {
+    let wait = eventually(60, what, || {
+        let vms = vms.clone();
+        let check = &check;
+        async move {
+            vms.get_opt("web")
+                .await
+                .ok()
+                .flatten()
+                .filter(|vm| check(vm))
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(60), wait).await {
+        Ok(vm) => vm,
+        Err(_) => {
+            let vm = server.object("protectedvms", NS, "web");
+            let jobs = jobs.list(&ListParams::default()).await.map(|l| {
+                l.items
+                    .iter()
+                    .map(|j| (j.name_any(), j.status.clone()))
+                    .collect::<Vec<_>>()
+            });
+            panic!("timed out waiting for {what}\nVM: {vm:#?}\njobs: {jobs:#?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
+    lifeboat_operator::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), 8 << 20);
+    qsd.guest_write(0, 1 << 20, 0xab);
+    qsd.guest_write(5 << 20, 64 << 10, 0xcd);
+
+    let server = TestApiServer::start().await;
+    let client = server.client(NS);
+    let (stop_operator, operator) = run_operator(&client);
+
+    let mut options = AgentOptions::new(NODE);
+    options.pod_name = "lifeboat-agent-e2e".into();
+    options.namespace = Some(NS.into());
+    options.lease_namespace = LEASES.into();
+    options.state_dir = dir.path().join("state");
+    options.failover_dir = dir.path().join("failover");
+    options.health_addr = None;
+    options.timing = Timing {
+        tick: Duration::from_millis(100),
+        ..Timing::default()
+    };
+    let agent = Agent::new(client.clone(), options).unwrap();
+    let agent_metrics = agent.metrics();
+    let (stop_agent, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(agent.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let policies: Api<ReplicationPolicy> = Api::namespaced(client.clone(), NS);
+    let policy: ReplicationPolicy = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
+        "metadata": {"name": "gold"},
+        "spec": {"copyFrequency": "30s",
+                 "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
+    let vm: ProtectedVM = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
+        "metadata": {"name": "web"},
+        "spec": {
+            "vmName": "web", "nodeName": NODE,
+            "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
+            "disks": [{"name": "os", "path": qsd.image.display().to_string(), "blockNode": "os"}],
+            "policyRef": {"name": "gold"}
+        }
+    }))
+    .unwrap();
+    vms.create(&PostParams::default(), &vm).await.unwrap();
+    // A VM of another node: this agent never touches it (nor would it find its socket).
+    let mut other = vm.clone();
+    other.metadata.name = Some("db".into());
+    other.spec.node_name = "node-2".into();
+    vms.create(&PostParams::default(), &other).await.unwrap();
+
+    let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
+    let protected = vm_until(&server, &vms, &jobs, "web Protected with a point", |vm| {
+        vm.status.as_ref().is_some_and(|s| {
+            s.phase == ProtectionPhase::Protected
+                && s.agent
+                    .as_ref()
+                    .is_some_and(|a| a.recovery_points.count >= 1)
+        })
+    })
+    .await;
+    let agent_report = protected
+        .status
+        .as_ref()
+        .and_then(|s| s.agent.clone())
+        .unwrap();
+    assert_eq!(
+        agent_report.disks.first().map(|d| d.size_bytes),
+        Some(8 << 20)
+    );
+    assert!(agent_report.recovery_points.latest.is_some());
+
+    // Every job of web ran here, claimed under this agent's name, and succeeded.
+    let all = jobs.list(&ListParams::default()).await.unwrap().items;
+    let web: Vec<&ReplicationJob> = all.iter().filter(|j| j.spec.vm_ref.name == "web").collect();
+    assert!(web.len() >= 2, "enable and finalize: {web:#?}");
+    for job in &web {
+        let status = job.status.as_ref().unwrap();
+        assert_eq!(status.phase, JobPhase::Succeeded, "{}", job.name_any());
+        assert_eq!(
+            status.claimed_by.as_deref(),
+            Some("node-1/lifeboat-agent-e2e")
+        );
+        assert_eq!(status.progress.percent, 100);
+    }
+    // The other node's VM and jobs are untouched by this agent.
+    let db = server.object("protectedvms", NS, "db").unwrap();
+    assert!(db.pointer("/status/agent").is_none(), "{db:#}");
+    for job in all.iter().filter(|j| j.spec.vm_ref.name == "db") {
+        assert!(job.status.as_ref().is_none_or(|s| s.claimed_by.is_none()));
+    }
+
+    // The heartbeat Lease names the node.
+    let lease = server
+        .object("leases", LEASES, "lifeboat-agent-node-1")
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], NODE);
+    assert_eq!(
+        lease["metadata"]["labels"]["lifeboat.io/heartbeat"],
+        "agent"
+    );
+
+    // Reports are throttled: a handful of writes, not one per tick (100 ms here).
+    let reports = server.writes_by("protectedvms", "status", "lifeboat-agent");
+    assert!((1..=8).contains(&reports), "{reports} report writes");
+    let metrics = agent_metrics.encode().unwrap();
+    assert!(
+        metrics.contains("lifeboat_agent_claims_total{outcome=\"won\"}"),
+        "{metrics}"
+    );
+
+    // SIGTERM's path: the agent stops by itself, with nothing running.
+    let _ = stop_agent.send(());
+    tokio::time::timeout(Duration::from_secs(30), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = stop_operator.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    drop(qsd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
+    lifeboat_operator::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), 8 << 20);
+    // 4 MiB of data at 1 Mbit/s: the copy would take about 30 s.
+    qsd.guest_write(0, 4 << 20, 0x5a);
+
+    let server = TestApiServer::start().await;
+    let client = server.client(NS);
+    let (stop_operator, operator) = run_operator(&client);
+    let mut options = AgentOptions::new(NODE);
+    options.pod_name = "lifeboat-agent-e2e".into();
+    options.namespace = Some(NS.into());
+    options.lease_namespace = LEASES.into();
+    options.state_dir = dir.path().join("state");
+    options.failover_dir = dir.path().join("failover");
+    options.health_addr = None;
+    options.timing = Timing {
+        tick: Duration::from_millis(100),
+        shutdown_grace: Duration::from_millis(300),
+        ..Timing::default()
+    };
+    let agent = Agent::new(client.clone(), options).unwrap();
+    let (stop_agent, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(agent.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let policies: Api<ReplicationPolicy> = Api::namespaced(client.clone(), NS);
+    let policy: ReplicationPolicy = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
+        "metadata": {"name": "gold"},
+        "spec": {"copyFrequency": "30s", "bandwidth": {"offHoursMbps": 1},
+                 "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
+    let vm: ProtectedVM = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
+        "metadata": {"name": "web"},
+        "spec": {
+            "vmName": "web", "nodeName": NODE,
+            "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
+            "disks": [{"name": "os", "path": qsd.image.display().to_string(), "blockNode": "os"}],
+            "policyRef": {"name": "gold"}
+        }
+    }))
+    .unwrap();
+    vms.create(&PostParams::default(), &vm).await.unwrap();
+
+    // The copy is under way, then SIGTERM.
+    let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
+    let running = eventually(30, "the enable job running", || {
+        let jobs = jobs.clone();
+        async move {
+            jobs.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|j| {
+                    j.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == JobPhase::Running && !s.steps.is_empty())
+                })
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_agent.send(());
+    tokio::time::timeout(Duration::from_secs(10), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // The claim is not lost silently: the job failed as recoverable, so the operator retries.
+    let job = jobs.get(&running.name_any()).await.unwrap();
+    let status = job.status.unwrap();
+    assert_eq!(status.phase, JobPhase::Failed);
+    let error = status.error.unwrap();
+    assert_eq!(error.class, lifeboat_api::common::ErrorClass::Recoverable);
+    assert_eq!(error.reason, "AgentStopped");
+    assert!(
+        status
+            .steps
+            .iter()
+            .any(|s| s.state == lifeboat_api::job::StepState::Failed),
+        "{:#?}",
+        status.steps
+    );
+    let _ = stop_operator.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    drop(qsd);
+}
