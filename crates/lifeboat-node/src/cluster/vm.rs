@@ -170,6 +170,11 @@ impl VmTask {
                     && j.spec.node_name == self.shared.node
             })
             .collect();
+        // NB: forget the jobs that are gone, so that a VM with years of jobs keeps two small
+        // sets.
+        let present: HashSet<String> = jobs.iter().map(|j| uid(j)).collect();
+        self.done.retain(|u| present.contains(u));
+        self.lost.retain(|u, _| present.contains(u));
         self.fail_orphans(&jobs).await;
         let policy = self
             .shared
