@@ -178,7 +178,12 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     async fn start_tracking(&self, disks: &[DiskRef]) -> Result<(), BackendError>;
 
     /// Open a view of all `disks` at one instant, freezing the changes tracked so far.
-    async fn open_view(&self, disks: &[DiskRef], cycle: u64, quiesce: Quiesce) -> Result<Box<dyn View>, BackendError>;
+    async fn open_view(
+        &self,
+        disks: &[DiskRef],
+        cycle: u64,
+        quiesce: Quiesce,
+    ) -> Result<Box<dyn View>, BackendError>;
 
     /// Stop tracking and remove what tracking left on the disks (bitmaps, reference points).
     async fn stop_tracking(&self, disks: &[DiskRef]) -> Result<(), BackendError>;

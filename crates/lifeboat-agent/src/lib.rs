@@ -15,6 +15,8 @@ pub mod hyperv;
 pub mod jobs;
 pub mod qemu;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod throttle;
 pub mod worker;
 

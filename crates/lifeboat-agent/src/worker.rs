@@ -282,6 +282,17 @@ impl Worker {
         }
     }
 
+    /// Count a job that shipped changes and cut a point (finalize protection, a resync) as a
+    /// successful cycle: the VM's last sync is then, and the next cycle is an interval later.
+    pub fn record_shipped(&mut self, now: SystemTime, report: &Report) {
+        self.prune_history(now);
+        self.cycles.push_back((now, true));
+        self.succeeded_total += 1;
+        self.bytes_shipped_total += report.bytes_sent;
+        self.last_successful_cycle = Some(now);
+        self.last_cycle_duration = Some(report.duration);
+    }
+
     /// Note that a job finished, so that the schedule follows (a resync or finalize makes the
     /// VM replicate again at once).
     pub fn job_finished(&mut self, now: SystemTime) {

@@ -18,6 +18,7 @@ use lifeboat_agent::engine::{Progress, ProgressSink};
 use lifeboat_agent::{AgentError, JobDirs, JobResult, Replicator, Worker, run_job};
 use lifeboat_api::ReplicationJob;
 use lifeboat_api::common::{ErrorClass, ErrorStatus};
+use lifeboat_core::JobKind;
 use lifeboat_operator::mapping::{api_time, whole_seconds};
 use lifeboat_store::{ReplicaStore, VmKey};
 
@@ -149,7 +150,14 @@ pub async fn run_job_on(
         &both,
     )
     .await;
-    worker.job_finished(whole_seconds(SystemTime::now()));
+    let now = whole_seconds(SystemTime::now());
+    if let Ok(result) = &outcome
+        && result.point.is_some()
+        && matches!(kind, JobKind::FinalizeProtection | JobKind::Resynchronize)
+    {
+        worker.record_shipped(now, &result.report);
+    }
+    worker.job_finished(now);
     outcome
 }
 

@@ -5,7 +5,14 @@
 //! lifeboat validate FILE...   check manifests as `kubectl apply` would, offline
 //! lifeboat crds               print the CustomResourceDefinitions (pipe to kubectl apply -f -)
 //! lifeboat operator           run the control plane (in a cluster, or with a kubeconfig)
+//! lifeboat agent              run the node agent of one VM host (a DaemonSet pod)
+//! lifeboat standalone         the operator and the agent in one process, no cluster
+//! lifeboat status | points | resync | failover | cleanup | commit
+//!                             the everyday tools (standalone state folder, or --cluster)
 //! ```
+
+mod cluster_cli;
+mod local;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -39,6 +46,46 @@ enum Command {
     /// Run the operator: turn ReplicationPolicies and ProtectedVMs into ReplicationJobs for the
     /// node agents, and write status, conditions, events and metrics.
     Operator(OperatorArgs),
+    /// Run the node agent: claim the ReplicationJobs of this node, replicate its protected VMs,
+    /// report facts in status.agent and renew its heartbeat Lease.
+    Agent(AgentArgs),
+    /// Run Lifeboat on this machine without a cluster: manifests from a folder, state in an
+    /// embedded store, replicas in the local folder store by default.
+    Standalone(local::StandaloneArgs),
+    #[command(flatten)]
+    Tool(local::Tool),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The node this agent runs on (the pod's spec.nodeName, from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The agent pod's name: jobs are claimed as <node>/<pod>.
+    #[arg(long, env = "POD_NAME", default_value = "lifeboat-agent")]
+    pod_name: String,
+    /// Watch this namespace only. Without it: every namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The operator's namespace, where the heartbeat Lease lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lifeboat-system")]
+    lease_namespace: String,
+    /// Engine state and change logs (a hostPath: it must outlive the pod).
+    #[arg(long, default_value = "/var/lib/lifeboat")]
+    state_dir: PathBuf,
+    /// Where (test) failover disks are materialised.
+    #[arg(long, default_value = "/var/lib/lifeboat/failover")]
+    failover_dir: PathBuf,
+    /// Serve /healthz, /readyz and /metrics on this address.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    health_addr: SocketAddr,
+    /// How long a running job or cycle may finish after SIGTERM before it is abandoned
+    /// (set the pod's terminationGracePeriodSeconds above it).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// Log lines as text or JSON (the level comes from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,14 +151,44 @@ fn parse_duration(text: &str) -> Result<Duration> {
     Ok(Duration::from_secs(n * seconds))
 }
 
-fn operator(args: OperatorArgs) -> Result<ExitCode> {
+/// Log lines to standard error, at the level RUST_LOG says (info by default).
+fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match args.log_format {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
+}
+
+/// Run `work` on a multi-threaded runtime.
+fn block_on<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(work)
+}
+
+fn agent(args: AgentArgs) -> Result<ExitCode> {
+    init_logs(args.log_format);
+    let mut options = lifeboat_node::cluster::AgentOptions::new(&args.node_name);
+    options.pod_name = args.pod_name;
+    options.namespace = args.namespace;
+    options.lease_namespace = args.lease_namespace;
+    options.state_dir = args.state_dir;
+    options.failover_dir = args.failover_dir;
+    options.health_addr = Some(args.health_addr);
+    options.timing.shutdown_grace = args.shutdown_grace;
+    block_on(async { lifeboat_node::cluster::run(options).await.context("agent") })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn operator(args: OperatorArgs) -> Result<ExitCode> {
+    init_logs(args.log_format);
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let config = lifeboat_operator::Config {
         namespace: args.namespace,
@@ -131,12 +208,7 @@ fn operator(args: OperatorArgs) -> Result<ExitCode> {
         concurrency: args.concurrency,
         ..lifeboat_operator::Config::default()
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?
-        .block_on(lifeboat_operator::run(config))
-        .context("operator")?;
+    block_on(async { lifeboat_operator::run(config).await.context("operator") })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -163,6 +235,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Operator(args) => operator(args),
+        Command::Agent(args) => agent(args),
+        Command::Standalone(args) => {
+            init_logs(LogFormat::Text);
+            block_on(local::standalone(args))
+        }
+        Command::Tool(tool) => block_on(local::tool(tool)),
     }
 }
 

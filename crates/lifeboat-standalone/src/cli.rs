@@ -1,0 +1,434 @@
+//! What the `lifeboat` command shows and asks in standalone mode: a `kubectl get pvm`-like
+//! table, recovery points, and requests (resync, failover, cleanup, commit) written for the
+//! daemon and waited on, with progress on a terminal and silence when piped.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use lifeboat_api::common::{RecoveryPointKind, RecoveryPointSelector};
+use lifeboat_api::protected_vm::{FailoverRequest, FailoverType, Requests, TestFailoverRequest};
+use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
+use lifeboat_core::format_duration;
+use lifeboat_node::StoreCache;
+use lifeboat_operator::mapping::system_time;
+use lifeboat_store::VmKey;
+
+use crate::daemon::{JOB_KIND, POLICY_KIND, VM_KIND};
+use crate::db::Db;
+use crate::requests;
+
+/// A VM named on the command line: `NAME` or `NAMESPACE/NAME`.
+pub fn parse_vm(arg: &str, default_namespace: &str) -> (String, String) {
+    match arg.split_once('/') {
+        Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+        None => (default_namespace.to_owned(), arg.to_owned()),
+    }
+}
+
+fn age(time: Option<SystemTime>, now: SystemTime) -> String {
+    match time {
+        Some(t) => format!(
+            "{} ago",
+            format_duration(now.duration_since(t).unwrap_or_default())
+        ),
+        None => "-".to_owned(),
+    }
+}
+
+/// Bytes for people: `512 B`, `3.2 MiB`, `1.5 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// The VMs the daemon knows.
+///
+/// # Errors
+///
+/// The embedded store cannot be read.
+pub fn vms(state_dir: &Path) -> Result<Vec<ProtectedVM>, String> {
+    Db::new(state_dir).list(VM_KIND).map_err(|e| e.to_string())
+}
+
+/// The `lifeboat status` table: what `kubectl get pvm` shows, plus the pending log.
+pub fn status_table(vms: &[ProtectedVM], now: SystemTime) -> String {
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "PHASE",
+            "HEALTH",
+            "RPO",
+            "LAST SYNC",
+            "PENDING LOG",
+            "POINTS",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for vm in vms {
+        let status = vm.status.clone().unwrap_or_default();
+        rows.push(vec![
+            vm.metadata.namespace.clone().unwrap_or_default(),
+            vm.metadata.name.clone().unwrap_or_default(),
+            format!("{:?}", status.phase),
+            format!("{:?}", status.health),
+            status.rpo.clone().unwrap_or_else(|| "-".into()),
+            age(
+                status.last_successful_cycle_time.as_ref().map(system_time),
+                now,
+            ),
+            human_bytes(status.pending_log_bytes),
+            status.recovery_points.count.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect::<Vec<_>>()
+                .join("   ")
+                .trim_end()
+                .to_owned()
+                + "\n"
+        })
+        .collect()
+}
+
+/// The recovery points of a VM, newest last, from its replica store.
+///
+/// # Errors
+///
+/// The VM or its policy is unknown, or the store cannot be read.
+pub async fn points(
+    state_dir: &Path,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<lifeboat_store::RecoveryPoint>, String> {
+    let db = Db::new(state_dir);
+    let vm: ProtectedVM = db
+        .get(VM_KIND, namespace, name)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "no ProtectedVM {namespace}/{name} in {}",
+                state_dir.display()
+            )
+        })?;
+    let policy: ReplicationPolicy = db
+        .get(POLICY_KIND, namespace, &vm.spec.policy_ref.name)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "ProtectedVM {namespace}/{name}: its ReplicationPolicy {} is unknown",
+                vm.spec.policy_ref.name
+            )
+        })?;
+    struct NoSecrets;
+    impl lifeboat_node::SecretSource for NoSecrets {
+        fn secret_value(
+            &self,
+            namespace: &str,
+            reference: &lifeboat_api::common::SecretKeyReference,
+        ) -> Result<String, String> {
+            std::env::var(format!(
+                "LIFEBOAT_SECRET_{}_{}",
+                reference.name.to_uppercase().replace('-', "_"),
+                reference.key.to_uppercase()
+            ))
+            .map_err(|_| {
+                format!(
+                    "Secret {namespace}/{} key {} is needed to read the Azure target",
+                    reference.name, reference.key
+                )
+            })
+        }
+    }
+    let store = StoreCache::default()
+        .store(namespace, &policy.spec.target, 4, &NoSecrets)
+        .map_err(|e| e.to_string())?;
+    let key = VmKey::new(namespace, name).map_err(|e| e.to_string())?;
+    let manifest = store.manifest(&key).await.map_err(|e| e.to_string())?;
+    Ok(manifest.map(|m| m.points).unwrap_or_default())
+}
+
+/// The points table.
+pub fn points_table(points: &[lifeboat_store::RecoveryPoint]) -> String {
+    let mut out = format!(
+        "{:<30} {:<16} {:>8} {}\n",
+        "POINT", "CONSISTENCY", "CYCLE", "DISKS"
+    );
+    for p in points {
+        let consistency = match p.consistency {
+            lifeboat_store::Consistency::AppConsistent => "AppConsistent",
+            lifeboat_store::Consistency::CrashConsistent => "CrashConsistent",
+        };
+        let disks: Vec<String> = p
+            .disks
+            .iter()
+            .map(|d| format!("{}={}", d.name, human_bytes(d.size_bytes)))
+            .collect();
+        out.push_str(&format!(
+            "{:<30} {:<16} {:>8} {}\n",
+            p.id,
+            consistency,
+            p.cycle,
+            disks.join(",")
+        ));
+    }
+    out
+}
+
+/// An action asked of a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Resynchronize now.
+    Resync,
+    /// Test failover to a point.
+    TestFailover(Option<String>),
+    /// Failover, planned or not, to a point.
+    Failover {
+        /// Planned (ship what is pending first).
+        planned: bool,
+        /// A named point.
+        point: Option<String>,
+    },
+    /// Remove the test failover's disks.
+    Cleanup,
+    /// Commit the failover.
+    Commit,
+}
+
+fn selector(point: &Option<String>) -> RecoveryPointSelector {
+    match point.as_deref() {
+        None | Some("latest") => RecoveryPointSelector::default(),
+        Some("latest-app-consistent") => RecoveryPointSelector {
+            kind: RecoveryPointKind::LatestAppConsistent,
+            name: None,
+        },
+        Some(name) => RecoveryPointSelector {
+            kind: RecoveryPointKind::Named,
+            name: Some(name.to_owned()),
+        },
+    }
+}
+
+/// A fresh request token.
+pub fn new_token() -> String {
+    format!(
+        "cli-{}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    )
+}
+
+/// Set the request for `action` with `token` in `requests` (the VM's `spec.requests`).
+pub fn apply_request(requests: &mut Requests, action: &Action, token: &str) {
+    let token = token.to_owned();
+    match action {
+        Action::Resync => requests.resync = Some(token),
+        Action::TestFailover(point) => {
+            requests.test_failover = Some(TestFailoverRequest {
+                token,
+                recovery_point: selector(point),
+            });
+        }
+        Action::Failover { planned, point } => {
+            requests.failover = Some(FailoverRequest {
+                token,
+                failover_type: if *planned {
+                    FailoverType::Planned
+                } else {
+                    FailoverType::Unplanned
+                },
+                recovery_point: (!*planned).then(|| selector(point)),
+            });
+        }
+        Action::Cleanup => requests.cleanup_test_failover = Some(token),
+        Action::Commit => requests.commit = Some(token),
+    }
+}
+
+/// Write the request for `action` on a VM for the daemon using `state_dir`; returns its token.
+///
+/// # Errors
+///
+/// The VM is unknown to the daemon, or the request cannot be written.
+pub fn request(
+    state_dir: &Path,
+    namespace: &str,
+    name: &str,
+    action: &Action,
+) -> Result<String, String> {
+    if Db::new(state_dir)
+        .get::<ProtectedVM>(VM_KIND, namespace, name)
+        .map_err(|e| e.to_string())?
+        .is_none()
+    {
+        return Err(format!(
+            "no ProtectedVM {namespace}/{name} is known to the daemon using {} (is `lifeboat standalone` running on it?)",
+            state_dir.display()
+        ));
+    }
+    let token = new_token();
+    requests::write(state_dir, namespace, name, |r: &mut Requests| {
+        apply_request(r, action, &token)
+    })?;
+    Ok(token)
+}
+
+/// Where `wait` reads the VM and its jobs from: the embedded store, or the API server.
+#[async_trait::async_trait]
+pub trait Resources: Send + Sync {
+    /// A ProtectedVM.
+    async fn vm(&self, namespace: &str, name: &str) -> Result<Option<ProtectedVM>, String>;
+    /// A ReplicationJob.
+    async fn job(&self, namespace: &str, name: &str) -> Result<Option<ReplicationJob>, String>;
+}
+
+/// The standalone daemon's embedded store as [`Resources`].
+#[derive(Debug)]
+pub struct Embedded(pub Db);
+
+#[async_trait::async_trait]
+impl Resources for Embedded {
+    async fn vm(&self, namespace: &str, name: &str) -> Result<Option<ProtectedVM>, String> {
+        self.0
+            .get(VM_KIND, namespace, name)
+            .map_err(|e| e.to_string())
+    }
+    async fn job(&self, namespace: &str, name: &str) -> Result<Option<ReplicationJob>, String> {
+        self.0
+            .get(JOB_KIND, namespace, name)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn handled(vm: &ProtectedVM, action: &Action) -> Option<String> {
+    let h = vm
+        .status
+        .as_ref()
+        .map(|s| s.handled_requests.clone())
+        .unwrap_or_default();
+    match action {
+        Action::Resync => h.resync,
+        Action::TestFailover(_) => h.test_failover,
+        Action::Failover { .. } => h.failover,
+        Action::Cleanup => h.cleanup_test_failover,
+        Action::Commit => h.commit,
+    }
+}
+
+/// Wait until the daemon echoes `token` for `action`, showing the running job's progress
+/// (bytes, throughput, ETA) on a terminal. Returns the VM as it then is.
+///
+/// # Errors
+///
+/// The wait timed out, or the job failed (its error is the message).
+pub async fn wait(
+    resources: &dyn Resources,
+    namespace: &str,
+    name: &str,
+    action: &Action,
+    token: &str,
+    timeout: Duration,
+) -> Result<ProtectedVM, String> {
+    let started = Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let mut shown = false;
+    loop {
+        let vm = resources.vm(namespace, name).await?;
+        let Some(vm) = vm else {
+            return Err(format!("ProtectedVM {namespace}/{name} disappeared"));
+        };
+        let job_name = vm
+            .status
+            .as_ref()
+            .and_then(|s| s.current_job.as_ref())
+            .map(|j| j.name.clone());
+        let job: Option<ReplicationJob> = match &job_name {
+            Some(job) => resources.job(namespace, job).await?,
+            None => None,
+        };
+        let ours = job
+            .as_ref()
+            .is_some_and(|j| j.spec.parameters.request_token.as_deref() == Some(token));
+        if terminal
+            && ours
+            && let Some(status) = job.as_ref().and_then(|j| j.status.as_ref())
+        {
+            let p = &status.progress;
+            let elapsed = started.elapsed().as_secs_f64().max(0.001);
+            let rate = p.bytes_done as f64 / elapsed;
+            let eta = if rate > 0.0 && p.bytes_total > p.bytes_done {
+                format_duration(Duration::from_secs_f64(
+                    (p.bytes_total - p.bytes_done) as f64 / rate,
+                ))
+            } else {
+                "-".into()
+            };
+            eprint!(
+                "\r{:?} {:>3}%  {} / {}  {}/s  ETA {eta}      ",
+                status.phase,
+                p.percent,
+                human_bytes(p.bytes_done),
+                human_bytes(p.bytes_total),
+                human_bytes(rate as u64)
+            );
+            let _ = std::io::stderr().flush();
+            shown = true;
+        }
+        if let Some(status) = job
+            .as_ref()
+            .and_then(|j| j.status.as_ref())
+            .filter(|_| ours)
+            && status.phase == lifeboat_api::JobPhase::Failed
+        {
+            if shown {
+                eprintln!();
+            }
+            let why = status
+                .error
+                .as_ref()
+                .map(|e| format!("{}: {}", e.reason, e.message))
+                .unwrap_or_else(|| "no reason given".into());
+            return Err(format!(
+                "the job {} failed: {why}",
+                job_name.unwrap_or_default()
+            ));
+        }
+        if handled(&vm, action).as_deref() == Some(token) {
+            if shown {
+                eprintln!();
+            }
+            return Ok(vm);
+        }
+        if started.elapsed() > timeout {
+            if shown {
+                eprintln!();
+            }
+            return Err(format!(
+                "the daemon did not handle the request within {}",
+                format_duration(timeout)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,621 @@
+//! The standalone daemon: the operator's decisions and the node agent in one process, on one
+//! machine, over the embedded store instead of an API server.
+//!
+//! ```text
+//!  every tick:
+//!   folder ──refresh──> policies, VMs (+ CLI requests) ──> db (spec, generation)
+//!   per policy: decide_policy ──> status
+//!   per VM:     decide_vm(spec, status, policy, job, agent report, heartbeat=now)
+//!                 ├─ job to create ──> db ──> node: claim, run_job on the VM's worker, job status
+//!                 └─ status (operator's fields) ──> db
+//!   per VM:     worker.tick (cycles) ──> facts ──> status.agent
+//! ```
+//!
+//! The decisions, the job kinds, the engine and the mappings are the same code the operator
+//! and the cluster agent run; only the transport differs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use lifeboat_agent::engine::Progress;
+use lifeboat_agent::{JobDirs, Worker};
+use lifeboat_api::common::SecretKeyReference;
+use lifeboat_api::job::JobPhase;
+use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob, ReplicationPolicy};
+use lifeboat_core::policy::{PolicyInput, check_policy, decide_policy};
+use lifeboat_core::vm::{JobObservation, ResultChange, VmInput, decide_vm, job_name};
+use lifeboat_node::config::{VmConfig, vm_config};
+use lifeboat_node::engine::{ProgressThrottle, open_worker, run_job_on};
+use lifeboat_node::report::same_but_time;
+use lifeboat_node::{SecretSource, StoreCache, agent_report, jobs};
+use lifeboat_operator::mapping::{self, Results, api_time, whole_seconds};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::db::{Db, StateLock};
+use crate::folder::{Folder, Key};
+use crate::requests;
+
+/// The db's kinds.
+pub const VM_KIND: &str = "ProtectedVM";
+/// The db's kinds.
+pub const POLICY_KIND: &str = "ReplicationPolicy";
+/// The db's kinds.
+pub const JOB_KIND: &str = "ReplicationJob";
+/// The name jobs are claimed under.
+const CLAIMER: &str = "standalone";
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The manifests folder.
+    pub manifests: PathBuf,
+    /// The state folder (embedded store, agent state, change logs).
+    pub state_dir: PathBuf,
+    /// Where (test) failover disks are materialised.
+    pub failover_dir: PathBuf,
+    /// The namespace of manifests that name none.
+    pub default_namespace: String,
+    /// How often the daemon looks at everything.
+    pub tick: Duration,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The state folder is locked by another daemon or cannot be locked.
+    #[error("{0}")]
+    Locked(String),
+    /// The manifests folder cannot be read.
+    #[error("read the manifests folder {path}: {source}")]
+    Manifests {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The embedded store failed.
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+}
+
+/// Secrets from the manifests folder.
+struct FolderSecrets<'a>(&'a Folder);
+
+impl SecretSource for FolderSecrets<'_> {
+    fn secret_value(
+        &self,
+        namespace: &str,
+        reference: &SecretKeyReference,
+    ) -> Result<String, String> {
+        self.0.secret(namespace, &reference.name, &reference.key).ok_or_else(|| {
+            format!(
+                "Secret {namespace}/{} has no key {:?}: add a Secret manifest (stringData.{}) to the manifests folder",
+                reference.name, reference.key, reference.key
+            )
+        })
+    }
+}
+
+/// One VM's node side: its worker and the job it runs.
+struct Slot {
+    worker: Arc<AsyncMutex<Worker>>,
+    config: VmConfig,
+    job: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The daemon.
+pub struct Daemon {
+    options: Options,
+    folder: Folder,
+    db: Db,
+    stores: StoreCache,
+    slots: BTreeMap<Key, Slot>,
+    /// Errors already logged, so that a standing problem is logged once.
+    reported: Mutex<BTreeMap<Key, String>>,
+    _lock: StateLock,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now() -> SystemTime {
+    whole_seconds(SystemTime::now())
+}
+
+impl Daemon {
+    /// Lock the state folder and read the manifests.
+    ///
+    /// # Errors
+    ///
+    /// Another daemon holds the state folder, or the manifests folder cannot be read.
+    pub fn open(options: Options) -> Result<Daemon, DaemonError> {
+        let lock = StateLock::acquire(&options.state_dir).map_err(DaemonError::Locked)?;
+        let mut folder = Folder::new(&options.manifests, &options.default_namespace);
+        folder.refresh().map_err(|source| DaemonError::Manifests {
+            path: options.manifests.clone(),
+            source,
+        })?;
+        let db = Db::new(&options.state_dir);
+        abandon_interrupted_jobs(&db)?;
+        Ok(Daemon {
+            db: Db::new(&options.state_dir),
+            folder,
+            stores: StoreCache::default(),
+            slots: BTreeMap::new(),
+            reported: Mutex::default(),
+            options,
+            _lock: lock,
+        })
+    }
+
+    /// The errors of manifest files that do not pass.
+    pub fn manifest_errors(&self) -> Vec<String> {
+        self.folder.errors()
+    }
+
+    /// Run until `stop` resolves.
+    ///
+    /// # Errors
+    ///
+    /// The manifests folder vanished or the embedded store failed.
+    pub async fn run(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        tokio::pin!(stop);
+        loop {
+            self.step().await?;
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep(self.options.tick) => {}
+            }
+        }
+        for slot in self.slots.values_mut() {
+            if let Some(job) = slot.job.take() {
+                job.abort();
+            }
+        }
+        Ok(())
+    }
+
+    fn report_once(&self, key: &Key, message: String) {
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        if reported.get(key) != Some(&message) {
+            tracing::error!(vm = %format!("{}/{}", key.0, key.1), "{message}");
+            reported.insert(key.clone(), message);
+        }
+    }
+
+    /// One pass over everything.
+    ///
+    /// # Errors
+    ///
+    /// The manifests folder vanished or the embedded store failed.
+    pub async fn step(&mut self) -> Result<(), DaemonError> {
+        self.folder
+            .refresh()
+            .map_err(|source| DaemonError::Manifests {
+                path: self.options.manifests.clone(),
+                source,
+            })?;
+        let now = now();
+        let policies = self.folder.policies();
+        let manifests = self.folder.vms();
+        let vms = self.sync_vms(&manifests, now)?;
+        self.decide_policies(&policies, &vms, now)?;
+        for (key, vm) in vms {
+            let policy = policies.get(&(key.0.clone(), vm.spec.policy_ref.name.clone()));
+            let vm = self.decide(&key, vm, policy, now)?;
+            if let Some(vm) = vm {
+                self.node(&key, &vm, policy, now).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The db's VMs brought in step with the folder: new ones created, changed specs given a
+    /// new generation, removed ones marked as being deleted.
+    fn sync_vms(
+        &self,
+        manifests: &BTreeMap<Key, ProtectedVM>,
+        now: SystemTime,
+    ) -> Result<BTreeMap<Key, ProtectedVM>, DaemonError> {
+        let mut out = BTreeMap::new();
+        for (key, manifest) in manifests {
+            let stored: Option<ProtectedVM> = self.db.get(VM_KIND, &key.0, &key.1)?;
+            let mut spec = manifest.spec.clone();
+            spec.requests = requests::merged(
+                spec.requests.take(),
+                requests::read(&self.options.state_dir, &key.0, &key.1),
+            );
+            let vm = match stored {
+                None => {
+                    let mut vm = manifest.clone();
+                    vm.spec = spec;
+                    vm.metadata.generation = Some(1);
+                    vm.metadata.creation_timestamp = Some(api_time(now));
+                    vm.metadata.uid = Some(format!("standalone-{}-{}", key.0, key.1));
+                    vm
+                }
+                Some(mut vm) => {
+                    if vm.spec != spec {
+                        vm.spec = spec;
+                        vm.metadata.generation = Some(vm.metadata.generation.unwrap_or(0) + 1);
+                    }
+                    vm.metadata.deletion_timestamp = None;
+                    vm.metadata.labels.clone_from(&manifest.metadata.labels);
+                    vm
+                }
+            };
+            self.db.put(VM_KIND, &key.0, &key.1, &vm)?;
+            out.insert(key.clone(), vm);
+        }
+        for stored in self.db.list::<ProtectedVM>(VM_KIND)? {
+            let key = crate::folder::key_of(&stored);
+            out.entry(key).or_insert_with(|| {
+                let mut vm = stored;
+                vm.metadata
+                    .deletion_timestamp
+                    .get_or_insert_with(|| api_time(now));
+                vm
+            });
+        }
+        Ok(out)
+    }
+
+    fn decide_policies(
+        &self,
+        policies: &BTreeMap<Key, ReplicationPolicy>,
+        vms: &BTreeMap<Key, ProtectedVM>,
+        now: SystemTime,
+    ) -> Result<(), DaemonError> {
+        for (key, policy) in policies {
+            let mut stored: ReplicationPolicy = self
+                .db
+                .get(POLICY_KIND, &key.0, &key.1)?
+                .unwrap_or_else(|| policy.clone());
+            if stored.spec != policy.spec || stored.metadata.generation.is_none() {
+                stored.metadata.generation = Some(stored.metadata.generation.unwrap_or(0) + 1);
+                stored.spec = policy.spec.clone();
+            }
+            let spec = mapping::policy_spec(&stored);
+            let state = mapping::policy_state(&stored);
+            let mut users: Vec<String> = vms
+                .iter()
+                .filter(|((ns, _), vm)| ns == &key.0 && vm.spec.policy_ref.name == key.1)
+                .map(|((_, name), _)| name.clone())
+                .collect();
+            users.sort();
+            let decision = decide_policy(&PolicyInput {
+                now,
+                spec: &spec,
+                deleting: false,
+                state: &state,
+                reachable: None,
+                users: &users,
+            });
+            if decision.changed || stored.status.is_none() {
+                stored.status = Some(mapping::policy_status(&decision.state));
+                self.db.put(POLICY_KIND, &key.0, &key.1, &stored)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decide one VM and carry the decision out; `None` when the VM is gone for good.
+    fn decide(
+        &mut self,
+        key: &Key,
+        mut vm: ProtectedVM,
+        policy: Option<&ReplicationPolicy>,
+        now: SystemTime,
+    ) -> Result<Option<ProtectedVM>, DaemonError> {
+        let spec = mapping::vm_spec(&vm);
+        let state = mapping::vm_state(vm.status.as_ref());
+        let report = vm.status.as_ref().and_then(|s| s.agent.clone());
+        let agent = report.as_ref().map(mapping::agent_facts);
+        let settings = policy.map(|p| check_policy(&mapping::policy_spec(p)).0);
+        let job: Option<ReplicationJob> = match state.job.as_ref() {
+            Some(record) if !record.state.is_finished() => {
+                self.db.get(JOB_KIND, &key.0, &record.name)?
+            }
+            _ => None,
+        };
+        let observation = match (state.job.as_ref(), &job) {
+            (Some(record), _) if record.state.is_finished() => JobObservation::NotLookedUp,
+            (None, _) => JobObservation::NotLookedUp,
+            (Some(_), Some(job)) => JobObservation::Found(mapping::job_facts(job)),
+            (Some(_), None) => JobObservation::Missing,
+        };
+        let mut decision = decide_vm(&VmInput {
+            now,
+            spec: &spec,
+            state: &state,
+            policy: settings.as_ref(),
+            agent: agent.as_ref(),
+            job: &observation,
+            heartbeat: Some(now),
+        });
+        if let Some(withdrawn) = &decision.delete_job {
+            self.db.delete(JOB_KIND, &key.0, withdrawn)?;
+        }
+        if let Some(new) = &decision.create_job {
+            let mut sequence = new.sequence;
+            let mut name = job_name(&key.1, new.kind, sequence);
+            while self
+                .db
+                .get::<ReplicationJob>(JOB_KIND, &key.0, &name)?
+                .is_some()
+            {
+                sequence += 1;
+                name = job_name(&key.1, new.kind, sequence);
+            }
+            let mut object = lifeboat_operator::vm::job_object(&vm, new, &name);
+            object.metadata.creation_timestamp = Some(api_time(now));
+            self.db.put(JOB_KIND, &key.0, &name, &object)?;
+            tracing::info!(vm = %format!("{}/{}", key.0, key.1), job = %name, "job created");
+            if let Some(record) = decision.state.job.as_mut() {
+                record.name = name;
+                record.sequence = sequence;
+            }
+        }
+        for notice in &decision.notices {
+            if notice.warning {
+                tracing::warn!(vm = %format!("{}/{}", key.0, key.1), reason = notice.reason, "{}", notice.note);
+            } else {
+                tracing::info!(vm = %format!("{}/{}", key.0, key.1), reason = notice.reason, "{}", notice.note);
+            }
+        }
+        let old = vm.status.clone().unwrap_or_default();
+        let job_result = job
+            .as_ref()
+            .and_then(|j| j.status.as_ref())
+            .and_then(|s| s.result.as_ref());
+        let results = Results {
+            test_failover: match decision.results {
+                ResultChange::TestFailoverFromJob => job_result,
+                ResultChange::ClearTestFailover => None,
+                _ => old.test_failover.as_ref(),
+            },
+            failover: match decision.results {
+                ResultChange::FailoverFromJob => job_result,
+                _ => old.failover.as_ref(),
+            },
+        };
+        let mut status = mapping::vm_status(&decision.state, report.as_ref(), results);
+        status.agent = report;
+        if decision.release_finalizer {
+            self.db.delete(VM_KIND, &key.0, &key.1)?;
+            self.slots.remove(key);
+            tracing::info!(vm = %format!("{}/{}", key.0, key.1), "protection disabled; the VM is forgotten");
+            return Ok(None);
+        }
+        if vm.status.as_ref() != Some(&status) {
+            vm.status = Some(status);
+            self.db.put(VM_KIND, &key.0, &key.1, &vm)?;
+        }
+        Ok(Some(vm))
+    }
+
+    /// The node side of one VM: its worker, its jobs, its cycles, its report.
+    async fn node(
+        &mut self,
+        key: &Key,
+        vm: &ProtectedVM,
+        policy: Option<&ReplicationPolicy>,
+        now: SystemTime,
+    ) -> Result<(), DaemonError> {
+        let Some(policy) = policy else { return Ok(()) };
+        let config = match vm_config(vm, policy) {
+            Ok(config) => config,
+            Err(e) => {
+                self.report_once(key, e.to_string());
+                return Ok(());
+            }
+        };
+        if !self.slots.contains_key(key) {
+            let store = match self.stores.store(
+                &key.0,
+                &policy.spec.target,
+                config.settings.upload_concurrency,
+                &FolderSecrets(&self.folder),
+            ) {
+                Ok(store) => store,
+                Err(e) => {
+                    self.report_once(
+                        key,
+                        format!(
+                            "ReplicationPolicy {}/{}: target: {e}",
+                            key.0,
+                            policy.metadata.name.clone().unwrap_or_default()
+                        ),
+                    );
+                    return Ok(());
+                }
+            };
+            let worker = match open_worker(&config, store, &self.options.state_dir).await {
+                Ok(worker) => worker,
+                Err(e) => {
+                    self.report_once(key, e.to_string());
+                    return Ok(());
+                }
+            };
+            self.slots.insert(
+                key.clone(),
+                Slot {
+                    worker: Arc::new(AsyncMutex::new(worker)),
+                    config: config.clone(),
+                    job: None,
+                },
+            );
+        }
+        let Some(slot) = self.slots.get_mut(key) else {
+            return Ok(());
+        };
+        if slot.job.as_ref().is_some_and(|j| j.is_finished()) {
+            slot.job = None;
+        }
+        if slot.config != config
+            && let Ok(mut worker) = slot.worker.try_lock()
+        {
+            worker.engine_mut().set_settings(config.settings.clone());
+            worker.engine_mut().set_disks(config.disks.clone());
+            slot.config = config.clone();
+        }
+        if let Ok(worker) = slot.worker.try_lock() {
+            let limit = config.upload_limit_bytes_per_second(SystemTime::now());
+            worker.engine().throttle().set_limit(limit);
+        }
+        if slot.job.is_none() {
+            let pending: Vec<ReplicationJob> = self
+                .db
+                .list::<ReplicationJob>(JOB_KIND)?
+                .into_iter()
+                .filter(|j| {
+                    j.metadata.namespace.as_deref() == Some(key.0.as_str())
+                        && j.spec.vm_ref.name == key.1
+                })
+                .filter(|j| {
+                    j.status
+                        .as_ref()
+                        .is_none_or(|s| s.phase == JobPhase::Pending)
+                })
+                .collect();
+            if let Some(job) = pending.into_iter().next() {
+                slot.job = Some(spawn_job(
+                    self.db.clone(),
+                    slot.worker.clone(),
+                    job,
+                    JobDirs {
+                        failover_dir: self.options.failover_dir.clone(),
+                    },
+                    now,
+                ));
+            }
+        }
+        let idle = slot.job.is_none();
+        let worker = slot.worker.clone();
+        if idle && let Ok(mut worker) = worker.try_lock() {
+            if let Some(Err(e)) = worker.tick(now).await {
+                tracing::warn!(vm = %format!("{}/{}", key.0, key.1), error = %e, "cycle failed");
+            }
+            let facts = worker.facts(now).await;
+            drop(worker);
+            match facts {
+                Ok(facts) => {
+                    let report = agent_report(&facts, config.policy_generation, now);
+                    self.write_report(key, report)?;
+                }
+                Err(e) => self.report_once(key, format!("report on VM {}/{}: {e}", key.0, key.1)),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_report(
+        &self,
+        key: &Key,
+        mut report: lifeboat_api::protected_vm::AgentReport,
+    ) -> Result<(), DaemonError> {
+        let Some(mut vm) = self.db.get::<ProtectedVM>(VM_KIND, &key.0, &key.1)? else {
+            return Ok(());
+        };
+        let status = vm.status.get_or_insert_with(ProtectedVMStatus::default);
+        // NB: a report that says nothing new is not written (only its time would change).
+        if status
+            .agent
+            .as_ref()
+            .is_some_and(|old| same_but_time(old, &report))
+        {
+            return Ok(());
+        }
+        report.report_time.get_or_insert_with(|| api_time(now()));
+        status.agent = Some(report);
+        Ok(self.db.put(VM_KIND, &key.0, &key.1, &vm)?)
+    }
+}
+
+/// Claim `job` and run it on the VM's worker in a task of its own, writing its status as it
+/// goes (progress at most once a second).
+fn spawn_job(
+    db: Db,
+    worker: Arc<AsyncMutex<Worker>>,
+    mut job: ReplicationJob,
+    dirs: JobDirs,
+    now: SystemTime,
+) -> tokio::task::JoinHandle<()> {
+    let ns = job.metadata.namespace.clone().unwrap_or_default();
+    let name = job.metadata.name.clone().unwrap_or_default();
+    job.status = Some(jobs::started(&job, CLAIMER, now));
+    if let Err(e) = db.put(JOB_KIND, &ns, &name, &job) {
+        tracing::error!(job = %name, error = %e, "claim the job");
+    }
+    tokio::spawn(async move {
+        let (kind, _) = jobs::job_kind_params(&job);
+        tracing::info!(job = %format!("{ns}/{name}"), kind = kind.as_str(), "job started");
+        let throttle = ProgressThrottle::new(Duration::from_secs(1));
+        let sink = {
+            let (db, job) = (db.clone(), job.clone());
+            let (ns, name) = (ns.clone(), name.clone());
+            move |p: &Progress| {
+                let at = SystemTime::now();
+                let Some(all) = throttle.note(p, at) else {
+                    return;
+                };
+                let mut job = job.clone();
+                if let Some(status) = job.status.as_mut() {
+                    jobs::progressed(status, &all, at);
+                }
+                let _ = db.put(JOB_KIND, &ns, &name, &job);
+            }
+        };
+        let mut worker = worker.lock().await;
+        let outcome = run_job_on(&mut worker, &job, &dirs, &sink).await;
+        drop(worker);
+        let ended = whole_seconds(SystemTime::now());
+        let mut finished: ReplicationJob =
+            db.get(JOB_KIND, &ns, &name).ok().flatten().unwrap_or(job);
+        let status = finished.status.take().unwrap_or_default();
+        finished.status = Some(jobs::finished(status, &outcome, ended));
+        match &outcome {
+            Ok(_) => tracing::info!(job = %format!("{ns}/{name}"), "job succeeded"),
+            Err(e) => tracing::warn!(job = %format!("{ns}/{name}"), error = %e, "job failed"),
+        }
+        if let Err(e) = db.put(JOB_KIND, &ns, &name, &finished) {
+            tracing::error!(job = %name, error = %e, "write the job's end");
+        }
+    })
+}
+
+/// Jobs an earlier daemon was running when it stopped (killed, crashed, powered off) end as
+/// failed with a recoverable error, so that the decisions retry them: the engine's state on
+/// disk lets the retry resume (an initial copy or a resync from its cursor).
+fn abandon_interrupted_jobs(db: &Db) -> Result<(), DaemonError> {
+    for mut job in db.list::<ReplicationJob>(JOB_KIND)? {
+        let interrupted = job.status.as_ref().is_some_and(|s| {
+            s.phase == JobPhase::Running && s.claimed_by.as_deref() == Some(CLAIMER)
+        });
+        if !interrupted {
+            continue;
+        }
+        let (ns, name) = crate::folder::key_of(&job);
+        let status = job.status.take().unwrap_or_default();
+        job.status = Some(jobs::abandoned(
+            status,
+            "AgentRestarted",
+            "the standalone daemon stopped while the job ran; it is retried".into(),
+            now(),
+        ));
+        tracing::warn!(job = %format!("{ns}/{name}"), "the job was interrupted by a restart; it will be retried");
+        db.put(JOB_KIND, &ns, &name, &job)?;
+    }
+    Ok(())
+}
