@@ -71,8 +71,8 @@ pub struct Context {
     pub settings: Settings,
     /// Recent probe results by account URL, so that a burst of reconciles probes once.
     pub(crate) probes: Mutex<HashMap<String, ProbeResult>>,
-    /// The VM versions the operator last wrote status over.
-    pub(crate) written_over: crate::vm::WrittenOver,
+    /// What the operator last wrote to each VM's status.
+    pub(crate) last_writes: crate::vm::LastWrites,
 }
 
 impl fmt::Debug for Context {
@@ -107,7 +107,7 @@ impl Context {
             probe,
             settings,
             probes: Mutex::new(HashMap::new()),
-            written_over: crate::vm::WrittenOver::default(),
+            last_writes: crate::vm::LastWrites::default(),
         }
     }
 

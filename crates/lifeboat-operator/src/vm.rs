@@ -16,12 +16,13 @@
 //!   a reconcile cut short between the two finds and adopts the same job.
 //! - Status is written only when it changes, by server-side apply under the operator's field
 //!   manager, never touching `status.agent`.
-//! - A reconcile that sees the very version of the VM it last wrote status over (the cache has
-//!   not caught up with the write yet) does nothing: the write's own watch event follows.
+//! - A reconcile that sees its own fields of status other than it last wrote them (the cache
+//!   has not caught up with the write yet) does nothing: the write's own watch event follows.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -32,7 +33,7 @@ use lifeboat_api::common::LocalObjectReference;
 use lifeboat_api::contract::{
     LABEL_JOB_TYPE, LABEL_VM, OPERATOR_FIELD_MANAGER, VM_FINALIZER, is_label_value,
 };
-use lifeboat_api::job::{JobPhase, ReplicationJobSpec};
+use lifeboat_api::job::ReplicationJobSpec;
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob};
 use lifeboat_core::policy::check_policy;
 use lifeboat_core::vm::{JobObservation, NewJob, ResultChange, VmInput, decide_vm, job_name};
@@ -52,29 +53,48 @@ pub const RETRY_NON_RECOVERABLE: Duration = Duration::from_secs(300);
 /// How many job names to try past one taken by another VM's job.
 const MAX_NAME_TRIES: u32 = 20;
 
-/// The resourceVersion each VM had when the operator last wrote its status over it.
+/// What the operator last wrote to each VM's status (a hash of it), for a short while: a
+/// reconcile that sees anything else of its own fields is looking at a cache that has not
+/// caught up with that write yet, and waits for the write's own watch event.
+///
+/// NB: by content, not by resourceVersion: versions are opaque (not ordered), and only the
+/// operator writes these fields, so a cached status that differs from the last write is
+/// older than it. The entry expires, so that a status edited by hand is taken as it is.
 #[derive(Debug, Default)]
-pub struct WrittenOver(Mutex<HashMap<ObjectRef<ProtectedVM>, String>>);
+pub struct LastWrites(Mutex<HashMap<ObjectRef<ProtectedVM>, (u64, Instant)>>);
 
-impl WrittenOver {
-    fn is_stale(&self, key: &ObjectRef<ProtectedVM>, version: Option<&str>) -> bool {
+/// How long a write's own watch event may take to come back.
+const WRITE_ECHO_WAIT: Duration = Duration::from_secs(10);
+
+fn status_hash(status: &ProtectedVMStatus) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    serde_json::to_vec(status)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+impl LastWrites {
+    /// Whether `vm`'s cached status is older than the last write to it.
+    fn is_stale(&self, key: &ObjectRef<ProtectedVM>, vm: &ProtectedVM) -> bool {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match (map.get(key), version) {
-            (Some(written_over), Some(seen)) if written_over == seen => true,
-            (Some(_), _) => {
-                map.remove(key);
-                false
-            }
-            (None, _) => false,
+        let Some((written, at)) = map.get(key).copied() else {
+            return false;
+        };
+        let cached = ProtectedVMStatus {
+            agent: None,
+            ..vm.status.clone().unwrap_or_default()
+        };
+        if status_hash(&cached) == written || at.elapsed() > WRITE_ECHO_WAIT {
+            map.remove(key);
+            return false;
         }
+        true
     }
 
-    fn remember(&self, key: ObjectRef<ProtectedVM>, version: Option<String>) {
+    fn remember(&self, key: ObjectRef<ProtectedVM>, status: &ProtectedVMStatus) {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match version {
-            Some(v) => map.insert(key, v),
-            None => map.remove(&key),
-        };
+        map.insert(key, (status_hash(status), Instant::now()));
     }
 }
 
@@ -110,12 +130,9 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
         return Ok(Action::await_change());
     }
     let key = ObjectRef::from_obj(vm.as_ref());
-    if ctx
-        .written_over
-        .is_stale(&key, vm.resource_version().as_deref())
-    {
+    if ctx.last_writes.is_stale(&key, &vm) {
         tracing::debug!(vm = %qualified, "the cache has not caught up with the last status write");
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
 
     let now = whole_seconds(ctx.clock.now());
@@ -187,7 +204,7 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
     if status != (ProtectedVMStatus { agent: None, ..old }) {
         apply_status(&vms, &qualified, &name, &status).await?;
         ctx.metrics.status_written(CONTROLLER);
-        ctx.written_over.remember(key, vm.resource_version());
+        ctx.last_writes.remember(key, &status);
     }
     if decision.release_finalizer {
         finalizer::remove(&vms, vm.as_ref(), VM_FINALIZER)
@@ -271,16 +288,12 @@ pub fn job_object(vm: &ProtectedVM, new: &NewJob, name: &str) -> ReplicationJob 
     }
 }
 
-fn is_ours(job: &ReplicationJob, vm: &ProtectedVM, new: &NewJob) -> bool {
-    let owned = job
-        .owner_references()
+/// Whether `job` is the VM's own: a job of that name and owner can only be the one for that
+/// sequence (names end with it, and sequences only grow).
+fn is_ours(job: &ReplicationJob, vm: &ProtectedVM) -> bool {
+    job.owner_references()
         .iter()
-        .any(|o| Some(&o.uid) == vm.metadata.uid.as_ref());
-    let running = job
-        .status
-        .as_ref()
-        .is_none_or(|s| !matches!(s.phase, JobPhase::Succeeded | JobPhase::Failed));
-    owned && job.spec.job_type == mapping::api_job_type(new.kind) && running
+        .any(|o| Some(&o.uid) == vm.metadata.uid.as_ref())
 }
 
 /// Create the job; returns the name and sequence it got.
@@ -313,10 +326,10 @@ async fn create_job(
                     name: format!("{ns}/{name}"),
                     source,
                 })?;
-                // NB: a reconcile that created this job and then failed to write the status
-                // naming it: adopt it. Anything else (an old job of ours, left when status
-                // was lost, or another VM's) means the next name.
-                if existing.is_some_and(|job| is_ours(&job, vm, new)) {
+                // NB: a reconcile that created this job and then did not get to write the
+                // status naming it: adopt it, finished or not. Another VM's job (a cut, hashed
+                // long name that collided) means the next name.
+                if existing.is_some_and(|job| is_ours(&job, vm)) {
                     return Ok((name, sequence));
                 }
                 last = name;

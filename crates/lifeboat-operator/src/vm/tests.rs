@@ -362,12 +362,14 @@ async fn a_job_missing_from_the_cache_is_asked_for_then_taken_as_deleted() {
 }
 
 #[tokio::test]
-async fn a_job_that_exists_already_is_adopted_when_it_is_ours() {
+async fn a_job_that_exists_already_is_adopted_when_it_is_ours_even_finished() {
     let (ctx, mut api) = context(vec![]);
     let run = tokio::spawn(reconcile(Arc::new(vm(json!({}))), Arc::clone(&ctx)));
     let mut events = Vec::new();
     let create = api.next(&mut events).await;
-    let job = create.body.clone();
+    let mut job = create.body.clone();
+    // Created by a reconcile that did not get to write status; the agent was quick.
+    job["status"] = json!({"phase": "Succeeded"});
     create.answer(
         StatusCode::CONFLICT,
         &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -384,13 +386,13 @@ async fn a_job_that_exists_already_is_adopted_when_it_is_ours() {
 }
 
 #[tokio::test]
-async fn an_old_job_of_the_same_name_makes_the_next_name() {
+async fn another_vms_job_of_the_same_name_makes_the_next_name() {
     let (ctx, mut api) = context(vec![]);
     let run = tokio::spawn(reconcile(Arc::new(vm(json!({}))), Arc::clone(&ctx)));
     let mut events = Vec::new();
     let create = api.next(&mut events).await;
     let mut old = create.body.clone();
-    old["status"] = json!({"phase": "Succeeded"});
+    old["metadata"]["ownerReferences"][0]["uid"] = json!("uid-of-another-web");
     create.answer(
         StatusCode::CONFLICT,
         &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -431,6 +433,18 @@ async fn a_deleted_vm_that_was_never_protected_lets_go_of_its_finalizer() {
     release.answer(StatusCode::OK, &released);
     assert!(run.await.is_ok_and(|r| r.is_ok()));
     api.done(&mut events).await;
+}
+
+#[tokio::test]
+async fn a_reconcile_from_a_cache_older_than_the_last_write_waits() {
+    let (ctx, mut api) = context(vec![]);
+    let mut events = Vec::new();
+    enable(&ctx, &mut api, &mut events).await;
+    // The same context, the VM as the cache still has it: without the status just written.
+    let action = reconcile(Arc::new(vm(json!({}))), Arc::clone(&ctx)).await;
+    assert_eq!(action.ok(), Some(Action::requeue(Duration::from_secs(1))));
+    api.done(&mut events).await;
+    assert_eq!(events, ["JobCreated"], "no second job, no second event");
 }
 
 #[tokio::test]
