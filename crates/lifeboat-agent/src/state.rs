@@ -153,9 +153,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> 
         .map_err(AgentError::state("write", &tmp))?;
     file.sync_all().map_err(AgentError::state("sync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(AgentError::state("replace", path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(AgentError::state("sync folder", dir))
+    crate::engine::sync_folder(dir).map_err(AgentError::state("sync folder", dir))
 }
 
 #[cfg(test)]

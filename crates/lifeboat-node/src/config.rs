@@ -197,6 +197,15 @@ pub fn hypervisor(config: &VmConfig, work_dir: &Path) -> Result<Arc<dyn Hypervis
         }
         #[cfg(not(unix))]
         HypervisorConfig::Qemu { .. } => Err(unavailable("qemu")),
+        // NB: the VM's GUID finds it even when names repeat on the host; else its name.
+        #[cfg(windows)]
+        HypervisorConfig::HyperV { vm_id } => {
+            Ok(Arc::new(lifeboat_agent::hyperv::HyperVHypervisor::new(
+                vm_id.clone().unwrap_or_else(|| config.vm_name.clone()),
+                work_dir.to_path_buf(),
+            )))
+        }
+        #[cfg(not(windows))]
         HypervisorConfig::HyperV { .. } => Err(unavailable("hyperv")),
     }
 }
