@@ -1,6 +1,7 @@
-//! The operator's HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process
-//! answers) and `/readyz` (its caches are in sync, or it waits as a standby replica).
-//! A few lines of hyper, which kube already brings, rather than a web framework.
+//! The HTTP endpoint of Lifeboat's processes (the operator and the node agent): `/metrics`
+//! (Prometheus text), `/healthz` (the process answers) and `/readyz` (its caches are in sync,
+//! or it waits as a standby replica). A few lines of hyper, which kube already brings, rather
+//! than a web framework.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,7 +14,21 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+/// What `/metrics` serves: a registry rendered as Prometheus text.
+pub trait MetricsText: Send + Sync + 'static {
+    /// The metrics as Prometheus text.
+    ///
+    /// # Errors
+    ///
+    /// Formatting failed.
+    fn encode(&self) -> Result<String, std::fmt::Error>;
+}
+
+impl MetricsText for crate::metrics::Metrics {
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        crate::metrics::Metrics::encode(self)
+    }
+}
 
 fn respond(
     status: StatusCode,
@@ -32,7 +47,7 @@ fn respond(
 
 fn route(
     request: &Request<Incoming>,
-    metrics: &Metrics,
+    metrics: &dyn MetricsText,
     ready: &AtomicBool,
 ) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
@@ -60,7 +75,7 @@ fn route(
 }
 
 /// Serve the endpoint on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+pub async fn serve<M: MetricsText>(listener: TcpListener, metrics: Arc<M>, ready: Arc<AtomicBool>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(connection) => connection,
@@ -72,7 +87,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Atom
         let (metrics, ready) = (Arc::clone(&metrics), Arc::clone(&ready));
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = route(&request, &metrics, &ready);
+                let response = route(&request, metrics.as_ref(), &ready);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(error) = hyper::server::conn::http1::Builder::new()
@@ -88,6 +103,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Atom
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> String {

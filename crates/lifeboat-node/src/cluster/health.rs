@@ -1,5 +1,5 @@
 //! The agent's HTTP endpoint: `/healthz` (the process answers), `/readyz` (its caches are in
-//! sync) and `/metrics` (Prometheus text). A few lines of hyper, as in the operator.
+//! sync) and `/metrics` (Prometheus text), served by the operator's endpoint code.
 //!
 //! | metric | labels |
 //! |---|---|
@@ -11,15 +11,9 @@
 //! | `lifeboat_agent_heartbeats_total` | outcome: renewed, failed |
 //! | `lifeboat_agent_api_errors_total` | action |
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -151,79 +145,22 @@ impl Metrics {
     }
 }
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
-    *response.status_mut() = status;
-    if let Ok(value) = content_type.parse() {
-        response
-            .headers_mut()
-            .insert(http::header::CONTENT_TYPE, value);
-    }
-    response
-}
-
-fn route(
-    request: &Request<Incoming>,
-    metrics: &Metrics,
-    ready: &AtomicBool,
-) -> Response<Full<Bytes>> {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    if request.method() != Method::GET {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n");
-    }
-    match request.uri().path() {
-        "/metrics" => match metrics.encode() {
-            Ok(text) => respond(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                text,
-            ),
-            Err(_) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, "encode metrics\n"),
-        },
-        "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
-        "/readyz" if ready.load(Ordering::Relaxed) => respond(StatusCode::OK, TEXT, "ready\n"),
-        "/readyz" => respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            TEXT,
-            "caches not synced yet\n",
-        ),
-        _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n"),
+impl lifeboat_operator::http::MetricsText for Metrics {
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        Metrics::encode(self)
     }
 }
 
-/// Serve the endpoint on `listener` until the task is dropped.
+/// Serve the agent's endpoint on `listener` until the task is dropped (the operator's server,
+/// with the agent's metrics).
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(connection) => connection,
-            Err(error) => {
-                tracing::warn!(%error, "accept a health connection");
-                continue;
-            }
-        };
-        let (metrics, ready) = (Arc::clone(&metrics), Arc::clone(&ready));
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let response = route(&request, &metrics, &ready);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%error, "health connection");
-            }
-        });
-    }
+    lifeboat_operator::http::serve(listener, metrics, ready).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> String {
