@@ -5,8 +5,11 @@
 //! cargo xtask crdgen --check    fail when crds/ differs from what the types generate
 //! cargo xtask test              everything CI checks: fmt, clippy, generated files, tests
 //! cargo xtask windows           the agent for Windows nodes: clippy and a build that links
+//! cargo xtask chart             the Helm chart and the images: lint, render, validate, rules
 //! cargo xtask bench resync      the resync benchmark against rsync (release build)
 //! ```
+
+mod chart;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -32,6 +35,13 @@ enum Task {
     Test,
     /// Check and build the agent for Windows nodes (x86_64-pc-windows-gnu, linked by mingw-w64).
     Windows,
+    /// Check the Helm chart and the Dockerfiles offline (helm lint and template, schema,
+    /// kubernetes-validate, rules, the binary's subcommands and flags).
+    Chart {
+        /// Copy crds/ into the chart first.
+        #[arg(long)]
+        sync_crds: bool,
+    },
     /// Run a benchmark in a release build.
     Bench {
         /// Which benchmark.
@@ -56,6 +66,7 @@ fn main() -> Result<()> {
         Task::Crdgen { check } => crdgen(&root, check),
         Task::Test => test(&root),
         Task::Windows => windows(&root),
+        Task::Chart { sync_crds } => chart::chart(&root, sync_crds),
         Task::Bench { which, args } => bench(&root, which, &args),
     }
 }
@@ -162,12 +173,15 @@ fn test(root: &Path) -> Result<()> {
         ],
     )?;
     crdgen(root, true)?;
+    // NB: the tools first: tests/deploy.rs renders the chart's RBAC with helm.
+    chart::install_tools(root)?;
     run(
         root,
         "cargo",
         &["test", "--workspace", "--all-targets", "--no-fail-fast"],
     )?;
     run(root, "cargo", &["test", "--workspace", "--doc"])?;
+    chart::chart(root, false)?;
     if windows_target_installed() {
         windows(root)?;
     } else {
