@@ -18,7 +18,8 @@
 //!  granted rule x resource x verb ──no request used it──> fail (the chart grants too much)
 //! ```
 //!
-//! so the chart grants exactly the verbs, resources, subresources and namespaces the code uses.
+//! so the chart grants exactly the verbs, resources, subresources and namespaces the code uses,
+//! in both of its modes: every namespace (ClusterRoles) and one watched namespace (Roles).
 //!
 //! # Metrics
 //!
@@ -63,22 +64,27 @@ fn helm() -> PathBuf {
     helm
 }
 
-/// The chart rendered with the default values, plus the Secret the scenario's policy names.
-fn render_chart() -> Vec<Value> {
+/// The chart rendered with the default values (and `watchNamespace` when given), plus the
+/// Secret the scenario's policy names.
+fn render_chart(watch_namespace: Option<&str>) -> Vec<Value> {
     let root = workspace_root();
+    let mut args = vec![
+        "template".to_owned(),
+        "lifeboat".to_owned(),
+        "charts/lifeboat".to_owned(),
+        "--namespace".to_owned(),
+        RELEASE_NAMESPACE.to_owned(),
+        "--set".to_owned(),
+        format!("storage.secretRefs[0].namespace={VMS}"),
+        "--set".to_owned(),
+        format!("storage.secretRefs[0].name={STORAGE_SECRET}"),
+    ];
+    if let Some(ns) = watch_namespace {
+        args.extend(["--set".to_owned(), format!("watchNamespace={ns}")]);
+    }
     let out = Command::new(helm())
         .current_dir(&root)
-        .args([
-            "template",
-            "lifeboat",
-            "charts/lifeboat",
-            "--namespace",
-            RELEASE_NAMESPACE,
-            "--set",
-            &format!("storage.secretRefs[0].namespace={VMS}"),
-            "--set",
-            &format!("storage.secretRefs[0].name={STORAGE_SECRET}"),
-        ])
+        .args(&args)
         .output()
         .unwrap_or_else(|e| panic!("run helm: {e}"));
     assert!(
@@ -350,8 +356,21 @@ fn summary(requests: &[ApiRequest], user: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_grants_exactly_the_calls_the_operator_and_the_agent_make() {
+    rbac_scenario(None).await;
+}
+
+/// With `watchNamespace`, the same rules come as Roles in that namespace, and the operator and
+/// the agent watch that namespace only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_watched_namespace_the_chart_grants_the_calls_in_it_only() {
+    rbac_scenario(Some(VMS)).await;
+}
+
+/// Run the scenario with the operator and the agent watching `watch_namespace` (None: all),
+/// and hold the chart rendered the same way against their requests.
+async fn rbac_scenario(watch_namespace: Option<&str>) {
     lifeboat_operator::install_crypto_provider();
-    let chart = render_chart();
+    let chart = render_chart(watch_namespace);
     let grants = grants(&chart);
     let operator_user = service_account(&chart, "operator");
     let agent_user = service_account(&chart, "agent");
@@ -381,7 +400,7 @@ async fn the_chart_grants_exactly_the_calls_the_operator_and_the_agent_make() {
     let operator = Operator::new(
         client_as(&server, &operator_user),
         Config {
-            namespace: None,
+            namespace: watch_namespace.map(str::to_owned),
             lease_namespace: RELEASE_NAMESPACE.into(),
             leader_election: true,
             identity: "lifeboat-operator-0".into(),
@@ -396,6 +415,7 @@ async fn the_chart_grants_exactly_the_calls_the_operator_and_the_agent_make() {
     }));
     let mut options = AgentOptions::new(NODE);
     options.pod_name = "lifeboat-agent-x1".into();
+    options.namespace = watch_namespace.map(str::to_owned);
     options.lease_namespace = RELEASE_NAMESPACE.into();
     options.state_dir = dir.path().join("state");
     options.failover_dir = dir.path().join("failover");
