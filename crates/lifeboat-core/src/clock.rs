@@ -50,32 +50,6 @@ impl Clock for ManualClock {
     }
 }
 
-/// A clock that runs `factor` times faster than the wall clock from the moment it is made:
-/// for benchmarks that play an hour of cycles in minutes.
-#[derive(Clone, Copy, Debug)]
-pub struct ScaledClock {
-    origin: SystemTime,
-    started: std::time::Instant,
-    factor: u32,
-}
-
-impl ScaledClock {
-    /// A clock that starts at the current time and runs `factor` times faster (at least 1).
-    pub fn new(factor: u32) -> Self {
-        Self {
-            origin: SystemTime::now(),
-            started: std::time::Instant::now(),
-            factor: factor.max(1),
-        }
-    }
-}
-
-impl Clock for ScaledClock {
-    fn now(&self) -> SystemTime {
-        self.origin + self.started.elapsed() * self.factor
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -168,10 +169,12 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
             record.sequence = sequence;
         }
     }
-    let related = decision.state.job.as_ref().map(|j| {
-        let mut reference = ReplicationJob::new(&j.name, placeholder_spec()).object_ref(&());
-        reference.namespace = Some(ns.clone());
-        reference
+    let related = decision.state.job.as_ref().map(|j| ObjectReference {
+        api_version: Some(ReplicationJob::api_version(&()).into_owned()),
+        kind: Some(ReplicationJob::kind(&()).into_owned()),
+        name: Some(j.name.clone()),
+        namespace: Some(ns.clone()),
+        ..ObjectReference::default()
     });
     events::publish(&ctx, vm.as_ref(), &decision.notices, related).await;
     if let Some(finished) = decision.finished_job {
@@ -217,16 +220,6 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
         tracing::info!(vm = %qualified, "protection disabled; the VM can go");
     }
     Ok(Action::requeue(decision.requeue_after))
-}
-
-/// An empty job spec, to build a job's object reference from its name.
-fn placeholder_spec() -> ReplicationJobSpec {
-    ReplicationJobSpec {
-        vm_ref: LocalObjectReference::default(),
-        node_name: String::new(),
-        job_type: lifeboat_api::JobType::EnableProtection,
-        parameters: Default::default(),
-    }
 }
 
 /// The job the VM's status names, while it is not finished: from the cache, or from the API
