@@ -51,6 +51,28 @@ where
     set(api, obj, finalizers).await
 }
 
+/// Make sure a live object holds `finalizer` before anything else is done for it.
+///
+/// Returns `true` when the reconcile may go on (the object holds the finalizer); `false` when
+/// it was just added (the patch comes back as a watch event, which reconciles again) or when
+/// the object is being deleted without it (nothing is left to do).
+///
+/// # Errors
+///
+/// As [`add`].
+pub async fn ensure<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    if has(obj, finalizer) {
+        return Ok(true);
+    }
+    if obj.meta().deletion_timestamp.is_none() {
+        add(api, obj, finalizer).await?;
+    }
+    Ok(false)
+}
+
 /// Remove `finalizer` from `obj`; a 404 means it is gone already.
 ///
 /// # Errors

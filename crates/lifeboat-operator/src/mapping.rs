@@ -32,8 +32,8 @@ use lifeboat_api::{
 use lifeboat_core::conditions::ObservedCondition;
 use lifeboat_core::policy::{PolicySpec, PolicyState};
 use lifeboat_core::vm::{
-    AgentFacts, DiskFacts, FailoverAsk, Handled, JobFacts, JobRecord, Requests, TestFailoverAsk,
-    VmSpec, VmState,
+    AgentFacts, DiskFacts, FailoverAsk, Handled, JobFacts, JobRecord, Requests, ResultChange,
+    TestFailoverAsk, VmSpec, VmState,
 };
 use lifeboat_core::window::WindowSpec;
 use lifeboat_core::{
@@ -436,6 +436,31 @@ pub struct Results<'a> {
     pub test_failover: Option<&'a FailoverResult>,
     /// The failover's, as the status had it.
     pub failover: Option<&'a FailoverResult>,
+}
+
+impl<'a> Results<'a> {
+    /// The results after `change`: copied from `job` (the job that just ended), cleared, or
+    /// kept as `old` had them.
+    pub fn after(
+        change: ResultChange,
+        job: Option<&'a ReplicationJob>,
+        old: &'a ProtectedVMStatus,
+    ) -> Self {
+        let from_job = job
+            .and_then(|j| j.status.as_ref())
+            .and_then(|s| s.result.as_ref());
+        Self {
+            test_failover: match change {
+                ResultChange::TestFailoverFromJob => from_job,
+                ResultChange::ClearTestFailover => None,
+                ResultChange::Keep | ResultChange::FailoverFromJob => old.test_failover.as_ref(),
+            },
+            failover: match change {
+                ResultChange::FailoverFromJob => from_job,
+                _ => old.failover.as_ref(),
+            },
+        }
+    }
 }
 
 /// The status the operator writes: its decisions, and the agent's facts that people read in

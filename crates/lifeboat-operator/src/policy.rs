@@ -47,16 +47,14 @@ pub async fn reconcile(policy: Arc<ReplicationPolicy>, ctx: Arc<Context>) -> Res
     let qualified = format!("{ns}/{name}");
     let api: Api<ReplicationPolicy> = Api::namespaced(ctx.client.clone(), &ns);
     let deleting = policy.metadata.deletion_timestamp.is_some();
-    if !finalizer::has(policy.as_ref(), POLICY_FINALIZER) {
-        if !deleting {
-            finalizer::add(&api, policy.as_ref(), POLICY_FINALIZER)
-                .await
-                .map_err(|source| Error::PatchFinalizers {
-                    kind: CONTROLLER,
-                    name: qualified,
-                    source,
-                })?;
-        }
+    let held = finalizer::ensure(&api, policy.as_ref(), POLICY_FINALIZER)
+        .await
+        .map_err(|source| Error::PatchFinalizers {
+            kind: CONTROLLER,
+            name: qualified.clone(),
+            source,
+        })?;
+    if !held {
         return Ok(Action::await_change());
     }
 

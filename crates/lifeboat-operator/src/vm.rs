@@ -37,7 +37,7 @@ use lifeboat_api::contract::{
 use lifeboat_api::job::ReplicationJobSpec;
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob};
 use lifeboat_core::policy::check_policy;
-use lifeboat_core::vm::{JobObservation, NewJob, ResultChange, VmInput, decide_vm, job_name};
+use lifeboat_core::vm::{JobObservation, NewJob, VmInput, decide_vm, job_name};
 use serde_json::json;
 
 use crate::context::Context;
@@ -118,16 +118,14 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
     let name = vm.name_any();
     let qualified = format!("{ns}/{name}");
     let vms: Api<ProtectedVM> = Api::namespaced(ctx.client.clone(), &ns);
-    if !finalizer::has(vm.as_ref(), VM_FINALIZER) {
-        if vm.metadata.deletion_timestamp.is_none() {
-            finalizer::add(&vms, vm.as_ref(), VM_FINALIZER)
-                .await
-                .map_err(|source| Error::PatchFinalizers {
-                    kind: CONTROLLER,
-                    name: qualified,
-                    source,
-                })?;
-        }
+    let held = finalizer::ensure(&vms, vm.as_ref(), VM_FINALIZER)
+        .await
+        .map_err(|source| Error::PatchFinalizers {
+            kind: CONTROLLER,
+            name: qualified.clone(),
+            source,
+        })?;
+    if !held {
         return Ok(Action::await_change());
     }
     let key = ObjectRef::from_obj(vm.as_ref());
@@ -188,21 +186,7 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
         .set_cycles_missed(&ns, &name, decision.cycles_missed_last_hour);
 
     let old = vm.status.clone().unwrap_or_default();
-    let job_result = job
-        .as_ref()
-        .and_then(|j| j.status.as_ref())
-        .and_then(|s| s.result.as_ref());
-    let results = Results {
-        test_failover: match decision.results {
-            ResultChange::TestFailoverFromJob => job_result,
-            ResultChange::ClearTestFailover => None,
-            _ => old.test_failover.as_ref(),
-        },
-        failover: match decision.results {
-            ResultChange::FailoverFromJob => job_result,
-            _ => old.failover.as_ref(),
-        },
-    };
+    let results = Results::after(decision.results, job.as_deref(), &old);
     let status = mapping::vm_status(&decision.state, report, results);
     if status != (ProtectedVMStatus { agent: None, ..old }) {
         apply_status(&vms, &qualified, &name, &status).await?;
