@@ -25,7 +25,7 @@ use lifeboat_api::common::SecretKeyReference;
 use lifeboat_api::job::JobPhase;
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob, ReplicationPolicy};
 use lifeboat_core::policy::{PolicyInput, check_policy, decide_policy};
-use lifeboat_core::vm::{JobObservation, ResultChange, VmInput, decide_vm, job_name};
+use lifeboat_core::vm::{JobObservation, VmInput, decide_vm, job_name};
 use lifeboat_node::config::{VmConfig, vm_config};
 use lifeboat_node::engine::{ProgressThrottle, open_worker, run_job_on};
 use lifeboat_node::report::same_but_time;
@@ -375,21 +375,7 @@ impl Daemon {
             }
         }
         let old = vm.status.clone().unwrap_or_default();
-        let job_result = job
-            .as_ref()
-            .and_then(|j| j.status.as_ref())
-            .and_then(|s| s.result.as_ref());
-        let results = Results {
-            test_failover: match decision.results {
-                ResultChange::TestFailoverFromJob => job_result,
-                ResultChange::ClearTestFailover => None,
-                _ => old.test_failover.as_ref(),
-            },
-            failover: match decision.results {
-                ResultChange::FailoverFromJob => job_result,
-                _ => old.failover.as_ref(),
-            },
-        };
+        let results = Results::after(decision.results, job.as_ref(), &old);
         let mut status = mapping::vm_status(&decision.state, report.as_ref(), results);
         status.agent = report;
         if decision.release_finalizer {
