@@ -1,0 +1,915 @@
+//! The agent's two benchmarks (DESIGN.md §6, issue 5), on a real `qemu-storage-daemon` (QSD)
+//! playing the VM's block layer and the real local folder store.
+//!
+//! ```text
+//!   cargo bench -p lifeboat-agent --bench agent -- [--parts tracking,copy] [--dir PATH]
+//!         tracking: [--disk-mib 2048] [--hot-mib 256] [--run-secs 100] [--interval-secs 30]
+//!                   [--rounds 3] [--depth 16] [--request-kib 64]
+//!         copy:     [--image-mib 4096] [--runs 5] [--steps lifeboat,cp] [--warm] [--no-verify]
+//!         [--keep]
+//! ```
+//!
+//! (or `LIFEBOAT_BENCH_<OPTION>` environment variables, e.g. `LIFEBOAT_BENCH_RUN_SECS`).
+//! Results are printed as Markdown tables.
+//!
+//! # `tracking`: what change tracking costs the guest
+//!
+//! The guest is `qemu-img bench -w` (sequential 64 KiB writes, 16 in flight, a non-zero
+//! pattern) through QSD's writable NBD export of a qcow2 disk, confined to a "hot" window at
+//! the start of the disk (a `raw` layer with `offset`/`size` over the NBD export), so that
+//! every cycle finds that window dirty: the busiest guest the agent can face. Runs alternate,
+//! unprotected then protected in odd rounds and the other way round in even ones, so that
+//! load from other work on the machine hits both kinds alike; every run does the same number
+//! of requests (calibrated once to last about `--run-secs` unprotected).
+//!
+//! - Unprotected: the export with no Lifeboat bitmap and no agent work.
+//! - Protected: before the timed part (not timed), the engine is opened on a fresh store,
+//!   enabled (persistent dirty bitmap), copies the disk and finalizes; during the timed part
+//!   it runs a cycle every `--interval-secs` (`Replicator::run_cycle`: one QMP transaction,
+//!   a fleecing view, the dirty extents read over NBD into a sealed HRL, applied to the store
+//!   with its undo segments, a recovery point cut), in this process, on the same two cores.
+//!   Afterwards protection is disabled and the replica deleted (not timed).
+//!
+//! The figure is the guest's write throughput as `qemu-img bench` reports it ("Run completed
+//! in"): the same export, the same requests, the same window, the only difference being
+//! whether Lifeboat protects the disk. The cost measured is everything protection adds:
+//! QEMU's bitmap, copy-before-write while a view is open, and the agent's CPU and I/O.
+//!
+//! # `copy`: initial replication against `cp --sparse=always` + `sync`
+//!
+//! A `--image-mib` image, half data: 1 MiB extents of random data at a random half of the
+//! 1 MiB slots (seeded; neighbouring extents merge into longer runs, as in a real disk), the
+//! rest never written. It is built once as a raw sparse file (`source.raw`: holes where
+//! nothing was written) and converted to qcow2 (`qemu-img convert`, which allocates only the
+//! data clusters) for QSD to serve. Steps, alternating which goes first:
+//!
+//! - Lifeboat: `Replicator::open` on an empty store folder, `enable`, `initial_copy` (the
+//!   view opened over QMP, the allocated extents read over NBD, written to the store's sparse
+//!   replica file, block map and cursor stored, everything fsynced): timed from the open to
+//!   the end of `initial_copy`, so the replica is durable.
+//! - Peer: `cp --sparse=always source.raw DEST` followed by `sync DEST DEST_DIR` (fsync of
+//!   the copy and of its folder: the same durability, without flushing unrelated dirty data
+//!   of other processes on the machine, which a bare `sync` would charge to the peer).
+//!
+//! Both read the same 2 GiB of data (Lifeboat through qcow2 and NBD, which is how it reaches
+//! a VM's disk; `cp` straight from the raw file), skip the same holes, write the same bytes
+//! into a sparse file and make them durable. Before each step everything is synced and, as
+//! root, the page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`) so that both read from
+//! the disk; `--warm` keeps the cache. Both results are compared with the source (`cmp`) in
+//! the first run.
+
+// A bench reports a failed setup by panicking: unwrap and expect are its error reports.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use lifeboat_agent::backend::DiskRef;
+use lifeboat_agent::qemu::QemuHypervisor;
+use lifeboat_agent::{Progress, Replicator, Report, Settings};
+use lifeboat_store::VmKey;
+use lifeboat_store::local::LocalStore;
+
+const MIB: u64 = 1024 * 1024;
+
+/// A small seeded generator (SplitMix64): the image must be the same from run to run, and
+/// random enough that nothing compresses or reads as zeros.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn fill(&mut self, buffer: &mut [u8]) {
+        for word in buffer.chunks_mut(8) {
+            let bytes = self.next().to_le_bytes();
+            word.copy_from_slice(&bytes[..word.len()]);
+        }
+    }
+
+    /// Fisher-Yates.
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, (self.next() % (i as u64 + 1)) as usize);
+        }
+    }
+}
+const DISK: &str = "disk0";
+
+struct Config {
+    parts: Vec<String>,
+    dir: PathBuf,
+    disk_mib: u64,
+    hot_mib: u64,
+    run_secs: u64,
+    interval_secs: u64,
+    rounds: usize,
+    depth: u32,
+    request_kib: u64,
+    image_mib: u64,
+    runs: usize,
+    steps: Vec<String>,
+    warm: bool,
+    verify: bool,
+    keep: bool,
+}
+
+fn config() -> Config {
+    let env = |name: &str, default: &str| {
+        std::env::var(format!("LIFEBOAT_BENCH_{name}")).unwrap_or_else(|_| default.to_owned())
+    };
+    let mut values: Vec<(&str, String)> = [
+        ("parts", "tracking,copy"),
+        ("dir", "/var/tmp/lifeboat-agent-bench"),
+        ("disk-mib", "2048"),
+        ("hot-mib", "256"),
+        ("run-secs", "100"),
+        ("interval-secs", "30"),
+        ("rounds", "3"),
+        ("depth", "16"),
+        ("request-kib", "64"),
+        ("image-mib", "4096"),
+        ("runs", "5"),
+        ("steps", "lifeboat,cp"),
+    ]
+    .into_iter()
+    .map(|(k, d)| (k, env(&k.to_uppercase().replace('-', "_"), d)))
+    .collect();
+    let mut warm = env("WARM", "") == "1";
+    let mut keep = env("KEEP", "") == "1";
+    let mut verify = env("NO_VERIFY", "") != "1";
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--warm" => warm = true,
+            "--keep" => keep = true,
+            "--no-verify" => verify = false,
+            _ => {
+                // `cargo bench` passes `--bench`: ignore what is not ours.
+                if let Some(slot) = values
+                    .iter_mut()
+                    .find(|(k, _)| arg.strip_prefix("--") == Some(*k))
+                {
+                    slot.1 = args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+                }
+            }
+        }
+    }
+    let get = |k: &str| {
+        values
+            .iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let num = |k: &str| -> u64 {
+        get(k)
+            .parse()
+            .unwrap_or_else(|e| panic!("--{k} {}: {e}", get(k)))
+    };
+    Config {
+        parts: get("parts").split(',').map(str::to_owned).collect(),
+        dir: PathBuf::from(get("dir")),
+        disk_mib: num("disk-mib"),
+        hot_mib: num("hot-mib"),
+        run_secs: num("run-secs"),
+        interval_secs: num("interval-secs").max(1),
+        rounds: (num("rounds") as usize).max(1),
+        depth: num("depth") as u32,
+        request_kib: num("request-kib").max(4),
+        image_mib: num("image-mib"),
+        runs: (num("runs") as usize).max(1),
+        steps: get("steps").split(',').map(str::to_owned).collect(),
+        warm,
+        verify,
+        keep,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Measuring helpers.
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// CPU seconds of a process from `/proc/<pid>/stat` (clock ticks of 10 ms): its own
+/// (utime + stime) and its waited-for children's (cutime + cstime).
+fn cpu_of(pid: &str) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (0.0, 0.0);
+    };
+    let fields: Vec<u64> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // `fields[0]` is field 3 of stat(5); utime, stime, cutime, cstime are fields 14-17.
+    let at = |i: usize| fields.get(i).copied().unwrap_or(0) as f64 / 100.0;
+    (at(11) + at(12), at(13) + at(14))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1e6)
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sync everything, then (unless `warm`) drop the page cache. Returns whether it was dropped.
+fn settle(warm: bool) -> bool {
+    run("sync", &[]);
+    !warm && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// Bytes a file occupies on disk.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+fn remove_dir(path: &Path) {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("remove {}: {e}", path.display()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The VM's block layer.
+
+/// A qemu-storage-daemon serving one qcow2 disk (node `disk0`) with QMP and, if asked, a
+/// writable NBD export `guest` for the guest; stopped by its process id when dropped.
+struct Qsd {
+    child: Child,
+    qmp: PathBuf,
+    nbd: Option<PathBuf>,
+}
+
+impl Qsd {
+    fn start(dir: &Path, image: &Path, guest_export: bool) -> Qsd {
+        let qmp = dir.join("qmp.sock");
+        let nbd = dir.join("guest-nbd.sock");
+        let _ = std::fs::remove_file(&qmp);
+        let _ = std::fs::remove_file(&nbd);
+        let mut args = vec![
+            "--blockdev".to_owned(),
+            format!(
+                "driver=file,node-name={DISK}-file,filename={}",
+                image.display()
+            ),
+            "--blockdev".to_owned(),
+            format!("driver=qcow2,node-name={DISK},file={DISK}-file"),
+        ];
+        if guest_export {
+            args.push("--nbd-server".into());
+            args.push(format!("addr.type=unix,addr.path={}", nbd.display()));
+            args.push("--export".into());
+            args.push(format!(
+                "type=nbd,id=guest,node-name={DISK},name=guest,writable=on"
+            ));
+        }
+        args.push("--chardev".into());
+        args.push(format!(
+            "socket,path={},server=on,wait=off,id=qmp0",
+            qmp.display()
+        ));
+        args.push("--monitor".into());
+        args.push("chardev=qmp0".into());
+        let child = Command::new("qemu-storage-daemon")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start qemu-storage-daemon (qemu-utils): {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(qmp.exists() && (!guest_export || nbd.exists())) {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not open its sockets"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd {
+            child,
+            qmp,
+            nbd: guest_export.then_some(nbd),
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn disks(&self, image: &Path) -> Vec<DiskRef> {
+        vec![DiskRef {
+            name: DISK.to_owned(),
+            path: image.display().to_string(),
+            node: Some(DISK.to_owned()),
+        }]
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An engine on a fresh store and state folder under `dir`.
+async fn open_engine(
+    name: &str,
+    qsd: &Qsd,
+    image: &Path,
+    dir: &Path,
+    settings: Settings,
+) -> Replicator {
+    let vm = VmKey::new("bench", name).unwrap();
+    let hypervisor = Arc::new(QemuHypervisor::new(name, &qsd.qmp, dir.join("qemu")));
+    let store = Arc::new(LocalStore::open(dir.join("store")).unwrap());
+    Replicator::open(
+        vm,
+        qsd.disks(image),
+        dir.join("agent"),
+        hypervisor,
+        store,
+        settings,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("open the engine: {e}"))
+}
+
+fn no_progress(_: &Progress) {}
+
+// ---------------------------------------------------------------------------------------
+// Part 1: change tracking cost.
+
+struct GuestRun {
+    protected: bool,
+    seconds: f64,
+    load_before: String,
+    load_after: String,
+    guest_cpu: f64,
+    qsd_cpu: f64,
+    agent_cpu: f64,
+    cycles: Vec<CycleRecord>,
+}
+
+struct CycleRecord {
+    started: Duration,
+    took: Duration,
+    report: Result<Report, String>,
+}
+
+/// `qemu-img bench` writing `count` requests into the hot window; the seconds it reports.
+async fn guest_bench(config: &Config, socket: &Path, count: u64) -> f64 {
+    let opts = format!(
+        "driver=raw,offset=0,size={},file.driver=nbd,file.server.type=unix,file.server.path={},file.export=guest",
+        config.hot_mib * MIB,
+        socket.display()
+    );
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["bench", "-w", "-t", "none", "--pattern", "90"])
+        .args(["-c", &count.to_string()])
+        .args(["-s", &format!("{}k", config.request_kib)])
+        .args(["-d", &config.depth.to_string()])
+        .args(["--image-opts", &opts])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qemu-img bench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("Run completed in "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {text}"))
+}
+
+async fn guest_run(
+    config: &Config,
+    qsd: &Qsd,
+    image: &Path,
+    work: &Path,
+    count: u64,
+    protected: bool,
+    round: usize,
+) -> GuestRun {
+    let socket = qsd.nbd.clone().unwrap();
+    run("sync", &[]);
+    let engine = if protected {
+        let dir = work.join(format!("protect-{round}"));
+        remove_dir(&dir);
+        let settings = Settings {
+            copy_interval: Duration::from_secs(config.interval_secs),
+            ..Settings::default()
+        };
+        let mut engine = open_engine(&format!("track-{round}"), qsd, image, &dir, settings).await;
+        engine.enable().await.unwrap();
+        engine.initial_copy(&no_progress).await.unwrap();
+        let finalize = engine.run_cycle(SystemTime::now()).await.unwrap();
+        assert!(finalize.point.is_some(), "the finalize cycle cut no point");
+        run("sync", &[]);
+        Some((engine, dir))
+    } else {
+        None
+    };
+    let load_before = load_average();
+    let (qsd_before, _) = cpu_of(&qsd.pid());
+    let (self_before, children_before) = cpu_of("self");
+    let interval = Duration::from_secs(config.interval_secs);
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let cycles = engine.map(|(mut engine, dir)| {
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut records = Vec::new();
+            for k in 1u32.. {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(start + interval * k) => {}
+                    _ = stopped.changed() => break,
+                }
+                let began = tokio::time::Instant::now();
+                let report = engine
+                    .run_cycle(SystemTime::now())
+                    .await
+                    .map_err(|e| e.to_string());
+                records.push(CycleRecord {
+                    started: began - start,
+                    took: began.elapsed(),
+                    report,
+                });
+            }
+            (engine, dir, records)
+        })
+    });
+    let seconds = guest_bench(config, &socket, count).await;
+    let load_after = load_average();
+    let _ = stop.send(true);
+    let (qsd_after, _) = cpu_of(&qsd.pid());
+    let (self_after, children_after) = cpu_of("self");
+    let mut records = Vec::new();
+    if let Some(task) = cycles {
+        let (mut engine, dir, done) = task.await.unwrap();
+        records = done;
+        engine.disable(true).await.unwrap();
+        remove_dir(&dir);
+    }
+    GuestRun {
+        protected,
+        seconds,
+        load_before,
+        load_after,
+        guest_cpu: children_after - children_before,
+        qsd_cpu: qsd_after - qsd_before,
+        agent_cpu: self_after - self_before,
+        cycles: records,
+    }
+}
+
+async fn tracking_part(config: &Config) {
+    let work = config.dir.join("tracking");
+    remove_dir(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let image = work.join("guest.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+            &format!("{}M", config.disk_mib),
+        ],
+    );
+    let qsd = Qsd::start(&work, &image, true);
+    let socket = qsd.nbd.clone().unwrap();
+    let request = config.request_kib * 1024;
+    let window = config.hot_mib * MIB;
+    // Allocate the window's clusters (the first writes to a qcow2 cost more), then calibrate.
+    guest_bench(config, &socket, window / request).await;
+    // NB: the faster of two probes, so that a burst of other work during one of them does
+    // not make every run shorter than asked (and leave it with fewer cycles).
+    let first = (4 * window / request).max(1024);
+    let first_secs = guest_bench(config, &socket, first).await;
+    let probe = ((first as f64 / first_secs) * 3.0) as u64;
+    let probe_secs = guest_bench(config, &socket, probe)
+        .await
+        .min(probe as f64 * first_secs / first as f64);
+    let count = ((probe as f64 / probe_secs) * config.run_secs as f64) as u64;
+    println!(
+        "\n### Change tracking cost: {} MiB qcow2 disk, guest writes to its first {} MiB, \
+         {} KiB requests, {} in flight, a cycle every {} s\n",
+        config.disk_mib, config.hot_mib, config.request_kib, config.depth, config.interval_secs
+    );
+    println!(
+        "calibration: {probe} requests in {probe_secs:.3} s ({:.0} MB/s); each run writes {count} requests ({} MB)\n",
+        (probe * request) as f64 / probe_secs / 1e6,
+        mb(count * request)
+    );
+    println!(
+        "| round | run | MB/s | seconds | load before → after | CPU s guest / QSD / agent | cycles (start s: took s, read MB, shipped MB) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut runs = Vec::new();
+    for round in 1..=config.rounds {
+        let order = if round % 2 == 1 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for protected in order {
+            let r = guest_run(config, &qsd, &image, &work, count, protected, round).await;
+            let cycles: Vec<String> = r
+                .cycles
+                .iter()
+                .map(|c| match &c.report {
+                    Ok(report) => format!(
+                        "{:.0}: {:.2}, {}, {}{}",
+                        c.started.as_secs_f64(),
+                        c.took.as_secs_f64(),
+                        mb(report.bytes_read),
+                        mb(report.bytes_sent),
+                        if report.resync_required.is_some() {
+                            " RESYNC"
+                        } else {
+                            ""
+                        }
+                    ),
+                    Err(e) => format!("{:.0}: failed: {e}", c.started.as_secs_f64()),
+                })
+                .collect();
+            println!(
+                "| {round} | {} | {:.0} | {:.2} | {} → {} | {:.1} / {:.1} / {:.1} | {} |",
+                if r.protected {
+                    "protected"
+                } else {
+                    "unprotected"
+                },
+                (count * request) as f64 / r.seconds / 1e6,
+                r.seconds,
+                r.load_before,
+                r.load_after,
+                r.guest_cpu,
+                r.qsd_cpu,
+                r.agent_cpu,
+                if cycles.is_empty() {
+                    "–".to_owned()
+                } else {
+                    cycles.join("; ")
+                }
+            );
+            runs.push(r);
+        }
+    }
+    let rate = |r: &GuestRun| (count * request) as f64 / r.seconds / 1e6;
+    let unprotected: Vec<f64> = runs.iter().filter(|r| !r.protected).map(rate).collect();
+    let protected: Vec<f64> = runs.iter().filter(|r| r.protected).map(rate).collect();
+    let paired: Vec<f64> = runs
+        .chunks(2)
+        .map(|pair| {
+            let (p, u): (Vec<&GuestRun>, Vec<&GuestRun>) = pair.iter().partition(|r| r.protected);
+            rate(p[0]) / rate(u[0])
+        })
+        .collect();
+    let cycles: Vec<&CycleRecord> = runs.iter().flat_map(|r| r.cycles.iter()).collect();
+    let ok: Vec<&Report> = cycles
+        .iter()
+        .filter_map(|c| c.report.as_ref().ok())
+        .collect();
+    let took: Vec<f64> = cycles.iter().map(|c| c.took.as_secs_f64()).collect();
+    println!(
+        "\nmedian MB/s: unprotected {:.0}, protected {:.0}; protected/unprotected: ratio of medians {:.3}, \
+         mean of the rounds' ratios {:.3} ({}); cycles: {} ({} failed, {} asked for a resync), \
+         median {:.2} s (min {:.2}, max {:.2}), median read {} MB, median shipped {} MB per cycle",
+        median(&unprotected),
+        median(&protected),
+        median(&protected) / median(&unprotected),
+        mean(&paired),
+        paired
+            .iter()
+            .map(|p| format!("{p:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cycles.len(),
+        cycles.len() - ok.len(),
+        ok.iter().filter(|r| r.resync_required.is_some()).count(),
+        median(&took),
+        took.iter().copied().fold(f64::INFINITY, f64::min),
+        took.iter().copied().fold(0.0, f64::max),
+        mb(median(&ok.iter().map(|r| r.bytes_read as f64).collect::<Vec<_>>()) as u64),
+        mb(median(&ok.iter().map(|r| r.bytes_sent as f64).collect::<Vec<_>>()) as u64),
+    );
+    drop(qsd);
+    if !config.keep {
+        remove_dir(&work);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Part 2: initial replication against cp --sparse=always + sync.
+
+/// Build `source.raw` (sparse, half 1 MiB extents of random data) and `source.qcow2` from
+/// it, unless `--keep` left them from an earlier run of the same size. Returns the data
+/// bytes, the number of data runs and of holes.
+fn build_image(config: &Config, dir: &Path) -> (u64, usize, usize) {
+    use std::os::unix::fs::FileExt;
+    let raw = dir.join("source.raw");
+    let qcow2 = dir.join("source.qcow2");
+    let slots = config.image_mib as usize;
+    let mut chosen: Vec<usize> = (0..slots).collect();
+    let mut rng = SplitMix(5);
+    rng.shuffle(&mut chosen);
+    chosen.truncate(slots / 2);
+    chosen.sort_unstable();
+    let runs = chosen
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| *i == 0 || chosen[i - 1] + 1 != **s)
+        .count();
+    let data_bytes = chosen.len() as u64 * MIB;
+    let stamp = dir.join(format!("built-{}-splitmix-5", config.image_mib));
+    if !(stamp.exists() && raw.exists() && qcow2.exists()) {
+        let _ = std::fs::remove_file(&raw);
+        let file = std::fs::File::create(&raw).unwrap();
+        file.set_len(config.image_mib * MIB).unwrap();
+        let mut buffer = vec![0u8; MIB as usize];
+        for slot in &chosen {
+            rng.fill(&mut buffer);
+            file.write_all_at(&buffer, *slot as u64 * MIB).unwrap();
+        }
+        file.sync_all().unwrap();
+        let _ = std::fs::remove_file(&qcow2);
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw.to_str().unwrap(),
+                qcow2.to_str().unwrap(),
+            ],
+        );
+        std::fs::write(&stamp, b"").unwrap();
+    }
+    let holes = chosen.windows(2).filter(|w| w[0] + 1 != w[1]).count()
+        + usize::from(chosen.first() != Some(&0))
+        + usize::from(chosen.last() != Some(&(slots - 1)));
+    (data_bytes, runs, holes)
+}
+
+struct CopyRun {
+    seconds: f64,
+    /// Lifeboat: open+enable; cp: the cp itself.
+    first: f64,
+    /// Lifeboat: initial_copy until the last progress report; cp: the sync.
+    second: f64,
+    /// Lifeboat: from the last progress report to the end (flush, view closed).
+    third: f64,
+    cpu: f64,
+    qsd_cpu: f64,
+    written: u64,
+    allocated: u64,
+    load: String,
+    dropped: bool,
+}
+
+async fn lifeboat_copy(config: &Config, qsd: &Qsd, dir: &Path, verify: bool) -> CopyRun {
+    let work = dir.join("lifeboat");
+    remove_dir(&work);
+    let dropped = settle(config.warm);
+    let load = load_average();
+    let image = dir.join("source.qcow2");
+    let (qsd_before, _) = cpu_of(&qsd.pid());
+    let (cpu_before, _) = cpu_of("self");
+    let started = Instant::now();
+    let mut engine = open_engine("copy", qsd, &image, &work, Settings::default()).await;
+    engine.enable().await.unwrap();
+    let enabled = started.elapsed();
+    let last = Mutex::new(started);
+    let sink = |_: &Progress| *last.lock().unwrap() = Instant::now();
+    let report = engine.initial_copy(&sink).await.unwrap();
+    let seconds = started.elapsed();
+    let last = *last.lock().unwrap() - started;
+    let (cpu_after, _) = cpu_of("self");
+    let (qsd_after, _) = cpu_of(&qsd.pid());
+    let replica = work
+        .join("store/bench/copy/disks")
+        .join(format!("{DISK}.img"));
+    let allocated = allocated(&replica);
+    if verify {
+        run(
+            "cmp",
+            &[
+                dir.join("source.raw").to_str().unwrap(),
+                replica.to_str().unwrap(),
+            ],
+        );
+    }
+    engine.disable(true).await.unwrap();
+    remove_dir(&work);
+    CopyRun {
+        seconds: seconds.as_secs_f64(),
+        first: enabled.as_secs_f64(),
+        second: (last - enabled).as_secs_f64(),
+        third: (seconds - last).as_secs_f64(),
+        cpu: cpu_after - cpu_before,
+        qsd_cpu: qsd_after - qsd_before,
+        written: report.bytes_sent,
+        allocated,
+        load,
+        dropped,
+    }
+}
+
+fn cp_copy(config: &Config, dir: &Path, verify: bool) -> CopyRun {
+    let out = dir.join("cp");
+    remove_dir(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let dest = out.join(format!("{DISK}.img"));
+    let dropped = settle(config.warm);
+    let load = load_average();
+    let (_, children_before) = cpu_of("self");
+    let started = Instant::now();
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            dir.join("source.raw").to_str().unwrap(),
+            dest.to_str().unwrap(),
+        ],
+    );
+    let copied = started.elapsed();
+    run("sync", &[dest.to_str().unwrap(), out.to_str().unwrap()]);
+    let seconds = started.elapsed();
+    let (_, children_after) = cpu_of("self");
+    let allocated = allocated(&dest);
+    if verify {
+        run(
+            "cmp",
+            &[
+                dir.join("source.raw").to_str().unwrap(),
+                dest.to_str().unwrap(),
+            ],
+        );
+    }
+    remove_dir(&out);
+    CopyRun {
+        seconds: seconds.as_secs_f64(),
+        first: copied.as_secs_f64(),
+        second: (seconds - copied).as_secs_f64(),
+        third: 0.0,
+        // cp's and sync's CPU (children waited for); cmp runs after the reading.
+        cpu: children_after - children_before,
+        qsd_cpu: 0.0,
+        written: 0,
+        allocated,
+        load,
+        dropped,
+    }
+}
+
+async fn copy_part(config: &Config) {
+    let dir = config.dir.join("copy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (data_bytes, data_runs, holes) = build_image(config, &dir);
+    let qsd = Qsd::start(&dir, &dir.join("source.qcow2"), false);
+    println!(
+        "\n### Initial replication: {} MiB image, {} MB of data in {} runs of 1 MiB extents, {} holes\n",
+        config.image_mib,
+        mb(data_bytes),
+        data_runs,
+        holes
+    );
+    println!(
+        "| run | step | seconds | phases s | CPU s (QSD) | data sent MB | allocated MB | load | cache |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut lifeboat = Vec::new();
+    let mut peer = Vec::new();
+    for i in 1..=config.runs {
+        let verify = i == 1 && config.verify;
+        let mut steps = Vec::new();
+        for lifeboat_first in [i % 2 == 1, i % 2 == 0] {
+            let step = if lifeboat_first { "lifeboat" } else { "cp" };
+            if !config.steps.iter().any(|s| s == step) {
+                continue;
+            }
+            if lifeboat_first {
+                let r = lifeboat_copy(config, &qsd, &dir, verify).await;
+                steps.push(("Lifeboat", r));
+            } else {
+                steps.push(("cp + sync", cp_copy(config, &dir, verify)));
+            }
+        }
+        for (name, r) in steps {
+            let phases = if name == "Lifeboat" {
+                format!(
+                    "open+enable {:.2}, copy {:.2}, flush+close {:.2}",
+                    r.first, r.second, r.third
+                )
+            } else {
+                format!("cp {:.2}, sync {:.2}", r.first, r.second)
+            };
+            println!(
+                "| {i} | {name} | {:.2} | {phases} | {:.2} ({:.2}) | {} | {} | {} | {} |",
+                r.seconds,
+                r.cpu,
+                r.qsd_cpu,
+                if name == "Lifeboat" {
+                    mb(r.written)
+                } else {
+                    "–".into()
+                },
+                mb(r.allocated),
+                r.load,
+                if r.dropped { "dropped" } else { "warm" }
+            );
+            if name == "Lifeboat" {
+                lifeboat.push(r.seconds);
+            } else {
+                peer.push(r.seconds);
+            }
+        }
+    }
+    let (l, p) = (median(&lifeboat), median(&peer));
+    println!(
+        "\nmedian seconds: Lifeboat {l:.2}, cp + sync {p:.2}; Lifeboat / peer {:.3} (target ≤ 1.25)",
+        l / p
+    );
+    drop(qsd);
+    if !config.keep {
+        remove_dir(&dir);
+    }
+}
+
+fn main() {
+    let config = config();
+    println!(
+        "nproc {}, load average {}, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average(),
+        run("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).trim()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        if config.parts.iter().any(|p| p == "tracking") {
+            tracking_part(&config).await;
+        }
+        if config.parts.iter().any(|p| p == "copy") {
+            copy_part(&config).await;
+        }
+    });
+}
