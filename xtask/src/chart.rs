@@ -420,14 +420,6 @@ fn rules(variant: &str, docs: &[Value], commands: &mut Commands) -> Result<()> {
         let (k, n) = (kind(doc), name(doc));
         match k {
             "Secret" => problem(format!("Secret {n}: the chart never holds a credential")),
-            "Namespace"
-                if str_at(doc, "/metadata/labels/pod-security.kubernetes.io~1enforce")
-                    != "privileged" =>
-            {
-                problem(format!(
-                    "Namespace {n}: no pod-security enforce=privileged label"
-                ));
-            }
             "ClusterRole" | "Role" => {
                 for rule in array_at(doc, "/rules") {
                     let words = |field: &str| -> Vec<String> {
