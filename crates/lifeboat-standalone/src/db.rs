@@ -200,20 +200,21 @@ impl StateLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| format!("open {}: {e}", path.display()))?;
-        if let Err(e) =
-            rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = holder.trim();
-            return Err(if e == rustix::io::Errno::WOULDBLOCK {
-                format!(
+        // NB: std's advisory lock (flock on Unix, LockFileEx on Windows), released with the file.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                return Err(format!(
                     "another lifeboat standalone (pid {}) is using the state folder {}: stop it first, or use another --state-dir",
                     if holder.is_empty() { "unknown" } else { holder },
                     state_dir.display()
-                )
-            } else {
-                format!("lock {}: {e}", path.display())
-            });
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(format!("lock {}: {e}", path.display()));
+            }
         }
         file.set_len(0)
             .and_then(|_| write!(file, "{}", std::process::id()))

@@ -329,7 +329,10 @@ async fn the_heartbeat_lease_is_created_then_renewed() {
         contract::HEARTBEAT_LABEL_VALUE
     );
     assert_eq!(call.body["spec"]["holderIdentity"], NODE);
-    assert_eq!(call.body["spec"]["renewTime"], "2025-06-15T15:06:40.000000Z");
+    assert_eq!(
+        call.body["spec"]["renewTime"],
+        "2025-06-15T15:06:40.000000Z"
+    );
     let mut created = call.body.clone();
     created["metadata"]["resourceVersion"] = json!("100");
     created["metadata"]["managedFields"] = json!([{"manager": "lifeboat-agent"}]);
@@ -348,8 +351,14 @@ async fn the_heartbeat_lease_is_created_then_renewed() {
     assert_eq!(call.body["metadata"]["resourceVersion"], "100");
     assert!(call.body["metadata"].get("managedFields").is_none());
     assert_eq!(call.body["spec"]["holderIdentity"], NODE);
-    assert_eq!(call.body["spec"]["renewTime"], "2025-06-15T15:06:50.000000Z");
-    assert_eq!(call.body["spec"]["acquireTime"], "2025-06-15T15:06:40.000000Z");
+    assert_eq!(
+        call.body["spec"]["renewTime"],
+        "2025-06-15T15:06:50.000000Z"
+    );
+    assert_eq!(
+        call.body["spec"]["acquireTime"],
+        "2025-06-15T15:06:40.000000Z"
+    );
     let mut renewed = call.body.clone();
     renewed["metadata"]["resourceVersion"] = json!("101");
     call.answer(StatusCode::OK, &renewed);
