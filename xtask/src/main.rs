@@ -175,12 +175,37 @@ fn test(root: &Path) -> Result<()> {
     crdgen(root, true)?;
     // NB: the tools first: tests/deploy.rs renders the chart's RBAC with helm.
     chart::install_tools(root)?;
-    run(
-        root,
-        "cargo",
-        &["test", "--workspace", "--all-targets", "--no-fail-fast"],
-    )?;
-    run(root, "cargo", &["test", "--workspace", "--doc"])?;
+    // NB: the benchmarks are built (clippy --all-targets) but not run here: they are long and
+    // some need peers CI does not install (rsync). Only the operator's scale benchmark runs,
+    // in its smoke size, because it exercises the real controllers end to end.
+    let mut totals = TestTotals::default();
+    let tests = [
+        &[
+            "test",
+            "--workspace",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--no-fail-fast",
+        ][..],
+        &["test", "-p", "lifeboat-tests", "--bench", "operator_scale"],
+        &["test", "--workspace", "--doc"],
+    ];
+    let mut failed = None;
+    for args in tests {
+        if let Err(e) = run_tests(root, args, &mut totals) {
+            failed.get_or_insert(e);
+        }
+    }
+    // NB: one closing line for the whole run, so that a reader of the log (or CI) sees the
+    // total and not only the last test binary's count.
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if let Some(e) = failed {
+        return Err(e);
+    }
     chart::chart(root, false)?;
     if windows_target_installed() {
         windows(root)?;
@@ -189,6 +214,61 @@ fn test(root: &Path) -> Result<()> {
             "skipping the Windows build: `rustup target add {WINDOWS_TARGET}` and mingw-w64 \
              (Debian: gcc-mingw-w64-x86-64) are not both installed"
         );
+    }
+    Ok(())
+}
+
+/// Test counts added up over every `test result:` line cargo's test binaries print.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match label {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Run `cargo ARGS`, echoing its output as it comes and counting the test results.
+fn run_tests(root: &Path, args: &[&str], totals: &mut TestTotals) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    println!("+ cargo {}", args.join(" "));
+    let mut child = Command::new("cargo")
+        .args(args)
+        .current_dir(root)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start cargo")?;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("read cargo's output")?;
+            println!("{line}");
+            totals.add_line(line.trim());
+        }
+    }
+    let status = child.wait().context("wait for cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
     }
     Ok(())
 }

@@ -212,6 +212,9 @@ pub enum Action {
     Cleanup,
     /// Commit the failover.
     Commit,
+    /// Retry what failed, now, instead of at the next retry time (or at all, after a
+    /// non-recoverable error the administrator has fixed).
+    Retry,
 }
 
 fn selector(point: &Option<String>) -> RecoveryPointSelector {
@@ -263,6 +266,7 @@ pub fn apply_request(requests: &mut Requests, action: &Action, token: &str) {
         }
         Action::Cleanup => requests.cleanup_test_failover = Some(token),
         Action::Commit => requests.commit = Some(token),
+        Action::Retry => requests.retry = Some(token),
     }
 }
 
@@ -333,6 +337,7 @@ fn handled(vm: &ProtectedVM, action: &Action) -> Option<String> {
         Action::Failover { .. } => h.failover,
         Action::Cleanup => h.cleanup_test_failover,
         Action::Commit => h.commit,
+        Action::Retry => h.retry,
     }
 }
 

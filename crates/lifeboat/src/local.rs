@@ -85,6 +85,9 @@ pub enum Tool {
     Cleanup(RequestArgs),
     /// Commit a failover: drop the other recovery points.
     Commit(RequestArgs),
+    /// Retry what failed now, instead of at the next retry time (after fixing the cause of a
+    /// non-recoverable error, say).
+    Retry(RequestArgs),
 }
 
 /// A request on one VM.
@@ -238,6 +241,7 @@ pub async fn tool(tool: Tool) -> Result<ExitCode> {
         }
         Tool::Cleanup(request) => ask(request, Action::Cleanup).await,
         Tool::Commit(request) => ask(request, Action::Commit).await,
+        Tool::Retry(request) => ask(request, Action::Retry).await,
     }
 }
 
