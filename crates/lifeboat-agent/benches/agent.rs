@@ -10,7 +10,9 @@
 //! ```
 //!
 //! (or `LIFEBOAT_BENCH_<OPTION>` environment variables, e.g. `LIFEBOAT_BENCH_RUN_SECS`).
-//! Results are printed as Markdown tables.
+//! Results are printed as Markdown tables. Without `--bench` (as `cargo test --all-targets`
+//! runs it) it makes a smoke run of a few seconds on tiny images instead. Needs Debian's
+//! qemu-utils 10 (`qemu-storage-daemon`, `qemu-img`) and root to drop the page cache.
 //!
 //! # `tracking`: what change tracking costs the guest
 //!
@@ -121,7 +123,35 @@ struct Config {
     keep: bool,
 }
 
+/// The settings of a smoke run: what `cargo test --all-targets` gets (it runs this binary
+/// without `--bench`), a few seconds on tiny images in a folder of its own, page cache kept.
+fn smoke_config() -> Config {
+    Config {
+        parts: vec!["tracking".into(), "copy".into()],
+        dir: PathBuf::from(format!(
+            "/var/tmp/lifeboat-agent-bench-smoke-{}",
+            std::process::id()
+        )),
+        disk_mib: 256,
+        hot_mib: 16,
+        run_secs: 2,
+        interval_secs: 1,
+        rounds: 1,
+        depth: 4,
+        request_kib: 64,
+        image_mib: 64,
+        runs: 1,
+        steps: vec!["lifeboat".into(), "cp".into()],
+        warm: true,
+        verify: true,
+        keep: false,
+    }
+}
+
 fn config() -> Config {
+    if !std::env::args().any(|a| a == "--bench") {
+        return smoke_config();
+    }
     let env = |name: &str, default: &str| {
         std::env::var(format!("LIFEBOAT_BENCH_{name}")).unwrap_or_else(|_| default.to_owned())
     };
@@ -277,6 +307,19 @@ fn remove_dir(path: &Path) {
 // ---------------------------------------------------------------------------------------
 // The VM's block layer.
 
+/// A command that the kernel kills when this process dies (util-linux `setpriv
+/// --pdeathsig`), so that an interrupted bench leaves no daemon behind. Spawn it from the
+/// main thread: the signal follows the thread that forked.
+fn guarded(program: &str) -> Command {
+    if Path::new("/usr/bin/setpriv").exists() {
+        let mut command = Command::new("/usr/bin/setpriv");
+        command.args(["--pdeathsig", "KILL", program]);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
 /// A qemu-storage-daemon serving one qcow2 disk (node `disk0`) with QMP and, if asked, a
 /// writable NBD export `guest` for the guest; stopped by its process id when dropped.
 struct Qsd {
@@ -315,7 +358,7 @@ impl Qsd {
         ));
         args.push("--monitor".into());
         args.push("chardev=qmp0".into());
-        let child = Command::new("qemu-storage-daemon")
+        let child = guarded("qemu-storage-daemon")
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -409,7 +452,7 @@ async fn guest_bench(config: &Config, socket: &Path, count: u64) -> f64 {
         config.hot_mib * MIB,
         socket.display()
     );
-    let out = tokio::process::Command::new("qemu-img")
+    let out = tokio::process::Command::from(guarded("qemu-img"))
         .args(["bench", "-w", "-t", "none", "--pattern", "90"])
         .args(["-c", &count.to_string()])
         .args(["-s", &format!("{}k", config.request_kib)])
@@ -912,4 +955,8 @@ fn main() {
             copy_part(&config).await;
         }
     });
+    if !config.keep {
+        // Only when empty: the folder may be shared with other files.
+        let _ = std::fs::remove_dir(&config.dir);
+    }
 }
