@@ -294,7 +294,8 @@ fn windows_target_installed() -> bool {
 }
 
 /// The agent for Windows: clippy with warnings denied, then a build of the library's test
-/// binary, which links every Windows import (WMI, virtdisk.dll) with mingw-w64.
+/// binary, which links every Windows import (WMI, virtdisk.dll) with mingw-w64, then a check
+/// of the whole `lifeboat` binary the Windows image builds (the Azure SDK, kube, standalone).
 // NB: `--lib` only: the integration tests under tests/ drive QEMU and are Linux-only.
 fn windows(root: &Path) -> Result<()> {
     let target = format!("--target={WINDOWS_TARGET}");
@@ -315,7 +316,8 @@ fn windows(root: &Path) -> Result<()> {
         root,
         "cargo",
         &["test", "-p", "lifeboat-agent", &target, "--lib", "--no-run"],
-    )
+    )?;
+    run(root, "cargo", &["check", "-p", "lifeboat", &target])
 }
 
 fn bench(root: &Path, which: Bench, args: &[String]) -> Result<()> {
