@@ -29,9 +29,10 @@
 //! Needs helm in target/tools/ (`cargo xtask chart` extracts it from node_modules) and Debian's
 //! qemu-utils.
 
+use lifeboat_agent::testing::Qsd;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, PostParams};
@@ -252,64 +253,6 @@ fn client_as(server: &TestApiServer, user: &str) -> kube::Client {
     kube::Client::try_from(config).unwrap_or_else(|e| panic!("client: {e}"))
 }
 
-/// A qemu-storage-daemon with one qcow2 disk `os`, QMP and NBD on unix sockets; killed by its
-/// process id when dropped.
-struct Qsd {
-    child: Child,
-    qmp: PathBuf,
-    image: PathBuf,
-}
-
-impl Qsd {
-    fn start(dir: &Path) -> Qsd {
-        let image = dir.join("os.qcow2");
-        let made = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&image)
-            .arg("4M")
-            .status()
-            .unwrap_or_else(|e| panic!("qemu-img (Debian's qemu-utils): {e}"));
-        assert!(made.success(), "qemu-img create");
-        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
-        let child = Command::new("qemu-storage-daemon")
-            .args([
-                "--blockdev".to_owned(),
-                format!("driver=file,node-name=os-file,filename={}", image.display()),
-                "--blockdev".to_owned(),
-                "driver=qcow2,node-name=os,file=os-file".to_owned(),
-                "--nbd-server".to_owned(),
-                format!("addr.type=unix,addr.path={}", nbd.display()),
-                "--export".to_owned(),
-                "type=nbd,id=guest-os,node-name=os,name=os,writable=on".to_owned(),
-                "--chardev".to_owned(),
-                format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()),
-                "--monitor".to_owned(),
-                "chardev=qmp0".to_owned(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("qemu-storage-daemon (Debian's qemu-utils): {e}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(qmp.exists() && nbd.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Qsd { child, qmp, image }
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A resource of type `$t` from its JSON.
 macro_rules! object {
     ($t:ty, $json:expr) => {
@@ -326,7 +269,7 @@ fn vm(name: &str, policy: &str, qsd: &Qsd) -> ProtectedVM {
             "spec": {
                 "vmName": name, "nodeName": NODE,
                 "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
-                "disks": [{"name": "os", "path": qsd.image.display().to_string(), "blockNode": "os"}],
+                "disks": [{"name": "os", "path": qsd.dir.join("os.qcow2").display().to_string(), "blockNode": "os"}],
                 "policyRef": {"name": policy}
             }
         })
@@ -382,7 +325,7 @@ async fn rbac_scenario(watch_namespace: Option<&str>) {
     }
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let qsd = Qsd::start(dir.path());
+    let qsd = Qsd::start(dir.path(), &[("os", 4 << 20)]);
     let server = TestApiServer::start().await;
     let admin = server.client(VMS);
     // An "account endpoint" that answers, so that the operator's TCP probe finds the Azure

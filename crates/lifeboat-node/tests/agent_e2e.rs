@@ -12,12 +12,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
+use lifeboat_agent::testing::Qsd;
 use lifeboat_api::job::JobPhase;
 use lifeboat_api::{ProtectedVM, ProtectionPhase, ReplicationJob, ReplicationPolicy};
 use lifeboat_node::cluster::{Agent, AgentOptions, Timing};
@@ -29,93 +28,6 @@ use serde_json::json;
 const NS: &str = "e2e";
 const LEASES: &str = "lifeboat-system";
 const NODE: &str = "node-1";
-
-/// A qemu-storage-daemon holding one qcow2 disk `os`, QMP and NBD on unix sockets; killed by
-/// its process id when dropped.
-struct Qsd {
-    child: Child,
-    qmp: PathBuf,
-    nbd: PathBuf,
-    image: PathBuf,
-}
-
-fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (Debian's qemu-utils): {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-impl Qsd {
-    fn start(dir: &Path, size: u64) -> Qsd {
-        let image = dir.join("os.qcow2");
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                image.to_str().unwrap(),
-                &size.to_string(),
-            ],
-        );
-        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
-        let child = Command::new("qemu-storage-daemon")
-            .args([
-                "--blockdev".to_owned(),
-                format!("driver=file,node-name=os-file,filename={}", image.display()),
-                "--blockdev".to_owned(),
-                "driver=qcow2,node-name=os,file=os-file".to_owned(),
-                "--nbd-server".to_owned(),
-                format!("addr.type=unix,addr.path={}", nbd.display()),
-                "--export".to_owned(),
-                "type=nbd,id=guest-os,node-name=os,name=os,writable=on".to_owned(),
-                "--chardev".to_owned(),
-                format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()),
-                "--monitor".to_owned(),
-                "chardev=qmp0".to_owned(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start qemu-storage-daemon: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(qmp.exists() && nbd.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not open its sockets"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Qsd {
-            child,
-            qmp,
-            nbd,
-            image,
-        }
-    }
-
-    /// Write `len` bytes of `pattern` at `offset`, as the guest.
-    fn guest_write(&self, offset: u64, len: u64, pattern: u8) {
-        let uri = format!("nbd+unix:///os?socket={}", self.nbd.display());
-        let command = format!("write -P {pattern:#04x} {offset} {len}");
-        run("qemu-io", &["-f", "raw", &uri, "-c", &command]);
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn run_operator(
     client: &Client,
@@ -173,9 +85,9 @@ async fn vm_until(
 async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
     lifeboat_operator::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let qsd = Qsd::start(dir.path(), 8 << 20);
-    qsd.guest_write(0, 1 << 20, 0xab);
-    qsd.guest_write(5 << 20, 64 << 10, 0xcd);
+    let qsd = Qsd::start(dir.path(), &[("os", 8 << 20)]);
+    qsd.guest_write("os", 0, 1 << 20, 0xab);
+    qsd.guest_write("os", 5 << 20, 64 << 10, 0xcd);
 
     let server = TestApiServer::start().await;
     let client = server.client(NS);
@@ -218,7 +130,7 @@ async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
         "spec": {
             "vmName": "web", "nodeName": NODE,
             "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
-            "disks": [{"name": "os", "path": qsd.image.display().to_string(), "blockNode": "os"}],
+            "disks": [{"name": "os", "path": qsd.dir.join("os.qcow2").display().to_string(), "blockNode": "os"}],
             "policyRef": {"name": "gold"}
         }
     }))
@@ -306,9 +218,9 @@ async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
 async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
     lifeboat_operator::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let qsd = Qsd::start(dir.path(), 8 << 20);
+    let qsd = Qsd::start(dir.path(), &[("os", 8 << 20)]);
     // 4 MiB of data at 1 Mbit/s: the copy would take about 30 s.
-    qsd.guest_write(0, 4 << 20, 0x5a);
+    qsd.guest_write("os", 0, 4 << 20, 0x5a);
 
     let server = TestApiServer::start().await;
     let client = server.client(NS);
@@ -350,7 +262,7 @@ async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
         "spec": {
             "vmName": "web", "nodeName": NODE,
             "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
-            "disks": [{"name": "os", "path": qsd.image.display().to_string(), "blockNode": "os"}],
+            "disks": [{"name": "os", "path": qsd.dir.join("os.qcow2").display().to_string(), "blockNode": "os"}],
             "policyRef": {"name": "gold"}
         }
     }))
