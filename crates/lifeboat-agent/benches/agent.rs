@@ -10,6 +10,8 @@
 //! ```
 //!
 //! (or `LIFEBOAT_BENCH_<OPTION>` environment variables, e.g. `LIFEBOAT_BENCH_RUN_SECS`).
+//! Files go to `--dir` (default `/var/tmp/lifeboat-agent-bench-<pid>`: a disk, not tmpfs),
+//! deleted at the end unless `--keep` (with the same `--dir`, a kept image is reused).
 //! Results are printed as Markdown tables. Without `--bench` (as `cargo test --all-targets`
 //! runs it) it makes a smoke run of a few seconds on tiny images instead. Needs Debian's
 //! qemu-utils 10 (`qemu-storage-daemon`, `qemu-img`) and root to drop the page cache.
@@ -155,9 +157,12 @@ fn config() -> Config {
     let env = |name: &str, default: &str| {
         std::env::var(format!("LIFEBOAT_BENCH_{name}")).unwrap_or_else(|_| default.to_owned())
     };
+    // NB: a folder per process by default: a daemon of another run that goes away unlinks
+    // its socket paths, which must not be ours.
+    let dir = format!("/var/tmp/lifeboat-agent-bench-{}", std::process::id());
     let mut values: Vec<(&str, String)> = [
         ("parts", "tracking,copy"),
-        ("dir", "/var/tmp/lifeboat-agent-bench"),
+        ("dir", &dir),
         ("disk-mib", "2048"),
         ("hot-mib", "256"),
         ("run-secs", "100"),
@@ -863,6 +868,23 @@ fn cp_copy(config: &Config, dir: &Path, verify: bool) -> CopyRun {
 async fn copy_part(config: &Config) {
     let dir = config.dir.join("copy");
     std::fs::create_dir_all(&dir).unwrap();
+    // The raw image, the qcow2 and one copy at a time each hold the data (half the image),
+    // plus room for everyone else on the machine.
+    let needed = 3 * config.image_mib * MIB / 2 + 1024 * MIB;
+    let kept = ["source.raw", "source.qcow2"]
+        .iter()
+        .map(|f| allocated(&dir.join(f)))
+        .sum::<u64>();
+    let stat = rustix::fs::statvfs(&dir).unwrap();
+    let free = stat.f_bavail * stat.f_frsize + kept;
+    assert!(
+        free >= needed,
+        "{} has {} MB free (counting a kept image), the copy part needs {} MB: free some \
+         space or pass a smaller --image-mib",
+        dir.display(),
+        mb(free),
+        mb(needed)
+    );
     let (data_bytes, data_runs, holes) = build_image(config, &dir);
     let qsd = Qsd::start(&dir, &dir.join("source.qcow2"), false);
     println!(
