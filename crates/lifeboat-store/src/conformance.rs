@@ -79,9 +79,21 @@ async fn write(
         .unwrap_or_else(|| panic!("no model disk {disk}"));
     image[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
     ok(
-        store.write(vm, disk, offset, Bytes::from(data)).await,
+        store.write(vm, disk, offset, page_aligned(&data)).await,
         "write",
     );
+}
+
+/// `data` in a buffer that starts on a 4096-byte boundary, as the agent's reads are: with
+/// whole pages at page offsets, a store that writes such buffers differently (the local
+/// store's direct I/O) takes that path, and the suite's other writes take the other.
+pub(crate) fn page_aligned(data: &[u8]) -> Bytes {
+    let mut buffer = bytes::BytesMut::zeroed(data.len() + 4096);
+    let pad = buffer.as_ptr().align_offset(4096).min(4096);
+    let _ = buffer.split_to(pad);
+    buffer.truncate(data.len());
+    buffer.copy_from_slice(data);
+    buffer.freeze()
 }
 
 /// Read a whole disk at `at` and compare it with `expected`.

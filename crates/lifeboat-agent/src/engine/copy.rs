@@ -19,8 +19,12 @@ use crate::backend::{CloseView, Quiesce, View};
 use crate::error::AgentError;
 use crate::state::{CopyCursor, EnginePhase};
 
-/// Bytes read from the view at a time (a whole number of blocks).
-const COPY_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// Bytes read from the view at a time (a whole number of blocks). One read is split into
+/// the NBD client's requests, up to its window in flight; with 16 MiB the window stays full
+/// for most of a read, where 4 MiB left the source idle between reads (about 20 % slower in
+/// the agent bench's copy part). Two reads' worth is in memory at a time, plus the store
+/// writes in flight.
+const COPY_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
 /// Save the cursor (and the maps) after this many bytes.
 const CHECKPOINT_BYTES: u64 = 256 * 1024 * 1024;
 
@@ -209,9 +213,13 @@ impl Replicator {
         Ok(report)
     }
 
-    /// Copy `range` (whole blocks) of `disk` from the view: non-zero chunks are written,
-    /// zero chunks skipped, or zeroed in the store when `rewrite` says stale data may be
-    /// there.
+    /// Copy `range` (whole blocks) of `disk` from the view, a chunk at a time: runs of
+    /// non-zero blocks are written, runs of zero blocks skipped, or zeroed in the store when
+    /// `rewrite` says stale data may be there.
+    ///
+    /// The read of the next chunk is in flight while a chunk is hashed and queued for the
+    /// store: queueing waits for a free upload slot whenever the store falls behind, and the
+    /// source would otherwise sit idle meanwhile (one chunk's buffer more in memory).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn copy_range(
         &self,
@@ -224,23 +232,78 @@ impl Replicator {
         uploader: &mut Uploader,
         report: &mut Report,
     ) -> Result<(), AgentError> {
-        let mut offset = range.start;
-        while offset < range.end {
-            let len = chunk.min(range.end - offset);
-            let data = view.read(disk, offset, len).await?;
-            report.bytes_read += len;
-            map.update_range(offset, &data)
-                .map_err(|source| AgentError::BlockMap {
-                    disk: disk.to_owned(),
-                    source,
-                })?;
-            if !is_zero(&data) {
-                uploader.write(disk, offset, data).await?;
-            } else if rewrite {
-                uploader.zero(disk, offset, len).await?;
+        let end = range.end;
+        let block = map.block_size_bytes() as usize;
+        let read = |offset: u64| async move {
+            if offset < end {
+                let len = chunk.min(end - offset);
+                view.read(disk, offset, len)
+                    .await
+                    .map(|data| Some((len, data)))
+            } else {
+                Ok(None)
             }
+        };
+        let mut offset = range.start;
+        let mut current = read(offset).await?;
+        while let Some((len, data)) = current.take() {
+            let process = async {
+                report.bytes_read += len;
+                map.update_range(offset, &data)
+                    .map_err(|source| AgentError::BlockMap {
+                        disk: disk.to_owned(),
+                        source,
+                    })?;
+                for (run, zero) in zero_runs(&data, block) {
+                    let at = offset + run.start as u64;
+                    if !zero {
+                        uploader.write(disk, at, data.slice(run)).await?;
+                    } else if rewrite {
+                        uploader.zero(disk, at, run.len() as u64).await?;
+                    }
+                }
+                Ok::<(), AgentError>(())
+            };
+            // NB: the read first, so that its requests go out before the hashing starts.
+            let (next, processed) = tokio::join!(read(offset + len), process);
+            processed?;
+            current = next?;
             offset += len;
         }
         Ok(())
+    }
+}
+
+/// `data` cut into maximal runs of whole `block`s (the last one may be short) that are all
+/// zeros or all not, in order: `(range, zero)`.
+fn zero_runs(data: &[u8], block: usize) -> Vec<(std::ops::Range<usize>, bool)> {
+    let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+    for (i, piece) in data.chunks(block.max(1)).enumerate() {
+        let start = i * block.max(1);
+        let zero = is_zero(piece);
+        match runs.last_mut() {
+            Some((run, z)) if *z == zero => run.end = start + piece.len(),
+            _ => runs.push((start..start + piece.len(), zero)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zero_runs;
+
+    #[test]
+    fn zero_runs_merge_neighbouring_blocks_of_a_kind() {
+        let mut data = vec![0u8; 10];
+        data[4] = 1; // block 2 of 2-byte blocks
+        data[6] = 1; // block 3
+        assert_eq!(
+            zero_runs(&data, 2),
+            vec![(0..4, true), (4..8, false), (8..10, true)]
+        );
+        assert_eq!(zero_runs(&data[..5], 2), vec![(0..4, true), (4..5, false)]);
+        assert_eq!(zero_runs(&[], 4), vec![]);
+        assert_eq!(zero_runs(&[7; 8], 4), vec![(0..8, false)]);
     }
 }
