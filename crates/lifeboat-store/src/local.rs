@@ -22,6 +22,15 @@
 //! Deleting the oldest point deletes its segment and frees its space; deleting a newer one
 //! first moves the granules the next older point still needs into that point's segment.
 //!
+//! # Direct I/O
+//!
+//! On Linux each live file is also opened with `O_DIRECT`: a write whose buffer, offset and
+//! length are page-aligned (the agent's NBD reads are) goes straight to the device, the rest
+//! through the page cache. An initial copy or a resync then costs one copy of each byte
+//! less, does not push the host's other work out of the cache, and leaves almost nothing for
+//! the fsync that makes it durable (see `docs/benchmarks.md`, "Agent: initial replication").
+//! The kernel keeps the two handles coherent; the flush's fsync covers both.
+//!
 //! # Guarantees
 //!
 //! - A pre-image is durable before the live granule is overwritten, so a crash at any moment
