@@ -47,7 +47,7 @@ struct Kind {
     status_subresource: bool,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind {
         group: "lifeboat.io",
         version: "v1alpha1",
@@ -81,6 +81,13 @@ const KINDS: [Kind; 6] = [
         version: "v1",
         plural: "events",
         kind: "Event",
+        status_subresource: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        kind: "Secret",
         status_subresource: false,
     },
     Kind {
@@ -702,7 +709,7 @@ impl TestApiServer {
 
     /// Every request so far, in the authorizer's terms: who (`Impersonate-User`, else
     /// `User-Agent`), verb, resource, subresource, namespace, name. Requests for resources the
-    /// server does not serve (Secrets, say) are recorded too, then answered 404.
+    /// server does not serve (ConfigMaps, say) are recorded too, then answered 404.
     pub fn requests(&self) -> Vec<crate::requests::ApiRequest> {
         self.state
             .requests

@@ -26,10 +26,19 @@ pub trait SecretSource: Send + Sync {
     ) -> Result<String, String>;
 }
 
-/// Open stores by target.
+/// Open stores by target. A store is shared by every VM that uses its target and the same
+/// credentials; when a target's credentials change (a rotated account key or SAS), the next
+/// [`StoreCache::store`] opens a new store with them, so a caller that compares the store it
+/// holds ([`Arc::ptr_eq`]) learns that it should reopen.
 #[derive(Default)]
 pub struct StoreCache {
-    stores: Mutex<HashMap<String, Arc<dyn ReplicaStore>>>,
+    stores: Mutex<HashMap<String, Entry>>,
+}
+
+struct Entry {
+    /// A hash of the credentials the store was opened with (never the credentials).
+    credentials: u64,
+    store: Arc<dyn ReplicaStore>,
 }
 
 impl std::fmt::Debug for StoreCache {
@@ -53,8 +62,70 @@ fn access_denied(what: String) -> StoreError {
     }
 }
 
+/// Where an Azure target's credentials come from, read from the Secrets but not yet used.
+#[derive(Hash)]
+enum CredentialSource {
+    AccountKey { account: String, key: String },
+    Sas(String),
+    Identity(Option<String>),
+}
+
+impl CredentialSource {
+    fn read(
+        namespace: &str,
+        azure: &lifeboat_api::policy::AzureBlobTarget,
+        secrets: &dyn SecretSource,
+    ) -> Result<CredentialSource, StoreError> {
+        let c = &azure.credentials;
+        if let Some(reference) = &c.account_key_secret_ref {
+            Ok(CredentialSource::AccountKey {
+                account: account_name(&azure.account_url),
+                key: secrets
+                    .secret_value(namespace, reference)
+                    .map_err(access_denied)?,
+            })
+        } else if let Some(reference) = &c.sas_secret_ref {
+            Ok(CredentialSource::Sas(
+                secrets
+                    .secret_value(namespace, reference)
+                    .map_err(access_denied)?,
+            ))
+        } else if let Some(identity) = &c.workload_identity {
+            Ok(CredentialSource::Identity(identity.client_id.clone()))
+        } else {
+            Err(access_denied(
+                "the policy's azureBlob target has no credentials".into(),
+            ))
+        }
+    }
+
+    fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn open(self) -> Result<Credentials, StoreError> {
+        Ok(match self {
+            CredentialSource::AccountKey { account, key } => {
+                Credentials::AccountKey { account, key }
+            }
+            CredentialSource::Sas(token) => Credentials::Sas { token },
+            CredentialSource::Identity(client_id) => {
+                if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+                    Credentials::workload_identity()?
+                } else {
+                    Credentials::managed_identity(client_id)?
+                }
+            }
+        })
+    }
+}
+
 impl StoreCache {
-    /// The store of `target` for a policy in `namespace`, opened on first use.
+    /// The store of `target` for a policy in `namespace`, opened on first use and again
+    /// when the target's credentials changed.
     ///
     /// # Errors
     ///
@@ -66,49 +137,29 @@ impl StoreCache {
         upload_concurrency: usize,
         secrets: &dyn SecretSource,
     ) -> Result<Arc<dyn ReplicaStore>, StoreError> {
-        let key = match (&target.local, &target.azure_blob) {
-            (Some(local), _) => format!("local:{}", local.path),
-            (None, Some(azure)) => format!(
-                "azure:{}:{}:{namespace}",
-                azure.account_url, azure.container
+        let (key, credentials) = match (&target.local, &target.azure_blob) {
+            (Some(local), _) => (format!("local:{}", local.path), None),
+            (None, Some(azure)) => (
+                format!(
+                    "azure:{}:{}:{namespace}",
+                    azure.account_url, azure.container
+                ),
+                Some(CredentialSource::read(namespace, azure, secrets)?),
             ),
-            (None, None) => {
-                return Err(StoreError::InvalidRequest {
-                    what: "the policy's target has neither local nor azureBlob".into(),
-                });
-            }
+            (None, None) => return unreachable_target(),
         };
+        let fingerprint = credentials
+            .as_ref()
+            .map_or(0, CredentialSource::fingerprint);
         let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(store) = stores.get(&key) {
-            return Ok(store.clone());
+        if let Some(entry) = stores.get(&key)
+            && entry.credentials == fingerprint
+        {
+            return Ok(entry.store.clone());
         }
-        let store: Arc<dyn ReplicaStore> = match (&target.local, &target.azure_blob) {
-            (Some(local), _) => Arc::new(LocalStore::open(&local.path)?),
-            (None, Some(azure)) => {
-                let c = &azure.credentials;
-                let credentials = if let Some(reference) = &c.account_key_secret_ref {
-                    let key = secrets
-                        .secret_value(namespace, reference)
-                        .map_err(access_denied)?;
-                    let account = account_name(&azure.account_url);
-                    Credentials::AccountKey { account, key }
-                } else if let Some(reference) = &c.sas_secret_ref {
-                    Credentials::Sas {
-                        token: secrets
-                            .secret_value(namespace, reference)
-                            .map_err(access_denied)?,
-                    }
-                } else if let Some(identity) = &c.workload_identity {
-                    if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
-                        Credentials::workload_identity()?
-                    } else {
-                        Credentials::managed_identity(identity.client_id.clone())?
-                    }
-                } else {
-                    return Err(access_denied(
-                        "the policy's azureBlob target has no credentials".into(),
-                    ));
-                };
+        let store: Arc<dyn ReplicaStore> = match (&target.local, &target.azure_blob, credentials) {
+            (Some(local), _, _) => Arc::new(LocalStore::open(&local.path)?),
+            (None, Some(azure), Some(credentials)) => {
                 let options = AzureStoreOptions {
                     upload_concurrency: upload_concurrency.clamp(1, 32),
                     ..AzureStoreOptions::default()
@@ -116,13 +167,22 @@ impl StoreCache {
                 Arc::new(AzureStore::new(
                     &azure.account_url,
                     &azure.container,
-                    credentials,
+                    credentials.open()?,
                     options,
                 )?)
             }
-            (None, None) => return unreachable_target(),
+            _ => return unreachable_target(),
         };
-        stores.insert(key, store.clone());
+        if stores.contains_key(&key) {
+            tracing::info!(target = %key, "the target's credentials changed: opening its store again");
+        }
+        stores.insert(
+            key,
+            Entry {
+                credentials: fingerprint,
+                store: store.clone(),
+            },
+        );
         Ok(store)
     }
 }
@@ -154,6 +214,56 @@ pub fn account_name(account_url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Secrets held in memory, changed by the test as a rotation would.
+    struct RotatingSecrets(Mutex<String>);
+
+    impl SecretSource for RotatingSecrets {
+        fn secret_value(&self, _: &str, _: &SecretKeyReference) -> Result<String, String> {
+            Ok(self.0.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        }
+    }
+
+    #[test]
+    fn a_rotated_key_opens_the_store_again_and_the_same_key_shares_it() {
+        let target: ReplicaTarget = serde_json::from_value(serde_json::json!({
+            "azureBlob": {
+                "accountUrl": "http://127.0.0.1:10000/devstoreaccount1",
+                "container": "replicas",
+                "credentials": {"accountKeySecretRef": {"name": "storage", "key": "accountKey"}}
+            }
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let cache = StoreCache::default();
+        let secrets = RotatingSecrets(Mutex::new("a2V5LW9uZQ==".into()));
+        let open = |cache: &StoreCache| {
+            cache
+                .store("ns", &target, 4, &secrets)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let first = open(&cache);
+        assert!(Arc::ptr_eq(&first, &open(&cache)), "same key, same store");
+        *secrets.0.lock().unwrap_or_else(|e| e.into_inner()) = "a2V5LXR3bw==".into();
+        let rotated = open(&cache);
+        assert!(
+            !Arc::ptr_eq(&first, &rotated),
+            "a rotated key opens a new store"
+        );
+        assert!(Arc::ptr_eq(&rotated, &open(&cache)));
+
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let local: ReplicaTarget = serde_json::from_value(serde_json::json!({
+            "local": {"path": dir.path()}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = cache
+            .store("ns", &local, 4, &secrets)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = cache
+            .store("ns", &local, 4, &secrets)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(Arc::ptr_eq(&a, &b));
+    }
 
     #[test]
     fn account_names_from_both_url_styles() {

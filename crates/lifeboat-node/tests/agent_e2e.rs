@@ -2,7 +2,8 @@
 //! (`lifeboat-tests`' fixture), protecting a VM whose block layer is a real
 //! `qemu-storage-daemon`, replicating to the local folder store. Nothing is scripted: the
 //! operator creates the jobs, the agent claims and runs them on the engine, and the VM ends
-//! Protected with a recovery point.
+//! Protected with a recovery point. One test replicates to a real Azurite instead, with a
+//! storage key from a Secret that is rotated while the agent runs.
 //!
 //! ```text
 //!  test ──create policy, VM──> TestApiServer <──watch, claim, status, SSA, Lease── agent ──QMP/NBD──> qsd
@@ -12,15 +13,21 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use lifeboat_agent::testing::Qsd;
 use lifeboat_api::job::JobPhase;
 use lifeboat_api::{ProtectedVM, ProtectionPhase, ReplicationJob, ReplicationPolicy};
+use lifeboat_node::cluster::Metrics;
 use lifeboat_node::cluster::{Agent, AgentOptions, Timing};
 use lifeboat_operator::{Config, Operator};
+use lifeboat_store::testing::{Azurite, DEV_KEY, shared_key_store, test_options};
 use lifeboat_tests::apiserver::TestApiServer;
 use lifeboat_tests::eventually;
 use serde_json::json;
@@ -46,6 +53,65 @@ fn run_operator(
         let _ = stopped.await;
     }));
     (stop, task)
+}
+
+type Stopper = tokio::sync::oneshot::Sender<()>;
+type AgentTask = tokio::task::JoinHandle<Result<(), lifeboat_node::cluster::ClusterError>>;
+
+/// The agent of `node-1`, its state under `dir`, running until the sender is used.
+fn run_agent(client: &Client, dir: &Path, timing: Timing) -> (Arc<Metrics>, Stopper, AgentTask) {
+    let mut options = AgentOptions::new(NODE);
+    options.pod_name = "lifeboat-agent-e2e".into();
+    options.namespace = Some(NS.into());
+    options.lease_namespace = LEASES.into();
+    options.state_dir = dir.join("state");
+    options.failover_dir = dir.join("failover");
+    options.health_addr = None;
+    options.timing = timing;
+    let agent = Agent::new(client.clone(), options).unwrap();
+    let metrics = agent.metrics();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async move {
+        let _ = stopped.await;
+    }));
+    (metrics, stop, task)
+}
+
+/// Policy `gold` with `spec`, and VM `web` on `node-1` with its `os` disk in `qsd`.
+async fn create_policy_and_vm(client: &Client, qsd: &Qsd, spec: serde_json::Value) -> ProtectedVM {
+    let policies: Api<ReplicationPolicy> = Api::namespaced(client.clone(), NS);
+    let policy: ReplicationPolicy = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
+        "metadata": {"name": "gold"},
+        "spec": spec
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
+    let vm: ProtectedVM = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
+        "metadata": {"name": "web"},
+        "spec": {
+            "vmName": "web", "nodeName": NODE,
+            "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
+            "disks": [{"name": "os", "path": qsd.dir.join("os.qcow2").display().to_string(), "blockNode": "os"}],
+            "policyRef": {"name": "gold"}
+        }
+    }))
+    .unwrap();
+    vms.create(&PostParams::default(), &vm).await.unwrap()
+}
+
+fn protected_with_a_point(vm: &ProtectedVM) -> bool {
+    vm.status.as_ref().is_some_and(|s| {
+        s.phase == ProtectionPhase::Protected
+            && s.agent
+                .as_ref()
+                .is_some_and(|a| a.recovery_points.count >= 1)
+    })
 }
 
 async fn vm_until(
@@ -93,49 +159,22 @@ async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
     let client = server.client(NS);
     let (stop_operator, operator) = run_operator(&client);
 
-    let mut options = AgentOptions::new(NODE);
-    options.pod_name = "lifeboat-agent-e2e".into();
-    options.namespace = Some(NS.into());
-    options.lease_namespace = LEASES.into();
-    options.state_dir = dir.path().join("state");
-    options.failover_dir = dir.path().join("failover");
-    options.health_addr = None;
-    options.timing = Timing {
-        tick: Duration::from_millis(100),
-        ..Timing::default()
-    };
-    let agent = Agent::new(client.clone(), options).unwrap();
-    let agent_metrics = agent.metrics();
-    let (stop_agent, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(agent.run(async move {
-        let _ = stopped.await;
-    }));
-
-    let policies: Api<ReplicationPolicy> = Api::namespaced(client.clone(), NS);
-    let policy: ReplicationPolicy = serde_json::from_value(json!({
-        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
-        "metadata": {"name": "gold"},
-        "spec": {"copyFrequency": "30s",
-                 "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}
-    }))
-    .unwrap();
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
+    let (agent_metrics, stop_agent, agent) = run_agent(
+        &client,
+        dir.path(),
+        Timing {
+            tick: Duration::from_millis(100),
+            ..Timing::default()
+        },
+    );
+    let vm = create_policy_and_vm(
+        &client,
+        &qsd,
+        json!({"copyFrequency": "30s",
+               "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}),
+    )
+    .await;
     let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
-    let vm: ProtectedVM = serde_json::from_value(json!({
-        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
-        "metadata": {"name": "web"},
-        "spec": {
-            "vmName": "web", "nodeName": NODE,
-            "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
-            "disks": [{"name": "os", "path": qsd.dir.join("os.qcow2").display().to_string(), "blockNode": "os"}],
-            "policyRef": {"name": "gold"}
-        }
-    }))
-    .unwrap();
-    vms.create(&PostParams::default(), &vm).await.unwrap();
     // A VM of another node: this agent never touches it (nor would it find its socket).
     let mut other = vm.clone();
     other.metadata.name = Some("db".into());
@@ -143,14 +182,13 @@ async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
     vms.create(&PostParams::default(), &other).await.unwrap();
 
     let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
-    let protected = vm_until(&server, &vms, &jobs, "web Protected with a point", |vm| {
-        vm.status.as_ref().is_some_and(|s| {
-            s.phase == ProtectionPhase::Protected
-                && s.agent
-                    .as_ref()
-                    .is_some_and(|a| a.recovery_points.count >= 1)
-        })
-    })
+    let protected = vm_until(
+        &server,
+        &vms,
+        &jobs,
+        "web Protected with a point",
+        protected_with_a_point,
+    )
     .await;
     let agent_report = protected
         .status
@@ -225,49 +263,22 @@ async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
     let server = TestApiServer::start().await;
     let client = server.client(NS);
     let (stop_operator, operator) = run_operator(&client);
-    let mut options = AgentOptions::new(NODE);
-    options.pod_name = "lifeboat-agent-e2e".into();
-    options.namespace = Some(NS.into());
-    options.lease_namespace = LEASES.into();
-    options.state_dir = dir.path().join("state");
-    options.failover_dir = dir.path().join("failover");
-    options.health_addr = None;
-    options.timing = Timing {
-        tick: Duration::from_millis(100),
-        shutdown_grace: Duration::from_millis(300),
-        ..Timing::default()
-    };
-    let agent = Agent::new(client.clone(), options).unwrap();
-    let (stop_agent, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(agent.run(async move {
-        let _ = stopped.await;
-    }));
-
-    let policies: Api<ReplicationPolicy> = Api::namespaced(client.clone(), NS);
-    let policy: ReplicationPolicy = serde_json::from_value(json!({
-        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
-        "metadata": {"name": "gold"},
-        "spec": {"copyFrequency": "30s", "bandwidth": {"offHoursMbps": 1},
-                 "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}
-    }))
-    .unwrap();
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
-    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
-    let vm: ProtectedVM = serde_json::from_value(json!({
-        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
-        "metadata": {"name": "web"},
-        "spec": {
-            "vmName": "web", "nodeName": NODE,
-            "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
-            "disks": [{"name": "os", "path": qsd.dir.join("os.qcow2").display().to_string(), "blockNode": "os"}],
-            "policyRef": {"name": "gold"}
-        }
-    }))
-    .unwrap();
-    vms.create(&PostParams::default(), &vm).await.unwrap();
+    let (_, stop_agent, agent) = run_agent(
+        &client,
+        dir.path(),
+        Timing {
+            tick: Duration::from_millis(100),
+            shutdown_grace: Duration::from_millis(300),
+            ..Timing::default()
+        },
+    );
+    create_policy_and_vm(
+        &client,
+        &qsd,
+        json!({"copyFrequency": "30s", "bandwidth": {"offHoursMbps": 1},
+               "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}),
+    )
+    .await;
 
     // The copy is under way, then SIGTERM.
     let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
@@ -310,6 +321,101 @@ async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
         "{:#?}",
         status.steps
     );
+    let _ = stop_operator.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    drop(qsd);
+}
+
+/// The store refuses the key in the Secret; an administrator puts the right key in the
+/// Secret and asks for a retry (`spec.requests.retry`): the agent reads the Secret again,
+/// opens its store with the new key, and protection completes, with no agent restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_storage_key_is_taken_on_retry_without_a_restart() {
+    lifeboat_operator::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), &[("os", 8 << 20)]);
+    qsd.guest_write("os", 0, 1 << 20, 0x3c);
+    let azurite = Azurite::start();
+    // The container is the administrator's, as on Azure.
+    shared_key_store(&azurite, "replicas", test_options(1)).await;
+
+    let server = TestApiServer::start().await;
+    let client = server.client(NS);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = |key: &str| Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("storage".into()),
+            ..Default::default()
+        },
+        data: Some([("accountKey".to_owned(), ByteString(key.as_bytes().to_vec()))].into()),
+        ..Default::default()
+    };
+    // A well-formed key that is not the account's.
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("bm90LXRoZS1hY2NvdW50LWtleS1ub3QtdGhlLWFjY291bnQta2V5LW5vdC10aGUta2V5"),
+        )
+        .await
+        .unwrap();
+    let (stop_operator, operator) = run_operator(&client);
+    let (_, stop_agent, agent) = run_agent(
+        &client,
+        dir.path(),
+        Timing {
+            tick: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..Timing::default()
+        },
+    );
+    create_policy_and_vm(
+        &client,
+        &qsd,
+        json!({"copyFrequency": "30s",
+               "target": {"azureBlob": {
+                   "accountUrl": azurite.account_url(), "container": "replicas",
+                   "credentials": {"accountKeySecretRef": {"name": "storage", "key": "accountKey"}}}}}),
+    )
+    .await;
+    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
+    let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
+    vm_until(&server, &vms, &jobs, "the store to refuse the key", |vm| {
+        vm.status
+            .as_ref()
+            .and_then(|s| s.last_error.as_ref())
+            .is_some_and(|e| e.reason == "StoreAccessDenied")
+    })
+    .await;
+
+    // The rotation: the Secret gets the account's key, then a retry is asked for.
+    let mut rotated = secrets.get("storage").await.unwrap();
+    rotated.data = secret(DEV_KEY).data;
+    secrets
+        .replace("storage", &PostParams::default(), &rotated)
+        .await
+        .unwrap();
+    vms.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"requests": {"retry": "key-rotated"}}})),
+    )
+    .await
+    .unwrap();
+    vm_until(
+        &server,
+        &vms,
+        &jobs,
+        "web Protected with a point, on the new key",
+        protected_with_a_point,
+    )
+    .await;
+
+    let _ = stop_agent.send(());
+    tokio::time::timeout(Duration::from_secs(30), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let _ = stop_operator.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
     drop(qsd);

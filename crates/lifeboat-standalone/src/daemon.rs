@@ -407,6 +407,13 @@ impl Daemon {
                 return Ok(());
             }
         };
+        if self.store_changed(key, policy, &config) {
+            tracing::info!(
+                vm = %format!("{}/{}", key.0, key.1),
+                "the policy's target or its credentials changed: opening the engine again"
+            );
+            self.slots.remove(key);
+        }
         if !self.slots.contains_key(key) {
             let store = match self.stores.store(
                 &key.0,
@@ -504,6 +511,30 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Whether the VM's idle engine writes to another store than its policy's target now
+    /// names: the target changed, or its Secret holds new credentials (a rotated key).
+    fn store_changed(&self, key: &Key, policy: &ReplicationPolicy, config: &VmConfig) -> bool {
+        let Some(slot) = self.slots.get(key) else {
+            return false;
+        };
+        if slot.job.as_ref().is_some_and(|j| !j.is_finished()) {
+            return false;
+        }
+        let Ok(worker) = slot.worker.try_lock() else {
+            return false;
+        };
+        // NB: a target that cannot be opened now keeps the engine on the store it has; its
+        // next failure says why.
+        self.stores
+            .store(
+                &key.0,
+                &policy.spec.target,
+                config.settings.upload_concurrency,
+                &FolderSecrets(&self.folder),
+            )
+            .is_ok_and(|store| !Arc::ptr_eq(&store, worker.engine().store()))
     }
 
     fn write_report(

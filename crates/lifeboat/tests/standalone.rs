@@ -1,7 +1,8 @@
 //! Standalone mode end to end, as a user runs it: the `lifeboat` binary as a separate process
 //! on a real qemu-storage-daemon disk and the local folder store. Protect, write, cycle,
 //! resync on request, kill the daemon with SIGKILL and start it again (nothing lost, same
-//! state), test failover and cleanup, planned failover, commit.
+//! state), test failover and cleanup, planned failover, commit. And a storage account key
+//! rotated while the daemon runs, against a real Azurite.
 
 // A failed unwrap is the test failure report.
 #![allow(clippy::unwrap_used)]
@@ -11,6 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use lifeboat_agent::testing::{Qsd, assert_same};
+use lifeboat_store::testing::{Azurite, DEV_KEY, shared_key_store, test_options};
 use serde_json::Value;
 
 const MIB: u64 = 1024 * 1024;
@@ -220,4 +222,76 @@ fn protect_cycle_resync_restart_failover_commit() {
     ok(lifeboat(work, &["commit", "web-01"]));
     wait_for(work, "the commit", 30, |s| points(s) == 1);
     daemon.kill9();
+}
+
+/// A storage key that the store refuses, then the Secret manifest fixed while the daemon
+/// runs: a retry protects the VM with the new key, without restarting the daemon (its store
+/// was opened with the old key and is opened again).
+#[test]
+fn a_rotated_storage_key_is_taken_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let qsd = Qsd::start(work, &[("root", 8 * MIB)]);
+    qsd.guest_write("root", 0, MIB, 0x62);
+    let azurite = Azurite::start();
+    // The container is the administrator's, as on Azure.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(shared_key_store(&azurite, "replicas", test_options(1)));
+    write_manifests(work, &qsd);
+    let manifests = work.join("manifests");
+    std::fs::write(
+        manifests.join("policy.yaml"),
+        format!(
+            "apiVersion: lifeboat.io/v1alpha1\nkind: ReplicationPolicy\nmetadata: {{name: fast}}\nspec:\n  copyFrequency: 30s\n  target:\n    azureBlob:\n      accountUrl: {}\n      container: replicas\n      credentials:\n        accountKeySecretRef: {{name: storage, key: accountKey}}\n",
+            azurite.account_url()
+        ),
+    )
+    .unwrap();
+    let secret = |key: &str| {
+        std::fs::write(
+            manifests.join("secret.yaml"),
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: storage}}\nstringData: {{accountKey: \"{key}\"}}\n"
+            ),
+        )
+        .unwrap();
+    };
+    // A well-formed key that is not the account's.
+    secret("bm90LXRoZS1hY2NvdW50LWtleS1ub3QtdGhlLWFjY291bnQta2V5LW5vdC10aGUta2V5");
+    let _daemon = Daemon::start(work);
+
+    let refused = wait_for(work, "the store to refuse the key", 60, |s| {
+        [
+            "/status/lastError/reason",
+            "/status/currentJob/lastError/reason",
+        ]
+        .iter()
+        .any(|p| s.pointer(p).and_then(Value::as_str) == Some("StoreAccessDenied"))
+    });
+    assert_eq!(points(&refused), 0, "{refused:#}");
+
+    secret(DEV_KEY);
+    // NB: the daemon reads the folder again when a file changes; a retry that lands before
+    // that fails on the old key once more, so it is asked again until protection starts.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        ok(lifeboat(work, &["retry", "web-01", "--no-wait"]));
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            let s = status(work);
+            if phase(&s) == "Protected" && points(&s) >= 1 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not protected with the new key: {:#}\nlog:\n{}",
+            status(work),
+            std::fs::read_to_string(work.join("daemon.log")).unwrap_or_default()
+        );
+    }
 }

@@ -82,6 +82,11 @@ pub(crate) struct VmTask {
     report_retry_at: Option<Instant>,
     retry_token: Option<Option<String>>,
     last_logged: Option<String>,
+    /// The store refused the engine's credentials (or an operator asked for a retry): read
+    /// the target's Secrets again, at most once per `max_backoff`, and reopen the engine
+    /// when they changed (a rotated key).
+    credentials_suspect: bool,
+    credentials_checked_at: Option<Instant>,
 }
 
 fn uid(job: &ReplicationJob) -> String {
@@ -122,6 +127,8 @@ impl VmTask {
             report_retry_at: None,
             retry_token: None,
             last_logged: None,
+            credentials_suspect: false,
+            credentials_checked_at: None,
         }
     }
 
@@ -180,8 +187,10 @@ impl VmTask {
             .shared
             .policies
             .get(&ObjectRef::new(&vm.spec.policy_ref.name).within(&self.namespace));
-        self.ensure_open(vm, policy.as_deref()).await;
+        // NB: a retry first: it may send ensure_open to read the target's credentials again
+        // before a job is claimed on the old ones.
         self.follow_retry_request(vm);
+        self.ensure_open(vm, policy.as_deref()).await;
         if let Some(slot) = &self.slot {
             let limit = slot.config.upload_limit_bytes_per_second(SystemTime::now());
             slot.worker.engine().throttle().set_limit(limit);
@@ -264,6 +273,10 @@ impl VmTask {
                 return;
             }
         };
+        if self.credentials_changed(&policy.spec.target).await {
+            tracing::info!(vm = %self.vm, "the target's credentials changed: opening the engine again");
+            self.slot = None;
+        }
         if let Some(slot) = &mut self.slot {
             let reopen = slot.target != policy.spec.target
                 || slot.config.hypervisor != config.hypervisor
@@ -312,6 +325,56 @@ impl VmTask {
         }
     }
 
+    /// Whether the open engine's store was opened with credentials the target's Secrets no
+    /// longer hold; asked only while they are suspect, and at most once per `max_backoff`.
+    async fn credentials_changed(&mut self, target: &ReplicaTarget) -> bool {
+        let due = self
+            .credentials_checked_at
+            .is_none_or(|at| at.elapsed() >= self.shared.timing.max_backoff);
+        let Some(slot) = &self.slot else {
+            return false;
+        };
+        if !self.credentials_suspect || !due || slot.target != *target {
+            return false;
+        }
+        let concurrency = slot.config.settings.upload_concurrency;
+        let current = Arc::clone(slot.worker.engine().store());
+        self.credentials_checked_at = Some(Instant::now());
+        let secrets = match self.shared.api.secrets_for(&self.namespace, target).await {
+            Ok(secrets) => secrets,
+            Err(error) => {
+                self.api_failed(&error);
+                return false;
+            }
+        };
+        match self
+            .shared
+            .stores
+            .store(&self.namespace, target, concurrency, &secrets)
+        {
+            Ok(store) => {
+                let changed = !Arc::ptr_eq(&store, &current);
+                if changed {
+                    self.credentials_suspect = false;
+                }
+                changed
+            }
+            // NB: the Secret went missing or lost its key: the engine keeps what it has, and
+            // its next failure says what the store refuses.
+            Err(error) => {
+                tracing::warn!(vm = %self.vm, %error, "reading the target's credentials again failed");
+                false
+            }
+        }
+    }
+
+    /// Note an error that may come from credentials the store no longer takes.
+    fn note_error(&mut self, error: &lifeboat_agent::AgentError) {
+        if error.reason() == "StoreAccessDenied" {
+            self.credentials_suspect = true;
+        }
+    }
+
     async fn open(
         &self,
         config: &VmConfig,
@@ -355,6 +418,9 @@ impl VmTask {
         match &self.retry_token {
             None => self.retry_token = Some(token),
             Some(seen) if *seen != token => {
+                // NB: the fix may have been a new key in the Secret: look at once.
+                self.credentials_suspect = true;
+                self.credentials_checked_at = None;
                 if let Some(slot) = &mut self.slot {
                     tracing::info!(vm = %self.vm, "retry requested");
                     slot.worker.retry_now(now());
@@ -502,7 +568,10 @@ impl VmTask {
                 let outcome = *outcome;
                 match &outcome {
                     Ok(_) => tracing::info!(vm = %self.vm, job = %name, "job succeeded"),
-                    Err(e) => tracing::warn!(vm = %self.vm, job = %name, error = %e, "job failed"),
+                    Err(e) => {
+                        tracing::warn!(vm = %self.vm, job = %name, error = %e, "job failed");
+                        self.note_error(e);
+                    }
                 }
                 let outcome_label = if outcome.is_ok() {
                     "succeeded"
@@ -591,7 +660,10 @@ impl VmTask {
         let label = match &outcome {
             Ok(report) if report.resync_required.is_some() => "resync_required",
             Ok(_) => "succeeded",
-            Err(_) => "failed",
+            Err(e) => {
+                self.note_error(e);
+                "failed"
+            }
         };
         self.shared.metrics.cycle(label);
     }
