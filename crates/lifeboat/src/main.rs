@@ -7,7 +7,7 @@
 //! lifeboat operator           run the control plane (in a cluster, or with a kubeconfig)
 //! lifeboat agent              run the node agent of one VM host (a DaemonSet pod)
 //! lifeboat standalone         the operator and the agent in one process, no cluster
-//! lifeboat status | points | resync | failover | cleanup | commit
+//! lifeboat status | points | resync | failover | cleanup | commit | retry
 //!                             the everyday tools (standalone state folder, or --cluster)
 //! ```
 
