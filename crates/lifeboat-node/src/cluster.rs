@@ -68,7 +68,8 @@ pub struct Timing {
     pub progress: Duration,
     /// How long a running job or cycle may go on after SIGTERM before it is abandoned.
     pub shutdown_grace: Duration,
-    /// The longest wait between retries of a failed API call.
+    /// The longest wait between retries of a failed API call; also the least time between
+    /// two readings of a target's Secrets while its store refuses the credentials.
     pub max_backoff: Duration,
 }
 
