@@ -255,6 +255,13 @@ impl Conn {
     }
 }
 
+/// How long a refused connection is tried again (QEMU handing the monitor over, or binding
+/// its socket before it listens) before it counts as QEMU being gone.
+const REFUSED_RETRY_FOR: Duration = Duration::from_secs(2);
+/// How long one connection may wait for its greeting and negotiation before a fresh one is
+/// tried.
+const HANDSHAKE_TRY: Duration = Duration::from_secs(5);
+
 /// A QMP client for one VM: one command at a time, a timeout on each.
 #[derive(Debug)]
 pub struct QmpClient {
@@ -377,7 +384,32 @@ impl QmpClient {
         }
     }
 
+    /// Connect and negotiate. QEMU's monitor serves one client at a time and takes the next
+    /// one only after it has let the last one go; on a busy host a connection made in that
+    /// moment can be refused, or left waiting without a greeting. Both are tried again: a
+    /// refusal for [`REFUSED_RETRY_FOR`] (a QEMU that is gone stays refused, and is reported
+    /// as such), a missing greeting until the command's own timeout.
     async fn handshake(&self) -> Result<Conn, QmpError> {
+        let refused_until = tokio::time::Instant::now() + REFUSED_RETRY_FOR;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match tokio::time::timeout(HANDSHAKE_TRY, self.try_handshake()).await {
+                Ok(Err(QmpError::Connect { source, .. }))
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::WouldBlock
+                    ) && tokio::time::Instant::now() < refused_until => {}
+                Ok(result) => return result,
+                Err(_) => {
+                    tracing::debug!(socket = %self.socket.display(), "no QMP greeting yet: connecting again")
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn try_handshake(&self) -> Result<Conn, QmpError> {
         let mut c = Conn::open("QMP", &self.socket).await?;
         self.peer_pid
             .store(c.peer_pid.unwrap_or(0), Ordering::Relaxed);
@@ -408,7 +440,9 @@ impl QmpClient {
                         io::Error::new(io::ErrorKind::UnexpectedEof, "QEMU closed the socket"),
                     )
                 })?;
-            if reply.get("event").is_some() {
+            // NB: QEMU 10 can greet a connection twice when it was queued behind another
+            // client that just left; the second greeting is not the answer.
+            if reply.get("event").is_some() || reply.get("QMP").is_some() {
                 continue;
             }
             return match reply_value("qmp_capabilities", reply) {

@@ -1805,3 +1805,79 @@ async fn read_throughput() {
     }
     view.close(CloseView::Commit).await.unwrap();
 }
+
+/// A QMP server stand-in that greets each connection `greetings` times, then answers every
+/// command with `{"return": {}}` and its id.
+async fn fake_qmp(listener: tokio::net::UnixListener, greetings: usize) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let greeting = b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n";
+            for _ in 0..greetings {
+                w.write_all(greeting).await.unwrap();
+            }
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let request: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let mut reply =
+                    serde_json::to_vec(&serde_json::json!({"return": {}, "id": request["id"]}))
+                        .unwrap();
+                reply.push(b'\n');
+                w.write_all(&reply).await.unwrap();
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_monitor_that_greets_twice_or_listens_late_is_still_reached() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Greeted twice, as QEMU 10 may greet a connection queued behind another client.
+    let twice = tmp.path().join("twice.sock");
+    tokio::spawn(fake_qmp(tokio::net::UnixListener::bind(&twice).unwrap(), 2));
+    let client = qmp::QmpClient::new(&twice, Duration::from_secs(10));
+    client
+        .execute("query-status", serde_json::Value::Null)
+        .await
+        .unwrap();
+
+    // Bound but not listening yet (refused), listening 300 ms later.
+    let late = tmp.path().join("late.sock");
+    let bound = std::os::unix::net::UnixListener::bind(&late).unwrap();
+    drop(bound);
+    let path = late.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = std::fs::remove_file(&path);
+        fake_qmp(tokio::net::UnixListener::bind(&path).unwrap(), 1).await;
+    });
+    let client = qmp::QmpClient::new(&late, Duration::from_secs(10));
+    client
+        .execute("query-status", serde_json::Value::Null)
+        .await
+        .unwrap();
+
+    // A socket nobody listens on stays refused: reported as such within seconds, not
+    // after the command's timeout.
+    let gone = tmp.path().join("gone.sock");
+    drop(std::os::unix::net::UnixListener::bind(&gone).unwrap());
+    let client = qmp::QmpClient::new(&gone, Duration::from_secs(30));
+    let started = Instant::now();
+    match client
+        .execute("query-status", serde_json::Value::Null)
+        .await
+    {
+        Err(qmp::QmpError::Connect { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+        other => panic!("expected a refused connection, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
