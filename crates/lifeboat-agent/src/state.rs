@@ -3,7 +3,6 @@
 //! resync), in one JSON file replaced atomically.
 
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::AgentError;
@@ -143,17 +142,10 @@ impl AgentState {
     }
 }
 
-/// Write a file atomically: a temporary beside it, synced, renamed over it, folder synced.
+/// [`lifeboat_store::files::write_atomic`], its failure as an agent state error.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(AgentError::state("create folder", dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(AgentError::state("create", &tmp))?;
-    file.write_all(bytes)
-        .map_err(AgentError::state("write", &tmp))?;
-    file.sync_all().map_err(AgentError::state("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(AgentError::state("replace", path))?;
-    crate::engine::sync_folder(dir).map_err(AgentError::state("sync folder", dir))
+    lifeboat_store::files::write_atomic(path, bytes)
+        .map_err(|e| AgentError::state(e.action, e.path)(e.source))
 }
 
 #[cfg(test)]

@@ -138,25 +138,15 @@ impl Db {
         value: &T,
     ) -> Result<(), DbError> {
         let path = self.path(kind, namespace, name);
-        let io = |action: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| DbError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let bytes = serde_json::to_vec_pretty(value).map_err(|e| DbError::Corrupt {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        let tmp = path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&bytes).map_err(io("write", &tmp))?;
-        file.sync_all().map_err(io("sync", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("replace", &path))
+        lifeboat_store::files::write_atomic(&path, &bytes).map_err(|e| DbError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        })
     }
 
     /// Delete a record (gone already is fine).

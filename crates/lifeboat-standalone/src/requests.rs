@@ -35,12 +35,9 @@ pub fn write(
     let mut requests = read(state_dir, namespace, name).unwrap_or_default();
     edit(&mut requests);
     let file = path(state_dir, namespace, name);
-    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let tmp = file.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(&requests).map_err(|e| e.to_string())?;
-    std::fs::write(&tmp, bytes).map_err(|e| format!("write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &file).map_err(|e| format!("replace {}: {e}", file.display()))
+    lifeboat_store::files::write_atomic(&file, &bytes)
+        .map_err(|e| format!("{} {}: {}", e.action, e.path.display(), e.source))
 }
 
 /// The manifest's requests with the command line's on top.

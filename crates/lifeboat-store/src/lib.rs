@@ -28,6 +28,7 @@
 
 pub mod azure;
 pub mod error;
+pub mod files;
 pub mod local;
 pub mod manifest;
 

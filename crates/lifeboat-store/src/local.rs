@@ -49,6 +49,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::files;
 use crate::manifest::{Manifest, PointDisk, RecoveryPoint, point_id};
 use crate::{
     At, NewPoint, ReplicaStore, StoreError, VmKey, check_disk_name, check_disk_size, check_range,
@@ -638,29 +639,9 @@ impl VmState {
     }
 }
 
-/// Write a file atomically: a temporary beside it, synced, renamed over it, folder synced.
+/// [`files::write_atomic`], its failure as a store error.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(StoreError::io("create folder", dir))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut file = File::create(&tmp).map_err(StoreError::io("create", &tmp))?;
-    file.write_all(bytes)
-        .map_err(StoreError::io("write", &tmp))?;
-    file.sync_all().map_err(StoreError::io("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(StoreError::io("replace", path))?;
-    sync_folder(dir).map_err(StoreError::io("sync folder", dir))
-}
-
-/// Make a rename in `dir` durable.
-#[cfg(unix)]
-fn sync_folder(dir: &Path) -> std::io::Result<()> {
-    File::open(dir).and_then(|d| d.sync_all())
-}
-
-/// NB: Windows cannot open a folder as a file (and NTFS journals its metadata): nothing to do.
-#[cfg(not(unix))]
-fn sync_folder(_dir: &Path) -> std::io::Result<()> {
-    Ok(())
+    files::write_atomic(path, bytes).map_err(|e| StoreError::io(e.action, e.path)(e.source))
 }
 
 /// Direct I/O wants buffers, offsets and lengths aligned to the device's logical block:

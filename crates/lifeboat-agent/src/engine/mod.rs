@@ -324,17 +324,7 @@ fn free_space_bytes(dir: &Path) -> std::io::Result<u64> {
     crate::hyperv::sys::free_space_bytes(dir)
 }
 
-/// Make the creation or rename of a file in `dir` durable.
-#[cfg(unix)]
-pub(crate) fn sync_folder(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all())
-}
-
-/// NB: Windows cannot open a folder as a file (and NTFS journals its metadata): nothing to do.
-#[cfg(not(unix))]
-pub(crate) fn sync_folder(_dir: &Path) -> std::io::Result<()> {
-    Ok(())
-}
+pub(crate) use lifeboat_store::files::sync_folder;
 
 /// Throughput of `bytes` over the time since `started`.
 fn throughput(bytes: u64, started: Instant) -> u64 {
