@@ -140,6 +140,13 @@ pub fn api_error_is_recoverable(error: &kube::Error) -> bool {
 }
 
 impl Error {
+    /// The failure to add or remove a finalizer of `kind` `name` (`namespace/name`), for
+    /// `map_err`.
+    pub fn patch_finalizers(kind: &'static str, name: &str) -> impl FnOnce(kube::Error) -> Error {
+        let name = name.to_owned();
+        move |source| Error::PatchFinalizers { kind, name, source }
+    }
+
     /// The message with every cause after it (`a: b: c`), for logs, which print one line.
     pub fn report(&self) -> String {
         let mut text = self.to_string();

@@ -49,11 +49,7 @@ pub async fn reconcile(policy: Arc<ReplicationPolicy>, ctx: Arc<Context>) -> Res
     let deleting = policy.metadata.deletion_timestamp.is_some();
     let held = finalizer::ensure(&api, policy.as_ref(), POLICY_FINALIZER)
         .await
-        .map_err(|source| Error::PatchFinalizers {
-            kind: CONTROLLER,
-            name: qualified.clone(),
-            source,
-        })?;
+        .map_err(Error::patch_finalizers(CONTROLLER, &qualified))?;
     if !held {
         return Ok(Action::await_change());
     }
@@ -126,11 +122,7 @@ pub async fn reconcile(policy: Arc<ReplicationPolicy>, ctx: Arc<Context>) -> Res
     if decision.release_finalizer {
         finalizer::remove(&api, policy.as_ref(), POLICY_FINALIZER)
             .await
-            .map_err(|source| Error::PatchFinalizers {
-                kind: CONTROLLER,
-                name: qualified,
-                source,
-            })?;
+            .map_err(Error::patch_finalizers(CONTROLLER, &qualified))?;
     }
     Ok(Action::requeue(
         decision.requeue_after.max(Duration::from_secs(1)),

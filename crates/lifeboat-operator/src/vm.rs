@@ -120,11 +120,7 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
     let vms: Api<ProtectedVM> = Api::namespaced(ctx.client.clone(), &ns);
     let held = finalizer::ensure(&vms, vm.as_ref(), VM_FINALIZER)
         .await
-        .map_err(|source| Error::PatchFinalizers {
-            kind: CONTROLLER,
-            name: qualified.clone(),
-            source,
-        })?;
+        .map_err(Error::patch_finalizers(CONTROLLER, &qualified))?;
     if !held {
         return Ok(Action::await_change());
     }
@@ -196,11 +192,7 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
     if decision.release_finalizer {
         finalizer::remove(&vms, vm.as_ref(), VM_FINALIZER)
             .await
-            .map_err(|source| Error::PatchFinalizers {
-                kind: CONTROLLER,
-                name: qualified.clone(),
-                source,
-            })?;
+            .map_err(Error::patch_finalizers(CONTROLLER, &qualified))?;
         tracing::info!(vm = %qualified, "protection disabled; the VM can go");
     }
     Ok(Action::requeue(decision.requeue_after))
