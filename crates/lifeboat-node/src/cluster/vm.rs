@@ -24,6 +24,7 @@ use lifeboat_api::job::{JobPhase, ReplicationJobStatus};
 use lifeboat_api::policy::ReplicaTarget;
 use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
 use lifeboat_operator::mapping::whole_seconds;
+use lifeboat_store::ReplicaStore;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -340,18 +341,7 @@ impl VmTask {
         let concurrency = slot.config.settings.upload_concurrency;
         let current = Arc::clone(slot.worker.engine().store());
         self.credentials_checked_at = Some(Instant::now());
-        let secrets = match self.shared.api.secrets_for(&self.namespace, target).await {
-            Ok(secrets) => secrets,
-            Err(error) => {
-                self.api_failed(&error);
-                return false;
-            }
-        };
-        match self
-            .shared
-            .stores
-            .store(&self.namespace, target, concurrency, &secrets)
-        {
+        match self.target_store(target, concurrency).await {
             Ok(store) => {
                 let changed = !Arc::ptr_eq(&store, &current);
                 if changed {
@@ -359,9 +349,11 @@ impl VmTask {
                 }
                 changed
             }
+            // NB: the API call failed (logged): look again after max_backoff.
+            Err(NotOpen::Waiting(_)) => false,
             // NB: the Secret went missing or lost its key: the engine keeps what it has, and
             // its next failure says what the store refuses.
-            Err(error) => {
+            Err(NotOpen::Failed(error)) => {
                 tracing::warn!(vm = %self.vm, %error, "reading the target's credentials again failed");
                 false
             }
@@ -369,17 +361,19 @@ impl VmTask {
     }
 
     /// Note an error that may come from credentials the store no longer takes.
-    fn note_error(&mut self, error: &lifeboat_agent::AgentError) {
+    fn note_error(&mut self, error: &AgentError) {
         if error.reason() == "StoreAccessDenied" {
             self.credentials_suspect = true;
         }
     }
 
-    async fn open(
+    /// The store of `target`, with its Secrets read now (the cache opens it again when they
+    /// hold new credentials).
+    async fn target_store(
         &self,
-        config: &VmConfig,
         target: &ReplicaTarget,
-    ) -> Result<lifeboat_agent::Worker, NotOpen> {
+        upload_concurrency: usize,
+    ) -> Result<Arc<dyn ReplicaStore>, NotOpen> {
         let secrets = match self.shared.api.secrets_for(&self.namespace, target).await {
             Ok(secrets) => secrets,
             Err(error) => {
@@ -387,21 +381,25 @@ impl VmTask {
                 return Err(NotOpen::Waiting(error.to_string()));
             }
         };
-        let store = self
-            .shared
+        self.shared
             .stores
-            .store(
-                &self.namespace,
-                target,
-                config.settings.upload_concurrency,
-                &secrets,
-            )
+            .store(&self.namespace, target, upload_concurrency, &secrets)
             .map_err(|source| {
                 NotOpen::Failed(OpenError::Store {
                     vm: self.vm.clone(),
                     source,
                 })
-            })?;
+            })
+    }
+
+    async fn open(
+        &self,
+        config: &VmConfig,
+        target: &ReplicaTarget,
+    ) -> Result<lifeboat_agent::Worker, NotOpen> {
+        let store = self
+            .target_store(target, config.settings.upload_concurrency)
+            .await?;
         open_worker(config, store, &self.shared.state_dir)
             .await
             .map_err(NotOpen::Failed)
