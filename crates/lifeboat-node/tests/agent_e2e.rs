@@ -36,12 +36,11 @@ const NS: &str = "e2e";
 const LEASES: &str = "lifeboat-system";
 const NODE: &str = "node-1";
 
-fn run_operator(
-    client: &Client,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<lifeboat_operator::Result<()>>,
-) {
+type Stopper = tokio::sync::oneshot::Sender<()>;
+type OperatorTask = tokio::task::JoinHandle<lifeboat_operator::Result<()>>;
+type AgentTask = tokio::task::JoinHandle<Result<(), lifeboat_node::cluster::ClusterError>>;
+
+fn run_operator(client: &Client) -> (Stopper, OperatorTask) {
     let config = Config {
         namespace: Some(NS.into()),
         lease_namespace: LEASES.into(),
@@ -54,9 +53,6 @@ fn run_operator(
     }));
     (stop, task)
 }
-
-type Stopper = tokio::sync::oneshot::Sender<()>;
-type AgentTask = tokio::task::JoinHandle<Result<(), lifeboat_node::cluster::ClusterError>>;
 
 /// The agent of `node-1`, its state under `dir`, running until the sender is used.
 fn run_agent(client: &Client, dir: &Path, timing: Timing) -> (Arc<Metrics>, Stopper, AgentTask) {
@@ -75,6 +71,23 @@ fn run_agent(client: &Client, dir: &Path, timing: Timing) -> (Arc<Metrics>, Stop
         let _ = stopped.await;
     }));
     (metrics, stop, task)
+}
+
+/// Stop the agent as SIGTERM does and wait up to `seconds` for it to end by itself, without
+/// an error.
+async fn stop_agent_cleanly(stop: Stopper, agent: AgentTask, seconds: u64) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(seconds), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// Stop the operator and give it 10 s to end.
+async fn stop_operator_within_10s(stop: Stopper, operator: OperatorTask) {
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
 }
 
 /// Policy `gold` with `spec`, and VM `web` on `node-1` with its `os` disk in `qsd`.
@@ -241,14 +254,8 @@ async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
     );
 
     // SIGTERM's path: the agent stops by itself, with nothing running.
-    let _ = stop_agent.send(());
-    tokio::time::timeout(Duration::from_secs(30), agent)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let _ = stop_operator.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    stop_agent_cleanly(stop_agent, agent, 30).await;
+    stop_operator_within_10s(stop_operator, operator).await;
     drop(qsd);
 }
 
@@ -299,12 +306,7 @@ async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = stop_agent.send(());
-    tokio::time::timeout(Duration::from_secs(10), agent)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_agent_cleanly(stop_agent, agent, 10).await;
 
     // The claim is not lost silently: the job failed as recoverable, so the operator retries.
     let job = jobs.get(&running.name_any()).await.unwrap();
@@ -321,8 +323,7 @@ async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
         "{:#?}",
         status.steps
     );
-    let _ = stop_operator.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    stop_operator_within_10s(stop_operator, operator).await;
     drop(qsd);
 }
 
@@ -410,13 +411,7 @@ async fn a_rotated_storage_key_is_taken_on_retry_without_a_restart() {
     )
     .await;
 
-    let _ = stop_agent.send(());
-    tokio::time::timeout(Duration::from_secs(30), agent)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let _ = stop_operator.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    stop_agent_cleanly(stop_agent, agent, 30).await;
+    stop_operator_within_10s(stop_operator, operator).await;
     drop(qsd);
 }

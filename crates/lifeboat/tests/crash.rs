@@ -7,55 +7,16 @@
 // A failed unwrap is the test failure report.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Daemon, lifeboat};
 use lifeboat_agent::testing::{Qsd, assert_same};
 use serde_json::Value;
 
 const MIB: u64 = 1024 * 1024;
-const LIFEBOAT: &str = env!("CARGO_BIN_EXE_lifeboat");
-
-fn start(work: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(work.join("daemon.log"))
-        .unwrap();
-    Command::new(LIFEBOAT)
-        .args(["standalone", "--manifests"])
-        .arg(work.join("manifests"))
-        .arg("--state-dir")
-        .arg(work.join("state"))
-        .arg("--failover-dir")
-        .arg(work.join("failover"))
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap()
-}
-
-fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn lifeboat(work: &Path, args: &[&str]) -> String {
-    let out = Command::new(LIFEBOAT)
-        .args(args)
-        .arg("--state-dir")
-        .arg(work.join("state"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lifeboat {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn vm(work: &Path, name: &str) -> Value {
     let all: Value = serde_json::from_str(&lifeboat(work, &["status", "--json"])).unwrap();
     all.as_array()
@@ -164,12 +125,12 @@ fn killed_during_the_copy_and_the_resync_it_resumes_and_loses_nothing() {
     .unwrap();
 
     // Killed in the middle of the initial copy.
-    let mut daemon = start(work);
+    let mut daemon = Daemon::start(work);
     wait_until(work, "the initial copy to be under way", 60, || {
         running_with_progress(work, "EnableProtection")
     });
-    kill9(&mut daemon);
-    let mut daemon = start(work);
+    daemon.kill9();
+    let mut daemon = Daemon::start(work);
     // The interrupted job failed as recoverable; ask for the retry now rather than in 16 minutes.
     wait_until(
         work,
@@ -217,18 +178,18 @@ fn killed_during_the_copy_and_the_resync_it_resumes_and_loses_nothing() {
 
     // The daemon is down while the guest rewrites a third of the disk; a resync is asked for
     // and killed in the middle; the restarted daemon finishes it.
-    kill9(&mut daemon);
+    daemon.kill9();
     let rewrites: Vec<(u64, u64, u8)> = (0..10)
         .map(|i| (i * 48 * MIB + 8 * MIB, 16 * MIB, 0xA0 + i as u8))
         .collect();
     qsd.guest_writes("root", &rewrites);
-    let mut daemon = start(work);
+    let mut daemon = Daemon::start(work);
     lifeboat(work, &["resync", "web", "--no-wait"]);
     wait_until(work, "the resync to be under way", 120, || {
         running_with_progress(work, "Resynchronize")
     });
-    kill9(&mut daemon);
-    let mut daemon = start(work);
+    daemon.kill9();
+    let mut daemon = Daemon::start(work);
     wait_until(
         work,
         "the interrupted resync to be seen as failed",
@@ -248,5 +209,5 @@ fn killed_during_the_copy_and_the_resync_it_resumes_and_loses_nothing() {
         &replica,
         &qsd.read_disk("root"),
     );
-    kill9(&mut daemon);
+    daemon.kill9();
 }

@@ -7,76 +7,20 @@
 // A failed unwrap is the test failure report.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{Daemon, LIFEBOAT, lifeboat};
 use lifeboat_agent::testing::{Qsd, assert_same};
 use lifeboat_store::testing::{Azurite, DEV_KEY, shared_key_store, test_options};
 use serde_json::Value;
 
 const MIB: u64 = 1024 * 1024;
-const LIFEBOAT: &str = env!("CARGO_BIN_EXE_lifeboat");
-
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn start(work: &Path) -> Daemon {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(work.join("daemon.log"))
-            .unwrap();
-        let child = Command::new(LIFEBOAT)
-            .args(["standalone", "--manifests"])
-            .arg(work.join("manifests"))
-            .arg("--state-dir")
-            .arg(work.join("state"))
-            .arg("--failover-dir")
-            .arg(work.join("failover"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        Daemon { child }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn lifeboat(work: &Path, args: &[&str]) -> Output {
-    Command::new(LIFEBOAT)
-        .args(args)
-        .arg("--state-dir")
-        .arg(work.join("state"))
-        .output()
-        .unwrap()
-}
-
-fn ok(output: Output) -> String {
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "lifeboat failed: {}\n{text}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    text
-}
-
 fn status(work: &Path) -> Value {
-    let vms: Value = serde_json::from_str(&ok(lifeboat(work, &["status", "--json"]))).unwrap();
+    let vms: Value = serde_json::from_str(&lifeboat(work, &["status", "--json"])).unwrap();
     vms.as_array()
         .and_then(|v| v.first())
         .cloned()
@@ -178,7 +122,7 @@ fn protect_cycle_resync_restart_failover_commit() {
     wait_for(work, "a delta cycle", 90, |s| points(s) > before);
 
     // Resync on request.
-    let out = ok(lifeboat(work, &["resync", "web-01"]));
+    let out = lifeboat(work, &["resync", "web-01"]);
     assert!(out.contains("done"), "{out}");
 
     // The daemon dies (SIGKILL) with a write not yet shipped; a new one picks up.
@@ -199,19 +143,19 @@ fn protect_cycle_resync_restart_failover_commit() {
     });
 
     // Test failover: the disk equals the source now (nothing written since the last cycle).
-    let out = ok(lifeboat(work, &["failover", "web-01", "--test"]));
+    let out = lifeboat(work, &["failover", "web-01", "--test"]);
     assert!(out.contains("disk root"), "{out}");
     assert_same(
         "test failover disk",
         &std::fs::read(failover_image(work, "test")).unwrap(),
         &qsd.read_disk("root"),
     );
-    ok(lifeboat(work, &["cleanup", "web-01"]));
+    lifeboat(work, &["cleanup", "web-01"]);
     assert!(!failover_image(work, "test").exists());
 
     // Planned failover ships what is pending, then commit keeps only that point.
     qsd.guest_write("root", 20 * MIB, MIB, 0x64);
-    ok(lifeboat(work, &["failover", "web-01", "--planned"]));
+    lifeboat(work, &["failover", "web-01", "--planned"]);
     let s = wait_for(work, "failed over", 30, |s| phase(s) == "FailedOver");
     assert_same(
         "failover disk",
@@ -219,7 +163,7 @@ fn protect_cycle_resync_restart_failover_commit() {
         &qsd.read_disk("root"),
     );
     assert!(points(&s) >= 3);
-    ok(lifeboat(work, &["commit", "web-01"]));
+    lifeboat(work, &["commit", "web-01"]);
     wait_for(work, "the commit", 30, |s| points(s) == 1);
     daemon.kill9();
 }
@@ -278,7 +222,7 @@ fn a_rotated_storage_key_is_taken_without_a_restart() {
     // that fails on the old key once more, so it is asked again until protection starts.
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        ok(lifeboat(work, &["retry", "web-01", "--no-wait"]));
+        lifeboat(work, &["retry", "web-01", "--no-wait"]);
         let until = Instant::now() + Duration::from_secs(20);
         while Instant::now() < until {
             let s = status(work);

@@ -1,0 +1,66 @@
+//! What the standalone end-to-end tests share: the `lifeboat` binary, a daemon on a work
+//! folder (`manifests/`, `state/`, `failover/`, `daemon.log`), and the tools run on its state.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+pub const LIFEBOAT: &str = env!("CARGO_BIN_EXE_lifeboat");
+
+/// A `lifeboat standalone` daemon on `work`, logging to `work/daemon.log`; killed with
+/// SIGKILL when dropped, so that a failed test leaves no daemon behind.
+pub struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    pub fn start(work: &Path) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(work.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(LIFEBOAT)
+            .args(["standalone", "--manifests"])
+            .arg(work.join("manifests"))
+            .arg("--state-dir")
+            .arg(work.join("state"))
+            .arg("--failover-dir")
+            .arg(work.join("failover"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        Daemon { child }
+    }
+
+    /// SIGKILL, as a power cut would, and wait until it is gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `lifeboat ARGS --state-dir WORK/state`: its standard output. A failure fails the test,
+/// with the arguments, the standard error and the standard output.
+pub fn lifeboat(work: &Path, args: &[&str]) -> String {
+    let out = Command::new(LIFEBOAT)
+        .args(args)
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lifeboat {args:?} failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
