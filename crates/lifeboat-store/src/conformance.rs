@@ -88,10 +88,7 @@ async fn write(
 /// whole pages at page offsets, a store that writes such buffers differently (the local
 /// store's direct I/O) takes that path, and the suite's other writes take the other.
 pub(crate) fn page_aligned(data: &[u8]) -> Bytes {
-    let mut buffer = bytes::BytesMut::zeroed(data.len() + 4096);
-    let pad = buffer.as_ptr().align_offset(4096).min(4096);
-    let _ = buffer.split_to(pad);
-    buffer.truncate(data.len());
+    let mut buffer = crate::aligned_buffer(data.len());
     buffer.copy_from_slice(data);
     buffer.freeze()
 }

@@ -52,6 +52,23 @@ pub const PAGE_SIZE_BYTES: u64 = 512;
 pub const MAX_WRITE_BYTES: u64 = 4 * 1024 * 1024;
 /// The largest page blob.
 pub const MAX_DISK_SIZE_BYTES: u64 = 8 * 1024 * 1024 * 1024 * 1024;
+/// The alignment of buffer, offset and length that a store may write with direct I/O (the
+/// local store does): 4096 covers 512-byte and 4K-native devices.
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+/// A zeroed buffer of `len` bytes that starts on a [`DIRECT_IO_ALIGN`] boundary, for data
+/// that goes to a store: the sender fills it, and whole pages of it at page offsets can be
+/// written without a copy into the page cache.
+pub fn aligned_buffer(len: usize) -> bytes::BytesMut {
+    let mut buffer = bytes::BytesMut::zeroed(len + DIRECT_IO_ALIGN);
+    let pad = buffer
+        .as_ptr()
+        .align_offset(DIRECT_IO_ALIGN)
+        .min(DIRECT_IO_ALIGN);
+    let _ = buffer.split_to(pad);
+    buffer.truncate(len);
+    buffer
+}
 
 /// Which protected VM a call is about: its namespace and name, both DNS labels or subdomains
 /// (so they are safe as path and blob-name segments).

@@ -52,7 +52,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::files;
 use crate::manifest::{Manifest, PointDisk, RecoveryPoint, point_id};
 use crate::{
-    At, NewPoint, ReplicaStore, StoreError, VmKey, check_disk_name, check_disk_size, check_range,
+    At, DIRECT_IO_ALIGN, NewPoint, ReplicaStore, StoreError, VmKey, check_disk_name,
+    check_disk_size, check_range,
 };
 
 /// Size of the unit of copy-on-write: a granule's old content is saved once per point.
@@ -335,7 +336,7 @@ impl Disk {
         {
             match direct.write_all_at(data, offset) {
                 Ok(()) => return Ok(()),
-                // NB: a device with a logical block larger than DIRECT_ALIGN, or a file
+                // NB: a device with a logical block larger than DIRECT_IO_ALIGN, or a file
                 // system that opens O_DIRECT files and then refuses their writes.
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
                 Err(e) => return Err(StoreError::io("write replica disk", &self.path)(e)),
@@ -644,14 +645,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     files::write_atomic(path, bytes).map_err(|e| StoreError::io(e.action, e.path)(e.source))
 }
 
-/// Direct I/O wants buffers, offsets and lengths aligned to the device's logical block:
-/// 4096 covers 512-byte and 4K-native devices.
-const DIRECT_ALIGN: usize = 4096;
-
 fn direct_aligned(data: &[u8], offset: u64) -> bool {
-    data.as_ptr().align_offset(DIRECT_ALIGN) == 0
-        && data.len().is_multiple_of(DIRECT_ALIGN)
-        && offset.is_multiple_of(DIRECT_ALIGN as u64)
+    data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0
+        && data.len().is_multiple_of(DIRECT_IO_ALIGN)
+        && offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
 }
 
 /// `path` opened again for writing with `O_DIRECT`, or `None` where the file system has no

@@ -126,8 +126,6 @@ pub const MAX_READ_REQUEST_BYTES: u32 = 32 << 20;
 pub const DEFAULT_READ_REQUEST_BYTES: u32 = 1 << 20;
 /// How many requests one call keeps in flight unless told otherwise.
 pub const DEFAULT_WINDOW: usize = 8;
-/// Read buffers start at this alignment, so that a store may write them with direct I/O.
-const BUFFER_ALIGN: usize = 4096;
 /// The largest block status request sent (the protocol's length is 32 bits).
 pub(crate) const MAX_STATUS_REQUEST_BYTES: u32 = 1 << 31;
 /// The largest option reply payload accepted (strings are at most 4096 bytes by the spec).
@@ -1245,10 +1243,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
         }
         // NB: one zeroed buffer, split into one piece per request; the pieces are unsplit
         // back in order without copying, so data lands exactly once, straight from the socket.
-        let mut whole = BytesMut::zeroed(total + BUFFER_ALIGN);
-        let pad = whole.as_ptr().align_offset(BUFFER_ALIGN).min(BUFFER_ALIGN);
-        let _ = whole.split_to(pad);
-        whole.truncate(total);
+        // It starts on a page boundary, so that a store may write the data with direct I/O.
+        let mut whole = lifeboat_store::aligned_buffer(total);
         let mut pieces: std::collections::VecDeque<BytesMut> = requests
             .iter()
             .map(|r| whole.split_to(r.len as usize))
