@@ -62,6 +62,14 @@ fn access_denied(what: String) -> StoreError {
     }
 }
 
+/// What a target's store is opened from.
+enum Opening<'a> {
+    /// A folder.
+    Local(&'a str),
+    /// A container, with the credentials read for it.
+    Azure(&'a lifeboat_api::policy::AzureBlobTarget, CredentialSource),
+}
+
 /// Where an Azure target's credentials come from, read from the Secrets but not yet used.
 #[derive(Hash)]
 enum CredentialSource {
@@ -137,29 +145,34 @@ impl StoreCache {
         upload_concurrency: usize,
         secrets: &dyn SecretSource,
     ) -> Result<Arc<dyn ReplicaStore>, StoreError> {
-        let (key, credentials) = match (&target.local, &target.azure_blob) {
-            (Some(local), _) => (format!("local:{}", local.path), None),
+        let (key, opening) = match (&target.local, &target.azure_blob) {
+            (Some(local), _) => (format!("local:{}", local.path), Opening::Local(&local.path)),
             (None, Some(azure)) => (
                 format!(
                     "azure:{}:{}:{namespace}",
                     azure.account_url, azure.container
                 ),
-                Some(CredentialSource::read(namespace, azure, secrets)?),
+                Opening::Azure(azure, CredentialSource::read(namespace, azure, secrets)?),
             ),
-            (None, None) => return unreachable_target(),
+            (None, None) => {
+                return Err(StoreError::InvalidRequest {
+                    what: "the policy's target has neither local nor azureBlob".into(),
+                });
+            }
         };
-        let fingerprint = credentials
-            .as_ref()
-            .map_or(0, CredentialSource::fingerprint);
+        let fingerprint = match &opening {
+            Opening::Local(_) => 0,
+            Opening::Azure(_, credentials) => credentials.fingerprint(),
+        };
         let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = stores.get(&key)
             && entry.credentials == fingerprint
         {
             return Ok(entry.store.clone());
         }
-        let store: Arc<dyn ReplicaStore> = match (&target.local, &target.azure_blob, credentials) {
-            (Some(local), _, _) => Arc::new(LocalStore::open(&local.path)?),
-            (None, Some(azure), Some(credentials)) => {
+        let store: Arc<dyn ReplicaStore> = match opening {
+            Opening::Local(path) => Arc::new(LocalStore::open(path)?),
+            Opening::Azure(azure, credentials) => {
                 let options = AzureStoreOptions {
                     upload_concurrency: upload_concurrency.clamp(1, 32),
                     ..AzureStoreOptions::default()
@@ -171,7 +184,6 @@ impl StoreCache {
                     options,
                 )?)
             }
-            _ => return unreachable_target(),
         };
         if stores.contains_key(&key) {
             tracing::info!(target = %key, "the target's credentials changed: opening its store again");
@@ -185,12 +197,6 @@ impl StoreCache {
         );
         Ok(store)
     }
-}
-
-fn unreachable_target() -> Result<Arc<dyn ReplicaStore>, StoreError> {
-    Err(StoreError::InvalidRequest {
-        what: "the policy's target has neither local nor azureBlob".into(),
-    })
 }
 
 /// The storage account's name from its blob endpoint: the first label of the host
