@@ -31,6 +31,7 @@ use lifeboat_node::engine::{ProgressThrottle, open_worker, run_job_on};
 use lifeboat_node::report::same_but_time;
 use lifeboat_node::{SecretSource, StoreCache, agent_report, jobs};
 use lifeboat_operator::mapping::{self, Results, api_time, whole_seconds};
+use lifeboat_store::{ReplicaStore, StoreError};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::db::{Db, StateLock};
@@ -415,12 +416,7 @@ impl Daemon {
             self.slots.remove(key);
         }
         if !self.slots.contains_key(key) {
-            let store = match self.stores.store(
-                &key.0,
-                &policy.spec.target,
-                config.settings.upload_concurrency,
-                &FolderSecrets(&self.folder),
-            ) {
+            let store = match self.target_store(key, policy, &config) {
                 Ok(store) => store,
                 Err(e) => {
                     self.report_once(
@@ -513,6 +509,22 @@ impl Daemon {
         Ok(())
     }
 
+    /// The store of the VM's policy's target, with the Secret manifests as they are now (the
+    /// cache opens it again when they hold new credentials).
+    fn target_store(
+        &self,
+        key: &Key,
+        policy: &ReplicationPolicy,
+        config: &VmConfig,
+    ) -> Result<Arc<dyn ReplicaStore>, StoreError> {
+        self.stores.store(
+            &key.0,
+            &policy.spec.target,
+            config.settings.upload_concurrency,
+            &FolderSecrets(&self.folder),
+        )
+    }
+
     /// Whether the VM's idle engine writes to another store than its policy's target now
     /// names: the target changed, or its Secret holds new credentials (a rotated key).
     fn store_changed(&self, key: &Key, policy: &ReplicationPolicy, config: &VmConfig) -> bool {
@@ -527,13 +539,7 @@ impl Daemon {
         };
         // NB: a target that cannot be opened now keeps the engine on the store it has; its
         // next failure says why.
-        self.stores
-            .store(
-                &key.0,
-                &policy.spec.target,
-                config.settings.upload_concurrency,
-                &FolderSecrets(&self.folder),
-            )
+        self.target_store(key, policy, config)
             .is_ok_and(|store| !Arc::ptr_eq(&store, worker.engine().store()))
     }
 
