@@ -277,9 +277,10 @@ impl Replicator {
 /// `data` cut into maximal runs of whole `block`s (the last one may be short) that are all
 /// zeros or all not, in order: `(range, zero)`.
 fn zero_runs(data: &[u8], block: usize) -> Vec<(std::ops::Range<usize>, bool)> {
+    let block = block.max(1);
     let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
-    for (i, piece) in data.chunks(block.max(1)).enumerate() {
-        let start = i * block.max(1);
+    for (i, piece) in data.chunks(block).enumerate() {
+        let start = i * block;
         let zero = is_zero(piece);
         match runs.last_mut() {
             Some((run, z)) if *z == zero => run.end = start + piece.len(),
