@@ -153,11 +153,7 @@ impl Grant {
 
 impl std::fmt::Display for Grant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let group = if self.group.is_empty() {
-            "core"
-        } else {
-            &self.group
-        };
+        let group = lifeboat_tests::requests::group_label(&self.group);
         write!(f, "{} {group}/{}", self.verb, self.resource)?;
         if !self.names.is_empty() {
             write!(f, " {:?}", self.names)?;

@@ -44,13 +44,14 @@ impl ApiRequest {
     }
 }
 
+/// An API group as people write it: the core group (`""`) as `core`.
+pub fn group_label(group: &str) -> &str {
+    if group.is_empty() { "core" } else { group }
+}
+
 impl std::fmt::Display for ApiRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let group = if self.group.is_empty() {
-            "core"
-        } else {
-            &self.group
-        };
+        let group = group_label(&self.group);
         write!(
             f,
             "{} {} {group}/{}",
