@@ -82,6 +82,21 @@ fn running_with_progress(work: &Path, job_type: &str) -> bool {
             > 0
 }
 
+/// SIGKILL `daemon` in the middle of `what`, start it again, wait until the interrupted job
+/// shows as failed (recoverable), and ask for the retry now rather than in 16 minutes.
+fn kill_restart_and_retry(mut daemon: Daemon, work: &Path, what: &str) -> Daemon {
+    daemon.kill9();
+    let daemon = Daemon::start(work);
+    wait_until(
+        work,
+        &format!("the interrupted {what} to be seen as failed"),
+        30,
+        || interrupted(work),
+    );
+    lifeboat(work, &["retry", "web", "--no-wait"]);
+    daemon
+}
+
 /// The VM's status shows its job ended by the kill (failed, recoverable, to be retried).
 fn interrupted(work: &Path) -> bool {
     let v = vm(work, "web");
@@ -125,20 +140,11 @@ fn killed_during_the_copy_and_the_resync_it_resumes_and_loses_nothing() {
     .unwrap();
 
     // Killed in the middle of the initial copy.
-    let mut daemon = Daemon::start(work);
+    let daemon = Daemon::start(work);
     wait_until(work, "the initial copy to be under way", 60, || {
         running_with_progress(work, "EnableProtection")
     });
-    daemon.kill9();
-    let mut daemon = Daemon::start(work);
-    // The interrupted job failed as recoverable; ask for the retry now rather than in 16 minutes.
-    wait_until(
-        work,
-        "the interrupted copy to be seen as failed",
-        30,
-        || interrupted(work),
-    );
-    lifeboat(work, &["retry", "web", "--no-wait"]);
+    let mut daemon = kill_restart_and_retry(daemon, work, "copy");
     wait_until(work, "protection after the restart", 180, || {
         !latest_point(work).is_empty()
     });
@@ -183,20 +189,12 @@ fn killed_during_the_copy_and_the_resync_it_resumes_and_loses_nothing() {
         .map(|i| (i * 48 * MIB + 8 * MIB, 16 * MIB, 0xA0 + i as u8))
         .collect();
     qsd.guest_writes("root", &rewrites);
-    let mut daemon = Daemon::start(work);
+    let daemon = Daemon::start(work);
     lifeboat(work, &["resync", "web", "--no-wait"]);
     wait_until(work, "the resync to be under way", 120, || {
         running_with_progress(work, "Resynchronize")
     });
-    daemon.kill9();
-    let mut daemon = Daemon::start(work);
-    wait_until(
-        work,
-        "the interrupted resync to be seen as failed",
-        30,
-        || interrupted(work),
-    );
-    lifeboat(work, &["retry", "web", "--no-wait"]);
+    let mut daemon = kill_restart_and_retry(daemon, work, "resync");
     wait_until(work, "the resync after the restart", 240, || {
         let v = vm(work, "web");
         v.pointer("/status/handledRequests/resync").is_some()
