@@ -1,0 +1,308 @@
+//! The current job: taking in how it went (started, succeeded or failed, with the phase, the
+//! request tokens echoed and the failure's retry time that follow), retrying a failed
+//! operation when due (or at once on a new `retry` token), and creating the next job.
+
+use std::time::SystemTime;
+
+use crate::conditions::Verdict;
+use crate::model::{ErrorReport, JobKind, JobParams, JobState, Phase};
+use crate::retry::{ErrorClass, RetryDecision, next_retry};
+
+use super::{
+    FinishedJob, JobFacts, JobObservation, JobRecord, NewJob, Pass, ResultChange, job_name, reasons,
+};
+
+/// When a failed operation may run again.
+enum RetryGate {
+    Now,
+    At(SystemTime),
+    Never,
+}
+
+impl Pass<'_> {
+    pub(super) fn absorb_job(&mut self) {
+        let Some(mut record) = self.state.job.clone() else {
+            return;
+        };
+        let facts = match self.input.job {
+            JobObservation::Found(f) if f.name == record.name => f.clone(),
+            JobObservation::Missing if !record.state.is_finished() => JobFacts {
+                name: record.name.clone(),
+                state: JobState::Failed,
+                copying: false,
+                start_time: None,
+                completion_time: Some(self.now),
+                error: Some(ErrorReport {
+                    class: ErrorClass::Recoverable,
+                    reason: "JobDeleted".into(),
+                    message: format!("job {} was deleted before it ended", record.name),
+                    retry_count: 0,
+                    next_retry_time: None,
+                    first_seen_time: None,
+                }),
+            },
+            _ => return,
+        };
+        if record.state.is_finished() {
+            return;
+        }
+        if record.state == JobState::Pending && facts.state != JobState::Pending {
+            self.notice(
+                false,
+                reasons::JOB_STARTED,
+                format!("{} job {} started", record.kind.as_str(), record.name),
+            );
+        }
+        if facts.state.is_finished() {
+            self.job_ended(&mut record, &facts);
+        } else {
+            record.state = facts.state;
+            if record.kind == JobKind::EnableProtection
+                && facts.copying
+                && self.state.phase == Phase::EnablingProtection
+            {
+                self.state.phase = Phase::InitialReplication;
+            }
+        }
+        self.state.job = Some(record);
+    }
+
+    fn job_ended(&mut self, record: &mut JobRecord, facts: &JobFacts) {
+        let kind = record.kind;
+        let succeeded = facts.state == JobState::Succeeded;
+        self.finished = Some(FinishedJob {
+            kind,
+            succeeded,
+            duration: facts
+                .completion_time
+                .zip(facts.start_time)
+                .and_then(|(end, start)| end.duration_since(start).ok()),
+        });
+        record.state = facts.state;
+        let token = record.params.request_token.clone();
+        if succeeded {
+            record.error = None;
+            self.notice(
+                false,
+                reasons::JOB_SUCCEEDED,
+                format!("{} job {} succeeded", kind.as_str(), record.name),
+            );
+            self.job_succeeded(kind, token, facts.completion_time);
+        } else {
+            let error = self.failure(record, facts);
+            let next = match (error.class, error.next_retry_time) {
+                (ErrorClass::Recoverable, Some(at)) => {
+                    format!("retry at {}", crate::rpo::format_rfc3339(at))
+                }
+                _ => "no retry: an administrator must act (then set spec.requests.retry)".into(),
+            };
+            self.notice(
+                true,
+                reasons::JOB_FAILED,
+                format!(
+                    "{} job {} failed ({}): {}; {next}",
+                    kind.as_str(),
+                    record.name,
+                    error.reason,
+                    error.message
+                ),
+            );
+            if error.class == ErrorClass::NonRecoverable {
+                self.request_failed_for_good(kind, token, &error);
+            }
+            record.error = Some(error);
+        }
+    }
+
+    fn job_succeeded(&mut self, kind: JobKind, token: Option<String>, ended: Option<SystemTime>) {
+        let handled = &mut self.state.handled;
+        match kind {
+            JobKind::EnableProtection => self.state.phase = Phase::FinalizingProtection,
+            JobKind::FinalizeProtection => self.state.phase = Phase::Protected,
+            JobKind::Resynchronize => {
+                self.state.phase = Phase::Protected;
+                self.state.last_resync = Some(ended.unwrap_or(self.now));
+                if token.is_some() {
+                    handled.resync = token;
+                }
+            }
+            JobKind::TestFailover => {
+                self.state.test_failover_exists = true;
+                self.results = ResultChange::TestFailoverFromJob;
+                handled.test_failover = token;
+            }
+            JobKind::CleanupTestFailover => {
+                self.state.test_failover_exists = false;
+                self.results = ResultChange::ClearTestFailover;
+                handled.cleanup_test_failover = token;
+                self.test_failover_outcome = Some(Verdict::no(
+                    "CleanedUp",
+                    "the test failover's disks were removed",
+                ));
+            }
+            JobKind::Failover => {
+                self.state.phase = Phase::FailedOver;
+                self.results = ResultChange::FailoverFromJob;
+                handled.failover = token;
+            }
+            JobKind::Commit => {
+                self.state.phase = Phase::FailoverCommitted;
+                handled.commit = token;
+            }
+            JobKind::DisableProtection => self.state.phase = Phase::Disabled,
+        }
+    }
+
+    /// The error of a failed attempt, with its retry decided.
+    fn failure(&self, record: &JobRecord, facts: &JobFacts) -> ErrorReport {
+        let failed_at = facts.completion_time.unwrap_or(self.now);
+        let mut error = facts.error.clone().unwrap_or_else(|| ErrorReport {
+            class: ErrorClass::Recoverable,
+            reason: "JobFailed".into(),
+            message: "the job failed without saying why".into(),
+            retry_count: 0,
+            next_retry_time: None,
+            first_seen_time: None,
+        });
+        error.retry_count = record.attempt.saturating_sub(1);
+        error.first_seen_time = record
+            .error
+            .as_ref()
+            .and_then(|e| e.first_seen_time)
+            .or(Some(failed_at));
+        // NB: the agent's own retry time is honoured, but never sooner than the ASR backoff:
+        // an agent that asks for an immediate retry must not make the operator hot-loop.
+        error.next_retry_time =
+            match next_retry(error.class, record.attempt, failed_at, self.interval) {
+                RetryDecision::RetryAt(seed) => {
+                    Some(error.next_retry_time.map_or(seed, |t| t.max(seed)))
+                }
+                RetryDecision::GiveUp => None,
+            };
+        error
+    }
+
+    /// A request whose job failed for good is over: echo its token.
+    fn request_failed_for_good(
+        &mut self,
+        kind: JobKind,
+        token: Option<String>,
+        error: &ErrorReport,
+    ) {
+        let handled = &mut self.state.handled;
+        match kind {
+            JobKind::Failover => {
+                self.state.phase = Phase::Protected;
+                handled.failover = token;
+                self.failover_outcome = Some(Verdict::no(&error.reason, error.message.clone()));
+            }
+            JobKind::TestFailover => {
+                handled.test_failover = token;
+                self.test_failover_outcome =
+                    Some(Verdict::no(&error.reason, error.message.clone()));
+            }
+            JobKind::CleanupTestFailover => handled.cleanup_test_failover = token,
+            JobKind::Commit => handled.commit = token,
+            JobKind::Resynchronize => {
+                self.state.phase = Phase::Protected;
+                if token.is_some() {
+                    handled.resync = token;
+                }
+            }
+            JobKind::EnableProtection
+            | JobKind::FinalizeProtection
+            | JobKind::DisableProtection => {}
+        }
+    }
+
+    pub(super) fn take_retry_request(&mut self) {
+        if let Some(token) = &self.input.spec.requests.retry
+            && self.state.handled.retry.as_ref() != Some(token)
+        {
+            self.state.handled.retry = Some(token.clone());
+            self.retry_asked = true;
+        }
+    }
+
+    fn retry_gate(&self, record: &JobRecord) -> RetryGate {
+        let Some(error) = &record.error else {
+            return RetryGate::Now;
+        };
+        match error.class {
+            _ if self.retry_asked => RetryGate::Now,
+            ErrorClass::Recoverable => match error.next_retry_time {
+                Some(at) if at > self.now => RetryGate::At(at),
+                _ => RetryGate::Now,
+            },
+            ErrorClass::NonRecoverable if self.spec_changed => RetryGate::Now,
+            ErrorClass::NonRecoverable => RetryGate::Never,
+        }
+    }
+
+    /// The current job failed: retry it when due. `Some(true)`: retried or waiting for the
+    /// retry; `Some(false)`: blocked for good; `None`: the current job did not fail.
+    pub(super) fn retry_failed(&mut self) -> Option<bool> {
+        let record = self
+            .state
+            .job
+            .clone()
+            .filter(|j| j.state == JobState::Failed)?;
+        match self.retry_gate(&record) {
+            RetryGate::Now => {
+                self.start_job(record.kind, record.params.clone(), record.attempt + 1);
+                Some(true)
+            }
+            RetryGate::At(at) => {
+                self.wake.push(at);
+                Some(true)
+            }
+            RetryGate::Never => Some(false),
+        }
+    }
+
+    pub(super) fn start_job(&mut self, kind: JobKind, params: JobParams, attempt: u32) {
+        let previous = self.state.job.take();
+        let sequence = previous.as_ref().map_or(0, |j| j.sequence) + 1;
+        let name = job_name(&self.input.spec.name, kind, sequence);
+        // NB: a retry keeps the operation's error, so that status shows what is being retried.
+        let error = previous
+            .filter(|p| attempt > 1 && p.kind == kind)
+            .and_then(|p| p.error);
+        self.notice(
+            false,
+            reasons::JOB_CREATED,
+            match attempt {
+                1 => format!("{} job {name} created", kind.as_str()),
+                n => format!("{} job {name} created (attempt {n})", kind.as_str()),
+            },
+        );
+        self.create = Some(NewJob {
+            name: name.clone(),
+            kind,
+            sequence,
+            attempt,
+            params: params.clone(),
+        });
+        self.state.job = Some(JobRecord {
+            name,
+            kind,
+            state: JobState::Pending,
+            sequence,
+            attempt,
+            params,
+            error,
+        });
+        match kind {
+            JobKind::EnableProtection => self.state.phase = Phase::EnablingProtection,
+            JobKind::FinalizeProtection => self.state.phase = Phase::FinalizingProtection,
+            JobKind::Resynchronize => self.state.phase = Phase::Resynchronizing,
+            JobKind::Failover => self.state.phase = Phase::FailingOver,
+            JobKind::DisableProtection => self.state.phase = Phase::DisablingProtection,
+            JobKind::TestFailover | JobKind::CleanupTestFailover | JobKind::Commit => {}
+        }
+    }
+
+    pub(super) fn start_request(&mut self, kind: JobKind, params: JobParams) {
+        self.start_job(kind, params, 1);
+    }
+}

@@ -1,0 +1,239 @@
+//! Protection wanted: the phase's next job. Enable protection (once the policy exists, is
+//! usable and its start time has come), finalize it; while protected, a failover (before
+//! anything else), a test failover or its cleanup, a requested resync, or an automatic one
+//! when delta replication cannot go on (in the resync window); once failed over, the commit.
+
+use std::time::{Duration, SystemTime};
+
+use crate::model::{JobKind, JobParams, Phase, ResyncReason};
+
+use super::Pass;
+use super::requests::Ask;
+
+/// How often to look again while the policy is missing or not usable.
+const POLICY_RECHECK: Duration = Duration::from_secs(60);
+
+impl Pass<'_> {
+    pub(super) fn protect(&mut self) {
+        if matches!(self.state.phase, Phase::Disabled) {
+            self.state.phase = Phase::Pending;
+        }
+        if !self.idle() {
+            // One job at a time: requests wait.
+            return;
+        }
+        if self.state.phase == Phase::DisablingProtection {
+            // The disable job failed and protection is wanted again: start over.
+            self.state.phase = Phase::Pending;
+        }
+        match self.state.phase {
+            Phase::Pending => self.start_protection(),
+            Phase::EnablingProtection | Phase::InitialReplication => {
+                if self.retry_failed().is_none() {
+                    self.start_protection();
+                }
+            }
+            Phase::FinalizingProtection => {
+                let finalize_failed = self
+                    .state
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| j.kind == JobKind::FinalizeProtection);
+                if !finalize_failed || self.retry_failed().is_none() {
+                    self.start_job(JobKind::FinalizeProtection, JobParams::default(), 1);
+                }
+            }
+            Phase::Protected | Phase::Resynchronizing | Phase::FailingOver => self.replicating(),
+            Phase::FailedOver => {
+                if self.retry_failed() == Some(true) {
+                    return;
+                }
+                self.reject_requests_after_failover(true);
+                if let Some(token) = self.ask_commit() {
+                    self.start_request(
+                        JobKind::Commit,
+                        JobParams {
+                            request_token: Some(token),
+                            ..JobParams::default()
+                        },
+                    );
+                } else if let Some(token) = self.ask_cleanup() {
+                    self.cleanup_or_nothing(token);
+                }
+            }
+            Phase::FailoverCommitted => {
+                if self.retry_failed() == Some(true) {
+                    return;
+                }
+                self.reject_requests_after_failover(false);
+                if let Some(token) = self.ask_cleanup() {
+                    self.cleanup_or_nothing(token);
+                }
+            }
+            Phase::DisablingProtection | Phase::Disabled => {}
+        }
+    }
+
+    fn start_protection(&mut self) {
+        self.reject_requests_before_protection();
+        if self.create.is_some() {
+            return; // a cleanup of an old test failover goes first
+        }
+        let Some(policy) = self.input.policy else {
+            self.waiting = Some((
+                "PolicyNotFound",
+                "the ReplicationPolicy does not exist".into(),
+            ));
+            self.wake.push(self.now + POLICY_RECHECK);
+            return;
+        };
+        if let Some(problem) = &policy.blocking_problem {
+            self.waiting = Some((
+                "PolicyNotReady",
+                format!("the ReplicationPolicy is not usable: {problem}"),
+            ));
+            self.wake.push(self.now + POLICY_RECHECK);
+            return;
+        }
+        if let Some(start) = policy.initial_replication_start.filter(|s| *s > self.now) {
+            self.waiting = Some((
+                "WaitingForStartTime",
+                format!(
+                    "initial replication starts at {}",
+                    crate::rpo::format_rfc3339(start)
+                ),
+            ));
+            self.wake.push(start);
+            return;
+        }
+        self.start_job(JobKind::EnableProtection, JobParams::default(), 1);
+    }
+
+    /// Protected (or a resync or failover that failed and waits for its retry).
+    fn replicating(&mut self) {
+        // A failover goes before anything else, a pending retry included.
+        if let Some(ask) = self.ask_failover() {
+            if !self.has_recovery_point() {
+                self.reject(
+                    Ask::Failover,
+                    ask.token,
+                    "NoRecoveryPoint",
+                    "the VM has no recovery point yet",
+                );
+            } else {
+                self.start_request(
+                    JobKind::Failover,
+                    JobParams {
+                        request_token: Some(ask.token),
+                        failover: Some(ask.kind),
+                        point: Some(ask.point),
+                        ..JobParams::default()
+                    },
+                );
+                return;
+            }
+        }
+        let blocked = match self.retry_failed() {
+            Some(true) => return,
+            Some(false) => self.state.job.as_ref().map(|j| j.kind),
+            None => None,
+        };
+        if self.state.phase != Phase::Protected {
+            return;
+        }
+        if let Some(token) = self.ask_cleanup() {
+            self.cleanup_or_nothing(token);
+            if self.create.is_some() {
+                return;
+            }
+        }
+        if let Some(ask) = self.ask_test_failover() {
+            if self.state.test_failover_exists {
+                self.reject(
+                    Ask::TestFailover,
+                    ask.token,
+                    "TestFailoverExists",
+                    "clean up the current test failover first",
+                );
+            } else if !self.has_recovery_point() {
+                self.reject(
+                    Ask::TestFailover,
+                    ask.token,
+                    "NoRecoveryPoint",
+                    "the VM has no recovery point yet",
+                );
+            } else {
+                self.start_request(
+                    JobKind::TestFailover,
+                    JobParams {
+                        request_token: Some(ask.token),
+                        point: Some(ask.point),
+                        ..JobParams::default()
+                    },
+                );
+                return;
+            }
+        }
+        if let Some(token) = self.ask_resync() {
+            self.start_request(
+                JobKind::Resynchronize,
+                JobParams {
+                    request_token: Some(token),
+                    resync_reason: Some(ResyncReason::Requested),
+                    ..JobParams::default()
+                },
+            );
+            return;
+        }
+        if let Some(token) = self.ask_commit() {
+            self.reject(
+                Ask::Commit,
+                token,
+                "NotFailedOver",
+                "only a failover can be committed",
+            );
+        }
+        if blocked != Some(JobKind::Resynchronize)
+            && let Some(reason) = self.resync_required()
+            && let Some(policy) = self.input.policy.filter(|p| p.resync_automatic)
+        {
+            match &policy.resync_window {
+                Some(window) if !window.contains(self.now) => {
+                    if let Some(opening) = window.next_opening(self.now) {
+                        self.wake.push(opening);
+                    }
+                }
+                _ => self.start_job(
+                    JobKind::Resynchronize,
+                    JobParams {
+                        resync_reason: Some(reason),
+                        ..JobParams::default()
+                    },
+                    1,
+                ),
+            }
+        }
+    }
+
+    /// Why delta replication cannot go on, from facts newer than the last resync.
+    pub(super) fn resync_required(&self) -> Option<ResyncReason> {
+        if !matches!(self.state.phase, Phase::Protected | Phase::Resynchronizing) {
+            return None;
+        }
+        let agent = self.input.agent?;
+        let after_last_resync = |t: SystemTime| self.state.last_resync.is_none_or(|r| t > r);
+        if let Some((reason, at)) = agent.tracking_lost
+            && after_last_resync(at)
+        {
+            return Some(reason);
+        }
+        let threshold = self.input.policy.map_or(50, |p| p.log_threshold_percent);
+        let over = agent.disks.iter().any(|d| {
+            d.size_bytes > 0
+                && u128::from(d.pending_log_bytes) * 100
+                    >= u128::from(d.size_bytes) * u128::from(threshold)
+        });
+        (over && agent.report_time.is_some_and(after_last_resync))
+            .then_some(ResyncReason::LogThresholdReached)
+    }
+}
