@@ -29,7 +29,7 @@
 //! Needs helm in target/tools/ (`cargo xtask chart` extracts it from node_modules) and Debian's
 //! qemu-utils.
 
-use lifeboat_agent::testing::Qsd;
+use lifeboat_qemu::testing::Qsd;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, DeleteParams, PostParams};
 // NB: kube's runtime feature comes with lifeboat-operator.
 use kube::runtime::reflector;
+use lifeboat_agent::cluster::{Agent, AgentOptions, Timing};
 use lifeboat_api::{ProtectedVM, ProtectionPhase, ReplicationJob, ReplicationPolicy};
-use lifeboat_node::cluster::{Agent, AgentOptions, Timing};
 use lifeboat_operator::{Config, Operator};
 use lifeboat_tests::apiserver::TestApiServer;
 use lifeboat_tests::requests::ApiRequest;
@@ -559,7 +559,7 @@ fn the_dashboard_and_the_alerts_query_metrics_that_exist() {
     operator.status_written("ProtectedVM");
     operator.job_created("EnableProtection");
     operator.job_finished("EnableProtection", true, Some(Duration::from_secs(1)));
-    let agent = lifeboat_node::cluster::Metrics::new();
+    let agent = lifeboat_agent::cluster::Metrics::new();
     agent.claim("won");
     agent.job("EnableProtection", "succeeded");
     agent.cycle("succeeded");

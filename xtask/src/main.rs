@@ -293,8 +293,8 @@ fn windows_target_installed() -> bool {
     target && linker
 }
 
-/// The agent for Windows: clippy with warnings denied, then a build of the library's test
-/// binary, which links every Windows import (WMI, virtdisk.dll) with mingw-w64, then a check
+/// The agent for Windows: clippy with warnings denied, then a build of the engine's and the
+/// Hyper-V backend's library test binaries, which link every Windows import (WMI, virtdisk.dll) with mingw-w64, then a check
 /// of the whole `lifeboat` binary the Windows image builds (the Azure SDK, kube, standalone).
 // NB: `--lib` only: the integration tests under tests/ drive QEMU and are Linux-only.
 fn windows(root: &Path) -> Result<()> {
@@ -304,6 +304,10 @@ fn windows(root: &Path) -> Result<()> {
         "cargo",
         &[
             "clippy",
+            "-p",
+            "lifeboat-engine",
+            "-p",
+            "lifeboat-hyperv",
             "-p",
             "lifeboat-agent",
             &target,
@@ -315,14 +319,23 @@ fn windows(root: &Path) -> Result<()> {
     run(
         root,
         "cargo",
-        &["test", "-p", "lifeboat-agent", &target, "--lib", "--no-run"],
+        &[
+            "test",
+            "-p",
+            "lifeboat-engine",
+            "-p",
+            "lifeboat-hyperv",
+            &target,
+            "--lib",
+            "--no-run",
+        ],
     )?;
     run(root, "cargo", &["check", "-p", "lifeboat", &target])
 }
 
 fn bench(root: &Path, which: Bench, args: &[String]) -> Result<()> {
     let (package, bench) = match which {
-        Bench::Resync => ("lifeboat-resync", "resync_vs_rsync"),
+        Bench::Resync => ("lifeboat-blockmap", "resync_vs_rsync"),
     };
     let mut all = vec!["bench", "--package", package, "--bench", bench, "--"];
     all.extend(args.iter().map(String::as_str));

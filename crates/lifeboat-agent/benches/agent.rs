@@ -70,9 +70,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use lifeboat_agent::backend::DiskRef;
-use lifeboat_agent::qemu::QemuHypervisor;
-use lifeboat_agent::{Progress, Replicator, Report, Settings};
+use lifeboat_engine::backend::DiskRef;
+use lifeboat_engine::{Progress, Replicator, Report, Settings};
+use lifeboat_qemu::QemuHypervisor;
 use lifeboat_store::VmKey;
 use lifeboat_store::local::LocalStore;
 
@@ -875,8 +875,7 @@ async fn copy_part(config: &Config) {
         .iter()
         .map(|f| allocated(&dir.join(f)))
         .sum::<u64>();
-    let stat = rustix::fs::statvfs(&dir).unwrap();
-    let free = stat.f_bavail * stat.f_frsize + kept;
+    let free = lifeboat_engine::space::free_space_bytes(&dir).unwrap() + kept;
     assert!(
         free >= needed,
         "{} has {} MB free (counting a kept image), the copy part needs {} MB: free some \

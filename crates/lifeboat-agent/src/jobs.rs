@@ -1,135 +1,208 @@
-//! Running the operator's jobs on the engine: one function maps each job kind onto the
-//! engine's operations, for the cluster agent (ReplicationJob resources) and standalone mode
-//! alike.
-//!
-//! | job | engine |
-//! |---|---|
-//! | EnableProtection | [`Replicator::enable`], then [`Replicator::initial_copy`] |
-//! | FinalizeProtection | the first [`Replicator::run_cycle`] after the copy |
-//! | Resynchronize | [`Replicator::resync`] |
-//! | TestFailover | [`Replicator::materialise`] under the label `test` |
-//! | CleanupTestFailover | [`Replicator::remove_materialised`] of the `test` disks |
-//! | Failover | [`Replicator::failover`] (planned ships what is pending first) |
-//! | Commit | [`Replicator::commit`] |
-//! | DisableProtection | [`Replicator::disable`] |
+//! A `ReplicationJob` as the agent runs it: its kind and parameters in the engine's terms,
+//! and the status it shows while running and when done (steps, progress, error, result).
 
-use std::path::PathBuf;
 use std::time::SystemTime;
 
-use lifeboat_core::{FailoverKind, JobKind, JobParams};
-use lifeboat_store::RecoveryPoint;
+use lifeboat_api::ReplicationJob;
+use lifeboat_api::common::{ErrorClass, ErrorStatus};
+use lifeboat_api::contract::{ENABLE_PROTECTION_STEPS, INITIAL_REPLICATION_STEP};
+use lifeboat_api::job::{JobPhase, JobProgress, JobStep, JobType, ReplicationJobStatus, StepState};
+use lifeboat_api::protected_vm::{Consistency, FailoverResult, MaterialisedDisk, RecoveryPointRef};
+use lifeboat_control::mapping::{api_time, error_status, job_kind, params};
+use lifeboat_core::{JobKind, JobParams};
+use lifeboat_engine::replicator::{FailoverReport, Progress};
+use lifeboat_engine::{EngineError, JobResult};
 
-use crate::engine::{FailoverReport, PointChoice, ProgressSink, Replicator, Report};
-use crate::error::AgentError;
-use crate::state::EnginePhase;
+use crate::report::error_report_now;
 
-/// What a finished job produced.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct JobResult {
-    /// The engine's report of the main operation.
-    pub report: Report,
-    /// The disks a (test) failover materialised.
-    pub failover: Option<FailoverReport>,
-    /// The point the job cut or used.
-    pub point: Option<RecoveryPoint>,
+/// The job's kind and parameters, as the engine takes them.
+pub fn job_kind_params(job: &ReplicationJob) -> (JobKind, JobParams) {
+    (job_kind(job.spec.job_type), params(&job.spec.parameters))
 }
 
-/// Where failover disks go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JobDirs {
-    /// The folder (test) failover disks are materialised in.
-    pub failover_dir: PathBuf,
-}
-
-fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice {
-    match choice {
-        None
-        | Some(lifeboat_core::PointChoice::Latest | lifeboat_core::PointChoice::LatestProcessed) => {
-            PointChoice::Latest
-        }
-        Some(lifeboat_core::PointChoice::LatestAppConsistent) => PointChoice::LatestAppConsistent,
-        Some(lifeboat_core::PointChoice::Named(name)) => PointChoice::Named(name.clone()),
+fn steps_of(job_type: JobType) -> Vec<&'static str> {
+    match job_type {
+        JobType::EnableProtection => ENABLE_PROTECTION_STEPS.to_vec(),
+        JobType::FinalizeProtection => vec!["ShipChangesMadeDuringCopy", "CutFirstRecoveryPoint"],
+        JobType::Resynchronize => vec![
+            "CompareBlockChecksums",
+            "SendDifferingBlocks",
+            "CutRecoveryPoint",
+        ],
+        JobType::TestFailover => vec!["MaterialiseRecoveryPoint", "VerifyDigests"],
+        JobType::CleanupTestFailover => vec!["RemoveTestFailoverDisks"],
+        JobType::Failover => vec![
+            "ShipPendingChanges",
+            "MaterialiseRecoveryPoint",
+            "VerifyDigests",
+        ],
+        JobType::Commit => vec!["DeleteOtherRecoveryPoints"],
+        JobType::DisableProtection => vec!["StopChangeTracking", "RemoveReplica"],
     }
 }
 
-/// Run one job to its end. Idempotent where the engine is: a job retried after a crash
-/// continues (an interrupted copy or resync resumes from its saved cursor).
-///
-/// # Errors
-///
-/// The engine's error; `is_recoverable` says whether a retry can help.
-pub async fn run_job(
-    engine: &mut Replicator,
-    kind: JobKind,
-    params: &JobParams,
-    dirs: &JobDirs,
-    now: SystemTime,
-    progress: ProgressSink<'_>,
-) -> Result<JobResult, AgentError> {
-    let mut result = JobResult::default();
-    match kind {
-        JobKind::EnableProtection => {
-            engine.enable().await?;
-            if engine.state().phase == EnginePhase::Enabled {
-                result.report = engine.initial_copy(progress).await?;
-            }
-        }
-        JobKind::FinalizeProtection => {
-            if engine.state().phase == EnginePhase::Copied {
-                result.report = engine.run_cycle(now).await?;
-                if let Some(reason) = &result.report.resync_required {
-                    return Err(AgentError::NotReady {
-                        what: format!("finalizing protection needs a resync: {reason}"),
-                    });
+/// The status of a job the agent has just claimed: Running, every step not started.
+pub fn started(job: &ReplicationJob, claimer: &str, now: SystemTime) -> ReplicationJobStatus {
+    ReplicationJobStatus {
+        phase: JobPhase::Running,
+        claimed_by: Some(claimer.to_owned()),
+        start_time: Some(api_time(now)),
+        steps: steps_of(job.spec.job_type)
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| JobStep {
+                name: name.to_owned(),
+                state: if i == 0 {
+                    StepState::InProgress
+                } else {
+                    StepState::NotStarted
+                },
+                start_time: (i == 0).then(|| api_time(now)),
+                ..JobStep::default()
+            })
+            .collect(),
+        ..ReplicationJobStatus::default()
+    }
+}
+
+/// Fold engine progress into a running job's status: bytes, percent, and, for an enable job,
+/// the copy step in progress (the earlier steps are done by then).
+pub fn progressed(status: &mut ReplicationJobStatus, progress: &[Progress], now: SystemTime) {
+    let done: u64 = progress.iter().map(|p| p.bytes_done).sum();
+    let total: u64 = progress.iter().map(|p| p.bytes_total).sum();
+    let rate: u64 = progress.iter().map(|p| p.throughput_bytes_per_second).sum();
+    status.progress = JobProgress {
+        percent: done
+            .saturating_mul(100)
+            .checked_div(total)
+            .map_or(0, |p| p.min(100) as u8),
+        bytes_done: done,
+        bytes_total: total,
+        message: progress.last().map(|p| {
+            format!(
+                "{} of disk {}: {} of {} bytes, {} B/s",
+                p.operation, p.disk, p.bytes_done, p.bytes_total, rate
+            )
+        }),
+    };
+    if progress.iter().any(|p| p.operation == "InitialReplication") {
+        let mut reached = false;
+        for step in &mut status.steps {
+            if step.name == INITIAL_REPLICATION_STEP {
+                reached = true;
+                if step.state != StepState::InProgress {
+                    step.state = StepState::InProgress;
+                    step.start_time = Some(api_time(now));
                 }
-                result.point = result.report.point.clone();
+            } else if !reached && step.state != StepState::Succeeded {
+                step.state = StepState::Succeeded;
+                step.completion_time = Some(api_time(now));
             }
-        }
-        JobKind::Resynchronize => {
-            if let Some(reason) = params.resync_reason
-                && !matches!(engine.state().phase, EnginePhase::ResyncRequired { .. })
-            {
-                engine.require_resync(reason.as_str())?;
-            }
-            result.report = engine.resync(now, progress).await?;
-            result.point = result.report.point.clone();
-        }
-        JobKind::TestFailover => {
-            let report = engine
-                .materialise(
-                    &engine_point(params.point.as_ref()),
-                    &dirs.failover_dir,
-                    "test",
-                    progress,
-                )
-                .await?;
-            result.point = Some(report.point.clone());
-            result.failover = Some(report);
-        }
-        JobKind::CleanupTestFailover => {
-            let disks: Vec<String> = engine.disk_names();
-            engine.remove_materialised(&dirs.failover_dir, "test", &disks)?;
-        }
-        JobKind::Failover => {
-            let planned = params.failover == Some(FailoverKind::Planned);
-            let report = engine
-                .failover(
-                    planned,
-                    &engine_point(params.point.as_ref()),
-                    &dirs.failover_dir,
-                    now,
-                    progress,
-                )
-                .await?;
-            result.point = Some(report.point.clone());
-            result.failover = Some(report);
-        }
-        JobKind::Commit => {
-            engine.commit().await?;
-        }
-        JobKind::DisableProtection => {
-            engine.disable(params.delete_replica).await?;
         }
     }
-    Ok(result)
+}
+
+/// A (test) failover's result in the API's words.
+pub fn failover_result(report: &FailoverReport) -> FailoverResult {
+    FailoverResult {
+        recovery_point: Some(RecoveryPointRef {
+            name: report.point.id.clone(),
+            time: api_time(
+                SystemTime::UNIX_EPOCH
+                    + std::time::Duration::from_millis(report.point.time_unix_ms),
+            ),
+            consistency: match report.point.consistency {
+                lifeboat_store::Consistency::AppConsistent => Consistency::AppConsistent,
+                lifeboat_store::Consistency::CrashConsistent => Consistency::CrashConsistent,
+            },
+        }),
+        disks: report
+            .disks
+            .iter()
+            .map(|d| MaterialisedDisk {
+                name: d.name.clone(),
+                location: d.path.display().to_string(),
+            })
+            .collect(),
+        verified: true,
+    }
+}
+
+/// The status of a job that ended.
+pub fn finished(
+    mut status: ReplicationJobStatus,
+    outcome: &Result<JobResult, EngineError>,
+    now: SystemTime,
+) -> ReplicationJobStatus {
+    status.completion_time = Some(api_time(now));
+    match outcome {
+        Ok(result) => {
+            status.phase = JobPhase::Succeeded;
+            status.progress.percent = 100;
+            status.progress.bytes_done = status.progress.bytes_total;
+            for step in &mut status.steps {
+                step.state = StepState::Succeeded;
+                step.start_time.get_or_insert_with(|| api_time(now));
+                step.completion_time.get_or_insert_with(|| api_time(now));
+            }
+            status.result = result.failover.as_ref().map(failover_result);
+            status.error = None;
+        }
+        Err(error) => {
+            status.phase = JobPhase::Failed;
+            if let Some(step) = status
+                .steps
+                .iter_mut()
+                .find(|s| s.state != StepState::Succeeded)
+            {
+                step.state = StepState::Failed;
+                step.completion_time = Some(api_time(now));
+                step.message = Some(error.to_string());
+            }
+            status.error = Some(error_status(&error_report_now(error, now)));
+        }
+    }
+    status
+}
+
+/// The status of a job that failed with `error` before or outside the engine's run (the
+/// engine could not open, the agent stopped).
+pub fn failed(
+    mut status: ReplicationJobStatus,
+    error: ErrorStatus,
+    now: SystemTime,
+) -> ReplicationJobStatus {
+    status.phase = JobPhase::Failed;
+    status.completion_time = Some(api_time(now));
+    if let Some(step) = status
+        .steps
+        .iter_mut()
+        .find(|s| !matches!(s.state, StepState::Succeeded | StepState::Skipped))
+    {
+        step.state = StepState::Failed;
+        step.completion_time = Some(api_time(now));
+        step.message = Some(error.message.clone());
+    }
+    status.error = Some(error);
+    status
+}
+
+/// The status of a job the agent did not finish (it stopped, or it restarted and found the
+/// job still Running under its node): Failed with a recoverable error named `reason`, so
+/// that the operator retries it (the engine resumes from its saved state).
+pub fn abandoned(
+    status: ReplicationJobStatus,
+    reason: &str,
+    message: String,
+    now: SystemTime,
+) -> ReplicationJobStatus {
+    let error = ErrorStatus {
+        class: ErrorClass::Recoverable,
+        reason: reason.to_owned(),
+        message,
+        retry_count: 0,
+        next_retry_time: None,
+        first_seen_time: Some(api_time(now)),
+    };
+    failed(status, error, now)
 }

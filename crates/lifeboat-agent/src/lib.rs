@@ -1,26 +1,27 @@
-//! The node agent: what actually protects a VM. It tracks writes through the VM's hypervisor,
-//! copies the disks once (initial replication), then every copy interval cuts a change set,
-//! writes it as sealed HRL logs, applies them to the replica store and cuts a recovery point;
-//! it resynchronizes with fixed-block checksums when tracking is lost or the logs pile up, and
-//! materialises recovery points for (test) failover.
+//! The node agent (one per VM host, the `lifeboat agent` role the chart deploys as a
+//! DaemonSet), and the node side of Lifeboat in API terms: how a `ProtectedVM` and its
+//! `ReplicationPolicy` configure the engine (`lifeboat-engine`) with a hypervisor backend
+//! (`lifeboat-qemu` on Linux, `lifeboat-hyperv` on Windows), how the engine's facts become
+//! `status.agent`, and how a `ReplicationJob` runs and reports. The cluster agent (over the
+//! Kubernetes API, in [`cluster`]) and standalone mode (over its embedded store) both go
+//! through here, so a VM replicates the same way in both.
 //!
 //! ```text
-//!   Hypervisor (qemu | hyperv) ──View──> engine ──HRL logs──> ReplicaStore ──> points
+//!  ProtectedVM + ReplicationPolicy ──config──> vm_worker::open_worker ──> Worker (lifeboat-engine)
+//!  Worker facts ──report──> status.agent          ReplicationJob ──jobs──> run_job_on ──> job status
 //! ```
+//!
+//! It does not link the operator: the API/core mapping comes from `lifeboat-control`, the
+//! metrics endpoint from `lifeboat-http`.
 
-pub mod backend;
-pub mod engine;
-pub mod error;
-pub mod hyperv;
+pub mod cluster;
+pub mod config;
 pub mod jobs;
-pub mod qemu;
-pub mod state;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
-pub mod throttle;
-pub mod worker;
+pub mod report;
+pub mod stores;
+pub mod vm_worker;
 
-pub use engine::{Progress, Replicator, Report, Settings};
-pub use error::AgentError;
-pub use jobs::{JobDirs, JobResult, run_job};
-pub use worker::{VmFacts, Worker};
+pub use cluster::{AgentOptions, ClusterError, run};
+pub use config::{ConfigError, VmConfig, vm_config};
+pub use report::agent_report;
+pub use stores::{SecretSource, StoreCache};

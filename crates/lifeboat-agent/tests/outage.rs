@@ -12,10 +12,10 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use lifeboat_agent::backend::DiskRef;
-use lifeboat_agent::qemu::QemuHypervisor;
-use lifeboat_agent::{JobDirs, Replicator, Settings, Worker, run_job};
 use lifeboat_core::{ErrorClass, JobKind, JobParams};
+use lifeboat_engine::backend::DiskRef;
+use lifeboat_engine::{JobDirs, Replicator, Settings, Worker, run_job};
+use lifeboat_qemu::QemuHypervisor;
 use lifeboat_store::testing::{Azurite, free_port, shared_key_store, test_options};
 use lifeboat_store::{At, ReplicaStore, VmKey};
 use support::Qsd;

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use lifeboat_agent::backend::DiskRef;
-use lifeboat_agent::engine::PointChoice;
-use lifeboat_agent::qemu::QemuHypervisor;
-use lifeboat_agent::state::EnginePhase;
-use lifeboat_agent::{Replicator, Settings};
+use lifeboat_engine::backend::DiskRef;
+use lifeboat_engine::replicator::PointChoice;
+use lifeboat_engine::state::EnginePhase;
+use lifeboat_engine::{Replicator, Settings};
+use lifeboat_qemu::QemuHypervisor;
 use lifeboat_store::local::LocalStore;
 use lifeboat_store::{At, ReplicaStore, VmKey};
 use support::Qsd;
@@ -24,7 +24,7 @@ use support::faults::{FaultInjectingStore, Recorded, RecordingHypervisor};
 
 const MIB: u64 = 1024 * 1024;
 
-fn no_progress(_: &lifeboat_agent::Progress) {}
+fn no_progress(_: &lifeboat_engine::Progress) {}
 
 struct Rig {
     _dir: tempfile::TempDir,

@@ -13,8 +13,8 @@ use lifeboat_core::vm::MAX_REQUEUE;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::mapping::{self, whole_seconds};
 use crate::vm::{RETRY_NON_RECOVERABLE, RETRY_RECOVERABLE};
+use lifeboat_control::mapping::{self, whole_seconds};
 
 /// The controller's name in metrics and logs.
 pub const CONTROLLER: &str = "ReplicationJob";

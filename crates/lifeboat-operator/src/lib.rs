@@ -19,10 +19,9 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod finalizer;
-pub mod http;
 pub mod job;
 pub mod leader;
-pub mod mapping;
+
 pub mod metrics;
 pub mod policy;
 pub mod probe;
@@ -90,14 +89,7 @@ impl Default for Config {
     }
 }
 
-/// Install the process's rustls crypto provider (aws-lc-rs, the one the Azure SDK uses too).
-///
-/// NB: with more than one provider compiled in, rustls cannot choose and panics at the first
-/// TLS connection; installing one explicitly makes the choice, whatever the build pulls in.
-pub fn install_crypto_provider() {
-    // An Err only says one is installed already.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
+pub use lifeboat_http::install_crypto_provider;
 
 /// Run the operator with the in-cluster (or kubeconfig) client until SIGTERM or Ctrl+C.
 ///
@@ -109,23 +101,9 @@ pub async fn run(config: Config) -> Result<()> {
     let client = Client::try_default()
         .await
         .map_err(|source| Error::ConnectApi { source })?;
-    Operator::new(client, config).run(shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c().map(|_| ());
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                futures::future::select(ctrl_c.boxed(), Box::pin(async move { term.recv().await }))
-                    .await;
-            }
-            Err(_) => ctrl_c.await,
-        }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await;
+    Operator::new(client, config)
+        .run(lifeboat_http::shutdown_signal())
+        .await
 }
 
 /// The operator, ready to run: a client, a configuration, and the clock and target probe
@@ -264,7 +242,11 @@ impl Operator {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| Error::BindMetrics { addr, source })?;
-            tokio::spawn(http::serve(listener, self.metrics(), Arc::clone(&ready)));
+            tokio::spawn(lifeboat_http::serve(
+                listener,
+                self.metrics(),
+                Arc::clone(&ready),
+            ));
         }
         let election = self.config.leader_election.then(|| {
             let mut election = leader::LeaderElection::new(

@@ -373,6 +373,12 @@ impl Collector for VmCollector {
     }
 }
 
+impl lifeboat_http::MetricsText for Metrics {
+    fn encode(&self) -> Result<String, fmt::Error> {
+        Metrics::encode(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

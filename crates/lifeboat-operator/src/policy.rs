@@ -18,8 +18,8 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::events::{self, policy_reasons};
 use crate::finalizer;
-use crate::mapping::{self, whole_seconds};
 use crate::vm::{RETRY_NON_RECOVERABLE, RETRY_RECOVERABLE};
+use lifeboat_control::mapping::{self, whole_seconds};
 
 /// The controller's name in metrics and logs.
 pub const CONTROLLER: &str = "ReplicationPolicy";

@@ -5,6 +5,7 @@
 //! ```text
 //!  finalizer? ──no──> add it (the patch comes back as a watch event)
 //!     │yes
+//!  lifeboat_control::reconcile_vm over KubeWriter (the same pass the standalone daemon runs):
 //!  decide(spec, status, policy, job, agent report, heartbeat, now)
 //!     │
 //!  withdraw a job ─> create a job ─> events ─> status (server-side apply) ─> release finalizer
@@ -24,25 +25,21 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use lifeboat_api::common::LocalObjectReference;
-use lifeboat_api::contract::{
-    LABEL_JOB_TYPE, LABEL_VM, OPERATOR_FIELD_MANAGER, VM_FINALIZER, is_label_value,
-};
-use lifeboat_api::job::ReplicationJobSpec;
+use lifeboat_api::contract::{OPERATOR_FIELD_MANAGER, VM_FINALIZER};
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob};
-use lifeboat_core::policy::check_policy;
-use lifeboat_core::vm::{JobObservation, NewJob, VmInput, decide_vm, job_name};
+use lifeboat_control::mapping::whole_seconds;
+use lifeboat_control::{Created, JobNameTaken, VmPass, VmWriter, reconcile_vm};
+use lifeboat_core::vm::Notice;
 use serde_json::json;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::mapping::{self, Results, whole_seconds};
 use crate::{events, finalizer};
 
 /// The controller's name in metrics and logs.
@@ -51,8 +48,6 @@ pub const CONTROLLER: &str = "ProtectedVM";
 pub const RETRY_RECOVERABLE: Duration = Duration::from_secs(10);
 /// Requeue after an error that needs someone to act (in case someone did).
 pub const RETRY_NON_RECOVERABLE: Duration = Duration::from_secs(300);
-/// How many job names to try past one taken by another VM's job.
-const MAX_NAME_TRIES: u32 = 20;
 
 /// What the operator last wrote to each VM's status (a hash of it), for a short while: a
 /// reconcile that sees anything else of its own fields is looking at a cache that has not
@@ -106,7 +101,126 @@ fn namespace_of(vm: &ProtectedVM) -> Result<String> {
     })
 }
 
-/// Reconcile one ProtectedVM.
+/// The operator's [`VmWriter`]: the Kubernetes API, with the caches for reads.
+struct KubeWriter<'a> {
+    ctx: &'a Context,
+    ns: &'a str,
+    jobs: Api<ReplicationJob>,
+    vms: Api<ProtectedVM>,
+}
+
+impl KubeWriter<'_> {
+    fn qualified(&self, name: &str) -> String {
+        format!("{}/{name}", self.ns)
+    }
+}
+
+#[async_trait]
+impl VmWriter for KubeWriter<'_> {
+    type Error = Error;
+
+    async fn get_job(&self, _vm: &ProtectedVM, name: &str) -> Result<Option<Arc<ReplicationJob>>> {
+        if let Some(job) = self
+            .ctx
+            .stores
+            .jobs
+            .get(&ObjectRef::new(name).within(self.ns))
+        {
+            return Ok(Some(job));
+        }
+        // NB: missing from the cache may mean "just created": only the API server can say gone.
+        self.jobs
+            .get_opt(name)
+            .await
+            .map(|job| job.map(Arc::new))
+            .map_err(|source| Error::GetJob {
+                name: self.qualified(name),
+                source,
+            })
+    }
+
+    async fn create_job(&self, _vm: &ProtectedVM, job: &ReplicationJob) -> Result<Created> {
+        let name = job.name_any();
+        let params = PostParams {
+            field_manager: Some(OPERATOR_FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        match self.jobs.create(&params, job).await {
+            Ok(_) => Ok(Created::New),
+            Err(kube::Error::Api(status)) if status.is_already_exists() => {
+                match self.jobs.get_opt(&name).await {
+                    Ok(Some(existing)) => Ok(Created::Exists(Arc::new(existing))),
+                    // NB: deleted in between: the name is free again, and the next pass takes it.
+                    Ok(None) => Err(Error::CreateJob {
+                        name: self.qualified(&name),
+                        source: kube::Error::Api(status),
+                    }),
+                    Err(source) => Err(Error::GetJob {
+                        name: self.qualified(&name),
+                        source,
+                    }),
+                }
+            }
+            Err(source) => Err(Error::CreateJob {
+                name: self.qualified(&name),
+                source,
+            }),
+        }
+    }
+
+    async fn delete_job(&self, _vm: &ProtectedVM, name: &str) -> Result<()> {
+        match self.jobs.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(source) => Err(Error::DeleteJob {
+                name: self.qualified(name),
+                source,
+            }),
+        }
+    }
+
+    async fn publish(&self, vm: &ProtectedVM, notices: &[Notice], job: Option<&str>) {
+        let related = job.map(|name| ObjectReference {
+            api_version: Some(ReplicationJob::api_version(&()).into_owned()),
+            kind: Some(ReplicationJob::kind(&()).into_owned()),
+            name: Some(name.to_owned()),
+            namespace: Some(self.ns.to_owned()),
+            ..ObjectReference::default()
+        });
+        events::publish(self.ctx, vm, notices, related).await;
+    }
+
+    async fn write_status(&self, vm: &ProtectedVM, status: &ProtectedVMStatus) -> Result<()> {
+        let name = vm.name_any();
+        let body = json!({
+            "apiVersion": ProtectedVM::api_version(&()),
+            "kind": ProtectedVM::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(OPERATOR_FIELD_MANAGER).force();
+        self.vms
+            .patch_status(&name, &params, &Patch::Apply(&body))
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::ApplyStatus {
+                kind: CONTROLLER,
+                name: self.qualified(&name),
+                source,
+            })
+    }
+
+    async fn release(&self, vm: &ProtectedVM) -> Result<()> {
+        let qualified = self.qualified(&vm.name_any());
+        finalizer::remove(&self.vms, vm, VM_FINALIZER)
+            .await
+            .map_err(Error::patch_finalizers(CONTROLLER, &qualified))?;
+        tracing::info!(vm = %qualified, "protection disabled; the VM can go");
+        Ok(())
+    }
+}
+
+/// Reconcile one ProtectedVM: hold the finalizer, wait for the cache to catch up with the
+/// last status write, then one [`reconcile_vm`] pass through the Kubernetes API.
 ///
 /// # Errors
 ///
@@ -130,47 +244,30 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
 
-    let now = whole_seconds(ctx.clock.now());
-    let spec = mapping::vm_spec(&vm);
-    let state = mapping::vm_state(vm.status.as_ref());
-    let report = vm.status.as_ref().and_then(|s| s.agent.as_ref());
-    let agent = report.map(mapping::agent_facts);
     let policy = ctx
         .stores
         .policies
-        .get(&ObjectRef::new(&vm.spec.policy_ref.name).within(&ns))
-        .map(|p| check_policy(&mapping::policy_spec(&p)).0);
-    let jobs: Api<ReplicationJob> = Api::namespaced(ctx.client.clone(), &ns);
-    let (job, observation) = current_job(&ctx, &jobs, &ns, &state).await?;
-    let mut decision = decide_vm(&VmInput {
-        now,
-        spec: &spec,
-        state: &state,
-        policy: policy.as_ref(),
-        agent: agent.as_ref(),
-        job: &observation,
-        heartbeat: ctx.heartbeat(&vm.spec.node_name),
-    });
-
-    if let Some(withdrawn) = &decision.delete_job {
-        delete_job(&jobs, &ns, withdrawn).await?;
-    }
+        .get(&ObjectRef::new(&vm.spec.policy_ref.name).within(&ns));
+    let writer = KubeWriter {
+        ctx: &ctx,
+        ns: &ns,
+        jobs: Api::namespaced(ctx.client.clone(), &ns),
+        vms,
+    };
+    let carried = reconcile_vm(
+        &writer,
+        VmPass {
+            vm: &vm,
+            policy: policy.as_deref(),
+            heartbeat: ctx.heartbeat(&vm.spec.node_name),
+            now: whole_seconds(ctx.clock.now()),
+        },
+    )
+    .await?;
+    let decision = &carried.decision;
     if let Some(new) = &decision.create_job {
-        let (job_name, sequence) = create_job(&jobs, &vm, new).await?;
         ctx.metrics.job_created(new.kind.as_str());
-        if let Some(record) = decision.state.job.as_mut() {
-            record.name = job_name;
-            record.sequence = sequence;
-        }
     }
-    let related = decision.state.job.as_ref().map(|j| ObjectReference {
-        api_version: Some(ReplicationJob::api_version(&()).into_owned()),
-        kind: Some(ReplicationJob::kind(&()).into_owned()),
-        name: Some(j.name.clone()),
-        namespace: Some(ns.clone()),
-        ..ObjectReference::default()
-    });
-    events::publish(&ctx, vm.as_ref(), &decision.notices, related).await;
     if let Some(finished) = decision.finished_job {
         ctx.metrics.job_finished(
             finished.kind.as_str(),
@@ -180,174 +277,11 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
     }
     ctx.metrics
         .set_cycles_missed(&ns, &name, decision.cycles_missed_last_hour);
-
-    let old = vm.status.clone().unwrap_or_default();
-    let results = Results::after(decision.results, job.as_deref(), &old);
-    let status = mapping::vm_status(&decision.state, report, results);
-    if status != (ProtectedVMStatus { agent: None, ..old }) {
-        apply_status(&vms, &qualified, &name, &status).await?;
+    if carried.status_written {
         ctx.metrics.status_written(CONTROLLER);
-        ctx.last_writes.remember(key, &status);
-    }
-    if decision.release_finalizer {
-        finalizer::remove(&vms, vm.as_ref(), VM_FINALIZER)
-            .await
-            .map_err(Error::patch_finalizers(CONTROLLER, &qualified))?;
-        tracing::info!(vm = %qualified, "protection disabled; the VM can go");
+        ctx.last_writes.remember(key, &carried.status);
     }
     Ok(Action::requeue(decision.requeue_after))
-}
-
-/// The job the VM's status names, while it is not finished: from the cache, or from the API
-/// server when the cache does not have it (yet).
-async fn current_job(
-    ctx: &Context,
-    jobs: &Api<ReplicationJob>,
-    ns: &str,
-    state: &lifeboat_core::vm::VmState,
-) -> Result<(Option<Arc<ReplicationJob>>, JobObservation)> {
-    let Some(record) = state.job.as_ref().filter(|j| !j.state.is_finished()) else {
-        return Ok((None, JobObservation::NotLookedUp));
-    };
-    if let Some(job) = ctx
-        .stores
-        .jobs
-        .get(&ObjectRef::new(&record.name).within(ns))
-    {
-        let facts = mapping::job_facts(&job);
-        return Ok((Some(job), JobObservation::Found(facts)));
-    }
-    // NB: missing from the cache may mean "just created": only the API server can say gone.
-    match jobs.get_opt(&record.name).await {
-        Ok(Some(job)) => {
-            let facts = mapping::job_facts(&job);
-            Ok((Some(Arc::new(job)), JobObservation::Found(facts)))
-        }
-        Ok(None) => Ok((None, JobObservation::Missing)),
-        Err(source) => Err(Error::GetJob {
-            name: format!("{ns}/{}", record.name),
-            source,
-        }),
-    }
-}
-
-/// The ReplicationJob object for a new job of `vm`, owned by the VM.
-pub fn job_object(vm: &ProtectedVM, new: &NewJob, name: &str) -> ReplicationJob {
-    let mut labels = std::collections::BTreeMap::new();
-    let vm_name = vm.name_any();
-    if is_label_value(&vm_name) {
-        labels.insert(LABEL_VM.to_owned(), vm_name.clone());
-    }
-    labels.insert(LABEL_JOB_TYPE.to_owned(), new.kind.as_str().to_owned());
-    ReplicationJob {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: vm.namespace(),
-            labels: Some(labels),
-            owner_references: vm.controller_owner_ref(&()).map(|r| vec![r]),
-            ..ObjectMeta::default()
-        },
-        spec: ReplicationJobSpec {
-            vm_ref: LocalObjectReference { name: vm_name },
-            node_name: vm.spec.node_name.clone(),
-            job_type: mapping::api_job_type(new.kind),
-            parameters: mapping::api_params(&new.params),
-        },
-        status: None,
-    }
-}
-
-/// Whether `job` is the VM's own: a job of that name and owner can only be the one for that
-/// sequence (names end with it, and sequences only grow).
-fn is_ours(job: &ReplicationJob, vm: &ProtectedVM) -> bool {
-    job.owner_references()
-        .iter()
-        .any(|o| Some(&o.uid) == vm.metadata.uid.as_ref())
-}
-
-/// Create the job; returns the name and sequence it got.
-///
-/// # Errors
-///
-/// `CreateJob` for an API error, `JobNameTaken` when every name tried belongs to another job.
-async fn create_job(
-    jobs: &Api<ReplicationJob>,
-    vm: &ProtectedVM,
-    new: &NewJob,
-) -> Result<(String, u32)> {
-    let ns = vm.namespace().unwrap_or_default();
-    let params = PostParams {
-        field_manager: Some(OPERATOR_FIELD_MANAGER.into()),
-        ..PostParams::default()
-    };
-    let mut last = new.name.clone();
-    for bump in 0..MAX_NAME_TRIES {
-        let sequence = new.sequence + bump;
-        let name = if bump == 0 {
-            new.name.clone()
-        } else {
-            job_name(&vm.name_any(), new.kind, sequence)
-        };
-        match jobs.create(&params, &job_object(vm, new, &name)).await {
-            Ok(_) => return Ok((name, sequence)),
-            Err(kube::Error::Api(status)) if status.is_already_exists() => {
-                let existing = jobs.get_opt(&name).await.map_err(|source| Error::GetJob {
-                    name: format!("{ns}/{name}"),
-                    source,
-                })?;
-                // NB: a reconcile that created this job and then did not get to write the
-                // status naming it: adopt it, finished or not. Another VM's job (a cut, hashed
-                // long name that collided) means the next name.
-                if existing.is_some_and(|job| is_ours(&job, vm)) {
-                    return Ok((name, sequence));
-                }
-                last = name;
-            }
-            Err(source) => {
-                return Err(Error::CreateJob {
-                    name: format!("{ns}/{name}"),
-                    source,
-                });
-            }
-        }
-    }
-    Err(Error::JobNameTaken {
-        vm: format!("{ns}/{}", vm.name_any()),
-        last,
-    })
-}
-
-async fn delete_job(jobs: &Api<ReplicationJob>, ns: &str, name: &str) -> Result<()> {
-    match jobs.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
-        Err(source) => Err(Error::DeleteJob {
-            name: format!("{ns}/{name}"),
-            source,
-        }),
-    }
-}
-
-async fn apply_status(
-    vms: &Api<ProtectedVM>,
-    qualified: &str,
-    name: &str,
-    status: &ProtectedVMStatus,
-) -> Result<()> {
-    let body = json!({
-        "apiVersion": ProtectedVM::api_version(&()),
-        "kind": ProtectedVM::kind(&()),
-        "status": status,
-    });
-    let params = PatchParams::apply(OPERATOR_FIELD_MANAGER).force();
-    vms.patch_status(name, &params, &Patch::Apply(&body))
-        .await
-        .map(|_| ())
-        .map_err(|source| Error::ApplyStatus {
-            kind: CONTROLLER,
-            name: qualified.to_owned(),
-            source,
-        })
 }
 
 /// Count the error and look again later: soon when it may clear by itself, in five minutes
@@ -370,3 +304,12 @@ pub fn error_policy(vm: Arc<ProtectedVM>, error: &Error, ctx: Arc<Context>) -> A
 
 #[cfg(test)]
 mod tests;
+
+impl From<JobNameTaken> for Error {
+    fn from(taken: JobNameTaken) -> Self {
+        Error::JobNameTaken {
+            vm: taken.vm,
+            last: taken.last,
+        }
+    }
+}

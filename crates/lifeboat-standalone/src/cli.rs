@@ -6,12 +6,12 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use lifeboat_agent::StoreCache;
 use lifeboat_api::common::{RecoveryPointKind, RecoveryPointSelector};
 use lifeboat_api::protected_vm::{FailoverRequest, FailoverType, Requests, TestFailoverRequest};
 use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
+use lifeboat_control::mapping::system_time;
 use lifeboat_core::format_duration;
-use lifeboat_node::StoreCache;
-use lifeboat_operator::mapping::system_time;
 use lifeboat_store::VmKey;
 
 use crate::daemon::{JOB_KIND, POLICY_KIND, VM_KIND};
@@ -140,7 +140,7 @@ pub async fn points(
             )
         })?;
     struct NoSecrets;
-    impl lifeboat_node::SecretSource for NoSecrets {
+    impl lifeboat_agent::SecretSource for NoSecrets {
         fn secret_value(
             &self,
             namespace: &str,

@@ -5,32 +5,36 @@
 //!  every tick:
 //!   folder ──refresh──> policies, VMs (+ CLI requests) ──> db (spec, generation)
 //!   per policy: decide_policy ──> status
-//!   per VM:     decide_vm(spec, status, policy, job, agent report, heartbeat=now)
+//!   per VM:     lifeboat_control::reconcile_vm over DbWriter (the operator's pass):
+//!               decide_vm(spec, status, policy, job, agent report, heartbeat=now)
 //!                 ├─ job to create ──> db ──> node: claim, run_job on the VM's worker, job status
 //!                 └─ status (operator's fields) ──> db
 //!   per VM:     worker.tick (cycles) ──> facts ──> status.agent
 //! ```
 //!
-//! The decisions, the job kinds, the engine and the mappings are the same code the operator
-//! and the cluster agent run; only the transport differs.
+//! The decisions, the carry-out path (`reconcile_vm`), the job kinds, the engine and the
+//! mappings are the same code the operator and the cluster agent run; only the writer
+//! differs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use lifeboat_agent::engine::Progress;
-use lifeboat_agent::{JobDirs, Worker};
+use async_trait::async_trait;
+use lifeboat_agent::config::{VmConfig, vm_config};
+use lifeboat_agent::report::same_but_time;
+use lifeboat_agent::vm_worker::{ProgressThrottle, open_worker, run_job_on};
+use lifeboat_agent::{SecretSource, StoreCache, agent_report, jobs};
 use lifeboat_api::common::SecretKeyReference;
 use lifeboat_api::job::JobPhase;
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob, ReplicationPolicy};
-use lifeboat_core::policy::{PolicyInput, check_policy, decide_policy};
-use lifeboat_core::vm::{JobObservation, VmInput, decide_vm, job_name};
-use lifeboat_node::config::{VmConfig, vm_config};
-use lifeboat_node::engine::{ProgressThrottle, open_worker, run_job_on};
-use lifeboat_node::report::same_but_time;
-use lifeboat_node::{SecretSource, StoreCache, agent_report, jobs};
-use lifeboat_operator::mapping::{self, Results, api_time, whole_seconds};
+use lifeboat_control::mapping::{self, api_time, whole_seconds};
+use lifeboat_control::{Created, JobNameTaken, VmPass, VmWriter, reconcile_vm};
+use lifeboat_core::policy::{PolicyInput, decide_policy};
+use lifeboat_core::vm::Notice;
+use lifeboat_engine::replicator::Progress;
+use lifeboat_engine::{JobDirs, Worker};
 use lifeboat_store::{ReplicaStore, StoreError};
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -80,6 +84,9 @@ pub enum DaemonError {
     /// The embedded store failed.
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
+    /// Every name tried for a VM's new job is taken.
+    #[error(transparent)]
+    JobNameTaken(#[from] JobNameTaken),
 }
 
 /// Secrets from the manifests folder.
@@ -97,6 +104,84 @@ impl SecretSource for FolderSecrets<'_> {
                 reference.name, reference.key, reference.key
             )
         })
+    }
+}
+
+/// The standalone daemon's [`VmWriter`]: the embedded store; notices go to the log.
+struct DbWriter<'a> {
+    db: &'a Db,
+    now: SystemTime,
+}
+
+fn qualified(vm: &ProtectedVM) -> String {
+    let (ns, name) = crate::folder::key_of(vm);
+    format!("{ns}/{name}")
+}
+
+#[async_trait]
+impl VmWriter for DbWriter<'_> {
+    type Error = DaemonError;
+
+    async fn get_job(
+        &self,
+        vm: &ProtectedVM,
+        name: &str,
+    ) -> Result<Option<Arc<ReplicationJob>>, DaemonError> {
+        let (ns, _) = crate::folder::key_of(vm);
+        Ok(self.db.get(JOB_KIND, &ns, name)?.map(Arc::new))
+    }
+
+    async fn create_job(
+        &self,
+        vm: &ProtectedVM,
+        job: &ReplicationJob,
+    ) -> Result<Created, DaemonError> {
+        let (ns, name) = crate::folder::key_of(job);
+        if let Some(existing) = self.get_job(vm, &name).await? {
+            return Ok(Created::Exists(existing));
+        }
+        let mut job = job.clone();
+        job.metadata.creation_timestamp = Some(api_time(self.now));
+        self.db.put(JOB_KIND, &ns, &name, &job)?;
+        tracing::info!(vm = %qualified(vm), job = %name, "job created");
+        Ok(Created::New)
+    }
+
+    async fn delete_job(&self, vm: &ProtectedVM, name: &str) -> Result<(), DaemonError> {
+        let (ns, _) = crate::folder::key_of(vm);
+        Ok(self.db.delete(JOB_KIND, &ns, name)?)
+    }
+
+    async fn publish(&self, vm: &ProtectedVM, notices: &[Notice], _job: Option<&str>) {
+        for notice in notices {
+            if notice.warning {
+                tracing::warn!(vm = %qualified(vm), reason = notice.reason, "{}", notice.note);
+            } else {
+                tracing::info!(vm = %qualified(vm), reason = notice.reason, "{}", notice.note);
+            }
+        }
+    }
+
+    async fn write_status(
+        &self,
+        vm: &ProtectedVM,
+        status: &ProtectedVMStatus,
+    ) -> Result<(), DaemonError> {
+        let (ns, name) = crate::folder::key_of(vm);
+        let agent = vm.status.as_ref().and_then(|s| s.agent.clone());
+        let mut vm = vm.clone();
+        vm.status = Some(ProtectedVMStatus {
+            agent,
+            ..status.clone()
+        });
+        Ok(self.db.put(VM_KIND, &ns, &name, &vm)?)
+    }
+
+    async fn release(&self, vm: &ProtectedVM) -> Result<(), DaemonError> {
+        let (ns, name) = crate::folder::key_of(vm);
+        self.db.delete(VM_KIND, &ns, &name)?;
+        tracing::info!(vm = %qualified(vm), "protection disabled; the VM is forgotten");
+        Ok(())
     }
 }
 
@@ -214,7 +299,7 @@ impl Daemon {
         self.decide_policies(&policies, &vms, now)?;
         for (key, vm) in vms {
             let policy = policies.get(&(key.0.clone(), vm.spec.policy_ref.name.clone()));
-            let vm = self.decide(&key, vm, policy, now)?;
+            let vm = self.decide(&key, vm, policy, now).await?;
             if let Some(vm) = vm {
                 self.node(&key, &vm, policy, now).await?;
             }
@@ -243,7 +328,10 @@ impl Daemon {
                     vm.spec = spec;
                     vm.metadata.generation = Some(1);
                     vm.metadata.creation_timestamp = Some(api_time(now));
-                    vm.metadata.uid = Some(format!("standalone-{}-{}", key.0, key.1));
+                    // NB: unique to this incarnation of the VM, as the API server makes it: jobs are
+                    // adopted by owner uid, and a VM re-created under the same name must not
+                    // adopt its predecessor's finished jobs.
+                    vm.metadata.uid = Some(format!("standalone-{}", uuid::Uuid::new_v4()));
                     vm
                 }
                 Some(mut vm) => {
@@ -311,85 +399,38 @@ impl Daemon {
         Ok(())
     }
 
-    /// Decide one VM and carry the decision out; `None` when the VM is gone for good.
-    fn decide(
+    /// Decide one VM and carry the decision out (the operator's pass, over the embedded
+    /// store); `None` when the VM is gone for good.
+    async fn decide(
         &mut self,
         key: &Key,
-        mut vm: ProtectedVM,
+        vm: ProtectedVM,
         policy: Option<&ReplicationPolicy>,
         now: SystemTime,
     ) -> Result<Option<ProtectedVM>, DaemonError> {
-        let spec = mapping::vm_spec(&vm);
-        let state = mapping::vm_state(vm.status.as_ref());
-        let report = vm.status.as_ref().and_then(|s| s.agent.clone());
-        let agent = report.as_ref().map(mapping::agent_facts);
-        let settings = policy.map(|p| check_policy(&mapping::policy_spec(p)).0);
-        let job: Option<ReplicationJob> = match state.job.as_ref() {
-            Some(record) if !record.state.is_finished() => {
-                self.db.get(JOB_KIND, &key.0, &record.name)?
-            }
-            _ => None,
-        };
-        let observation = match (state.job.as_ref(), &job) {
-            (Some(record), _) if record.state.is_finished() => JobObservation::NotLookedUp,
-            (None, _) => JobObservation::NotLookedUp,
-            (Some(_), Some(job)) => JobObservation::Found(mapping::job_facts(job)),
-            (Some(_), None) => JobObservation::Missing,
-        };
-        let mut decision = decide_vm(&VmInput {
-            now,
-            spec: &spec,
-            state: &state,
-            policy: settings.as_ref(),
-            agent: agent.as_ref(),
-            job: &observation,
-            heartbeat: Some(now),
-        });
-        if let Some(withdrawn) = &decision.delete_job {
-            self.db.delete(JOB_KIND, &key.0, withdrawn)?;
-        }
-        if let Some(new) = &decision.create_job {
-            let mut sequence = new.sequence;
-            let mut name = job_name(&key.1, new.kind, sequence);
-            while self
-                .db
-                .get::<ReplicationJob>(JOB_KIND, &key.0, &name)?
-                .is_some()
-            {
-                sequence += 1;
-                name = job_name(&key.1, new.kind, sequence);
-            }
-            let mut object = lifeboat_operator::vm::job_object(&vm, new, &name);
-            object.metadata.creation_timestamp = Some(api_time(now));
-            self.db.put(JOB_KIND, &key.0, &name, &object)?;
-            tracing::info!(vm = %format!("{}/{}", key.0, key.1), job = %name, "job created");
-            if let Some(record) = decision.state.job.as_mut() {
-                record.name = name;
-                record.sequence = sequence;
-            }
-        }
-        for notice in &decision.notices {
-            if notice.warning {
-                tracing::warn!(vm = %format!("{}/{}", key.0, key.1), reason = notice.reason, "{}", notice.note);
-            } else {
-                tracing::info!(vm = %format!("{}/{}", key.0, key.1), reason = notice.reason, "{}", notice.note);
-            }
-        }
-        let old = vm.status.clone().unwrap_or_default();
-        let results = Results::after(decision.results, job.as_ref(), &old);
-        let mut status = mapping::vm_status(&decision.state, report.as_ref(), results);
-        status.agent = report;
-        if decision.release_finalizer {
-            self.db.delete(VM_KIND, &key.0, &key.1)?;
+        let carried = reconcile_vm(
+            &DbWriter { db: &self.db, now },
+            VmPass {
+                vm: &vm,
+                policy,
+                // NB: the agent is this process: alive while it decides.
+                heartbeat: Some(now),
+                now,
+            },
+        )
+        .await?;
+        if carried.decision.release_finalizer {
             self.slots.remove(key);
-            tracing::info!(vm = %format!("{}/{}", key.0, key.1), "protection disabled; the VM is forgotten");
             return Ok(None);
         }
-        if vm.status.as_ref() != Some(&status) {
-            vm.status = Some(status);
-            self.db.put(VM_KIND, &key.0, &key.1, &vm)?;
-        }
-        Ok(Some(vm))
+        let report = vm.status.as_ref().and_then(|s| s.agent.clone());
+        Ok(Some(ProtectedVM {
+            status: Some(ProtectedVMStatus {
+                agent: report,
+                ..carried.status
+            }),
+            ..vm
+        }))
     }
 
     /// The node side of one VM: its worker, its jobs, its cycles, its report.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::manifest::{Consistency, DiskDigest};
 use crate::{At, MAX_WRITE_BYTES, NewPoint, ReplicaStore, StoreError, VmKey};
-use lifeboat_resync::{BlockMap, HashAlgorithm};
+use lifeboat_blockmap::{BlockMap, HashAlgorithm};
 
 const MIB: u64 = 1024 * 1024;
 

@@ -237,7 +237,7 @@ pub trait ReplicaStore: Send + Sync + fmt::Debug {
     /// The VM's manifest, or `None` when the store holds nothing for it.
     async fn manifest(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError>;
 
-    /// Store the live replica's block map (opaque bytes: `lifeboat_resync::BlockMap::encode`).
+    /// Store the live replica's block map (opaque bytes: `lifeboat_blockmap::BlockMap::encode`).
     async fn put_block_map(&self, vm: &VmKey, disk: &str, encoded: Bytes)
     -> Result<(), StoreError>;
 

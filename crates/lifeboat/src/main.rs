@@ -175,7 +175,7 @@ fn block_on<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> 
 
 fn agent(args: AgentArgs) -> Result<ExitCode> {
     init_logs(args.log_format);
-    let mut options = lifeboat_node::cluster::AgentOptions::new(&args.node_name);
+    let mut options = lifeboat_agent::cluster::AgentOptions::new(&args.node_name);
     options.pod_name = args.pod_name;
     options.namespace = args.namespace;
     options.lease_namespace = args.lease_namespace;
@@ -183,7 +183,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     options.failover_dir = args.failover_dir;
     options.health_addr = Some(args.health_addr);
     options.timing.shutdown_grace = args.shutdown_grace;
-    block_on(async { lifeboat_node::cluster::run(options).await.context("agent") })?;
+    block_on(async { lifeboat_agent::cluster::run(options).await.context("agent") })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, lifeboat};
-use lifeboat_agent::testing::{Qsd, assert_same};
+use lifeboat_qemu::testing::{Qsd, assert_same};
 use serde_json::Value;
 
 const MIB: u64 = 1024 * 1024;

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, LIFEBOAT, lifeboat};
-use lifeboat_agent::testing::{Qsd, assert_same};
+use lifeboat_qemu::testing::{Qsd, assert_same};
 use lifeboat_store::testing::{Azurite, DEV_KEY, shared_key_store, test_options};
 use serde_json::Value;
 

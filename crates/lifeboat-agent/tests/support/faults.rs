@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use lifeboat_agent::backend::{
+use lifeboat_engine::backend::{
     BackendError, CloseView, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, View,
 };
 use lifeboat_store::{At, Manifest, NewPoint, RecoveryPoint, ReplicaStore, StoreError, VmKey};

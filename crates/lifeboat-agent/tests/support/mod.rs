@@ -1,9 +1,9 @@
 //! Support for the agent's end-to-end tests: the qemu-storage-daemon harness lives in
-//! `lifeboat_agent::testing` (shared with the crates above); the wrappers that observe or break
+//! `lifeboat_qemu::testing` (shared with the crates above); the wrappers that observe or break
 //! the real components are here.
 
 #![allow(dead_code)]
 
 pub mod faults;
 
-pub use lifeboat_agent::testing::{Qsd, assert_same};
+pub use lifeboat_qemu::testing::{Qsd, assert_same};

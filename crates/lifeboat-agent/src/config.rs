@@ -1,0 +1,245 @@
+//! From the resources to the engine's configuration: which disks, which hypervisor, which
+//! settings. Every problem names the resource and the field.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use lifeboat_api::{ProtectedVM, ReplicationPolicy};
+use lifeboat_core::window::{DailyWindow, WindowSpec};
+use lifeboat_engine::Settings;
+use lifeboat_engine::backend::{DiskRef, Hypervisor};
+use lifeboat_store::VmKey;
+
+/// Why a VM cannot be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A field cannot be used as it is.
+    #[error("{kind} {namespace}/{name}: {field}: {problem}")]
+    Field {
+        /// The resource's kind.
+        kind: &'static str,
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// The field, e.g. `spec.hypervisor`.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// How to reach the VM's hypervisor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HypervisorConfig {
+    /// QEMU over its QMP socket.
+    Qemu {
+        /// The QMP socket.
+        qmp_socket: PathBuf,
+        /// The guest agent's socket, for app-consistent points.
+        guest_agent_socket: Option<PathBuf>,
+    },
+    /// A Hyper-V VM by name or id.
+    HyperV {
+        /// The VM's id, when given.
+        vm_id: Option<String>,
+    },
+}
+
+/// Everything the engine needs to protect one VM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmConfig {
+    /// The VM's key in the replica store.
+    pub key: VmKey,
+    /// The VM's name on its hypervisor.
+    pub vm_name: String,
+    /// The protected (not excluded) disks.
+    pub disks: Vec<DiskRef>,
+    /// The hypervisor connection.
+    pub hypervisor: HypervisorConfig,
+    /// The policy's settings.
+    pub settings: Settings,
+    /// Upload limits in Mbit/s: (work hours, off hours).
+    pub bandwidth_mbps: (Option<u32>, Option<u32>),
+    /// The work hours the bandwidth limits switch on (`None`: every hour is an off hour).
+    pub work_hours: Option<WindowSpec>,
+    /// The policy's generation the settings come from.
+    pub policy_generation: Option<i64>,
+}
+
+impl VmConfig {
+    /// The upload limit in force at `now`, in bytes per second (`None`: unlimited): the
+    /// policy's work-hours limit inside its work hours, its off-hours limit outside them.
+    ///
+    /// NB: a work-hours window that does not parse counts as no work hours (the operator's
+    /// policy check reports it on the policy's Ready condition).
+    pub fn upload_limit_bytes_per_second(&self, now: SystemTime) -> Option<u64> {
+        let working = self
+            .work_hours
+            .as_ref()
+            .and_then(|w| DailyWindow::parse(w).ok())
+            .is_some_and(|w| w.contains(now));
+        let (work, off) = self.bandwidth_mbps;
+        let mbps = if working { work } else { off };
+        mbps.map(|m| u64::from(m) * 1_000_000 / 8)
+    }
+}
+
+/// The engine's configuration for `vm` under `policy`.
+///
+/// # Errors
+///
+/// A field that cannot be used (a name that is not a store key, no hypervisor).
+pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfig, ConfigError> {
+    let namespace = vm
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let name = vm.metadata.name.clone().unwrap_or_default();
+    let field = |field: &'static str, problem: String| ConfigError::Field {
+        kind: "ProtectedVM",
+        namespace: namespace.clone(),
+        name: name.clone(),
+        field,
+        problem,
+    };
+    let key = VmKey::new(&namespace, &name).map_err(|e| field("metadata.name", e.to_string()))?;
+    let spec = &vm.spec;
+    let hypervisor = match (&spec.hypervisor.qemu, &spec.hypervisor.hyperv) {
+        (Some(q), None) => HypervisorConfig::Qemu {
+            qmp_socket: PathBuf::from(&q.qmp_socket),
+            guest_agent_socket: q.guest_agent_socket.as_ref().map(PathBuf::from),
+        },
+        (None, Some(h)) => HypervisorConfig::HyperV {
+            vm_id: h.vm_id.clone(),
+        },
+        _ => {
+            return Err(field(
+                "spec.hypervisor",
+                "exactly one of qemu and hyperv must be set".into(),
+            ));
+        }
+    };
+    let disks = spec
+        .disks
+        .iter()
+        .filter(|d| !d.excluded)
+        .map(|d| DiskRef {
+            name: d.name.clone(),
+            path: d.path.clone(),
+            node: d.block_node.clone(),
+        })
+        .collect();
+    let p = &policy.spec;
+    let settings = Settings {
+        copy_interval: p.copy_frequency.interval(),
+        retention: Duration::from_secs(u64::from(p.recovery_point_retention_hours) * 3600),
+        app_consistent_every: p
+            .app_consistent_frequency_hours
+            .map(|h| Duration::from_secs(u64::from(h) * 3600)),
+        log_threshold_percent: p.resync.log_size_threshold_percent,
+        block_size_bytes: p.resync.block_size_bytes,
+        upload_concurrency: p.upload_concurrency as usize,
+    };
+    let bandwidth_mbps = p
+        .bandwidth
+        .as_ref()
+        .map(|b| (b.work_hours_mbps, b.off_hours_mbps))
+        .unwrap_or((None, None));
+    Ok(VmConfig {
+        key,
+        vm_name: spec.vm_name.clone(),
+        disks,
+        hypervisor,
+        settings,
+        bandwidth_mbps,
+        work_hours: lifeboat_control::mapping::policy_spec(policy).work_hours,
+        policy_generation: policy.metadata.generation,
+    })
+}
+
+/// The hypervisor connection of a configured VM; its work files go under `work_dir`.
+///
+/// # Errors
+///
+/// The VM's hypervisor is not available on this operating system.
+pub fn hypervisor(config: &VmConfig, work_dir: &Path) -> Result<Arc<dyn Hypervisor>, ConfigError> {
+    let unavailable = |what: &str| ConfigError::Field {
+        kind: "ProtectedVM",
+        namespace: config.key.namespace().to_owned(),
+        name: config.key.name().to_owned(),
+        field: "spec.hypervisor",
+        problem: format!(
+            "{what} VMs are not supported by an agent on {}",
+            std::env::consts::OS
+        ),
+    };
+    match &config.hypervisor {
+        #[cfg(unix)]
+        HypervisorConfig::Qemu {
+            qmp_socket,
+            guest_agent_socket,
+        } => {
+            let options = lifeboat_qemu::QemuOptions {
+                guest_agent_socket: guest_agent_socket.clone(),
+                ..Default::default()
+            };
+            Ok(Arc::new(lifeboat_qemu::QemuHypervisor::with_options(
+                config.vm_name.clone(),
+                qmp_socket.clone(),
+                work_dir.to_path_buf(),
+                options,
+            )))
+        }
+        #[cfg(not(unix))]
+        HypervisorConfig::Qemu { .. } => Err(unavailable("qemu")),
+        // NB: the VM's GUID finds it even when names repeat on the host; else its name.
+        #[cfg(windows)]
+        HypervisorConfig::HyperV { vm_id } => Ok(Arc::new(lifeboat_hyperv::HyperVHypervisor::new(
+            vm_id.clone().unwrap_or_else(|| config.vm_name.clone()),
+            work_dir.to_path_buf(),
+        ))),
+        #[cfg(not(windows))]
+        HypervisorConfig::HyperV { .. } => Err(unavailable("hyperv")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(work_hours: Option<WindowSpec>) -> VmConfig {
+        VmConfig {
+            key: VmKey::new("ns", "web").unwrap_or_else(|e| panic!("{e}")),
+            vm_name: "web".into(),
+            disks: Vec::new(),
+            hypervisor: HypervisorConfig::HyperV { vm_id: None },
+            settings: Settings::default(),
+            bandwidth_mbps: (Some(8), Some(80)),
+            work_hours,
+            policy_generation: None,
+        }
+    }
+
+    #[test]
+    fn the_upload_limit_follows_the_work_hours() {
+        // 2025-06-16 was a Monday; 10:00 and 20:00 UTC.
+        let monday_10 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_068_000);
+        let monday_20 = monday_10 + Duration::from_secs(10 * 3600);
+        let hours = WindowSpec {
+            start: "09:00".into(),
+            end: "17:00".into(),
+            days: vec![0, 1, 2, 3, 4],
+            time_zone: None,
+        };
+        let c = config(Some(hours));
+        assert_eq!(c.upload_limit_bytes_per_second(monday_10), Some(1_000_000));
+        assert_eq!(c.upload_limit_bytes_per_second(monday_20), Some(10_000_000));
+        assert_eq!(
+            config(None).upload_limit_bytes_per_second(monday_10),
+            Some(10_000_000)
+        );
+    }
+}

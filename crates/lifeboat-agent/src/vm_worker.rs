@@ -1,0 +1,231 @@
+//! A VM's engine on this node, the same in both modes: where its state lives, how it is
+//! opened, and how a job runs on its worker (progress recorded for the facts, the schedule
+//! told when the job ends).
+//!
+//! ```text
+//!  <state_dir>/agent/<namespace>/<name>/            engine state, change logs (vm_state_dir)
+//!  <state_dir>/agent/<namespace>/<name>/hypervisor   the backend's work files
+//!
+//!  VmConfig + store ──open_worker──> Worker ──run_job_on(job, sink)──> JobResult
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use lifeboat_api::ReplicationJob;
+use lifeboat_api::common::{ErrorClass, ErrorStatus};
+use lifeboat_control::mapping::{api_time, whole_seconds};
+use lifeboat_core::JobKind;
+use lifeboat_engine::replicator::{Progress, ProgressSink};
+use lifeboat_engine::{EngineError, JobDirs, JobResult, Replicator, Worker, run_job};
+use lifeboat_store::{ReplicaStore, VmKey};
+
+use crate::config::{ConfigError, VmConfig, hypervisor};
+use crate::jobs::job_kind_params;
+
+/// The agent state folder of `vm` under the state folder (change logs, engine state).
+pub fn vm_state_dir(state_dir: &Path, vm: &VmKey) -> PathBuf {
+    state_dir.join("agent").join(vm.namespace()).join(vm.name())
+}
+
+/// Why a VM's engine could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The resources cannot configure it (a field, an unsupported hypervisor).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Its replica store cannot be opened (credentials, a folder).
+    #[error("open the replica store of VM {vm}: {source}")]
+    Store {
+        /// `namespace/name`.
+        vm: String,
+        /// The store's error.
+        #[source]
+        source: lifeboat_store::StoreError,
+    },
+    /// Its agent state cannot be opened or recovered.
+    #[error("open the agent state of VM {vm}: {source}")]
+    Engine {
+        /// `namespace/name`.
+        vm: String,
+        /// The engine's error.
+        #[source]
+        source: EngineError,
+    },
+}
+
+impl OpenError {
+    /// Whether trying again later can help without anyone changing anything.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            Self::Config(_) => false,
+            Self::Store { source, .. } => source.is_recoverable(),
+            Self::Engine { source, .. } => source.is_recoverable(),
+        }
+    }
+
+    /// The error as a job or report shows it.
+    pub fn error_status(&self, now: SystemTime) -> ErrorStatus {
+        let (recoverable, reason) = match self {
+            Self::Config(_) => (false, "InvalidConfiguration"),
+            Self::Store { source, .. } => (source.is_recoverable(), source.reason()),
+            Self::Engine { source, .. } => (source.is_recoverable(), source.reason()),
+        };
+        ErrorStatus {
+            class: if recoverable {
+                ErrorClass::Recoverable
+            } else {
+                ErrorClass::NonRecoverable
+            },
+            reason: reason.into(),
+            message: self.to_string(),
+            retry_count: 0,
+            next_retry_time: None,
+            first_seen_time: Some(api_time(now)),
+        }
+    }
+}
+
+/// Open the engine of a configured VM over `store`, recovering from a crash (the engine
+/// removes unrecorded logs and reverts a half-applied replica), and wrap it in a worker.
+///
+/// # Errors
+///
+/// The hypervisor is not supported here, or the state folder or the store failed.
+pub async fn open_worker(
+    config: &VmConfig,
+    store: Arc<dyn ReplicaStore>,
+    state_dir: &Path,
+) -> Result<Worker, OpenError> {
+    let dir = vm_state_dir(state_dir, &config.key);
+    let hv = hypervisor(config, &dir.join("hypervisor"))?;
+    let engine = Replicator::open(
+        config.key.clone(),
+        config.disks.clone(),
+        dir,
+        hv,
+        store,
+        config.settings.clone(),
+    )
+    .await
+    .map_err(|source| OpenError::Engine {
+        vm: config.key.to_string(),
+        source,
+    })?;
+    Ok(Worker::new(engine))
+}
+
+/// Run `job` on `worker` to its end: progress goes to `sink` and to the worker's facts, and
+/// the worker's schedule learns that the job ended (a finalize or a resync makes the VM
+/// replicate again).
+///
+/// # Caveats
+///
+/// Dropping the returned future abandons the job half-way: the engine's state on disk is
+/// crash-safe, but the worker in memory is not to be trusted after that; open it again.
+///
+/// # Errors
+///
+/// The engine's error; `is_recoverable` says whether a retry can help.
+pub async fn run_job_on(
+    worker: &mut Worker,
+    job: &ReplicationJob,
+    dirs: &JobDirs,
+    sink: ProgressSink<'_>,
+) -> Result<JobResult, EngineError> {
+    let (kind, params) = job_kind_params(job);
+    let recorder = worker.progress_recorder();
+    let both = move |p: &Progress| {
+        recorder(p);
+        sink(p);
+    };
+    let outcome = run_job(
+        worker.engine_mut(),
+        kind,
+        &params,
+        dirs,
+        SystemTime::now(),
+        &both,
+    )
+    .await;
+    let now = whole_seconds(SystemTime::now());
+    if let Ok(result) = &outcome
+        && result.point.is_some()
+        && matches!(kind, JobKind::FinalizeProtection | JobKind::Resynchronize)
+    {
+        worker.record_shipped(now, &result.report);
+    }
+    worker.job_finished(now);
+    outcome
+}
+
+/// The latest progress of each disk of a running job, let through at most once per
+/// `interval` (and whenever a disk finishes), so that a job's status is not written on
+/// every megabyte.
+#[derive(Debug)]
+pub struct ProgressThrottle {
+    interval: Duration,
+    inner: Mutex<(BTreeMap<String, Progress>, Option<SystemTime>)>,
+}
+
+impl ProgressThrottle {
+    /// A throttle that lets progress through at most once per `interval`.
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            inner: Mutex::new((BTreeMap::new(), None)),
+        }
+    }
+
+    /// Note `progress` at `now`; returns every disk's latest progress when a write is due.
+    pub fn note(&self, progress: &Progress, now: SystemTime) -> Option<Vec<Progress>> {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.insert(progress.disk.clone(), progress.clone());
+        let recent = guard
+            .1
+            .is_some_and(|at| now.duration_since(at).unwrap_or_default() < self.interval);
+        if recent && progress.bytes_done < progress.bytes_total {
+            return None;
+        }
+        guard.1 = Some(now);
+        Some(guard.0.values().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(disk: &str, done: u64) -> Progress {
+        Progress {
+            operation: "InitialReplication",
+            disk: disk.into(),
+            bytes_done: done,
+            bytes_total: 100,
+            throughput_bytes_per_second: 1,
+        }
+    }
+
+    #[test]
+    fn progress_is_let_through_once_a_second_and_when_a_disk_ends() {
+        let t = ProgressThrottle::new(Duration::from_secs(1));
+        let at = |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(t.note(&progress("a", 1), at(0)).map(|v| v.len()), Some(1));
+        assert!(t.note(&progress("b", 1), at(10)).is_none());
+        assert!(t.note(&progress("a", 2), at(900)).is_none());
+        let all = t.note(&progress("a", 3), at(1000));
+        assert_eq!(all.as_ref().map(Vec::len), Some(2));
+        assert!(t.note(&progress("b", 100), at(1010)).is_some());
+    }
+
+    #[test]
+    fn state_folders_are_per_namespace_and_name() {
+        let key = VmKey::new("prod", "web").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            vm_state_dir(Path::new("/var/lib/lifeboat"), &key),
+            PathBuf::from("/var/lib/lifeboat/agent/prod/web")
+        );
+    }
+}

@@ -1,0 +1,290 @@
+//! Failover: materialise a recovery point as a new disk set (raw image files, sparse),
+//! verify every disk against the digest the manifest recorded, and report where it is. A
+//! test failover does the same under a separate name and is removed by its cleanup; a
+//! planned failover first ships everything pending; commit drops the other points.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use lifeboat_blockmap::image::positional;
+use lifeboat_blockmap::{BlockMap, HashAlgorithm, is_zero};
+use lifeboat_store::{At, MAX_WRITE_BYTES, RecoveryPoint};
+
+use super::maps;
+use super::{Progress, ProgressSink, Replicator, throughput};
+use crate::error::EngineError;
+use crate::state::EnginePhase;
+
+/// Which recovery point to materialise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PointChoice {
+    /// The newest point.
+    Latest,
+    /// The newest application-consistent point.
+    LatestAppConsistent,
+    /// A point by id.
+    Named(String),
+}
+
+/// One materialised disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaterialisedDisk {
+    /// The disk's name.
+    pub name: String,
+    /// The image file.
+    pub path: PathBuf,
+    /// Its size.
+    pub size_bytes: u64,
+}
+
+/// What a (test) failover produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailoverReport {
+    /// The point used.
+    pub point: RecoveryPoint,
+    /// The disks, each verified against the point's digest.
+    pub disks: Vec<MaterialisedDisk>,
+    /// Bytes read from the store.
+    pub bytes_read: u64,
+}
+
+/// The file a disk of a failover named `label` is materialised in.
+pub fn disk_image_path(dir: &Path, vm: &str, label: &str, disk: &str) -> PathBuf {
+    dir.join(format!("{vm}-{label}-{disk}.img"))
+}
+
+fn algorithm_named(name: &str) -> Option<HashAlgorithm> {
+    HashAlgorithm::ALL.into_iter().find(|a| a.name() == name)
+}
+
+impl Replicator {
+    async fn choose_point(&self, choice: &PointChoice) -> Result<RecoveryPoint, EngineError> {
+        let manifest = self.store.manifest(&self.vm).await?;
+        let Some(manifest) = manifest else {
+            return Err(EngineError::NotReady {
+                what: format!("VM {} has no replica yet", self.vm),
+            });
+        };
+        let point = match choice {
+            PointChoice::Latest => manifest.latest(),
+            PointChoice::LatestAppConsistent => manifest.latest_app_consistent(),
+            PointChoice::Named(id) => manifest.point(id),
+        };
+        point.cloned().ok_or_else(|| EngineError::NotReady {
+            what: format!(
+                "VM {} has no recovery point matching {choice:?} (it has {})",
+                self.vm,
+                manifest.points.len()
+            ),
+        })
+    }
+
+    /// Materialise a point as image files `<vm>-<label>-<disk>.img` in `dir`, verified
+    /// against the manifest's digests. Files of a failed attempt are removed.
+    ///
+    /// # Errors
+    ///
+    /// No such point, store failures, or [`EngineError::DigestMismatch`].
+    pub async fn materialise(
+        &self,
+        choice: &PointChoice,
+        dir: &Path,
+        label: &str,
+        progress: ProgressSink<'_>,
+    ) -> Result<FailoverReport, EngineError> {
+        let point = self.choose_point(choice).await?;
+        std::fs::create_dir_all(dir).map_err(EngineError::state("create failover folder", dir))?;
+        let mut disks = Vec::new();
+        let mut bytes_read = 0;
+        for pd in &point.disks {
+            let path = disk_image_path(dir, self.vm.name(), label, &pd.name);
+            match self.materialise_disk(&point, pd, &path, progress).await {
+                Ok(read) => {
+                    bytes_read += read;
+                    disks.push(MaterialisedDisk {
+                        name: pd.name.clone(),
+                        path,
+                        size_bytes: pd.size_bytes,
+                    });
+                }
+                Err(e) => {
+                    for disk in disks.iter().map(|d| &d.path).chain(std::iter::once(&path)) {
+                        let _ = std::fs::remove_file(disk);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(FailoverReport {
+            point,
+            disks,
+            bytes_read,
+        })
+    }
+
+    async fn materialise_disk(
+        &self,
+        point: &RecoveryPoint,
+        pd: &lifeboat_store::PointDisk,
+        path: &Path,
+        progress: ProgressSink<'_>,
+    ) -> Result<u64, EngineError> {
+        let map_error = |source| EngineError::BlockMap {
+            disk: pd.name.clone(),
+            source,
+        };
+        let algorithm =
+            algorithm_named(&pd.digest.algorithm).ok_or_else(|| EngineError::DigestMismatch {
+                disk: pd.name.clone(),
+                point: point.id.clone(),
+                detail: format!("unknown digest algorithm {:?}", pd.digest.algorithm),
+            })?;
+        let block = u64::from(pd.digest.block_size_bytes);
+        let mut map = BlockMap::new_zeroed(algorithm, pd.digest.block_size_bytes, pd.size_bytes)
+            .map_err(map_error)?;
+        let mut file = std::fs::File::create(path)
+            .map_err(EngineError::state("create failover disk", path))?;
+        file.set_len(pd.size_bytes)
+            .map_err(EngineError::state("size failover disk", path))?;
+        let at = At::Point(point.id.clone());
+        let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
+        let started = Instant::now();
+        let mut read = 0;
+        for range in maps::align(
+            &self.store.data_ranges(&self.vm, &pd.name, &at).await?,
+            block,
+            pd.size_bytes,
+        ) {
+            let mut offset = range.start;
+            while offset < range.end {
+                let len = chunk.min(range.end - offset);
+                let data = self
+                    .store
+                    .read(&self.vm, &pd.name, &at, offset, len)
+                    .await?;
+                map.update_range(offset, &data).map_err(map_error)?;
+                if !is_zero(&data) {
+                    positional::write_all_at(&file, &data, offset)
+                        .map_err(EngineError::state("write failover disk", path))?;
+                }
+                read += len;
+                offset += len;
+            }
+            progress(&Progress {
+                operation: "Failover",
+                disk: pd.name.clone(),
+                bytes_done: range.end,
+                bytes_total: pd.size_bytes,
+                throughput_bytes_per_second: throughput(read, started),
+            });
+        }
+        file.flush()
+            .map_err(EngineError::state("flush failover disk", path))?;
+        file.sync_all()
+            .map_err(EngineError::state("sync failover disk", path))?;
+        let got = maps::digest(&map);
+        if got != pd.digest {
+            return Err(EngineError::DigestMismatch {
+                disk: pd.name.clone(),
+                point: point.id.clone(),
+                detail: format!(
+                    "the manifest says {}, the replica reads as {}",
+                    pd.digest.fingerprint, got.fingerprint
+                ),
+            });
+        }
+        Ok(read)
+    }
+
+    /// Remove the disks of failover `label` from `dir`.
+    ///
+    /// # Errors
+    ///
+    /// A file that exists and cannot be removed.
+    pub fn remove_materialised(
+        &self,
+        dir: &Path,
+        label: &str,
+        disks: &[String],
+    ) -> Result<(), EngineError> {
+        for disk in disks {
+            let path = disk_image_path(dir, self.vm.name(), label, disk);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(EngineError::state("remove failover disk", path)(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Fail over. Planned: one last cycle ships everything pending while the source is still
+    /// up, then tracking stops and the newest point is used. Unplanned: the source is not
+    /// touched; `choice` picks the point.
+    ///
+    /// # Errors
+    ///
+    /// The final cycle's, the store's or the verification's failure; the VM stays protected
+    /// if the failover did not happen.
+    pub async fn failover(
+        &mut self,
+        planned: bool,
+        choice: &PointChoice,
+        dir: &Path,
+        now: SystemTime,
+        progress: ProgressSink<'_>,
+    ) -> Result<FailoverReport, EngineError> {
+        let choice = if planned {
+            let report = self.run_cycle(now).await?;
+            if let Some(reason) = report.resync_required {
+                return Err(EngineError::NotReady {
+                    what: format!(
+                        "a planned failover of VM {} needs a resync first: {reason}",
+                        self.vm
+                    ),
+                });
+            }
+            PointChoice::Latest
+        } else {
+            choice.clone()
+        };
+        let report = self.materialise(&choice, dir, "failover", progress).await?;
+        if planned {
+            self.hypervisor.stop_tracking(&self.disks).await?;
+        }
+        super::logs::delete_pending(&mut self.state)?;
+        self.set_phase(EnginePhase::FailedOver {
+            point: report.point.id.clone(),
+        })?;
+        Ok(report)
+    }
+
+    /// Commit a failover: delete every point but the one failed over to.
+    ///
+    /// # Errors
+    ///
+    /// Not failed over, or store failures.
+    pub async fn commit(&mut self) -> Result<Vec<String>, EngineError> {
+        let EnginePhase::FailedOver { point } = self.state.phase.clone() else {
+            return Err(EngineError::NotReady {
+                what: format!("VM {} has not failed over", self.vm),
+            });
+        };
+        let manifest = self.store.manifest(&self.vm).await?;
+        let others: Vec<String> = manifest
+            .map(|m| {
+                m.points
+                    .into_iter()
+                    .map(|p| p.id)
+                    .filter(|id| *id != point)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in &others {
+            self.store.delete_point(&self.vm, id).await?;
+        }
+        Ok(others)
+    }
+}

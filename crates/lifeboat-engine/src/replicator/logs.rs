@@ -1,0 +1,198 @@
+//! The change logs of a VM's state folder: one sealed HRL per disk per cycle, written from a
+//! view and read back to apply.
+//!
+//! ```text
+//!  <state>/logs/<disk>/<cycle, 12 digits>.hrl
+//! ```
+//!
+//! Writes are recorded whole blocks at a time (the extents a view reports, widened to the
+//! block map's block size), so that applying a log can update the replica's block map from
+//! the log's own data.
+
+use bytes::Bytes;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use lifeboat_blockmap::BlockMap;
+use lifeboat_hrl::{HrlReader, HrlTime, HrlWriter, ReadOptions, WriterOptions};
+
+use super::maps::align;
+use super::upload::Uploader;
+use crate::backend::View;
+use crate::error::EngineError;
+use crate::state::{AgentState, PendingLog};
+
+/// The largest write one log entry carries (the view is read in pieces of this size).
+const LOG_WRITE_BYTES: u64 = 1024 * 1024;
+
+fn logs_dir(dir: &Path) -> PathBuf {
+    dir.join("logs")
+}
+
+pub(super) fn log_path(dir: &Path, disk: &str, cycle: u64) -> PathBuf {
+    logs_dir(dir).join(disk).join(format!("{cycle:012}.hrl"))
+}
+
+fn hrl_time(unix_ms: u64) -> HrlTime {
+    HrlTime::from_unix_seconds(unix_ms / 1000).unwrap_or(HrlTime(0))
+}
+
+/// Write and seal the log of `disk` for the view's cycle: its changed extents, widened to
+/// whole blocks of `block_size_bytes`. The file is synced before this returns.
+pub(super) async fn write_log(
+    dir: &Path,
+    view: &dyn View,
+    disk: &str,
+    size_bytes: u64,
+    block_size_bytes: u32,
+    time_unix_ms: u64,
+) -> Result<(PendingLog, u64), EngineError> {
+    let path = log_path(dir, disk, view.cycle());
+    let folder = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.to_path_buf());
+    std::fs::create_dir_all(&folder).map_err(EngineError::state("create log folder", &folder))?;
+    let file = File::create(&path).map_err(EngineError::state("create change log", &path))?;
+    let t = hrl_time(time_unix_ms);
+    let log_error = |source| EngineError::WriteLog {
+        path: path.clone(),
+        source,
+    };
+    let id = uuid::Uuid::new_v4();
+    let mut writer =
+        HrlWriter::create(BufWriter::new(file), &WriterOptions::new(id, t)).map_err(log_error)?;
+    let extents = align(
+        &view.changed_extents(disk).await?,
+        u64::from(block_size_bytes),
+        size_bytes,
+    );
+    let block = u64::from(block_size_bytes);
+    // Whole blocks per entry, so that applying can update the block map from the entry.
+    let piece = (LOG_WRITE_BYTES / block).max(1) * block;
+    let mut bytes_read = 0;
+    for extent in extents {
+        let mut offset = extent.start;
+        while offset < extent.end {
+            let len = piece.min(extent.end - offset);
+            let data = view.read(disk, offset, len).await?;
+            writer.write(offset, &data, t).map_err(log_error)?;
+            bytes_read += len;
+            offset += len;
+        }
+        writer.commit(t).map_err(log_error)?;
+    }
+    let sealed = writer.seal(t).map_err(log_error)?;
+    let file = sealed
+        .sink
+        .into_inner()
+        .map_err(|e| EngineError::state("flush change log", &path)(e.into_error()))?;
+    file.sync_all()
+        .map_err(EngineError::state("sync change log", &path))?;
+    super::sync_folder(&folder).map_err(EngineError::state("sync log folder", &folder))?;
+    let size_bytes = file
+        .metadata()
+        .map_err(EngineError::state("stat change log", &path))?
+        .len();
+    Ok((
+        PendingLog {
+            disk: disk.to_owned(),
+            path,
+            size_bytes,
+        },
+        bytes_read,
+    ))
+}
+
+/// Apply a sealed log to the replica disk and to its block map. Every entry's checksums are
+/// verified before its data is sent.
+pub(super) async fn apply_log(
+    log: &PendingLog,
+    map: &mut BlockMap,
+    uploader: &mut Uploader,
+) -> Result<u64, EngineError> {
+    let path = log.path.clone();
+    let corrupt = |source| EngineError::CorruptLog {
+        path: path.clone(),
+        source,
+    };
+    let file = File::open(&log.path).map_err(EngineError::state("open change log", &log.path))?;
+    let options = ReadOptions {
+        data_checksums: lifeboat_hrl::DataChecksumPolicy::VerifyAll,
+    };
+    let mut reader =
+        HrlReader::open_with(std::io::BufReader::new(file), options).map_err(corrupt)?;
+    if reader.recovery().is_some() {
+        // NB: our logs are sealed before they are recorded; an unsealed one was damaged.
+        return Err(EngineError::CorruptLog {
+            path: log.path.clone(),
+            source: lifeboat_hrl::HrlError::ValidateLogChain {
+                log_index: 0,
+                problem: lifeboat_hrl::Problem::NotSealed,
+            },
+        });
+    }
+    let mut bytes = 0;
+    for write in reader.writes() {
+        let write = write.map_err(corrupt)?;
+        map.update_range(write.disk_offset, &write.data)
+            .map_err(|source| EngineError::BlockMap {
+                disk: log.disk.clone(),
+                source,
+            })?;
+        bytes += write.data.len() as u64;
+        uploader
+            .write(&log.disk, write.disk_offset, Bytes::from(write.data))
+            .await?;
+    }
+    Ok(bytes)
+}
+
+/// Remove log files that no pending cycle names (a crash between sealing a log and
+/// recording its cycle): the hypervisor still tracks their changes.
+pub(super) fn remove_unrecorded(dir: &Path, state: &AgentState) -> Result<(), EngineError> {
+    let Ok(disks) = std::fs::read_dir(logs_dir(dir)) else {
+        return Ok(());
+    };
+    for disk in disks.flatten() {
+        let Ok(files) = std::fs::read_dir(disk.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            let recorded = state
+                .pending
+                .iter()
+                .flat_map(|c| c.logs.iter())
+                .any(|l| l.path == path);
+            if !recorded {
+                std::fs::remove_file(&path)
+                    .map_err(EngineError::state("remove unrecorded change log", &path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Delete the files of logs that are no longer needed.
+pub(super) fn delete_files(logs: &[PendingLog]) -> Result<(), EngineError> {
+    for log in logs {
+        match std::fs::remove_file(&log.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(EngineError::state("delete shipped change log", &log.path)(
+                    e,
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Drop every pending cycle and its logs (a resync or a disable supersedes them).
+pub(super) fn delete_pending(state: &mut AgentState) -> Result<(), EngineError> {
+    let logs: Vec<PendingLog> = state.pending.drain(..).flat_map(|c| c.logs).collect();
+    state.applying = false;
+    delete_files(&logs)
+}

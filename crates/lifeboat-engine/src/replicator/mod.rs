@@ -1,0 +1,325 @@
+//! The replication engine for one VM: the life cycle ASR runs for a Hyper-V VM, on any
+//! [`Hypervisor`] and any [`ReplicaStore`].
+//!
+//! ```text
+//!  enable ──> initial_copy ──> run_cycle (finalize) ──> run_cycle ... ──> failover / disable
+//!                                  │  ▲
+//!                    ResyncRequired│  │resync
+//!                                  ▼  │
+//! ```
+//!
+//! A cycle freezes every disk at one instant, writes and seals one HRL log per disk in the
+//! VM's state folder, records the cycle as pending, then ships: applies the logs to the
+//! live replica, cuts a recovery point, prunes, and only then deletes the logs.
+//!
+//! # Guarantees
+//!
+//! - Nothing is lost on a crash: a log is deleted only after the point that contains it is
+//!   durable; a crash while applying is undone ([`ReplicaStore::revert_to_latest_point`])
+//!   and the logs applied again (applying is idempotent); changes frozen by a view whose
+//!   logs never got recorded stay in the hypervisor's tracking (the backend folds them back).
+//! - The replica is never silently wrong: a log that fails its checks, or tracking the
+//!   hypervisor cannot vouch for, leads to a resync, never to a guess.
+//! - The block map stored beside each replica describes the latest point (tagged with its
+//!   id), so a resync compares against it without reading the replica back.
+
+mod copy;
+mod cycle;
+mod failover;
+mod logs;
+mod maps;
+mod resync;
+mod upload;
+
+pub use failover::{FailoverReport, MaterialisedDisk, PointChoice};
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lifeboat_store::{RecoveryPoint, ReplicaStore, VmKey};
+
+use crate::backend::{DiskInfo, DiskRef, Hypervisor};
+use crate::error::EngineError;
+use crate::state::{AgentState, EnginePhase};
+use crate::throttle::Throttle;
+
+/// How a VM replicates: the policy's settings, in the engine's units.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// The copy interval.
+    pub copy_interval: Duration,
+    /// How long recovery points are kept (the latest always is).
+    pub retention: Duration,
+    /// How often to take an application-consistent point; None: never.
+    pub app_consistent_every: Option<Duration>,
+    /// Resync when a disk's pending logs reach this percent of its size.
+    pub log_threshold_percent: u32,
+    /// Block size of the block maps and of resync.
+    pub block_size_bytes: u32,
+    /// Store requests in flight per VM.
+    pub upload_concurrency: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            copy_interval: Duration::from_secs(300),
+            retention: Duration::from_secs(24 * 3600),
+            app_consistent_every: None,
+            log_threshold_percent: 50,
+            block_size_bytes: lifeboat_blockmap::DEFAULT_BLOCK_SIZE_BYTES,
+            upload_concurrency: 4,
+        }
+    }
+}
+
+/// Progress of long work, disk by disk.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// What is running: `InitialReplication`, `Resynchronize`, `Failover`.
+    pub operation: &'static str,
+    /// The disk.
+    pub disk: String,
+    /// Bytes gone through.
+    pub bytes_done: u64,
+    /// Bytes in all.
+    pub bytes_total: u64,
+    /// Bytes per second since the disk started.
+    pub throughput_bytes_per_second: u64,
+}
+
+/// Where progress goes (a status writer, a terminal).
+pub type ProgressSink<'a> = &'a (dyn Fn(&Progress) + Send + Sync);
+
+/// What a finished operation did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    /// Bytes sent to the store (data written).
+    pub bytes_sent: u64,
+    /// Bytes zeroed in the store without sending data.
+    pub bytes_zeroed: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// The point cut, if one was.
+    pub point: Option<RecoveryPoint>,
+    /// Points pruned by retention.
+    pub pruned: Vec<String>,
+    /// How long it took.
+    pub duration: Duration,
+    /// Set when the operation ended because the VM needs a resync (its reason).
+    pub resync_required: Option<String>,
+    /// Problems that did not fail the operation (e.g. a view that did not close cleanly).
+    pub warnings: Vec<String>,
+}
+
+/// The engine for one VM.
+#[derive(Debug)]
+pub struct Replicator {
+    vm: VmKey,
+    disks: Vec<DiskRef>,
+    dir: PathBuf,
+    hypervisor: Arc<dyn Hypervisor>,
+    store: Arc<dyn ReplicaStore>,
+    settings: Settings,
+    throttle: Arc<Throttle>,
+    state: AgentState,
+}
+
+/// Milliseconds since the Unix epoch of `time`.
+pub fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Replicator {
+    /// Open the engine for `vm` with its state folder `dir`, recovering from a crash:
+    /// logs that no recorded cycle names are removed, and a store left half-applied is put
+    /// back to its latest point.
+    ///
+    /// # Errors
+    ///
+    /// State folder or store failures.
+    pub async fn open(
+        vm: VmKey,
+        disks: Vec<DiskRef>,
+        dir: PathBuf,
+        hypervisor: Arc<dyn Hypervisor>,
+        store: Arc<dyn ReplicaStore>,
+        settings: Settings,
+    ) -> Result<Replicator, EngineError> {
+        std::fs::create_dir_all(&dir)
+            .map_err(EngineError::state("create agent state folder", &dir))?;
+        let state = AgentState::load(&dir)?;
+        let engine = Replicator {
+            vm,
+            disks,
+            dir,
+            hypervisor,
+            store,
+            settings,
+            throttle: Arc::new(Throttle::default()),
+            state,
+        };
+        logs::remove_unrecorded(&engine.dir, &engine.state)?;
+        if engine.state.applying {
+            // NB: a crash while applying a cycle leaves the live replica between two points;
+            // put it back to the latest one, then apply the cycle again from its logs.
+            engine.store.revert_to_latest_point(&engine.vm).await?;
+        }
+        Ok(engine)
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &VmKey {
+        &self.vm
+    }
+
+    /// The agent's view of the VM.
+    pub fn state(&self) -> &AgentState {
+        &self.state
+    }
+
+    /// The names of the protected disks.
+    pub fn disk_names(&self) -> Vec<String> {
+        self.disks.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The replica store.
+    pub fn store(&self) -> &Arc<dyn ReplicaStore> {
+        &self.store
+    }
+
+    /// The VM's state folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The upload throttle (set its limit from the policy's bandwidth schedule).
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
+    }
+
+    /// Change the settings (the policy changed).
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+    }
+
+    /// Change the disk list (the ProtectedVM changed): new disks are created in the store at
+    /// the next enable and need a resync to fill.
+    pub fn set_disks(&mut self, disks: Vec<DiskRef>) {
+        self.disks = disks;
+    }
+
+    fn save(&self) -> Result<(), EngineError> {
+        self.state.save(&self.dir)
+    }
+
+    fn set_phase(&mut self, phase: EnginePhase) -> Result<(), EngineError> {
+        self.state.phase = phase;
+        self.save()
+    }
+
+    fn next_cycle(&mut self) -> u64 {
+        self.state.last_cycle += 1;
+        self.state.last_cycle
+    }
+
+    /// Enable protection: check the prerequisites (the VM and its disks, the store, local
+    /// space for logs), create the replica disks and start tracking. Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// The first prerequisite that fails, naming what is wrong.
+    pub async fn enable(&mut self) -> Result<Vec<DiskInfo>, EngineError> {
+        if self.disks.is_empty() {
+            return Err(EngineError::NotReady {
+                what: format!("VM {} has no disk to protect", self.vm),
+            });
+        }
+        let infos = self.hypervisor.inspect(&self.disks).await?;
+        self.store.check_writable().await?;
+        check_log_space(&self.dir, &infos)?;
+        for info in &infos {
+            self.store
+                .create_disk(&self.vm, &info.name, info.size_bytes)
+                .await?;
+        }
+        self.hypervisor.start_tracking(&self.disks).await?;
+        if self.state.phase == EnginePhase::New || self.state.phase == EnginePhase::Disabled {
+            self.set_phase(EnginePhase::Enabled)?;
+        }
+        Ok(infos)
+    }
+
+    /// Disable protection: stop tracking, drop pending logs and, if asked, the replica.
+    ///
+    /// # Errors
+    ///
+    /// Hypervisor or store failures.
+    pub async fn disable(&mut self, delete_replica: bool) -> Result<(), EngineError> {
+        self.hypervisor.stop_tracking(&self.disks).await?;
+        logs::delete_pending(&mut self.state)?;
+        if delete_replica {
+            self.store.delete_vm(&self.vm).await?;
+        }
+        self.state = AgentState {
+            phase: EnginePhase::Disabled,
+            last_cycle: self.state.last_cycle,
+            ..AgentState::default()
+        };
+        self.save()
+    }
+
+    /// Mark the VM for resync (on request, or when the caller found a reason).
+    ///
+    /// # Errors
+    ///
+    /// The state file cannot be saved.
+    pub fn require_resync(&mut self, reason: &str) -> Result<(), EngineError> {
+        self.set_phase(EnginePhase::ResyncRequired {
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+/// Refuse to start when the log folder's file system has less free space than the
+/// resync threshold could ever need for one cycle: 1 GiB or 5 % of the disks, whichever is
+/// smaller.
+fn check_log_space(dir: &Path, disks: &[DiskInfo]) -> Result<(), EngineError> {
+    let free = crate::space::free_space_bytes(dir)
+        .map_err(EngineError::state("measure free space of", dir))?;
+    let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
+    let needed = (total / 20).min(1 << 30);
+    if free < needed {
+        return Err(EngineError::State {
+            action: "find room for change logs in",
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "{free} bytes free, {needed} needed for the logs of {total} bytes of disks"
+                ),
+            ),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) use lifeboat_store::files::sync_folder;
+
+/// Throughput of `bytes` over the time since `started`.
+fn throughput(bytes: u64, started: Instant) -> u64 {
+    let secs = started.elapsed().as_secs_f64();
+    if secs > 0.0 {
+        (bytes as f64 / secs) as u64
+    } else {
+        0
+    }
+}

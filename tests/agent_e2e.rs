@@ -1,0 +1,417 @@
+//! End to end: the real cluster agent and the real operator against the test API server
+//! (`lifeboat-tests`' fixture), protecting a VM whose block layer is a real
+//! `qemu-storage-daemon`, replicating to the local folder store. Nothing is scripted: the
+//! operator creates the jobs, the agent claims and runs them on the engine, and the VM ends
+//! Protected with a recovery point. One test replicates to a real Azurite instead, with a
+//! storage key from a Secret that is rotated while the agent runs.
+//!
+//! ```text
+//!  test ──create policy, VM──> TestApiServer <──watch, claim, status, SSA, Lease── agent ──QMP/NBD──> qsd
+//!                                   ^                                               └──> local store
+//!                                   └──────── operator (jobs, phase, health) ───────┘
+//! ```
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use lifeboat_agent::cluster::Metrics;
+use lifeboat_agent::cluster::{Agent, AgentOptions, Timing};
+use lifeboat_api::job::JobPhase;
+use lifeboat_api::{ProtectedVM, ProtectionPhase, ReplicationJob, ReplicationPolicy};
+use lifeboat_operator::{Config, Operator};
+use lifeboat_qemu::testing::Qsd;
+use lifeboat_store::testing::{Azurite, DEV_KEY, shared_key_store, test_options};
+use lifeboat_tests::apiserver::TestApiServer;
+use lifeboat_tests::eventually;
+use serde_json::json;
+
+const NS: &str = "e2e";
+const LEASES: &str = "lifeboat-system";
+const NODE: &str = "node-1";
+
+type Stopper = tokio::sync::oneshot::Sender<()>;
+type OperatorTask = tokio::task::JoinHandle<lifeboat_operator::Result<()>>;
+type AgentTask = tokio::task::JoinHandle<Result<(), lifeboat_agent::cluster::ClusterError>>;
+
+fn run_operator(client: &Client) -> (Stopper, OperatorTask) {
+    let config = Config {
+        namespace: Some(NS.into()),
+        lease_namespace: LEASES.into(),
+        ..Config::default()
+    };
+    let operator = Operator::new(client.clone(), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(operator.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+/// The agent of `node-1`, its state under `dir`, running until the sender is used.
+fn run_agent(client: &Client, dir: &Path, timing: Timing) -> (Arc<Metrics>, Stopper, AgentTask) {
+    let mut options = AgentOptions::new(NODE);
+    options.pod_name = "lifeboat-agent-e2e".into();
+    options.namespace = Some(NS.into());
+    options.lease_namespace = LEASES.into();
+    options.state_dir = dir.join("state");
+    options.failover_dir = dir.join("failover");
+    options.health_addr = None;
+    options.timing = timing;
+    let agent = Agent::new(client.clone(), options).unwrap();
+    let metrics = agent.metrics();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async move {
+        let _ = stopped.await;
+    }));
+    (metrics, stop, task)
+}
+
+/// Stop the agent as SIGTERM does and wait up to `seconds` for it to end by itself, without
+/// an error.
+async fn stop_agent_cleanly(stop: Stopper, agent: AgentTask, seconds: u64) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(seconds), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// Stop the operator and give it 10 s to end.
+async fn stop_operator_within_10s(stop: Stopper, operator: OperatorTask) {
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+}
+
+/// Policy `gold` with `spec`, and VM `web` on `node-1` with its `os` disk in `qsd`.
+async fn create_policy_and_vm(client: &Client, qsd: &Qsd, spec: serde_json::Value) -> ProtectedVM {
+    let policies: Api<ReplicationPolicy> = Api::namespaced(client.clone(), NS);
+    let policy: ReplicationPolicy = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
+        "metadata": {"name": "gold"},
+        "spec": spec
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
+    let vm: ProtectedVM = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
+        "metadata": {"name": "web"},
+        "spec": {
+            "vmName": "web", "nodeName": NODE,
+            "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
+            "disks": [{"name": "os", "path": qsd.dir.join("os.qcow2").display().to_string(), "blockNode": "os"}],
+            "policyRef": {"name": "gold"}
+        }
+    }))
+    .unwrap();
+    vms.create(&PostParams::default(), &vm).await.unwrap()
+}
+
+fn protected_with_a_point(vm: &ProtectedVM) -> bool {
+    vm.status.as_ref().is_some_and(|s| {
+        s.phase == ProtectionPhase::Protected
+            && s.agent
+                .as_ref()
+                .is_some_and(|a| a.recovery_points.count >= 1)
+    })
+}
+
+async fn vm_until(
+    server: &TestApiServer,
+    vms: &Api<ProtectedVM>,
+    jobs: &Api<ReplicationJob>,
+    what: &str,
+    check: impl Fn(&ProtectedVM) -> bool,
+) -> ProtectedVM {
+    let wait = eventually(60, what, || {
+        let vms = vms.clone();
+        let check = &check;
+        async move {
+            vms.get_opt("web")
+                .await
+                .ok()
+                .flatten()
+                .filter(|vm| check(vm))
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(60), wait).await {
+        Ok(vm) => vm,
+        Err(_) => {
+            let vm = server.object("protectedvms", NS, "web");
+            let jobs = jobs.list(&ListParams::default()).await.map(|l| {
+                l.items
+                    .iter()
+                    .map(|j| (j.name_any(), j.status.clone()))
+                    .collect::<Vec<_>>()
+            });
+            panic!("timed out waiting for {what}\nVM: {vm:#?}\njobs: {jobs:#?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
+    lifeboat_http::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), &[("os", 8 << 20)]);
+    qsd.guest_write("os", 0, 1 << 20, 0xab);
+    qsd.guest_write("os", 5 << 20, 64 << 10, 0xcd);
+
+    let server = TestApiServer::start().await;
+    let client = server.client(NS);
+    let (stop_operator, operator) = run_operator(&client);
+
+    let (agent_metrics, stop_agent, agent) = run_agent(
+        &client,
+        dir.path(),
+        Timing {
+            tick: Duration::from_millis(100),
+            ..Timing::default()
+        },
+    );
+    let vm = create_policy_and_vm(
+        &client,
+        &qsd,
+        json!({"copyFrequency": "30s",
+               "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}),
+    )
+    .await;
+    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
+    // A VM of another node: this agent never touches it (nor would it find its socket).
+    let mut other = vm.clone();
+    other.metadata.name = Some("db".into());
+    other.spec.node_name = "node-2".into();
+    vms.create(&PostParams::default(), &other).await.unwrap();
+
+    let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
+    let protected = vm_until(
+        &server,
+        &vms,
+        &jobs,
+        "web Protected with a point",
+        protected_with_a_point,
+    )
+    .await;
+    let agent_report = protected
+        .status
+        .as_ref()
+        .and_then(|s| s.agent.clone())
+        .unwrap();
+    assert_eq!(
+        agent_report.disks.first().map(|d| d.size_bytes),
+        Some(8 << 20)
+    );
+    assert!(agent_report.recovery_points.latest.is_some());
+
+    // Every job of web ran here, claimed under this agent's name, and succeeded.
+    let all = jobs.list(&ListParams::default()).await.unwrap().items;
+    let web: Vec<&ReplicationJob> = all.iter().filter(|j| j.spec.vm_ref.name == "web").collect();
+    assert!(web.len() >= 2, "enable and finalize: {web:#?}");
+    for job in &web {
+        let status = job.status.as_ref().unwrap();
+        assert_eq!(status.phase, JobPhase::Succeeded, "{}", job.name_any());
+        assert_eq!(
+            status.claimed_by.as_deref(),
+            Some("node-1/lifeboat-agent-e2e")
+        );
+        assert_eq!(status.progress.percent, 100);
+    }
+    // The other node's VM and jobs are untouched by this agent.
+    let db = server.object("protectedvms", NS, "db").unwrap();
+    assert!(db.pointer("/status/agent").is_none(), "{db:#}");
+    for job in all.iter().filter(|j| j.spec.vm_ref.name == "db") {
+        assert!(job.status.as_ref().is_none_or(|s| s.claimed_by.is_none()));
+    }
+
+    // The heartbeat Lease names the node.
+    let lease = server
+        .object("leases", LEASES, "lifeboat-agent-node-1")
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], NODE);
+    assert_eq!(
+        lease["metadata"]["labels"]["lifeboat.io/heartbeat"],
+        "agent"
+    );
+
+    // Reports are throttled: a handful of writes, not one per tick (100 ms here).
+    let reports = server.writes_by("protectedvms", "status", "lifeboat-agent");
+    assert!((1..=8).contains(&reports), "{reports} report writes");
+    let metrics = agent_metrics.encode().unwrap();
+    assert!(
+        metrics.contains("lifeboat_agent_claims_total{outcome=\"won\"}"),
+        "{metrics}"
+    );
+
+    // SIGTERM's path: the agent stops by itself, with nothing running.
+    stop_agent_cleanly(stop_agent, agent, 30).await;
+    stop_operator_within_10s(stop_operator, operator).await;
+    drop(qsd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
+    lifeboat_http::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), &[("os", 8 << 20)]);
+    // 4 MiB of data at 1 Mbit/s: the copy would take about 30 s.
+    qsd.guest_write("os", 0, 4 << 20, 0x5a);
+
+    let server = TestApiServer::start().await;
+    let client = server.client(NS);
+    let (stop_operator, operator) = run_operator(&client);
+    let (_, stop_agent, agent) = run_agent(
+        &client,
+        dir.path(),
+        Timing {
+            tick: Duration::from_millis(100),
+            shutdown_grace: Duration::from_millis(300),
+            ..Timing::default()
+        },
+    );
+    create_policy_and_vm(
+        &client,
+        &qsd,
+        json!({"copyFrequency": "30s", "bandwidth": {"offHoursMbps": 1},
+               "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}),
+    )
+    .await;
+
+    // The copy is under way, then SIGTERM.
+    let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
+    let running = eventually(30, "the enable job running", || {
+        let jobs = jobs.clone();
+        async move {
+            jobs.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|j| {
+                    j.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == JobPhase::Running && !s.steps.is_empty())
+                })
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_agent_cleanly(stop_agent, agent, 10).await;
+
+    // The claim is not lost silently: the job failed as recoverable, so the operator retries.
+    let job = jobs.get(&running.name_any()).await.unwrap();
+    let status = job.status.unwrap();
+    assert_eq!(status.phase, JobPhase::Failed);
+    let error = status.error.unwrap();
+    assert_eq!(error.class, lifeboat_api::common::ErrorClass::Recoverable);
+    assert_eq!(error.reason, "AgentStopped");
+    assert!(
+        status
+            .steps
+            .iter()
+            .any(|s| s.state == lifeboat_api::job::StepState::Failed),
+        "{:#?}",
+        status.steps
+    );
+    stop_operator_within_10s(stop_operator, operator).await;
+    drop(qsd);
+}
+
+/// The store refuses the key in the Secret; an administrator puts the right key in the
+/// Secret and asks for a retry (`spec.requests.retry`): the agent reads the Secret again,
+/// opens its store with the new key, and protection completes, with no agent restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_storage_key_is_taken_on_retry_without_a_restart() {
+    lifeboat_http::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), &[("os", 8 << 20)]);
+    qsd.guest_write("os", 0, 1 << 20, 0x3c);
+    let azurite = Azurite::start();
+    // The container is the administrator's, as on Azure.
+    shared_key_store(&azurite, "replicas", test_options(1)).await;
+
+    let server = TestApiServer::start().await;
+    let client = server.client(NS);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = |key: &str| Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("storage".into()),
+            ..Default::default()
+        },
+        data: Some([("accountKey".to_owned(), ByteString(key.as_bytes().to_vec()))].into()),
+        ..Default::default()
+    };
+    // A well-formed key that is not the account's.
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("bm90LXRoZS1hY2NvdW50LWtleS1ub3QtdGhlLWFjY291bnQta2V5LW5vdC10aGUta2V5"),
+        )
+        .await
+        .unwrap();
+    let (stop_operator, operator) = run_operator(&client);
+    let (_, stop_agent, agent) = run_agent(
+        &client,
+        dir.path(),
+        Timing {
+            tick: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..Timing::default()
+        },
+    );
+    create_policy_and_vm(
+        &client,
+        &qsd,
+        json!({"copyFrequency": "30s",
+               "target": {"azureBlob": {
+                   "accountUrl": azurite.account_url(), "container": "replicas",
+                   "credentials": {"accountKeySecretRef": {"name": "storage", "key": "accountKey"}}}}}),
+    )
+    .await;
+    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
+    let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
+    vm_until(&server, &vms, &jobs, "the store to refuse the key", |vm| {
+        vm.status
+            .as_ref()
+            .and_then(|s| s.last_error.as_ref())
+            .is_some_and(|e| e.reason == "StoreAccessDenied")
+    })
+    .await;
+
+    // The rotation: the Secret gets the account's key, then a retry is asked for.
+    let mut rotated = secrets.get("storage").await.unwrap();
+    rotated.data = secret(DEV_KEY).data;
+    secrets
+        .replace("storage", &PostParams::default(), &rotated)
+        .await
+        .unwrap();
+    vms.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"requests": {"retry": "key-rotated"}}})),
+    )
+    .await
+    .unwrap();
+    vm_until(
+        &server,
+        &vms,
+        &jobs,
+        "web Protected with a point, on the new key",
+        protected_with_a_point,
+    )
+    .await;
+
+    stop_agent_cleanly(stop_agent, agent, 30).await;
+    stop_operator_within_10s(stop_operator, operator).await;
+    drop(qsd);
+}
