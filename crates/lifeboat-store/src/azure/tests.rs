@@ -3,9 +3,15 @@
 //! it by process id when done. No mock of Azure anywhere.
 #![allow(clippy::single_range_in_vec_init)] // NB: expected page ranges are written as arrays of ranges.
 
+use super::pipeline::account_name_from_url;
 use super::*;
 use crate::conformance;
 use crate::testing::{Azurite, DEV_ACCOUNT, DEV_KEY, free_port, shared_key_store, test_options};
+use crate::{At, NewPoint};
+use async_trait::async_trait;
+use azure_core::credentials::TokenCredential;
+use azure_core::error::ErrorKind;
+use azure_storage_blob::models::BlobClientDownloadOptions;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -390,6 +396,34 @@ async fn a_store_outage_is_recoverable_and_loses_nothing() {
         .expect("read");
     assert!(at_first.as_ref() == &model[..4 * chunk]);
     drop(azurite);
+}
+
+/// The VHD footer's unique id is an XXH3-128 (`write_footer`): twox-hash's is the one that
+/// `xxhash-rust` computed before, byte for byte (`to_be_bytes` of the same `u128`), on the
+/// reference value of the empty input, on every length of XXH3-128's short and medium size
+/// classes and past them, and on ids of the form `write_footer` hashes.
+#[test]
+fn footer_ids_hash_as_with_xxhash_rust() {
+    let empty = 0x99AA_06D3_0147_98D8_6001_C324_468D_497F_u128;
+    assert_eq!(twox_hash::XxHash3_128::oneshot(b""), empty);
+    assert_eq!(xxhash_rust::xxh3::xxh3_128(b""), empty);
+    let data: Vec<u8> = (0..70_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
+        .collect();
+    let lengths = (0..=1100).chain([4096, 65_536, 70_000]);
+    for len in lengths {
+        let data = &data[..len];
+        assert_eq!(
+            twox_hash::XxHash3_128::oneshot(data).to_be_bytes(),
+            xxhash_rust::xxh3::xxh3_128(data).to_be_bytes(),
+            "XXH3-128 of {len} bytes"
+        );
+    }
+    let id = "http://127.0.0.1:10000/devstoreaccount1/replicas/disk \"root\" of VM tests/vm-01/1767225600";
+    assert_eq!(
+        twox_hash::XxHash3_128::oneshot(id.as_bytes()),
+        xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+    );
 }
 
 #[test]

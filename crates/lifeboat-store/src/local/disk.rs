@@ -1,0 +1,214 @@
+//! One replica disk of the local store: its live file (a sparse file, opened a second time
+//! for direct I/O where the file system allows) and its undo segments by point sequence
+//! number. Writes save the pre-images a point still needs ([`Disk::preserve`]) before they
+//! overwrite the live file; reads at a point take each granule from the first segment, from
+//! the point's own onwards, that holds it, and from the live file otherwise.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::ops::Range;
+use std::path::PathBuf;
+
+use super::io::{PositionalIo, direct_aligned, open_direct};
+use super::undo::{GRANULE_BYTES, Segment};
+#[cfg(doc)]
+use crate::ReplicaStore;
+use crate::StoreError;
+
+/// One replica disk: its live file and its undo segments by point sequence number.
+#[derive(Debug)]
+pub(super) struct Disk {
+    pub(super) path: PathBuf,
+    pub(super) file: File,
+    /// The same file opened for direct I/O (bypassing the page cache), where the file
+    /// system supports it: aligned bulk writes go there.
+    pub(super) direct: Option<File>,
+    pub(super) size_bytes: u64,
+    pub(super) undo_dir: PathBuf,
+    pub(super) segments: BTreeMap<u64, Segment>,
+}
+
+impl Disk {
+    pub(super) fn open(
+        path: PathBuf,
+        undo_dir: PathBuf,
+        create_size: Option<u64>,
+    ) -> Result<Disk, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create_size.is_some())
+            .truncate(false)
+            .open(&path)
+            .map_err(StoreError::io("open replica disk", &path))?;
+        if let Some(size) = create_size {
+            file.set_len(size)
+                .map_err(StoreError::io("size replica disk", &path))?;
+        }
+        let size_bytes = file
+            .metadata()
+            .map_err(StoreError::io("stat replica disk", &path))?
+            .len();
+        let direct = open_direct(&path);
+        Ok(Disk {
+            path,
+            file,
+            direct,
+            size_bytes,
+            undo_dir,
+            segments: BTreeMap::new(),
+        })
+    }
+
+    pub(super) fn segment_path(&self, seq: u64) -> PathBuf {
+        self.undo_dir.join(format!("{seq:012}.undo"))
+    }
+
+    pub(super) fn segment(&mut self, seq: u64) -> Result<&mut Segment, StoreError> {
+        if !self.segments.contains_key(&seq) {
+            std::fs::create_dir_all(&self.undo_dir)
+                .map_err(StoreError::io("create undo folder", &self.undo_dir))?;
+            let segment = Segment::open(self.segment_path(seq), true)?;
+            self.segments.insert(seq, segment);
+        }
+        self.segments
+            .get_mut(&seq)
+            .ok_or_else(|| StoreError::InvalidRequest {
+                what: "segment vanished".into(),
+            })
+    }
+
+    /// Write `data` at `offset` of the live file: straight to the device when the buffer,
+    /// offset and length suit direct I/O, through the page cache otherwise. Either way the
+    /// data is durable at the next [`ReplicaStore::flush`] (its fsync flushes the device's
+    /// cache and the file's metadata), and later reads through `file` see it (the kernel
+    /// drops cached pages of a range written directly).
+    pub(super) fn write_live(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
+        if let Some(direct) = &self.direct
+            && direct_aligned(data, offset)
+        {
+            match direct.write_all_at(data, offset) {
+                Ok(()) => return Ok(()),
+                // NB: a device with a logical block larger than DIRECT_IO_ALIGN, or a file
+                // system that opens O_DIRECT files and then refuses their writes.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
+                Err(e) => return Err(StoreError::io("write replica disk", &self.path)(e)),
+            }
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(StoreError::io("write replica disk", &self.path))
+    }
+
+    pub(super) fn read_live(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        // Past the live end (a point larger than the disk is now) reads as zeros.
+        let live = self.size_bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[live..].fill(0);
+        if live > 0 {
+            self.file
+                .read_exact_at(&mut buf[..live], offset)
+                .map_err(StoreError::io("read replica disk", &self.path))?;
+        }
+        Ok(())
+    }
+
+    /// Save the pre-images of the granules in `range` that point `seq` (of size
+    /// `point_size_bytes`) still reads from the live file, then sync them.
+    pub(super) fn preserve(
+        &mut self,
+        seq: u64,
+        point_size_bytes: u64,
+        range: Range<u64>,
+    ) -> Result<(), StoreError> {
+        let end = range.end.min(point_size_bytes);
+        let mut granule = range.start / GRANULE_BYTES * GRANULE_BYTES;
+        let mut appended = false;
+        while granule < end {
+            let len = GRANULE_BYTES.min(point_size_bytes - granule);
+            if !self.segment(seq)?.index.contains_key(&granule) {
+                let mut old = vec![0u8; len as usize];
+                self.read_live(granule, &mut old)?;
+                self.segment(seq)?.append(granule, &old)?;
+                appended = true;
+            }
+            granule += GRANULE_BYTES;
+        }
+        if appended {
+            self.segment(seq)?.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Read at a point: `from_seq` is the point's own segment; later segments hold what it
+    /// saw of granules overwritten after later points.
+    pub(super) fn read_at(
+        &mut self,
+        from_seq: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let granule = at / GRANULE_BYTES * GRANULE_BYTES;
+            let within = (at - granule) as usize;
+            let take = ((GRANULE_BYTES as usize - within).min(buf.len() - pos)) as u64;
+            let mut found = None;
+            for (_, segment) in self.segments.range(from_seq..) {
+                if let Some(data) = segment.read_granule(granule)? {
+                    found = Some(data);
+                    break;
+                }
+            }
+            let out = &mut buf[pos..pos + take as usize];
+            match found {
+                Some(data) => {
+                    out.fill(0);
+                    let have = data.len().saturating_sub(within).min(out.len());
+                    out[..have].copy_from_slice(&data[within..within + have]);
+                }
+                None => self.read_live(at, out)?,
+            }
+            pos += take as usize;
+        }
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    pub(super) fn live_data_ranges(&self) -> Result<Vec<Range<u64>>, StoreError> {
+        use rustix::fs::{SeekFrom, seek};
+        let mut ranges = Vec::new();
+        let mut pos = 0;
+        while pos < self.size_bytes {
+            let start = match seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(start) => start,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => {
+                    return Err(StoreError::io("find data in replica disk", &self.path)(
+                        e.into(),
+                    ));
+                }
+            };
+            let end = seek(&self.file, SeekFrom::Hole(start))
+                .map_err(|e| StoreError::io("find holes in replica disk", &self.path)(e.into()))?
+                .min(self.size_bytes);
+            if start >= end {
+                break;
+            }
+            ranges.push(start..end);
+            pos = end;
+        }
+        Ok(ranges)
+    }
+}
+
+#[cfg(not(unix))]
+impl Disk {
+    /// NB: no SEEK_DATA/SEEK_HOLE here: the whole live disk counts as data (a hole reads as
+    /// zeros, so this costs reads, never correctness).
+    pub(super) fn live_data_ranges(&self) -> Result<Vec<Range<u64>>, StoreError> {
+        Ok(std::iter::once(0..self.size_bytes)
+            .filter(|r| !r.is_empty())
+            .collect())
+    }
+}

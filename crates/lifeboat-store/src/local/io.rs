@@ -1,0 +1,129 @@
+//! The file I/O the local store needs, on every platform: positional reads and writes
+//! ([`PositionalIo`]), direct I/O ([`open_direct`], [`direct_aligned`]; see the module docs
+//! of [`super`]), freeing a range ([`punch_hole`]), and atomic replacement and removal of
+//! files, their failures as store errors.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+#[cfg(not(unix))]
+use super::undo::GRANULE_BYTES;
+use crate::{DIRECT_IO_ALIGN, StoreError, files};
+
+/// [`files::write_atomic`], its failure as a store error.
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    files::write_atomic(path, bytes).map_err(|e| StoreError::io(e.action, e.path)(e.source))
+}
+
+pub(super) fn direct_aligned(data: &[u8], offset: u64) -> bool {
+    data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0
+        && data.len().is_multiple_of(DIRECT_IO_ALIGN)
+        && offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
+}
+
+/// `path` opened again for writing with `O_DIRECT`, or `None` where the file system has no
+/// direct I/O (tmpfs before Linux 6.6, some FUSE file systems): replica data written in
+/// bulk (an initial copy, a resync) then skips the page cache, which saves a copy of every
+/// byte, leaves the cache to the host's other work, and leaves almost nothing for the flush
+/// that makes the data durable.
+#[cfg(target_os = "linux")]
+pub(super) fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn open_direct(_path: &Path) -> Option<File> {
+    None
+}
+
+/// Make `[offset, offset + len)` of `file` read as zeros, freeing its space.
+#[cfg(unix)]
+pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// NB: without hole punching (Windows) the range is written with zeros: the same reads,
+/// without the space saving.
+#[cfg(not(unix))]
+pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; (GRANULE_BYTES * 16) as usize];
+    let mut done = 0;
+    while done < len {
+        let step = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..step], offset + done)?;
+        done += step as u64;
+    }
+    Ok(())
+}
+
+/// Positional I/O on every platform: `pread`/`pwrite` on unix, `seek_read`/`seek_write` in
+/// a loop on Windows.
+// NB: on Windows these move the file cursor; replica files are only read and written
+// positionally, and undo segments are opened for append, which ignores the cursor.
+pub(super) trait PositionalIo {
+    /// Fill `buf` from `offset`; a file that ends first is `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// Write all of `data` at `offset`.
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
+}
+
+#[cfg(unix)]
+impl PositionalIo for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, data, offset)
+    }
+}
+
+#[cfg(windows)]
+impl PositionalIo for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::os::windows::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.seek_read(&mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        use std::os::windows::fs::FileExt;
+        let mut done = 0;
+        while done < data.len() {
+            match self.seek_write(&data[done..], offset + done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn remove_if_exists(path: &Path, action: &'static str) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(action, path)(e)),
+        _ => Ok(()),
+    }
+}

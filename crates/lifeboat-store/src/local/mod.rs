@@ -1,0 +1,611 @@
+//! The local folder store: the embedded default, and what standalone mode uses.
+//!
+//! ```text
+//!  ROOT/<namespace>/<vm>/
+//!    manifest.json              replaced atomically (write, fsync, rename, fsync folder)
+//!    disks/<disk>.img           the live replica, a sparse file
+//!    maps/<disk>.map            the live replica's block map
+//!    undo/<disk>/<seq>.undo     pre-images: content as of point <seq> of every 4 KiB granule
+//!                               overwritten after that point was cut
+//! ```
+//!
+//! # Why undo segments
+//!
+//! ext4 here has no reflinks, so a point cannot be a cheap copy of the disk. Instead the live
+//! file always holds the newest data (so the latest point and a resync's target read straight
+//! from it), and the first time a granule is overwritten after a point was cut, its old
+//! content is appended to that point's undo segment, made durable, and only then
+//! overwritten. Cutting a point is a flush and a manifest update: no data is copied.
+//!
+//! Reading point P at a granule takes the first segment, from P's own onwards, that holds
+//! the granule; if none does, the granule has not changed since P and the live file has it.
+//! Deleting the oldest point deletes its segment and frees its space; deleting a newer one
+//! first moves the granules the next older point still needs into that point's segment.
+//!
+//! # Direct I/O
+//!
+//! On Linux each live file is also opened with `O_DIRECT`: a write whose buffer, offset and
+//! length are page-aligned (the agent's NBD reads are) goes straight to the device, the rest
+//! through the page cache. An initial copy or a resync then costs one copy of each byte
+//! less, does not push the host's other work out of the cache, and leaves almost nothing for
+//! the fsync that makes it durable (see `docs/benchmarks.md`, "Agent: initial replication").
+//! The kernel keeps the two handles coherent; the flush's fsync covers both.
+//!
+//! # Guarantees
+//!
+//! - A pre-image is durable before the live granule is overwritten, so a crash at any moment
+//!   leaves every point readable; [`ReplicaStore::revert_to_latest_point`] puts the live
+//!   file back to the latest point.
+//! - A torn record at the end of the open segment (a crash while appending, before the live
+//!   write) is cut off on open; a bad record anywhere else is reported as corruption.
+//!
+//! # Files
+//!
+//! - `mod.rs` (here): [`LocalStore`] and its [`ReplicaStore`] operations.
+//! - `vm.rs`: one VM's folder: its manifest, points and disks, loaded once and kept in step.
+//! - `disk.rs`: one replica disk: the live file, its pre-images, reads at a point.
+//! - `undo.rs`: the undo segment's on-disk record format, and its reader and writer.
+//! - `io.rs`: positional and direct I/O, hole punching, atomic replacement, on every platform.
+
+mod disk;
+mod io;
+#[cfg(test)]
+mod tests;
+mod undo;
+mod vm;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::manifest::{Manifest, PointDisk, RecoveryPoint, point_id};
+use crate::{
+    At, NewPoint, ReplicaStore, StoreError, VmKey, check_disk_name, check_disk_size, check_range,
+};
+use disk::Disk;
+use io::{PositionalIo, punch_hole, remove_if_exists, write_atomic};
+use vm::{VmState, seq_of};
+
+/// A replica store in a folder of this machine.
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+    vms: Mutex<HashMap<VmKey, Arc<Mutex<Option<VmState>>>>>,
+}
+
+impl LocalStore {
+    /// A store rooted at `root` (created if missing).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Io`] when the folder cannot be created.
+    pub fn open(root: impl Into<PathBuf>) -> Result<LocalStore, StoreError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(StoreError::io("create store folder", &root))?;
+        Ok(LocalStore {
+            root,
+            vms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The store's folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn vm_dir(&self, vm: &VmKey) -> PathBuf {
+        self.root.join(vm.namespace()).join(vm.name())
+    }
+
+    fn slot(&self, vm: &VmKey) -> Arc<Mutex<Option<VmState>>> {
+        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.entry(vm.clone()).or_default().clone()
+    }
+
+    /// Run `f` on the VM's state (loaded from disk on first use) on a blocking thread.
+    async fn with_vm<T: Send + 'static>(
+        &self,
+        vm: &VmKey,
+        f: impl FnOnce(&mut VmState) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let slot = self.slot(vm);
+        let dir = self.vm_dir(vm);
+        let key = vm.to_string();
+        let describe = self.describe();
+        let run = move || {
+            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                *guard = Some(VmState::load(dir, key, describe)?);
+            }
+            match guard.as_mut() {
+                Some(state) => f(state),
+                None => Err(StoreError::InvalidRequest {
+                    what: "VM state missing after load".into(),
+                }),
+            }
+        };
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| StoreError::InvalidRequest {
+                what: format!("a store task ended abnormally: {e}"),
+            })?
+    }
+}
+
+/// Sort and merge ranges.
+fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for range in ranges.into_iter().filter(|r| r.start < r.end) {
+        match merged.last_mut() {
+            Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+            _ => merged.push(range),
+        }
+    }
+    merged
+}
+
+#[async_trait]
+impl ReplicaStore for LocalStore {
+    fn describe(&self) -> String {
+        format!("local folder {}", self.root.display())
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let probe = root.join(format!(".lifeboat-probe-{}", std::process::id()));
+            write_atomic(&probe, b"probe")?;
+            remove_if_exists(&probe, "remove probe file")
+        })
+        .await
+        .map_err(|e| StoreError::InvalidRequest {
+            what: format!("a store task ended abnormally: {e}"),
+        })?
+    }
+
+    async fn create_disk(&self, vm: &VmKey, disk: &str, size_bytes: u64) -> Result<(), StoreError> {
+        check_disk_name(disk)?;
+        check_disk_size(disk, size_bytes)?;
+        let (disk, key) = (disk.to_owned(), vm.to_string());
+        self.with_vm(vm, move |state| {
+            let mut manifest = state.manifest.clone().unwrap_or_else(|| Manifest::new(&key));
+            if let Some(existing) = manifest.disk(&disk) {
+                return if existing.size_bytes == size_bytes {
+                    Ok(())
+                } else {
+                    Err(StoreError::InvalidRequest {
+                        what: format!("disk {disk:?} of VM {key} exists with size {}, not {size_bytes}", existing.size_bytes),
+                    })
+                };
+            }
+            if state.disks.contains_key(&disk) {
+                return Err(StoreError::InvalidRequest {
+                    what: format!("disk {disk:?} of VM {key} was deleted but recovery points still hold it; prune them first"),
+                });
+            }
+            let path = state.disk_path(&disk);
+            std::fs::create_dir_all(state.dir.join("disks")).map_err(StoreError::io("create disks folder", &state.dir))?;
+            // A leftover file from a create cut short by a crash starts over as zeros.
+            remove_if_exists(&path, "remove leftover replica disk")?;
+            let file = Disk::open(path, state.undo_dir(&disk), Some(size_bytes))?;
+            file.file.sync_all().map_err(StoreError::io("sync replica disk", &file.path))?;
+            manifest.disks.push(crate::ManifestDisk { name: disk.clone(), size_bytes });
+            state.save_manifest(&manifest)?;
+            state.manifest = Some(manifest);
+            state.disks.insert(disk, file);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn resize_disk(&self, vm: &VmKey, disk: &str, size_bytes: u64) -> Result<(), StoreError> {
+        check_disk_size(disk, size_bytes)?;
+        let disk = disk.to_owned();
+        self.with_vm(vm, move |state| {
+            let current = state.live_disk(&disk)?.size_bytes;
+            if size_bytes < current {
+                state.preserve(&disk, size_bytes..current)?;
+            }
+            let d = state.live_disk(&disk)?;
+            d.file
+                .set_len(size_bytes)
+                .map_err(StoreError::io("resize replica disk", &d.path))?;
+            d.file
+                .sync_all()
+                .map_err(StoreError::io("sync replica disk", &d.path))?;
+            d.size_bytes = size_bytes;
+            let mut manifest = state.manifest.clone().unwrap_or_else(|| Manifest::new(""));
+            if let Some(entry) = manifest.disks.iter_mut().find(|d| d.name == disk) {
+                entry.size_bytes = size_bytes;
+            }
+            state.save_manifest(&manifest)?;
+            state.manifest = Some(manifest);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_disk(&self, vm: &VmKey, disk: &str) -> Result<(), StoreError> {
+        let disk = disk.to_owned();
+        self.with_vm(vm, move |state| {
+            let Some(mut manifest) = state.manifest.clone() else {
+                return Ok(());
+            };
+            if manifest.disk(&disk).is_none() {
+                return Ok(());
+            }
+            manifest.disks.retain(|d| d.name != disk);
+            state.save_manifest(&manifest)?;
+            state.manifest = Some(manifest);
+            remove_if_exists(&state.map_path(&disk), "remove block map")?;
+            // NB: points that include the disk still read its live file (frozen now: nothing
+            // writes to it); the files go when the last such point is deleted.
+            let referenced = state
+                .points()
+                .iter()
+                .any(|p| p.disks.iter().any(|d| d.name == disk));
+            if !referenced {
+                state.disks.remove(&disk);
+                remove_if_exists(&state.disk_path(&disk), "remove replica disk")?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        vm: &VmKey,
+        disk: &str,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), StoreError> {
+        let disk = disk.to_owned();
+        self.with_vm(vm, move |state| {
+            let size = state.live_disk(&disk)?.size_bytes;
+            check_range(&disk, offset, data.len() as u64, size, true)?;
+            state.preserve(&disk, offset..offset + data.len() as u64)?;
+            let d = state.live_disk(&disk)?;
+            d.write_live(&data, offset)
+        })
+        .await
+    }
+
+    async fn zero(&self, vm: &VmKey, disk: &str, offset: u64, len: u64) -> Result<(), StoreError> {
+        let disk = disk.to_owned();
+        self.with_vm(vm, move |state| {
+            let size = state.live_disk(&disk)?.size_bytes;
+            check_range(&disk, offset, len, size, false)?;
+            state.preserve(&disk, offset..offset + len)?;
+            let d = state.live_disk(&disk)?;
+            punch_hole(&d.file, offset, len)
+                .map_err(StoreError::io("free replica disk range", &d.path))
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        vm: &VmKey,
+        disk: &str,
+        at: &At,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, StoreError> {
+        let (disk, at) = (disk.to_owned(), at.clone());
+        self.with_vm(vm, move |state| {
+            let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+            match &at {
+                At::Live => {
+                    let d = state.live_disk(&disk)?;
+                    check_range(&disk, offset, len, d.size_bytes, false)?;
+                    d.read_live(offset, &mut buf)?;
+                }
+                At::Point(id) => {
+                    let vm = state.vm_name();
+                    let point = state.points().iter().find(|p| &p.id == id).cloned();
+                    let Some(point) = point else { return Err(state.not_found(format!("recovery point {id} of VM {vm}"))) };
+                    let Some(pd) = point.disks.iter().find(|d| d.name == disk) else {
+                        return Err(state.not_found(format!("disk {disk:?} at recovery point {id} of VM {vm}")));
+                    };
+                    check_range(&disk, offset, len, pd.size_bytes, false)?;
+                    let seq = seq_of(pd);
+                    let d = state.disks.get_mut(&disk).ok_or_else(|| StoreError::Corrupt {
+                        path: disk.clone(),
+                        detail: format!("recovery point {id} names disk {disk:?}, whose replica file is gone"),
+                    })?;
+                    d.read_at(seq, offset, &mut buf)?;
+                }
+            }
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn data_ranges(
+        &self,
+        vm: &VmKey,
+        disk: &str,
+        at: &At,
+    ) -> Result<Vec<Range<u64>>, StoreError> {
+        let (disk, at) = (disk.to_owned(), at.clone());
+        self.with_vm(vm, move |state| match &at {
+            At::Live => state.live_disk(&disk)?.live_data_ranges(),
+            At::Point(id) => {
+                let vm = state.vm_name();
+                let point = state.points().iter().find(|p| &p.id == id).cloned();
+                let pd = point.and_then(|p| p.disks.into_iter().find(|d| d.name == disk));
+                let Some(pd) = pd else {
+                    return Err(
+                        state.not_found(format!("disk {disk:?} at recovery point {id} of VM {vm}"))
+                    );
+                };
+                let d = state
+                    .disks
+                    .get(&disk)
+                    .ok_or_else(|| state.not_found(format!("replica file of disk {disk:?}")))?;
+                let mut ranges = d.live_data_ranges()?;
+                for segment in d.segments.range(seq_of(&pd)..).map(|(_, s)| s) {
+                    ranges.extend(segment.index.iter().map(|(&g, &(_, len))| g..g + len));
+                }
+                let clipped = ranges
+                    .into_iter()
+                    .map(|r| r.start.min(pd.size_bytes)..r.end.min(pd.size_bytes))
+                    .collect();
+                Ok(merge_ranges(clipped))
+            }
+        })
+        .await
+    }
+
+    async fn flush(&self, vm: &VmKey) -> Result<(), StoreError> {
+        self.with_vm(vm, |state| {
+            for d in state.disks.values() {
+                d.file
+                    .sync_all()
+                    .map_err(StoreError::io("sync replica disk", &d.path))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn cut_point(&self, vm: &VmKey, point: NewPoint) -> Result<RecoveryPoint, StoreError> {
+        let key = vm.to_string();
+        self.with_vm(vm, move |state| {
+            let Some(mut manifest) = state.manifest.clone() else {
+                return Err(state.not_found(format!("VM {key}")));
+            };
+            let seq = manifest
+                .points
+                .iter()
+                .flat_map(|p| p.disks.iter().map(seq_of))
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let mut disks = Vec::new();
+            for md in &manifest.disks {
+                let Some(digest) = point.digests.get(&md.name) else {
+                    return Err(StoreError::InvalidRequest {
+                        what: format!(
+                            "recovery point of VM {key} has no digest for disk {:?}",
+                            md.name
+                        ),
+                    });
+                };
+                disks.push(PointDisk {
+                    name: md.name.clone(),
+                    size_bytes: md.size_bytes,
+                    digest: digest.clone(),
+                    store_ref: seq.to_string(),
+                });
+            }
+            // The data the point claims is durable before the manifest names it.
+            for d in state.disks.values() {
+                d.file
+                    .sync_all()
+                    .map_err(StoreError::io("sync replica disk", &d.path))?;
+            }
+            let id = point_id(point.time_unix_ms, point.cycle);
+            if manifest.point(&id).is_some() {
+                return Err(StoreError::InvalidRequest {
+                    what: format!("recovery point {id} of VM {key} exists already"),
+                });
+            }
+            let cut = RecoveryPoint {
+                id,
+                time_unix_ms: point.time_unix_ms,
+                cycle: point.cycle,
+                consistency: point.consistency,
+                disks,
+            };
+            manifest.points.push(cut.clone());
+            state.save_manifest(&manifest)?;
+            state.manifest = Some(manifest);
+            Ok(cut)
+        })
+        .await
+    }
+
+    async fn delete_point(&self, vm: &VmKey, point_id: &str) -> Result<(), StoreError> {
+        let id = point_id.to_owned();
+        self.with_vm(vm, move |state| {
+            let Some(mut manifest) = state.manifest.clone() else {
+                return Ok(());
+            };
+            let Some(index) = manifest.points.iter().position(|p| p.id == id) else {
+                return Ok(());
+            };
+            let doomed = manifest.points[index].clone();
+            let older = index.checked_sub(1).map(|i| manifest.points[i].clone());
+            for pd in &doomed.disks {
+                let seq = seq_of(pd);
+                let older_seq = older
+                    .as_ref()
+                    .and_then(|o| o.disks.iter().find(|d| d.name == pd.name))
+                    .map(seq_of);
+                let Some(d) = state.disks.get_mut(&pd.name) else {
+                    continue;
+                };
+                // The next older point reads through this segment for granules it does not
+                // hold itself: move those into its own segment first.
+                if let (Some(older_seq), Some(segment)) = (older_seq, d.segments.get(&seq)) {
+                    let moving: Vec<(u64, Vec<u8>)> = segment
+                        .index
+                        .keys()
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .filter(|g| {
+                            !d.segments
+                                .get(&older_seq)
+                                .is_some_and(|s| s.index.contains_key(g))
+                        })
+                        .map(|g| {
+                            segment
+                                .read_granule(g)
+                                .map(|data| (g, data.unwrap_or_default()))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    if !moving.is_empty() {
+                        let target = d.segment(older_seq)?;
+                        for (g, data) in &moving {
+                            target.append(*g, data)?;
+                        }
+                        target.sync()?;
+                    }
+                }
+            }
+            manifest.points.remove(index);
+            state.save_manifest(&manifest)?;
+            state.manifest = Some(manifest);
+            for pd in &doomed.disks {
+                let seq = seq_of(pd);
+                if let Some(d) = state.disks.get_mut(&pd.name) {
+                    d.segments.remove(&seq);
+                    remove_if_exists(&d.segment_path(seq), "remove undo segment")?;
+                }
+                let still_listed = state
+                    .manifest
+                    .as_ref()
+                    .is_some_and(|m| m.disk(&pd.name).is_some());
+                let still_referenced = state
+                    .points()
+                    .iter()
+                    .any(|p| p.disks.iter().any(|d| d.name == pd.name));
+                if !still_listed && !still_referenced {
+                    state.disks.remove(&pd.name);
+                    remove_if_exists(&state.disk_path(&pd.name), "remove replica disk")?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn revert_to_latest_point(&self, vm: &VmKey) -> Result<(), StoreError> {
+        self.with_vm(vm, |state| {
+            let Some(latest) = state.latest().cloned() else {
+                return Ok(());
+            };
+            for pd in &latest.disks {
+                let seq = seq_of(pd);
+                let Some(d) = state.disks.get_mut(&pd.name) else {
+                    continue;
+                };
+                if d.size_bytes != pd.size_bytes {
+                    d.file
+                        .set_len(pd.size_bytes)
+                        .map_err(StoreError::io("resize replica disk", &d.path))?;
+                    d.size_bytes = pd.size_bytes;
+                }
+                if let Some(segment) = d.segments.get(&seq) {
+                    for &granule in segment.index.keys() {
+                        if let Some(data) = segment.read_granule(granule)? {
+                            d.file
+                                .write_all_at(&data, granule)
+                                .map_err(StoreError::io("restore replica disk", &d.path))?;
+                        }
+                    }
+                }
+                d.file
+                    .sync_all()
+                    .map_err(StoreError::io("sync replica disk", &d.path))?;
+                // The live file equals the point again: its pre-images are no longer needed.
+                if let Some(segment) = d.segments.get_mut(&seq) {
+                    segment
+                        .file
+                        .set_len(0)
+                        .map_err(StoreError::io("empty undo segment", &segment.path))?;
+                    segment
+                        .file
+                        .sync_all()
+                        .map_err(StoreError::io("sync undo segment", &segment.path))?;
+                    segment.index.clear();
+                    segment.end = 0;
+                }
+            }
+            let mut manifest = state.manifest.clone().unwrap_or_else(|| Manifest::new(""));
+            for entry in &mut manifest.disks {
+                if let Some(pd) = latest.disks.iter().find(|d| d.name == entry.name) {
+                    entry.size_bytes = pd.size_bytes;
+                }
+            }
+            state.save_manifest(&manifest)?;
+            state.manifest = Some(manifest);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn manifest(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError> {
+        self.with_vm(vm, |state| Ok(state.manifest.clone())).await
+    }
+
+    async fn put_block_map(
+        &self,
+        vm: &VmKey,
+        disk: &str,
+        encoded: Bytes,
+    ) -> Result<(), StoreError> {
+        let disk = disk.to_owned();
+        self.with_vm(vm, move |state| {
+            state.live_disk(&disk)?;
+            write_atomic(&state.map_path(&disk), &encoded)
+        })
+        .await
+    }
+
+    async fn block_map(&self, vm: &VmKey, disk: &str) -> Result<Option<Bytes>, StoreError> {
+        let disk = disk.to_owned();
+        self.with_vm(vm, move |state| {
+            let path = state.map_path(&disk);
+            match std::fs::read(&path) {
+                Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StoreError::io("read block map", &path)(e)),
+            }
+        })
+        .await
+    }
+
+    async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError> {
+        self.with_vm(vm, |state| {
+            // The manifest goes first: without it, nothing claims the rest.
+            remove_if_exists(&VmState::manifest_path(&state.dir), "remove manifest")?;
+            state.manifest = None;
+            state.disks.clear();
+            match std::fs::remove_dir_all(&state.dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(StoreError::io("remove VM folder", &state.dir)(e))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+}
