@@ -17,6 +17,7 @@
 
 use super::nbd::{GREETING_BYTES, NBD_OPT_ABORT, encode_option, parse_greeting};
 use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,22 +36,39 @@ pub(super) fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
-/// The listening stream sockets with a filesystem path in `/proc/net/unix` text: (inode, path).
-pub(super) fn listening_unix_sockets(table: &str) -> Vec<(u64, PathBuf)> {
+/// The listening stream sockets with a filesystem path in a `/proc/net/unix` table: (inode,
+/// path).
+///
+/// NB: bytes, not text, and the path is the rest of the line, not a word: the kernel prints
+/// `sun_path` as it is, so a path may hold spaces and any non-UTF-8 byte (a VM folder named
+/// "Mes VMs/é"). Only a newline in a path cannot be told apart, and such a line is skipped
+/// as unparsable.
+pub(super) fn listening_unix_sockets(table: &[u8]) -> Vec<(u64, PathBuf)> {
     table
-        .lines()
+        .split(|b| *b == b'\n')
         .skip(1)
         .filter_map(|line| {
-            // Num RefCount Protocol Flags Type St Inode [Path]
-            let mut f = line.split_whitespace();
-            let flags = u32::from_str_radix(f.nth(3)?, 16).ok()?;
-            let ty = u32::from_str_radix(f.next()?, 16).ok()?;
-            let _state = f.next()?;
-            let inode = f.next()?.parse().ok()?;
-            let path = f.next()?;
+            // Num RefCount Protocol Flags Type St Inode Path: seven fields padded with spaces,
+            // then one space and the path to the end of the line.
+            let mut rest = line;
+            let mut fields = [&b""[..]; 7];
+            for field in &mut fields {
+                rest = rest.trim_ascii_start();
+                let end = rest.iter().position(|b| *b == b' ').unwrap_or(rest.len());
+                (*field, rest) = rest.split_at(end);
+            }
+            let path = rest.strip_prefix(b" ")?;
+            let number = |field: &[u8], radix| {
+                u64::from_str_radix(std::str::from_utf8(field).ok()?, radix).ok()
+            };
+            let flags = number(fields[3], 16)?;
+            let ty = number(fields[4], 16)?;
+            let inode = number(fields[6], 10)?;
             // NB: abstract sockets show as "@name"; QEMU's NBD server listens on a path.
-            (flags & SO_ACCEPTCON != 0 && ty == SOCK_STREAM && path.starts_with('/'))
-                .then(|| (inode, PathBuf::from(path)))
+            (flags & u64::from(SO_ACCEPTCON) != 0
+                && ty == u64::from(SOCK_STREAM)
+                && path.first() == Some(&b'/'))
+            .then(|| (inode, PathBuf::from(std::ffi::OsStr::from_bytes(path))))
         })
         .collect()
 }
@@ -94,7 +112,7 @@ pub(super) async fn nbd_server_of(
         }
     }
     let table_path = format!("/proc/{pid}/net/unix");
-    let table = tokio::fs::read_to_string(&table_path)
+    let table = tokio::fs::read(&table_path)
         .await
         .map_err(|e| format!("{table_path}: {e}"))?;
     let mut candidates: Vec<PathBuf> = listening_unix_sockets(&table)

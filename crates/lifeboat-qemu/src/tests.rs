@@ -729,6 +729,7 @@ async fn a_running_nbd_server_is_found_and_reused() {
 
 #[test]
 fn proc_net_unix_parsing() {
+    use std::os::unix::ffi::OsStrExt;
     let table = "\
 Num       RefCount Protocol Flags    Type St Inode Path
 0000000000000000: 00000002 00000000 00010000 0001 01 23456 /run/vm1/nbd.sock
@@ -739,8 +740,22 @@ Num       RefCount Protocol Flags    Type St Inode Path
 garbage
 ";
     assert_eq!(
-        discover::listening_unix_sockets(table),
+        discover::listening_unix_sockets(table.as_bytes()),
         vec![(23456, PathBuf::from("/run/vm1/nbd.sock"))]
+    );
+    // A path with spaces and a byte that is not UTF-8 (Latin-1 "é"), and a padded inode.
+    let mut table = b"Num       RefCount Protocol Flags    Type St Inode Path\n".to_vec();
+    table.extend_from_slice(
+        b"0000000000000000: 00000002 00000000 00010000 0001 01   789 /srv/my VMs/caf\xe9 1/nbd.sock\n",
+    );
+    assert_eq!(
+        discover::listening_unix_sockets(&table),
+        vec![(
+            789,
+            PathBuf::from(std::ffi::OsStr::from_bytes(
+                b"/srv/my VMs/caf\xe9 1/nbd.sock"
+            ))
+        )]
     );
     assert_eq!(discover::socket_inode("socket:[23456]"), Some(23456));
     assert_eq!(discover::socket_inode("pipe:[1]"), None);
