@@ -217,6 +217,30 @@ pub enum Action {
     Retry,
 }
 
+/// The action in words, as the tools print it ("test failover to the latest point").
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let to = |point: &Option<String>| match point.as_deref() {
+            None | Some("latest") => "the latest point".to_owned(),
+            Some("latest-app-consistent") => "the latest app-consistent point".to_owned(),
+            Some(name) => format!("point {name}"),
+        };
+        match self {
+            Action::Resync => f.write_str("resynchronization"),
+            Action::TestFailover(point) => write!(f, "test failover to {}", to(point)),
+            Action::Failover { planned, point } => write!(
+                f,
+                "{} failover to {}",
+                if *planned { "planned" } else { "unplanned" },
+                to(point)
+            ),
+            Action::Cleanup => f.write_str("test failover cleanup"),
+            Action::Commit => f.write_str("failover commit"),
+            Action::Retry => f.write_str("retry"),
+        }
+    }
+}
+
 fn selector(point: &Option<String>) -> RecoveryPointSelector {
     match point.as_deref() {
         None | Some("latest") => RecoveryPointSelector::default(),

@@ -266,7 +266,7 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
         )
     };
     if request.no_wait {
-        println!("requested {action:?} on {ns}/{name} (token {token})");
+        println!("requested the {action} of {ns}/{name} (token {token})");
         return Ok(ExitCode::SUCCESS);
     }
     let vm = cli::wait(
@@ -279,7 +279,7 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
     )
     .await
     .map_err(anyhow::Error::msg)
-    .with_context(|| format!("{action:?} of {ns}/{name}"))?;
+    .with_context(|| format!("the {action} of {ns}/{name}"))?;
     let status = vm.status.unwrap_or_default();
     if request.state.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -291,16 +291,30 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
         _ => None,
     };
     println!(
-        "{action:?} of {ns}/{name}: done (phase {:?}, health {:?})",
-        status.phase, status.health
+        "the {action} of {ns}/{name} is done (phase {}, health {})",
+        words(&status.phase),
+        words(&status.health)
     );
     if let Some(result) = result {
         if let Some(point) = result.recovery_point {
-            println!("recovery point {} ({:?})", point.name, point.consistency);
+            println!(
+                "recovery point {} ({})",
+                point.name,
+                words(&point.consistency)
+            );
         }
         for disk in result.disks {
             println!("  disk {}: {}", disk.name, disk.location);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An API enum as its manifests spell it (`Protected`, `CrashConsistent`), not Rust's Debug.
+fn words<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(word)) => word,
+        Ok(other) => other.to_string(),
+        Err(_) => "unknown".into(),
+    }
 }

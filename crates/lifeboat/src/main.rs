@@ -151,12 +151,15 @@ fn parse_duration(text: &str) -> Result<Duration> {
     Ok(Duration::from_secs(n * seconds))
 }
 
-/// Log lines to standard error, at the level RUST_LOG says (info by default).
+/// Log lines to standard error, at the level RUST_LOG says (info by default), in colour only
+/// on a terminal (a log redirected to a file holds no escape codes).
 fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => logs.json().init(),

@@ -145,6 +145,13 @@ fn protect_cycle_resync_restart_failover_commit() {
     // Test failover: the disk equals the source now (nothing written since the last cycle).
     let out = lifeboat(work, &["failover", "web-01", "--test"]);
     assert!(out.contains("disk root"), "{out}");
+    // In words, not Rust's Debug output.
+    assert!(
+        out.contains("the test failover to the latest point of ")
+            && out.contains("/web-01 is done (phase Protected, health ")
+            && !out.contains("Some("),
+        "{out}"
+    );
     assert_same(
         "test failover disk",
         &std::fs::read(failover_image(work, "test")).unwrap(),
