@@ -109,6 +109,16 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// A call on the leader election Lease got no answer in time.
+    #[error("{action} the leader Lease {name}: no answer within {after:?}")]
+    LeaseTimeout {
+        /// get, create or update.
+        action: &'static str,
+        /// `namespace/name`.
+        name: String,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
     /// This replica could not renew its Lease in time: another may lead now.
     #[error("lost the leader Lease {name}: not renewed for {seconds}s")]
     LeadershipLost {
@@ -173,6 +183,7 @@ impl Error {
             Self::ConnectApi { .. } => "connect_api",
             Self::BindMetrics { .. } => "bind_metrics",
             Self::Lease { .. } => "lease",
+            Self::LeaseTimeout { .. } => "lease_timeout",
             Self::LeadershipLost { .. } => "leadership_lost",
             Self::Subscribe { .. } => "subscribe",
         }
@@ -188,7 +199,7 @@ impl Error {
             | Self::PatchFinalizers { source, .. }
             | Self::Lease { source, .. }
             | Self::ConnectApi { source } => api_error_is_recoverable(source),
-            Self::LeadershipLost { .. } => true,
+            Self::LeaseTimeout { .. } | Self::LeadershipLost { .. } => true,
             Self::JobNameTaken { .. }
             | Self::MissingNamespace { .. }
             | Self::Serialize { .. }

@@ -65,7 +65,9 @@ pub struct Config {
     pub lease_namespace: String,
     /// This replica's identity in the election (the pod's name).
     pub identity: String,
-    /// How long the leader's Lease holds without renewal (renewed every third of it).
+    /// How long the leader's Lease holds without renewal; the leader gives up after two
+    /// thirds of it without a successful renewal and retries every 2/15 of it (client-go's
+    /// 15 s : 10 s : 2 s).
     pub lease_duration: Duration,
     /// How long finished jobs are kept.
     pub job_retention: Duration,
@@ -256,8 +258,7 @@ impl Operator {
                 &self.config.identity,
                 Arc::clone(&self.clock),
             );
-            election.lease_duration = self.config.lease_duration;
-            election.renew_period = self.config.lease_duration / 3;
+            election.set_lease_duration(self.config.lease_duration);
             election
         });
         if let Some(election) = &election {
