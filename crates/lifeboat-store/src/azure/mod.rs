@@ -228,14 +228,17 @@ impl AzureStore {
 
     // ---- manifests ----
 
-    /// Fetch the manifest from the service (None when the blob is absent).
-    async fn fetch_manifest(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError> {
-        let name = manifest_blob(vm);
+    /// The whole of a small blob (a manifest, a block map); `None` when it is absent.
+    pub(super) async fn download_small(
+        &self,
+        name: &str,
+        action: &'static str,
+    ) -> Result<Option<Bytes>, StoreError> {
         let target = Target {
-            action: "read the manifest",
+            action,
             what: format!("blob {name:?}"),
         };
-        let client = self.blob_client(&name)?;
+        let client = self.blob_client(name)?;
         let response = match client.download(None).await {
             Ok(response) => response,
             Err(e) if error_code(&e).as_deref() == Some("BlobNotFound") => return Ok(None),
@@ -246,6 +249,15 @@ impl AzureStore {
             .collect()
             .await
             .map_err(|e| self.classify(&target, e))?;
+        Ok(Some(bytes))
+    }
+
+    /// Fetch the manifest from the service (None when the blob is absent).
+    async fn fetch_manifest(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError> {
+        let name = manifest_blob(vm);
+        let Some(bytes) = self.download_small(&name, "read the manifest").await? else {
+            return Ok(None);
+        };
         let manifest = Manifest::from_json(&bytes).map_err(|detail| StoreError::Corrupt {
             path: format!("{}/{name}", self.container),
             detail,

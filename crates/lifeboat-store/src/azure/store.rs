@@ -3,7 +3,7 @@
 //! by the manifest, and the block maps as block blobs (see the module docs of [`super`] for
 //! the layout, and for the order of writes that keeps the manifest truthful after a crash).
 
-use super::pipeline::{Target, error_code};
+use super::pipeline::Target;
 use super::{AzureStore, disk_blob, manifest_blob, map_blob, merge_ranges, vhd};
 use crate::manifest::point_id;
 use crate::{
@@ -485,23 +485,8 @@ impl ReplicaStore for AzureStore {
 
     async fn block_map(&self, vm: &VmKey, disk: &str) -> Result<Option<Bytes>, StoreError> {
         check_disk_name(disk)?;
-        let name = map_blob(vm, disk);
-        let target = Target {
-            action: "read the block map",
-            what: format!("blob {name:?}"),
-        };
-        let client = self.blob_client(&name)?;
-        let response = match client.download(None).await {
-            Ok(response) => response,
-            Err(e) if error_code(&e).as_deref() == Some("BlobNotFound") => return Ok(None),
-            Err(e) => return Err(self.classify(&target, e)),
-        };
-        let bytes = response
-            .body
-            .collect()
+        self.download_small(&map_blob(vm, disk), "read the block map")
             .await
-            .map_err(|e| self.classify(&target, e))?;
-        Ok(Some(bytes))
     }
 
     async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError> {
