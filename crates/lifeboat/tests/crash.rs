@@ -1,7 +1,11 @@
-//! SIGKILL at the worst moments, as a power cut would: the standalone daemon (the engine, the
-//! decisions and the store in one process) is killed while it copies a disk for the first
-//! time, and again while it resynchronizes; started again on the same folders, it resumes and
-//! the replica ends equal to the source. And a newcomer's mistake: a QMP socket that does not
+//! SIGKILL at the worst moments: the standalone daemon (the engine, the decisions and the
+//! store in one process) is killed while it copies a disk for the first time, and again while
+//! it resynchronizes; started again on the same folders, it resumes and the replica ends equal
+//! to the source.
+//!
+//! NB: this simulates a crash of the process, not a power cut. SIGKILL keeps the page cache
+//! and every write the kernel accepted, so these tests say nothing about what a power cut
+//! (which keeps only what was flushed) leaves behind. And a newcomer's mistake: a QMP socket that does not
 //! exist leaves that VM Critical with a reason naming the socket, without holding up another.
 
 // A failed unwrap is the test failure report.
