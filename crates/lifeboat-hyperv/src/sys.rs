@@ -21,7 +21,6 @@
 use std::fs::File;
 use std::os::windows::ffi::OsStrExt;
 use std::os::windows::fs::FileExt;
-use std::path::Path;
 
 use windows::Win32::Foundation::{
     CloseHandle, ERROR_VHD_CHANGE_TRACKING_DISABLED, ERROR_VHD_INVALID_CHANGE_TRACKING_ID,

@@ -3,7 +3,7 @@
 //! of [`super`]), freeing a range ([`punch_hole`]), and atomic replacement and removal of
 //! files, their failures as store errors.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 
 #[cfg(not(unix))]
@@ -28,6 +28,7 @@ pub(super) fn direct_aligned(data: &[u8], offset: u64) -> bool {
 /// that makes the data durable.
 #[cfg(target_os = "linux")]
 pub(super) fn open_direct(path: &Path) -> Option<File> {
+    use std::fs::OpenOptions;
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .write(true)
