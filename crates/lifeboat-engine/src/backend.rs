@@ -43,6 +43,30 @@ pub struct DiskInfo {
     pub name: String,
     /// Its virtual size.
     pub size_bytes: u64,
+    /// Its image format as the hypervisor names it (`qcow2`, `raw`, `host_device`, `vhdx`).
+    pub format: String,
+    /// Whether its change tracking outlives the hypervisor process.
+    pub durability: TrackingDurability,
+}
+
+/// Whether a disk's change tracking outlives the hypervisor process: said up front, at the
+/// prerequisite check, and in the VM's status, because it decides what a restart costs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrackingDurability {
+    /// Kept across a clean restart of the hypervisor (a qcow2 persistent dirty bitmap,
+    /// Hyper-V's RCT). A crash still makes it untrustworthy, and a resync follows.
+    Persistent,
+    /// Held in the hypervisor's memory only (the reason says why, and what would make it
+    /// persistent): any restart, crash or migration loses it, the backend reports
+    /// [`Tracking::Lost`], and the disk is resynchronized, sending only the blocks that differ.
+    InMemory(String),
+}
+
+impl TrackingDurability {
+    /// Whether the tracking survives a clean restart of the hypervisor.
+    pub fn survives_restart(&self) -> bool {
+        matches!(self, TrackingDurability::Persistent)
+    }
 }
 
 /// Whether changes to a disk are being tracked.

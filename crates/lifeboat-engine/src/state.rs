@@ -93,6 +93,44 @@ pub struct AgentState {
     /// When the last app-consistent point was cut, in ms since the epoch.
     #[serde(default)]
     pub last_app_consistent_unix_ms: Option<u64>,
+    /// The disks a running resync compares in full, decided when it starts and kept for its
+    /// resumption (a lost disk's new bitmap knows nothing of what was lost); the others'
+    /// changes are known to the hypervisor, and only their changed blocks are compared.
+    /// `None` with a resync running (a state from before this field): every disk.
+    #[serde(default)]
+    pub resync_full_disks: Option<Vec<String>>,
+    /// What the hypervisor said of each disk at the last enable.
+    #[serde(default)]
+    pub disks: Vec<DiskRecord>,
+}
+
+/// What the hypervisor said of a disk at enable: its format and whether its tracking
+/// survives a restart of the hypervisor.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// The disk's name.
+    pub name: String,
+    /// Its image format (`qcow2`, `raw`, `host_device`, `vhdx`).
+    pub format: String,
+    /// Whether its tracking survives a clean restart of the hypervisor.
+    pub tracking_survives_restart: bool,
+    /// Why it does not, and what would make it, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_note: Option<String>,
+}
+
+impl From<&crate::backend::DiskInfo> for DiskRecord {
+    fn from(info: &crate::backend::DiskInfo) -> Self {
+        DiskRecord {
+            name: info.name.clone(),
+            format: info.format.clone(),
+            tracking_survives_restart: info.durability.survives_restart(),
+            tracking_note: match &info.durability {
+                crate::backend::TrackingDurability::Persistent => None,
+                crate::backend::TrackingDurability::InMemory(why) => Some(why.clone()),
+            },
+        }
+    }
 }
 
 impl AgentState {

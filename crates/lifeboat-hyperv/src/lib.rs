@@ -57,7 +57,7 @@ use std::time::Duration;
 
 use host::{CheckpointRef, Consistency, ErrorClass, HostError, HyperVHost, ReferencePoint, VmRef};
 use lifeboat_engine::backend::{
-    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, View,
+    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, TrackingDurability, View,
 };
 use record::{DiskBase, Intent, Record};
 use view::HyperVView;
@@ -777,6 +777,17 @@ impl vhdx::FileBytes for HostFile<'_> {
     }
 }
 
+/// What the backend says of a disk: a VHDX whose Resilient Change Tracking is kept by Hyper-V
+/// across restarts of the host.
+fn disk_info(name: String, size_bytes: u64) -> DiskInfo {
+    DiskInfo {
+        name,
+        size_bytes,
+        format: "vhdx".into(),
+        durability: TrackingDurability::Persistent,
+    }
+}
+
 #[async_trait]
 impl Hypervisor for HyperVHypervisor {
     fn vm(&self) -> &str {
@@ -793,10 +804,7 @@ impl Hypervisor for HyperVHypervisor {
                 .call(move |h| h.disk_info(&leaf))
                 .await
                 .map_err(|e| inner.error(&format!("inspect disk {:?}", r.disk.name), e))?;
-            out.push(DiskInfo {
-                name: r.disk.name,
-                size_bytes: info.virtual_size_bytes,
-            });
+            out.push(disk_info(r.disk.name, info.virtual_size_bytes));
         }
         Ok(out)
     }

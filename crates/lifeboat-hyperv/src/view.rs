@@ -184,10 +184,7 @@ impl HyperVView {
     ) -> Self {
         let disks = parts
             .iter()
-            .map(|p| DiskInfo {
-                name: p.disk.clone(),
-                size_bytes: p.size_bytes,
-            })
+            .map(|p| crate::disk_info(p.disk.clone(), p.size_bytes))
             .collect();
         HyperVView {
             inner,

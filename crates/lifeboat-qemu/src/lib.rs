@@ -45,7 +45,7 @@ mod tests;
 
 use async_trait::async_trait;
 use lifeboat_engine::backend::{
-    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, View,
+    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, TrackingDurability, View,
 };
 use qmp::{GuestAgent, QmpClient, QmpError};
 use serde_json::{Value, json};
@@ -152,11 +152,80 @@ struct Inner {
 }
 
 /// A block node as `query-named-block-nodes` describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct NodeInfo {
     name: String,
     size_bytes: u64,
     bitmaps: Vec<BitmapInfo>,
+    /// The block driver (`qcow2`, `raw`, `file`, `host_device`, ...).
+    driver: String,
+    /// The file or device it opens (shared by a format node and its protocol node).
+    filename: String,
+    read_only: bool,
+    /// qcow2's `compat` (`0.10` is v2, which cannot store bitmaps).
+    qcow2_compat: Option<String>,
+}
+
+/// Drivers of protocol nodes: their offsets are the host file's, not the guest's.
+const PROTOCOL_DRIVERS: &[&str] = &[
+    "file",
+    "host_device",
+    "host_cdrom",
+    "nbd",
+    "iscsi",
+    "rbd",
+    "nfs",
+    "ssh",
+    "http",
+    "https",
+    "null-co",
+    "null-aio",
+];
+
+/// Whether `node`'s changes can be tracked, and whether the tracking outlives QEMU (pure).
+///
+/// # Errors
+///
+/// What to do instead, when tracking this node would record the wrong offsets: a protocol
+/// node (the file) under a format node other than raw (qcow2 writes its own clusters there,
+/// at host offsets; the guest's disk is the format node above).
+fn tracking_durability(node: &NodeInfo, all: &[NodeInfo]) -> Result<TrackingDurability, String> {
+    let driver = node.driver.as_str();
+    if PROTOCOL_DRIVERS.contains(&driver)
+        && let Some(format) = all.iter().find(|n| {
+            n.name != node.name
+                && n.filename == node.filename
+                && !n.filename.is_empty()
+                && n.driver != "raw"
+                && !PROTOCOL_DRIVERS.contains(&n.driver.as_str())
+        })
+    {
+        return Err(format!(
+            "block node {:?} is the {driver} under {} node {:?} ({}): its offsets are the image \
+             file's, not the guest's; set the disk's QEMU node to {:?}, the node the guest writes through",
+            node.name, format.driver, format.name, node.filename, format.name
+        ));
+    }
+    if driver != "qcow2" {
+        return Ok(TrackingDurability::InMemory(format!(
+            "a {driver} disk cannot store a dirty bitmap: tracking lives in QEMU's memory, and \
+             a restart of QEMU (or a migration) costs a resync of this disk, which sends only the \
+             blocks that differ"
+        )));
+    }
+    if node.read_only {
+        return Ok(TrackingDurability::InMemory(
+            "the qcow2 image is open read-only, so its bitmaps cannot be stored".into(),
+        ));
+    }
+    if node.qcow2_compat.as_deref() == Some("0.10") {
+        return Ok(TrackingDurability::InMemory(format!(
+            "qcow2 v2 (compat 0.10) cannot store bitmaps: `qemu-img amend -o compat=1.1 {}` \
+             while the VM is off makes tracking survive restarts",
+            node.filename
+        )));
+    }
+    Ok(TrackingDurability::Persistent)
 }
 
 /// A dirty bitmap of a node.
@@ -223,6 +292,16 @@ fn parse_nodes(value: &Value) -> Vec<NodeInfo> {
                 .and_then(Value::as_u64)
                 .unwrap_or(0);
             let flag = |b: &Value, k: &str| b.get(k).and_then(Value::as_bool).unwrap_or(false);
+            let text = |k: &str| {
+                n.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let qcow2_compat = n
+                .pointer("/image/format-specific/data/compat")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             let bitmaps = n
                 .get("dirty-bitmaps")
                 .and_then(Value::as_array)
@@ -242,6 +321,10 @@ fn parse_nodes(value: &Value) -> Vec<NodeInfo> {
                 name,
                 size_bytes,
                 bitmaps,
+                driver: text("drv"),
+                filename: text("file"),
+                read_only: flag(n, "ro"),
+                qcow2_compat,
             })
         })
         .collect()
@@ -304,6 +387,19 @@ struct Resolved {
     node: String,
     size_bytes: u64,
     state: BitmapState,
+    format: String,
+    durability: TrackingDurability,
+}
+
+impl Resolved {
+    fn info(&self) -> DiskInfo {
+        DiskInfo {
+            name: self.disk.clone(),
+            size_bytes: self.size_bytes,
+            format: self.format.clone(),
+            durability: self.durability.clone(),
+        }
+    }
 }
 
 impl Inner {
@@ -360,7 +456,8 @@ impl Inner {
     }
 
     /// Find each disk's node; a disk without a node name or whose node is missing is
-    /// [`BackendError::DiskNotFound`].
+    /// [`BackendError::DiskNotFound`], a node whose changes cannot be tracked as the guest's
+    /// is [`BackendError::Permanent`] naming the node to use instead.
     async fn resolve(&self, disks: &[DiskRef]) -> Result<Vec<Resolved>, BackendError> {
         let nodes = self.nodes().await?;
         disks
@@ -385,11 +482,16 @@ impl Inner {
                         ),
                     }
                 })?;
+                let durability = tracking_durability(info, &nodes).map_err(|detail| {
+                    self.permanent(&format!("track the changes of disk {:?}", d.name), detail)
+                })?;
                 Ok(Resolved {
                     disk: d.name.clone(),
                     node: node.to_owned(),
                     size_bytes: info.size_bytes,
                     state: classify(node, &info.bitmaps),
+                    format: info.driver.clone(),
+                    durability,
                 })
             })
             .collect()
@@ -710,10 +812,7 @@ impl Hypervisor for QemuHypervisor {
             .resolve(disks)
             .await?
             .into_iter()
-            .map(|r| DiskInfo {
-                name: r.disk,
-                size_bytes: r.size_bytes,
-            })
+            .map(|r| r.info())
             .collect())
     }
 
@@ -755,8 +854,13 @@ impl Hypervisor for QemuHypervisor {
                     remove_lifeboat_bitmaps(inner, r).await?;
                 }
             }
+            if let TrackingDurability::InMemory(why) = &r.durability {
+                tracing::info!(vm = %inner.vm, disk = %r.disk, node = %r.node, format = %r.format,
+                    "tracking in QEMU's memory only: {why}");
+            }
             actions.push(json!({ "type": "block-dirty-bitmap-add",
-                "data": { "node": r.node, "name": bitmap_name(0), "persistent": true } }));
+                "data": { "node": r.node, "name": bitmap_name(0),
+                          "persistent": r.durability.survives_restart() } }));
         }
         if !actions.is_empty() {
             inner

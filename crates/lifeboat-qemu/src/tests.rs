@@ -251,11 +251,15 @@ async fn inspect_reports_sizes_and_missing_disks() {
         vec![
             DiskInfo {
                 name: "vol-disk0".into(),
-                size_bytes: 64 * MIB
+                size_bytes: 64 * MIB,
+                format: "qcow2".into(),
+                durability: TrackingDurability::Persistent,
             },
             DiskInfo {
                 name: "vol-disk1".into(),
-                size_bytes: 32 * MIB
+                size_bytes: 32 * MIB,
+                format: "qcow2".into(),
+                durability: TrackingDurability::Persistent,
             }
         ]
     );
@@ -335,7 +339,9 @@ async fn view_ships_exactly_the_writes_and_is_frozen() {
         view.disks(),
         &[DiskInfo {
             name: "vol-disk0".into(),
-            size_bytes: 64 * MIB
+            size_bytes: 64 * MIB,
+            format: "qcow2".into(),
+            durability: TrackingDurability::Persistent,
         }]
     );
     let changed = view.changed_extents("vol-disk0").await.unwrap();
@@ -725,6 +731,60 @@ async fn a_running_nbd_server_is_found_and_reused() {
     assert!(!hv.inner.nbd_socket_path().exists(), "no server of its own");
     // The guest's server keeps running.
     qsd.guest("disk0", &["read -P 0x77 1M 64k"]).await;
+}
+
+fn node(name: &str, driver: &str, filename: &str) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        driver: driver.into(),
+        filename: filename.into(),
+        ..NodeInfo::default()
+    }
+}
+
+#[test]
+fn which_disks_keep_their_tracking_across_a_restart() {
+    let qcow2 = NodeInfo {
+        qcow2_compat: Some("1.1".into()),
+        ..node("vm-root", "qcow2", "/vm/root.qcow2")
+    };
+    let file_under_qcow2 = node("vm-root-file", "file", "/vm/root.qcow2");
+    let raw = node("vm-data", "raw", "/vm/data.img");
+    let file_under_raw = node("vm-data-file", "file", "/vm/data.img");
+    let device = node("vm-lv", "host_device", "/dev/vg0/lv");
+    let v2 = NodeInfo {
+        qcow2_compat: Some("0.10".into()),
+        ..node("vm-old", "qcow2", "/vm/old.qcow2")
+    };
+    let read_only = NodeInfo {
+        read_only: true,
+        ..qcow2.clone()
+    };
+    let all = [
+        qcow2.clone(),
+        file_under_qcow2.clone(),
+        raw.clone(),
+        file_under_raw.clone(),
+        device.clone(),
+        v2.clone(),
+    ];
+    let in_memory = |n: &NodeInfo| match tracking_durability(n, &all) {
+        Ok(TrackingDurability::InMemory(why)) => why,
+        other => panic!("{}: {other:?}", n.name),
+    };
+    assert_eq!(
+        tracking_durability(&qcow2, &all),
+        Ok(TrackingDurability::Persistent)
+    );
+    assert!(in_memory(&raw).contains("a raw disk cannot store a dirty bitmap"));
+    assert!(in_memory(&file_under_raw).contains("a file disk"));
+    assert!(in_memory(&device).contains("a host_device disk"));
+    assert!(in_memory(&v2).contains("qemu-img amend -o compat=1.1 /vm/old.qcow2"));
+    assert!(in_memory(&read_only).contains("read-only"));
+    // The file under a qcow2 image holds qcow2's clusters at host offsets: refused, naming
+    // the node to use.
+    let refused = tracking_durability(&file_under_qcow2, &all).unwrap_err();
+    assert!(refused.contains("\"vm-root\""), "{refused}");
 }
 
 #[test]

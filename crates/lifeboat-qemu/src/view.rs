@@ -27,6 +27,8 @@ pub(super) struct ViewDisk {
     pub(super) disk: String,
     pub(super) node: String,
     pub(super) size_bytes: u64,
+    /// What the view says of the disk.
+    pub(super) info: DiskInfo,
     /// The cycle of the bitmap this view froze.
     pub(super) frozen_cycle: u64,
     /// The bitmap frozen by this view (`lifeboat-<previous cycle>`).
@@ -65,6 +67,7 @@ impl ViewDisk {
             disk: r.disk.clone(),
             node: r.node.clone(),
             size_bytes: r.size_bytes,
+            info: r.info(),
             frozen_cycle,
             frozen: bitmap_name(frozen_cycle),
             active: bitmap_name(cycle),
@@ -113,13 +116,7 @@ impl fmt::Debug for QemuView {
 
 impl QemuView {
     pub(super) fn new(inner: Arc<Inner>, cycle: u64, parts: Vec<ViewDisk>) -> Self {
-        let disks = parts
-            .iter()
-            .map(|p| DiskInfo {
-                name: p.disk.clone(),
-                size_bytes: p.size_bytes,
-            })
-            .collect();
+        let disks = parts.iter().map(|p| p.info.clone()).collect();
         Self {
             inner,
             cycle,
@@ -151,8 +148,11 @@ impl QemuView {
 
         let mut actions = Vec::with_capacity(self.parts.len() * 3);
         for p in &self.parts {
+            // NB: the new epoch's bitmap is as durable as the disk allows (a raw disk's lives
+            // in QEMU's memory: a persistent one is refused).
             actions.push(json!({ "type": "block-dirty-bitmap-add",
-                "data": { "node": p.node, "name": p.active, "persistent": true } }));
+                "data": { "node": p.node, "name": p.active,
+                          "persistent": p.info.durability.survives_restart() } }));
             actions.push(json!({ "type": "block-dirty-bitmap-disable",
                 "data": { "node": p.node, "name": p.frozen } }));
             actions.push(json!({ "type": "blockdev-backup",

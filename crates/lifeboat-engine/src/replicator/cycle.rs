@@ -58,7 +58,10 @@ impl Replicator {
             Tracking::Absent => Some((d.name.clone(), "no change tracking on the disk".to_owned())),
             Tracking::Active => None,
         }) {
-            return self.resync_needed(report, &format!("TrackingLost: disk {disk:?}: {why}"));
+            return self.resync_needed(
+                report,
+                &format!("{}: disk {disk:?}: {why}", super::resync::TRACKING_LOST),
+            );
         }
 
         let time_unix_ms = unix_ms(now);

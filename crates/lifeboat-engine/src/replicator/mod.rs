@@ -41,7 +41,7 @@ use lifeboat_store::{RecoveryPoint, ReplicaStore, VmKey};
 
 use crate::backend::{DiskInfo, DiskRef, Hypervisor};
 use crate::error::EngineError;
-use crate::state::{AgentState, EnginePhase};
+use crate::state::{AgentState, DiskRecord, EnginePhase};
 use crate::throttle::Throttle;
 
 /// How a VM replicates: the policy's settings, in the engine's units.
@@ -111,6 +111,9 @@ pub struct Report {
     pub resync_required: Option<String>,
     /// Problems that did not fail the operation (e.g. a view that did not close cleanly).
     pub warnings: Vec<String>,
+    /// A resync: the disks it read and compared in full (the others: only the blocks their
+    /// tracking says changed).
+    pub disks_compared_in_full: Vec<String>,
 }
 
 /// The engine for one VM.
@@ -252,6 +255,11 @@ impl Replicator {
                 .await?;
         }
         self.hypervisor.start_tracking(&self.disks).await?;
+        let records: Vec<DiskRecord> = infos.iter().map(DiskRecord::from).collect();
+        if self.state.disks != records {
+            self.state.disks = records;
+            self.save()?;
+        }
         if self.state.phase == EnginePhase::New || self.state.phase == EnginePhase::Disabled {
             self.set_phase(EnginePhase::Enabled)?;
         }

@@ -8,6 +8,16 @@
 //!  done -> cut a point; the changes made meanwhile are in the new tracking epoch
 //! ```
 //!
+//! # Only the disks that need it
+//!
+//! A resync due only to lost tracking, with nothing unshipped pending, compares in full only
+//! the disks whose tracking was lost (a raw disk after QEMU restarted, say). The others'
+//! changes since the latest point are all in the view's dirty bitmap: their source map is
+//! the stored map with just those blocks read and hashed again, so they cost what a cycle
+//! costs. The set is decided when the resync starts and kept in the state for a resumed
+//! attempt, because a lost disk's new bitmap knows nothing of what was lost. Any other cause
+//! (logs over the threshold, a corrupt log, a request) compares every disk.
+//!
 //! # Resuming
 //!
 //! The target map is saved with the `resync` tag at every checkpoint, after the writes
@@ -25,9 +35,31 @@ use lifeboat_store::{Consistency, NewPoint};
 use super::maps::{self, TAG_RESYNC};
 use super::upload::Uploader;
 use super::{Progress, ProgressSink, Replicator, Report, logs, throughput, unix_ms};
-use crate::backend::{CloseView, Quiesce, View};
+use crate::backend::{CloseView, DiskRef, Quiesce, Tracking, View};
 use crate::error::EngineError;
 use crate::state::EnginePhase;
+
+/// The reason a cycle gives when a disk's tracking was lost or never started: the one cause of
+/// a resync that can spare the disks whose tracking still holds.
+pub(crate) const TRACKING_LOST: &str = "TrackingLost";
+
+/// The disks a resync must compare in full (pure): only those whose tracking is not active
+/// when the resync is due to lost tracking alone and nothing unshipped is pending (no sealed
+/// log, no half-applied one); every disk otherwise.
+pub(crate) fn disks_to_compare_in_full(
+    phase: &EnginePhase,
+    unshipped: bool,
+    disks: &[DiskRef],
+    tracking: &[Tracking],
+) -> Vec<String> {
+    let lost_only = matches!(phase, EnginePhase::ResyncRequired { reason } if reason.starts_with(TRACKING_LOST));
+    disks
+        .iter()
+        .zip(tracking)
+        .filter(|(_, t)| unshipped || !lost_only || **t != Tracking::Active)
+        .map(|(d, _)| d.name.clone())
+        .collect()
+}
 
 /// Bytes read from the view at a time when hashing or copying (a whole number of blocks).
 const READ_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
@@ -55,10 +87,22 @@ impl Replicator {
             }
         }
         let started = Instant::now();
+        let resuming = self.state.resync_cycle.is_some();
+        // NB: decided before anything changes (the pending logs, the tracking), and only once
+        // per resync: a resumed attempt keeps the first attempt's choice.
+        let full = match (resuming, self.state.resync_full_disks.take()) {
+            (true, Some(full)) => full,
+            (true, None) => self.disks.iter().map(|d| d.name.clone()).collect(),
+            (false, _) => {
+                let tracking = self.hypervisor.tracking(&self.disks).await?;
+                let unshipped = !self.state.pending.is_empty() || self.state.applying;
+                disks_to_compare_in_full(&self.state.phase, unshipped, &self.disks, &tracking)
+            }
+        };
+        self.state.resync_full_disks = Some(full.clone());
         // Pending logs are superseded: the resync brings everything they hold.
         logs::delete_pending(&mut self.state)?;
         self.hypervisor.start_tracking(&self.disks).await?;
-        let resuming = self.state.resync_cycle.is_some();
         let maps_before = self.current_maps().await?;
         let cycle = self.next_cycle();
         self.state.resync_cycle = Some(cycle);
@@ -68,7 +112,14 @@ impl Replicator {
             .open_view(&self.disks, cycle, Quiesce::None)
             .await?;
         match self
-            .resync_from(view.as_ref(), maps_before, resuming, unix_ms(now), progress)
+            .resync_from(
+                view.as_ref(),
+                maps_before,
+                &full,
+                resuming,
+                unix_ms(now),
+                progress,
+            )
             .await
         {
             Ok(mut report) => {
@@ -89,6 +140,7 @@ impl Replicator {
         &mut self,
         view: &dyn View,
         mut targets: std::collections::BTreeMap<String, BlockMap>,
+        full: &[String],
         resuming: bool,
         time_unix_ms: u64,
         progress: ProgressSink<'_>,
@@ -118,9 +170,13 @@ impl Replicator {
                     throughput_bytes_per_second: throughput(done, disk_started),
                 })
             };
-            let mut target = match targets.remove(disk) {
-                Some(map) if map.image_size_bytes() == info.size_bytes => map,
-                _ => {
+            let stored = targets
+                .remove(disk)
+                .filter(|map| map.image_size_bytes() == info.size_bytes);
+            let incremental = stored.is_some() && !full.iter().any(|d| d == disk);
+            let mut target = match stored {
+                Some(map) => map,
+                None => {
                     self.store
                         .resize_disk(&self.vm, disk, info.size_bytes)
                         .await?;
@@ -135,15 +191,24 @@ impl Replicator {
                     .await?
                 }
             };
-            // Source map: read and hash what the view holds; unallocated space is zeros.
-            let mut source = BlockMap::new_zeroed(
-                HashAlgorithm::default(),
-                self.settings.block_size_bytes,
-                info.size_bytes,
-            )
-            .map_err(map_error)?;
+            // Source map: read and hash what the view holds (unallocated space is zeros), or,
+            // where tracking vouches for every change since the map, only the changed blocks.
+            let (mut source, ranges) = if incremental {
+                tracing::info!(vm = %self.vm, disk, "resync: tracking holds; comparing only the changed blocks");
+                let changed = view.changed_extents(disk).await?;
+                (target.clone(), changed)
+            } else {
+                report.disks_compared_in_full.push(disk.to_owned());
+                let zeroed = BlockMap::new_zeroed(
+                    HashAlgorithm::default(),
+                    self.settings.block_size_bytes,
+                    info.size_bytes,
+                )
+                .map_err(map_error)?;
+                (zeroed, view.allocated_extents(disk).await?)
+            };
             let mut hashed = 0;
-            for range in maps::align(&view.allocated_extents(disk).await?, block, info.size_bytes) {
+            for range in maps::align(&ranges, block, info.size_bytes) {
                 let mut offset = range.start;
                 while offset < range.end {
                     let len = chunk.min(range.end - offset);
@@ -263,8 +328,70 @@ impl Replicator {
             .await?;
         report.point = Some(point);
         self.state.resync_cycle = None;
+        self.state.resync_full_disks = None;
         self.state.phase = EnginePhase::Protected;
         self.save()?;
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disks() -> Vec<DiskRef> {
+        ["root", "data"]
+            .iter()
+            .map(|n| DiskRef {
+                name: (*n).into(),
+                path: format!("/vm/{n}"),
+                node: Some((*n).into()),
+            })
+            .collect()
+    }
+
+    fn lost() -> EnginePhase {
+        EnginePhase::ResyncRequired {
+            reason: format!("{TRACKING_LOST}: disk \"root\": the bitmap is gone"),
+        }
+    }
+
+    #[test]
+    fn lost_tracking_alone_spares_the_disks_whose_tracking_holds() {
+        let tracking = [Tracking::Lost("gone".into()), Tracking::Active];
+        assert_eq!(
+            disks_to_compare_in_full(&lost(), false, &disks(), &tracking),
+            ["root"]
+        );
+        let absent = [Tracking::Active, Tracking::Absent];
+        assert_eq!(
+            disks_to_compare_in_full(&lost(), false, &disks(), &absent),
+            ["data"]
+        );
+    }
+
+    #[test]
+    fn anything_else_compares_every_disk() {
+        let tracking = [Tracking::Lost("gone".into()), Tracking::Active];
+        // Unshipped changes are in logs the resync drops, not in any bitmap.
+        assert_eq!(
+            disks_to_compare_in_full(&lost(), true, &disks(), &tracking),
+            ["root", "data"]
+        );
+        for phase in [
+            EnginePhase::Protected,
+            EnginePhase::ResyncRequired {
+                reason: "LogThreshold: 51 % of the disk".into(),
+            },
+            EnginePhase::ResyncRequired {
+                reason: "CorruptLog: disk \"data\"".into(),
+            },
+        ] {
+            assert_eq!(
+                disks_to_compare_in_full(&phase, false, &disks(), &tracking),
+                ["root", "data"],
+                "{phase:?}"
+            );
+        }
     }
 }
