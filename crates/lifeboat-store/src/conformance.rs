@@ -299,6 +299,26 @@ async fn points_are_immutable(store: &dyn ReplicaStore, vm: &VmKey) {
         "cut A",
     );
     let model_a = model.clone();
+    // Cut again after a failure that hid the first cut's success (a crash, a lost answer):
+    // the same instant and digests are the same point, not an error that wedges the VM...
+    let again = ok(
+        store
+            .cut_point(vm, model.point(1_000, 1, Consistency::CrashConsistent))
+            .await,
+        "cut A again",
+    );
+    assert_eq!(again, a, "re-cutting a point returns it as it was cut");
+    // ...while other digests under the same id would make it vouch for other data.
+    let mut other = model.point(1_000, 1, Consistency::CrashConsistent);
+    if let Some(digest) = other.digests.get_mut("root") {
+        *digest = digest_of(&pattern(99, 2 * MIB as usize));
+    }
+    assert_invalid(
+        store.cut_point(vm, other).await,
+        "the same point id with other digests",
+    );
+    let listed = ok(store.manifest(vm).await, "manifest").map(|m| m.points.len());
+    assert_eq!(listed, Some(1), "re-cutting added no point");
 
     // Overwrite parts of what A holds, at and off granule boundaries, and zero some.
     write(store, vm, &mut model, "root", 4096, pattern(12, 8192)).await;

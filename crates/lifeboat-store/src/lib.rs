@@ -319,3 +319,32 @@ pub fn check_disk_size(disk: &str, size_bytes: u64) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// `cut_point` of a point whose id (its time and cycle) exists already: the same point when
+/// the digests are the same (a retry after a failure that hid the first cut's success: the
+/// cut is idempotent, as the engine's re-apply of a cycle is), refused when they differ (the
+/// id would vouch for other data).
+///
+/// # Errors
+///
+/// [`StoreError::InvalidRequest`] naming the point and the first disk whose digest differs.
+pub(crate) fn existing_point(
+    existing: &RecoveryPoint,
+    asked: &NewPoint,
+    vm: &str,
+) -> Result<RecoveryPoint, StoreError> {
+    let differs = existing
+        .disks
+        .iter()
+        .find(|d| asked.digests.get(&d.name) != Some(&d.digest));
+    match differs {
+        None if existing.disks.len() == asked.digests.len() => Ok(existing.clone()),
+        _ => Err(StoreError::InvalidRequest {
+            what: format!(
+                "recovery point {} of VM {vm} exists already with other digests (disk {:?})",
+                existing.id,
+                differs.map_or("", |d| d.name.as_str())
+            ),
+        }),
+    }
+}

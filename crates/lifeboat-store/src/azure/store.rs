@@ -310,9 +310,9 @@ impl ReplicaStore for AzureStore {
             .ok_or_else(|| self.not_found(format!("VM {vm}")))?;
         let id = point_id(point.time_unix_ms, point.cycle);
         if let Some(existing) = manifest.point(&id) {
-            let existing = existing.clone();
+            let existing = crate::existing_point(existing, &point, &vm.to_string());
             *cache = Some(manifest);
-            return Ok(existing);
+            return existing;
         }
         if let Some(missing) = manifest
             .disks

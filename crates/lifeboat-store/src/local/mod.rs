@@ -411,10 +411,8 @@ impl ReplicaStore for LocalStore {
                     .map_err(StoreError::io("sync replica disk", &d.path))?;
             }
             let id = point_id(point.time_unix_ms, point.cycle);
-            if manifest.point(&id).is_some() {
-                return Err(StoreError::InvalidRequest {
-                    what: format!("recovery point {id} of VM {key} exists already"),
-                });
+            if let Some(existing) = manifest.point(&id) {
+                return crate::existing_point(existing, &point, &key);
             }
             let cut = RecoveryPoint {
                 id,
