@@ -128,7 +128,9 @@ pub fn failover_result(report: &FailoverReport) -> FailoverResult {
     }
 }
 
-/// The status of a job that ended.
+/// The status of a job that ended. An EnableProtection job's prerequisite check step says
+/// what it found of each disk: its format, and whether its tracking survives a restart of the
+/// hypervisor ([`JobResult::prerequisites_message`]).
 pub fn finished(
     mut status: ReplicationJobStatus,
     outcome: &Result<JobResult, EngineError>,
@@ -144,6 +146,14 @@ pub fn finished(
                 step.state = StepState::Succeeded;
                 step.start_time.get_or_insert_with(|| api_time(now));
                 step.completion_time.get_or_insert_with(|| api_time(now));
+            }
+            if let Some(message) = result.prerequisites_message()
+                && let Some(step) = status
+                    .steps
+                    .iter_mut()
+                    .find(|s| s.name == ENABLE_PROTECTION_STEPS[0])
+            {
+                step.message = Some(message);
             }
             status.result = result.failover.as_ref().map(failover_result);
             status.error = None;
@@ -205,4 +215,59 @@ pub fn abandoned(
         first_seen_time: Some(api_time(now)),
     };
     failed(status, error, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use lifeboat_engine::state::DiskRecord;
+
+    use super::*;
+
+    #[test]
+    fn an_enable_job_says_each_disks_format_and_tracking_durability_in_its_prerequisite_step() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let running = ReplicationJobStatus {
+            phase: JobPhase::Running,
+            steps: steps_of(JobType::EnableProtection)
+                .into_iter()
+                .map(|name| JobStep {
+                    name: name.to_owned(),
+                    ..JobStep::default()
+                })
+                .collect(),
+            ..ReplicationJobStatus::default()
+        };
+        let result = JobResult {
+            disks: vec![
+                DiskRecord {
+                    name: "root".into(),
+                    format: "raw".into(),
+                    tracking_survives_restart: false,
+                    tracking_note: Some("a raw disk cannot store a dirty bitmap".into()),
+                },
+                DiskRecord {
+                    name: "data".into(),
+                    format: "qcow2".into(),
+                    tracking_survives_restart: true,
+                    tracking_note: None,
+                },
+            ],
+            ..JobResult::default()
+        };
+        let status = finished(running.clone(), &Ok(result), at);
+        assert_eq!(status.phase, JobPhase::Succeeded);
+        let check = &status.steps[0];
+        assert_eq!(check.name, "PrerequisitesCheck");
+        assert_eq!(
+            check.message.as_deref(),
+            Some(
+                "disk root: raw, tracked in the hypervisor's memory only (a raw disk cannot \
+                 store a dirty bitmap); disk data: qcow2, tracking survives restarts"
+            )
+        );
+        assert!(status.steps[1..].iter().all(|s| s.message.is_none()));
+
+        let plain = finished(running, &Ok(JobResult::default()), at);
+        assert!(plain.steps.iter().all(|s| s.message.is_none()));
+    }
 }

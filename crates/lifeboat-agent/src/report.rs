@@ -67,6 +67,9 @@ pub fn agent_report(
                 throughput_bytes_per_second: d.throughput_bytes_per_second,
                 size_bytes: d.size_bytes,
                 pending_log_bytes: d.pending_log_bytes,
+                format: d.format.clone(),
+                tracking_survives_restart: d.tracking_survives_restart,
+                tracking_note: d.tracking_note.clone(),
             })
             .collect(),
         recovery_points: RecoveryPointsSummary {
@@ -159,7 +162,52 @@ impl ReportGate {
 
 #[cfg(test)]
 mod tests {
+    use lifeboat_engine::worker::DiskFact;
+
     use super::*;
+
+    #[test]
+    fn a_raw_disks_format_and_in_memory_tracking_reach_status_agent_disks() {
+        let facts = VmFacts {
+            disks: vec![
+                DiskFact {
+                    name: "root".into(),
+                    size_bytes: 1 << 30,
+                    format: Some("raw".into()),
+                    tracking_survives_restart: Some(false),
+                    tracking_note: Some("a raw disk cannot store a dirty bitmap".into()),
+                    ..DiskFact::default()
+                },
+                DiskFact {
+                    name: "data".into(),
+                    format: Some("qcow2".into()),
+                    tracking_survives_restart: Some(true),
+                    ..DiskFact::default()
+                },
+            ],
+            ..VmFacts::default()
+        };
+        let report = agent_report(&facts, Some(1), SystemTime::UNIX_EPOCH);
+        let root = &report.disks[0];
+        assert_eq!(root.name, "root");
+        assert_eq!(root.size_bytes, 1 << 30);
+        assert_eq!(root.format.as_deref(), Some("raw"));
+        assert_eq!(root.tracking_survives_restart, Some(false));
+        assert_eq!(
+            root.tracking_note.as_deref(),
+            Some("a raw disk cannot store a dirty bitmap")
+        );
+        let json = serde_json::to_value(&report).expect("a report serializes");
+        assert_eq!(json["disks"][0]["format"], "raw");
+        assert_eq!(json["disks"][0]["trackingSurvivesRestart"], false);
+        assert_eq!(
+            json["disks"][0]["trackingNote"],
+            "a raw disk cannot store a dirty bitmap"
+        );
+        assert_eq!(json["disks"][1]["format"], "qcow2");
+        assert_eq!(json["disks"][1]["trackingSurvivesRestart"], true);
+        assert!(json["disks"][1].get("trackingNote").is_none());
+    }
 
     #[test]
     fn only_news_or_a_sign_of_life_is_written() {

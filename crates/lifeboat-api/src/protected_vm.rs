@@ -329,6 +329,20 @@ pub struct DiskProgress {
     /// Bytes of this disk's change logs written and not yet shipped (agent reports).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pending_log_bytes: u64,
+    /// The disk's image format as the hypervisor names it (`qcow2`, `raw`, `host_device`,
+    /// `vhdx`), found by the prerequisite check of EnableProtection (agent reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Whether the disk's change tracking survives a clean restart of the hypervisor (a qcow2
+    /// persistent dirty bitmap, Hyper-V's RCT). When false, tracking lives in the hypervisor's
+    /// memory only: a restart, crash or migration of the hypervisor costs a resync of this
+    /// disk (agent reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_survives_restart: Option<bool>,
+    /// Why the disk's tracking does not survive a restart, and what would make it, when it
+    /// does not (agent reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_note: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -12,6 +12,10 @@
 //! | Failover | [`Replicator::failover`] (planned ships what is pending first) |
 //! | Commit | [`Replicator::commit`] |
 //! | DisableProtection | [`Replicator::disable`] |
+//!
+//! An EnableProtection job's result names each disk's format and whether its change tracking
+//! survives a restart of the hypervisor ([`JobResult::prerequisites_message`]), so that a raw
+//! disk's cost (a resync after every restart of QEMU) is said up front.
 
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -21,7 +25,7 @@ use lifeboat_store::RecoveryPoint;
 
 use crate::error::EngineError;
 use crate::replicator::{FailoverReport, PointChoice, ProgressSink, Replicator, Report};
-use crate::state::EnginePhase;
+use crate::state::{DiskRecord, EnginePhase};
 
 /// What a finished job produced.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -32,6 +36,44 @@ pub struct JobResult {
     pub failover: Option<FailoverReport>,
     /// The point the job cut or used.
     pub point: Option<RecoveryPoint>,
+    /// EnableProtection: what the prerequisite check found of each disk (its format, and
+    /// whether its tracking survives a restart of the hypervisor).
+    pub disks: Vec<DiskRecord>,
+}
+
+impl JobResult {
+    /// What the prerequisite check found, one disk after the other (see [`disk_summary`]);
+    /// None when the job checked no disk (every job but EnableProtection).
+    pub fn prerequisites_message(&self) -> Option<String> {
+        (!self.disks.is_empty()).then(|| {
+            self.disks
+                .iter()
+                .map(disk_summary)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+}
+
+/// One disk as the prerequisite check of EnableProtection describes it: its format and whether
+/// its tracking survives a restart of the hypervisor, with the reason when it does not, e.g.
+/// `disk data: qcow2, tracking survives restarts` or `disk root: raw, tracked in the
+/// hypervisor's memory only (a raw disk cannot store a dirty bitmap: ...)`.
+pub fn disk_summary(disk: &DiskRecord) -> String {
+    if disk.tracking_survives_restart {
+        format!(
+            "disk {}: {}, tracking survives restarts",
+            disk.name, disk.format
+        )
+    } else {
+        let note = disk.tracking_note.as_deref().unwrap_or(
+            "a restart, crash or migration of the hypervisor costs a resync of this disk",
+        );
+        format!(
+            "disk {}: {}, tracked in the hypervisor's memory only ({note})",
+            disk.name, disk.format
+        )
+    }
 }
 
 /// Where failover disks go.
@@ -69,7 +111,12 @@ pub async fn run_job(
     let mut result = JobResult::default();
     match kind {
         JobKind::EnableProtection => {
-            engine.enable().await?;
+            result.disks = engine
+                .enable()
+                .await?
+                .iter()
+                .map(DiskRecord::from)
+                .collect();
             if engine.state().phase == EnginePhase::Enabled {
                 result.report = engine.initial_copy(progress).await?;
             }
@@ -132,4 +179,42 @@ pub async fn run_job(
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prerequisite_check_names_each_disks_format_and_tracking_durability() {
+        let result = JobResult {
+            disks: vec![
+                DiskRecord {
+                    name: "root".into(),
+                    format: "raw".into(),
+                    tracking_survives_restart: false,
+                    tracking_note: Some(
+                        "a raw disk cannot store a dirty bitmap: tracking lives in QEMU's memory"
+                            .into(),
+                    ),
+                },
+                DiskRecord {
+                    name: "data".into(),
+                    format: "qcow2".into(),
+                    tracking_survives_restart: true,
+                    tracking_note: None,
+                },
+            ],
+            ..JobResult::default()
+        };
+        assert_eq!(
+            result.prerequisites_message().as_deref(),
+            Some(
+                "disk root: raw, tracked in the hypervisor's memory only (a raw disk cannot \
+                 store a dirty bitmap: tracking lives in QEMU's memory); disk data: qcow2, \
+                 tracking survives restarts"
+            )
+        );
+        assert_eq!(JobResult::default().prerequisites_message(), None);
+    }
 }

@@ -20,7 +20,7 @@ use lifeboat_store::{Consistency, RecoveryPoint};
 
 use crate::error::EngineError;
 use crate::replicator::{Progress, Replicator, Report};
-use crate::state::EnginePhase;
+use crate::state::{DiskRecord, EnginePhase};
 
 /// How far back "the last hour" of cycle statistics reaches.
 const HISTORY: Duration = Duration::from_secs(3600);
@@ -51,6 +51,13 @@ pub struct DiskFact {
     pub bytes_total: u64,
     /// Its throughput.
     pub throughput_bytes_per_second: u64,
+    /// Its image format, as the hypervisor named it at enable (None: not enabled yet).
+    pub format: Option<String>,
+    /// Whether its change tracking survives a clean restart of the hypervisor (None: not
+    /// enabled yet).
+    pub tracking_survives_restart: Option<bool>,
+    /// Why its tracking does not survive a restart, and what would make it, when it does not.
+    pub tracking_note: Option<String>,
 }
 
 /// What the agent reports about a VM.
@@ -110,6 +117,22 @@ pub fn error_report(
         retry_count,
         next_retry_time,
         first_seen_time: Some(first_seen),
+    }
+}
+
+/// Note what the hypervisor said of each disk at enable (its format, whether its tracking
+/// survives a restart) in the disks' facts.
+fn note_records(disks: &mut BTreeMap<String, DiskFact>, records: &[DiskRecord]) {
+    for record in records {
+        let fact = disks
+            .entry(record.name.clone())
+            .or_insert_with(|| DiskFact {
+                name: record.name.clone(),
+                ..DiskFact::default()
+            });
+        fact.format = Some(record.format.clone());
+        fact.tracking_survives_restart = Some(record.tracking_survives_restart);
+        fact.tracking_note.clone_from(&record.tracking_note);
     }
 }
 
@@ -342,6 +365,7 @@ impl Worker {
             fact.bytes_total = progress.bytes_total;
             fact.throughput_bytes_per_second = progress.throughput_bytes_per_second;
         }
+        note_records(&mut disks, &state.disks);
         let manifest = self.engine.store().manifest(self.engine.vm()).await?;
         let mut facts = VmFacts {
             last_cycle_start: self.last_cycle_start,
@@ -377,5 +401,50 @@ impl Worker {
         }
         facts.disks = disks.into_values().collect();
         Ok(facts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disks_facts_say_each_disks_format_and_tracking_durability() {
+        let mut disks = BTreeMap::new();
+        disks.insert(
+            "root".to_owned(),
+            DiskFact {
+                name: "root".into(),
+                pending_log_bytes: 7,
+                ..DiskFact::default()
+            },
+        );
+        let records = [
+            DiskRecord {
+                name: "root".into(),
+                format: "raw".into(),
+                tracking_survives_restart: false,
+                tracking_note: Some("a raw disk cannot store a dirty bitmap".into()),
+            },
+            DiskRecord {
+                name: "data".into(),
+                format: "qcow2".into(),
+                tracking_survives_restart: true,
+                tracking_note: None,
+            },
+        ];
+        note_records(&mut disks, &records);
+        let root = &disks["root"];
+        assert_eq!(root.pending_log_bytes, 7);
+        assert_eq!(root.format.as_deref(), Some("raw"));
+        assert_eq!(root.tracking_survives_restart, Some(false));
+        assert_eq!(
+            root.tracking_note.as_deref(),
+            Some("a raw disk cannot store a dirty bitmap")
+        );
+        let data = &disks["data"];
+        assert_eq!(data.format.as_deref(), Some("qcow2"));
+        assert_eq!(data.tracking_survives_restart, Some(true));
+        assert_eq!(data.tracking_note, None);
     }
 }
