@@ -827,11 +827,21 @@ impl Hypervisor for QemuHypervisor {
             .map(|r| match r.state {
                 BitmapState::Active { .. } => Tracking::Active,
                 BitmapState::Lost(why) => Tracking::Lost(why),
-                BitmapState::Absent if tracked.contains_key(&r.disk) => Tracking::Lost(format!(
-                    "node {:?} has no lifeboat bitmap although tracking was started: QEMU stopped without \
-                     saving it (killed or crashed) or the disk was replaced",
-                    r.node
-                )),
+                BitmapState::Absent if tracked.contains_key(&r.disk) => {
+                    Tracking::Lost(match &r.durability {
+                        TrackingDurability::InMemory(_) => format!(
+                            "node {:?} ({}) has no lifeboat bitmap although tracking was started: \
+                             its bitmap lived in QEMU's memory, and QEMU restarted (or crashed, or \
+                             the VM migrated) since",
+                            r.node, r.format
+                        ),
+                        TrackingDurability::Persistent => format!(
+                            "node {:?} has no lifeboat bitmap although tracking was started: QEMU \
+                             stopped without saving it (killed or crashed) or the disk was replaced",
+                            r.node
+                        ),
+                    })
+                }
                 BitmapState::Absent => Tracking::Absent,
             })
             .collect())

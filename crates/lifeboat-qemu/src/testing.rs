@@ -1,13 +1,131 @@
 //! Test support for this crate's tests and the crates above it (feature `testing`): a VM block
-//! layer for end-to-end tests: a real `qemu-storage-daemon` holding qcow2 disks,
-//! with QMP on a unix socket and a writable NBD export per disk through which `qemu-io`
-//! writes as the guest would. Started in a temporary folder, stopped by its process id.
+//! layer for end-to-end tests: a real `qemu-storage-daemon` holding the VM's disks (qcow2
+//! images, raw image files or block devices, see [`DiskSpec`]), with QMP on a unix socket and
+//! a writable NBD export per disk through which `qemu-io` writes as the guest would. Started
+//! in a temporary folder, stopped by its process id: as a crash would ([`Qsd::kill`]) or
+//! cleanly ([`Qsd::stop`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // NB: a test harness: a failed setup is the test's failure report.
 
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// How a disk of the daemon is stored, and so which block nodes serve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// `<dir>/<name>.qcow2`: node `<name>` (driver `qcow2`) over `<name>-file` (`file`).
+    Qcow2,
+    /// `<dir>/<name>.img`: node `<name>` (driver `raw`) over `<name>-file` (`file`).
+    RawFile,
+    /// A block device: node `<name>` (driver `host_device`), no format node above it.
+    Device(PathBuf),
+}
+
+/// One disk of the daemon: its name (the guest's NBD export and the node the guest writes
+/// through), its size and how it is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub name: String,
+    pub size: u64,
+    pub format: DiskFormat,
+}
+
+impl DiskSpec {
+    /// A qcow2 image `<dir>/<name>.qcow2` of `size` bytes, created if missing.
+    pub fn qcow2(name: &str, size: u64) -> DiskSpec {
+        DiskSpec {
+            name: name.to_owned(),
+            size,
+            format: DiskFormat::Qcow2,
+        }
+    }
+
+    /// A raw image file `<dir>/<name>.img` of `size` bytes (sparse), created if missing.
+    pub fn raw_file(name: &str, size: u64) -> DiskSpec {
+        DiskSpec {
+            name: name.to_owned(),
+            size,
+            format: DiskFormat::RawFile,
+        }
+    }
+
+    /// The block device `device` (a loop device, say), its size as the kernel reports it.
+    pub fn device(name: &str, device: impl Into<PathBuf>) -> DiskSpec {
+        let device = device.into();
+        let size = std::fs::File::open(&device)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .unwrap_or_else(|e| panic!("cannot open block device {}: {e}", device.display()));
+        DiskSpec {
+            name: name.to_owned(),
+            size,
+            format: DiskFormat::Device(device),
+        }
+    }
+
+    /// The file or device holding the disk.
+    pub fn image(&self, dir: &Path) -> PathBuf {
+        match &self.format {
+            DiskFormat::Qcow2 => dir.join(format!("{}.qcow2", self.name)),
+            DiskFormat::RawFile => dir.join(format!("{}.img", self.name)),
+            DiskFormat::Device(device) => device.clone(),
+        }
+    }
+
+    /// The driver of the node the guest writes through (`qcow2`, `raw`, `host_device`).
+    pub fn driver(&self) -> &'static str {
+        match self.format {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::RawFile => "raw",
+            DiskFormat::Device(_) => "host_device",
+        }
+    }
+
+    fn create(&self, dir: &Path) {
+        let image = self.image(dir);
+        match self.format {
+            DiskFormat::Qcow2 if !image.exists() => {
+                run(
+                    "qemu-img",
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        image.to_str().unwrap(),
+                        &self.size.to_string(),
+                    ],
+                );
+            }
+            DiskFormat::RawFile if !image.exists() => {
+                std::fs::File::create(&image)
+                    .and_then(|f| f.set_len(self.size))
+                    .unwrap_or_else(|e| panic!("cannot create {}: {e}", image.display()));
+            }
+            _ => {}
+        }
+    }
+
+    /// The `--blockdev` options of its nodes, the protocol node first.
+    fn blockdevs(&self, dir: &Path) -> Vec<String> {
+        let name = &self.name;
+        let image = self.image(dir);
+        match self.format {
+            DiskFormat::Qcow2 | DiskFormat::RawFile => vec![
+                format!(
+                    "driver=file,node-name={name}-file,filename={}",
+                    image.display()
+                ),
+                format!("driver={},node-name={name},file={name}-file", self.driver()),
+            ],
+            DiskFormat::Device(_) => vec![format!(
+                "driver=host_device,node-name={name},filename={}",
+                image.display()
+            )],
+        }
+    }
+}
 
 /// A running qemu-storage-daemon and its disks.
 #[derive(Debug)]
@@ -16,7 +134,10 @@ pub struct Qsd {
     pub dir: PathBuf,
     pub qmp: PathBuf,
     pub nbd: PathBuf,
+    /// `(name, size)` of every disk, in the order given.
     pub disks: Vec<(String, u64)>,
+    /// How each disk is stored, in the same order.
+    pub specs: Vec<DiskSpec>,
 }
 
 fn run(program: &str, args: &[&str]) -> std::process::Output {
@@ -37,46 +158,58 @@ fn run(program: &str, args: &[&str]) -> std::process::Output {
 impl Qsd {
     /// Create qcow2 disks `(name, size)` in `dir` and start the daemon on them.
     pub fn start(dir: &Path, disks: &[(&str, u64)]) -> Qsd {
-        for (name, size) in disks {
-            let image = dir.join(format!("{name}.qcow2"));
-            if !image.exists() {
-                run(
-                    "qemu-img",
-                    &[
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        image.to_str().unwrap(),
-                        &size.to_string(),
-                    ],
-                );
-            }
+        let specs: Vec<DiskSpec> = disks
+            .iter()
+            .map(|(name, size)| DiskSpec::qcow2(name, *size))
+            .collect();
+        Qsd::start_with(dir, &specs)
+    }
+
+    /// Create the disks that are missing (image files in `dir`; devices must exist) and
+    /// start the daemon on them.
+    pub fn start_with(dir: &Path, disks: &[DiskSpec]) -> Qsd {
+        for spec in disks {
+            spec.create(dir);
         }
         let mut qsd = Qsd {
             child: None,
             dir: dir.to_path_buf(),
             qmp: dir.join("qmp.sock"),
             nbd: dir.join("nbd.sock"),
-            disks: disks.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect(),
+            disks: disks.iter().map(|d| (d.name.clone(), d.size)).collect(),
+            specs: disks.to_vec(),
         };
         qsd.spawn();
         qsd
+    }
+
+    /// How `disk` is stored.
+    pub fn spec(&self, disk: &str) -> &DiskSpec {
+        self.specs
+            .iter()
+            .find(|d| d.name == disk)
+            .unwrap_or_else(|| panic!("no disk {disk:?}"))
+    }
+
+    /// The file or device holding `disk`.
+    pub fn image(&self, disk: &str) -> PathBuf {
+        self.spec(disk).image(&self.dir)
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.qmp);
         let _ = std::fs::remove_file(&self.nbd);
         let mut args: Vec<String> = Vec::new();
-        for (name, _) in &self.disks {
-            let image = self.dir.join(format!("{name}.qcow2"));
-            args.push("--blockdev".into());
-            args.push(format!(
-                "driver=file,node-name={name}-file,filename={}",
-                image.display()
-            ));
-            args.push("--blockdev".into());
-            args.push(format!("driver=qcow2,node-name={name},file={name}-file"));
+        for spec in &self.specs {
+            for blockdev in spec.blockdevs(&self.dir) {
+                args.push("--blockdev".into());
+                args.push(blockdev);
+            }
         }
         args.push("--nbd-server".into());
         args.push(format!("addr.type=unix,addr.path={}", self.nbd.display()));
@@ -137,31 +270,45 @@ impl Qsd {
         run("qemu-io", &args);
     }
 
-    /// The whole disk as the guest sees it now.
+    /// The whole disk as the guest sees it now: through the guest's NBD export while the
+    /// daemon runs (whatever the format), from the image or device itself while it is stopped.
     pub fn read_disk(&self, disk: &str) -> Vec<u8> {
-        let out = self.dir.join(format!("{disk}.dump"));
+        let spec = self.spec(disk);
+        if self.child.is_none() {
+            return match spec.format {
+                DiskFormat::RawFile | DiskFormat::Device(_) => {
+                    let mut bytes = std::fs::read(spec.image(&self.dir)).unwrap_or_else(|e| {
+                        panic!("read {}: {e}", spec.image(&self.dir).display())
+                    });
+                    bytes.truncate(spec.size as usize);
+                    bytes
+                }
+                DiskFormat::Qcow2 => {
+                    self.convert_to_raw(disk, &["-f", "qcow2"], &spec.image(&self.dir))
+                }
+            };
+        }
         let opts = format!(
             "driver=nbd,server.type=unix,server.path={},export={disk}",
             self.nbd.display()
         );
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-q",
-                "-O",
-                "raw",
-                "--image-opts",
-                &opts,
-                out.to_str().unwrap(),
-            ],
-        );
+        self.convert_to_raw(disk, &["--image-opts"], Path::new(&opts))
+    }
+
+    fn convert_to_raw(&self, disk: &str, source_args: &[&str], source: &Path) -> Vec<u8> {
+        let out = self.dir.join(format!("{disk}.dump"));
+        let mut args = vec!["convert", "-q", "-O", "raw"];
+        args.extend_from_slice(source_args);
+        args.push(source.to_str().unwrap());
+        args.push(out.to_str().unwrap());
+        run("qemu-img", &args);
         let bytes = std::fs::read(&out).unwrap();
         let _ = std::fs::remove_file(&out);
         bytes
     }
 
-    /// Stop the daemon as a crash would (SIGKILL).
+    /// Stop the daemon as a crash would (SIGKILL): a qcow2 image is left as it was, its
+    /// bitmaps marked in use, those added since it was opened never written.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -169,10 +316,101 @@ impl Qsd {
         }
     }
 
-    /// Start it again on the same disks and sockets.
+    /// Stop the daemon cleanly (SIGTERM, as a host shutting the VM down), and wait for it to
+    /// exit: it closes its images, writing a qcow2's persistent bitmaps.
+    ///
+    /// NB: not QMP `quit`: the daemon's monitor serves one client at a time, and the backend
+    /// under test holds it.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        run("kill", &["-TERM", &child.id().to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    assert!(
+                        status.success(),
+                        "qemu-storage-daemon did not exit cleanly on SIGTERM: {status}"
+                    );
+                    return;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("qemu-storage-daemon did not exit within 20 s of SIGTERM: {other:?}");
+                }
+            }
+        }
+    }
+
+    /// Start a stopped (or killed) daemon again on the same disks and sockets.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "qemu-storage-daemon is still running");
+        self.spawn();
+    }
+
+    /// Start it again on the same disks and sockets, after a crash (SIGKILL).
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Start it again on the same disks and sockets, after a clean stop (SIGTERM).
+    pub fn restart_clean(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+/// A file attached to a loop device (`losetup`, root only), detached on drop.
+#[derive(Debug)]
+pub struct LoopDevice {
+    pub device: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attach `file` to the first free loop device; why not, when that cannot be done here
+    /// (not root, no losetup, no loop devices).
+    pub fn attach(file: &Path) -> Result<LoopDevice, String> {
+        let output = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("cannot run losetup: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "losetup --find --show {} failed: {}",
+                file.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        let device = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if device.is_empty() {
+            return Err("losetup named no device".into());
+        }
+        Ok(LoopDevice {
+            device: PathBuf::from(device),
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let detached = Command::new("losetup").arg("-d").arg(&self.device).output();
+        match detached {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "losetup -d {} failed: {}",
+                self.device.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("cannot run losetup -d {}: {e}", self.device.display()),
+        }
     }
 }
 
