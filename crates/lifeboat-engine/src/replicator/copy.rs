@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, is_zero};
+use lifeboat_store::At;
 
 use super::maps::{self, TAG_COPY};
 use super::upload::Uploader;
@@ -143,16 +144,26 @@ impl Replicator {
                     .await?;
                 }
             }
+            // A resumed copy may find stale data past its cursor, and a fresh copy into a
+            // replica kept from an earlier protection (disabled with the replica kept, then
+            // enabled again) finds that protection's data: either rewrites every range,
+            // zeros included. Decided before anything of this disk is written. A brand-new
+            // replica has no data ranges and reads as zeros already: its copy keeps skipping
+            // zeros and gaps, at no extra cost (one listing of its ranges).
+            let rewrite = resumed
+                || !self
+                    .store
+                    .data_ranges(&self.vm, disk, &At::Live)
+                    .await?
+                    .is_empty();
             let allocated =
                 maps::align(&view.allocated_extents(disk).await?, block, info.size_bytes);
             let disk_started = Instant::now();
             let mut last_checkpoint = from;
-            // A resumed copy may find stale data past its cursor: it rewrites every range,
-            // zeros included. A fresh replica reads as zeros already.
             let mut next = from;
             for range in allocated.iter().filter(|r| r.end > from) {
                 let range = range.start.max(from)..range.end;
-                if resumed && next < range.start {
+                if rewrite && next < range.start {
                     uploader.zero(disk, next, range.start - next).await?;
                 }
                 self.copy_range(
@@ -160,7 +171,7 @@ impl Replicator {
                     disk,
                     range.clone(),
                     chunk,
-                    resumed,
+                    rewrite,
                     &mut map,
                     &mut uploader,
                     &mut report,
@@ -177,6 +188,9 @@ impl Replicator {
                 });
                 if position - last_checkpoint >= CHECKPOINT_BYTES {
                     uploader.finish().await?;
+                    // NB: durable before the map and the cursor claim it (writes are not
+                    // until a flush): a resumed copy skips what they claim.
+                    self.store.flush(&self.vm).await?;
                     self.store
                         .put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map))
                         .await?;
@@ -189,10 +203,11 @@ impl Replicator {
                     last_checkpoint = position;
                 }
             }
-            if resumed && next < info.size_bytes {
+            if rewrite && next < info.size_bytes {
                 uploader.zero(disk, next, info.size_bytes - next).await?;
             }
             uploader.finish().await?;
+            self.store.flush(&self.vm).await?;
             self.store
                 .put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map))
                 .await?;

@@ -254,6 +254,8 @@ impl Replicator {
                     // Checkpoint: what is in flight lands, the map is saved, and the next
                     // window of the disk is declared before anything in it is written.
                     uploader.finish().await?;
+                    // NB: durable before the saved map claims it.
+                    self.store.flush(&self.vm).await?;
                     self.store
                         .put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target))
                         .await?;
@@ -286,6 +288,7 @@ impl Replicator {
                 report_progress(info.size_bytes + done.min(info.size_bytes));
             }
             uploader.finish().await?;
+            self.store.flush(&self.vm).await?;
             self.store
                 .put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target))
                 .await?;
