@@ -127,6 +127,23 @@ fn protected_with_a_point(vm: &ProtectedVM) -> bool {
     })
 }
 
+/// The status and reason of the condition `type_`, as `kubectl wait --for=condition=...` reads it.
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(&'a str, &'a str)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+fn ready(vm: &ProtectedVM) -> bool {
+    vm.status
+        .as_ref()
+        .is_some_and(|s| condition(&s.conditions, "Ready").is_some_and(|(s, _)| s == "True"))
+}
+
 async fn vm_until(
     server: &TestApiServer,
     vms: &Api<ProtectedVM>,
@@ -214,6 +231,16 @@ async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
     );
     assert!(agent_report.recovery_points.latest.is_some());
 
+    // `kubectl wait --for=condition=Ready pvm/web`: Ready turns True once Protected and Normal.
+    let ready_vm = vm_until(&server, &vms, &jobs, "web Ready", ready).await;
+    let status = ready_vm.status.as_ref().unwrap();
+    assert_eq!(status.phase, ProtectionPhase::Protected);
+    assert_eq!(status.health, lifeboat_api::Health::Normal);
+    assert_eq!(
+        condition(&status.conditions, "Ready"),
+        Some(("True", "Protected"))
+    );
+
     // Every job of web ran here, claimed under this agent's name, and succeeded.
     let all = jobs.list(&ListParams::default()).await.unwrap().items;
     let web: Vec<&ReplicationJob> = all.iter().filter(|j| j.spec.vm_ref.name == "web").collect();
@@ -226,6 +253,15 @@ async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
             Some("node-1/lifeboat-agent-e2e")
         );
         assert_eq!(status.progress.percent, 100);
+        // `kubectl wait --for=condition=Complete rjob/...`.
+        assert_eq!(
+            condition(&status.conditions, "Complete"),
+            Some(("True", "Succeeded")),
+            "{}: {:#?}",
+            job.name_any(),
+            status.conditions
+        );
+        assert_eq!(condition(&status.conditions, "Failed"), None);
     }
     // The other node's VM and jobs are untouched by this agent.
     let db = server.object("protectedvms", NS, "db").unwrap();
@@ -315,6 +351,11 @@ async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
     let error = status.error.unwrap();
     assert_eq!(error.class, lifeboat_api::common::ErrorClass::Recoverable);
     assert_eq!(error.reason, "AgentStopped");
+    assert_eq!(
+        condition(&status.conditions, "Failed"),
+        Some(("True", "AgentStopped"))
+    );
+    assert_eq!(condition(&status.conditions, "Complete"), None);
     assert!(
         status
             .steps

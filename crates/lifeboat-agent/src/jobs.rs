@@ -1,5 +1,7 @@
 //! A `ReplicationJob` as the agent runs it: its kind and parameters in the engine's terms,
-//! and the status it shows while running and when done (steps, progress, error, result).
+//! and the status it shows while running and when done (steps, progress, error, result, and
+//! the `Complete` / `Failed` conditions of a Kubernetes Job, decided by
+//! [`lifeboat_core::conditions::job_verdicts`]).
 
 use std::time::SystemTime;
 
@@ -8,7 +10,10 @@ use lifeboat_api::common::{ErrorClass, ErrorStatus};
 use lifeboat_api::contract::{ENABLE_PROTECTION_STEPS, INITIAL_REPLICATION_STEP};
 use lifeboat_api::job::{JobPhase, JobProgress, JobStep, JobType, ReplicationJobStatus, StepState};
 use lifeboat_api::protected_vm::{Consistency, FailoverResult, MaterialisedDisk, RecoveryPointRef};
-use lifeboat_control::mapping::{api_time, error_status, job_kind, params};
+use lifeboat_control::mapping::{
+    api_conditions, api_time, conditions, error_status, job_kind, job_state, params,
+};
+use lifeboat_core::conditions::{job_verdicts, set_verdicts};
 use lifeboat_core::{JobKind, JobParams};
 use lifeboat_engine::replicator::{FailoverReport, Progress};
 use lifeboat_engine::{EngineError, JobResult};
@@ -102,6 +107,21 @@ pub fn progressed(status: &mut ReplicationJobStatus, progress: &[Progress], now:
     }
 }
 
+/// Set the conditions an ended job shows (`Complete=True`, or `Failed=True` with the error's
+/// reason); a job that has not ended has none.
+fn set_job_conditions(status: &mut ReplicationJobStatus, now: SystemTime) {
+    let error = status
+        .error
+        .as_ref()
+        .map(|e| (e.reason.as_str(), e.message.as_str()));
+    let Some(verdict) = job_verdicts(job_state(status.phase), error) else {
+        return;
+    };
+    let mut observed = conditions(&status.conditions);
+    set_verdicts(&mut observed, [verdict], None, now);
+    status.conditions = api_conditions(&observed);
+}
+
 /// A (test) failover's result in the API's words.
 pub fn failover_result(report: &FailoverReport) -> FailoverResult {
     FailoverResult {
@@ -172,6 +192,7 @@ pub fn finished(
             status.error = Some(error_status(&error_report_now(error, now)));
         }
     }
+    set_job_conditions(&mut status, now);
     status
 }
 
@@ -194,6 +215,7 @@ pub fn failed(
         step.message = Some(error.message.clone());
     }
     status.error = Some(error);
+    set_job_conditions(&mut status, now);
     status
 }
 
@@ -269,5 +291,91 @@ mod tests {
 
         let plain = finished(running, &Ok(JobResult::default()), at);
         assert!(plain.steps.iter().all(|s| s.message.is_none()));
+    }
+
+    fn condition<'s>(
+        status: &'s ReplicationJobStatus,
+        type_: &str,
+    ) -> Option<(&'s str, &'s str, &'s str)> {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
+    }
+
+    fn job(job_type: &str) -> ReplicationJob {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationJob",
+            "metadata": {"name": "web-enable-1", "namespace": "ns"},
+            "spec": {"vmRef": {"name": "web"}, "nodeName": "node-1", "type": job_type},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_running_job_has_no_conditions_and_a_succeeded_one_is_complete() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let running = started(&job("FinalizeProtection"), "node-1/agent", at);
+        assert!(running.conditions.is_empty(), "{:?}", running.conditions);
+        let mut progressing = running.clone();
+        progressed(&mut progressing, &[], at);
+        assert!(progressing.conditions.is_empty());
+
+        let done = finished(running, &Ok(JobResult::default()), at);
+        assert_eq!(
+            condition(&done, "Complete"),
+            Some(("True", "Succeeded", "the job succeeded"))
+        );
+        assert_eq!(condition(&done, "Failed"), None);
+        assert_eq!(done.conditions.len(), 1);
+        assert_eq!(done.conditions[0].last_transition_time, api_time(at));
+    }
+
+    #[test]
+    fn a_failed_or_abandoned_job_is_failed_with_the_errors_reason() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let running = started(&job("TestFailover"), "node-1/agent", at);
+
+        let outcome = Err(EngineError::NotReady {
+            what: "the engine is not ready".into(),
+        });
+        let failed_run = finished(running.clone(), &outcome, at);
+        assert_eq!(failed_run.phase, JobPhase::Failed);
+        assert_eq!(
+            condition(&failed_run, "Failed"),
+            Some(("True", "NotReady", "the engine is not ready"))
+        );
+        assert_eq!(condition(&failed_run, "Complete"), None);
+
+        let stopped = abandoned(
+            running.clone(),
+            "AgentStopped",
+            "the agent stopped".into(),
+            at,
+        );
+        assert_eq!(
+            condition(&stopped, "Failed"),
+            Some(("True", "AgentStopped", "the agent stopped"))
+        );
+        assert_eq!(condition(&stopped, "Complete"), None);
+
+        let not_open = failed(
+            running,
+            ErrorStatus {
+                class: ErrorClass::NonRecoverable,
+                reason: "AuthorizationFailed".into(),
+                message: "the store refused the key".into(),
+                retry_count: 0,
+                next_retry_time: None,
+                first_seen_time: None,
+            },
+            at,
+        );
+        assert_eq!(
+            condition(&not_open, "Failed"),
+            Some(("True", "AuthorizationFailed", "the store refused the key"))
+        );
+        assert_eq!(not_open.conditions.len(), 1);
     }
 }

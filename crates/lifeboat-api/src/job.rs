@@ -242,7 +242,9 @@ pub struct ReplicationJobStatus {
     /// What a (test) failover materialised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<FailoverResult>,
-    /// Conditions, for tools that read them.
+    /// As a Kubernetes Job's: none while the job runs, then `Complete=True` when it succeeded
+    /// or `Failed=True` (reason: the error's) when it failed. A list-map keyed by `type`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

@@ -45,3 +45,61 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         ReplicationJob::crd(),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    /// Every `conditions` list under `schema`, with its path.
+    fn condition_lists<'a>(schema: &'a Value, path: &str, found: &mut Vec<(String, &'a Value)>) {
+        if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
+            for (name, property) in properties {
+                let path = format!("{path}.{name}");
+                if name == "conditions" {
+                    found.push((path.clone(), property));
+                }
+                condition_lists(property, &path, found);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            condition_lists(items, &format!("{path}[]"), found);
+        }
+    }
+
+    #[test]
+    fn every_conditions_list_is_a_map_keyed_by_type() {
+        for crd in super::crds() {
+            let kind = crd.spec.names.kind.clone();
+            for version in &crd.spec.versions {
+                let schema = serde_json::to_value(
+                    version
+                        .schema
+                        .as_ref()
+                        .and_then(|s| s.open_api_v3_schema.as_ref()),
+                )
+                .unwrap_or_default();
+                let mut found = Vec::new();
+                condition_lists(&schema, "", &mut found);
+                assert_eq!(
+                    found.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+                    [".status.conditions"],
+                    "{kind}"
+                );
+                for (path, list) in found {
+                    assert_eq!(list["type"], "array", "{kind} {path}");
+                    assert_eq!(list["x-kubernetes-list-type"], "map", "{kind} {path}");
+                    assert_eq!(
+                        list["x-kubernetes-list-map-keys"],
+                        serde_json::json!(["type"]),
+                        "{kind} {path}"
+                    );
+                    let required = list["items"]["required"].as_array();
+                    assert!(
+                        required.is_some_and(|r| r.iter().any(|k| k == "type")),
+                        "{kind} {path}: a map key must be required: {list:#}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -337,8 +337,10 @@ pub struct ReplicationPolicyStatus {
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, with a reason naming a bad field or an unreachable target.
+    /// `Ready`, with a reason naming a bad field or an unreachable target, and
+    /// `DeletionBlocked`. A list-map keyed by `type`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// How many ProtectedVMs use this policy.
     #[serde(default, rename = "protectedVMs")]

@@ -511,8 +511,10 @@ pub struct ProtectedVMStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverResult>,
     /// Protected, InitialReplicationComplete, Replicating, ResyncRequired, Resynchronizing,
-    /// TestFailoverSucceeded, FailedOver.
+    /// TestFailoverSucceeded, FailedOver, and Ready (True when Protected and Normal, for
+    /// `kubectl wait --for=condition=Ready`). A list-map keyed by `type`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// What the node's agent last reported: facts only, written by the agent alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,14 +14,35 @@
 //! | ProtectedVM | `Resynchronizing` | a Resynchronize job runs |
 //! | ProtectedVM | `TestFailoverSucceeded` | a test failover's disks exist |
 //! | ProtectedVM | `FailedOver` | the VM failed over (and maybe committed) |
+//! | ProtectedVM | `Ready` | phase Protected and health Normal, no resync required (see below) |
 //! | ReplicationPolicy | `Ready` | every field is usable and the target answers |
 //! | ReplicationPolicy | `DeletionBlocked` | the policy is being deleted while VMs use it |
+//! | ReplicationJob | `Complete` | the job succeeded (absent until then) |
+//! | ReplicationJob | `Failed` | the job failed; the reason is the error's (absent until then) |
+//!
+//! `Ready` is the kstatus-style summary that `kubectl wait --for=condition=Ready` and GitOps
+//! health checks read. It is True only when the VM is protected *and* replicating within the
+//! policy's targets; otherwise it is False and its reason says why, first match wins:
+//!
+//! | phase | Ready | reason |
+//! |---|---|---|
+//! | Protected, health Normal, no resync required | True | `Protected` |
+//! | Protected, health Warning or Critical | False | the health reason (`AgentQuiet`, `RpoOverThreshold`, `CyclesMissed`, `NoRecentCycle`, `AgentLost`, `NonRecoverableError`, `ResyncBlocked`) |
+//! | Protected, a resync required | False | `ResyncRequired` |
+//! | any other phase, the current operation failed | False | the error's reason (`StoreUnreachable`, ...) |
+//! | any other phase, waiting for something | False | the wait's reason (`PolicyNotFound`, `PolicyNotReady`, `WaitingForStartTime`, `WaitingForJob`) |
+//! | any other phase | False | the phase: `Pending`, `EnablingProtection`, `InitialReplication`, `FinalizingProtection`, `Resynchronizing`, `FailingOver`, `FailedOver`, `FailoverCommitted`, `DisablingProtection`, `Disabled` |
+//!
+//! A ReplicationJob follows the conventions of a Kubernetes Job: while it is pending or running
+//! it has neither condition; it ends with `Complete=True` (reason `Succeeded`) or with
+//! `Failed=True` (reason: its error's reason, e.g. `AgentStopped`, `StoreUnreachable`).
 
 use std::time::SystemTime;
 
+use crate::health::Health;
 use crate::model::{ErrorReport, JobKind, JobState, Phase, ResyncReason};
 
-/// Condition types of a ProtectedVM and of a ReplicationPolicy.
+/// Condition types of a ProtectedVM, a ReplicationPolicy and a ReplicationJob.
 pub mod types {
     /// ProtectedVM: the replication relationship exists.
     pub const PROTECTED: &str = "Protected";
@@ -37,10 +58,14 @@ pub mod types {
     pub const TEST_FAILOVER_SUCCEEDED: &str = "TestFailoverSucceeded";
     /// ProtectedVM: failed over.
     pub const FAILED_OVER: &str = "FailedOver";
-    /// ReplicationPolicy: usable.
+    /// ProtectedVM: protected and healthy; ReplicationPolicy: usable.
     pub const READY: &str = "Ready";
     /// ReplicationPolicy: deletion waits for the VMs that use it.
     pub const DELETION_BLOCKED: &str = "DeletionBlocked";
+    /// ReplicationJob: succeeded.
+    pub const COMPLETE: &str = "Complete";
+    /// ReplicationJob: failed.
+    pub const FAILED: &str = "Failed";
 }
 
 /// True, False or Unknown.
@@ -168,6 +193,12 @@ pub struct VmConditionFacts<'a> {
     pub test_failover_outcome: Option<Verdict>,
     /// What happened to a failover request in this pass (failed, rejected), if anything.
     pub failover_outcome: Option<Verdict>,
+    /// The health decided in this pass: Normal, Warning or Critical.
+    pub health: Health,
+    /// The health's stable reason (`Healthy`, `AgentQuiet`, `NonRecoverableError`, ...).
+    pub health_reason: &'a str,
+    /// The health's message.
+    pub health_message: &'a str,
 }
 
 fn previous<'c>(conditions: &'c [ObservedCondition], type_: &str) -> Option<&'c ObservedCondition> {
@@ -185,11 +216,57 @@ fn keep_false_or(conditions: &[ObservedCondition], type_: &str, default: Verdict
         })
 }
 
-/// The seven conditions of a ProtectedVM, in a stable order.
+/// `Ready`: True only when the VM is protected and healthy; see the module's table.
+fn vm_ready(facts: &VmConditionFacts<'_>) -> Verdict {
+    use Phase as P;
+    let (reason, message) = match facts.phase {
+        P::Protected => {
+            return if facts.health != Health::Normal {
+                Verdict::no(facts.health_reason, facts.health_message)
+            } else if let Some(reason) = facts.resync_required {
+                Verdict::no(
+                    "ResyncRequired",
+                    format!("delta replication stopped: {}", reason.as_str()),
+                )
+            } else {
+                Verdict::yes(
+                    "Protected",
+                    "the VM is protected and replicating within the policy's targets",
+                )
+            };
+        }
+        P::Pending => ("Pending", "protection has not started yet"),
+        P::EnablingProtection => (
+            "EnablingProtection",
+            "checking prerequisites and creating the replica disks",
+        ),
+        P::InitialReplication => ("InitialReplication", "copying the disks"),
+        P::FinalizingProtection => (
+            "FinalizingProtection",
+            "shipping the changes made during the copy",
+        ),
+        P::Resynchronizing => ("Resynchronizing", "a resynchronization runs"),
+        P::FailingOver => ("FailingOver", "a failover is running"),
+        P::FailedOver => ("FailedOver", "the VM failed over; it is not replicating"),
+        P::FailoverCommitted => (
+            "FailoverCommitted",
+            "the failover was committed; it is not replicating",
+        ),
+        P::DisablingProtection => ("DisablingProtection", "protection is being disabled"),
+        P::Disabled => ("Disabled", "the VM is not protected"),
+    };
+    match (facts.job_error, facts.waiting) {
+        (Some(e), _) => Verdict::no(&e.reason, e.message.clone()),
+        (None, Some((reason, message))) => Verdict::no(reason, message),
+        (None, None) => Verdict::no(reason, message),
+    }
+}
+
+/// The eight conditions of a ProtectedVM, in a stable order (`Ready` last: it came last).
 pub fn vm_verdicts(
     facts: &VmConditionFacts<'_>,
     conditions: &[ObservedCondition],
-) -> [(&'static str, Verdict); 7] {
+) -> [(&'static str, Verdict); 8] {
     use Phase as P;
     let phase = facts.phase;
     let failed = |default: Verdict| match facts.job_error {
@@ -348,7 +425,28 @@ pub fn vm_verdicts(
         (types::RESYNCHRONIZING, resynchronizing),
         (types::TEST_FAILOVER_SUCCEEDED, test_failover),
         (types::FAILED_OVER, failed_over),
+        (types::READY, vm_ready(facts)),
     ]
+}
+
+/// The conditions of a ReplicationJob in `state`, as a Kubernetes Job has them: none while it
+/// is pending, running or waiting; `Complete=True` once it succeeded; `Failed=True` with the
+/// error's reason and message (`(reason, message)`) once it failed.
+pub fn job_verdicts(
+    state: JobState,
+    error: Option<(&str, &str)>,
+) -> Option<(&'static str, Verdict)> {
+    match state {
+        JobState::Pending | JobState::Running | JobState::WaitingForInput => None,
+        JobState::Succeeded => Some((
+            types::COMPLETE,
+            Verdict::yes("Succeeded", "the job succeeded"),
+        )),
+        JobState::Failed => {
+            let (reason, message) = error.unwrap_or(("Failed", "the job failed"));
+            Some((types::FAILED, Verdict::yes(reason, message)))
+        }
+    }
 }
 
 /// What a ReplicationPolicy's conditions are decided from.
@@ -500,7 +598,196 @@ mod verdict_tests {
             test_failover_exists: false,
             test_failover_outcome: None,
             failover_outcome: None,
+            health: Health::Normal,
+            health_reason: "Healthy",
+            health_message: "replicating within the policy's targets",
         }
+    }
+
+    fn ready(f: &VmConditionFacts<'_>) -> (ConditionStatus, String) {
+        let verdicts = vm_verdicts(f, &[]);
+        let (type_, v) = &verdicts[7];
+        assert_eq!(*type_, types::READY);
+        (v.status, v.reason.clone())
+    }
+
+    fn error(reason: &str) -> ErrorReport {
+        ErrorReport {
+            class: ErrorClass::Recoverable,
+            reason: reason.into(),
+            message: "down".into(),
+            retry_count: 0,
+            next_retry_time: None,
+            first_seen_time: None,
+        }
+    }
+
+    #[test]
+    fn ready_is_true_only_when_protected_and_healthy() {
+        use ConditionStatus::{False, True};
+        let no = |reason: &str| (False, reason.to_owned());
+        assert_eq!(ready(&facts(Phase::Protected)), (True, "Protected".into()));
+        for (phase, reason) in [
+            (Phase::Pending, "Pending"),
+            (Phase::EnablingProtection, "EnablingProtection"),
+            (Phase::InitialReplication, "InitialReplication"),
+            (Phase::FinalizingProtection, "FinalizingProtection"),
+            (Phase::Resynchronizing, "Resynchronizing"),
+            (Phase::FailingOver, "FailingOver"),
+            (Phase::FailedOver, "FailedOver"),
+            (Phase::FailoverCommitted, "FailoverCommitted"),
+            (Phase::DisablingProtection, "DisablingProtection"),
+            (Phase::Disabled, "Disabled"),
+        ] {
+            assert_eq!(ready(&facts(phase)), no(reason), "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn ready_is_false_with_the_health_reason_when_a_protected_vm_is_not_normal() {
+        for (health, reason) in [
+            (Health::Warning, "AgentQuiet"),
+            (Health::Warning, "RpoOverThreshold"),
+            (Health::Warning, "CyclesMissed"),
+            (Health::Warning, "NoRecentCycle"),
+            (Health::Critical, "AgentLost"),
+            (Health::Critical, "NonRecoverableError"),
+            (Health::Critical, "ResyncBlocked"),
+        ] {
+            let f = VmConditionFacts {
+                health,
+                health_reason: reason,
+                health_message: "behind",
+                ..facts(Phase::Protected)
+            };
+            assert_eq!(
+                ready(&f),
+                (ConditionStatus::False, reason.to_owned()),
+                "{health:?}"
+            );
+            assert_eq!(vm_verdicts(&f, &[])[7].1.message, "behind");
+        }
+        // A resync that is required (and can run: health stays Normal) stops replication.
+        let resync = VmConditionFacts {
+            resync_required: Some(ResyncReason::TrackingLost),
+            ..facts(Phase::Protected)
+        };
+        assert_eq!(
+            ready(&resync),
+            (ConditionStatus::False, "ResyncRequired".into())
+        );
+        // Health counts only once protected: initial replication says so, whatever the health.
+        let copying = VmConditionFacts {
+            health: Health::Critical,
+            health_reason: "AgentLost",
+            ..facts(Phase::InitialReplication)
+        };
+        assert_eq!(
+            ready(&copying),
+            (ConditionStatus::False, "InitialReplication".into())
+        );
+    }
+
+    #[test]
+    fn ready_names_the_error_or_the_wait_before_the_phase() {
+        let e = error("StoreUnreachable");
+        let failed = VmConditionFacts {
+            job_error: Some(&e),
+            waiting: Some(("WaitingForJob", "waits")),
+            ..facts(Phase::InitialReplication)
+        };
+        assert_eq!(
+            ready(&failed),
+            (ConditionStatus::False, "StoreUnreachable".into())
+        );
+        let waiting = VmConditionFacts {
+            waiting: Some(("PolicyNotFound", "the ReplicationPolicy does not exist")),
+            ..facts(Phase::Pending)
+        };
+        assert_eq!(
+            ready(&waiting),
+            (ConditionStatus::False, "PolicyNotFound".into())
+        );
+        // A Protected VM's readiness is its health's: a failed test failover does not count.
+        let test_failed = VmConditionFacts {
+            job_error: Some(&e),
+            ..facts(Phase::Protected)
+        };
+        assert_eq!(
+            ready(&test_failed),
+            (ConditionStatus::True, "Protected".into())
+        );
+    }
+
+    #[test]
+    fn ready_keeps_its_transition_time_until_its_status_changes() {
+        let t = |s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let ready_time = |c: &[ObservedCondition]| {
+            previous(c, types::READY)
+                .map(|c| (c.status, c.reason.clone(), c.last_transition_time))
+                .expect("Ready is set")
+        };
+        let mut c = Vec::new();
+        let pass = |c: &mut Vec<ObservedCondition>, f: &VmConditionFacts<'_>, at| {
+            let verdicts = vm_verdicts(f, c);
+            set_verdicts(c, verdicts, Some(1), at)
+        };
+        let initial = facts(Phase::InitialReplication);
+        pass(&mut c, &initial, t(10));
+        assert_eq!(
+            ready_time(&c),
+            (ConditionStatus::False, "InitialReplication".into(), t(10))
+        );
+        let finalizing = facts(Phase::FinalizingProtection);
+        assert!(pass(&mut c, &finalizing, t(20)));
+        assert_eq!(
+            ready_time(&c),
+            (ConditionStatus::False, "FinalizingProtection".into(), t(10)),
+            "a new reason is not a transition"
+        );
+        let protected = facts(Phase::Protected);
+        pass(&mut c, &protected, t(30));
+        assert_eq!(
+            ready_time(&c),
+            (ConditionStatus::True, "Protected".into(), t(30))
+        );
+        assert!(
+            !pass(&mut c, &protected, t(40)),
+            "nothing changed, nothing to write"
+        );
+        assert_eq!(ready_time(&c).2, t(30));
+    }
+
+    #[test]
+    fn a_job_has_complete_or_failed_once_it_ends_and_neither_before() {
+        for state in [
+            JobState::Pending,
+            JobState::Running,
+            JobState::WaitingForInput,
+        ] {
+            assert_eq!(job_verdicts(state, None), None, "{state:?}");
+        }
+        assert_eq!(
+            job_verdicts(JobState::Succeeded, None),
+            Some((
+                types::COMPLETE,
+                Verdict::yes("Succeeded", "the job succeeded")
+            ))
+        );
+        assert_eq!(
+            job_verdicts(
+                JobState::Failed,
+                Some(("AgentStopped", "the agent stopped"))
+            ),
+            Some((
+                types::FAILED,
+                Verdict::yes("AgentStopped", "the agent stopped")
+            ))
+        );
+        assert_eq!(
+            job_verdicts(JobState::Failed, None).map(|(t, v)| (t, v.reason)),
+            Some((types::FAILED, "Failed".to_owned()))
+        );
     }
 
     fn reasons(f: &VmConditionFacts<'_>) -> Vec<(String, ConditionStatus)> {

@@ -150,6 +150,11 @@ impl Pass<'_> {
             test_failover_exists: self.state.test_failover_exists,
             test_failover_outcome: self.test_failover_outcome.clone(),
             failover_outcome: self.failover_outcome.clone(),
+            health: health.health,
+            health_reason: health.reason,
+            // NB: the stored message, which is rewritten only when the health or its reason
+            // changes: a Ready message that counted minutes would cost a write every pass.
+            health_message: &self.state.health_message,
         };
         let verdicts = crate::conditions::vm_verdicts(&facts, &self.state.conditions);
         set_verdicts(

@@ -308,7 +308,8 @@ async fn protection_starts_with_a_job_then_a_status_applied_as_the_operator() {
             "ResyncRequired",
             "Resynchronizing",
             "TestFailoverSucceeded",
-            "FailedOver"
+            "FailedOver",
+            "Ready"
         ]
     );
     api.done(&mut events).await;
