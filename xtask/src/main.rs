@@ -1,8 +1,8 @@
 //! Lifeboat's developer tasks, one entry point for the whole loop:
 //!
 //! ```text
-//! cargo xtask crdgen            write crds/*.yaml from the API types
-//! cargo xtask crdgen --check    fail when crds/ differs from what the types generate
+//! cargo xtask crdgen            write crds/*.yaml (and the chart's templates/crds/) from the API types
+//! cargo xtask crdgen --check    fail when either differs from what the types generate
 //! cargo xtask test              everything CI checks: fmt, clippy, generated files, tests
 //! cargo xtask windows           the agent for Windows nodes: clippy and a build that links
 //! cargo xtask chart             the Helm chart and the images: lint, render, validate, rules
@@ -99,48 +99,65 @@ fn generated_crds() -> Result<Vec<(String, String)>> {
 }
 
 fn crdgen(root: &Path, check: bool) -> Result<()> {
-    let dir = root.join("crds");
     let generated = generated_crds()?;
+    // NB: the chart's copies are templates (so that `helm upgrade` upgrades the CRDs): the same
+    // YAML, wrapped in crds.enabled and given the chart's labels and crds.keep's annotation.
+    let templates = generated
+        .iter()
+        .map(|(file, text)| Ok((file.clone(), chart::crd_template(file, text)?)))
+        .collect::<Result<Vec<_>>>()?;
     let mut stale = Vec::new();
-    for (file, text) in &generated {
-        let path = dir.join(file);
-        let current = std::fs::read_to_string(&path).unwrap_or_default();
-        if current != *text {
-            stale.push(path.clone());
-            if !check {
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("create {}", dir.display()))?;
-                std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    for (dir, files) in [
+        (root.join("crds"), &generated),
+        (root.join(chart::CRD_TEMPLATES), &templates),
+    ] {
+        for (file, text) in files {
+            let path = dir.join(file);
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            if current != *text {
+                stale.push(path.clone());
+                if !check {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("create {}", dir.display()))?;
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("write {}", path.display()))?;
+                }
+            }
+        }
+        // A CRD file that no type generates any more is stale too.
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if check && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("read {}", dir.display())),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            if name.ends_with(".yaml") && !files.iter().any(|(file, _)| *file == name) {
+                stale.push(path.clone());
+                if !check {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("remove {}", path.display()))?;
+                }
             }
         }
     }
-    // A CRD file that no type generates any more is stale too.
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        if name.ends_with(".yaml") && !generated.iter().any(|(file, _)| *file == name) {
-            stale.push(path.clone());
-            if !check {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("remove {}", path.display()))?;
-            }
-        }
-    }
+    let dirs = format!("crds/ and {}/", chart::CRD_TEMPLATES);
     match (check, stale.is_empty()) {
-        (_, true) => println!("crds/ is up to date ({} CRDs)", generated.len()),
+        (_, true) => println!("{dirs} are up to date ({} CRDs)", generated.len()),
         (true, false) => bail!(
-            "crds/ differs from what the API types generate: {}\nrun `cargo xtask crdgen` and commit the result",
+            "{dirs} differ from what the API types generate: {}\nrun `cargo xtask crdgen` and commit the result",
             stale
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        (false, false) => println!("wrote {} file(s) in crds/", stale.len()),
+        (false, false) => println!("wrote {} file(s) in {dirs}", stale.len()),
     }
     Ok(())
 }
