@@ -591,10 +591,83 @@ fn the_dashboard_and_the_alerts_query_metrics_that_exist() {
     for metric in [
         "lifeboat_vm_rpo_seconds",
         "lifeboat_vm_health",
-        "lifeboat_vm_cycles_succeeded_total",
-        "lifeboat_vm_bytes_shipped_total",
+        "lifeboat_vm_cycles_total",
+        "lifeboat_vm_cycles_missed_total",
+        "lifeboat_vm_replicated_bytes_total",
         "lifeboat_vm_resync_required",
     ] {
         assert!(dashboard.contains(metric), "the dashboard lacks {metric}");
+    }
+}
+
+/// The `VALUE`s of `label="VALUE"` (or `label=\"VALUE\"` in JSON) in `text`.
+fn label_values(text: &str, label: &str) -> BTreeSet<String> {
+    let mut values = BTreeSet::new();
+    let needle = format!("{label}=");
+    let mut rest = text;
+    while let Some(at) = rest.find(&needle) {
+        rest = &rest[at + needle.len()..];
+        let value = rest.trim_start_matches(['\\', '"']);
+        let end = value
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(value.len());
+        values.insert(value[..end].to_owned());
+    }
+    values
+}
+
+#[test]
+fn alerts_link_their_runbooks_and_use_the_exported_label_values() {
+    let root = workspace_root();
+    let rules = std::fs::read_to_string(root.join("charts/lifeboat/templates/prometheusrule.yaml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dashboard = std::fs::read_to_string(root.join("charts/lifeboat/dashboards/lifeboat.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let runbooks =
+        std::fs::read_to_string(root.join("docs/runbooks.md")).unwrap_or_else(|e| panic!("{e}"));
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 7, "{alerts:?}");
+    for alert in &alerts {
+        assert!(
+            runbooks.contains(&format!("\n### {alert}\n")),
+            "docs/runbooks.md has no section {alert}"
+        );
+        assert!(
+            rules.contains(&format!("#{}\" $runbook", alert.to_lowercase())),
+            "{alert} has no runbook_url to its section"
+        );
+    }
+    // Every reason that makes a VM Warning or Critical has a section.
+    let health = std::fs::read_to_string(root.join("crates/lifeboat-core/src/health.rs"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for line in health
+        .lines()
+        .filter(|l| l.starts_with("//! | Critical") || l.starts_with("//! | Warning"))
+    {
+        let reason = line.rsplit('`').nth(1).unwrap_or_default();
+        assert!(
+            !reason.is_empty() && runbooks.contains(&format!("\n### {reason}\n")),
+            "docs/runbooks.md has no section for the health reason in {line:?}"
+        );
+    }
+    // The label values the exporters use: states as the API spells them, one outcome spelling.
+    for text in [&rules, &dashboard] {
+        let states = label_values(text, "state");
+        assert!(
+            states
+                .iter()
+                .all(|s| ["Normal", "Warning", "Critical"].contains(&s.as_str())),
+            "{states:?}"
+        );
+        let outcomes = label_values(text, "outcome");
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| ["succeeded", "failed"].contains(&o.as_str())),
+            "{outcomes:?}"
+        );
     }
 }

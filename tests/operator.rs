@@ -808,11 +808,14 @@ async fn metrics_and_health_are_served() {
     let metrics = get("/metrics").await.unwrap_or_default();
     for series in [
         "lifeboat_vm_rpo_seconds{namespace=\"e2e\",vm=\"web\"}",
-        "lifeboat_vm_health{namespace=\"e2e\",vm=\"web\"} 0",
-        "lifeboat_vm_cycles_succeeded_total{namespace=\"e2e\",vm=\"web\"} 100",
-        "lifeboat_vm_bytes_shipped_total{namespace=\"e2e\",vm=\"web\"}",
+        "lifeboat_vm_health{namespace=\"e2e\",vm=\"web\",state=\"Normal\"} 1",
+        "lifeboat_vm_health{namespace=\"e2e\",vm=\"web\",state=\"Critical\"} 0",
+        "lifeboat_vm_cycles_total{namespace=\"e2e\",vm=\"web\",outcome=\"succeeded\"} 100",
+        "lifeboat_vm_replicated_bytes_total{namespace=\"e2e\",vm=\"web\"}",
         "lifeboat_vm_resync_required{namespace=\"e2e\",vm=\"web\"} 0",
-        "lifeboat_job_duration_seconds_count{type=\"EnableProtection\",outcome=\"Succeeded\"} 1",
+        "lifeboat_job_duration_seconds_count{type=\"EnableProtection\",outcome=\"succeeded\"} 1",
+        "lifeboat_jobs_finished_total{type=\"EnableProtection\",outcome=\"succeeded\"} 1",
+        "lifeboat_build_info{version=",
         "lifeboat_jobs_created_total{type=\"FinalizeProtection\"} 1",
     ] {
         assert!(metrics.contains(series), "{series} missing from\n{metrics}");

@@ -8,10 +8,15 @@
 //!
 //!  VmConfig + store ──open_worker──> Worker ──run_job_on(job, sink)──> JobResult
 //! ```
+//!
+//! Every engine opened under one state folder (one node's agent, one standalone daemon)
+//! draws its uploads from one [`SharedBandwidth`] ([`host_bandwidth`]): the policies'
+//! bandwidth limits apply to the host as a whole, shared fairly between its VMs (see
+//! `lifeboat_engine::throttle`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use lifeboat_api::ReplicationJob;
@@ -19,6 +24,7 @@ use lifeboat_api::common::{ErrorClass, ErrorStatus};
 use lifeboat_control::mapping::{api_time, whole_seconds};
 use lifeboat_core::JobKind;
 use lifeboat_engine::replicator::{Progress, ProgressSink};
+use lifeboat_engine::throttle::SharedBandwidth;
 use lifeboat_engine::{EngineError, JobDirs, JobResult, Replicator, Worker, run_job};
 use lifeboat_store::{ReplicaStore, VmKey};
 
@@ -28,6 +34,21 @@ use crate::jobs::job_kind_params;
 /// The agent state folder of `vm` under the state folder (change logs, engine state).
 pub fn vm_state_dir(state_dir: &Path, vm: &VmKey) -> PathBuf {
     state_dir.join("agent").join(vm.namespace()).join(vm.name())
+}
+
+/// The upload bandwidth of the agent whose state folder is `state_dir`, shared by every VM
+/// engine it opens: created with the first, kept while any engine holds it. One agent (or
+/// daemon) owns a state folder, so this is one bucket per agent process.
+pub fn host_bandwidth(state_dir: &Path) -> Arc<SharedBandwidth> {
+    static HOSTS: Mutex<BTreeMap<PathBuf, Weak<SharedBandwidth>>> = Mutex::new(BTreeMap::new());
+    let mut hosts = HOSTS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(host) = hosts.get(state_dir).and_then(Weak::upgrade) {
+        return host;
+    }
+    hosts.retain(|_, host| host.strong_count() > 0);
+    let host = Arc::new(SharedBandwidth::new());
+    hosts.insert(state_dir.to_owned(), Arc::downgrade(&host));
+    host
 }
 
 /// Why a VM's engine could not be opened.
@@ -89,7 +110,8 @@ impl OpenError {
 }
 
 /// Open the engine of a configured VM over `store`, recovering from a crash (the engine
-/// removes unrecorded logs and reverts a half-applied replica), and wrap it in a worker.
+/// removes unrecorded logs and reverts a half-applied replica), and wrap it in a worker. Its
+/// uploads draw from the host's bandwidth ([`host_bandwidth`] of `state_dir`).
 ///
 /// # Errors
 ///
@@ -114,6 +136,7 @@ pub async fn open_worker(
         vm: config.key.to_string(),
         source,
     })?;
+    engine.throttle().share(&host_bandwidth(state_dir));
     Ok(Worker::new(engine))
 }
 
@@ -227,5 +250,23 @@ mod tests {
             vm_state_dir(Path::new("/var/lib/lifeboat"), &key),
             PathBuf::from("/var/lib/lifeboat/agent/prod/web")
         );
+    }
+
+    #[test]
+    fn the_vms_of_one_state_folder_share_one_bandwidth() {
+        let dir = Path::new("/nonexistent/lifeboat-test/host-bandwidth");
+        let host = host_bandwidth(dir);
+        assert!(Arc::ptr_eq(&host, &host_bandwidth(dir)));
+        let other = host_bandwidth(&dir.join("other"));
+        assert!(!Arc::ptr_eq(&host, &other));
+        // Two VMs' throttles, as open_worker hands them the host's bucket.
+        let (a, b) = (
+            lifeboat_engine::throttle::Throttle::new(Some(1_000_000)),
+            lifeboat_engine::throttle::Throttle::new(Some(400_000)),
+        );
+        a.share(&host_bandwidth(dir));
+        b.share(&host_bandwidth(dir));
+        assert_eq!((host.members(), host.limit()), (2, Some(400_000)));
+        assert_eq!(other.members(), 0);
     }
 }

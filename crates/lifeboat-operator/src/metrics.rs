@@ -1,22 +1,30 @@
 //! Prometheus metrics (`prometheus-client`), served on `/metrics`.
 //!
 //! Two kinds: what the operator does (reconciles, errors, their durations, status writes,
-//! jobs created and how long they took, leadership), kept as counters and histograms; and
-//! what each VM is (RPO, health, cycles, missed cycles, bytes shipped, pending logs, resync
-//! state), read from the VM cache at scrape time by a collector, so that a deleted VM leaves
-//! no stale series behind and nothing is kept twice.
+//! jobs created, ended and how long they took, leadership), kept as counters and histograms;
+//! and what each VM is (RPO, health, cycles, missed cycles, bytes replicated, pending logs,
+//! resync state), read from the VM cache at scrape time by a collector, so that a deleted VM
+//! leaves no stale series behind and nothing is kept twice.
+//!
+//! Names follow Prometheus' conventions: the unit before `_total`, a state as a label whose
+//! series are 1 or 0 (never a numeric code), one spelling of `outcome` (`succeeded`,
+//! `failed`) across the operator and the agent, and `lifeboat_build_info` on both.
 //!
 //! | metric | labels |
 //! |---|---|
+//! | `lifeboat_build_info` (1) | version, component="operator" |
 //! | `lifeboat_reconciles_total`, `lifeboat_reconcile_duration_seconds` | controller |
 //! | `lifeboat_reconcile_errors_total` | controller, error |
 //! | `lifeboat_status_writes_total` | resource |
 //! | `lifeboat_jobs_created_total` | type |
-//! | `lifeboat_job_duration_seconds` | type, outcome |
+//! | `lifeboat_jobs_finished_total`, `lifeboat_job_duration_seconds` | type, outcome: succeeded, failed |
 //! | `lifeboat_leader` | |
-//! | `lifeboat_vm_rpo_seconds`, `lifeboat_vm_health`, `lifeboat_vm_cycles_succeeded_total`, `lifeboat_vm_cycles_failed_total`, `lifeboat_vm_cycles_missed_last_hour`, `lifeboat_vm_bytes_shipped_total`, `lifeboat_vm_pending_log_bytes`, `lifeboat_vm_resync_required`, `lifeboat_vm_resynchronizing` | namespace, vm |
+//! | `lifeboat_vm_rpo_seconds`, `lifeboat_vm_cycles_missed_total`, `lifeboat_vm_replicated_bytes_total`, `lifeboat_vm_pending_log_bytes`, `lifeboat_vm_resync_required`, `lifeboat_vm_resynchronizing` | namespace, vm |
+//! | `lifeboat_vm_health` (1 for the VM's state, 0 for the others) | namespace, vm, state: Normal, Warning, Critical |
+//! | `lifeboat_vm_health_reason` (1) | namespace, vm, reason (e.g. `AgentLost`, `RpoOverThreshold`) |
+//! | `lifeboat_vm_cycles_total` | namespace, vm, outcome: succeeded, failed |
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -37,12 +45,50 @@ type Labels1 = [(&'static str, String); 1];
 type Labels2 = [(&'static str, String); 2];
 type HistogramMaker = fn() -> Histogram;
 
+/// The `outcome` label of a job or cycle, spelt the same on every metric.
+pub fn outcome(succeeded: bool) -> &'static str {
+    if succeeded { "succeeded" } else { "failed" }
+}
+
 fn reconcile_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 14))
 }
 
 fn job_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 4.0, 10))
+}
+
+/// The window of "cycles missed in the last hour".
+const MISSED_WINDOW: Duration = Duration::from_secs(3600);
+
+/// The missed cycles of one VM, counted from the operator's one-hour window.
+#[derive(Debug, Default)]
+struct Missed {
+    /// Missed cycles counted since this replica started.
+    total: u64,
+    /// When each missed cycle still in the window was counted.
+    recent: VecDeque<Instant>,
+}
+
+impl Missed {
+    /// The window holds `in_window` missed cycles at `now`: those the recent record does not
+    /// account for are new. NB: a cycle is counted when a reconcile first sees it missed, and
+    /// a cycle that is late but then succeeds may be counted; the count never goes down.
+    fn observe(&mut self, in_window: u32, now: Instant) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= MISSED_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        let known = self.recent.len();
+        let in_window = usize::try_from(in_window).unwrap_or(usize::MAX);
+        for _ in known..in_window {
+            self.recent.push_back(now);
+            self.total += 1;
+        }
+    }
 }
 
 /// The operator's metrics.
@@ -53,9 +99,10 @@ pub struct Metrics {
     reconcile_duration: Family<Labels1, Histogram, HistogramMaker>,
     status_writes: Family<Labels1, Counter>,
     jobs_created: Family<Labels1, Counter>,
+    jobs_finished: Family<Labels2, Counter>,
     job_duration: Family<Labels2, Histogram, HistogramMaker>,
     leader: Gauge,
-    missed: Arc<Mutex<HashMap<(String, String), u32>>>,
+    missed: Arc<Mutex<HashMap<(String, String), Missed>>>,
     vms: Arc<OnceLock<Store<ProtectedVM>>>,
 }
 
@@ -81,9 +128,31 @@ impl Metrics {
             Family::new_with_constructor(reconcile_histogram);
         let status_writes = Family::<Labels1, Counter>::default();
         let jobs_created = Family::<Labels1, Counter>::default();
+        let jobs_finished = Family::<Labels2, Counter>::default();
+        // NB: a counter's series appear at 0, so that increase() sees the first failure.
+        for kind in lifeboat_core::JobKind::ALL {
+            for succeeded in [true, false] {
+                let _ = jobs_finished.get_or_create(&[
+                    ("type", kind.as_str().into()),
+                    ("outcome", outcome(succeeded).into()),
+                ]);
+            }
+        }
         let job_duration: Family<Labels2, Histogram, HistogramMaker> =
             Family::new_with_constructor(job_histogram);
         let leader = Gauge::default();
+        let build_info = Family::<Labels2, Gauge>::default();
+        build_info
+            .get_or_create(&[
+                ("version", env!("CARGO_PKG_VERSION").into()),
+                ("component", "operator".into()),
+            ])
+            .set(1);
+        registry.register(
+            "build_info",
+            "1, labelled with the version of the running operator",
+            build_info,
+        );
         registry.register(
             "reconciles",
             "Reconciles run, by controller",
@@ -110,6 +179,11 @@ impl Metrics {
             jobs_created.clone(),
         );
         registry.register(
+            "jobs_finished",
+            "ReplicationJobs that ended, by type and outcome (succeeded, failed)",
+            jobs_finished.clone(),
+        );
+        registry.register(
             "job_duration_seconds",
             "How long ReplicationJobs ran, from start to completion, by type and outcome",
             job_duration.clone(),
@@ -132,6 +206,7 @@ impl Metrics {
             reconcile_duration,
             status_writes,
             jobs_created,
+            jobs_finished,
             job_duration,
             leader,
             missed,
@@ -184,17 +259,21 @@ impl Metrics {
             .inc();
     }
 
-    /// A job ended.
+    /// A job ended: counted, and timed when it ran.
     pub fn job_finished(
         &self,
         job_type: &'static str,
         succeeded: bool,
         duration: Option<Duration>,
     ) {
+        let labels = [
+            ("type", job_type.into()),
+            ("outcome", outcome(succeeded).into()),
+        ];
+        self.jobs_finished.get_or_create(&labels).inc();
         if let Some(duration) = duration {
-            let outcome = if succeeded { "Succeeded" } else { "Failed" };
             self.job_duration
-                .get_or_create(&[("type", job_type.into()), ("outcome", outcome.into())])
+                .get_or_create(&labels)
                 .observe(duration.as_secs_f64());
         }
     }
@@ -204,10 +283,17 @@ impl Metrics {
         self.leader.set(i64::from(leading));
     }
 
-    /// The cycles a VM missed in the last hour, as the last reconcile decided.
-    pub fn set_cycles_missed(&self, namespace: &str, vm: &str, missed: u32) {
+    /// The cycles a VM missed in the last hour, as the last reconcile decided: those not yet
+    /// counted are added to `lifeboat_vm_cycles_missed_total`.
+    pub fn set_cycles_missed(&self, namespace: &str, vm: &str, missed_last_hour: u32) {
+        self.cycles_missed_at(namespace, vm, missed_last_hour, Instant::now());
+    }
+
+    fn cycles_missed_at(&self, namespace: &str, vm: &str, missed_last_hour: u32, now: Instant) {
         let mut map = self.missed.lock().unwrap_or_else(PoisonError::into_inner);
-        map.insert((namespace.to_owned(), vm.to_owned()), missed);
+        map.entry((namespace.to_owned(), vm.to_owned()))
+            .or_default()
+            .observe(missed_last_hour, now);
     }
 
     /// The text exposition of every metric.
@@ -238,7 +324,7 @@ impl Drop for ReconcileTimer<'_> {
 /// Per-VM metrics, read from the cache at scrape time.
 struct VmCollector {
     vms: Arc<OnceLock<Store<ProtectedVM>>>,
-    missed: Arc<Mutex<HashMap<(String, String), u32>>>,
+    missed: Arc<Mutex<HashMap<(String, String), Missed>>>,
 }
 
 impl fmt::Debug for VmCollector {
@@ -247,78 +333,120 @@ impl fmt::Debug for VmCollector {
     }
 }
 
-/// One per-VM series: name, help, type, and the value of a VM (none: no sample).
+/// Samples of one VM: the labels besides namespace and vm, and the value.
+type Samples = Vec<(Option<(&'static str, String)>, i64)>;
+
+/// One per-VM series: name, help, type, and the samples of a VM given its missed cycles
+/// (none: no sample).
 type Series = (
     &'static str,
     &'static str,
     MetricType,
-    fn(&ProtectedVM, Option<u32>) -> Option<i64>,
+    fn(&ProtectedVM, Option<u64>) -> Samples,
 );
 
 fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// One sample without further labels, if there is a value.
+fn one(value: Option<i64>) -> Samples {
+    value.map(|v| (None, v)).into_iter().collect()
+}
+
+const HEALTH_STATES: [(Health, &str); 3] = [
+    (Health::Normal, "Normal"),
+    (Health::Warning, "Warning"),
+    (Health::Critical, "Critical"),
+];
+
 const SERIES: [Series; 9] = [
     (
         "vm_rpo_seconds",
         "Age of the VM's latest durable recovery point",
         MetricType::Gauge,
-        |vm, _| vm.status.as_ref().and_then(|s| s.rpo_seconds).map(clamp),
+        |vm, _| one(vm.status.as_ref().and_then(|s| s.rpo_seconds).map(clamp)),
     ),
     (
         "vm_health",
-        "The VM's health: 0 Normal, 1 Warning, 2 Critical",
+        "The VM's health: 1 for its state (Normal, Warning, Critical), 0 for the others",
         MetricType::Gauge,
         |vm, _| {
-            vm.status.as_ref().map(|s| match s.health {
-                Health::Normal => 0,
-                Health::Warning => 1,
-                Health::Critical => 2,
+            vm.status.as_ref().map_or_else(Vec::new, |s| {
+                HEALTH_STATES
+                    .iter()
+                    .map(|(h, name)| {
+                        (
+                            Some(("state", (*name).to_owned())),
+                            i64::from(s.health == *h),
+                        )
+                    })
+                    .collect()
             })
         },
     ),
     (
-        "vm_cycles_succeeded",
-        "Replication cycles that succeeded, as the agent counts them",
-        MetricType::Counter,
-        |vm, _| agent(vm).map(|a| clamp(a.cycles.succeeded_total)),
-    ),
-    (
-        "vm_cycles_failed",
-        "Replication cycles that failed, as the agent counts them",
-        MetricType::Counter,
-        |vm, _| agent(vm).map(|a| clamp(a.cycles.failed_total)),
-    ),
-    (
-        "vm_cycles_missed_last_hour",
-        "Cycles due in the last hour that did not succeed",
+        "vm_health_reason",
+        "1, labelled with the reason of the VM's health (Healthy, AgentLost, RpoOverThreshold, ...)",
         MetricType::Gauge,
-        |_, missed| missed.map(i64::from),
+        |vm, _| {
+            vm.status
+                .as_ref()
+                .and_then(|s| s.health_reason.clone())
+                .filter(|r| !r.is_empty())
+                .map(|r| (Some(("reason", r)), 1))
+                .into_iter()
+                .collect()
+        },
     ),
     (
-        "vm_bytes_shipped",
+        "vm_cycles",
+        "Replication cycles that ended, by outcome (succeeded, failed), as the agent counts them",
+        MetricType::Counter,
+        |vm, _| {
+            agent(vm).map_or_else(Vec::new, |a| {
+                vec![
+                    (
+                        Some(("outcome", outcome(true).to_owned())),
+                        clamp(a.cycles.succeeded_total),
+                    ),
+                    (
+                        Some(("outcome", outcome(false).to_owned())),
+                        clamp(a.cycles.failed_total),
+                    ),
+                ]
+            })
+        },
+    ),
+    (
+        "vm_cycles_missed",
+        "Cycles that were due and did not succeed (failed or never ran), counted by this replica",
+        MetricType::Counter,
+        |_, missed| one(missed.map(clamp)),
+    ),
+    (
+        "vm_replicated_bytes",
         "Bytes shipped to the replica store",
         MetricType::Counter,
-        |vm, _| agent(vm).map(|a| clamp(a.cycles.bytes_shipped_total)),
+        |vm, _| one(agent(vm).map(|a| clamp(a.cycles.bytes_shipped_total))),
     ),
     (
         "vm_pending_log_bytes",
         "Bytes of change logs awaiting shipment",
         MetricType::Gauge,
-        |vm, _| vm.status.as_ref().map(|s| clamp(s.pending_log_bytes)),
+        |vm, _| one(vm.status.as_ref().map(|s| clamp(s.pending_log_bytes))),
     ),
     (
         "vm_resync_required",
         "1 while the VM needs a resynchronization",
         MetricType::Gauge,
         |vm, _| {
-            vm.status.as_ref().map(|s| {
+            one(vm.status.as_ref().map(|s| {
                 i64::from(s.conditions.iter().any(|c| {
                     c.type_ == lifeboat_core::conditions::types::RESYNC_REQUIRED
                         && c.status == "True"
                 }))
-            })
+            }))
         },
     ),
     (
@@ -326,9 +454,10 @@ const SERIES: [Series; 9] = [
         "1 while a resynchronization runs",
         MetricType::Gauge,
         |vm, _| {
-            vm.status
+            one(vm
+                .status
                 .as_ref()
-                .map(|s| i64::from(s.phase == ProtectionPhase::Resynchronizing))
+                .map(|s| i64::from(s.phase == ProtectionPhase::Resynchronizing)))
         },
     ),
 ];
@@ -352,20 +481,21 @@ impl Collector for VmCollector {
                 .collect();
             missed.retain(|key, _| live.contains(key));
         }
-        for (name, help, metric_type, value) in SERIES {
+        for (name, help, metric_type, samples) in SERIES {
             let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
             for vm in &vms {
                 let key = (vm.namespace().unwrap_or_default(), vm.name_any());
-                let Some(v) = value(vm, missed.get(&key).copied()) else {
-                    continue;
-                };
-                let labels: Labels2 = [("namespace", key.0), ("vm", key.1)];
-                let family = metric.encode_family(&labels)?;
-                match metric_type {
-                    MetricType::Counter => {
-                        ConstCounter::new(u64::try_from(v).unwrap_or(0)).encode(family)?;
+                let vm_missed = missed.get(&key).map(|m| m.total);
+                for (extra, v) in samples(vm, vm_missed) {
+                    let mut labels = vec![("namespace", key.0.clone()), ("vm", key.1.clone())];
+                    labels.extend(extra);
+                    let family = metric.encode_family(&labels)?;
+                    match metric_type {
+                        MetricType::Counter => {
+                            ConstCounter::new(u64::try_from(v).unwrap_or(0)).encode(family)?;
+                        }
+                        _ => ConstGauge::new(v).encode(family)?,
                     }
-                    _ => ConstGauge::new(v).encode(family)?,
                 }
             }
         }
@@ -382,6 +512,7 @@ impl lifeboat_http::MetricsText for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::watcher::Event;
 
     #[test]
     fn the_exposition_names_every_operator_metric() {
@@ -393,19 +524,105 @@ mod tests {
         metrics.status_written("ProtectedVM");
         metrics.job_created("EnableProtection");
         metrics.job_finished("EnableProtection", true, Some(Duration::from_secs(42)));
+        metrics.job_finished("Resynchronize", false, None);
         metrics.set_leader(true);
         let text = metrics.encode().unwrap_or_default();
         for line in [
+            concat!(
+                "lifeboat_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\",component=\"operator\"} 1"
+            ),
             "lifeboat_reconciles_total{controller=\"ProtectedVM\"} 1",
             "lifeboat_reconcile_errors_total{controller=\"ProtectedVM\",error=\"apply_status\"} 1",
             "lifeboat_status_writes_total{resource=\"ProtectedVM\"} 1",
             "lifeboat_jobs_created_total{type=\"EnableProtection\"} 1",
-            "lifeboat_job_duration_seconds_count{type=\"EnableProtection\",outcome=\"Succeeded\"} 1",
+            "lifeboat_jobs_finished_total{type=\"EnableProtection\",outcome=\"succeeded\"} 1",
+            "lifeboat_jobs_finished_total{type=\"Resynchronize\",outcome=\"failed\"} 1",
+            "lifeboat_job_duration_seconds_count{type=\"EnableProtection\",outcome=\"succeeded\"} 1",
             "lifeboat_leader 1",
             "lifeboat_reconcile_duration_seconds_count{controller=\"ProtectedVM\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+        // A job that never ran is counted, not timed.
+        assert!(
+            !text.contains("lifeboat_job_duration_seconds_count{type=\"Resynchronize\""),
+            "{text}"
+        );
         assert_eq!(metrics.status_writes("ProtectedVM"), 1);
+    }
+
+    #[test]
+    fn per_vm_series_carry_states_and_outcomes_as_labels() {
+        let metrics = Metrics::new();
+        let (store, mut writer) = kube::runtime::reflector::store::<ProtectedVM>();
+        let vm: ProtectedVM = serde_json::from_value(serde_json::json!({
+            "apiVersion": "lifeboat.io/v1alpha1",
+            "kind": "ProtectedVM",
+            "metadata": {"name": "web", "namespace": "prod"},
+            "spec": {
+                "vmName": "web", "nodeName": "node-1",
+                "hypervisor": {"qemu": {"qmpSocket": "/run/web.qmp"}},
+                "disks": [{"name": "os", "path": "/vm/web.qcow2", "blockNode": "os0"}],
+                "policyRef": {"name": "gold"}
+            },
+            "status": {
+                "phase": "Protected", "health": "Warning", "healthReason": "CyclesMissed",
+                "rpoSeconds": 90,
+                "agent": {"cycles": {"succeededTotal": 7, "failedTotal": 3, "bytesShippedTotal": 4096}}
+            }
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        writer.apply_watcher_event(&Event::Apply(vm));
+        metrics.watch_vms(store);
+        metrics.set_cycles_missed("prod", "web", 2);
+        let text = metrics.encode().unwrap_or_default();
+        for line in [
+            "lifeboat_vm_health{namespace=\"prod\",vm=\"web\",state=\"Normal\"} 0",
+            "lifeboat_vm_health{namespace=\"prod\",vm=\"web\",state=\"Warning\"} 1",
+            "lifeboat_vm_health{namespace=\"prod\",vm=\"web\",state=\"Critical\"} 0",
+            "lifeboat_vm_health_reason{namespace=\"prod\",vm=\"web\",reason=\"CyclesMissed\"} 1",
+            "lifeboat_vm_cycles_total{namespace=\"prod\",vm=\"web\",outcome=\"succeeded\"} 7",
+            "lifeboat_vm_cycles_total{namespace=\"prod\",vm=\"web\",outcome=\"failed\"} 3",
+            "lifeboat_vm_cycles_missed_total{namespace=\"prod\",vm=\"web\"} 2",
+            "lifeboat_vm_replicated_bytes_total{namespace=\"prod\",vm=\"web\"} 4096",
+            "lifeboat_vm_rpo_seconds{namespace=\"prod\",vm=\"web\"} 90",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn missed_cycles_are_counted_once_as_they_enter_the_hour() {
+        let metrics = Metrics::new();
+        let t0 = Instant::now();
+        let at = |minutes: u64| t0 + Duration::from_secs(minutes * 60);
+        let total = || {
+            metrics
+                .missed
+                .lock()
+                .map(|m| {
+                    m.get(&("ns".to_owned(), "vm".to_owned()))
+                        .map_or(0, |m| m.total)
+                })
+                .unwrap_or(0)
+        };
+        metrics.cycles_missed_at("ns", "vm", 0, at(0));
+        assert_eq!(total(), 0);
+        // A VM failing every 5-minute cycle: the window fills to 12 in an hour...
+        for n in 1..=12 {
+            metrics.cycles_missed_at("ns", "vm", n, at(5 * u64::from(n)));
+        }
+        assert_eq!(total(), 12);
+        // ...then stays at 12 as old misses leave and new ones enter: still counted.
+        for n in 13..=24u32 {
+            metrics.cycles_missed_at("ns", "vm", 12, at(5 * u64::from(n)));
+        }
+        assert_eq!(total(), 24);
+        // Looking again without news counts nothing; recovery never lowers the count.
+        metrics.cycles_missed_at("ns", "vm", 12, at(120));
+        metrics.cycles_missed_at("ns", "vm", 0, at(200));
+        assert_eq!(total(), 24);
     }
 }

@@ -1,8 +1,12 @@
 //! The agent's HTTP endpoint: `/healthz` (the process answers), `/readyz` (its caches are in
 //! sync) and `/metrics` (Prometheus text), served by the operator's endpoint code.
 //!
+//! Names follow the operator's conventions (the unit before `_total`, one spelling of
+//! `outcome`: `succeeded`, `failed`, ...).
+//!
 //! | metric | labels |
 //! |---|---|
+//! | `lifeboat_build_info` (1) | version, component="agent" |
 //! | `lifeboat_agent_vms` | |
 //! | `lifeboat_agent_claims_total` | outcome: won, lost, error |
 //! | `lifeboat_agent_jobs_total` | type, outcome: succeeded, failed, abandoned, withdrawn |
@@ -50,7 +54,20 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric, registered.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("lifeboat_agent");
+        let mut root = Registry::default();
+        let build_info = Family::<Labels2, Gauge>::default();
+        build_info
+            .get_or_create(&[
+                ("version", env!("CARGO_PKG_VERSION").into()),
+                ("component", "agent".into()),
+            ])
+            .set(1);
+        root.register(
+            "lifeboat_build_info",
+            "1, labelled with the version of the running agent",
+            build_info,
+        );
+        let registry = root.sub_registry_with_prefix("lifeboat_agent");
         let metrics = Self {
             vms: Gauge::default(),
             claims: Family::default(),
@@ -81,7 +98,7 @@ impl Metrics {
             metrics.api_errors.clone(),
         );
         Self {
-            registry,
+            registry: root,
             ..metrics
         }
     }
@@ -174,5 +191,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("lifeboat_agent_vms 3"), "{text}");
+        assert!(
+            text.contains(concat!(
+                "lifeboat_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\",component=\"agent\"} 1"
+            )),
+            "{text}"
+        );
     }
 }
