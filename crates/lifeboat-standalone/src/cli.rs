@@ -1,8 +1,7 @@
 //! What the `lifeboat` command shows and asks in standalone mode: a `kubectl get pvm`-like
 //! table, recovery points, and requests (resync, failover, cleanup, commit) written for the
-//! daemon and waited on, with progress on a terminal and silence when piped.
+//! daemon and waited on, telling a progress display (the binary's) about the job.
 
-use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -61,40 +60,32 @@ pub fn vms(state_dir: &Path) -> Result<Vec<ProtectedVM>, String> {
     Db::new(state_dir).list(VM_KIND).map_err(|e| e.to_string())
 }
 
-/// The `lifeboat status` table: what `kubectl get pvm` shows, plus the pending log.
-pub fn status_table(vms: &[ProtectedVM], now: SystemTime) -> String {
-    let mut rows = vec![
-        [
-            "NAMESPACE",
-            "NAME",
-            "PHASE",
-            "HEALTH",
-            "RPO",
-            "LAST SYNC",
-            "PENDING LOG",
-            "POINTS",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
-    for vm in vms {
-        let status = vm.status.clone().unwrap_or_default();
-        rows.push(vec![
-            vm.metadata.namespace.clone().unwrap_or_default(),
-            vm.metadata.name.clone().unwrap_or_default(),
-            format!("{:?}", status.phase),
-            format!("{:?}", status.health),
-            status.rpo.clone().unwrap_or_else(|| "-".into()),
-            age(
-                status.last_successful_cycle_time.as_ref().map(system_time),
-                now,
-            ),
-            human_bytes(status.pending_log_bytes),
-            status.recovery_points.count.to_string(),
-        ]);
+/// An API enum as its manifests spell it (`Protected`, `CrashConsistent`), not Rust's Debug.
+pub fn words<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(word)) => word,
+        Ok(other) => other.to_string(),
+        Err(_) => "unknown".into(),
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+}
+
+/// Which columns a table has: `wide` adds details, `namespaces` the NAMESPACE column (for a
+/// list across namespaces, as `kubectl get -A`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Columns {
+    /// `-o wide`.
+    pub wide: bool,
+    /// `-A`: the first column is the namespace.
+    pub namespaces: bool,
+}
+
+/// Rows as aligned columns, three spaces apart, no trailing blanks.
+fn render(rows: &[Vec<String>]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let widths: Vec<usize> = (0..first.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     rows.iter()
         .map(|r| {
@@ -108,6 +99,133 @@ pub fn status_table(vms: &[ProtectedVM], now: SystemTime) -> String {
                 + "\n"
         })
         .collect()
+}
+
+/// The `lifeboat status` table: what `kubectl get pvm` shows, plus the pending log.
+pub fn status_table(vms: &[ProtectedVM], now: SystemTime, columns: Columns) -> String {
+    let mut header = vec![
+        "NAME",
+        "PHASE",
+        "HEALTH",
+        "RPO",
+        "LAST SYNC",
+        "PENDING LOG",
+        "POINTS",
+    ];
+    if columns.namespaces {
+        header.insert(0, "NAMESPACE");
+    }
+    if columns.wide {
+        header.extend(["REASON", "NODE", "POLICY", "JOB"]);
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
+    for vm in vms {
+        let status = vm.status.clone().unwrap_or_default();
+        let mut row = vec![
+            vm.metadata.name.clone().unwrap_or_default(),
+            words(&status.phase),
+            words(&status.health),
+            status.rpo.clone().unwrap_or_else(|| "-".into()),
+            age(
+                status.last_successful_cycle_time.as_ref().map(system_time),
+                now,
+            ),
+            human_bytes(status.pending_log_bytes),
+            status.recovery_points.count.to_string(),
+        ];
+        if columns.namespaces {
+            row.insert(0, vm.metadata.namespace.clone().unwrap_or_default());
+        }
+        if columns.wide {
+            row.extend([
+                status.health_reason.clone().unwrap_or_else(|| "-".into()),
+                vm.spec.node_name.clone(),
+                vm.spec.policy_ref.name.clone(),
+                status
+                    .current_job
+                    .as_ref()
+                    .map(|j| j.name.clone())
+                    .unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        rows.push(row);
+    }
+    render(&rows)
+}
+
+/// The jobs the daemon keeps (running and finished), oldest first.
+///
+/// # Errors
+///
+/// The embedded store cannot be read.
+pub fn jobs(state_dir: &Path) -> Result<Vec<ReplicationJob>, String> {
+    Db::new(state_dir).list(JOB_KIND).map_err(|e| e.to_string())
+}
+
+/// When a job started (else when it was created).
+pub fn job_start(job: &ReplicationJob) -> Option<SystemTime> {
+    job.status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .map(system_time)
+}
+
+/// The `lifeboat jobs` table: NAME VM TYPE PHASE PROGRESS STARTED DURATION, as
+/// `kubectl get rjob` shows them, with the duration so far for a running job.
+pub fn jobs_table(jobs: &[ReplicationJob], now: SystemTime, columns: Columns) -> String {
+    let mut header = vec![
+        "NAME", "VM", "TYPE", "PHASE", "PROGRESS", "STARTED", "DURATION",
+    ];
+    if columns.namespaces {
+        header.insert(0, "NAMESPACE");
+    }
+    if columns.wide {
+        header.extend(["NODE", "BYTES", "MESSAGE"]);
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
+    for job in jobs {
+        let status = job.status.clone().unwrap_or_default();
+        let started = job_start(job);
+        let ended = status.completion_time.as_ref().map(system_time);
+        let duration = match (started, ended) {
+            (Some(start), Some(end)) => {
+                format_duration(end.duration_since(start).unwrap_or_default())
+            }
+            (Some(start), None) => format_duration(now.duration_since(start).unwrap_or_default()),
+            _ => "-".into(),
+        };
+        let mut row = vec![
+            job.metadata.name.clone().unwrap_or_default(),
+            job.spec.vm_ref.name.clone(),
+            words(&job.spec.job_type),
+            words(&status.phase),
+            format!("{}%", status.progress.percent),
+            age(started, now),
+            duration,
+        ];
+        if columns.namespaces {
+            row.insert(0, job.metadata.namespace.clone().unwrap_or_default());
+        }
+        if columns.wide {
+            let message = status
+                .error
+                .as_ref()
+                .map(|e| format!("{}: {}", e.reason, e.message))
+                .or_else(|| status.progress.message.clone())
+                .unwrap_or_else(|| "-".into());
+            row.extend([
+                job.spec.node_name.clone(),
+                format!(
+                    "{} / {}",
+                    human_bytes(status.progress.bytes_done),
+                    human_bytes(status.progress.bytes_total)
+                ),
+                message.replace('\n', " "),
+            ]);
+        }
+        rows.push(row);
+    }
+    render(&rows)
 }
 
 /// The recovery points of a VM, newest last, from its replica store.
@@ -365,12 +483,51 @@ fn handled(vm: &ProtectedVM, action: &Action) -> Option<String> {
     }
 }
 
-/// Wait until the daemon echoes `token` for `action`, showing the running job's progress
-/// (bytes, throughput, ETA) on a terminal. Returns the VM as it then is.
+/// Why [`wait`] gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitError {
+    /// The job that handles the request failed (its reason and message).
+    Failed(String),
+    /// The request was not handled in time.
+    Timeout(String),
+    /// The VM or its job could not be read (the store, or the API server).
+    Source(String),
+}
+
+impl std::fmt::Display for WaitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitError::Failed(m) | WaitError::Timeout(m) | WaitError::Source(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for WaitError {}
+
+/// What [`wait`] reports while it waits: the job that handles the request, each time it is
+/// read (the `lifeboat` binary draws a progress bar from it), and the end of the wait.
+pub trait Progress {
+    /// The request's job as it is now.
+    fn job(&mut self, job: &ReplicationJob);
+    /// The wait is over (done, failed or timed out): clear or end the display.
+    fn finish(&mut self);
+}
+
+/// No display: for scripts, and for output that is not a terminal.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn job(&mut self, _: &ReplicationJob) {}
+    fn finish(&mut self) {}
+}
+
+/// Wait until the daemon (or the operator) echoes `token` for `action`, telling `progress`
+/// about the job that handles it. Returns the VM as it then is.
 ///
 /// # Errors
 ///
-/// The wait timed out, or the job failed (its error is the message).
+/// The wait timed out, the job failed (its error is the message), or the VM could not be read.
 pub async fn wait(
     resources: &dyn Resources,
     namespace: &str,
@@ -378,14 +535,32 @@ pub async fn wait(
     action: &Action,
     token: &str,
     timeout: Duration,
-) -> Result<ProtectedVM, String> {
+    progress: &mut dyn Progress,
+) -> Result<ProtectedVM, WaitError> {
+    let result = wait_inner(resources, namespace, name, action, token, timeout, progress).await;
+    progress.finish();
+    result
+}
+
+async fn wait_inner(
+    resources: &dyn Resources,
+    namespace: &str,
+    name: &str,
+    action: &Action,
+    token: &str,
+    timeout: Duration,
+    progress: &mut dyn Progress,
+) -> Result<ProtectedVM, WaitError> {
     let started = Instant::now();
-    let terminal = std::io::stderr().is_terminal();
-    let mut shown = false;
     loop {
-        let vm = resources.vm(namespace, name).await?;
+        let vm = resources
+            .vm(namespace, name)
+            .await
+            .map_err(WaitError::Source)?;
         let Some(vm) = vm else {
-            return Err(format!("ProtectedVM {namespace}/{name} disappeared"));
+            return Err(WaitError::Source(format!(
+                "ProtectedVM {namespace}/{name} disappeared"
+            )));
         };
         let job_name = vm
             .status
@@ -393,70 +568,37 @@ pub async fn wait(
             .and_then(|s| s.current_job.as_ref())
             .map(|j| j.name.clone());
         let job: Option<ReplicationJob> = match &job_name {
-            Some(job) => resources.job(namespace, job).await?,
+            Some(job) => resources
+                .job(namespace, job)
+                .await
+                .map_err(WaitError::Source)?,
             None => None,
         };
-        let ours = job
-            .as_ref()
-            .is_some_and(|j| j.spec.parameters.request_token.as_deref() == Some(token));
-        if terminal
-            && ours
-            && let Some(status) = job.as_ref().and_then(|j| j.status.as_ref())
-        {
-            let p = &status.progress;
-            let elapsed = started.elapsed().as_secs_f64().max(0.001);
-            let rate = p.bytes_done as f64 / elapsed;
-            let eta = if rate > 0.0 && p.bytes_total > p.bytes_done {
-                format_duration(Duration::from_secs_f64(
-                    (p.bytes_total - p.bytes_done) as f64 / rate,
-                ))
-            } else {
-                "-".into()
-            };
-            eprint!(
-                "\r{:?} {:>3}%  {} / {}  {}/s  ETA {eta}      ",
-                status.phase,
-                p.percent,
-                human_bytes(p.bytes_done),
-                human_bytes(p.bytes_total),
-                human_bytes(rate as u64)
-            );
-            let _ = std::io::stderr().flush();
-            shown = true;
+        let ours = job.filter(|j| j.spec.parameters.request_token.as_deref() == Some(token));
+        if let Some(job) = &ours {
+            progress.job(job);
         }
-        if let Some(status) = job
-            .as_ref()
-            .and_then(|j| j.status.as_ref())
-            .filter(|_| ours)
+        if let Some(status) = ours.as_ref().and_then(|j| j.status.as_ref())
             && status.phase == lifeboat_api::JobPhase::Failed
         {
-            if shown {
-                eprintln!();
-            }
             let why = status
                 .error
                 .as_ref()
                 .map(|e| format!("{}: {}", e.reason, e.message))
                 .unwrap_or_else(|| "no reason given".into());
-            return Err(format!(
+            return Err(WaitError::Failed(format!(
                 "the job {} failed: {why}",
                 job_name.unwrap_or_default()
-            ));
+            )));
         }
         if handled(&vm, action).as_deref() == Some(token) {
-            if shown {
-                eprintln!();
-            }
             return Ok(vm);
         }
         if started.elapsed() > timeout {
-            if shown {
-                eprintln!();
-            }
-            return Err(format!(
-                "the daemon did not handle the request within {}",
+            return Err(WaitError::Timeout(format!(
+                "the request was not handled within {}",
                 format_duration(timeout)
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

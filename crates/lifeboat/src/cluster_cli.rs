@@ -4,33 +4,67 @@
 //! `status.handledRequests` echoes it, showing the job's progress.
 
 use anyhow::{Context, Result};
-use kube::Client;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use std::time::SystemTime;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use std::path::Path;
 
 use lifeboat_api::protected_vm::Requests;
 use lifeboat_api::{ProtectedVM, ReplicationJob};
 use lifeboat_standalone::cli::{self, Action, Resources};
 
-/// The cluster's resources, through the current kubeconfig context (or in-cluster config).
+use crate::exit::Exit;
+
+/// The labels of the chart's operator Deployment (charts/lifeboat/templates/_helpers.tpl):
+/// `part-of` is `lifeboat` whatever `nameOverride` says, `component` names the role.
+pub const OPERATOR_SELECTOR: &str =
+    "app.kubernetes.io/part-of=lifeboat,app.kubernetes.io/component=operator";
+
+/// The cluster's resources, through a kubeconfig context (or in-cluster config).
 pub struct Cluster {
     client: Client,
+    /// The context's namespace (`default` when it has none; the pod's, in a cluster).
+    pub namespace: String,
 }
 
 impl Cluster {
-    /// Connect with the default configuration (KUBECONFIG, ~/.kube/config, or in-cluster).
+    /// Connect with `kubeconfig` (else KUBECONFIG, ~/.kube/config, or in-cluster config) and
+    /// its `context` (else the current one).
     ///
     /// # Errors
     ///
-    /// No usable configuration, or the API server cannot be reached.
-    pub async fn connect() -> Result<Cluster> {
-        let client = Client::try_default()
-            .await
-            .context("connect to the cluster (KUBECONFIG or in-cluster config)")?;
-        Ok(Cluster { client })
+    /// No usable configuration ([`crate::exit::API`]).
+    pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<Cluster> {
+        lifeboat_operator::install_crypto_provider();
+        let options = KubeConfigOptions {
+            context: context.map(str::to_owned),
+            ..KubeConfigOptions::default()
+        };
+        let config = match kubeconfig {
+            Some(path) => {
+                let file = Kubeconfig::read_from(path)
+                    .map_err(|e| Exit::api(format!("read {}: {e}", path.display())))?;
+                Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .map_err(|e| Exit::api(format!("kubeconfig {}: {e}", path.display())))?
+            }
+            None if context.is_some() => Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| Exit::api(format!("kubeconfig: {e}")))?,
+            None => Config::infer().await.map_err(|e| {
+                Exit::api(format!(
+                    "no cluster configuration (KUBECONFIG, ~/.kube/config or in-cluster): {e}"
+                ))
+            })?,
+        };
+        let namespace = config.default_namespace.clone();
+        let client = Client::try_from(config)
+            .map_err(|e| Exit::api(format!("a client for the cluster: {e}")))?;
+        Ok(Cluster { client, namespace })
     }
 
-    /// The ProtectedVMs of `namespace`, or of every namespace.
+    /// The ProtectedVMs of `namespace`, or of every namespace, by namespace and name.
     ///
     /// # Errors
     ///
@@ -40,10 +74,32 @@ impl Cluster {
             Some(ns) => Api::namespaced(self.client.clone(), ns),
             None => Api::all(self.client.clone()),
         };
-        Ok(api
+        let mut vms = api
             .list(&ListParams::default())
             .await
             .context("list ProtectedVMs")?
+            .items;
+        vms.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        Ok(vms)
+    }
+
+    /// The ReplicationJobs of `namespace`, or of every namespace.
+    ///
+    /// # Errors
+    ///
+    /// The list call failed.
+    pub async fn jobs(&self, namespace: Option<&str>) -> Result<Vec<ReplicationJob>> {
+        let api: Api<ReplicationJob> = match namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        Ok(api
+            .list(&ListParams::default())
+            .await
+            .context("list ReplicationJobs")?
             .items)
     }
 
@@ -62,6 +118,52 @@ impl Cluster {
             .await
             .with_context(|| format!("set spec.requests of ProtectedVM {namespace}/{name}"))?;
         Ok(token)
+    }
+
+    /// The operator's version: the `app.kubernetes.io/version` label of the chart's operator
+    /// Deployment, with where it was found (`namespace/name`).
+    ///
+    /// # Errors
+    ///
+    /// No such Deployment is visible, or the API server refused the list (the reason).
+    pub async fn operator_version(&self) -> Result<(String, String), String> {
+        let params = ListParams::default().labels(OPERATOR_SELECTOR);
+        let all: Api<Deployment> = Api::all(self.client.clone());
+        let found = match all.list_metadata(&params).await {
+            Ok(list) => list.items,
+            // Without the right to list Deployments cluster-wide: the chart's usual namespace,
+            // then the context's.
+            Err(all_error) => {
+                let mut found = Vec::new();
+                for ns in ["lifeboat-system", self.namespace.as_str()] {
+                    let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
+                    if let Ok(list) = api.list_metadata(&params).await {
+                        found.extend(list.items);
+                    }
+                }
+                if found.is_empty() {
+                    return Err(format!("cannot list Deployments: {all_error}"));
+                }
+                found
+            }
+        };
+        let Some(deployment) = found.first() else {
+            return Err(format!(
+                "no Deployment labelled {OPERATOR_SELECTOR} is visible"
+            ));
+        };
+        let labels = deployment.metadata.labels.clone().unwrap_or_default();
+        let at = format!(
+            "{}/{}",
+            deployment.metadata.namespace.clone().unwrap_or_default(),
+            deployment.metadata.name.clone().unwrap_or_default()
+        );
+        match labels.get("app.kubernetes.io/version") {
+            Some(version) => Ok((version.clone(), at)),
+            None => Err(format!(
+                "the Deployment {at} has no app.kubernetes.io/version label"
+            )),
+        }
     }
 }
 
@@ -88,8 +190,10 @@ pub fn points_summary(vm: &ProtectedVM) -> String {
     let points = vm.status.clone().unwrap_or_default().recovery_points;
     let line = |what: &str, p: &Option<lifeboat_api::protected_vm::RecoveryPointRef>| match p {
         Some(p) => format!(
-            "{what:<22} {} ({:?}, {})\n",
-            p.name, p.consistency, p.time.0
+            "{what:<22} {} ({}, {})\n",
+            p.name,
+            cli::words(&p.consistency),
+            p.time.0
         ),
         None => format!("{what:<22} -\n"),
     };
@@ -103,7 +207,15 @@ pub fn points_summary(vm: &ProtectedVM) -> String {
     out
 }
 
-/// The status table of the cluster's VMs.
-pub fn status_table(vms: &[ProtectedVM]) -> String {
-    cli::status_table(vms, SystemTime::now())
+/// The names of the points a VM's status summarises (latest, latest app-consistent, oldest).
+pub fn point_names(vm: &ProtectedVM) -> Vec<String> {
+    let points = vm.status.clone().unwrap_or_default().recovery_points;
+    let mut names: Vec<String> = [points.oldest, points.latest_app_consistent, points.latest]
+        .into_iter()
+        .flatten()
+        .map(|p| p.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }

@@ -1,33 +1,37 @@
-//! The standalone subcommands: the daemon, and the operator's everyday tools against its
-//! state folder (`status`, `points`, `resync`, `failover`, `cleanup`, `commit`).
+//! The standalone subcommands: the daemon, and the operator's everyday tools, against its
+//! state folder or a cluster (`status`, `jobs`, `points`, `resync`, `failover`, `cleanup`,
+//! `commit`, `retry`, `version`).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use lifeboat_standalone::cli::{self, Action};
+use lifeboat_api::{ProtectedVM, ReplicationJob};
+use lifeboat_standalone::cli::{self, Action, WaitError, words};
 use lifeboat_standalone::{Daemon, Options};
 
 use crate::cluster_cli::Cluster;
+use crate::exit::{self, Exit};
+use crate::ui::{self, Format, OutputArgs};
 
-/// Where standalone keeps its state.
+/// The default state folder of standalone mode.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/lifeboat";
+
+/// Set when the binary runs as `kubectl-lifeboat`: cluster mode unless told otherwise.
+pub static KUBECTL_PLUGIN: AtomicBool = AtomicBool::new(false);
+
+/// Where `lifeboat standalone` keeps its state.
 #[derive(Args, Debug, Clone)]
-pub struct StateArgs {
+pub struct DaemonState {
     /// The state folder: embedded store, change logs, requests.
-    #[arg(long, env = "LIFEBOAT_STATE_DIR", default_value = "/var/lib/lifeboat")]
+    #[arg(long, env = "LIFEBOAT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// The namespace of VMs named without one.
+    /// The namespace of manifests that name none.
     #[arg(long, short = 'n', default_value = "default")]
     pub namespace: String,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Act on a cluster through its resources (current kubeconfig context) instead of a
-    /// standalone state folder.
-    #[arg(long)]
-    pub cluster: bool,
 }
 
 /// `lifeboat standalone`.
@@ -44,27 +48,148 @@ pub struct StandaloneArgs {
     #[arg(long, default_value_t = 1)]
     pub tick_seconds: u64,
     #[command(flatten)]
-    pub state: StateArgs,
+    pub state: DaemonState,
+}
+
+/// What the tools act on: a standalone state folder, or a cluster.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Target {
+    /// Standalone: the daemon's state folder [default: /var/lib/lifeboat]. Giving it selects
+    /// standalone mode.
+    #[arg(long, env = "LIFEBOAT_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Act on a cluster, through its resources (the default when a kubeconfig is found).
+    #[arg(long, conflicts_with = "standalone")]
+    pub cluster: bool,
+    /// Act on a standalone daemon's state folder.
+    #[arg(long)]
+    pub standalone: bool,
+    /// The kubeconfig file [default: KUBECONFIG, else ~/.kube/config, else in-cluster].
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context [default: the current one].
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+    /// The namespace [default: the context's; standalone: default].
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
+/// Standalone on a state folder, or a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// The daemon's state folder.
+    Standalone(PathBuf),
+    /// The cluster of the kubeconfig.
+    Cluster,
+}
+
+/// Whether a cluster configuration is at hand: `--kubeconfig`, `--context`, KUBECONFIG,
+/// ~/.kube/config, or a pod's service account.
+fn kubeconfig_found(target: &Target) -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    let home = std::env::var_os("HOME")
+        .or_else(|| std::env::var_os("USERPROFILE"))
+        .map(PathBuf::from);
+    target.kubeconfig.is_some()
+        || target.context.is_some()
+        || set("KUBECONFIG")
+        || home.is_some_and(|h| h.join(".kube").join("config").is_file())
+        || (set("KUBERNETES_SERVICE_HOST")
+            && std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token")
+                .is_file())
+}
+
+impl Target {
+    /// The mode rule: `--cluster` or `--standalone` decide; else a state folder given means
+    /// standalone, a kubeconfig found (or running as `kubectl-lifeboat`) means cluster, and
+    /// standalone on the default folder is the rest.
+    pub fn mode(&self) -> Mode {
+        let folder = || {
+            Mode::Standalone(
+                self.state_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            )
+        };
+        if self.cluster {
+            Mode::Cluster
+        } else if self.standalone || self.state_dir.is_some() {
+            folder()
+        } else if KUBECTL_PLUGIN.load(Ordering::Relaxed) || kubeconfig_found(self) {
+            Mode::Cluster
+        } else {
+            folder()
+        }
+    }
+
+    /// The standalone state folder. The default one must exist: else neither mode has
+    /// anything to act on (one given may not exist yet: the daemon creates it).
+    fn folder<'a>(&self, dir: &'a std::path::Path) -> Result<&'a std::path::Path> {
+        if self.state_dir.is_none() && !dir.is_dir() {
+            bail!(
+                "no standalone state folder at {} and no kubeconfig found: give --state-dir DIR (standalone), or --kubeconfig PATH / KUBECONFIG (cluster)",
+                dir.display()
+            );
+        }
+        Ok(dir)
+    }
+
+    async fn connect(&self) -> Result<Cluster> {
+        Cluster::connect(self.kubeconfig.as_deref(), self.context.as_deref()).await
+    }
+
+    /// The namespace asked for, else `default_namespace`.
+    fn namespace_or(&self, default_namespace: &str) -> String {
+        self.namespace
+            .clone()
+            .unwrap_or_else(|| default_namespace.to_owned())
+    }
 }
 
 /// The operator's everyday tools.
 #[derive(Subcommand, Debug)]
 pub enum Tool {
     /// The protected VMs, like `kubectl get pvm`: phase, health, RPO, last sync, pending log.
+    #[command(after_help = exit::HELP)]
     Status {
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
         #[command(flatten)]
-        state: StateArgs,
+        target: Target,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// The replication jobs (running and kept), like `kubectl get rjob`: type, phase,
+    /// progress, start and duration.
+    #[command(after_help = exit::HELP)]
+    Jobs {
+        /// Only the jobs of this VM.
+        vm: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// A VM's recovery points.
+    #[command(after_help = exit::HELP)]
     Points {
         /// The VM: NAME or NAMESPACE/NAME.
         vm: String,
         #[command(flatten)]
-        state: StateArgs,
+        target: Target,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Resynchronize a VM now, outside the policy's window.
+    #[command(after_help = exit::HELP)]
     Resync(RequestArgs),
     /// Fail a VM over (or test a failover) to a recovery point.
+    #[command(after_help = exit::HELP)]
     Failover {
         #[command(flatten)]
         request: RequestArgs,
@@ -74,7 +199,7 @@ pub enum Tool {
         /// Planned: ship everything pending first, then stop protection.
         #[arg(long, conflicts_with = "unplanned")]
         planned: bool,
-        /// Unplanned: the source is gone; use the chosen point.
+        /// Unplanned: the source is gone; use the chosen point (asks for confirmation).
         #[arg(long)]
         unplanned: bool,
         /// The point: `latest` (default), `latest-app-consistent`, or a point's name.
@@ -82,12 +207,20 @@ pub enum Tool {
         point: Option<String>,
     },
     /// Remove a VM's test failover disks.
+    #[command(after_help = exit::HELP)]
     Cleanup(RequestArgs),
-    /// Commit a failover: drop the other recovery points.
+    /// Commit a failover: drop the other recovery points (asks for confirmation).
+    #[command(after_help = exit::HELP)]
     Commit(RequestArgs),
     /// Retry what failed now, instead of at the next retry time (after fixing the cause of a
     /// non-recoverable error, say).
+    #[command(after_help = exit::HELP)]
     Retry(RequestArgs),
+    /// This client's version and, on a cluster, the operator's.
+    Version {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 /// A request on one VM.
@@ -98,11 +231,16 @@ pub struct RequestArgs {
     /// Return once the request is recorded, without waiting for it to be handled.
     #[arg(long)]
     pub no_wait: bool,
-    /// Give up waiting after this many seconds.
+    /// Give up waiting after this many seconds (exit status 4).
     #[arg(long, default_value_t = 3600)]
     pub timeout_seconds: u64,
+    /// Do not ask for confirmation (commit, unplanned failover): required without a terminal.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     #[command(flatten)]
-    pub state: StateArgs,
+    pub target: Target,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Run the daemon until Ctrl-C or SIGTERM.
@@ -153,63 +291,18 @@ async fn shutdown_signal() {
 /// Run one of the tools.
 pub async fn tool(tool: Tool) -> Result<ExitCode> {
     match tool {
-        Tool::Status { state } if state.cluster => {
-            let cluster = Cluster::connect().await?;
-            let vms = cluster.vms(None).await?;
-            if state.json {
-                println!("{}", serde_json::to_string_pretty(&vms)?);
-            } else {
-                print!("{}", crate::cluster_cli::status_table(&vms));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Tool::Points { vm, state } if state.cluster => {
-            let (ns, name) = cli::parse_vm(&vm, &state.namespace);
-            let cluster = Cluster::connect().await?;
-            let found = cli::Resources::vm(&cluster, &ns, &name)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            let Some(found) = found else {
-                bail!("no ProtectedVM {ns}/{name}")
-            };
-            if state.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &found.status.unwrap_or_default().recovery_points
-                    )?
-                );
-            } else {
-                print!("{}", crate::cluster_cli::points_summary(&found));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Tool::Status { state } => {
-            let vms = cli::vms(&state.state_dir).map_err(anyhow::Error::msg)?;
-            if state.json {
-                println!("{}", serde_json::to_string_pretty(&vms)?);
-            } else if vms.is_empty() {
-                println!(
-                    "No ProtectedVM in {} (is `lifeboat standalone` running on it?)",
-                    state.state_dir.display()
-                );
-            } else {
-                print!("{}", cli::status_table(&vms, SystemTime::now()));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Tool::Points { vm, state } => {
-            let (ns, name) = cli::parse_vm(&vm, &state.namespace);
-            let points = cli::points(&state.state_dir, &ns, &name)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            if state.json {
-                println!("{}", serde_json::to_string_pretty(&points_json(&points))?);
-            } else {
-                print!("{}", cli::points_table(&points));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Tool::Status {
+            all_namespaces,
+            target,
+            output,
+        } => status(&target, &output, all_namespaces).await,
+        Tool::Jobs {
+            vm,
+            all_namespaces,
+            target,
+            output,
+        } => jobs(&target, &output, all_namespaces, vm.as_deref()).await,
+        Tool::Points { vm, target, output } => points(&target, &output, &vm).await,
         Tool::Resync(request) => ask(request, Action::Resync).await,
         Tool::Failover {
             request,
@@ -242,33 +335,217 @@ pub async fn tool(tool: Tool) -> Result<ExitCode> {
         Tool::Cleanup(request) => ask(request, Action::Cleanup).await,
         Tool::Commit(request) => ask(request, Action::Commit).await,
         Tool::Retry(request) => ask(request, Action::Retry).await,
+        Tool::Version { target } => version(&target).await,
     }
 }
 
-fn points_json(points: &[lifeboat_store::RecoveryPoint]) -> serde_json::Value {
-    serde_json::to_value(points).unwrap_or_default()
+async fn status(target: &Target, output: &OutputArgs, all: bool) -> Result<ExitCode> {
+    let (vms, namespace, place) = match target.mode() {
+        Mode::Cluster => {
+            let cluster = target.connect().await?;
+            let ns = target.namespace_or(&cluster.namespace);
+            let vms = cluster.vms((!all).then_some(ns.as_str())).await?;
+            (vms, ns, String::new())
+        }
+        Mode::Standalone(dir) => {
+            let ns = target.namespace_or("default");
+            let mut vms: Vec<ProtectedVM> =
+                cli::vms(target.folder(&dir)?).map_err(anyhow::Error::msg)?;
+            vms.retain(|vm| all || vm.metadata.namespace.as_deref() == Some(ns.as_str()));
+            let place = format!(
+                " of {} (is `lifeboat standalone` running on it?)",
+                dir.display()
+            );
+            (vms, ns, place)
+        }
+    };
+    match output.format() {
+        Format::Json | Format::Yaml => output.print_list(&vms)?,
+        Format::Name => {
+            for vm in &vms {
+                println!(
+                    "{}/{}",
+                    ui::VM_RESOURCE,
+                    vm.metadata.name.as_deref().unwrap_or_default()
+                );
+            }
+        }
+        Format::Table | Format::Wide if vms.is_empty() => {
+            if all {
+                eprintln!("No ProtectedVM in any namespace{place}");
+            } else {
+                eprintln!("No ProtectedVM in namespace {namespace}{place}");
+            }
+        }
+        Format::Table | Format::Wide => print!(
+            "{}",
+            cli::status_table(&vms, SystemTime::now(), output.columns(all))
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn jobs(
+    target: &Target,
+    output: &OutputArgs,
+    all: bool,
+    vm: Option<&str>,
+) -> Result<ExitCode> {
+    let (mut jobs, namespace) = match target.mode() {
+        Mode::Cluster => {
+            let cluster = target.connect().await?;
+            let ns = target.namespace_or(&cluster.namespace);
+            (cluster.jobs((!all).then_some(ns.as_str())).await?, ns)
+        }
+        Mode::Standalone(dir) => {
+            let ns = target.namespace_or("default");
+            let mut jobs: Vec<ReplicationJob> =
+                cli::jobs(target.folder(&dir)?).map_err(anyhow::Error::msg)?;
+            jobs.retain(|j| all || j.metadata.namespace.as_deref() == Some(ns.as_str()));
+            (jobs, ns)
+        }
+    };
+    if let Some(vm) = vm {
+        jobs.retain(|j| j.spec.vm_ref.name == vm);
+    }
+    jobs.sort_by_key(|j| {
+        (
+            j.metadata.namespace.clone(),
+            cli::job_start(j).or_else(|| {
+                j.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(lifeboat_control::mapping::system_time)
+            }),
+            j.metadata.name.clone(),
+        )
+    });
+    match output.format() {
+        Format::Json | Format::Yaml => output.print_list(&jobs)?,
+        Format::Name => {
+            for job in &jobs {
+                println!(
+                    "{}/{}",
+                    ui::JOB_RESOURCE,
+                    job.metadata.name.as_deref().unwrap_or_default()
+                );
+            }
+        }
+        Format::Table | Format::Wide if jobs.is_empty() => {
+            if all {
+                eprintln!("No ReplicationJob in any namespace");
+            } else {
+                eprintln!("No ReplicationJob in namespace {namespace}");
+            }
+        }
+        Format::Table | Format::Wide => print!(
+            "{}",
+            cli::jobs_table(&jobs, SystemTime::now(), output.columns(all))
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn points(target: &Target, output: &OutputArgs, vm: &str) -> Result<ExitCode> {
+    match target.mode() {
+        Mode::Cluster => {
+            let cluster = target.connect().await?;
+            let (ns, name) = cli::parse_vm(vm, &target.namespace_or(&cluster.namespace));
+            let found = cli::Resources::vm(&cluster, &ns, &name)
+                .await
+                .map_err(Exit::api)?;
+            let Some(found) = found else {
+                bail!("no ProtectedVM {ns}/{name}")
+            };
+            match output.format() {
+                Format::Json | Format::Yaml => output
+                    .print_object(&found.status.clone().unwrap_or_default().recovery_points)?,
+                Format::Name => {
+                    for point in crate::cluster_cli::point_names(&found) {
+                        println!("{point}");
+                    }
+                }
+                Format::Table | Format::Wide => {
+                    print!("{}", crate::cluster_cli::points_summary(&found))
+                }
+            }
+        }
+        Mode::Standalone(dir) => {
+            let (ns, name) = cli::parse_vm(vm, &target.namespace_or("default"));
+            let points = cli::points(target.folder(&dir)?, &ns, &name)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            match output.format() {
+                Format::Json | Format::Yaml => output.print_object(&points)?,
+                Format::Name => {
+                    for point in &points {
+                        println!("{}", point.id);
+                    }
+                }
+                Format::Table | Format::Wide => print!("{}", cli::points_table(&points)),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ask on the terminal before what cannot be undone.
+fn confirm(request: &RequestArgs, action: &Action, ns: &str, name: &str) -> Result<()> {
+    match action {
+        Action::Commit => ui::confirm(
+            &format!("{action} of {ns}/{name}"),
+            &format!(
+                "Commit the failover of {ns}/{name}? Every other recovery point is deleted; this cannot be undone."
+            ),
+            request.yes,
+        ),
+        Action::Failover { planned: false, .. } => ui::confirm(
+            &format!("{action} of {ns}/{name}"),
+            &format!(
+                "Run the {action} of {ns}/{name}? What was written after that point is not on the replica."
+            ),
+            request.yes,
+        ),
+        _ => Ok(()),
+    }
 }
 
 async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
-    let (ns, name) = cli::parse_vm(&request.vm, &request.state.namespace);
-    let (resources, token): (Box<dyn cli::Resources>, String) = if request.state.cluster {
-        let cluster = Cluster::connect().await?;
-        let token = cluster.request(&ns, &name, &action).await?;
-        (Box::new(cluster), token)
-    } else {
-        let token = cli::request(&request.state.state_dir, &ns, &name, &action)
-            .map_err(anyhow::Error::msg)?;
-        (
-            Box::new(cli::Embedded(lifeboat_standalone::db::Db::new(
-                &request.state.state_dir,
-            ))),
-            token,
-        )
-    };
+    let mode = request.target.mode();
+    let (resources, ns, name, token): (Box<dyn cli::Resources>, String, String, String) =
+        match &mode {
+            Mode::Cluster => {
+                let cluster = request.target.connect().await?;
+                let (ns, name) = cli::parse_vm(
+                    &request.vm,
+                    &request.target.namespace_or(&cluster.namespace),
+                );
+                confirm(&request, &action, &ns, &name)?;
+                let token = cluster.request(&ns, &name, &action).await?;
+                (Box::new(cluster), ns, name, token)
+            }
+            Mode::Standalone(dir) => {
+                let (ns, name) =
+                    cli::parse_vm(&request.vm, &request.target.namespace_or("default"));
+                confirm(&request, &action, &ns, &name)?;
+                let token = cli::request(dir, &ns, &name, &action).map_err(anyhow::Error::msg)?;
+                let db = lifeboat_standalone::db::Db::new(dir);
+                (Box::new(cli::Embedded(db)), ns, name, token)
+            }
+        };
     if request.no_wait {
-        println!("requested the {action} of {ns}/{name} (token {token})");
+        match request.output.format() {
+            Format::Name => println!("{}/{name}", ui::VM_RESOURCE),
+            Format::Json | Format::Yaml => request.output.print_object(
+                &serde_json::json!({"namespace": ns, "name": name, "action": action.to_string(), "token": token}),
+            )?,
+            Format::Table | Format::Wide => {
+                println!("requested the {action} of {ns}/{name} (token {token})")
+            }
+        }
         return Ok(ExitCode::SUCCESS);
     }
+    let mut bar = ui::Bar::new();
     let vm = cli::wait(
         resources.as_ref(),
         &ns,
@@ -276,14 +553,29 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
         &action,
         &token,
         Duration::from_secs(request.timeout_seconds),
+        &mut bar,
     )
     .await
-    .map_err(anyhow::Error::msg)
-    .with_context(|| format!("the {action} of {ns}/{name}"))?;
-    let status = vm.status.unwrap_or_default();
-    if request.state.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-        return Ok(ExitCode::SUCCESS);
+    .map_err(|error| {
+        let code = match (&error, &mode) {
+            (WaitError::Failed(_), _) => exit::JOB_FAILED,
+            (WaitError::Timeout(_), _) => exit::TIMEOUT,
+            (WaitError::Source(_), Mode::Cluster) => exit::API,
+            (WaitError::Source(_), Mode::Standalone(_)) => exit::ERROR,
+        };
+        Exit::with(code, format!("the {action} of {ns}/{name}: {error}"))
+    })?;
+    let status = vm.status.clone().unwrap_or_default();
+    match request.output.format() {
+        Format::Json | Format::Yaml => {
+            request.output.print_object(&status)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Format::Name => {
+            println!("{}/{name}", ui::VM_RESOURCE);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Format::Table | Format::Wide => {}
     }
     let result = match action {
         Action::TestFailover(_) => status.test_failover,
@@ -310,11 +602,27 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// An API enum as its manifests spell it (`Protected`, `CrashConsistent`), not Rust's Debug.
-fn words<T: serde::Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(word)) => word,
-        Ok(other) => other.to_string(),
-        Err(_) => "unknown".into(),
+/// `lifeboat version` (and `--version`): the client's, and on a cluster the operator's (the
+/// `app.kubernetes.io/version` label of the chart's operator Deployment).
+pub async fn version(target: &Target) -> Result<ExitCode> {
+    println!("client: lifeboat {}", env!("CARGO_PKG_VERSION"));
+    match target.mode() {
+        Mode::Standalone(dir) => println!(
+            "operator: none (standalone mode: `lifeboat standalone` on {} is this binary)",
+            dir.display()
+        ),
+        Mode::Cluster => {
+            let found = tokio::time::timeout(Duration::from_secs(10), async {
+                let cluster = target.connect().await.map_err(|e| format!("{e:#}"))?;
+                cluster.operator_version().await
+            })
+            .await
+            .unwrap_or_else(|_| Err("the API server did not answer within 10s".into()));
+            match found {
+                Ok((version, at)) => println!("operator: {version} (Deployment {at})"),
+                Err(reason) => println!("operator: unknown ({reason})"),
+            }
+        }
     }
+    Ok(ExitCode::SUCCESS)
 }

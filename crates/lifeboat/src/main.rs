@@ -7,12 +7,16 @@
 //! lifeboat operator           run the control plane (in a cluster, or with a kubeconfig)
 //! lifeboat agent              run the node agent of one VM host (a DaemonSet pod)
 //! lifeboat standalone         the operator and the agent in one process, no cluster
-//! lifeboat status | points | resync | failover | cleanup | commit | retry
-//!                             the everyday tools (standalone state folder, or --cluster)
+//! lifeboat status | jobs | points | resync | failover | cleanup | commit | retry | version
+//!                             the everyday tools (a cluster when a kubeconfig is found, else
+//!                             a standalone state folder; also as `kubectl lifeboat`)
+//! lifeboat completion SHELL   shell completions (bash, zsh, fish, ...)
 //! ```
 
 mod cluster_cli;
+mod exit;
 mod local;
+mod ui;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -25,11 +29,18 @@ use std::time::Duration;
 #[command(
     name = "lifeboat",
     version,
-    about = "Disaster-recovery replication for virtual machines"
+    disable_version_flag = true,
+    about = "Disaster-recovery replication for virtual machines",
+    after_help = exit::HELP,
+    subcommand_required = false,
+    arg_required_else_help = true
 )]
 struct Cli {
+    /// Print the client's version and, on a cluster, the operator's (as `lifeboat version`).
+    #[arg(short = 'V', long)]
+    version: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -54,6 +65,14 @@ enum Command {
     Standalone(local::StandaloneArgs),
     #[command(flatten)]
     Tool(local::Tool),
+    /// Print a shell completion script: `source <(lifeboat completion bash)`, or into
+    /// ~/.local/share/bash-completion/completions/lifeboat (zsh: a file on $fpath named
+    /// _lifeboat; fish: ~/.config/fish/completions/lifeboat.fish).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args)]
@@ -215,18 +234,58 @@ fn operator(args: OperatorArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The name the binary was called by: `kubectl-lifeboat` makes it a kubectl plugin.
+fn invoked_as() -> String {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "lifeboat".into())
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    use clap::{CommandFactory, FromArgMatches};
+    let plugin = invoked_as() == "kubectl-lifeboat";
+    local::KUBECTL_PLUGIN.store(plugin, std::sync::atomic::Ordering::Relaxed);
+    let mut command = Cli::command();
+    if plugin {
+        command = command.bin_name("kubectl lifeboat");
+    }
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    match run(cli, plugin) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            exit::code(&error)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.command {
+fn run(cli: Cli, plugin: bool) -> Result<ExitCode> {
+    let Some(command) = cli.command else {
+        // `--version` alone (clap asks for a subcommand otherwise).
+        return block_on(local::version(&local::Target::default()));
+    };
+    if cli.version {
+        return block_on(local::version(&local::Target::default()));
+    }
+    match command {
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let name = if plugin {
+                "kubectl-lifeboat"
+            } else {
+                "lifeboat"
+            };
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), name, &mut script);
+            // NB: a closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { files } => validate(&files),
         Command::Crds => {
             for crd in lifeboat_api::crds() {

@@ -170,7 +170,7 @@ fn protect_cycle_resync_restart_failover_commit() {
         &qsd.read_disk("root"),
     );
     assert!(points(&s) >= 3);
-    lifeboat(work, &["commit", "web-01"]);
+    lifeboat(work, &["commit", "web-01", "--yes"]);
     wait_for(work, "the commit", 30, |s| points(s) == 1);
     daemon.kill9();
 }
