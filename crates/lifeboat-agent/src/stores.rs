@@ -33,6 +33,9 @@ pub trait SecretSource: Send + Sync {
 #[derive(Default)]
 pub struct StoreCache {
     stores: Mutex<HashMap<String, Entry>>,
+    /// Open local stores read-only: for the tools that only look, beside a running daemon
+    /// that holds the VMs (a writing open would wait for its lock, and repair nothing).
+    read_only: bool,
 }
 
 struct Entry {
@@ -132,6 +135,16 @@ impl CredentialSource {
 }
 
 impl StoreCache {
+    /// A cache whose local stores are opened read-only ([`LocalStore::open_read_only`]):
+    /// for tools that list points beside a running daemon. Azure stores are as usual (a
+    /// reader never changes a blob).
+    pub fn read_only() -> StoreCache {
+        StoreCache {
+            read_only: true,
+            ..StoreCache::default()
+        }
+    }
+
     /// The store of `target` for a policy in `namespace`, opened on first use and again
     /// when the target's credentials changed.
     ///
@@ -171,6 +184,7 @@ impl StoreCache {
             return Ok(entry.store.clone());
         }
         let store: Arc<dyn ReplicaStore> = match opening {
+            Opening::Local(path) if self.read_only => Arc::new(LocalStore::open_read_only(path)?),
             Opening::Local(path) => Arc::new(LocalStore::open(path)?),
             Opening::Azure(azure, credentials) => {
                 let options = AzureStoreOptions {

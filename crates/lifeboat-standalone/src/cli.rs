@@ -277,7 +277,8 @@ pub async fn points(
             })
         }
     }
-    let store = StoreCache::default()
+    // NB: read-only: the daemon holds the VM's local store, and a look must change nothing.
+    let store = StoreCache::read_only()
         .store(namespace, &policy.spec.target, 4, &NoSecrets)
         .map_err(|e| e.to_string())?;
     let key = VmKey::new(namespace, name).map_err(|e| e.to_string())?;

@@ -18,7 +18,8 @@ pub struct FileError {
 
 /// Write `bytes` to `path` so that a crash leaves either the old file or the new one: a
 /// temporary beside it (named after this process, so two processes never share one), synced,
-/// renamed over it, then the folder synced so that the rename itself is durable.
+/// renamed over it, then the folder synced so that the rename itself is durable (and any
+/// folder created for it synced into its parent).
 ///
 /// # Errors
 ///
@@ -33,7 +34,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
         }
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(step("create folder", dir))?;
+    create_dir_all_durable(dir).map_err(step("create folder", dir))?;
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp-{}", std::process::id()));
     let tmp = path.with_file_name(name);
@@ -42,6 +43,52 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     file.sync_all().map_err(step("sync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(step("replace", path))?;
     sync_folder(dir).map_err(step("sync folder", dir))
+}
+
+/// `std::fs::create_dir_all`, made durable: each folder it creates is synced into its
+/// parent (the parent's entry for it), so that a crash cannot lose a folder whose files were
+/// synced.
+///
+/// # Errors
+///
+/// A folder cannot be created, or a parent cannot be synced.
+pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(path) = at.filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+        missing.push(path);
+        at = path.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        sync_folder(
+            created
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )?;
+    }
+    Ok(())
+}
+
+/// Remove the file at `path` if it is there, then make the removal durable (sync its
+/// folder). Whether it was there.
+///
+/// # Errors
+///
+/// The file cannot be removed (other than missing), or its folder cannot be synced.
+pub fn remove_file_durable(path: &Path) -> std::io::Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            sync_folder(path.parent().unwrap_or(Path::new(".")))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Make the creation, removal or renaming of an entry of `dir` durable.

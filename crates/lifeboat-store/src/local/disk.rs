@@ -9,7 +9,8 @@ use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::path::PathBuf;
 
-use super::io::{PositionalIo, direct_aligned, open_direct};
+use super::Access;
+use super::io::{PositionalIo, create_dir_durable, direct_aligned, open_direct, sync_folder};
 use super::undo::{GRANULE_BYTES, Segment};
 #[cfg(doc)]
 use crate::ReplicaStore;
@@ -29,27 +30,34 @@ pub(super) struct Disk {
 }
 
 impl Disk {
+    /// Open a replica disk's live file; `create_size` creates it (and syncs its folder) at
+    /// that size. [`Access::ReadOnly`] opens it for reading only, without direct I/O.
     pub(super) fn open(
         path: PathBuf,
         undo_dir: PathBuf,
         create_size: Option<u64>,
+        access: Access,
     ) -> Result<Disk, StoreError> {
+        let writable = access == Access::Write;
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(create_size.is_some())
+            .write(writable)
+            .create(writable && create_size.is_some())
             .truncate(false)
             .open(&path)
             .map_err(StoreError::io("open replica disk", &path))?;
-        if let Some(size) = create_size {
+        if let Some(size) = create_size.filter(|_| writable) {
             file.set_len(size)
                 .map_err(StoreError::io("size replica disk", &path))?;
+            if let Some(folder) = path.parent() {
+                sync_folder(folder)?;
+            }
         }
         let size_bytes = file
             .metadata()
             .map_err(StoreError::io("stat replica disk", &path))?
             .len();
-        let direct = open_direct(&path);
+        let direct = if writable { open_direct(&path) } else { None };
         Ok(Disk {
             path,
             file,
@@ -66,9 +74,14 @@ impl Disk {
 
     pub(super) fn segment(&mut self, seq: u64) -> Result<&mut Segment, StoreError> {
         if !self.segments.contains_key(&seq) {
-            std::fs::create_dir_all(&self.undo_dir)
-                .map_err(StoreError::io("create undo folder", &self.undo_dir))?;
-            let segment = Segment::open(self.segment_path(seq), true)?;
+            create_dir_durable(&self.undo_dir, "create undo folder")?;
+            let path = self.segment_path(seq);
+            let created = !path.exists();
+            let segment = Segment::open(path, Access::Write)?;
+            // The new segment's name is durable before a pre-image in it protects anything.
+            if created {
+                sync_folder(&self.undo_dir)?;
+            }
             self.segments.insert(seq, segment);
         }
         self.segments

@@ -122,9 +122,20 @@ impl PositionalIo for File {
     }
 }
 
+/// Remove the file at `path` if it is there, and make the removal durable (its folder
+/// synced), its failure as a store error.
 pub(super) fn remove_if_exists(path: &Path, action: &'static str) -> Result<(), StoreError> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(action, path)(e)),
-        _ => Ok(()),
-    }
+    files::remove_file_durable(path)
+        .map(|_| ())
+        .map_err(StoreError::io(action, path))
+}
+
+/// [`files::create_dir_all_durable`], its failure as a store error.
+pub(super) fn create_dir_durable(dir: &Path, action: &'static str) -> Result<(), StoreError> {
+    files::create_dir_all_durable(dir).map_err(StoreError::io(action, dir))
+}
+
+/// [`files::sync_folder`], its failure as a store error.
+pub(super) fn sync_folder(dir: &Path) -> Result<(), StoreError> {
+    files::sync_folder(dir).map_err(StoreError::io("sync folder", dir))
 }

@@ -69,24 +69,77 @@ use disk::Disk;
 use io::{PositionalIo, punch_hole, remove_if_exists, write_atomic};
 use vm::{VmState, seq_of};
 
+/// Whether a store may change what it opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Access {
+    /// A writing store: it holds each VM's lock while it has the VM loaded, and recovers the
+    /// VM from a crash when it loads it.
+    Write,
+    /// A read-only store: it locks, creates, repairs and writes nothing.
+    ReadOnly,
+}
+
+/// The error of a change asked of a read-only store.
+pub(super) fn read_only_refusal(vm: &str) -> StoreError {
+    StoreError::InvalidRequest {
+        what: format!("VM {vm}: this local store was opened read-only"),
+    }
+}
+
 /// A replica store in a folder of this machine.
 #[derive(Debug)]
 pub struct LocalStore {
     root: PathBuf,
+    access: Access,
     vms: Mutex<HashMap<VmKey, Arc<Mutex<Option<VmState>>>>>,
 }
 
 impl LocalStore {
-    /// A store rooted at `root` (created if missing).
+    /// A store rooted at `root` (created if missing), to write.
+    ///
+    /// A VM is written by one store at a time: the store locks the VM's lock file
+    /// (`<vm>/writer.lock`) when it loads the VM (its first call about it) and holds it until
+    /// the store is dropped; loading the VM runs crash recovery. A call about a VM another
+    /// store holds, in this process or another, fails with a recoverable
+    /// [`StoreError::Io`] ("VM ns/name is held by another Lifeboat process (lock file ...)");
+    /// it can be retried once that store is gone.
     ///
     /// # Errors
     ///
     /// [`StoreError::Io`] when the folder cannot be created.
     pub fn open(root: impl Into<PathBuf>) -> Result<LocalStore, StoreError> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(StoreError::io("create store folder", &root))?;
+        io::create_dir_durable(&root, "create store folder")?;
         Ok(LocalStore {
             root,
+            access: Access::Write,
+            vms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A store rooted at `root` that only reads, for commands beside the daemon (`lifeboat
+    /// points`): it never repairs anything (no deletions, no truncation, no writes, not even
+    /// a lock file), it reads each VM's manifest and points as they are on disk, and it reads
+    /// a VM a writing store holds. That is safe because a writer's state on disk is
+    /// consistent at every fsync'd step (a pre-image is durable before
+    /// the granule it saves is overwritten, a point's data before the manifest names it, and the
+    /// manifest is replaced atomically); a read-only
+    /// store may see the newest point a moment late (it sees the points as of its first call
+    /// about the VM). Every change is refused with [`StoreError::InvalidRequest`].
+    ///
+    /// NB: reading a point's *data* while a writer is applying writes can race: a granule the
+    /// reader's segment index (built at its load) does not hold is read from the live file,
+    /// which the writer may overwrite after saving the pre-image. The manifest and the list
+    /// of points are always as on disk; read point data with a read-only store only while no
+    /// writer is applying writes to the VM.
+    ///
+    /// # Errors
+    ///
+    /// None yet: a missing folder reads as a store without VMs.
+    pub fn open_read_only(root: impl Into<PathBuf>) -> Result<LocalStore, StoreError> {
+        Ok(LocalStore {
+            root: root.into(),
+            access: Access::ReadOnly,
             vms: Mutex::new(HashMap::new()),
         })
     }
@@ -115,10 +168,11 @@ impl LocalStore {
         let dir = self.vm_dir(vm);
         let key = vm.to_string();
         let describe = self.describe();
+        let access = self.access;
         let run = move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
-                *guard = Some(VmState::load(dir, key, describe)?);
+                *guard = Some(VmState::load(dir, key, describe, access)?);
             }
             match guard.as_mut() {
                 Some(state) => f(state),
@@ -132,6 +186,20 @@ impl LocalStore {
             .map_err(|e| StoreError::InvalidRequest {
                 what: format!("a store task ended abnormally: {e}"),
             })?
+    }
+}
+
+impl LocalStore {
+    /// [`LocalStore::with_vm`] for a change: refused up front by a read-only store.
+    async fn with_vm_mut<T: Send + 'static>(
+        &self,
+        vm: &VmKey,
+        f: impl FnOnce(&mut VmState) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        if self.access == Access::ReadOnly {
+            return Err(read_only_refusal(&vm.to_string()));
+        }
+        self.with_vm(vm, f).await
     }
 }
 
@@ -155,6 +223,11 @@ impl ReplicaStore for LocalStore {
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {
+        if self.access == Access::ReadOnly {
+            return Err(StoreError::InvalidRequest {
+                what: format!("{}: opened read-only", self.describe()),
+            });
+        }
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let probe = root.join(format!(".lifeboat-probe-{}", std::process::id()));
@@ -171,7 +244,8 @@ impl ReplicaStore for LocalStore {
         check_disk_name(disk)?;
         check_disk_size(disk, size_bytes)?;
         let (disk, key) = (disk.to_owned(), vm.to_string());
-        self.with_vm(vm, move |state| {
+        self.with_vm_mut(vm, move |state| {
+            state.claim()?;
             let mut manifest = state.manifest.clone().unwrap_or_else(|| Manifest::new(&key));
             if let Some(existing) = manifest.disk(&disk) {
                 return if existing.size_bytes == size_bytes {
@@ -188,10 +262,10 @@ impl ReplicaStore for LocalStore {
                 });
             }
             let path = state.disk_path(&disk);
-            std::fs::create_dir_all(state.dir.join("disks")).map_err(StoreError::io("create disks folder", &state.dir))?;
+            io::create_dir_durable(&state.dir.join("disks"), "create disks folder")?;
             // A leftover file from a create cut short by a crash starts over as zeros.
             remove_if_exists(&path, "remove leftover replica disk")?;
-            let file = Disk::open(path, state.undo_dir(&disk), Some(size_bytes))?;
+            let file = Disk::open(path, state.undo_dir(&disk), Some(size_bytes), state.access)?;
             file.file.sync_all().map_err(StoreError::io("sync replica disk", &file.path))?;
             manifest.disks.push(crate::ManifestDisk { name: disk.clone(), size_bytes });
             state.save_manifest(&manifest)?;
@@ -205,7 +279,7 @@ impl ReplicaStore for LocalStore {
     async fn resize_disk(&self, vm: &VmKey, disk: &str, size_bytes: u64) -> Result<(), StoreError> {
         check_disk_size(disk, size_bytes)?;
         let disk = disk.to_owned();
-        self.with_vm(vm, move |state| {
+        self.with_vm_mut(vm, move |state| {
             let current = state.live_disk(&disk)?.size_bytes;
             if size_bytes < current {
                 state.preserve(&disk, size_bytes..current)?;
@@ -231,7 +305,7 @@ impl ReplicaStore for LocalStore {
 
     async fn delete_disk(&self, vm: &VmKey, disk: &str) -> Result<(), StoreError> {
         let disk = disk.to_owned();
-        self.with_vm(vm, move |state| {
+        self.with_vm_mut(vm, move |state| {
             let Some(mut manifest) = state.manifest.clone() else {
                 return Ok(());
             };
@@ -265,7 +339,7 @@ impl ReplicaStore for LocalStore {
         data: Bytes,
     ) -> Result<(), StoreError> {
         let disk = disk.to_owned();
-        self.with_vm(vm, move |state| {
+        self.with_vm_mut(vm, move |state| {
             let size = state.live_disk(&disk)?.size_bytes;
             check_range(&disk, offset, data.len() as u64, size, true)?;
             state.preserve(&disk, offset..offset + data.len() as u64)?;
@@ -277,7 +351,7 @@ impl ReplicaStore for LocalStore {
 
     async fn zero(&self, vm: &VmKey, disk: &str, offset: u64, len: u64) -> Result<(), StoreError> {
         let disk = disk.to_owned();
-        self.with_vm(vm, move |state| {
+        self.with_vm_mut(vm, move |state| {
             let size = state.live_disk(&disk)?.size_bytes;
             check_range(&disk, offset, len, size, false)?;
             state.preserve(&disk, offset..offset + len)?;
@@ -363,6 +437,9 @@ impl ReplicaStore for LocalStore {
     }
 
     async fn flush(&self, vm: &VmKey) -> Result<(), StoreError> {
+        if self.access == Access::ReadOnly {
+            return Ok(());
+        }
         self.with_vm(vm, |state| {
             for d in state.disks.values() {
                 d.file
@@ -376,7 +453,7 @@ impl ReplicaStore for LocalStore {
 
     async fn cut_point(&self, vm: &VmKey, point: NewPoint) -> Result<RecoveryPoint, StoreError> {
         let key = vm.to_string();
-        self.with_vm(vm, move |state| {
+        self.with_vm_mut(vm, move |state| {
             let Some(mut manifest) = state.manifest.clone() else {
                 return Err(state.not_found(format!("VM {key}")));
             };
@@ -431,7 +508,7 @@ impl ReplicaStore for LocalStore {
 
     async fn delete_point(&self, vm: &VmKey, point_id: &str) -> Result<(), StoreError> {
         let id = point_id.to_owned();
-        self.with_vm(vm, move |state| {
+        self.with_vm_mut(vm, move |state| {
             let Some(mut manifest) = state.manifest.clone() else {
                 return Ok(());
             };
@@ -506,7 +583,7 @@ impl ReplicaStore for LocalStore {
     }
 
     async fn revert_to_latest_point(&self, vm: &VmKey) -> Result<(), StoreError> {
-        self.with_vm(vm, |state| {
+        self.with_vm_mut(vm, |state| {
             let Some(latest) = state.latest().cloned() else {
                 return Ok(());
             };
@@ -571,7 +648,7 @@ impl ReplicaStore for LocalStore {
         encoded: Bytes,
     ) -> Result<(), StoreError> {
         let disk = disk.to_owned();
-        self.with_vm(vm, move |state| {
+        self.with_vm_mut(vm, move |state| {
             state.live_disk(&disk)?;
             write_atomic(&state.map_path(&disk), &encoded)
         })
@@ -592,16 +669,53 @@ impl ReplicaStore for LocalStore {
     }
 
     async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError> {
-        self.with_vm(vm, |state| {
+        self.with_vm_mut(vm, |state| {
+            if !state.is_locked() {
+                if !state.dir.exists() {
+                    return Ok(());
+                }
+                state.claim()?;
+            }
             // The manifest goes first: without it, nothing claims the rest.
             remove_if_exists(&VmState::manifest_path(&state.dir), "remove manifest")?;
             state.manifest = None;
             state.disks.clear();
-            match std::fs::remove_dir_all(&state.dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(StoreError::io("remove VM folder", &state.dir)(e))
+            // Then everything but the lock file, which goes last, with the lock let go of.
+            let entries = std::fs::read_dir(&state.dir)
+                .map_err(StoreError::io("list VM folder", &state.dir))?;
+            for entry in entries {
+                let path = entry
+                    .map_err(StoreError::io("list VM folder", &state.dir))?
+                    .path();
+                if path.file_name().is_some_and(|n| n == vm::LOCK_FILE) {
+                    continue;
                 }
-                _ => Ok(()),
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match removed {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(StoreError::io("remove VM files", &path)(e));
+                    }
+                    _ => {}
+                }
+            }
+            io::sync_folder(&state.dir)?;
+            remove_if_exists(&state.dir.join(vm::LOCK_FILE), "remove VM lock file")?;
+            state.release();
+            // NB: another store may have created the VM again meanwhile: then it stays.
+            match std::fs::remove_dir(&state.dir) {
+                Ok(()) => {
+                    if let Some(parent) = state.dir.parent() {
+                        io::sync_folder(parent)?;
+                    }
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(_) if state.dir.exists() => Ok(()),
+                Err(e) => Err(StoreError::io("remove VM folder", &state.dir)(e)),
             }
         })
         .await

@@ -125,3 +125,231 @@ async fn a_torn_undo_record_is_cut_and_a_damaged_one_reported() {
     );
     assert!(!error.is_some_and(|e| e.is_recoverable()));
 }
+
+const MIB: u64 = 1024 * 1024;
+
+fn ok<T>(result: Result<T, StoreError>, what: &str) -> T {
+    result.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Write `fill` over `range` of disk `root`, in the store and in `model`.
+async fn put(store: &LocalStore, vm: &VmKey, model: &mut [u8], range: Range<usize>, fill: u8) {
+    model[range.clone()].fill(fill);
+    let data = conformance::page_aligned(&model[range.clone()]);
+    ok(
+        store.write(vm, "root", range.start as u64, data).await,
+        "write",
+    );
+}
+
+async fn cut(store: &LocalStore, vm: &VmKey, model: &[u8], time: u64) -> String {
+    let point = conformance::Model {
+        disks: [("root".to_owned(), model.to_vec())].into(),
+    }
+    .point(time, time, crate::Consistency::CrashConsistent);
+    ok(store.cut_point(vm, point).await, "cut").id
+}
+
+/// A VM `ns/<name>` with disk `root` (1 MiB) and two points, each with an undo segment, and
+/// live writes after the second: returns the points' ids and contents, and the live content.
+async fn two_points(dir: &Path, name: &str) -> (VmKey, Vec<(String, Vec<u8>)>, Vec<u8>) {
+    let vm = VmKey::new("ns", name).unwrap_or_else(|e| panic!("{e}"));
+    let store = LocalStore::open(dir).unwrap_or_else(|e| panic!("{e}"));
+    ok(store.create_disk(&vm, "root", MIB).await, "create");
+    let mut model = vec![0u8; MIB as usize];
+    put(&store, &vm, &mut model, 0..64 * 1024, 0xAA).await;
+    let first = (cut(&store, &vm, &model, 1_000).await, model.clone());
+    put(&store, &vm, &mut model, 0..32 * 1024, 0xBB).await;
+    put(&store, &vm, &mut model, 128 * 1024..160 * 1024, 0xB2).await;
+    let second = (cut(&store, &vm, &model, 2_000).await, model.clone());
+    put(&store, &vm, &mut model, 16 * 1024..96 * 1024, 0xCC).await;
+    ok(store.flush(&vm).await, "flush");
+    (vm, vec![first, second], model)
+}
+
+fn append(path: &Path, bytes: &[u8]) {
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.write_all(bytes).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn len_of(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Every file and folder under `dir`: relative path -> length and XXH3 of the content
+/// (folders: `None`).
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Option<(u64, u64)>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(at) = todo.pop() {
+        for entry in std::fs::read_dir(&at).unwrap_or_else(|e| panic!("{e}")) {
+            let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+            let rel = path.strip_prefix(dir).unwrap_or(&path).to_path_buf();
+            if path.is_dir() {
+                out.insert(rel, None);
+                todo.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+                let hash = twox_hash::XxHash3_64::oneshot(&bytes);
+                out.insert(rel, Some((bytes.len() as u64, hash)));
+            }
+        }
+    }
+    out
+}
+
+/// Issue 16, defect 6: a crash while deleting a point appends to an older point's segment; a
+/// torn record at its end is cut like one at the end of the latest segment, and every point
+/// reads back what it held. A bad record in the middle of it stays corruption.
+#[tokio::test]
+async fn a_torn_tail_in_an_older_segment_is_cut_and_every_point_reads_back() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (vm, points, live) = two_points(dir.path(), "older").await;
+    let older = dir.path().join("ns/older/undo/root/000000000001.undo");
+    let whole = len_of(&older);
+    assert!(
+        whole > UNDO_HEADER_BYTES,
+        "the first point saved pre-images"
+    );
+    append(&older, b"LBU1 torn by a crash while deleting a point");
+
+    let store = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let manifest = ok(
+        store.manifest(&vm).await,
+        "manifest after a torn older segment",
+    );
+    assert_eq!(manifest.map(|m| m.points.len()), Some(2));
+    for (id, content) in &points {
+        conformance::assert_disk(&store, &vm, "root", &At::Point(id.clone()), content).await;
+    }
+    conformance::assert_disk(&store, &vm, "root", &At::Live, &live).await;
+    assert_eq!(len_of(&older), whole, "the torn record is cut off");
+    drop(store);
+
+    // Damage before the last record's worth of the older segment is corruption.
+    let mut bytes = std::fs::read(&older).unwrap_or_default();
+    bytes[UNDO_HEADER_BYTES as usize + 10] ^= 0xFF;
+    std::fs::write(&older, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    let store = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let error = store.manifest(&vm).await.err();
+    assert!(
+        matches!(error, Some(StoreError::Corrupt { .. })),
+        "{error:?}"
+    );
+}
+
+/// Issue 16, defect 4: a read-only open (`lifeboat points` beside the daemon) repairs
+/// nothing: an unlisted undo segment and torn tails stay, no byte of the folder changes, and
+/// the points read back; a writing open then does the repair.
+#[tokio::test]
+async fn a_read_only_open_changes_nothing_and_a_writing_open_repairs() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (vm, points, live) = two_points(dir.path(), "ro").await;
+    let undo = dir.path().join("ns/ro/undo/root");
+    let stale = undo.join("000000000099.undo");
+    std::fs::write(&stale, b"a segment of a point whose deletion crashed")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (older, latest) = (
+        undo.join("000000000001.undo"),
+        undo.join("000000000002.undo"),
+    );
+    let whole = (len_of(&older), len_of(&latest));
+    append(&older, b"LBU1 torn");
+    append(&latest, b"LBU1 torn too");
+    let before = snapshot(dir.path());
+
+    let store = LocalStore::open_read_only(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let manifest = ok(store.manifest(&vm).await, "read-only manifest");
+    let ids: Vec<String> = manifest
+        .map(|m| m.points.into_iter().map(|p| p.id).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, points.iter().map(|p| p.0.clone()).collect::<Vec<_>>());
+    for (id, content) in &points {
+        conformance::assert_disk(&store, &vm, "root", &At::Point(id.clone()), content).await;
+    }
+    conformance::assert_disk(&store, &vm, "root", &At::Live, &live).await;
+    let other = VmKey::new("ns", "absent").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ok(store.manifest(&other).await, "manifest of an absent VM"),
+        None
+    );
+    drop(store);
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "a read-only open changed the folder"
+    );
+    // Changes are refused, not made.
+    let store = LocalStore::open_read_only(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let refused = store.create_disk(&other, "root", MIB).await.err();
+    assert!(
+        matches!(refused, Some(StoreError::InvalidRequest { .. })),
+        "{refused:?}"
+    );
+    let refused = store
+        .write(&vm, "root", 0, conformance::page_aligned(&[1; 4096]))
+        .await
+        .err();
+    assert!(
+        matches!(refused, Some(StoreError::InvalidRequest { .. })),
+        "{refused:?}"
+    );
+    drop(store);
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "a refused change changed the folder"
+    );
+
+    let store = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    for (id, content) in &points {
+        conformance::assert_disk(&store, &vm, "root", &At::Point(id.clone()), content).await;
+    }
+    assert!(
+        !stale.exists(),
+        "a writing open removes the unlisted segment"
+    );
+    assert_eq!(
+        (len_of(&older), len_of(&latest)),
+        whole,
+        "and cuts torn tails"
+    );
+}
+
+/// Issue 16, defect 4: a VM is written by one store at a time, across processes and within
+/// one (each store opens the lock file itself): the second writer is refused, recoverably,
+/// naming the lock file; a read-only store still reads; once the first lets go, the second
+/// gets it.
+#[tokio::test]
+async fn a_second_writer_of_a_vm_is_refused_naming_the_lock_file() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let vm = VmKey::new("ns", "locked").unwrap_or_else(|e| panic!("{e}"));
+    let first = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    ok(first.create_disk(&vm, "root", MIB).await, "create");
+    let second = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let error = second
+        .manifest(&vm)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a second writer loaded a VM another store holds"));
+    let message = error.to_string();
+    assert!(
+        message.contains("VM ns/locked is held by another Lifeboat process (lock file ")
+            && message.contains(&dir.path().join("ns/locked").display().to_string()),
+        "{message}"
+    );
+    assert!(error.is_recoverable(), "{error:?}");
+    let again = second.create_disk(&vm, "root", MIB).await.err();
+    assert!(again.is_some_and(|e| e.is_recoverable()));
+
+    let reader = LocalStore::open_read_only(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let manifest = ok(reader.manifest(&vm).await, "read beside the writer");
+    assert_eq!(manifest.map(|m| m.disks.len()), Some(1));
+
+    drop(first);
+    let manifest = ok(second.manifest(&vm).await, "manifest once the first let go");
+    assert_eq!(manifest.map(|m| m.disks.len()), Some(1));
+}

@@ -21,8 +21,10 @@
 //! tests below check both against reference values and each other).
 //!
 //! A segment is indexed on open. Only its last record can be torn by a crash (appended,
-//! synced, then the live write): a bad record within a record's worth of the end of the open
-//! segment is cut off; a bad record anywhere else is reported as corruption.
+//! synced, then the live write), in any segment (the latest one by a write, an older one by a
+//! point's deletion, which moves granules into it): a bad record within a record's worth of
+//! the end of a segment is cut off (tolerated, and left as it is, by a read-only open); a bad
+//! record anywhere else is reported as corruption.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -30,6 +32,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use twox_hash::XxHash3_64;
 
+use super::Access;
 use super::io::PositionalIo;
 use crate::StoreError;
 
@@ -51,11 +54,18 @@ pub(super) struct Segment {
 }
 
 impl Segment {
-    pub(super) fn open(path: PathBuf, may_have_torn_tail: bool) -> Result<Segment, StoreError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
+    /// Open and index a segment. Any segment can end in a torn record (the latest, by a crash
+    /// while saving pre-images; an older one, by a crash while a point's deletion moved
+    /// granules into it): with [`Access::Write`] it is cut off (and the segment is created if
+    /// missing); with [`Access::ReadOnly`] the file is opened for reading only, and the index
+    /// simply stops before the torn record.
+    pub(super) fn open(path: PathBuf, access: Access) -> Result<Segment, StoreError> {
+        let mut options = OpenOptions::new();
+        options.read(true);
+        if access == Access::Write {
+            options.append(true).create(true);
+        }
+        let file = options
             .open(&path)
             .map_err(StoreError::io("open undo segment", &path))?;
         let len = file
@@ -101,11 +111,13 @@ impl Segment {
                 // NB: only the last record can be torn by a crash (it is appended and synced
                 // before the live write it protects); more than a record's worth after a bad
                 // one means the file was damaged, and guessing would serve wrong data.
-                Err(_) if may_have_torn_tail && len - pos < UNDO_HEADER_BYTES + GRANULE_BYTES => {
-                    file.set_len(pos)
-                        .map_err(StoreError::io("cut torn undo record", &path))?;
-                    file.sync_all()
-                        .map_err(StoreError::io("sync undo segment", &path))?;
+                Err(_) if len - pos < UNDO_HEADER_BYTES + GRANULE_BYTES => {
+                    if access == Access::Write {
+                        file.set_len(pos)
+                            .map_err(StoreError::io("cut torn undo record", &path))?;
+                        file.sync_all()
+                            .map_err(StoreError::io("sync undo segment", &path))?;
+                    }
                     break;
                 }
                 Err(detail) => {
@@ -134,9 +146,12 @@ impl Segment {
         let sum = XxHash3_64::oneshot(&record);
         record.extend_from_slice(&sum.to_le_bytes());
         record.extend_from_slice(data);
-        self.file
-            .write_all(&record)
-            .map_err(StoreError::io("append undo record", &self.path))?;
+        if let Err(e) = self.file.write_all(&record) {
+            // NB: a part of the record may have been written (a full disk): cut it, so that
+            // the next record does not follow a bad one (corruption at the next open).
+            let _ = self.file.set_len(self.end);
+            return Err(StoreError::io("append undo record", &self.path)(e));
+        }
         self.index.insert(
             disk_offset,
             (self.end + UNDO_HEADER_BYTES, data.len() as u64),
@@ -145,25 +160,41 @@ impl Segment {
         Ok(())
     }
 
+    /// The granule at `disk_offset` as this segment saved it, if it did. The whole record is
+    /// checked again (header checksum, the disk offset and length it names, data checksum):
+    /// a record that is not the one the index points at is corruption, never served.
     pub(super) fn read_granule(&self, disk_offset: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(&(pos, len)) = self.index.get(&disk_offset) else {
             return Ok(None);
         };
-        let mut data = vec![0u8; len as usize];
+        let start = pos - UNDO_HEADER_BYTES;
+        let mut record = vec![0u8; (UNDO_HEADER_BYTES + len) as usize];
         self.file
-            .read_exact_at(&mut data, pos)
+            .read_exact_at(&mut record, start)
             .map_err(StoreError::io("read undo record", &self.path))?;
-        let mut header = [0u8; 8];
-        self.file
-            .read_exact_at(&mut header, pos - UNDO_HEADER_BYTES + 16)
-            .map_err(StoreError::io("read undo record", &self.path))?;
-        if XxHash3_64::oneshot(&data) != u64::from_le_bytes(header) {
-            return Err(StoreError::Corrupt {
-                path: self.path.display().to_string(),
-                detail: format!("undo record for disk offset {disk_offset} fails its checksum"),
-            });
+        let (header, data) = record.split_at(UNDO_HEADER_BYTES as usize);
+        let field = |range: std::ops::Range<usize>| {
+            let mut bytes = [0u8; 8];
+            bytes[..range.len()].copy_from_slice(&header[range]);
+            u64::from_le_bytes(bytes)
+        };
+        let corrupt = |what: String| StoreError::Corrupt {
+            path: self.path.display().to_string(),
+            detail: format!("undo record at byte {start} for disk offset {disk_offset}: {what}"),
+        };
+        if &header[0..4] != UNDO_MAGIC || XxHash3_64::oneshot(&header[..24]) != field(24..32) {
+            return Err(corrupt("its header fails its checksum".into()));
         }
-        Ok(Some(data))
+        let (stored_len, stored_offset) = (field(4..8), field(8..16));
+        if stored_offset != disk_offset || stored_len != len {
+            return Err(corrupt(format!(
+                "the record holds {stored_len} bytes of disk offset {stored_offset}, not {len} of {disk_offset}"
+            )));
+        }
+        if XxHash3_64::oneshot(data) != field(16..24) {
+            return Err(corrupt("its data fails its checksum".into()));
+        }
+        Ok(Some(data.to_vec()))
     }
 
     pub(super) fn sync(&self) -> Result<(), StoreError> {
@@ -238,7 +269,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
 
         let path = dir.path().join("000000000001.undo");
-        let mut segment = Segment::open(path.clone(), true).unwrap_or_else(|e| panic!("{e}"));
+        let mut segment =
+            Segment::open(path.clone(), Access::Write).unwrap_or_else(|e| panic!("{e}"));
         segment
             .append(0x1_0000, &granule)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -275,7 +307,8 @@ mod tests {
         bytes.extend(record_by_xxhash_rust(0x9000, &noise(512, 4)));
         std::fs::write(&old, &bytes).unwrap_or_else(|e| panic!("{e}"));
         for path in [&path, &old] {
-            let segment = Segment::open(path.clone(), false).unwrap_or_else(|e| panic!("{e}"));
+            let segment =
+                Segment::open(path.clone(), Access::ReadOnly).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(segment.index.len(), 2);
             assert_eq!(
                 segment.end,
@@ -288,9 +321,57 @@ mod tests {
                 assert_eq!(data.map(|d| d.len() as u64), Some(len));
             }
         }
-        let segment = Segment::open(old, false).unwrap_or_else(|e| panic!("{e}"));
+        let segment = Segment::open(old, Access::ReadOnly).unwrap_or_else(|e| panic!("{e}"));
         let read = |at| segment.read_granule(at).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read(0x3000), Some(noise(4096, 3)));
         assert_eq!(read(0x9000), Some(noise(512, 4)));
+    }
+
+    /// Issue 16, defect 4: a record whose checksums hold but whose stored offset is not the
+    /// one asked for (a record moved or overwritten behind the index) is corruption, naming
+    /// the segment and both offsets, never served as the asked granule.
+    #[test]
+    fn a_record_for_another_offset_is_reported_not_served() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("000000000001.undo");
+        let data = noise(4096, 9);
+        let mut segment =
+            Segment::open(path.clone(), Access::Write).unwrap_or_else(|e| panic!("{e}"));
+        segment
+            .append(0x1000, &data)
+            .unwrap_or_else(|e| panic!("{e}"));
+        segment
+            .append(0x2000, &noise(4096, 10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        segment.sync().unwrap_or_else(|e| panic!("{e}"));
+        // The first record rewritten, whole and valid, for disk offset 0x5000.
+        let other = record_by_xxhash_rust(0x5000, &data);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        file.write_all_at(&other, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(file);
+        let error = segment.read_granule(0x1000);
+        let Err(StoreError::Corrupt {
+            path: named,
+            detail,
+        }) = &error
+        else {
+            let served = error.map(|d| d.map(|d| d.len()));
+            panic!("a record for disk offset 0x5000 served as 0x1000: {served:?}");
+        };
+        assert_eq!(named, &path.display().to_string());
+        assert!(
+            detail.contains("4096") && detail.contains("20480"),
+            "{detail}"
+        );
+        assert!(
+            segment
+                .read_granule(0x2000)
+                .is_ok_and(|d| d == Some(noise(4096, 10))),
+            "the other record still reads"
+        );
     }
 }
