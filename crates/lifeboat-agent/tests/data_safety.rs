@@ -10,72 +10,22 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use lifeboat_engine::backend::DiskRef;
+use lifeboat_engine::Replicator;
 use lifeboat_engine::replicator::PointChoice;
-use lifeboat_engine::state::EnginePhase;
-use lifeboat_engine::{Replicator, Settings};
-use lifeboat_qemu::QemuHypervisor;
 use lifeboat_store::local::LocalStore;
 use lifeboat_store::{At, MAX_WRITE_BYTES, ReplicaStore, VmKey};
 use support::Qsd;
+use support::engine::{self, no_progress, replica, settings};
 use support::faults::{FaultInjectingStore, PowerCutStore};
 
 const MIB: u64 = 1024 * 1024;
 
-fn no_progress(_: &lifeboat_engine::Progress) {}
-
-fn settings() -> Settings {
-    Settings {
-        copy_interval: Duration::from_secs(30),
-        ..Settings::default()
-    }
-}
-
-fn disks(qsd: &Qsd) -> Vec<DiskRef> {
-    qsd.disks
-        .iter()
-        .map(|(name, _)| DiskRef {
-            name: name.clone(),
-            path: qsd.dir.join(format!("{name}.qcow2")).display().to_string(),
-            node: Some(name.clone()),
-        })
-        .collect()
-}
-
-/// The engine for the VM of `qsd`, its state folder under `dir` (the same folder each time:
-/// opening again is the agent restarting).
+/// The engine on `qsd`, on the QEMU hypervisor as it is.
 async fn open_engine(qsd: &Qsd, dir: &Path, store: Arc<dyn ReplicaStore>) -> Replicator {
-    let vm = VmKey::new("tests", "vm1").unwrap();
-    let hypervisor = Arc::new(QemuHypervisor::new("vm1", &qsd.qmp, dir.join("qemu-work")));
-    Replicator::open(
-        vm,
-        disks(qsd),
-        dir.join("agent"),
-        hypervisor,
-        store,
-        settings(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("open: {e}"))
-}
-
-/// A whole disk of the replica, live or at a point.
-async fn replica(store: &dyn ReplicaStore, vm: &VmKey, disk: &str, size: u64, at: &At) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size as usize);
-    let mut offset = 0;
-    while offset < size {
-        let len = (4 * MIB).min(size - offset);
-        out.extend_from_slice(
-            &store
-                .read(vm, disk, at, offset, len)
-                .await
-                .unwrap_or_else(|e| panic!("read replica {disk}: {e}")),
-        );
-        offset += len;
-    }
-    out
+    let hypervisor = Arc::new(engine::qemu(qsd, dir));
+    engine::open_engine(dir, engine::disks(qsd), hypervisor, store, settings()).await
 }
 
 /// Every disk of the latest point equals the source as it is now (the guest is idle).
@@ -149,12 +99,7 @@ async fn a_power_cut_after_a_copy_checkpoint_loses_nothing_it_claims() {
         report.bytes_sent < 64 * MIB,
         "the resumed copy did not send disk 1 again: {report:?}"
     );
-    let report = engine
-        .run_cycle(SystemTime::now())
-        .await
-        .unwrap_or_else(|e| panic!("finalize: {e}"));
-    assert!(report.point.is_some(), "finalize cut the first point");
-    assert_eq!(engine.state().phase, EnginePhase::Protected);
+    engine::finalize(&mut engine).await;
     assert_latest_point_equals_source(&qsd, store.as_ref(), &vm).await;
 }
 

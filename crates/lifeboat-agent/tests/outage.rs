@@ -13,12 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lifeboat_core::{ErrorClass, JobKind, JobParams};
-use lifeboat_engine::backend::DiskRef;
-use lifeboat_engine::{JobDirs, Replicator, Settings, Worker, run_job};
-use lifeboat_qemu::QemuHypervisor;
+use lifeboat_engine::{JobDirs, Worker, run_job};
 use lifeboat_store::testing::{Azurite, free_port, shared_key_store, test_options};
-use lifeboat_store::{At, ReplicaStore, VmKey};
+use lifeboat_store::{At, ReplicaStore};
 use support::Qsd;
+use support::engine::{self, settings};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -32,31 +31,15 @@ async fn store_outage_backs_off_on_the_asr_schedule_then_recovers() {
     let mut azurite = Azurite::start_on(port, Some(&azurite_data));
     let store: Arc<dyn ReplicaStore> =
         Arc::new(shared_key_store(&azurite, "replicas", test_options(4)).await);
-    let vm = VmKey::new("tests", "outage").unwrap();
-    let disks = vec![DiskRef {
-        name: "root".into(),
-        path: "root.qcow2".into(),
-        node: Some("root".into()),
-    }];
-    let hypervisor = Arc::new(QemuHypervisor::new(
-        "outage",
-        &qsd.qmp,
-        dir.path().join("qemu"),
-    ));
-    let settings = Settings {
-        copy_interval: Duration::from_secs(30),
-        ..Settings::default()
-    };
-    let engine = Replicator::open(
-        vm.clone(),
-        disks,
-        dir.path().join("agent"),
-        hypervisor,
+    let engine = engine::open_engine(
+        dir.path(),
+        engine::disks(&qsd),
+        Arc::new(engine::qemu(&qsd, dir.path())),
         store.clone(),
-        settings,
+        settings(),
     )
-    .await
-    .unwrap();
+    .await;
+    let vm = engine.vm().clone();
     let mut worker = Worker::new(engine);
     let dirs = JobDirs {
         failover_dir: dir.path().join("failover"),
@@ -120,15 +103,14 @@ async fn store_outage_backs_off_on_the_asr_schedule_then_recovers() {
     assert_eq!((facts.failed_last_hour, facts.succeeded_last_hour), (1, 1));
     assert_eq!((facts.failed_total, facts.succeeded_total), (7, 1));
     let latest = facts.latest_point.unwrap().id;
-    let mut replica = Vec::new();
-    for offset in (0..16 * MIB).step_by(4 * MIB as usize) {
-        replica.extend_from_slice(
-            &store
-                .read(&vm, "root", &At::Point(latest.clone()), offset, 4 * MIB)
-                .await
-                .unwrap(),
-        );
-    }
+    let replica = engine::replica(
+        store.as_ref(),
+        &vm,
+        "root",
+        qsd.spec("root").size,
+        &At::Point(latest),
+    )
+    .await;
     support::assert_same(
         "the replica after the outage",
         &replica,

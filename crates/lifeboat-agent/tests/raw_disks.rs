@@ -8,31 +8,26 @@
 // A failed unwrap is the test failure report.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use lifeboat_engine::backend::{DiskInfo, DiskRef, Hypervisor, Tracking, TrackingDurability};
 use lifeboat_engine::replicator::PointChoice;
 use lifeboat_engine::state::EnginePhase;
-use lifeboat_engine::{Replicator, Report, Settings};
+use lifeboat_engine::{Replicator, Report};
 use lifeboat_qemu::QemuHypervisor;
-use lifeboat_qemu::testing::{DiskSpec, LoopDevice, Qsd, assert_same};
+use lifeboat_qemu::testing::{DiskSpec, LoopDevice};
 use lifeboat_store::local::LocalStore;
 use lifeboat_store::{At, ReplicaStore, VmKey};
+use support::engine::{self, disk_refs, no_progress, settings};
+use support::{Qsd, assert_same};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 /// The engine's block (the default settings'): what a resync compares and sends.
 const BLOCK: u64 = 64 * KIB;
-
-fn no_progress(_: &lifeboat_engine::Progress) {}
-
-fn settings() -> Settings {
-    Settings {
-        copy_interval: Duration::from_secs(30),
-        ..Settings::default()
-    }
-}
 
 struct Rig {
     // NB: dropped in this order: the daemon stops before its folder goes.
@@ -45,40 +40,22 @@ struct Rig {
     dir: tempfile::TempDir,
 }
 
-/// The engine's disks: each served by the node the guest writes through, unless `node`
-/// says otherwise for a disk.
-fn disk_refs(qsd: &Qsd, node: impl Fn(&str) -> String) -> Vec<DiskRef> {
-    qsd.specs
-        .iter()
-        .map(|spec| DiskRef {
-            name: spec.name.clone(),
-            path: qsd.image(&spec.name).display().to_string(),
-            node: Some(node(&spec.name)),
-        })
-        .collect()
-}
-
+/// The rig with the engine's disks each served by the node `node` names for it.
 async fn rig_with_nodes(specs: &[DiskSpec], node: impl Fn(&str) -> String) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let qsd = Qsd::start_with(dir.path(), specs);
     let store = Arc::new(LocalStore::open(dir.path().join("store")).unwrap());
-    let hypervisor = Arc::new(QemuHypervisor::new(
-        "vm1",
-        &qsd.qmp,
-        dir.path().join("qemu-work"),
-    ));
+    let hypervisor = Arc::new(engine::qemu(&qsd, dir.path()));
     let disks = disk_refs(&qsd, node);
-    let vm = VmKey::new("tests", "vm1").unwrap();
-    let engine = Replicator::open(
-        vm.clone(),
+    let engine = engine::open_engine(
+        dir.path(),
         disks.clone(),
-        dir.path().join("agent"),
         hypervisor.clone(),
         store.clone(),
         settings(),
     )
-    .await
-    .unwrap_or_else(|e| panic!("open: {e}"));
+    .await;
+    let vm = engine.vm().clone();
     Rig {
         qsd,
         engine,
@@ -131,21 +108,7 @@ impl Rig {
     }
 
     async fn replica(&self, disk: &str, at: &At) -> Vec<u8> {
-        let size = self.size(disk);
-        let mut out = Vec::with_capacity(size as usize);
-        let mut offset = 0;
-        while offset < size {
-            let len = (4 * MIB).min(size - offset);
-            out.extend_from_slice(
-                &self
-                    .store
-                    .read(&self.vm, disk, at, offset, len)
-                    .await
-                    .unwrap_or_else(|e| panic!("read replica: {e}")),
-            );
-            offset += len;
-        }
-        out
+        engine::replica(self.store.as_ref(), &self.vm, disk, self.size(disk), at).await
     }
 
     /// The latest point and the live replica equal every disk as the guest sees it now
@@ -177,22 +140,7 @@ impl Rig {
 
     /// Enable, copy and finalize: the first point equals the source.
     async fn protect(&mut self) -> Vec<DiskInfo> {
-        let infos = self
-            .engine
-            .enable()
-            .await
-            .unwrap_or_else(|e| panic!("enable: {e}"));
-        self.engine
-            .initial_copy(&no_progress)
-            .await
-            .unwrap_or_else(|e| panic!("copy: {e}"));
-        let report = self
-            .engine
-            .run_cycle(SystemTime::now())
-            .await
-            .unwrap_or_else(|e| panic!("finalize: {e}"));
-        assert!(report.point.is_some(), "finalize cut the first point");
-        assert_eq!(self.engine.state().phase, EnginePhase::Protected);
+        let infos = engine::protect(&mut self.engine).await;
         self.assert_replica_equals_source("after the initial copy")
             .await;
         infos
@@ -577,7 +525,7 @@ async fn the_file_node_under_a_qcow2_image_is_refused_with_the_node_to_use() {
         on_the_file.is_err(),
         "tracking on the file node is refused as well: {on_the_file:?}"
     );
-    let disks = disk_refs(&rig.qsd, str::to_owned);
+    let disks = engine::disks(&rig.qsd);
     rig.engine.set_disks(disks.clone());
     rig.disks = disks;
     let infos = rig

@@ -359,28 +359,38 @@ async fn status(target: &Target, output: &OutputArgs, all: bool) -> Result<ExitC
             (vms, ns, place)
         }
     };
+    let scope = if all {
+        format!("in any namespace{place}")
+    } else {
+        format!("in namespace {namespace}{place}")
+    };
+    print_listing(output, &vms, ui::VM_RESOURCE, "ProtectedVM", &scope, || {
+        cli::status_table(&vms, SystemTime::now(), output.columns(all))
+    })
+}
+
+/// A listing as `-o` asks: json or yaml as a kubectl `List`, `name` as RESOURCE/NAME lines,
+/// or a table; an empty table is a line on standard error naming where nothing was found.
+fn print_listing<K: kube::Resource + serde::Serialize>(
+    output: &OutputArgs,
+    items: &[K],
+    resource: &str,
+    kind: &str,
+    scope: &str,
+    table: impl FnOnce() -> String,
+) -> Result<ExitCode> {
     match output.format() {
-        Format::Json | Format::Yaml => output.print_list(&vms)?,
+        Format::Json | Format::Yaml => output.print_list(items)?,
         Format::Name => {
-            for vm in &vms {
+            for item in items {
                 println!(
-                    "{}/{}",
-                    ui::VM_RESOURCE,
-                    vm.metadata.name.as_deref().unwrap_or_default()
+                    "{resource}/{}",
+                    item.meta().name.as_deref().unwrap_or_default()
                 );
             }
         }
-        Format::Table | Format::Wide if vms.is_empty() => {
-            if all {
-                eprintln!("No ProtectedVM in any namespace{place}");
-            } else {
-                eprintln!("No ProtectedVM in namespace {namespace}{place}");
-            }
-        }
-        Format::Table | Format::Wide => print!(
-            "{}",
-            cli::status_table(&vms, SystemTime::now(), output.columns(all))
-        ),
+        Format::Table | Format::Wide if items.is_empty() => eprintln!("No {kind} {scope}"),
+        Format::Table | Format::Wide => print!("{}", table()),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -420,30 +430,19 @@ async fn jobs(
             j.metadata.name.clone(),
         )
     });
-    match output.format() {
-        Format::Json | Format::Yaml => output.print_list(&jobs)?,
-        Format::Name => {
-            for job in &jobs {
-                println!(
-                    "{}/{}",
-                    ui::JOB_RESOURCE,
-                    job.metadata.name.as_deref().unwrap_or_default()
-                );
-            }
-        }
-        Format::Table | Format::Wide if jobs.is_empty() => {
-            if all {
-                eprintln!("No ReplicationJob in any namespace");
-            } else {
-                eprintln!("No ReplicationJob in namespace {namespace}");
-            }
-        }
-        Format::Table | Format::Wide => print!(
-            "{}",
-            cli::jobs_table(&jobs, SystemTime::now(), output.columns(all))
-        ),
-    }
-    Ok(ExitCode::SUCCESS)
+    let scope = if all {
+        "in any namespace".to_owned()
+    } else {
+        format!("in namespace {namespace}")
+    };
+    print_listing(
+        output,
+        &jobs,
+        ui::JOB_RESOURCE,
+        "ReplicationJob",
+        &scope,
+        || cli::jobs_table(&jobs, SystemTime::now(), output.columns(all)),
+    )
 }
 
 async fn points(target: &Target, output: &OutputArgs, vm: &str) -> Result<ExitCode> {

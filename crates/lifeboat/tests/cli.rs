@@ -141,7 +141,17 @@ impl Setup {
 
     /// `lifeboat ARGS` with HOME and, if `kubeconfig`, KUBECONFIG; standard input closed.
     fn command(&self, kubeconfig: bool, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(LIFEBOAT);
+        self.command_as(Path::new(LIFEBOAT), kubeconfig, args)
+    }
+
+    /// Like [`Setup::command`], the binary run as `program` (a link to it, say).
+    fn command_as(
+        &self,
+        program: &Path,
+        kubeconfig: bool,
+        args: &[&str],
+    ) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(program);
         command
             .args(args)
             .env("HOME", self.home())
@@ -157,8 +167,13 @@ impl Setup {
         command
     }
 
+    /// `lifeboat ARGS` run to its end, with KUBECONFIG if `kubeconfig`.
+    async fn output(&self, kubeconfig: bool, args: &[&str]) -> Output {
+        self.command(kubeconfig, args).output().await.unwrap()
+    }
+
     async fn run(&self, args: &[&str]) -> Output {
-        self.command(true, args).output().await.unwrap()
+        self.output(true, args).await
     }
 
     /// Standard output of a run that must succeed.
@@ -191,6 +206,11 @@ fn names(text: &str) -> Vec<&str> {
     text.lines().collect()
 }
 
+/// How many lines a run printed on standard output.
+fn lines(out: &Output) -> usize {
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mode_follows_the_kubeconfig_and_the_state_folder() {
     let s = Setup::start().await;
@@ -211,17 +231,13 @@ async fn the_mode_follows_the_kubeconfig_and_the_state_folder() {
     // ~/.kube/config is found as well, and --kubeconfig names a file.
     std::fs::create_dir_all(s.home().join(".kube")).unwrap();
     std::fs::copy(s.kubeconfig(), s.home().join(".kube/config")).unwrap();
-    let out = s
-        .command(false, &["status", "-o", "name"])
-        .output()
-        .await
-        .unwrap();
+    let out = s.output(false, &["status", "-o", "name"]).await;
     assert!(out.status.success(), "{}", show(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    assert_eq!(lines(&out), 2, "{}", show(&out));
     std::fs::remove_file(s.home().join(".kube/config")).unwrap();
     let kubeconfig = s.kubeconfig();
     let out = s
-        .command(
+        .output(
             false,
             &[
                 "status",
@@ -231,15 +247,8 @@ async fn the_mode_follows_the_kubeconfig_and_the_state_folder() {
                 kubeconfig.to_str().unwrap(),
             ],
         )
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        2,
-        "{}",
-        show(&out)
-    );
+        .await;
+    assert_eq!(lines(&out), 2, "{}", show(&out));
 
     // A state folder: standalone, although a kubeconfig is there (the folder is empty).
     let state = s.dir.path().join("state");
@@ -278,7 +287,7 @@ async fn the_mode_follows_the_kubeconfig_and_the_state_folder() {
     // Neither a kubeconfig nor a state folder: a clear error (where the default folder,
     // /var/lib/lifeboat, does not exist).
     if !Path::new("/var/lib/lifeboat").exists() {
-        let out = s.command(false, &["status"]).output().await.unwrap();
+        let out = s.output(false, &["status"]).await;
         assert_eq!(out.status.code(), Some(1), "{}", show(&out));
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("no kubeconfig found"),
@@ -508,29 +517,18 @@ async fn completion_version_and_the_kubectl_plugin_name() {
     // where `lifeboat` falls back to standalone (no state folder: an error, 1).
     let plugin = s.dir.path().join("kubectl-lifeboat");
     std::os::unix::fs::symlink(LIFEBOAT, &plugin).unwrap();
-    let out = tokio::process::Command::new(&plugin)
-        .arg("status")
-        .env("HOME", s.home())
-        .env_remove("KUBECONFIG")
-        .env_remove("LIFEBOAT_STATE_DIR")
-        .env_remove("KUBERNETES_SERVICE_HOST")
+    let out = s
+        .command_as(&plugin, false, &["status"])
         .output()
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(5), "{}", show(&out));
-    let out = tokio::process::Command::new(&plugin)
-        .args(["status", "-o", "name"])
-        .env("HOME", s.home())
-        .env("KUBECONFIG", s.kubeconfig())
+    let out = s
+        .command_as(&plugin, true, &["status", "-o", "name"])
         .output()
         .await
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        2,
-        "{}",
-        show(&out)
-    );
+    assert_eq!(lines(&out), 2, "{}", show(&out));
     let help = tokio::process::Command::new(&plugin)
         .arg("--help")
         .output()
@@ -549,6 +547,19 @@ fn tmux(socket: &Path, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The tmux pane's text once it shows `what` (or as it is after 10 s).
+async fn screen_showing(socket: &Path, what: &str) -> String {
+    let mut screen = String::new();
+    for _ in 0..100 {
+        screen = tmux(socket, &["capture-pane", "-p"]).unwrap_or_default();
+        if screen.contains(what) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    screen
 }
 
 /// Plays the operator for a resync of team-a/web-01: a running job half done, started 20 s
@@ -638,14 +649,7 @@ async fn progress_on_a_terminal_and_quiet_when_piped() {
     )
     .expect("start tmux");
     let token = half_done_resync(&s, "web-01-resync-2", Some(&first)).await;
-    let mut screen = String::new();
-    for _ in 0..100 {
-        screen = tmux(&socket, &["capture-pane", "-p"]).unwrap_or_default();
-        if screen.contains("ETA") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let screen = screen_showing(&socket, "ETA").await;
     let bar = screen
         .lines()
         .find(|l| l.contains("ETA"))
@@ -661,14 +665,7 @@ async fn progress_on_a_terminal_and_quiet_when_piped() {
         && bar.chars().count() <= 100;
     eprintln!("the bar in tmux: {bar}");
     finish_resync(&s, "web-01-resync-2", &token).await;
-    let mut after = String::new();
-    for _ in 0..100 {
-        after = tmux(&socket, &["capture-pane", "-p"]).unwrap_or_default();
-        if after.contains("exit=") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let after = screen_showing(&socket, "exit=").await;
     tmux(&socket, &["kill-server"]);
     assert!(ok, "the progress bar:\n{bar}\nscreen:\n{screen}");
     assert!(
