@@ -302,7 +302,21 @@ impl Pass<'_> {
         }
     }
 
+    /// Start the job of a request. A request is asked again at every pass until its token is
+    /// echoed, which a recoverable failure does not do: when its own job is the one that
+    /// failed, asking again is that job's retry, and it follows the retry schedule like any
+    /// other (never sooner than the backoff, the attempt counted on), not a new attempt 1.
     pub(super) fn start_request(&mut self, kind: JobKind, params: JobParams) {
-        self.start_job(kind, params, 1);
+        let retrying = params.request_token.is_some()
+            && self.state.job.as_ref().is_some_and(|j| {
+                j.kind == kind
+                    && j.state == JobState::Failed
+                    && j.params.request_token == params.request_token
+            });
+        if retrying {
+            self.retry_failed();
+        } else {
+            self.start_job(kind, params, 1);
+        }
     }
 }

@@ -503,6 +503,59 @@ fn a_non_recoverable_failure_waits_for_a_change_or_a_retry_request() {
 }
 
 #[test]
+fn a_recoverable_failover_failure_is_retried_at_the_backoff_with_the_next_attempt() {
+    let mut w = World::protected();
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    });
+    let d = w.step();
+    assert_eq!(
+        d.create_job.map(|j| (j.kind, j.attempt)),
+        Some((JobKind::Failover, 1))
+    );
+    w.claim();
+    w.end(Err(error(ErrorClass::Recoverable, "StoreUnreachable")));
+    let failed_at = w.now;
+    let d = w.step();
+    assert!(
+        d.create_job.is_none(),
+        "no retry at once: {:?}",
+        d.create_job.map(|j| (j.name, j.attempt))
+    );
+    assert_eq!(w.phase(), Phase::FailingOver);
+    assert_eq!(w.state.handled.failover, None, "the request is not over");
+    // 5-minute interval: the first retry 6 minutes after the failure, never sooner.
+    let retry_at = failed_at + 6 * MIN;
+    assert_eq!(
+        w.state.last_error.as_ref().and_then(|e| e.next_retry_time),
+        Some(retry_at)
+    );
+    assert_eq!(d.requeue_after, 6 * MIN);
+    w.advance(6 * MIN - Duration::from_secs(1));
+    assert!(
+        w.step().create_job.is_none(),
+        "still nothing a second before"
+    );
+    w.advance(Duration::from_secs(1));
+    let job = w
+        .step()
+        .create_job
+        .unwrap_or_else(|| panic!("the retry is due"));
+    assert_eq!((job.kind, job.attempt), (JobKind::Failover, 2));
+    assert_eq!(job.params.request_token.as_deref(), Some("f1"));
+    assert_eq!(
+        w.state.last_error.as_ref().map(|e| e.retry_count),
+        Some(0),
+        "the error shows while retrying"
+    );
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedOver);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
+}
+
+#[test]
 fn requests_that_cannot_run_are_rejected_and_echoed() {
     let mut w = World::new();
     w.policy = None; // stuck in Pending
