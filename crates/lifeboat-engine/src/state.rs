@@ -79,7 +79,9 @@ pub struct AgentState {
     /// Cycles with sealed logs not yet applied, oldest first.
     pub pending: Vec<PendingCycle>,
     /// Set while a pending cycle is being applied to the store: after a crash, the store's
-    /// live disks are reverted to the latest point before applying again.
+    /// live disks are reverted to the latest point before applying again. It stays set when
+    /// the cycle's logs are dropped for a resync before the live disks could be put back:
+    /// the resync puts them back before it trusts the latest point's block map.
     pub applying: bool,
     /// The initial copy's progress, while it runs.
     pub copy: Option<CopyCursor>,

@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!  open_view ─> write+seal logs ─> record pending ─> close(Commit) ─> threshold? ─> ship
-//!     │ error                                                                        │
-//!     └─> close(Abandon): the changes stay tracked for the next cycle                │
+//!     │ error (writing, deleting the written logs, recording)                        │
+//!     └─> close(Abandon), always: the changes stay tracked for the next cycle        │
 //!  ship: applying=true ─> apply logs ─> flush ─> cut point ─> store maps ─> prune ─> drop logs
 //! ```
 
@@ -107,11 +107,14 @@ impl Replicator {
             }
         }
         if let Some(e) = failure {
-            logs::delete_files(&written)?;
+            // NB: the view is closed whatever else fails: the changes it froze go back to the
+            // tracking for the next cycle. A log file that cannot be deleted is named by no
+            // recorded cycle: the next open removes it.
             if let Err(close) = view.close(CloseView::Abandon).await {
-                report
-                    .warnings
-                    .push(format!("closing the view of cycle {cycle}: {close}"));
+                tracing::warn!(vm = %self.vm, cycle, error = %close, "closing the view failed");
+            }
+            if let Err(delete) = logs::delete_files(&written) {
+                tracing::warn!(vm = %self.vm, cycle, error = %delete, "deleting an unrecorded log failed");
             }
             return Err(e);
         }
@@ -127,7 +130,15 @@ impl Replicator {
             app_consistent,
             logs: written,
         });
-        self.save()?;
+        if let Err(e) = self.save() {
+            // NB: the logs may not be recorded: the view is abandoned, so that the changes
+            // stay tracked. The cycle stays pending in memory (saved with the next state, else
+            // its logs are removed at the next open): shipping its changes twice is harmless.
+            if let Err(close) = view.close(CloseView::Abandon).await {
+                tracing::warn!(vm = %self.vm, cycle, error = %close, "closing the view failed");
+            }
+            return Err(e);
+        }
         if let Err(close) = view.close(CloseView::Commit).await {
             // NB: the logs are recorded; a view left open is cleaned up by the next
             // open_view, which folds its changes back: they are shipped twice, harmlessly.
@@ -148,7 +159,7 @@ impl Replicator {
                 .filter(|l| l.disk == info.0)
                 .map(|l| l.size_bytes);
             if threshold.is_reached_by_logs(pending, info.1) {
-                logs::delete_pending(&mut self.state)?;
+                self.drop_pending_for_resync(&mut report).await?;
                 return self.resync_needed(
                     report,
                     &format!("LogThresholdReached: the pending logs of disk {:?} reached {} % of its size", info.0, threshold.percent()),
@@ -158,13 +169,34 @@ impl Replicator {
         let mut shipped = self.ship(&mut report).await;
         if let Err(EngineError::CorruptLog { path, source }) = &shipped {
             let reason = format!("CorruptLog: {}: {source}", path.display());
-            logs::delete_pending(&mut self.state)?;
+            self.drop_pending_for_resync(&mut report).await?;
             shipped = Ok(());
             report = self.resync_needed(report, &reason)?;
         }
         shipped?;
         report.duration = started.elapsed();
         Ok(report)
+    }
+
+    /// Drop the pending logs a resync supersedes. A cycle left half applied (a store failure
+    /// or a corrupt log in the middle of shipping) left the live replica ahead of the latest
+    /// point, where the stored block map no longer describes it: it is put back to the latest
+    /// point now if the store answers. If it does not (logs pile up while the store is away,
+    /// which is when the threshold is reached), `applying` stays set and the resync puts it
+    /// back before it trusts the map.
+    async fn drop_pending_for_resync(&mut self, report: &mut Report) -> Result<(), EngineError> {
+        if self.state.applying {
+            match self.store.revert_to_latest_point(&self.vm).await {
+                Ok(()) => {
+                    self.state.applying = false;
+                    self.save()?;
+                }
+                Err(e) => report.warnings.push(format!(
+                    "putting the live replica back to the latest point (the resync will): {e}"
+                )),
+            }
+        }
+        logs::delete_pending(&mut self.state)
     }
 
     fn resync_needed(&mut self, mut report: Report, reason: &str) -> Result<Report, EngineError> {

@@ -191,8 +191,12 @@ pub(super) fn delete_files(logs: &[PendingLog]) -> Result<(), EngineError> {
 }
 
 /// Drop every pending cycle and its logs (a resync or a disable supersedes them).
+///
+/// `applying` is left as it is: a cycle half applied left the live replica ahead of the
+/// latest point whether or not its logs are kept, and the mark is what makes the next resync
+/// (or the next open) put the live replica back before anything trusts the latest point's
+/// block map.
 pub(super) fn delete_pending(state: &mut AgentState) -> Result<(), EngineError> {
     let logs: Vec<PendingLog> = state.pending.drain(..).flat_map(|c| c.logs).collect();
-    state.applying = false;
     delete_files(&logs)
 }

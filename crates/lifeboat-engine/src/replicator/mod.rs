@@ -248,7 +248,7 @@ impl Replicator {
         }
         let infos = self.hypervisor.inspect(&self.disks).await?;
         self.store.check_writable().await?;
-        check_log_space(&self.dir, &infos)?;
+        check_log_space(&self.dir, &infos, self.settings.log_threshold_percent)?;
         for info in &infos {
             self.store
                 .create_disk(&self.vm, &info.name, info.size_bytes)
@@ -297,14 +297,20 @@ impl Replicator {
     }
 }
 
-/// Refuse to start when the log folder's file system has less free space than the
-/// resync threshold could ever need for one cycle: 1 GiB or 5 % of the disks, whichever is
-/// smaller.
-fn check_log_space(dir: &Path, disks: &[DiskInfo]) -> Result<(), EngineError> {
+/// Refuse to start when the log folder's file system has less free space than the change
+/// logs can take before a resync supersedes them: the policy's threshold percent of each
+/// disk's size (the logs pile up to that while the store is away), at most the disks' whole
+/// size (a threshold over 100 % may run out of room first: the cycles then fail recoverably
+/// and the changes stay tracked, so nothing is lost).
+fn check_log_space(
+    dir: &Path,
+    disks: &[DiskInfo],
+    threshold_percent: u32,
+) -> Result<(), EngineError> {
     let free = crate::space::free_space_bytes(dir)
         .map_err(EngineError::state("measure free space of", dir))?;
     let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
-    let needed = (total / 20).min(1 << 30);
+    let needed = log_space_needed(disks, threshold_percent);
     if free < needed {
         return Err(EngineError::State {
             action: "find room for change logs in",
@@ -312,12 +318,28 @@ fn check_log_space(dir: &Path, disks: &[DiskInfo]) -> Result<(), EngineError> {
             source: std::io::Error::new(
                 std::io::ErrorKind::StorageFull,
                 format!(
-                    "{free} bytes free, {needed} needed for the logs of {total} bytes of disks"
+                    "{free} bytes free, {needed} needed for the logs of {total} bytes of disks \
+                     (the resync threshold, {threshold_percent} % of each disk)"
                 ),
             ),
         });
     }
     Ok(())
+}
+
+/// The room the change logs of `disks` can take before a resync (pure): the threshold's limit
+/// of every disk, at most its size.
+fn log_space_needed(disks: &[DiskInfo], threshold_percent: u32) -> u64 {
+    let threshold = lifeboat_hrl::ResyncThreshold::new(threshold_percent);
+    disks
+        .iter()
+        .map(|d| {
+            let limit = threshold
+                .limit_bytes(d.size_bytes)
+                .min(u128::from(d.size_bytes));
+            u64::try_from(limit).unwrap_or(d.size_bytes)
+        })
+        .fold(0u64, u64::saturating_add)
 }
 
 pub(crate) use lifeboat_store::files::sync_folder;
@@ -329,5 +351,44 @@ fn throughput(bytes: u64, started: Instant) -> u64 {
         (bytes as f64 / secs) as u64
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::TrackingDurability;
+
+    fn disk(size_bytes: u64) -> DiskInfo {
+        DiskInfo {
+            name: "root".into(),
+            size_bytes,
+            format: "qcow2".into(),
+            durability: TrackingDurability::Persistent,
+        }
+    }
+
+    #[test]
+    fn the_log_space_check_asks_for_what_the_logs_reach_before_a_resync() {
+        assert_eq!(log_space_needed(&[disk(1000), disk(3)], 50), 500 + 2);
+        assert_eq!(
+            log_space_needed(&[disk(1000)], 250),
+            1000,
+            "at most the disk"
+        );
+        assert_eq!(
+            log_space_needed(&[disk(u64::MAX), disk(u64::MAX)], 100),
+            u64::MAX
+        );
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let free = crate::space::free_space_bytes(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        // Disks of four times the free space: half of them does not fit, a tenth does.
+        let disks = [disk(free.saturating_mul(4))];
+        let refused = check_log_space(dir.path(), &disks, 50);
+        assert!(
+            matches!(&refused, Err(EngineError::State { source, .. }) if source.kind() == std::io::ErrorKind::StorageFull),
+            "{refused:?}"
+        );
+        assert!(check_log_space(dir.path(), &disks, 10).is_ok());
     }
 }

@@ -87,6 +87,21 @@ impl Replicator {
             }
         }
         let started = Instant::now();
+        let half_applied = self.state.applying;
+        if half_applied {
+            // NB: a cycle half applied (its logs may be gone already) left the live replica
+            // ahead of the latest point: the latest point's block map does not describe it,
+            // and comparing against that map would keep whatever the cycle wrote where the
+            // source now differs. Put it back first, as `open` does after a crash.
+            self.store.revert_to_latest_point(&self.vm).await?;
+            self.state.applying = false;
+            // A resync's saved map and intent described the replica before the revert.
+            if self.state.resync_cycle.take().is_some() {
+                self.state.resync_intent = None;
+                self.state.resync_full_disks = None;
+            }
+            self.save()?;
+        }
         let resuming = self.state.resync_cycle.is_some();
         // NB: decided before anything changes (the pending logs, the tracking), and only once
         // per resync: a resumed attempt keeps the first attempt's choice.
@@ -95,7 +110,7 @@ impl Replicator {
             (true, None) => self.disks.iter().map(|d| d.name.clone()).collect(),
             (false, _) => {
                 let tracking = self.hypervisor.tracking(&self.disks).await?;
-                let unshipped = !self.state.pending.is_empty() || self.state.applying;
+                let unshipped = !self.state.pending.is_empty() || half_applied;
                 disks_to_compare_in_full(&self.state.phase, unshipped, &self.disks, &tracking)
             }
         };

@@ -1,0 +1,249 @@
+//! No silent corruption (issue 16), defect 2: a cycle whose apply failed halfway leaves the
+//! live replica ahead of the latest point, and the block map stored beside it (which
+//! describes the latest point) no longer describes it. A resync that follows in the same
+//! process (no restart, so no revert at open) must not trust that map as it stands.
+//!
+//! The engine runs on a real qemu-storage-daemon and the real local store, wrapped so that
+//! the store goes down after a few writes. In every scenario the half-applied data differs
+//! from the source's final content: the guest writes over the same blocks again (zeros, the
+//! content the old point and its map hold) before the resync, so a resync that trusts the
+//! stale map sees nothing to send and leaves the half-applied data in the new point.
+
+// A failed unwrap is the test failure report.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use lifeboat_engine::state::EnginePhase;
+use lifeboat_engine::{Replicator, Settings};
+use lifeboat_store::local::LocalStore;
+use lifeboat_store::{At, ReplicaStore, VmKey};
+use support::Qsd;
+use support::engine::{self, no_progress, replica, settings};
+use support::faults::FaultInjectingStore;
+
+const MIB: u64 = 1024 * 1024;
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    qsd: Qsd,
+    store: Arc<FaultInjectingStore<LocalStore>>,
+    engine: Replicator,
+    vm: VmKey,
+}
+
+async fn open_engine(
+    qsd: &Qsd,
+    dir: &Path,
+    store: Arc<FaultInjectingStore<LocalStore>>,
+    settings: Settings,
+) -> Replicator {
+    let hypervisor = Arc::new(engine::qemu(qsd, dir));
+    engine::open_engine(dir, engine::disks(qsd), hypervisor, store, settings).await
+}
+
+/// The disks (the first one 32 MiB, "root"), protected (copied and finalized: one point),
+/// applying one store write at a time so that "the store dies after N writes" is exact.
+async fn protected(disks: &[(&str, u64)], threshold_percent: u32) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), disks);
+    qsd.guest_write("root", 20 * MIB, MIB, 0x17);
+    let store = Arc::new(FaultInjectingStore::new(
+        LocalStore::open(dir.path().join("store")).unwrap(),
+    ));
+    let settings = Settings {
+        upload_concurrency: 1,
+        log_threshold_percent: threshold_percent,
+        ..settings()
+    };
+    let mut engine = open_engine(&qsd, dir.path(), store.clone(), settings).await;
+    let vm = engine.vm().clone();
+    engine::protect(&mut engine).await;
+    Rig {
+        _dir: dir,
+        qsd,
+        store,
+        engine,
+        vm,
+    }
+}
+
+impl Rig {
+    async fn latest(&self) -> String {
+        let manifest = self.store.manifest(&self.vm).await.unwrap().unwrap();
+        manifest.latest().unwrap().id.clone()
+    }
+
+    async fn replica(&self, at: &At) -> Vec<u8> {
+        self.replica_of("root", at).await
+    }
+
+    async fn replica_of(&self, disk: &str, at: &At) -> Vec<u8> {
+        let size = self.qsd.spec(disk).size;
+        replica(self.store.as_ref(), &self.vm, disk, size, at).await
+    }
+
+    /// The guest writes 6 MiB of 0x41 at the start of the disk; the cycle that ships them
+    /// fails after 3 of its 6 store writes (one per 1 MiB log entry): the live replica holds
+    /// half of them, the latest point none. The store is then back.
+    async fn half_apply_a_cycle(&mut self) {
+        self.qsd.guest_write("root", 0, 6 * MIB, 0x41);
+        self.store.writes_left.store(3, Ordering::SeqCst);
+        let error = self
+            .engine
+            .run_cycle(SystemTime::now())
+            .await
+            .expect_err("the store went down while applying");
+        eprintln!("the cycle failed halfway: {error}");
+        assert!(error.is_recoverable(), "{error}");
+        assert!(self.engine.state().applying, "a cycle was being applied");
+        assert_eq!(self.engine.state().pending.len(), 1, "its log is kept");
+        self.store.down.store(false, Ordering::SeqCst);
+        self.store.writes_left.store(u64::MAX, Ordering::SeqCst);
+        let live = self.replica(&At::Live).await;
+        let half = live[..6 * MIB as usize]
+            .chunks(MIB as usize)
+            .filter(|c| c.iter().all(|&b| b == 0x41))
+            .count();
+        eprintln!("the live replica holds {half} MiB of the cycle's 6 MiB");
+        assert!(
+            half > 0 && half < 6,
+            "the live replica is half applied: {half} MiB"
+        );
+    }
+
+    /// The latest point, and the live replica, equal the source as it is now, on every disk.
+    async fn assert_replica_equals_source(&self, what: &str) {
+        let point = self.latest().await;
+        for (disk, _) in &self.qsd.disks {
+            let source = self.qsd.read_disk(disk);
+            support::assert_same(
+                &format!("{what}: disk {disk} at point {point}"),
+                &self.replica_of(disk, &At::Point(point.clone())).await,
+                &source,
+            );
+            support::assert_same(
+                &format!("{what}: disk {disk}, the live replica"),
+                &self.replica_of(disk, &At::Live).await,
+                &source,
+            );
+        }
+    }
+}
+
+/// The logs pass the threshold in the same process after a half-applied cycle: the resync
+/// that follows compares the source with a map that describes the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_after_a_half_applied_cycle_and_the_threshold_equals_the_source() {
+    // 25 % of 32 MiB: 8 MiB of logs. The first cycle's 6 MiB log is under it, the second
+    // cycle's 6 MiB brings the total over it.
+    let mut rig = protected(&[("root", 32 * MIB)], 25).await;
+    rig.half_apply_a_cycle().await;
+
+    // The guest writes zeros over the same blocks: what the old point (and its map) holds.
+    // The store is away again while the next cycle seals its log: the logs pass the
+    // threshold, and the live replica cannot be put back yet.
+    rig.qsd.guest_write("root", 0, 6 * MIB, 0x00);
+    rig.store.down.store(true, Ordering::SeqCst);
+    let report = rig.engine.run_cycle(SystemTime::now()).await.unwrap();
+    assert!(
+        report
+            .resync_required
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("LogThresholdReached"),
+        "{report:?}"
+    );
+    eprintln!("threshold cycle warnings: {:?}", report.warnings);
+    assert!(
+        rig.engine.state().pending.is_empty(),
+        "the logs are dropped"
+    );
+    rig.store.down.store(false, Ordering::SeqCst);
+
+    let report = rig
+        .engine
+        .resync(SystemTime::now(), &no_progress)
+        .await
+        .unwrap_or_else(|e| panic!("resync: {e}"));
+    eprintln!(
+        "resync: {} bytes sent, {} zeroed, {} read",
+        report.bytes_sent, report.bytes_zeroed, report.bytes_read
+    );
+    assert_eq!(rig.engine.state().phase, EnginePhase::Protected);
+    assert!(!rig.engine.state().applying);
+    rig.assert_replica_equals_source("after the resync").await;
+    rig.engine.run_cycle(SystemTime::now()).await.unwrap();
+    rig.assert_replica_equals_source("after the next cycle")
+        .await;
+}
+
+/// A resync asked for directly while the failed cycle is still marked as being applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_requested_after_a_half_applied_cycle_equals_the_source() {
+    let mut rig = protected(&[("root", 32 * MIB)], 50).await;
+    rig.half_apply_a_cycle().await;
+    rig.qsd.guest_write("root", 0, 6 * MIB, 0x00);
+    rig.engine.require_resync("requested by the test").unwrap();
+    let report = rig
+        .engine
+        .resync(SystemTime::now(), &no_progress)
+        .await
+        .unwrap_or_else(|e| panic!("resync: {e}"));
+    eprintln!(
+        "resync: {} bytes sent, {} zeroed, {} read",
+        report.bytes_sent, report.bytes_zeroed, report.bytes_read
+    );
+    assert!(rig.engine.state().pending.is_empty());
+    assert!(!rig.engine.state().applying);
+    rig.assert_replica_equals_source("after the resync").await;
+}
+
+/// A cycle found to hold a corrupt log after another disk's log of it was applied: the live
+/// replica is put back to the latest point at once (the resync would otherwise trust a map
+/// that does not describe it), and the resync brings it to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_log_found_while_applying_puts_the_live_replica_back() {
+    let mut rig = protected(&[("root", 32 * MIB), ("data", 16 * MIB)], 50).await;
+    let before = rig.latest().await;
+    // The cycle's logs are sealed while the store is away; the second disk's is damaged.
+    // When the store is back, the first disk's log applies, the second fails its checks.
+    rig.store.down.store(true, Ordering::SeqCst);
+    rig.qsd.guest_write("root", 0, 4 * MIB, 0x51);
+    rig.qsd.guest_write("data", 0, MIB, 0x52);
+    assert!(rig.engine.run_cycle(SystemTime::now()).await.is_err());
+    assert_eq!(rig.engine.state().pending.len(), 1);
+    let log = rig.engine.state().pending[0].logs[1].clone();
+    assert_eq!(log.disk, "data");
+    let mut bytes = std::fs::read(&log.path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5A;
+    std::fs::write(&log.path, &bytes).unwrap();
+    rig.store.down.store(false, Ordering::SeqCst);
+    // The guest puts back what the point holds: the half-applied data differs from it.
+    rig.qsd.guest_write("root", 0, 4 * MIB, 0x00);
+
+    let report = rig.engine.run_cycle(SystemTime::now()).await.unwrap();
+    let reason = report.resync_required.clone().unwrap_or_default();
+    assert!(reason.starts_with("CorruptLog"), "{report:?}");
+    assert_eq!(
+        rig.latest().await,
+        before,
+        "nothing of the cycle became a point"
+    );
+    support::assert_same(
+        "the live replica after the corrupt log",
+        &rig.replica(&At::Live).await,
+        &rig.replica(&At::Point(before)).await,
+    );
+    rig.engine
+        .resync(SystemTime::now(), &no_progress)
+        .await
+        .unwrap_or_else(|e| panic!("resync: {e}"));
+    rig.assert_replica_equals_source("after the resync").await;
+}
