@@ -419,7 +419,14 @@ impl AzureStore {
         Ok(())
     }
 
-    /// Copy a snapshot over its base blob and wait for the copy to finish.
+    /// Copy a snapshot over its base blob and wait for the copy to finish, at most
+    /// [`RESTORE_DEADLINE`].
+    ///
+    /// # Errors
+    ///
+    /// The recoverable [`StoreError::Unreachable`], naming the blob, when the copy failed or
+    /// was aborted, when the service's copy status is missing or unreadable (never taken for
+    /// a success), or when the copy is still pending at the deadline.
     async fn restore_snapshot(
         &self,
         name: &str,
@@ -432,27 +439,26 @@ impl AzureStore {
             .start_copy_from_url(source, None)
             .await
             .map_err(|e| self.classify(target, e))?;
-        let mut status = started.copy_status().ok().flatten();
-        let mut delay = Duration::from_millis(50);
+        let first = copy_state(started.copy_status(), None);
+        let failed = |detail: String| StoreError::Unreachable {
+            store: self.describe(),
+            action: format!("{} {} (blob {name})", target.action, target.what),
+            detail,
+        };
         // NB: within one account a copy is usually done when the call returns; on a busy
-        // account it may stay pending for a while: poll with a growing delay.
-        while status == Some(CopyStatus::Pending) {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+        // account it may stay pending for a while: poll with a growing delay, up to a deadline.
+        let polled = wait_for_copy(first, RESTORE_DEADLINE, || async {
             let props = client
                 .get_properties(None)
                 .await
                 .map_err(|e| self.classify(target, e))?;
-            status = props.copy_status().ok().flatten();
-        }
-        match status {
-            None | Some(CopyStatus::Success) => Ok(()),
-            Some(other) => Err(StoreError::Unreachable {
-                store: self.describe(),
-                action: format!("{} {}", target.action, target.what),
-                detail: format!("copy from the snapshot ended as {other:?}"),
-            }),
-        }
+            Ok(copy_state(
+                props.copy_status(),
+                props.copy_status_description().ok().flatten(),
+            ))
+        })
+        .await?;
+        polled.map_err(failed)
     }
 
     /// List every blob name under a prefix.
@@ -537,4 +543,64 @@ fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
         }
     }
     out
+}
+
+/// How long a revert waits for a copy from a snapshot that stays pending: then it fails,
+/// recoverably, and is tried again later (the blob is left as the copy leaves it; a revert
+/// always starts a new copy).
+const RESTORE_DEADLINE: Duration = Duration::from_secs(15 * 60);
+
+/// Where a copy stands, from the service's `x-ms-copy-status`: `Ok(true)` done, `Ok(false)`
+/// pending, `Err` why it did not succeed. A status that is missing or does not parse is an
+/// error, never a success.
+fn copy_state<E: fmt::Display>(
+    status: Result<Option<CopyStatus>, E>,
+    description: Option<String>,
+) -> Result<bool, String> {
+    let why = description.map(|d| format!(": {d}")).unwrap_or_default();
+    match status {
+        Ok(Some(CopyStatus::Success)) => Ok(true),
+        Ok(Some(CopyStatus::Pending)) => Ok(false),
+        Ok(Some(other)) => Err(format!(
+            "the copy from the snapshot ended as {other:?}{why}"
+        )),
+        Ok(None) => Err("the service did not say how the copy from the snapshot ended".into()),
+        Err(e) => Err(format!(
+            "the copy from the snapshot has a status that cannot be read: {e}"
+        )),
+    }
+}
+
+/// Wait until a copy that started as `first` is done: `poll` reads its state again, with a
+/// growing delay, until it is no longer pending or `deadline` has passed. The outer error is
+/// `poll`'s own (the request failed); the inner one says why the copy did not succeed.
+async fn wait_for_copy<F, Fut>(
+    first: Result<bool, String>,
+    deadline: Duration,
+    mut poll: F,
+) -> Result<Result<(), String>, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Result<bool, String>, StoreError>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    let mut state = first;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match state {
+            Ok(true) => return Ok(Ok(())),
+            Err(why) => return Ok(Err(why)),
+            Ok(false) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return Ok(Err(format!(
+                "timed out: the copy from the snapshot was still pending after {} s",
+                deadline.as_secs_f64()
+            )));
+        }
+        tokio::time::sleep(delay.min(until - now)).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        state = poll().await?;
+    }
 }

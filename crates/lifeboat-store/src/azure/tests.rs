@@ -510,3 +510,70 @@ fn token_credentials_need_https() {
     )
     .expect("https");
 }
+
+/// A revert's copy: only a status that says success is one; a missing or unreadable status,
+/// a failed or aborted copy, is an error (the revert is tried again), never a success.
+#[test]
+fn a_copy_status_that_is_not_success_is_never_taken_for_one() {
+    let ok = |s| copy_state::<String>(Ok(s), None);
+    assert_eq!(ok(Some(CopyStatus::Success)), Ok(true));
+    assert_eq!(ok(Some(CopyStatus::Pending)), Ok(false));
+    assert!(ok(None).is_err(), "a missing status is not a success");
+    let unreadable = copy_state::<String>(Err("unknown value \"weird\"".into()), None);
+    assert!(
+        unreadable
+            .as_ref()
+            .is_err_and(|e| e.contains("cannot be read") && e.contains("weird")),
+        "{unreadable:?}"
+    );
+    let failed = copy_state::<String>(
+        Ok(Some(CopyStatus::Failed)),
+        Some("500 InternalError".into()),
+    );
+    assert!(
+        failed
+            .as_ref()
+            .is_err_and(|e| e.contains("Failed") && e.contains("InternalError")),
+        "{failed:?}"
+    );
+    assert!(ok(Some(CopyStatus::Aborted)).is_err());
+}
+
+/// A copy that stays pending ends in a timeout at the deadline, not in an endless poll; one
+/// that finishes, or turns out unreadable, while polled ends there.
+#[tokio::test]
+async fn a_pending_copy_is_polled_until_a_deadline() {
+    let started = std::time::Instant::now();
+    let mut polls = 0;
+    let waited = wait_for_copy(Ok(false), Duration::from_millis(300), || {
+        polls += 1;
+        async { Ok(Ok(false)) }
+    })
+    .await
+    .expect("no request failed");
+    assert!(
+        waited.as_ref().is_err_and(|e| e.contains("timed out")),
+        "{waited:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it stopped at the deadline"
+    );
+    assert!(polls >= 2, "it polled: {polls}");
+
+    let mut states = vec![Ok(true), Ok(false)];
+    let done = wait_for_copy(Ok(false), Duration::from_secs(60), || {
+        let next = states.pop().unwrap_or(Ok(true));
+        async move { Ok(next) }
+    })
+    .await
+    .expect("no request failed");
+    assert_eq!(done, Ok(()));
+
+    let unreadable = wait_for_copy(Ok(false), Duration::from_secs(60), || async {
+        Ok(copy_state::<String>(Err("garbage".into()), None))
+    })
+    .await
+    .expect("no request failed");
+    assert!(unreadable.is_err(), "{unreadable:?}");
+}
