@@ -316,11 +316,14 @@ fn windows_target_installed() -> bool {
 // NB: `--lib` only: the integration tests under tests/ drive QEMU and are Linux-only.
 fn windows(root: &Path) -> Result<()> {
     let target = format!("--target={WINDOWS_TARGET}");
+    let target_dir = windows_target_dir(root);
+    let target_dir = format!("--target-dir={}", target_dir.display());
     run(
         root,
         "cargo",
         &[
             "clippy",
+            &target_dir,
             "-p",
             "lifeboat-engine",
             "-p",
@@ -338,6 +341,7 @@ fn windows(root: &Path) -> Result<()> {
         "cargo",
         &[
             "test",
+            &target_dir,
             "-p",
             "lifeboat-engine",
             "-p",
@@ -347,7 +351,31 @@ fn windows(root: &Path) -> Result<()> {
             "--no-run",
         ],
     )?;
-    run(root, "cargo", &["check", "-p", "lifeboat", &target])
+    run(
+        root,
+        "cargo",
+        &["check", &target_dir, "-p", "lifeboat", &target],
+    )
+}
+
+/// Where the Windows build goes: the workspace's target folder, unless its path has a
+/// space.
+///
+/// NB: mingw-w64's dlltool, which rustc runs to make the import libraries of raw-dylib
+/// crates (windows-sys), splits its temporary-file prefix on spaces and fails
+/// ("dlltool could not create import library") when the target folder's path has one, as a
+/// checkout under "My projects/" does. Such a checkout builds for Windows in a folder of
+/// its own under the system's temporary folder, named after the checkout so that two
+/// checkouts do not share it.
+fn windows_target_dir(root: &Path) -> std::path::PathBuf {
+    let default = root.join("target");
+    if !default.to_string_lossy().contains(char::is_whitespace) {
+        return default;
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&root, &mut hasher);
+    let tag = std::hash::Hasher::finish(&hasher);
+    std::env::temp_dir().join(format!("lifeboat-windows-target-{tag:016x}"))
 }
 
 fn bench(root: &Path, which: Bench, args: &[String]) -> Result<()> {
