@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use lifeboat_blockmap::BlockMap;
 use lifeboat_hrl::ResyncThreshold;
-use lifeboat_store::{At, Consistency, NewPoint};
+use lifeboat_store::{At, Consistency};
 
 use super::logs;
 use super::maps::{self, TAG_COPY, TAG_RESYNC};
@@ -290,33 +290,14 @@ impl Replicator {
             applied?;
             finished?;
             report.bytes_sent += uploader.bytes_sent;
-            self.store.flush(&self.vm).await?;
             let consistency = if cycle.app_consistent {
                 Consistency::AppConsistent
             } else {
                 Consistency::CrashConsistent
             };
-            let digests = maps
-                .iter()
-                .map(|(disk, map)| (disk.clone(), maps::digest(map)))
-                .collect();
             let point = self
-                .store
-                .cut_point(
-                    &self.vm,
-                    NewPoint {
-                        time_unix_ms: cycle.time_unix_ms,
-                        cycle: cycle.cycle,
-                        consistency,
-                        digests,
-                    },
-                )
+                .cut_point_with_maps(&maps, cycle.time_unix_ms, cycle.cycle, consistency)
                 .await?;
-            for (disk, map) in &maps {
-                self.store
-                    .put_block_map(&self.vm, disk, maps::encode(&point.id, map))
-                    .await?;
-            }
             let now_ms = unix_ms(SystemTime::now()).max(cycle.time_unix_ms);
             report.pruned.extend(
                 self.store

@@ -220,6 +220,45 @@ impl Replicator {
         self.disks = disks;
     }
 
+    /// Make what was written durable and cut a point vouching for it: flush the store, cut
+    /// the point with each disk's digest from `maps`, then store the maps tagged with the
+    /// point (the cycle's and the resync's last step alike).
+    ///
+    /// NB: the maps are stored after the point, so a map tagged with a point always
+    /// describes data that point holds; a crash in between leaves maps tagged with an
+    /// older point, which are not trusted for the new one and are re-hashed.
+    async fn cut_point_with_maps(
+        &self,
+        maps: &std::collections::BTreeMap<String, lifeboat_blockmap::BlockMap>,
+        time_unix_ms: u64,
+        cycle: u64,
+        consistency: lifeboat_store::Consistency,
+    ) -> Result<RecoveryPoint, EngineError> {
+        self.store.flush(&self.vm).await?;
+        let digests = maps
+            .iter()
+            .map(|(disk, map)| (disk.clone(), maps::digest(map)))
+            .collect();
+        let point = self
+            .store
+            .cut_point(
+                &self.vm,
+                lifeboat_store::NewPoint {
+                    time_unix_ms,
+                    cycle,
+                    consistency,
+                    digests,
+                },
+            )
+            .await?;
+        for (disk, map) in maps {
+            self.store
+                .put_block_map(&self.vm, disk, maps::encode(&point.id, map))
+                .await?;
+        }
+        Ok(point)
+    }
+
     fn save(&self) -> Result<(), EngineError> {
         self.state.save(&self.dir)
     }

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use std::time::{Instant, SystemTime};
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, RangeOp, plan_resync};
-use lifeboat_store::{Consistency, NewPoint};
+use lifeboat_store::Consistency;
 
 use super::maps::{self, TAG_RESYNC};
 use super::upload::Uploader;
@@ -314,28 +314,14 @@ impl Replicator {
         }
         report.bytes_sent = uploader.bytes_sent;
         report.bytes_zeroed = uploader.bytes_zeroed;
-        self.store.flush(&self.vm).await?;
-        let digests = targets
-            .iter()
-            .map(|(disk, map)| (disk.clone(), maps::digest(map)))
-            .collect();
         let point = self
-            .store
-            .cut_point(
-                &self.vm,
-                NewPoint {
-                    time_unix_ms,
-                    cycle: view.cycle(),
-                    consistency: Consistency::CrashConsistent,
-                    digests,
-                },
+            .cut_point_with_maps(
+                &targets,
+                time_unix_ms,
+                view.cycle(),
+                Consistency::CrashConsistent,
             )
             .await?;
-        for (disk, map) in &targets {
-            self.store
-                .put_block_map(&self.vm, disk, maps::encode(&point.id, map))
-                .await?;
-        }
         report.pruned = self
             .store
             .prune(
