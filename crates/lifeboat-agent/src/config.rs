@@ -142,6 +142,7 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
         log_threshold_percent: p.resync.log_size_threshold_percent,
         block_size_bytes: p.resync.block_size_bytes,
         upload_concurrency: p.upload_concurrency as usize,
+        ..Settings::default()
     };
     let bandwidth_mbps = p
         .bandwidth

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod fs;
 pub mod jobs;
 pub mod replicator;
 pub mod space;

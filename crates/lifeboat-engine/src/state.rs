@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::error::EngineError;
+use crate::fs::StateFs;
 
 /// Where the VM is, as the agent sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,30 +147,33 @@ impl AgentState {
     /// # Errors
     ///
     /// [`EngineError::CorruptState`] when the file does not parse; an I/O error otherwise.
-    pub fn load(dir: &Path) -> Result<AgentState, EngineError> {
+    pub fn load(fs: &dyn StateFs, dir: &Path) -> Result<AgentState, EngineError> {
         let path = Self::path(dir);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| EngineError::CorruptState {
-                path,
-                detail: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+        match fs.read(&path) {
+            Ok(Some(bytes)) => {
+                serde_json::from_slice(&bytes).map_err(|e| EngineError::CorruptState {
+                    path,
+                    detail: e.to_string(),
+                })
+            }
+            Ok(None) => Ok(AgentState::default()),
             Err(e) => Err(EngineError::state("read agent state", path)(e)),
         }
     }
 
-    /// Save the state atomically (temporary file, fsync, rename, fsync folder).
+    /// Save the state atomically ([`StateFs::write_atomic`]: durable when it returns).
     ///
     /// # Errors
     ///
     /// The I/O error, naming the file.
-    pub fn save(&self, dir: &Path) -> Result<(), EngineError> {
+    pub fn save(&self, fs: &dyn StateFs, dir: &Path) -> Result<(), EngineError> {
         let path = Self::path(dir);
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| EngineError::CorruptState {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        write_atomic(&path, &bytes)
+        fs.write_atomic(&path, &bytes)
+            .map_err(EngineError::state("save agent state", path))
     }
 
     /// Bytes of logs written and not yet shipped.
@@ -182,21 +186,16 @@ impl AgentState {
     }
 }
 
-/// [`lifeboat_store::files::write_atomic`], its failure as an agent state error.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
-    lifeboat_store::files::write_atomic(path, bytes)
-        .map_err(|e| EngineError::state(e.action, e.path)(e.source))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs::LocalFs;
 
     #[test]
     fn state_round_trips_and_a_corrupt_file_is_reported() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            AgentState::load(dir.path()).ok(),
+            AgentState::load(&LocalFs, dir.path()).ok(),
             Some(AgentState::default())
         );
         let state = AgentState {
@@ -216,12 +215,17 @@ mod tests {
             }],
             ..AgentState::default()
         };
-        state.save(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(AgentState::load(dir.path()).ok(), Some(state.clone()));
+        state
+            .save(&LocalFs, dir.path())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            AgentState::load(&LocalFs, dir.path()).ok(),
+            Some(state.clone())
+        );
         assert_eq!(state.pending_log_bytes(), 4096);
         std::fs::write(AgentState::path(dir.path()), b"{not json")
             .unwrap_or_else(|e| panic!("{e}"));
-        let error = AgentState::load(dir.path()).err();
+        let error = AgentState::load(&LocalFs, dir.path()).err();
         assert!(
             matches!(error, Some(EngineError::CorruptState { .. })),
             "{error:?}"

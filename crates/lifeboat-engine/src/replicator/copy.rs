@@ -16,7 +16,7 @@ use lifeboat_store::At;
 use super::maps::{self, TAG_COPY};
 use super::upload::Uploader;
 use super::{Progress, ProgressSink, Replicator, Report, throughput};
-use crate::backend::{CloseView, Quiesce, View};
+use crate::backend::{CloseView, Quiesce, Tracking, View};
 use crate::error::EngineError;
 use crate::state::{CopyCursor, EnginePhase};
 
@@ -26,8 +26,6 @@ use crate::state::{CopyCursor, EnginePhase};
 /// the agent bench's copy part). Two reads' worth is in memory at a time, plus the store
 /// writes in flight.
 const COPY_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
-/// Save the cursor (and the maps) after this many bytes.
-const CHECKPOINT_BYTES: u64 = 256 * 1024 * 1024;
 
 impl Replicator {
     /// Run (or resume) the initial copy. Afterwards the VM is `Copied`: the next
@@ -46,8 +44,17 @@ impl Replicator {
             });
         }
         let started = Instant::now();
+        let mut resume = self.state.copy.clone();
+        let tracking = self.hypervisor.tracking(&self.disks).await?;
+        if tracking.iter().any(|t| *t != Tracking::Active) {
+            // NB: tracking lost since the copy started (a crash of the host) no longer knows
+            // what changed in what was copied: start tracking anew and copy everything
+            // again, rewriting what is there.
+            self.hypervisor.start_tracking(&self.disks).await?;
+            resume = None;
+            self.state.copy = None;
+        }
         let cycle = self.next_cycle();
-        let resume = self.state.copy.clone();
         self.save()?;
         let view = self
             .hypervisor
@@ -89,13 +96,50 @@ impl Replicator {
         let mut report = Report::default();
         let disks = view.disks().to_vec();
         let start = resume.clone().unwrap_or_default();
-        for (index, info) in disks.iter().enumerate().skip(start.disk_index) {
+        for (index, info) in disks.iter().enumerate() {
             let disk = info.name.as_str();
             let map_error = |source| EngineError::BlockMap {
                 disk: disk.to_owned(),
                 source,
             };
             let resumed = resume.is_some();
+            if index < start.disk_index {
+                // An earlier view copied this disk whole: bring it up to this view (the
+                // changes since are in this view's changed extents, and only there: closing
+                // this view forgets them). Without a trusted map, copy it again.
+                let trusted = maps::load_trusted(
+                    self.store.as_ref(),
+                    &self.vm,
+                    disk,
+                    info.size_bytes,
+                    self.settings.block_size_bytes,
+                    &[TAG_COPY],
+                )
+                .await?;
+                if let Some(mut map) = trusted {
+                    let changed =
+                        maps::align(&view.changed_extents(disk).await?, block, info.size_bytes);
+                    for range in changed {
+                        self.copy_range(
+                            view,
+                            disk,
+                            range,
+                            chunk,
+                            true,
+                            &mut map,
+                            &mut uploader,
+                            &mut report,
+                        )
+                        .await?;
+                    }
+                    uploader.finish().await?;
+                    self.store.flush(&self.vm).await?;
+                    self.store
+                        .put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map))
+                        .await?;
+                    continue;
+                }
+            }
             let mut map = if resumed {
                 maps::load_trusted(
                     self.store.as_ref(),
@@ -186,7 +230,7 @@ impl Replicator {
                     bytes_total: info.size_bytes,
                     throughput_bytes_per_second: throughput(position - from, disk_started),
                 });
-                if position - last_checkpoint >= CHECKPOINT_BYTES {
+                if position - last_checkpoint >= self.settings.checkpoint_bytes {
                     uploader.finish().await?;
                     // NB: durable before the map and the cursor claim it (writes are not
                     // until a flush): a resumed copy skips what they claim.

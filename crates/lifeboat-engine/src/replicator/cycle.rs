@@ -87,6 +87,7 @@ impl Replicator {
         let mut failure = None;
         for info in view.disks().to_vec() {
             match logs::write_log(
+                self.fs.as_ref(),
                 &self.dir,
                 view.as_ref(),
                 &info.name,
@@ -113,7 +114,7 @@ impl Replicator {
             if let Err(close) = view.close(CloseView::Abandon).await {
                 tracing::warn!(vm = %self.vm, cycle, error = %close, "closing the view failed");
             }
-            if let Err(delete) = logs::delete_files(&written) {
+            if let Err(delete) = logs::delete_files(self.fs.as_ref(), &written) {
                 tracing::warn!(vm = %self.vm, cycle, error = %delete, "deleting an unrecorded log failed");
             }
             return Err(e);
@@ -159,17 +160,19 @@ impl Replicator {
                 .filter(|l| l.disk == info.0)
                 .map(|l| l.size_bytes);
             if threshold.is_reached_by_logs(pending, info.1) {
-                self.drop_pending_for_resync(&mut report).await?;
-                return self.resync_needed(
-                    report,
-                    &format!("LogThresholdReached: the pending logs of disk {:?} reached {} % of its size", info.0, threshold.percent()),
+                let reason = format!(
+                    "LogThresholdReached: the pending logs of disk {:?} reached {} % of its size",
+                    info.0,
+                    threshold.percent()
                 );
+                self.drop_pending_for_resync(&mut report, &reason).await?;
+                return self.resync_needed(report, &reason);
             }
         }
         let mut shipped = self.ship(&mut report).await;
         if let Err(EngineError::CorruptLog { path, source }) = &shipped {
             let reason = format!("CorruptLog: {}: {source}", path.display());
-            self.drop_pending_for_resync(&mut report).await?;
+            self.drop_pending_for_resync(&mut report, &reason).await?;
             shipped = Ok(());
             report = self.resync_needed(report, &reason)?;
         }
@@ -184,7 +187,17 @@ impl Replicator {
     /// point now if the store answers. If it does not (logs pile up while the store is away,
     /// which is when the threshold is reached), `applying` stays set and the resync puts it
     /// back before it trusts the map.
-    async fn drop_pending_for_resync(&mut self, report: &mut Report) -> Result<(), EngineError> {
+    ///
+    /// NB: the phase turns ResyncRequired in the same save that forgets the cycles: their
+    /// views are committed, so from then on only a resync brings their changes.
+    async fn drop_pending_for_resync(
+        &mut self,
+        report: &mut Report,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        self.state.phase = EnginePhase::ResyncRequired {
+            reason: reason.to_owned(),
+        };
         if self.state.applying {
             match self.store.revert_to_latest_point(&self.vm).await {
                 Ok(()) => {
@@ -196,7 +209,7 @@ impl Replicator {
                 )),
             }
         }
-        logs::delete_pending(&mut self.state)
+        self.drop_pending()
     }
 
     fn resync_needed(&mut self, mut report: Report, reason: &str) -> Result<Report, EngineError> {
@@ -281,7 +294,7 @@ impl Replicator {
                     });
                     break;
                 };
-                if let Err(e) = logs::apply_log(log, map, &mut uploader).await {
+                if let Err(e) = logs::apply_log(self.fs.as_ref(), log, map, &mut uploader).await {
                     applied = Err(e);
                     break;
                 }
@@ -311,7 +324,7 @@ impl Replicator {
             }
             self.state.phase = EnginePhase::Protected;
             self.save()?;
-            logs::delete_files(&cycle.logs)?;
+            logs::delete_files(self.fs.as_ref(), &cycle.logs)?;
             report.point = Some(point);
         }
         Ok(())

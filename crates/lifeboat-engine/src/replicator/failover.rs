@@ -254,10 +254,11 @@ impl Replicator {
         if planned {
             self.hypervisor.stop_tracking(&self.disks).await?;
         }
-        super::logs::delete_pending(&mut self.state)?;
-        self.set_phase(EnginePhase::FailedOver {
+        self.state.phase = EnginePhase::FailedOver {
             point: report.point.id.clone(),
-        })?;
+        };
+        self.drop_pending()?;
+        self.save()?;
         Ok(report)
     }
 

@@ -10,7 +10,6 @@
 //! the log's own data.
 
 use bytes::Bytes;
-use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +20,7 @@ use super::maps::align;
 use super::upload::Uploader;
 use crate::backend::View;
 use crate::error::EngineError;
+use crate::fs::StateFs;
 use crate::state::{AgentState, PendingLog};
 
 /// The largest write one log entry carries (the view is read in pieces of this size).
@@ -41,6 +41,7 @@ fn hrl_time(unix_ms: u64) -> HrlTime {
 /// Write and seal the log of `disk` for the view's cycle: its changed extents, widened to
 /// whole blocks of `block_size_bytes`. The file is synced before this returns.
 pub(super) async fn write_log(
+    fs: &dyn StateFs,
     dir: &Path,
     view: &dyn View,
     disk: &str,
@@ -53,8 +54,11 @@ pub(super) async fn write_log(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.to_path_buf());
-    std::fs::create_dir_all(&folder).map_err(EngineError::state("create log folder", &folder))?;
-    let file = File::create(&path).map_err(EngineError::state("create change log", &path))?;
+    fs.create_dir_all(&folder)
+        .map_err(EngineError::state("create log folder", &folder))?;
+    let file = fs
+        .create(&path)
+        .map_err(EngineError::state("create change log", &path))?;
     let t = hrl_time(time_unix_ms);
     let log_error = |source| EngineError::WriteLog {
         path: path.clone(),
@@ -84,17 +88,15 @@ pub(super) async fn write_log(
         writer.commit(t).map_err(log_error)?;
     }
     let sealed = writer.seal(t).map_err(log_error)?;
-    let file = sealed
+    let mut file = sealed
         .sink
         .into_inner()
         .map_err(|e| EngineError::state("flush change log", &path)(e.into_error()))?;
-    file.sync_all()
-        .map_err(EngineError::state("sync change log", &path))?;
-    super::sync_folder(&folder).map_err(EngineError::state("sync log folder", &folder))?;
     let size_bytes = file
-        .metadata()
-        .map_err(EngineError::state("stat change log", &path))?
-        .len();
+        .sync()
+        .map_err(EngineError::state("sync change log", &path))?;
+    fs.sync_folder(&folder)
+        .map_err(EngineError::state("sync log folder", &folder))?;
     Ok((
         PendingLog {
             disk: disk.to_owned(),
@@ -108,6 +110,7 @@ pub(super) async fn write_log(
 /// Apply a sealed log to the replica disk and to its block map. Every entry's checksums are
 /// verified before its data is sent.
 pub(super) async fn apply_log(
+    fs: &dyn StateFs,
     log: &PendingLog,
     map: &mut BlockMap,
     uploader: &mut Uploader,
@@ -117,7 +120,9 @@ pub(super) async fn apply_log(
         path: path.clone(),
         source,
     };
-    let file = File::open(&log.path).map_err(EngineError::state("open change log", &log.path))?;
+    let file = fs
+        .open(&log.path)
+        .map_err(EngineError::state("open change log", &log.path))?;
     let options = ReadOptions {
         data_checksums: lifeboat_hrl::DataChecksumPolicy::VerifyAll,
     };
@@ -150,53 +155,57 @@ pub(super) async fn apply_log(
 }
 
 /// Remove log files that no pending cycle names (a crash between sealing a log and
-/// recording its cycle): the hypervisor still tracks their changes.
-pub(super) fn remove_unrecorded(dir: &Path, state: &AgentState) -> Result<(), EngineError> {
-    let Ok(disks) = std::fs::read_dir(logs_dir(dir)) else {
-        return Ok(());
-    };
-    for disk in disks.flatten() {
-        let Ok(files) = std::fs::read_dir(disk.path()) else {
+/// recording its cycle, or between dropping a cycle and deleting its logs): the hypervisor
+/// still tracks their changes, or a resync supersedes them.
+pub(super) fn remove_unrecorded(
+    fs: &dyn StateFs,
+    dir: &Path,
+    state: &AgentState,
+) -> Result<(), EngineError> {
+    let logs = logs_dir(dir);
+    let disks = fs
+        .list(&logs)
+        .map_err(EngineError::state("list change logs", &logs))?;
+    for disk in disks {
+        // NB: a name that is not a folder lists as empty or fails: nothing of ours is there.
+        let Ok(files) = fs.list(&disk) else {
             continue;
         };
-        for file in files.flatten() {
-            let path = file.path();
+        let mut removed = false;
+        for path in files {
             let recorded = state
                 .pending
                 .iter()
                 .flat_map(|c| c.logs.iter())
                 .any(|l| l.path == path);
             if !recorded {
-                std::fs::remove_file(&path)
+                removed |= fs
+                    .remove(&path)
                     .map_err(EngineError::state("remove unrecorded change log", &path))?;
             }
         }
-    }
-    Ok(())
-}
-
-/// Delete the files of logs that are no longer needed.
-pub(super) fn delete_files(logs: &[PendingLog]) -> Result<(), EngineError> {
-    for log in logs {
-        match std::fs::remove_file(&log.path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(EngineError::state("delete shipped change log", &log.path)(
-                    e,
-                ));
-            }
-            _ => {}
+        if removed {
+            fs.sync_folder(&disk)
+                .map_err(EngineError::state("sync log folder", &disk))?;
         }
     }
     Ok(())
 }
 
-/// Drop every pending cycle and its logs (a resync or a disable supersedes them).
-///
-/// `applying` is left as it is: a cycle half applied left the live replica ahead of the
-/// latest point whether or not its logs are kept, and the mark is what makes the next resync
-/// (or the next open) put the live replica back before anything trusts the latest point's
-/// block map.
-pub(super) fn delete_pending(state: &mut AgentState) -> Result<(), EngineError> {
-    let logs: Vec<PendingLog> = state.pending.drain(..).flat_map(|c| c.logs).collect();
-    delete_files(&logs)
+/// Delete the files of logs that are no longer needed, durably.
+pub(super) fn delete_files(fs: &dyn StateFs, logs: &[PendingLog]) -> Result<(), EngineError> {
+    let mut folders = std::collections::BTreeSet::new();
+    for log in logs {
+        if fs
+            .remove(&log.path)
+            .map_err(EngineError::state("delete shipped change log", &log.path))?
+        {
+            folders.extend(log.path.parent().map(Path::to_path_buf));
+        }
+    }
+    for folder in folders {
+        fs.sync_folder(&folder)
+            .map_err(EngineError::state("sync log folder", &folder))?;
+    }
+    Ok(())
 }

@@ -31,7 +31,7 @@ mod maps;
 mod resync;
 mod upload;
 
-pub use failover::{FailoverReport, MaterialisedDisk, PointChoice};
+pub use failover::{FailoverReport, MaterialisedDisk, PointChoice, disk_image_path};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +41,7 @@ use lifeboat_store::{RecoveryPoint, ReplicaStore, VmKey};
 
 use crate::backend::{DiskInfo, DiskRef, Hypervisor};
 use crate::error::EngineError;
+use crate::fs::{LocalFs, StateFs};
 use crate::state::{AgentState, DiskRecord, EnginePhase};
 use crate::throttle::Throttle;
 
@@ -59,6 +60,9 @@ pub struct Settings {
     pub block_size_bytes: u32,
     /// Store requests in flight per VM.
     pub upload_concurrency: usize,
+    /// How much of a disk an initial copy or a resync goes through between two saved
+    /// checkpoints (what a crash can cost it).
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for Settings {
@@ -70,6 +74,7 @@ impl Default for Settings {
             log_threshold_percent: 50,
             block_size_bytes: lifeboat_blockmap::DEFAULT_BLOCK_SIZE_BYTES,
             upload_concurrency: 4,
+            checkpoint_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -122,11 +127,17 @@ pub struct Replicator {
     vm: VmKey,
     disks: Vec<DiskRef>,
     dir: PathBuf,
+    fs: Arc<dyn StateFs>,
     hypervisor: Arc<dyn Hypervisor>,
     store: Arc<dyn ReplicaStore>,
     settings: Settings,
     throttle: Arc<Throttle>,
     state: AgentState,
+}
+
+/// The digest a point records for a disk whose blocks `map` describes.
+pub fn disk_digest(map: &lifeboat_blockmap::BlockMap) -> lifeboat_store::DiskDigest {
+    maps::digest(map)
 }
 
 /// Milliseconds since the Unix epoch of `time`.
@@ -152,20 +163,48 @@ impl Replicator {
         store: Arc<dyn ReplicaStore>,
         settings: Settings,
     ) -> Result<Replicator, EngineError> {
-        std::fs::create_dir_all(&dir)
-            .map_err(EngineError::state("create agent state folder", &dir))?;
-        let state = AgentState::load(&dir)?;
-        let engine = Replicator {
+        Self::open_on(
+            Arc::new(LocalFs),
             vm,
             disks,
             dir,
             hypervisor,
             store,
             settings,
+        )
+        .await
+    }
+
+    /// [`Replicator::open`] with the state folder on `fs` (the power-cut simulation's file
+    /// system; the agent's is [`LocalFs`]).
+    ///
+    /// # Errors
+    ///
+    /// State folder or store failures.
+    pub async fn open_on(
+        fs: Arc<dyn StateFs>,
+        vm: VmKey,
+        disks: Vec<DiskRef>,
+        dir: PathBuf,
+        hypervisor: Arc<dyn Hypervisor>,
+        store: Arc<dyn ReplicaStore>,
+        settings: Settings,
+    ) -> Result<Replicator, EngineError> {
+        fs.create_dir_all(&dir)
+            .map_err(EngineError::state("create agent state folder", &dir))?;
+        let state = AgentState::load(fs.as_ref(), &dir)?;
+        let engine = Replicator {
+            vm,
+            disks,
+            dir,
+            fs,
+            hypervisor,
+            store,
+            settings,
             throttle: Arc::new(Throttle::default()),
             state,
         };
-        logs::remove_unrecorded(&engine.dir, &engine.state)?;
+        logs::remove_unrecorded(engine.fs.as_ref(), &engine.dir, &engine.state)?;
         if engine.state.applying {
             // NB: a crash while applying a cycle leaves the live replica between two points;
             // put it back to the latest one, then apply the cycle again from its logs.
@@ -260,7 +299,30 @@ impl Replicator {
     }
 
     fn save(&self) -> Result<(), EngineError> {
-        self.state.save(&self.dir)
+        self.state.save(self.fs.as_ref(), &self.dir)
+    }
+
+    /// Drop every pending cycle (a resync, a disable or a failover supersedes them): the
+    /// state that forgets them is saved first, then their logs are deleted, so that a crash
+    /// in between leaves logs no cycle names (removed at the next open), never a recorded
+    /// cycle whose logs are gone.
+    ///
+    /// The caller sets the phase that supersedes the cycles first: it is saved in the same
+    /// write. Their views are committed, so a state that forgot them under a phase that
+    /// ships cycles would lose their changes for good.
+    ///
+    /// `applying` is left as it is: a cycle half applied left the live replica ahead of the
+    /// latest point whether or not its logs are kept, and the mark is what makes the next
+    /// resync (or the next open) put the live replica back before anything trusts the latest
+    /// point's block map.
+    fn drop_pending(&mut self) -> Result<(), EngineError> {
+        if self.state.pending.is_empty() {
+            return Ok(());
+        }
+        let logs: Vec<crate::state::PendingLog> =
+            self.state.pending.drain(..).flat_map(|c| c.logs).collect();
+        self.save()?;
+        logs::delete_files(self.fs.as_ref(), &logs)
     }
 
     fn set_phase(&mut self, phase: EnginePhase) -> Result<(), EngineError> {
@@ -287,7 +349,12 @@ impl Replicator {
         }
         let infos = self.hypervisor.inspect(&self.disks).await?;
         self.store.check_writable().await?;
-        check_log_space(&self.dir, &infos, self.settings.log_threshold_percent)?;
+        check_log_space(
+            self.fs.as_ref(),
+            &self.dir,
+            &infos,
+            self.settings.log_threshold_percent,
+        )?;
         for info in &infos {
             self.store
                 .create_disk(&self.vm, &info.name, info.size_bytes)
@@ -312,7 +379,8 @@ impl Replicator {
     /// Hypervisor or store failures.
     pub async fn disable(&mut self, delete_replica: bool) -> Result<(), EngineError> {
         self.hypervisor.stop_tracking(&self.disks).await?;
-        logs::delete_pending(&mut self.state)?;
+        self.state.phase = EnginePhase::Disabled;
+        self.drop_pending()?;
         if delete_replica {
             self.store.delete_vm(&self.vm).await?;
         }
@@ -342,11 +410,13 @@ impl Replicator {
 /// size (a threshold over 100 % may run out of room first: the cycles then fail recoverably
 /// and the changes stay tracked, so nothing is lost).
 fn check_log_space(
+    fs: &dyn StateFs,
     dir: &Path,
     disks: &[DiskInfo],
     threshold_percent: u32,
 ) -> Result<(), EngineError> {
-    let free = crate::space::free_space_bytes(dir)
+    let free = fs
+        .free_space_bytes(dir)
         .map_err(EngineError::state("measure free space of", dir))?;
     let total: u64 = disks.iter().map(|d| d.size_bytes).sum();
     let needed = log_space_needed(disks, threshold_percent);
@@ -380,8 +450,6 @@ fn log_space_needed(disks: &[DiskInfo], threshold_percent: u32) -> u64 {
         })
         .fold(0u64, u64::saturating_add)
 }
-
-pub(crate) use lifeboat_store::files::sync_folder;
 
 /// Throughput of `bytes` over the time since `started`.
 fn throughput(bytes: u64, started: Instant) -> u64 {
@@ -423,11 +491,11 @@ mod tests {
         let free = crate::space::free_space_bytes(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         // Disks of four times the free space: half of them does not fit, a tenth does.
         let disks = [disk(free.saturating_mul(4))];
-        let refused = check_log_space(dir.path(), &disks, 50);
+        let refused = check_log_space(&LocalFs, dir.path(), &disks, 50);
         assert!(
             matches!(&refused, Err(EngineError::State { source, .. }) if source.kind() == std::io::ErrorKind::StorageFull),
             "{refused:?}"
         );
-        assert!(check_log_space(dir.path(), &disks, 10).is_ok());
+        assert!(check_log_space(&LocalFs, dir.path(), &disks, 10).is_ok());
     }
 }

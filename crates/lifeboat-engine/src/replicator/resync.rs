@@ -34,7 +34,7 @@ use lifeboat_store::Consistency;
 
 use super::maps::{self, TAG_RESYNC};
 use super::upload::Uploader;
-use super::{Progress, ProgressSink, Replicator, Report, logs, throughput, unix_ms};
+use super::{Progress, ProgressSink, Replicator, Report, throughput, unix_ms};
 use crate::backend::{CloseView, DiskRef, Quiesce, Tracking, View};
 use crate::error::EngineError;
 use crate::state::EnginePhase;
@@ -63,8 +63,6 @@ pub(crate) fn disks_to_compare_in_full(
 
 /// Bytes read from the view at a time when hashing or copying (a whole number of blocks).
 const READ_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
-/// The span of a disk between two checkpoints of the target map.
-const CHECKPOINT_BYTES: u64 = 256 * 1024 * 1024;
 
 impl Replicator {
     /// Resynchronize every disk now and cut a point. Tracking is (re)started first, so the
@@ -95,28 +93,38 @@ impl Replicator {
             // source now differs. Put it back first, as `open` does after a crash.
             self.store.revert_to_latest_point(&self.vm).await?;
             self.state.applying = false;
-            // A resync's saved map and intent described the replica before the revert.
+            // A resync's saved map and intent described the replica before the revert (its
+            // choice of disks to compare in full stands: it is about the tracking).
             if self.state.resync_cycle.take().is_some() {
                 self.state.resync_intent = None;
-                self.state.resync_full_disks = None;
             }
             self.save()?;
         }
         let resuming = self.state.resync_cycle.is_some();
         // NB: decided before anything changes (the pending logs, the tracking), and only once
-        // per resync: a resumed attempt keeps the first attempt's choice.
+        // per resync: every later attempt keeps the first attempt's choice, even one that
+        // failed before its view (the first attempt dropped the logs and restarted the
+        // tracking, which then vouches for nothing before it).
         let full = match (resuming, self.state.resync_full_disks.take()) {
-            (true, Some(full)) => full,
+            (_, Some(full)) => full,
             (true, None) => self.disks.iter().map(|d| d.name.clone()).collect(),
-            (false, _) => {
+            (false, None) => {
                 let tracking = self.hypervisor.tracking(&self.disks).await?;
                 let unshipped = !self.state.pending.is_empty() || half_applied;
                 disks_to_compare_in_full(&self.state.phase, unshipped, &self.disks, &tracking)
             }
         };
         self.state.resync_full_disks = Some(full.clone());
-        // Pending logs are superseded: the resync brings everything they hold.
-        logs::delete_pending(&mut self.state)?;
+        // Pending logs are superseded: the resync brings everything they hold (and a crash
+        // from here on finds a resync to finish, not cycles to ship).
+        if !matches!(self.state.phase, EnginePhase::ResyncRequired { .. }) {
+            self.state.phase = EnginePhase::ResyncRequired {
+                reason: "a resync was started".to_owned(),
+            };
+        }
+        self.drop_pending()?;
+        // The choice is durable before the tracking it was made from is restarted.
+        self.save()?;
         self.hypervisor.start_tracking(&self.disks).await?;
         let maps_before = self.current_maps().await?;
         let cycle = self.next_cycle();
@@ -275,7 +283,7 @@ impl Replicator {
                         .put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target))
                         .await?;
                     intent_end = end
-                        .max(start.saturating_add(CHECKPOINT_BYTES))
+                        .max(start.saturating_add(self.settings.checkpoint_bytes))
                         .min(info.size_bytes);
                     self.state.resync_intent = Some((disk.to_owned(), start, intent_end));
                     self.save()?;
