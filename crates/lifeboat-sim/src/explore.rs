@@ -1,0 +1,700 @@
+//! The schedule explorer: the real [`Replicator`] over the simulated VM, store and state
+//! file system, driven through copy, cycles with guest writes (data, zeros, discards),
+//! resyncs, disable and enable, test, planned and unplanned failovers, with faults, agent
+//! crashes and power cuts at points the seed picks; after every step and every recovery it
+//! checks the invariants a recovery point owes its user.
+//!
+//! # Invariants
+//!
+//! 1. Every point's content equals what the source held at the point's instant (the view of
+//!    its cycle), disk by disk. A point whose digest matches wrong content is reported as the
+//!    worst case: it vouches for wrong data.
+//! 2. Nothing acknowledged is lost: every point the engine reported cut is still there until
+//!    retention, a commit or a deletion removes it, whatever power cuts happened since.
+//! 3. A cycle number is never used for two views.
+//! 4. No wedge: once the faults stop, the VM gets back to Protected with a point equal to the
+//!    source.
+//! 5. Every (test) failover's disks equal the source at the chosen point.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use lifeboat_blockmap::{BlockMap, HashAlgorithm};
+use lifeboat_engine::replicator::{PointChoice, disk_digest};
+use lifeboat_engine::state::EnginePhase;
+use lifeboat_engine::{EngineError, Replicator, Report, Settings};
+use lifeboat_store::local::LocalStore;
+use lifeboat_store::{At, ReplicaStore, VmKey};
+
+use crate::fs::SimFs;
+use crate::rng::Rng;
+use crate::store::SimStore;
+use crate::vm::SimVm;
+use crate::world::World;
+
+/// What one schedule does.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The seed: the same seed replays the same schedule.
+    pub seed: u64,
+    /// Steps (one engine operation each, with guest writes before it).
+    pub steps: usize,
+    /// Chance per step of a power cut during the step's operation, per mille.
+    pub power_cut_per_mille: u64,
+    /// Chance per step of an agent crash (the process dies; the node keeps its power).
+    pub crash_per_mille: u64,
+    /// The highest share of calls that fail, per mille (each step picks up to this).
+    pub max_fault_per_mille: u64,
+}
+
+impl Options {
+    /// The defaults for `seed`.
+    pub fn new(seed: u64) -> Options {
+        Options {
+            seed,
+            steps: 40,
+            power_cut_per_mille: 150,
+            crash_per_mille: 50,
+            max_fault_per_mille: 15,
+        }
+    }
+}
+
+/// What a schedule did and found.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// Steps run.
+    pub steps: usize,
+    /// Power cuts applied.
+    pub power_cuts: u64,
+    /// Agent crashes.
+    pub crashes: u64,
+    /// Faults injected into calls.
+    pub faults: u64,
+    /// Calls the components answered.
+    pub calls: u64,
+    /// Points whose content was checked (a point counts once per check).
+    pub points_checked: u64,
+    /// Failovers (test or real) checked.
+    pub failovers_checked: u64,
+    /// Operations run, by name.
+    pub operations: BTreeMap<&'static str, u64>,
+    /// Broken invariants, each with the step it was seen at.
+    pub violations: Vec<String>,
+    /// What happened, step by step (for a failing seed).
+    pub trace: Vec<String>,
+}
+
+/// The disks of the simulated VM.
+const DISKS: [(&str, u64); 2] = [("root", 1024 * 1024), ("data", 512 * 1024)];
+/// The simulated time between steps.
+const STEP: Duration = Duration::from_secs(30);
+const STATE_DIR: &str = "/var/lib/lifeboat/vms/sim";
+
+fn settings() -> Settings {
+    Settings {
+        copy_interval: STEP,
+        retention: Duration::from_secs(180),
+        app_consistent_every: Some(Duration::from_secs(120)),
+        log_threshold_percent: 30,
+        block_size_bytes: 16 * 1024,
+        // NB: one store call at a time, so that calls reach the world in one order and a
+        // seed replays exactly.
+        upload_concurrency: 1,
+        checkpoint_bytes: 64 * 1024,
+    }
+}
+
+struct Rig {
+    options: Options,
+    rng: Rng,
+    world: Arc<World>,
+    fs: SimFs,
+    vm: SimVm,
+    key: VmKey,
+    store_root: tempfile::TempDir,
+    failover_dir: tempfile::TempDir,
+    store: Arc<SimStore>,
+    engine: Option<Replicator>,
+    clock: SystemTime,
+    /// Points the engine reported cut and not reported deleted: id → time.
+    acknowledged: BTreeMap<String, u64>,
+    /// Points already checked (their content cannot change).
+    checked: std::collections::BTreeSet<String>,
+    outcome: Outcome,
+    step: usize,
+}
+
+/// Run one schedule.
+///
+/// # Errors
+///
+/// The rig itself failed (a temporary folder, the runtime): not a finding.
+pub fn run(options: Options) -> anyhow::Result<Outcome> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    runtime.block_on(run_async(options))
+}
+
+async fn run_async(options: Options) -> anyhow::Result<Outcome> {
+    let world = Arc::new(World::new(options.seed));
+    let store_root = tempfile::tempdir()?;
+    let store = Arc::new(SimStore::new(
+        Arc::new(LocalStore::open(store_root.path())?),
+        world.clone(),
+    ));
+    let mut rig = Rig {
+        rng: Rng::new(options.seed),
+        fs: SimFs::new(world.clone()),
+        vm: SimVm::new(world.clone(), &DISKS),
+        key: VmKey::new("sim", "vm")?,
+        store_root,
+        failover_dir: tempfile::tempdir()?,
+        store,
+        engine: None,
+        clock: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        acknowledged: BTreeMap::new(),
+        checked: Default::default(),
+        outcome: Outcome {
+            seed: options.seed,
+            ..Outcome::default()
+        },
+        step: 0,
+        world,
+        options,
+    };
+    rig.outcome.seed = rig.options.seed;
+    for step in 0..rig.options.steps {
+        rig.step = step;
+        rig.step_once().await;
+        rig.outcome.steps += 1;
+    }
+    rig.liveness().await;
+    rig.outcome.faults = rig.world.faults();
+    rig.outcome.calls = rig.world.calls();
+    Ok(rig.outcome)
+}
+
+impl Rig {
+    fn trace(&mut self, line: String) {
+        if std::env::var_os("LIFEBOAT_SIM_CALLS").is_some() {
+            eprintln!("step {}: {line}", self.step);
+        }
+        self.outcome
+            .trace
+            .push(format!("step {}: {line}", self.step));
+    }
+
+    fn violation(&mut self, what: String) {
+        let line = format!("step {}: {what}", self.step);
+        self.outcome.trace.push(format!("VIOLATION {line}"));
+        self.outcome.violations.push(line);
+    }
+
+    fn now_ms(&self) -> u64 {
+        lifeboat_engine::replicator::unix_ms(self.clock)
+    }
+
+    /// Open the engine as a restarted agent does, retrying through faults (and power cuts
+    /// that hit the opening itself).
+    async fn open_engine(&mut self) {
+        for _ in 0..50 {
+            let result = Replicator::open_on(
+                Arc::new(self.fs.clone()),
+                self.key.clone(),
+                self.vm.disk_refs(),
+                PathBuf::from(STATE_DIR),
+                Arc::new(self.vm.clone()),
+                self.store.clone() as Arc<dyn ReplicaStore>,
+                settings(),
+            )
+            .await;
+            match result {
+                Ok(engine) => {
+                    self.engine = Some(engine);
+                    return;
+                }
+                Err(e) => {
+                    self.trace(format!("open failed: {e}"));
+                    if self.world.power_out() {
+                        self.power_cut().await;
+                    } else if !e.is_recoverable() {
+                        self.violation(format!("the engine cannot open: {e}"));
+                        return;
+                    }
+                }
+            }
+        }
+        self.violation("the engine did not open in 50 attempts".into());
+    }
+
+    /// The agent process dies; the node keeps its power (SIGKILL: the page cache, the
+    /// store's accepted writes and the VM survive).
+    async fn crash(&mut self) {
+        self.engine = None;
+        self.store.quiesce().await;
+        self.outcome.crashes += 1;
+        self.trace("agent crash".into());
+        self.open_engine().await;
+    }
+
+    /// The node loses power: the state folder keeps what was synced, the store what was
+    /// flushed, the VM's tracking is lost; then the agent starts again on a store opened
+    /// afresh (its crash recovery runs).
+    async fn power_cut(&mut self) {
+        self.engine = None;
+        self.world.cancel_power_cut();
+        let restored = match self.store.power_cut().await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.violation(format!(
+                    "the simulated power cut could not undo writes: {e}"
+                ));
+                0
+            }
+        };
+        self.fs.power_cut();
+        self.vm.power_cut();
+        self.world.power_on();
+        self.outcome.power_cuts += 1;
+        self.trace(format!(
+            "power cut: {restored} bytes of unflushed writes lost"
+        ));
+        match LocalStore::open(self.store_root.path()) {
+            Ok(store) => {
+                self.store = Arc::new(SimStore::new(Arc::new(store), self.world.clone()));
+            }
+            Err(e) => self.violation(format!("the local store does not open after a cut: {e}")),
+        }
+        self.check_points(true).await;
+        Box::pin(self.open_engine()).await;
+    }
+
+    fn guest_io(&mut self) {
+        let sizes: Vec<u64> = DISKS.iter().map(|d| d.1).collect();
+        for _ in 0..self.rng.below(5) {
+            let index = self.rng.below(sizes.len() as u64) as usize;
+            let sectors = sizes[index] / 512;
+            let len = 512 * (1 + self.rng.below(64)).min(sectors);
+            let offset = 512 * self.rng.below(sectors - len / 512 + 1);
+            match self.rng.below(10) {
+                0 => self.vm.guest_discard(index, offset, len),
+                1 => self.vm.guest_write(index, offset, &vec![0u8; len as usize]),
+                _ => {
+                    let mut data = vec![0u8; len as usize];
+                    self.rng.fill(&mut data);
+                    self.vm.guest_write(index, offset, &data);
+                }
+            }
+        }
+    }
+
+    async fn step_once(&mut self) {
+        self.guest_io();
+        let fault = self.rng.below(self.options.max_fault_per_mille + 1);
+        // Now and then a storm: the store (and everything) fails most calls for a step.
+        let fault = if self.rng.chance(30) { 600 } else { fault };
+        self.world.set_fault_rate(fault);
+        if self.rng.chance(self.options.power_cut_per_mille) {
+            let after = 1 + self.rng.below(120);
+            self.world.schedule_power_cut(after);
+        }
+        if self.engine.is_none() {
+            self.open_engine().await;
+        }
+        let op = self.pick();
+        *self.outcome.operations.entry(op).or_default() += 1;
+        let result = self.operate(op).await;
+        match &result {
+            Ok(line) => self.trace(format!("{op}: {line}")),
+            Err(e) => self.trace(format!("{op} failed ({}): {e}", e.reason())),
+        }
+        self.world.set_fault_rate(0);
+        if self.world.power_out() {
+            self.power_cut().await;
+        } else {
+            self.world.cancel_power_cut();
+            if self.rng.chance(self.options.crash_per_mille) {
+                self.crash().await;
+            }
+        }
+        self.check_points(false).await;
+        self.clock += STEP;
+    }
+
+    fn phase(&self) -> EnginePhase {
+        self.engine
+            .as_ref()
+            .map(|e| e.state().phase.clone())
+            .unwrap_or_default()
+    }
+
+    /// What the agent would do now, with now and then something a user asks for.
+    fn pick(&mut self) -> &'static str {
+        let phase = self.phase();
+        let roll = self.rng.below(100);
+        match phase {
+            EnginePhase::New | EnginePhase::Disabled => "enable",
+            EnginePhase::Enabled => "initial_copy",
+            EnginePhase::FailedOver { .. } => match roll {
+                0..30 => "commit",
+                _ => "disable",
+            },
+            EnginePhase::ResyncRequired { .. } => "resync",
+            EnginePhase::Copied | EnginePhase::Protected => match roll {
+                0..5 => "require_resync",
+                5..9 => "disable",
+                9..17 => "test_failover",
+                17..19 => "planned_failover",
+                19..21 => "unplanned_failover",
+                _ => "cycle",
+            },
+        }
+    }
+
+    async fn operate(&mut self, op: &'static str) -> Result<String, EngineError> {
+        let now = self.clock;
+        let quiet = |_: &lifeboat_engine::Progress| {};
+        let delete = self.rng.chance(300);
+        let Some(engine) = self.engine.as_mut() else {
+            return Err(EngineError::NotReady {
+                what: "the engine is not open".into(),
+            });
+        };
+        match op {
+            "enable" => engine.enable().await.map(|_| "enabled".into()),
+            "initial_copy" => {
+                let report = engine.initial_copy(&quiet).await?;
+                Ok(summary(&report))
+            }
+            "cycle" => {
+                let report = engine.run_cycle(now).await;
+                self.acknowledge(report)
+            }
+            "resync" => {
+                let report = engine.resync(now, &quiet).await;
+                self.acknowledge(report)
+            }
+            "require_resync" => engine
+                .require_resync("requested by the simulation")
+                .map(|()| "resync requested".into()),
+            "disable" => {
+                if delete {
+                    self.acknowledged.clear();
+                }
+                engine
+                    .disable(delete)
+                    .await
+                    .map(|()| format!("disabled (replica deleted: {delete})"))
+            }
+            "commit" => {
+                let ids = engine.commit().await?;
+                for id in &ids {
+                    self.acknowledged.remove(id);
+                }
+                Ok(format!("committed, {} points deleted", ids.len()))
+            }
+            "test_failover" | "planned_failover" | "unplanned_failover" => {
+                let dir = self.failover_dir.path().to_path_buf();
+                let report = match op {
+                    "test_failover" => {
+                        engine
+                            .materialise(&PointChoice::Latest, &dir, "test", &quiet)
+                            .await?
+                    }
+                    _ => {
+                        engine
+                            .failover(
+                                op == "planned_failover",
+                                &PointChoice::Latest,
+                                &dir,
+                                now,
+                                &quiet,
+                            )
+                            .await?
+                    }
+                };
+                let label = if op == "test_failover" {
+                    "test"
+                } else {
+                    "failover"
+                };
+                let names: Vec<String> = report.disks.iter().map(|d| d.name.clone()).collect();
+                let cycle = report.point.cycle;
+                self.check_failover(&dir, label, cycle).await;
+                if let Some(engine) = self.engine.as_ref() {
+                    engine.remove_materialised(&dir, label, &names)?;
+                }
+                if op != "test_failover" {
+                    // NB: a planned failover's last cycle may have pruned points.
+                    self.forget_unlisted().await;
+                }
+                Ok(format!("{op} to {}", report.point.id))
+            }
+            other => Err(EngineError::NotReady {
+                what: format!("unknown operation {other}"),
+            }),
+        }
+    }
+
+    fn acknowledge(&mut self, report: Result<Report, EngineError>) -> Result<String, EngineError> {
+        let report = report?;
+        if let Some(point) = &report.point {
+            self.acknowledged
+                .insert(point.id.clone(), point.time_unix_ms);
+        }
+        for id in &report.pruned {
+            self.acknowledged.remove(id);
+        }
+        Ok(summary(&report))
+    }
+
+    async fn forget_unlisted(&mut self) {
+        let listed: Vec<String> = match self.store.inner().manifest(&self.key).await {
+            Ok(Some(m)) => m.points.into_iter().map(|p| p.id).collect(),
+            _ => Vec::new(),
+        };
+        self.acknowledged.retain(|id, _| listed.contains(id));
+    }
+
+    /// The failover's files equal the source at the point's cycle.
+    async fn check_failover(&mut self, dir: &Path, label: &str, cycle: u64) {
+        self.outcome.failovers_checked += 1;
+        let Some(seen) = self.vm.seen(cycle) else {
+            self.violation(format!(
+                "failover to a point of cycle {cycle} that no view showed"
+            ));
+            return;
+        };
+        for (index, name) in self.vm.names().iter().enumerate() {
+            let path =
+                lifeboat_engine::replicator::disk_image_path(dir, self.key.name(), label, name);
+            match std::fs::read(&path) {
+                Ok(bytes) if bytes == seen[index] => {}
+                Ok(bytes) => {
+                    let at = first_difference(&bytes, &seen[index]);
+                    self.violation(format!(
+                        "{label} disk {name} differs from the source at cycle {cycle} at byte {at}"
+                    ));
+                }
+                Err(e) => self.violation(format!("{label} disk {name} unreadable: {e}")),
+            }
+        }
+    }
+
+    /// Invariants 1 to 3. `all`: check every point again (after a recovery), else only the
+    /// new ones.
+    async fn check_points(&mut self, all: bool) {
+        for cycle in self.vm.reused_cycles() {
+            self.violation(format!("cycle {cycle} was used for two views"));
+        }
+        let store = self.store.inner().clone();
+        let manifest = match store.manifest(&self.key).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.violation(format!("the manifest cannot be read: {e}"));
+                return;
+            }
+        };
+        let points = manifest.map(|m| m.points).unwrap_or_default();
+        let retention = settings().retention.as_millis() as u64;
+        // Retention may delete a point older than the cutoff, and only while a newer point
+        // stays (the latest is always kept); anything else missing was lost.
+        let newest_listed = points.iter().map(|p| p.time_unix_ms).max();
+        let cutoff = self.now_ms().saturating_sub(retention);
+        let lost: Vec<String> = self
+            .acknowledged
+            .iter()
+            .filter(|(id, time)| {
+                let prunable = **time < cutoff && newest_listed.is_some_and(|t| t > **time);
+                !prunable && !points.iter().any(|p| &p.id == *id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost {
+            self.violation(format!("acknowledged point {id} is gone"));
+            self.acknowledged.remove(&id);
+        }
+        for point in &points {
+            if !all && self.checked.contains(&point.id) {
+                continue;
+            }
+            self.outcome.points_checked += 1;
+            let Some(seen) = self.vm.seen(point.cycle) else {
+                self.violation(format!(
+                    "point {} of cycle {} that no view showed",
+                    point.id, point.cycle
+                ));
+                continue;
+            };
+            for disk in &point.disks {
+                let Some(index) = self.vm.names().iter().position(|n| *n == disk.name) else {
+                    continue;
+                };
+                let content = match read_point(
+                    store.as_ref(),
+                    &self.key,
+                    &point.id,
+                    &disk.name,
+                    disk.size_bytes,
+                )
+                .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.violation(format!(
+                            "point {} disk {} unreadable: {e}",
+                            point.id, disk.name
+                        ));
+                        continue;
+                    }
+                };
+                if content != seen[index] {
+                    let at = first_difference(&content, &seen[index]);
+                    let vouches = digest_of(&content, &disk.digest) == Some(disk.digest.clone());
+                    self.violation(format!(
+                        "point {} disk {} differs from the source at cycle {} from byte {at}{}",
+                        point.id,
+                        disk.name,
+                        point.cycle,
+                        if vouches {
+                            ", and its digest VOUCHES FOR THE WRONG DATA"
+                        } else {
+                            " (its digest does not match: a failover would refuse it)"
+                        }
+                    ));
+                } else if digest_of(&content, &disk.digest) != Some(disk.digest.clone()) {
+                    self.violation(format!(
+                        "point {} disk {}: right data, wrong digest",
+                        point.id, disk.name
+                    ));
+                }
+            }
+            self.checked.insert(point.id.clone());
+        }
+        // Views older than every point and every cycle the engine may still ship are not
+        // needed any more.
+        let mut keep = points.iter().map(|p| p.cycle).min().unwrap_or(u64::MAX);
+        if let Some(engine) = &self.engine {
+            let state = engine.state();
+            keep = keep.min(state.last_cycle);
+            keep = state.pending.iter().map(|c| c.cycle).fold(keep, u64::min);
+            keep = state.resync_cycle.map_or(keep, |c| keep.min(c));
+            keep = state.copy.as_ref().map_or(keep, |c| keep.min(c.cycle));
+        }
+        if keep != u64::MAX {
+            self.vm.forget_before(keep);
+        }
+    }
+
+    /// Invariant 4: with the faults gone, the VM gets back to Protected and its newest
+    /// point equals the source.
+    async fn liveness(&mut self) {
+        self.step = self.options.steps;
+        self.world.set_fault_rate(0);
+        self.world.cancel_power_cut();
+        if self.engine.is_none() {
+            self.open_engine().await;
+        }
+        let mut last = String::new();
+        for _ in 0..12 {
+            let op = match self.phase() {
+                EnginePhase::New | EnginePhase::Disabled => "enable",
+                EnginePhase::Enabled => "initial_copy",
+                EnginePhase::FailedOver { .. } => "disable",
+                EnginePhase::ResyncRequired { .. } => "resync",
+                EnginePhase::Copied | EnginePhase::Protected => "cycle",
+            };
+            let result = self.operate(op).await;
+            last = match result {
+                Ok(line) => format!("{op}: {line}"),
+                Err(e) => format!("{op} failed: {e}"),
+            };
+            self.trace(format!("(no faults) {last}"));
+            self.clock += STEP;
+            if op == "cycle" && self.phase() == EnginePhase::Protected && !last.contains("failed") {
+                break;
+            }
+        }
+        self.check_points(true).await;
+        let source = self.vm.contents();
+        let newest = match self.store.inner().manifest(&self.key).await {
+            Ok(Some(m)) => m.points.last().cloned(),
+            _ => None,
+        };
+        match (self.phase(), newest) {
+            (EnginePhase::Protected, Some(point)) => {
+                if self.vm.seen(point.cycle).as_deref() != Some(&source) {
+                    self.violation(format!(
+                        "the newest point {} is not the source as it is now (last: {last})",
+                        point.id
+                    ));
+                }
+            }
+            (phase, _) => self.violation(format!(
+                "wedged: faults stopped 12 steps ago and the VM is {phase:?} (last: {last})"
+            )),
+        }
+    }
+}
+
+fn summary(report: &Report) -> String {
+    let mut line = format!(
+        "sent {} zeroed {} read {}",
+        report.bytes_sent, report.bytes_zeroed, report.bytes_read
+    );
+    if let Some(point) = &report.point {
+        line.push_str(&format!(", point {}", point.id));
+    }
+    if let Some(why) = &report.resync_required {
+        line.push_str(&format!(", resync required: {why}"));
+    }
+    line
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> usize {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()))
+}
+
+async fn read_point(
+    store: &dyn ReplicaStore,
+    key: &VmKey,
+    id: &str,
+    disk: &str,
+    size: u64,
+) -> Result<Vec<u8>, lifeboat_store::StoreError> {
+    let mut out = Vec::with_capacity(size as usize);
+    let mut offset = 0;
+    while offset < size {
+        let len = (4 << 20).min(size - offset);
+        out.extend_from_slice(
+            &store
+                .read(key, disk, &At::Point(id.to_owned()), offset, len)
+                .await?,
+        );
+        offset += len;
+    }
+    Ok(out)
+}
+
+/// The digest `content` would have under the point's algorithm and block size.
+fn digest_of(
+    content: &[u8],
+    like: &lifeboat_store::DiskDigest,
+) -> Option<lifeboat_store::DiskDigest> {
+    let algorithm = HashAlgorithm::ALL
+        .into_iter()
+        .find(|a| a.name() == like.algorithm)?;
+    let mut map =
+        BlockMap::new_zeroed(algorithm, like.block_size_bytes, content.len() as u64).ok()?;
+    map.update_range(0, content).ok()?;
+    Some(disk_digest(&map))
+}
