@@ -124,8 +124,10 @@ impl CredentialSource {
             }
             CredentialSource::Sas(token) => Credentials::Sas { token },
             CredentialSource::Identity(client_id) => {
+                // NB: the policy's clientId goes to either credential; for workload identity
+                // it wins over the webhook's AZURE_CLIENT_ID.
                 if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
-                    Credentials::workload_identity()?
+                    Credentials::workload_identity(client_id)?
                 } else {
                     Credentials::managed_identity(client_id)?
                 }

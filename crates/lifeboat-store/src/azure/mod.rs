@@ -44,6 +44,8 @@
 //!   them (policies, retries, transport), the clients and URLs, and the mapping of errors.
 //! - `store.rs`: the [`ReplicaStore`] operations over page blobs and their snapshots.
 //! - [`shared_key`]: the Shared Key signature and SAS tokens; [`vhd`]: the fixed VHD footer.
+//! - `tests.rs`, `token_tests.rs`: the tests, against Azurite (Shared Key and SAS; bearer
+//!   tokens over https).
 
 pub mod shared_key;
 pub mod vhd;
@@ -52,6 +54,8 @@ mod pipeline;
 mod store;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_tests;
 
 use crate::{Manifest, ReplicaStore, StoreError, VmKey, check_disk_name};
 use azure_core::http::{ClientOptions, Url};

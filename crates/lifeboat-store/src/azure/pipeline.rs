@@ -74,20 +74,41 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// Kubernetes workload identity (the `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` and
-    /// `AZURE_FEDERATED_TOKEN_FILE` variables that the webhook injects).
+    /// Kubernetes workload identity: the service account token in `AZURE_FEDERATED_TOKEN_FILE`
+    /// exchanged in the tenant `AZURE_TENANT_ID` (the variables that the webhook injects) for
+    /// a token of the Entra application `client_id`.
+    ///
+    /// `client_id` (the policy's `clientId`) wins over the environment's `AZURE_CLIENT_ID`,
+    /// which counts only when `client_id` is `None`: one agent can then serve policies that
+    /// name different identities federated with its service account.
     ///
     /// # Errors
     ///
-    /// [`StoreError::AccessDenied`] when the environment lacks what workload identity needs.
-    pub fn workload_identity() -> Result<Credentials, StoreError> {
-        let credential = azure_identity::WorkloadIdentityCredential::new(None).map_err(|e| {
-            StoreError::AccessDenied {
-                store: "Azure Blob Storage".to_owned(),
-                action: "set up workload identity".to_owned(),
-                detail: e.to_string(),
-            }
-        })?;
+    /// [`StoreError::AccessDenied`] when the environment lacks what workload identity needs
+    /// (a tenant, a readable token file, a client id from `client_id` or the environment).
+    pub fn workload_identity(client_id: Option<String>) -> Result<Credentials, StoreError> {
+        Credentials::workload_identity_with(client_id, ClientOptions::default())
+    }
+
+    /// [`Credentials::workload_identity`] whose token requests go through `client_options`
+    /// (the tests give it a transport that records them).
+    pub(super) fn workload_identity_with(
+        client_id: Option<String>,
+        client_options: ClientOptions,
+    ) -> Result<Credentials, StoreError> {
+        let options = azure_identity::WorkloadIdentityCredentialOptions {
+            client_id,
+            credential_options: azure_identity::ClientAssertionCredentialOptions { client_options },
+            ..Default::default()
+        };
+        let credential =
+            azure_identity::WorkloadIdentityCredential::new(Some(options)).map_err(|e| {
+                StoreError::AccessDenied {
+                    store: "Azure Blob Storage".to_owned(),
+                    action: "set up workload identity".to_owned(),
+                    detail: e.to_string(),
+                }
+            })?;
         Ok(Credentials::TokenCredential(credential))
     }
 
