@@ -224,6 +224,10 @@ impl Replicator {
     /// up, then tracking stops and the newest point is used. Unplanned: the source is not
     /// touched; `choice` picks the point.
     ///
+    /// Idempotent: a VM the engine has failed over already (the agent stopped after the
+    /// failover and before its job ended, and the job runs again) is reported failed over to
+    /// the same point, its disks materialised again and verified in case they were lost.
+    ///
     /// # Errors
     ///
     /// The final cycle's, the store's or the verification's failure; the VM stays protected
@@ -236,6 +240,10 @@ impl Replicator {
         now: SystemTime,
         progress: ProgressSink<'_>,
     ) -> Result<FailoverReport, EngineError> {
+        if let EnginePhase::FailedOver { point } = &self.state.phase {
+            let done = PointChoice::Named(point.clone());
+            return self.materialise(&done, dir, "failover", progress).await;
+        }
         let choice = if planned {
             let report = self.run_cycle(now).await?;
             if let Some(reason) = report.resync_required {
