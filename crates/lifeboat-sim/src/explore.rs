@@ -23,10 +23,10 @@ use std::time::{Duration, SystemTime};
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm};
 use lifeboat_engine::replicator::{PointChoice, disk_digest};
-use lifeboat_engine::state::EnginePhase;
+use lifeboat_engine::state::{AgentState, EnginePhase};
 use lifeboat_engine::{EngineError, Replicator, Report, Settings};
 use lifeboat_store::local::LocalStore;
-use lifeboat_store::{At, ReplicaStore, VmKey};
+use lifeboat_store::{At, RecoveryPoint, ReplicaStore, VmKey};
 
 use crate::fs::SimFs;
 use crate::rng::Rng;
@@ -47,6 +47,8 @@ pub struct Options {
     pub crash_per_mille: u64,
     /// The highest share of calls that fail, per mille (each step picks up to this).
     pub max_fault_per_mille: u64,
+    /// Chance per step that the node's state folder is lost, per mille.
+    pub lose_state_per_mille: u64,
 }
 
 impl Options {
@@ -58,6 +60,7 @@ impl Options {
             power_cut_per_mille: 150,
             crash_per_mille: 50,
             max_fault_per_mille: 15,
+            lose_state_per_mille: 10,
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct Outcome {
     pub power_cuts: u64,
     /// Agent crashes.
     pub crashes: u64,
+    /// State folders lost.
+    pub states_lost: u64,
     /// Faults injected into calls.
     pub faults: u64,
     /// Calls the components answered.
@@ -123,8 +128,9 @@ struct Rig {
     clock: SystemTime,
     /// Points the engine reported cut and not reported deleted: id → time.
     acknowledged: BTreeMap<String, u64>,
-    /// Points already checked (their content cannot change).
-    checked: std::collections::BTreeSet<String>,
+    /// Points checked against the source, with each disk's digest as read then (a point's
+    /// content never changes after).
+    checked: BTreeMap<String, Vec<lifeboat_store::DiskDigest>>,
     outcome: Outcome,
     step: usize,
 }
@@ -233,13 +239,41 @@ impl Rig {
         self.violation("the engine did not open in 50 attempts".into());
     }
 
+    /// Drop the engine and wait until nothing holds the store any more (the upload tasks an
+    /// abandoned operation spawned end at the runtime's next turn), as a process that exits
+    /// releases its store and its locks.
+    async fn stop_engine(&mut self) {
+        self.engine = None;
+        self.store.quiesce().await;
+        for _ in 0..1000 {
+            if Arc::strong_count(&self.store) == 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        self.violation("the store is still held after the engine stopped".into());
+    }
+
     /// The agent process dies; the node keeps its power (SIGKILL: the page cache, the
     /// store's accepted writes and the VM survive).
     async fn crash(&mut self) {
-        self.engine = None;
-        self.store.quiesce().await;
+        self.stop_engine().await;
         self.outcome.crashes += 1;
         self.trace("agent crash".into());
+        self.open_engine().await;
+    }
+
+    /// The node's state folder is lost (the node was replaced; the agent starts on an empty
+    /// folder beside the same store and VM): what the folder knew (pending logs, the
+    /// `applying` mark, cursors) is gone, and nothing in the store may be trusted for it.
+    async fn lose_state(&mut self) {
+        self.stop_engine().await;
+        // Every point listed now is verified against the views of the agent that is gone.
+        self.check_points(true).await;
+        self.fs = SimFs::new(self.world.clone());
+        self.vm.forget_all_views();
+        self.outcome.states_lost += 1;
+        self.trace("the node's state folder is lost".into());
         self.open_engine().await;
     }
 
@@ -247,7 +281,7 @@ impl Rig {
     /// flushed, the VM's tracking is lost; then the agent starts again on a store opened
     /// afresh (its crash recovery runs).
     async fn power_cut(&mut self) {
-        self.engine = None;
+        self.stop_engine().await;
         self.world.cancel_power_cut();
         let restored = match self.store.power_cut().await {
             Ok(bytes) => bytes,
@@ -321,6 +355,8 @@ impl Rig {
             self.world.cancel_power_cut();
             if self.rng.chance(self.options.crash_per_mille) {
                 self.crash().await;
+            } else if self.rng.chance(self.options.lose_state_per_mille) {
+                self.lose_state().await;
             }
         }
         self.check_points(false).await;
@@ -343,6 +379,8 @@ impl Rig {
             EnginePhase::Enabled => "initial_copy",
             EnginePhase::FailedOver { .. } => match roll {
                 0..30 => "commit",
+                // The failover's job runs again (its agent stopped before it ended).
+                30..50 => "retry_failover",
                 _ => "disable",
             },
             EnginePhase::ResyncRequired { .. } => "resync",
@@ -393,13 +431,21 @@ impl Rig {
                     .map(|()| format!("disabled (replica deleted: {delete})"))
             }
             "commit" => {
+                // NB: a commit that fails may have deleted some of the others already.
+                if let EnginePhase::FailedOver { point } = &engine.state().phase {
+                    self.acknowledged.retain(|id, _| id == point);
+                }
                 let ids = engine.commit().await?;
                 for id in &ids {
                     self.acknowledged.remove(id);
                 }
                 Ok(format!("committed, {} points deleted", ids.len()))
             }
-            "test_failover" | "planned_failover" | "unplanned_failover" => {
+            "test_failover" | "planned_failover" | "unplanned_failover" | "retry_failover" => {
+                let before = match &engine.state().phase {
+                    EnginePhase::FailedOver { point } => Some(point.clone()),
+                    _ => None,
+                };
                 let dir = self.failover_dir.path().to_path_buf();
                 let report = match op {
                     "test_failover" => {
@@ -410,7 +456,7 @@ impl Rig {
                     _ => {
                         engine
                             .failover(
-                                op == "planned_failover",
+                                op == "planned_failover" || (op == "retry_failover" && delete),
                                 &PointChoice::Latest,
                                 &dir,
                                 now,
@@ -424,9 +470,16 @@ impl Rig {
                 } else {
                     "failover"
                 };
+                if let Some(before) = before
+                    && before != report.point.id
+                {
+                    self.violation(format!(
+                        "a failover retried after it was done went to {}, not {before}",
+                        report.point.id
+                    ));
+                }
                 let names: Vec<String> = report.disks.iter().map(|d| d.name.clone()).collect();
-                let cycle = report.point.cycle;
-                self.check_failover(&dir, label, cycle).await;
+                self.check_failover(&dir, label, &report.point).await;
                 if let Some(engine) = self.engine.as_ref() {
                     engine.remove_materialised(&dir, label, &names)?;
                 }
@@ -462,27 +515,45 @@ impl Rig {
         self.acknowledged.retain(|id, _| listed.contains(id));
     }
 
-    /// The failover's files equal the source at the point's cycle.
-    async fn check_failover(&mut self, dir: &Path, label: &str, cycle: u64) {
+    /// The failover's files equal the source at the point's cycle: compared with the view
+    /// of that cycle, or with the digests the point had when it was verified against it.
+    async fn check_failover(&mut self, dir: &Path, label: &str, point: &RecoveryPoint) {
         self.outcome.failovers_checked += 1;
-        let Some(seen) = self.vm.seen(cycle) else {
-            self.violation(format!(
-                "failover to a point of cycle {cycle} that no view showed"
-            ));
-            return;
-        };
-        for (index, name) in self.vm.names().iter().enumerate() {
+        self.check_points(false).await;
+        let verified = self.checked.get(&point.id).cloned();
+        let seen = self.vm.seen(point.cycle);
+        for (index, disk) in point.disks.iter().enumerate() {
+            let name = &disk.name;
             let path =
                 lifeboat_engine::replicator::disk_image_path(dir, self.key.name(), label, name);
-            match std::fs::read(&path) {
-                Ok(bytes) if bytes == seen[index] => {}
-                Ok(bytes) => {
-                    let at = first_difference(&bytes, &seen[index]);
-                    self.violation(format!(
-                        "{label} disk {name} differs from the source at cycle {cycle} at byte {at}"
-                    ));
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    self.violation(format!("{label} disk {name} unreadable: {e}"));
+                    continue;
                 }
-                Err(e) => self.violation(format!("{label} disk {name} unreadable: {e}")),
+            };
+            let source = self.vm.names().iter().position(|n| n == name);
+            let wrong = match (&verified, &seen, source) {
+                (_, Some(seen), Some(source)) => {
+                    (bytes != seen[source]).then(|| first_difference(&bytes, &seen[source]))
+                }
+                (Some(verified), _, _) => {
+                    (verified.get(index) != digest_of(&bytes, &disk.digest).as_ref()).then_some(0)
+                }
+                _ => {
+                    self.violation(format!(
+                        "{label} to point {} that was never verified",
+                        point.id
+                    ));
+                    continue;
+                }
+            };
+            if let Some(at) = wrong {
+                self.violation(format!(
+                    "{label} disk {name} differs from the source at cycle {} (from byte {at})",
+                    point.cycle
+                ));
             }
         }
     }
@@ -521,17 +592,20 @@ impl Rig {
             self.acknowledged.remove(&id);
         }
         for point in &points {
-            if !all && self.checked.contains(&point.id) {
+            if !all && self.checked.contains_key(&point.id) {
                 continue;
             }
             self.outcome.points_checked += 1;
-            let Some(seen) = self.vm.seen(point.cycle) else {
+            let verified = self.checked.get(&point.id).cloned();
+            let seen = self.vm.seen(point.cycle);
+            if verified.is_none() && seen.is_none() {
                 self.violation(format!(
                     "point {} of cycle {} that no view showed",
                     point.id, point.cycle
                 ));
                 continue;
-            };
+            }
+            let mut fingerprints = Vec::new();
             for disk in &point.disks {
                 let Some(index) = self.vm.names().iter().position(|n| *n == disk.name) else {
                     continue;
@@ -554,9 +628,20 @@ impl Rig {
                         continue;
                     }
                 };
-                if content != seen[index] {
+                let digest = digest_of(&content, &disk.digest);
+                if let Some(verified) = &verified {
+                    // Checked against the source once: a point never changes after.
+                    if verified.get(fingerprints.len()) != digest.as_ref() {
+                        self.violation(format!(
+                            "point {} disk {} changed since it was verified",
+                            point.id, disk.name
+                        ));
+                    }
+                } else if let Some(seen) = &seen
+                    && content != seen[index]
+                {
                     let at = first_difference(&content, &seen[index]);
-                    let vouches = digest_of(&content, &disk.digest) == Some(disk.digest.clone());
+                    let vouches = digest.as_ref() == Some(&disk.digest);
                     self.violation(format!(
                         "point {} disk {} differs from the source at cycle {} from byte {at}{}",
                         point.id,
@@ -568,26 +653,36 @@ impl Rig {
                             " (its digest does not match: a failover would refuse it)"
                         }
                     ));
-                } else if digest_of(&content, &disk.digest) != Some(disk.digest.clone()) {
+                } else if digest.as_ref() != Some(&disk.digest) {
                     self.violation(format!(
                         "point {} disk {}: right data, wrong digest",
                         point.id, disk.name
                     ));
                 }
+                fingerprints.extend(digest);
             }
-            self.checked.insert(point.id.clone());
+            if verified.is_none() {
+                self.checked.insert(point.id.clone(), fingerprints);
+            }
         }
-        // Views older than every point and every cycle the engine may still ship are not
-        // needed any more.
-        let mut keep = points.iter().map(|p| p.cycle).min().unwrap_or(u64::MAX);
-        if let Some(engine) = &self.engine {
-            let state = engine.state();
-            keep = keep.min(state.last_cycle);
-            keep = state.pending.iter().map(|c| c.cycle).fold(keep, u64::min);
-            keep = state.resync_cycle.map_or(keep, |c| keep.min(c));
-            keep = state.copy.as_ref().map_or(keep, |c| keep.min(c.cycle));
-        }
-        if keep != u64::MAX {
+        // Every listed point is verified now: only the views of cycles the engine may still
+        // cut a point from are needed.
+        // NB: of the state in memory and of the state a restart would find.
+        let durable: Option<AgentState> = self
+            .fs
+            .durable_file(&AgentState::path(Path::new(STATE_DIR)))
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let states = self.engine.as_ref().map(Replicator::state).into_iter();
+        let keep = states
+            .chain(durable.as_ref())
+            .map(|state| {
+                let mut keep = state.last_cycle;
+                keep = state.pending.iter().map(|c| c.cycle).fold(keep, u64::min);
+                keep = state.resync_cycle.map_or(keep, |c| keep.min(c));
+                state.copy.as_ref().map_or(keep, |c| keep.min(c.cycle))
+            })
+            .min();
+        if let Some(keep) = keep {
             self.vm.forget_before(keep);
         }
     }

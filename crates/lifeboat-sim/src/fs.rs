@@ -83,6 +83,14 @@ impl SimFs {
         }
     }
 
+    /// What `path` would hold after a power cut now, for sure (its synced content under a
+    /// durable name), without asking the world: for the checks.
+    pub fn durable_file(&self, path: &Path) -> Option<Vec<u8>> {
+        let tree = self.lock();
+        let id = tree.durable_names.get(path)?;
+        tree.inodes.get(id).map(|i| i.synced.clone())
+    }
+
     /// Paths of every file, for reports.
     pub fn files(&self) -> Vec<PathBuf> {
         self.lock().names.keys().cloned().collect()

@@ -77,6 +77,7 @@ fn main() -> ExitCode {
         total.steps += outcome.steps;
         total.power_cuts += outcome.power_cuts;
         total.crashes += outcome.crashes;
+        total.states_lost += outcome.states_lost;
         total.faults += outcome.faults;
         total.calls += outcome.calls;
         total.points_checked += outcome.points_checked;
@@ -94,11 +95,12 @@ fn main() -> ExitCode {
         seed += 1;
     }
     println!(
-        "{schedules} schedules, {} steps, {} power cuts, {} agent crashes, {} injected faults in {} calls, \
-         {} point checks, {} failovers checked, in {:.0} s",
+        "{schedules} schedules, {} steps, {} power cuts, {} agent crashes, {} state folders lost, \
+         {} injected faults in {} calls, {} point checks, {} failovers checked, in {:.0} s",
         total.steps,
         total.power_cuts,
         total.crashes,
+        total.states_lost,
         total.faults,
         total.calls,
         total.points_checked,

@@ -170,6 +170,14 @@ impl SimVm {
         state.seen = state.seen.split_off(&cycle);
     }
 
+    /// Forget every view: the agent that numbered them is gone with its state, and a new
+    /// one numbers its cycles from 1 again.
+    pub fn forget_all_views(&self) {
+        let mut state = self.lock();
+        state.seen.clear();
+        state.reused_cycles.clear();
+    }
+
     /// Cycle numbers a view was opened with twice.
     pub fn reused_cycles(&self) -> Vec<u64> {
         self.lock().reused_cycles.clone()
