@@ -148,33 +148,7 @@ pub fn run(options: Options) -> anyhow::Result<Outcome> {
 }
 
 async fn run_async(options: Options) -> anyhow::Result<Outcome> {
-    let world = Arc::new(World::new(options.seed));
-    let store_root = tempfile::tempdir()?;
-    let store = Arc::new(SimStore::new(
-        Arc::new(LocalStore::open(store_root.path())?),
-        world.clone(),
-    ));
-    let mut rig = Rig {
-        rng: Rng::new(options.seed),
-        fs: SimFs::new(world.clone()),
-        vm: SimVm::new(world.clone(), &DISKS),
-        key: VmKey::new("sim", "vm")?,
-        store_root,
-        failover_dir: tempfile::tempdir()?,
-        store,
-        engine: None,
-        clock: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-        acknowledged: BTreeMap::new(),
-        checked: Default::default(),
-        outcome: Outcome {
-            seed: options.seed,
-            ..Outcome::default()
-        },
-        step: 0,
-        world,
-        options,
-    };
-    rig.outcome.seed = rig.options.seed;
+    let mut rig = Rig::new(options)?;
     for step in 0..rig.options.steps {
         rig.step = step;
         rig.step_once().await;
@@ -186,7 +160,206 @@ async fn run_async(options: Options) -> anyhow::Result<Outcome> {
     Ok(rig.outcome)
 }
 
+/// The operation a [`sweep`] interrupts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The initial copy of two disks holding data.
+    InitialCopy,
+    /// A delta cycle of a protected VM.
+    Cycle,
+    /// A resync of a protected VM whose source changed.
+    Resync,
+}
+
+/// How a [`sweep`] interrupts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interruption {
+    /// Everything fails from the chosen call to the end of the operation; the same engine
+    /// then goes on (a store or hypervisor outage).
+    Outage,
+    /// The agent process dies at the chosen call (SIGKILL: nothing written is lost) and
+    /// starts again.
+    Crash,
+    /// The node loses power at the chosen call: what was not durable is dropped or torn,
+    /// tracking is lost, the agent starts again.
+    PowerCut,
+}
+
+/// What a [`sweep`] saw.
+#[derive(Clone, Debug, Default)]
+pub struct SweepOutcome {
+    /// The calls the uninterrupted operation made (the sweep interrupted each).
+    pub calls: u64,
+    /// Bytes the uninterrupted operation sent.
+    pub full_bytes_sent: u64,
+    /// For each interrupted call: the bytes the resumed operation sent (None: nothing was
+    /// left to resume, or the phase asked for another operation).
+    pub resumed_bytes_sent: Vec<(u64, Option<u64>)>,
+    /// Broken invariants, with the call interrupted.
+    pub violations: Vec<String>,
+}
+
+/// Interrupt `target` at every one of its calls in turn, `how`, then let the VM recover
+/// with a guest write in between, and check every invariant of [`run`] each time.
+///
+/// # Errors
+///
+/// The rig itself failed.
+pub fn sweep(target: Target, how: Interruption) -> anyhow::Result<SweepOutcome> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    runtime.block_on(async {
+        let mut outcome = SweepOutcome::default();
+        let mut rig = Rig::quiet()?;
+        rig.setup(target).await;
+        let before = rig.world.calls();
+        let full = rig.run_target(target).await;
+        outcome.calls = rig.world.calls() - before;
+        outcome.full_bytes_sent = match full {
+            Ok(bytes) => bytes,
+            Err(e) => anyhow::bail!("{target:?} fails without interruption: {e}"),
+        };
+        for call in 1..=outcome.calls {
+            let mut rig = Rig::quiet()?;
+            rig.setup(target).await;
+            rig.world.schedule_power_cut(call);
+            let interrupted = rig.run_target(target).await;
+            rig.trace(format!(
+                "{target:?} interrupted ({how:?}) at call {call}: {interrupted:?}"
+            ));
+            match how {
+                Interruption::Outage => rig.world.power_on(),
+                Interruption::Crash => {
+                    rig.world.power_on();
+                    rig.crash().await;
+                }
+                Interruption::PowerCut => rig.power_cut().await,
+            }
+            rig.vm.guest_write(0, 8192, &[0x5A; 4096]);
+            let resumed = match (target, rig.phase()) {
+                (Target::InitialCopy, EnginePhase::Enabled)
+                | (Target::Resync, EnginePhase::ResyncRequired { .. }) => {
+                    rig.run_target(target).await.ok()
+                }
+                _ => None,
+            };
+            outcome.resumed_bytes_sent.push((call, resumed));
+            rig.liveness().await;
+            outcome.violations.extend(
+                rig.outcome
+                    .violations
+                    .iter()
+                    .map(|v| format!("{target:?}, {how:?} at call {call}: {v}")),
+            );
+            if !rig.outcome.violations.is_empty() {
+                outcome
+                    .violations
+                    .extend(rig.outcome.trace.iter().map(|t| format!("  {t}")));
+            }
+        }
+        Ok(outcome)
+    })
+}
+
 impl Rig {
+    fn new(options: Options) -> anyhow::Result<Rig> {
+        let world = Arc::new(World::new(options.seed));
+        let store_root = tempfile::tempdir()?;
+        let store = Arc::new(SimStore::new(
+            Arc::new(LocalStore::open(store_root.path())?),
+            world.clone(),
+        ));
+        Ok(Rig {
+            rng: Rng::new(options.seed),
+            fs: SimFs::new(world.clone()),
+            vm: SimVm::new(world.clone(), &DISKS),
+            key: VmKey::new("sim", "vm")?,
+            store_root,
+            failover_dir: tempfile::tempdir()?,
+            store,
+            engine: None,
+            clock: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            acknowledged: BTreeMap::new(),
+            checked: Default::default(),
+            outcome: Outcome {
+                seed: options.seed,
+                ..Outcome::default()
+            },
+            step: 0,
+            world,
+            options,
+        })
+    }
+
+    /// A rig whose world injects nothing by itself (a sweep interrupts it).
+    fn quiet() -> anyhow::Result<Rig> {
+        Rig::new(Options {
+            power_cut_per_mille: 0,
+            crash_per_mille: 0,
+            max_fault_per_mille: 0,
+            lose_state_per_mille: 0,
+            ..Options::new(0)
+        })
+    }
+
+    /// Bring the VM to where `target` runs, with data on its disks.
+    async fn setup(&mut self, target: Target) {
+        let fill = |rig: &mut Rig, disk: usize, offset: u64, len: usize| {
+            let mut data = vec![0u8; len];
+            rig.rng.fill(&mut data);
+            rig.vm.guest_write(disk, offset, &data);
+        };
+        fill(self, 0, 0, 384 * 1024);
+        fill(self, 0, 640 * 1024, 128 * 1024);
+        fill(self, 1, 64 * 1024, 256 * 1024);
+        self.open_engine().await;
+        let ok = |r: Result<String, EngineError>| r.is_ok();
+        let mut ready = ok(self.operate("enable").await);
+        if target != Target::InitialCopy {
+            ready &= ok(self.operate("initial_copy").await);
+            self.clock += STEP;
+            ready &= ok(self.operate("cycle").await);
+            fill(self, 0, 100 * 1024, 40 * 1024);
+            fill(self, 1, 300 * 1024, 100 * 1024);
+            self.vm.guest_discard(0, 700 * 1024, 32 * 1024);
+            self.clock += STEP;
+        }
+        if target == Target::Resync {
+            ready &= ok(self.operate("require_resync").await);
+        }
+        if !ready {
+            self.violation(format!(
+                "the setup of {target:?} failed: {:?}",
+                self.outcome.trace
+            ));
+        }
+    }
+
+    /// Run `target`; the bytes it sent.
+    async fn run_target(&mut self, target: Target) -> Result<u64, EngineError> {
+        let now = self.clock;
+        let quiet = |_: &lifeboat_engine::Progress| {};
+        let Some(engine) = self.engine.as_mut() else {
+            return Err(EngineError::NotReady {
+                what: "the engine is not open".into(),
+            });
+        };
+        let report = match target {
+            Target::InitialCopy => engine.initial_copy(&quiet).await,
+            Target::Cycle => engine.run_cycle(now).await,
+            Target::Resync => engine.resync(now, &quiet).await,
+        };
+        match report {
+            Ok(report) => {
+                let sent = report.bytes_sent;
+                self.acknowledge(Ok(report))?;
+                Ok(sent)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn trace(&mut self, line: String) {
         if std::env::var_os("LIFEBOAT_SIM_CALLS").is_some() {
             eprintln!("step {}: {line}", self.step);

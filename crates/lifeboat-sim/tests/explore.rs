@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use lifeboat_sim::{Options, Outcome, run};
+use lifeboat_sim::{Interruption, Options, Outcome, SweepOutcome, Target, run};
 
 fn explore(seed: u64) -> Outcome {
     run(Options::new(seed)).unwrap_or_else(|e| panic!("seed {seed}: the rig failed: {e:#}"))
@@ -57,4 +57,71 @@ fn a_seed_replays_exactly() {
     assert_eq!(a.trace, b.trace);
     assert_eq!(a.calls, b.calls);
     assert_ne!(explore(9).trace, a.trace);
+}
+
+/// Every call of `target` interrupted in turn, `how`: no invariant breaks.
+fn sweep(target: Target, how: Interruption) -> SweepOutcome {
+    let outcome = lifeboat_sim::sweep(target, how)
+        .unwrap_or_else(|e| panic!("{target:?}, {how:?}: the rig failed: {e:#}"));
+    assert!(
+        outcome.calls > 10,
+        "{target:?} made {} calls",
+        outcome.calls
+    );
+    assert!(
+        outcome.violations.is_empty(),
+        "{}",
+        outcome.violations.join("\n")
+    );
+    outcome
+}
+
+/// The bytes the resumed operations sent when interrupted in the last quarter of their
+/// calls: each is below what the whole operation sends.
+fn assert_resumes_send_less(outcome: &SweepOutcome, what: &str) {
+    let late: Vec<(u64, u64)> = outcome
+        .resumed_bytes_sent
+        .iter()
+        .filter(|(call, _)| *call > outcome.calls * 3 / 4)
+        .filter_map(|(call, sent)| sent.map(|s| (*call, s)))
+        .collect();
+    assert!(
+        !late.is_empty(),
+        "{what}: nothing resumed late: {outcome:?}"
+    );
+    for (call, sent) in &late {
+        assert!(
+            *sent < outcome.full_bytes_sent,
+            "{what} interrupted at call {call} of {} re-sent {sent} bytes, the whole one sends {}",
+            outcome.calls,
+            outcome.full_bytes_sent
+        );
+    }
+    eprintln!(
+        "{what}: {} calls, whole {} bytes; resumed late: {late:?}",
+        outcome.calls, outcome.full_bytes_sent
+    );
+}
+
+#[test]
+fn an_initial_copy_interrupted_at_any_call_ends_right() {
+    sweep(Target::InitialCopy, Interruption::Outage);
+    sweep(Target::InitialCopy, Interruption::PowerCut);
+    let crashed = sweep(Target::InitialCopy, Interruption::Crash);
+    assert_resumes_send_less(&crashed, "an initial copy resumed after an agent crash");
+}
+
+#[test]
+fn a_cycle_interrupted_at_any_call_ends_right() {
+    sweep(Target::Cycle, Interruption::Outage);
+    sweep(Target::Cycle, Interruption::Crash);
+    sweep(Target::Cycle, Interruption::PowerCut);
+}
+
+#[test]
+fn a_resync_interrupted_at_any_call_ends_right_and_resumes() {
+    sweep(Target::Resync, Interruption::Outage);
+    sweep(Target::Resync, Interruption::Crash);
+    let cut = sweep(Target::Resync, Interruption::PowerCut);
+    assert_resumes_send_less(&cut, "a resync resumed after a power cut");
 }
