@@ -49,10 +49,14 @@ impl Replicator {
         if tracking.iter().any(|t| *t != Tracking::Active) {
             // NB: tracking lost since the copy started (a crash of the host) no longer knows
             // what changed in what was copied: start tracking anew and copy everything
-            // again, rewriting what is there.
-            self.hypervisor.start_tracking(&self.disks).await?;
+            // again, rewriting what is there. The cursor is forgotten durably before the
+            // tracking restarts: a crash in between must not resume from it on tracking
+            // that looks whole.
             resume = None;
-            self.state.copy = None;
+            if self.state.copy.take().is_some() {
+                self.save()?;
+            }
+            self.hypervisor.start_tracking(&self.disks).await?;
         }
         let cycle = self.next_cycle();
         self.save()?;

@@ -232,7 +232,10 @@ impl Replicator {
         let mut trusted: Vec<&str> = Vec::new();
         if let Some(id) = &latest {
             trusted.push(id);
-        } else if self.state.phase == EnginePhase::Copied {
+        }
+        if self.state.phase == EnginePhase::Copied {
+            // NB: after a copy the maps the copy stored describe the live replica, even when
+            // a point of an earlier protection exists (the replica was kept at disable).
             trusted.push(TAG_COPY);
         }
         if self.state.resync_cycle.is_some() {

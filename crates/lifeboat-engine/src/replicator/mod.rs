@@ -205,9 +205,13 @@ impl Replicator {
             state,
         };
         logs::remove_unrecorded(engine.fs.as_ref(), &engine.dir, &engine.state)?;
-        if engine.state.applying {
+        if engine.state.applying && engine.state.phase != EnginePhase::Copied {
             // NB: a crash while applying a cycle leaves the live replica between two points;
-            // put it back to the latest one, then apply the cycle again from its logs.
+            // put it back to the latest one, then apply the cycle again from its logs. Not
+            // after a copy (the first cycle): the live replica's base is then the copy, not
+            // the latest point (a point kept from an earlier protection, when the replica
+            // was kept at disable, is older than the copy); the cycle's logs are applied
+            // again over it, whole blocks each, which is what applying them once gives.
             engine.store.revert_to_latest_point(&engine.vm).await?;
         }
         Ok(engine)
@@ -379,17 +383,22 @@ impl Replicator {
     /// Hypervisor or store failures.
     pub async fn disable(&mut self, delete_replica: bool) -> Result<(), EngineError> {
         self.hypervisor.stop_tracking(&self.disks).await?;
+        // NB: Disabled is durable before the replica goes: a crash in between must not leave
+        // a VM that believes it is protected by a replica that is gone (its resyncs would
+        // fail for good). A re-enable copies over whatever a kept replica holds, so nothing
+        // of the old state (a half-applied cycle, a cursor) is needed after this.
         self.state.phase = EnginePhase::Disabled;
         self.drop_pending()?;
-        if delete_replica {
-            self.store.delete_vm(&self.vm).await?;
-        }
         self.state = AgentState {
             phase: EnginePhase::Disabled,
             last_cycle: self.state.last_cycle,
             ..AgentState::default()
         };
-        self.save()
+        self.save()?;
+        if delete_replica {
+            self.store.delete_vm(&self.vm).await?;
+        }
+        Ok(())
     }
 
     /// Mark the VM for resync (on request, or when the caller found a reason).

@@ -177,6 +177,41 @@ impl Replicator {
             self.throttle.clone(),
             self.settings.upload_concurrency,
         );
+        if resuming && let Some((disk, start, end)) = self.state.resync_intent.clone() {
+            // NB: the window in flight when an earlier attempt stopped may hold writes its
+            // disk's saved map does not know: it is sent again first, whatever the map says,
+            // and its map saved. Not when its disk comes round: the disks before it are
+            // compared again, and their checkpoints would replace the mark. A disk whose map
+            // is not trusted is re-hashed from the replica and needs nothing.
+            let size = view
+                .disks()
+                .iter()
+                .find(|d| d.name == disk)
+                .map(|d| d.size_bytes);
+            if let (Some(size), Some(target)) = (size, targets.get_mut(&disk)) {
+                let end = end.min(size);
+                if start < end && target.image_size_bytes() == size {
+                    self.copy_range(
+                        view,
+                        &disk,
+                        start..end,
+                        chunk,
+                        true,
+                        target,
+                        &mut uploader,
+                        &mut report,
+                    )
+                    .await?;
+                    uploader.finish().await?;
+                    self.store.flush(&self.vm).await?;
+                    self.store
+                        .put_block_map(&self.vm, &disk, maps::encode(TAG_RESYNC, target))
+                        .await?;
+                }
+            }
+            self.state.resync_intent = None;
+            self.save()?;
+        }
         for info in view.disks().to_vec() {
             let disk = info.name.as_str();
             let map_error = |source| EngineError::BlockMap {
@@ -242,31 +277,6 @@ impl Replicator {
                     hashed += len;
                 }
                 report_progress(hashed.min(info.size_bytes));
-            }
-            if resuming {
-                // NB: the range in flight when an earlier attempt stopped may hold writes
-                // the saved map does not know: send it again, whatever the map says.
-                if let Some((_, start, end)) = self
-                    .state
-                    .resync_intent
-                    .clone()
-                    .filter(|(d, _, _)| d == disk)
-                {
-                    let end = end.min(info.size_bytes);
-                    if start < end {
-                        self.copy_range(
-                            view,
-                            disk,
-                            start..end,
-                            chunk,
-                            true,
-                            &mut target,
-                            &mut uploader,
-                            &mut report,
-                        )
-                        .await?;
-                    }
-                }
             }
             let plan = plan_resync(&source, &target).map_err(map_error)?;
             let mut intent_end = 0;
