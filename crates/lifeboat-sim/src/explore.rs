@@ -147,8 +147,31 @@ pub fn run(options: Options) -> anyhow::Result<Outcome> {
     runtime.block_on(run_async(options))
 }
 
+/// The calls a schedule may stress: those that end a step of the data path, where a lost
+/// answer or a cut leaves the most to recover.
+const HOT_SPOTS: [&str; 12] = [
+    "cut point",
+    "flush",
+    "put block map",
+    "delete point",
+    "revert",
+    "write atomic",
+    "sync",
+    "sync folder",
+    "remove",
+    "close view",
+    "open view",
+    "start tracking",
+];
+
 async fn run_async(options: Options) -> anyhow::Result<Outcome> {
     let mut rig = Rig::new(options)?;
+    // Half the schedules stress one kind of call.
+    let pick = rig.rng.below(2 * HOT_SPOTS.len() as u64) as usize;
+    if let Some(hot) = HOT_SPOTS.get(pick) {
+        rig.world.set_hot_spot(hot, 150);
+        rig.trace(format!("hot spot: {hot} calls fail at 15 %"));
+    }
     for step in 0..rig.options.steps {
         rig.step = step;
         rig.step_once().await;
@@ -279,7 +302,9 @@ impl Rig {
             failover_dir: tempfile::tempdir()?,
             store,
             engine: None,
-            clock: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            // NB: far past the wall clock, which the engine's retention takes when it is
+            // later than a cycle's instant: the schedule must not depend on today's date.
+            clock: SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000),
             acknowledged: BTreeMap::new(),
             checked: Default::default(),
             outcome: Outcome {
@@ -489,15 +514,27 @@ impl Rig {
             let sectors = sizes[index] / 512;
             let len = 512 * (1 + self.rng.below(64)).min(sectors);
             let offset = 512 * self.rng.below(sectors - len / 512 + 1);
-            match self.rng.below(10) {
-                0 => self.vm.guest_discard(index, offset, len),
-                1 => self.vm.guest_write(index, offset, &vec![0u8; len as usize]),
+            let what = match self.rng.below(10) {
+                0 => {
+                    self.vm.guest_discard(index, offset, len);
+                    "discard"
+                }
+                1 => {
+                    self.vm.guest_write(index, offset, &vec![0u8; len as usize]);
+                    "zeros"
+                }
                 _ => {
                     let mut data = vec![0u8; len as usize];
                     self.rng.fill(&mut data);
                     self.vm.guest_write(index, offset, &data);
+                    "data"
                 }
-            }
+            };
+            self.trace(format!(
+                "guest: {what} on {} at {offset}..{}",
+                DISKS[index].0,
+                offset + len
+            ));
         }
     }
 
@@ -707,12 +744,14 @@ impl Rig {
                 }
             };
             let source = self.vm.names().iter().position(|n| n == name);
+            // NB: the verified digests first: after a lost state folder, a view of the same
+            // cycle number may be another agent's.
             let wrong = match (&verified, &seen, source) {
-                (_, Some(seen), Some(source)) => {
-                    (bytes != seen[source]).then(|| first_difference(&bytes, &seen[source]))
-                }
                 (Some(verified), _, _) => {
                     (verified.get(index) != digest_of(&bytes, &disk.digest).as_ref()).then_some(0)
+                }
+                (_, Some(seen), Some(source)) => {
+                    (bytes != seen[source]).then(|| first_difference(&bytes, &seen[source]))
                 }
                 _ => {
                     self.violation(format!(
@@ -926,10 +965,20 @@ fn summary(report: &Report) -> String {
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> usize {
-    a.iter()
+    let at = a
+        .iter()
         .zip(b)
         .position(|(x, y)| x != y)
-        .unwrap_or(a.len().min(b.len()))
+        .unwrap_or(a.len().min(b.len()));
+    if std::env::var_os("LIFEBOAT_SIM_CALLS").is_some() {
+        let last = a.iter().zip(b).rposition(|(x, y)| x != y).unwrap_or(at);
+        eprintln!(
+            "difference {at}..={last}: got {:02x?} want {:02x?}",
+            &a[at..(at + 8).min(a.len())],
+            &b[at..(at + 8).min(b.len())]
+        );
+    }
+    at
 }
 
 async fn read_point(

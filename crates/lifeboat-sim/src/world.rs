@@ -24,6 +24,7 @@ struct State {
     cut_at: Option<u64>,
     power_out: bool,
     fault_per_mille: u64,
+    hot_spot: Option<(&'static str, u64)>,
     faults: u64,
 }
 
@@ -43,6 +44,7 @@ impl World {
                 cut_at: None,
                 power_out: false,
                 fault_per_mille: 0,
+                hot_spot: None,
                 faults: 0,
             }),
         }
@@ -57,14 +59,14 @@ impl World {
     /// How call `what` goes. Once the power is out every call fails before it acts. With
     /// `LIFEBOAT_SIM_CALLS` set, every call and its fate goes to standard error.
     pub fn call(&self, what: &str) -> Fault {
-        let fault = self.decide();
+        let fault = self.decide(what);
         if std::env::var_os("LIFEBOAT_SIM_CALLS").is_some() {
             eprintln!("call {}: {what} -> {fault:?}", self.calls());
         }
         fault
     }
 
-    fn decide(&self) -> Fault {
+    fn decide(&self, what: &str) -> Fault {
         let mut s = self.lock();
         s.calls += 1;
         if s.power_out {
@@ -80,7 +82,10 @@ impl World {
                 Fault::Before
             };
         }
-        let rate = s.fault_per_mille;
+        let rate = match s.hot_spot {
+            Some((name, hot)) if s.fault_per_mille > 0 && name == what => hot,
+            _ => s.fault_per_mille,
+        };
         if rate > 0 && s.rng.chance(rate) {
             s.faults += 1;
             return if s.rng.chance(500) {
@@ -95,6 +100,13 @@ impl World {
     /// Fail this share of calls (per mille) from now on; 0 stops the faults.
     pub fn set_fault_rate(&self, per_mille: u64) {
         self.lock().fault_per_mille = per_mille;
+    }
+
+    /// Fail calls named `what` at `per_mille` instead of the common rate, while faults are
+    /// on (FoundationDB's "buggify": a schedule that stresses one kind of call reaches the
+    /// rare paths behind it, such as a point cut whose answer was lost).
+    pub fn set_hot_spot(&self, what: &'static str, per_mille: u64) {
+        self.lock().hot_spot = Some((what, per_mille));
     }
 
     /// Cut the power at the `after`-th call from now (1: the next call).
