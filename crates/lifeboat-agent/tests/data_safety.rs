@@ -14,11 +14,13 @@ use std::time::SystemTime;
 
 use lifeboat_engine::Replicator;
 use lifeboat_engine::replicator::PointChoice;
+use lifeboat_sim::store::SimStore;
+use lifeboat_sim::world::World;
 use lifeboat_store::local::LocalStore;
 use lifeboat_store::{At, MAX_WRITE_BYTES, ReplicaStore, VmKey};
 use support::Qsd;
 use support::engine::{self, no_progress, replica, settings};
-use support::faults::{FaultInjectingStore, PowerCutStore};
+use support::faults::FaultInjectingStore;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -51,8 +53,11 @@ async fn a_power_cut_after_a_copy_checkpoint_loses_nothing_it_claims() {
     // Every byte non-zero, so the copy writes whole disks in Put Page sized pieces.
     qsd.guest_writes("root", &[(0, 16 * MIB, 0x51), (16 * MIB, 16 * MIB, 0x52)]);
     qsd.guest_writes("data", &[(0, 16 * MIB, 0x53), (16 * MIB, 16 * MIB, 0x54)]);
-    let store = Arc::new(FaultInjectingStore::new(PowerCutStore::new(
-        LocalStore::open(dir.path().join("store")).unwrap(),
+    // The simulation's store durability layer, with no fault of its own: what a power cut
+    // may lose is what was never flushed.
+    let store = Arc::new(FaultInjectingStore::new(SimStore::new(
+        Arc::new(LocalStore::open(dir.path().join("store")).unwrap()),
+        Arc::new(World::new(0)),
     )));
     let mut engine = open_engine(&qsd, dir.path(), store.clone()).await;
     let vm = engine.vm().clone();
@@ -81,7 +86,7 @@ async fn a_power_cut_after_a_copy_checkpoint_loses_nothing_it_claims() {
     // file was fsync'd: it survives.
     store.down.store(false, Ordering::SeqCst);
     store.writes_left.store(u64::MAX, Ordering::SeqCst);
-    let lost = store.inner.power_cut().await.unwrap();
+    let lost = store.inner.lose_unflushed().await.unwrap();
     eprintln!("the power cut undid {lost} bytes of unflushed writes");
     drop(engine);
 

@@ -147,6 +147,22 @@ impl SimStore {
     ///
     /// The real store failed putting a pre-image back.
     pub async fn power_cut(&self) -> Result<u64, StoreError> {
+        let world = self.world.clone();
+        self.undo_unflushed(move || world.below(2) == 0).await
+    }
+
+    /// The worst power cut: every write and zero not made durable is lost whole. Returns
+    /// the bytes put back.
+    ///
+    /// # Errors
+    ///
+    /// The real store failed putting a pre-image back.
+    pub async fn lose_unflushed(&self) -> Result<u64, StoreError> {
+        self.undo_unflushed(|| true).await
+    }
+
+    /// Put back, latest write first, each unflushed sector for which `lose` says so.
+    async fn undo_unflushed(&self, mut lose: impl FnMut() -> bool) -> Result<u64, StoreError> {
         self.quiesce().await;
         let undo = std::mem::take(&mut *self.undo());
         let mut restored = 0;
@@ -161,7 +177,7 @@ impl SimStore {
                     .await?
                     .to_vec();
                 for sector in (0..page.len()).step_by(SECTOR_BYTES) {
-                    if self.world.below(2) == 0 {
+                    if lose() {
                         let old = &pre.data[at + sector..at + sector + SECTOR_BYTES];
                         page[sector..sector + SECTOR_BYTES].copy_from_slice(old);
                         restored += SECTOR_BYTES as u64;

@@ -136,10 +136,7 @@ impl Replicator {
                         )
                         .await?;
                     }
-                    uploader.finish().await?;
-                    self.store.flush(&self.vm).await?;
-                    self.store
-                        .put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map))
+                    self.save_map_durably(&mut uploader, disk, TAG_COPY, &map)
                         .await?;
                     continue;
                 }
@@ -235,12 +232,9 @@ impl Replicator {
                     throughput_bytes_per_second: throughput(position - from, disk_started),
                 });
                 if position - last_checkpoint >= self.settings.checkpoint_bytes {
-                    uploader.finish().await?;
-                    // NB: durable before the map and the cursor claim it (writes are not
-                    // until a flush): a resumed copy skips what they claim.
-                    self.store.flush(&self.vm).await?;
-                    self.store
-                        .put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map))
+                    // NB: durable before the map and the cursor claim it: a resumed copy
+                    // skips what they claim.
+                    self.save_map_durably(&mut uploader, disk, TAG_COPY, &map)
                         .await?;
                     self.state.copy = Some(CopyCursor {
                         cycle: view.cycle(),
@@ -254,10 +248,7 @@ impl Replicator {
             if rewrite && next < info.size_bytes {
                 uploader.zero(disk, next, info.size_bytes - next).await?;
             }
-            uploader.finish().await?;
-            self.store.flush(&self.vm).await?;
-            self.store
-                .put_block_map(&self.vm, disk, maps::encode(TAG_COPY, &map))
+            self.save_map_durably(&mut uploader, disk, TAG_COPY, &map)
                 .await?;
             self.state.copy = Some(CopyCursor {
                 cycle: view.cycle(),

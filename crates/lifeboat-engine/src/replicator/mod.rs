@@ -302,6 +302,24 @@ impl Replicator {
         Ok(point)
     }
 
+    /// A checkpoint of long work: what the uploader has in flight lands, the store makes it
+    /// durable, and only then is the disk's map saved, tagged `tag`, claiming it (writes are
+    /// not durable until a flush: a resumed copy or resync trusts what the map claims).
+    async fn save_map_durably(
+        &self,
+        uploader: &mut upload::Uploader,
+        disk: &str,
+        tag: &str,
+        map: &lifeboat_blockmap::BlockMap,
+    ) -> Result<(), EngineError> {
+        uploader.finish().await?;
+        self.store.flush(&self.vm).await?;
+        self.store
+            .put_block_map(&self.vm, disk, maps::encode(tag, map))
+            .await?;
+        Ok(())
+    }
+
     fn save(&self) -> Result<(), EngineError> {
         self.state.save(self.fs.as_ref(), &self.dir)
     }

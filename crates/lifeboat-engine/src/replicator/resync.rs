@@ -202,10 +202,7 @@ impl Replicator {
                         &mut report,
                     )
                     .await?;
-                    uploader.finish().await?;
-                    self.store.flush(&self.vm).await?;
-                    self.store
-                        .put_block_map(&self.vm, &disk, maps::encode(TAG_RESYNC, target))
+                    self.save_map_durably(&mut uploader, &disk, TAG_RESYNC, target)
                         .await?;
                 }
             }
@@ -286,11 +283,7 @@ impl Replicator {
                 if end > intent_end {
                     // Checkpoint: what is in flight lands, the map is saved, and the next
                     // window of the disk is declared before anything in it is written.
-                    uploader.finish().await?;
-                    // NB: durable before the saved map claims it.
-                    self.store.flush(&self.vm).await?;
-                    self.store
-                        .put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target))
+                    self.save_map_durably(&mut uploader, disk, TAG_RESYNC, &target)
                         .await?;
                     intent_end = end
                         .max(start.saturating_add(self.settings.checkpoint_bytes))
@@ -320,10 +313,7 @@ impl Replicator {
                 done += end - start;
                 report_progress(info.size_bytes + done.min(info.size_bytes));
             }
-            uploader.finish().await?;
-            self.store.flush(&self.vm).await?;
-            self.store
-                .put_block_map(&self.vm, disk, maps::encode(TAG_RESYNC, &target))
+            self.save_map_durably(&mut uploader, disk, TAG_RESYNC, &target)
                 .await?;
             self.state.resync_intent = None;
             self.save()?;
