@@ -149,7 +149,8 @@ pub fn run(options: Options) -> anyhow::Result<Outcome> {
 
 /// The calls a schedule may stress: those that end a step of the data path, where a lost
 /// answer or a cut leaves the most to recover.
-const HOT_SPOTS: [&str; 12] = [
+const HOT_SPOTS: [&str; 13] = [
+    "write",
     "cut point",
     "flush",
     "put block map",
@@ -192,6 +193,10 @@ pub enum Target {
     Cycle,
     /// A resync of a protected VM whose source changed.
     Resync,
+    /// A delta cycle; after the interruption a resync is asked for instead of the cycle
+    /// going on (a half-applied cycle's logs are then dropped, and the live replica is ahead
+    /// of the latest point's map).
+    CycleThenResync,
 }
 
 /// How a [`sweep`] interrupts it.
@@ -264,6 +269,13 @@ pub fn sweep(target: Target, how: Interruption) -> anyhow::Result<SweepOutcome> 
                 (Target::InitialCopy, EnginePhase::Enabled)
                 | (Target::Resync, EnginePhase::ResyncRequired { .. }) => {
                     rig.run_target(target).await.ok()
+                }
+                (
+                    Target::CycleThenResync,
+                    EnginePhase::Protected | EnginePhase::ResyncRequired { .. },
+                ) => {
+                    let _ = rig.operate("require_resync").await;
+                    rig.run_target(Target::Resync).await.ok()
                 }
                 _ => None,
             };
@@ -372,7 +384,7 @@ impl Rig {
         };
         let report = match target {
             Target::InitialCopy => engine.initial_copy(&quiet).await,
-            Target::Cycle => engine.run_cycle(now).await,
+            Target::Cycle | Target::CycleThenResync => engine.run_cycle(now).await,
             Target::Resync => engine.resync(now, &quiet).await,
         };
         match report {

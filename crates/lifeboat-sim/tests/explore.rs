@@ -116,6 +116,8 @@ fn a_cycle_interrupted_at_any_call_ends_right() {
     sweep(Target::Cycle, Interruption::Outage);
     sweep(Target::Cycle, Interruption::Crash);
     sweep(Target::Cycle, Interruption::PowerCut);
+    sweep(Target::CycleThenResync, Interruption::Outage);
+    sweep(Target::CycleThenResync, Interruption::Crash);
 }
 
 #[test]
