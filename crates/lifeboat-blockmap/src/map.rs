@@ -272,6 +272,38 @@ impl BlockMap {
         Ok(())
     }
 
+    /// Records that the blocks of `[offset_bytes, offset_bytes + len_bytes)` now read as
+    /// zeros (a range zeroed or discarded), without hashing zeros. The range has the same
+    /// shape rules as [`BlockMap::update_range`]'s; on error the map is unchanged.
+    pub fn zero_range(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ResyncError> {
+        let block_size = u64::from(self.block_size_bytes);
+        let fail = |reason: String| ResyncError::UpdateMap {
+            offset_bytes,
+            block_index: offset_bytes / block_size,
+            reason,
+        };
+        let end_bytes = offset_bytes
+            .checked_add(len_bytes)
+            .ok_or_else(|| fail("range overflows".into()))?;
+        if !offset_bytes.is_multiple_of(block_size)
+            || (!len_bytes.is_multiple_of(block_size) && end_bytes != self.image_size_bytes)
+        {
+            return Err(fail(format!(
+                "{len_bytes} bytes at {offset_bytes} are not whole {block_size}-byte blocks"
+            )));
+        }
+        if end_bytes > self.image_size_bytes {
+            return Err(fail(format!(
+                "range ends at {end_bytes}, past the image's end {} (resize first)",
+                self.image_size_bytes
+            )));
+        }
+        let first = (offset_bytes / block_size) as usize;
+        let last = end_bytes.div_ceil(block_size) as usize;
+        self.digests[first..last].fill(BlockDigest::Zero);
+        Ok(())
+    }
+
     /// Follows a change of the image's size: blocks past the old end are zero (as a file
     /// or page blob grows), blocks past the new end are dropped.
     ///
@@ -545,6 +577,35 @@ mod tests {
         }
         image.extend(std::iter::repeat_n(seed | 1, tail_bytes));
         image
+    }
+
+    #[test]
+    fn a_zeroed_range_maps_as_a_fresh_hash_of_zeros_does() {
+        let zero = [false, false, false, false];
+        let mut image = image_with(&zero, 100, 9);
+        let mut map = BlockMap::from_image(&image, BLOCK, HashAlgorithm::Xxh3_128).expect("map");
+        map.zero_range(u64::from(BLOCK), 2 * u64::from(BLOCK))
+            .expect("two whole blocks");
+        image[BLOCK as usize..3 * BLOCK as usize].fill(0);
+        let fresh = BlockMap::from_image(&image, BLOCK, HashAlgorithm::Xxh3_128).expect("map");
+        assert_eq!(map, fresh);
+        // The short last block, to the image's end.
+        map.zero_range(3 * u64::from(BLOCK), u64::from(BLOCK) + 100)
+            .expect("to the end");
+        image[3 * BLOCK as usize..].fill(0);
+        let fresh = BlockMap::from_image(&image, BLOCK, HashAlgorithm::Xxh3_128).expect("map");
+        assert_eq!(map, fresh);
+        let before = map.clone();
+        assert!(
+            map.zero_range(1, u64::from(BLOCK)).is_err(),
+            "not a block start"
+        );
+        assert!(map.zero_range(0, 5).is_err(), "not whole blocks");
+        assert!(
+            map.zero_range(0, 10 * u64::from(BLOCK)).is_err(),
+            "past the end"
+        );
+        assert_eq!(map, before, "unchanged on error");
     }
 
     #[test]

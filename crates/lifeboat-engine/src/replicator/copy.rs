@@ -209,7 +209,11 @@ impl Replicator {
             for range in allocated.iter().filter(|r| r.end > from) {
                 let range = range.start.max(from)..range.end;
                 if rewrite && next < range.start {
+                    // NB: the map too: a resumed copy's map may hold what an earlier copy
+                    // found there.
                     uploader.zero(disk, next, range.start - next).await?;
+                    map.zero_range(next, range.start - next)
+                        .map_err(map_error)?;
                 }
                 self.copy_range(
                     view,
@@ -247,6 +251,8 @@ impl Replicator {
             }
             if rewrite && next < info.size_bytes {
                 uploader.zero(disk, next, info.size_bytes - next).await?;
+                map.zero_range(next, info.size_bytes - next)
+                    .map_err(map_error)?;
             }
             self.save_map_durably(&mut uploader, disk, TAG_COPY, &map)
                 .await?;

@@ -401,18 +401,20 @@ impl Replicator {
     /// Hypervisor or store failures.
     pub async fn disable(&mut self, delete_replica: bool) -> Result<(), EngineError> {
         self.hypervisor.stop_tracking(&self.disks).await?;
-        // NB: Disabled is durable before the replica goes: a crash in between must not leave
-        // a VM that believes it is protected by a replica that is gone (its resyncs would
-        // fail for good). A re-enable copies over whatever a kept replica holds, so nothing
-        // of the old state (a half-applied cycle, a cursor) is needed after this.
-        self.state.phase = EnginePhase::Disabled;
-        self.drop_pending()?;
+        // NB: Disabled, with nothing of the old state, is durable before the logs and the
+        // replica go: a crash in between must not leave a VM that believes it is protected
+        // by a replica that is gone (its resyncs would fail for good), and a failure
+        // deleting a log must not leave a half-applied mark or a cursor behind (a re-enable
+        // copies over whatever a kept replica holds, so none of it is needed).
+        let logs: Vec<crate::state::PendingLog> =
+            self.state.pending.drain(..).flat_map(|c| c.logs).collect();
         self.state = AgentState {
             phase: EnginePhase::Disabled,
             last_cycle: self.state.last_cycle,
             ..AgentState::default()
         };
         self.save()?;
+        logs::delete_files(self.fs.as_ref(), &logs)?;
         if delete_replica {
             self.store.delete_vm(&self.vm).await?;
         }

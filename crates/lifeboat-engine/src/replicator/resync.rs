@@ -305,9 +305,7 @@ impl Replicator {
                     }
                     RangeOp::Zero => {
                         uploader.zero(disk, start, end - start).await?;
-                        target
-                            .update_range(start, &vec![0u8; (end - start) as usize])
-                            .map_err(map_error)?;
+                        target.zero_range(start, end - start).map_err(map_error)?;
                     }
                 }
                 done += end - start;
