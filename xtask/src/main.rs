@@ -205,7 +205,9 @@ fn test(root: &Path) -> Result<()> {
             "--tests",
             "--no-fail-fast",
         ][..],
-        &["test", "-p", "lifeboat-tests", "--bench", "operator_scale"],
+        // NB: `--workspace`, not `-p lifeboat-tests`: features then unify as in the line above,
+        // so the benchmark reuses its dependencies instead of building a second copy of them.
+        &["test", "--workspace", "--bench", "operator_scale"],
         &["test", "--workspace", "--doc"],
     ];
     let mut failed = None;
