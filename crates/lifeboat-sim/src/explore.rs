@@ -225,7 +225,26 @@ pub struct SweepOutcome {
     pub resumed_bytes_sent: Vec<(u64, Option<u64>)>,
     /// Broken invariants, with the call interrupted.
     pub violations: Vec<String>,
+    /// The interrupted calls after which an invariant broke.
+    pub broken_calls: Vec<u64>,
 }
+
+/// Every sweep worth running: each target with each interruption, but a cycle cut by power
+/// and then resynced, which is the cycle cut by power (a power cut loses tracking, and the
+/// engine resyncs anyway).
+pub const SWEEPS: [(Target, Interruption); 11] = [
+    (Target::InitialCopy, Interruption::Outage),
+    (Target::InitialCopy, Interruption::Crash),
+    (Target::InitialCopy, Interruption::PowerCut),
+    (Target::Cycle, Interruption::Outage),
+    (Target::Cycle, Interruption::Crash),
+    (Target::Cycle, Interruption::PowerCut),
+    (Target::CycleThenResync, Interruption::Outage),
+    (Target::CycleThenResync, Interruption::Crash),
+    (Target::Resync, Interruption::Outage),
+    (Target::Resync, Interruption::Crash),
+    (Target::Resync, Interruption::PowerCut),
+];
 
 /// Interrupt `target` at every one of its calls in turn, `how`, then let the VM recover
 /// with a guest write in between, and check every invariant of [`run`] each time.
@@ -288,6 +307,7 @@ pub fn sweep(target: Target, how: Interruption) -> anyhow::Result<SweepOutcome> 
                     .map(|v| format!("{target:?}, {how:?} at call {call}: {v}")),
             );
             if !rig.outcome.violations.is_empty() {
+                outcome.broken_calls.push(call);
                 outcome
                     .violations
                     .extend(rig.outcome.trace.iter().map(|t| format!("  {t}")));

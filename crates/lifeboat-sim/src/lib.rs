@@ -19,4 +19,4 @@ pub mod store;
 pub mod vm;
 pub mod world;
 
-pub use explore::{Interruption, Options, Outcome, SweepOutcome, Target, run, sweep};
+pub use explore::{Interruption, Options, Outcome, SWEEPS, SweepOutcome, Target, run, sweep};

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release -p lifeboat-sim -- --minutes 60          # a long run
 //! cargo run --release -p lifeboat-sim -- --seed 1234 --trace   # replay one schedule
+//! cargo run --release -p lifeboat-sim -- --sweeps                # every sweep
 //! ```
 
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-use lifeboat_sim::{Options, Outcome, run};
+use lifeboat_sim::{Options, Outcome, SWEEPS, run, sweep};
 
 /// Explore schedules of the replication engine under faults, crashes and power cuts.
 #[derive(Debug, Parser)]
@@ -36,10 +37,55 @@ struct Args {
     /// Print the trace of every schedule, not only of failing ones.
     #[arg(long)]
     trace: bool,
+    /// Run every sweep (an operation interrupted at each of its calls in turn) instead of
+    /// random schedules.
+    #[arg(long, conflicts_with_all = ["seed", "minutes"])]
+    sweeps: bool,
+}
+
+/// Every sweep in turn; the violations of the failing ones, then one line per sweep.
+fn run_sweeps() -> ExitCode {
+    let mut lines = Vec::new();
+    let mut failed = false;
+    for (target, how) in SWEEPS {
+        let outcome = match sweep(target, how) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                eprintln!("{target:?}, {how:?}: the simulation itself failed: {e:#}");
+                return ExitCode::from(2);
+            }
+        };
+        for v in &outcome.violations {
+            println!("{v}");
+        }
+        lines.push(if outcome.broken_calls.is_empty() {
+            format!(
+                "{target:?}, {how:?}: {} calls, no invariant broken",
+                outcome.calls
+            )
+        } else {
+            failed = true;
+            format!(
+                "{target:?}, {how:?}: {} calls, broken when interrupted at calls {:?}",
+                outcome.calls, outcome.broken_calls
+            )
+        });
+    }
+    for line in lines {
+        println!("{line}");
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.sweeps {
+        return run_sweeps();
+    }
     let started = Instant::now();
     let budget = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
     let mut total = Outcome::default();
