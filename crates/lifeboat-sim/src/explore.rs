@@ -99,6 +99,8 @@ const DISKS: [(&str, u64); 2] = [("root", 1024 * 1024), ("data", 512 * 1024)];
 /// The simulated time between steps.
 const STEP: Duration = Duration::from_secs(30);
 const STATE_DIR: &str = "/var/lib/lifeboat/vms/sim";
+/// The engine's block size here (its maps hash blocks of this size).
+const BLOCK_BYTES: u32 = 16 * 1024;
 
 fn settings() -> Settings {
     Settings {
@@ -106,7 +108,7 @@ fn settings() -> Settings {
         retention: Duration::from_secs(180),
         app_consistent_every: Some(Duration::from_secs(120)),
         log_threshold_percent: 30,
-        block_size_bytes: 16 * 1024,
+        block_size_bytes: BLOCK_BYTES,
         // NB: one store call at a time, so that calls reach the world in one order and a
         // seed replays exactly.
         upload_concurrency: 1,
@@ -284,6 +286,12 @@ pub fn sweep(target: Target, how: Interruption) -> anyhow::Result<SweepOutcome> 
                 Interruption::PowerCut => rig.power_cut().await,
             }
             rig.vm.guest_write(0, 8192, &[0x5A; 4096]);
+            if target != Target::InitialCopy {
+                // The guest puts back what the blocks the cycle changes held at the latest
+                // point: a cycle left half applied must not leave them as it wrote them.
+                rig.vm.guest_restore(0, 96 * 1024, 48 * 1024, 1);
+                rig.vm.guest_restore(1, 288 * 1024, 112 * 1024, 1);
+            }
             let resumed = match (target, rig.phase()) {
                 (Target::InitialCopy, EnginePhase::Enabled)
                 | (Target::Resync, EnginePhase::ResyncRequired { .. }) => {
@@ -426,6 +434,18 @@ impl Rig {
             .push(format!("step {}: {line}", self.step));
     }
 
+    /// No wedge, step by step: an operation the agent runs for its phase (not one a user
+    /// asks for, which may be refused) fails only when a fault hit one of its calls. Anything
+    /// else fails again at every retry, after any number of them: the agent's retry would
+    /// repeat the error, and the VM stays Critical until something unrelated (a resync forced
+    /// by the log threshold) happens to clear it.
+    fn failed_unprovoked(&mut self, op: &str, result: &Result<String, EngineError>) {
+        let agents = ["enable", "initial_copy", "cycle", "resync"];
+        if let (true, Err(e)) = (agents.contains(&op), result) {
+            self.violation(format!("{op} failed with no fault injected: {e}"));
+        }
+    }
+
     fn violation(&mut self, what: String) {
         let line = format!("step {}: {what}", self.step);
         self.outcome.trace.push(format!("VIOLATION {line}"));
@@ -551,6 +571,27 @@ impl Rig {
                     self.vm.guest_discard(index, offset, len);
                     "discard"
                 }
+                2 => {
+                    // The guest puts back what whole blocks held at one of the last views
+                    // (a file restored, a page rewritten as it was): their hashes equal that
+                    // point's map again, whatever the replica holds.
+                    let block = u64::from(BLOCK_BYTES);
+                    let blocks = sizes[index] / block;
+                    let first = self.rng.below(blocks);
+                    let count = (1 + self.rng.below(4)).min(blocks - first);
+                    let (offset, len) = (first * block, count * block);
+                    let back = self.rng.below(3) as usize;
+                    if !self.vm.guest_restore(index, offset, len, back) {
+                        continue;
+                    }
+                    self.trace(format!(
+                        "guest: restore of the view {back} before the newest on {} at \
+                         {offset}..{}",
+                        DISKS[index].0,
+                        offset + len
+                    ));
+                    continue;
+                }
                 1 => {
                     self.vm.guest_write(index, offset, &vec![0u8; len as usize]);
                     "zeros"
@@ -585,10 +626,14 @@ impl Rig {
         }
         let op = self.pick();
         *self.outcome.operations.entry(op).or_default() += 1;
+        let faults = self.world.faults();
         let result = self.operate(op).await;
         match &result {
             Ok(line) => self.trace(format!("{op}: {line}")),
             Err(e) => self.trace(format!("{op} failed ({}): {e}", e.reason())),
+        }
+        if !self.world.power_out() && self.world.faults() == faults {
+            self.failed_unprovoked(op, &result);
         }
         self.world.set_fault_rate(0);
         if self.world.power_out() {
@@ -950,6 +995,7 @@ impl Rig {
                 EnginePhase::Copied | EnginePhase::Protected => "cycle",
             };
             let result = self.operate(op).await;
+            self.failed_unprovoked(op, &result);
             last = match result {
                 Ok(line) => format!("{op}: {line}"),
                 Err(e) => format!("{op} failed: {e}"),

@@ -149,6 +149,20 @@ impl SimVm {
         }
     }
 
+    /// The guest writes back what `len` bytes at `offset` of disk `index` held in a view:
+    /// `back` views before the newest (0: the newest). False if there is no such view.
+    pub fn guest_restore(&self, index: usize, offset: u64, len: u64, back: usize) -> bool {
+        let data = {
+            let state = self.lock();
+            let Some(view) = state.seen.values().rev().nth(back) else {
+                return false;
+            };
+            view[index][offset as usize..(offset + len) as usize].to_vec()
+        };
+        self.guest_write(index, offset, &data);
+        true
+    }
+
     /// The disks as they are now.
     pub fn contents(&self) -> Vec<Vec<u8>> {
         self.lock().disks.iter().map(|d| d.data.clone()).collect()
