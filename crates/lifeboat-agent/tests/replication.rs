@@ -333,3 +333,23 @@ async fn a_crash_while_applying_is_undone_and_applied_again() {
         "the pending cycle and the new one each cut a point: {n}"
     );
 }
+
+/// The source VM is gone for good (its host lost: the daemon killed, its socket refusing):
+/// disabling still succeeds, keeping or deleting the replica, so that a ProtectedVM's
+/// finalizer lets go instead of holding the object on `VmNotFound` forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_succeeds_when_the_source_vm_is_gone() {
+    for delete_replica in [false, true] {
+        let mut rig = rig(&[("root", 4 * MIB)], settings()).await;
+        rig.protect().await;
+        rig.qsd.kill();
+        rig.engine.disable(delete_replica).await.unwrap();
+        assert_eq!(rig.engine.state().phase, EnginePhase::Disabled);
+        let manifest = rig.store.manifest(&rig.vm).await.unwrap();
+        assert_eq!(
+            manifest.is_none(),
+            delete_replica,
+            "delete_replica {delete_replica}"
+        );
+    }
+}

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_store::{RecoveryPoint, ReplicaStore, VmKey};
 
-use crate::backend::{DiskInfo, DiskRef, Hypervisor};
+use crate::backend::{BackendError, DiskInfo, DiskRef, Hypervisor};
 use crate::error::EngineError;
 use crate::fs::{LocalFs, StateFs};
 use crate::state::{AgentState, DiskRecord, EnginePhase};
@@ -395,12 +395,21 @@ impl Replicator {
     }
 
     /// Disable protection: stop tracking, drop pending logs and, if asked, the replica.
+    /// A source VM that is gone does not stop it: there is no tracking left to stop (a
+    /// bitmap left on a disk that comes back is swept by the next enable), and a finalizer
+    /// must not hold the object of a VM whose host is lost.
     ///
     /// # Errors
     ///
-    /// Hypervisor or store failures.
+    /// Hypervisor (other than the VM being gone) or store failures.
     pub async fn disable(&mut self, delete_replica: bool) -> Result<(), EngineError> {
-        self.hypervisor.stop_tracking(&self.disks).await?;
+        match self.hypervisor.stop_tracking(&self.disks).await {
+            Ok(()) => {}
+            Err(gone @ BackendError::VmNotFound { .. }) => {
+                tracing::warn!(vm = %self.vm, error = %gone, "disabling a VM whose source is gone: no tracking to stop");
+            }
+            Err(e) => return Err(e.into()),
+        }
         // NB: Disabled, with nothing of the old state, is durable before the logs and the
         // replica go: a crash in between must not leave a VM that believes it is protected
         // by a replica that is gone (its resyncs would fail for good), and a failure
