@@ -308,10 +308,9 @@ impl VmState {
     }
 
     pub(super) fn vm_name(&self) -> String {
-        self.manifest
-            .as_ref()
-            .map(|m| m.vm.clone())
-            .unwrap_or_default()
+        // NB: the key, not the manifest's name: the manifest is gone once the VM is deleted,
+        // and an error about a deleted VM named no VM at all.
+        self.key.clone()
     }
 
     /// A live disk of the manifest, for writing.
