@@ -121,21 +121,17 @@ impl Replicator {
                 )
                 .await?;
                 if let Some(mut map) = trusted {
-                    let changed =
-                        maps::align(&view.changed_extents(disk).await?, block, info.size_bytes);
-                    for range in changed {
-                        self.copy_range(
-                            view,
-                            disk,
-                            range,
-                            chunk,
-                            true,
-                            &mut map,
-                            &mut uploader,
-                            &mut report,
-                        )
-                        .await?;
-                    }
+                    let whole = info.size_bytes;
+                    self.copy_changed(
+                        view,
+                        disk,
+                        whole,
+                        chunk,
+                        &mut map,
+                        &mut uploader,
+                        &mut report,
+                    )
+                    .await?;
                     self.save_map_durably(&mut uploader, disk, TAG_COPY, &map)
                         .await?;
                     continue;
@@ -174,20 +170,16 @@ impl Replicator {
             };
             if resumed && from > 0 {
                 // Bring what an earlier view copied up to this view.
-                let changed = maps::align(&view.changed_extents(disk).await?, block, from);
-                for range in changed {
-                    self.copy_range(
-                        view,
-                        disk,
-                        range,
-                        chunk,
-                        true,
-                        &mut map,
-                        &mut uploader,
-                        &mut report,
-                    )
-                    .await?;
-                }
+                self.copy_changed(
+                    view,
+                    disk,
+                    from,
+                    chunk,
+                    &mut map,
+                    &mut uploader,
+                    &mut report,
+                )
+                .await?;
             }
             // A resumed copy may find stale data past its cursor, and a fresh copy into a
             // replica kept from an earlier protection (disabled with the replica kept, then
@@ -274,6 +266,27 @@ impl Replicator {
         report.bytes_sent = uploader.bytes_sent;
         report.bytes_zeroed = uploader.bytes_zeroed;
         Ok(report)
+    }
+
+    /// Bring the first `end` bytes of `disk`, which an earlier view copied, up to `view`:
+    /// the blocks `view` changed there are copied again, whole, zeros written.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_changed(
+        &self,
+        view: &dyn View,
+        disk: &str,
+        end: u64,
+        chunk: u64,
+        map: &mut BlockMap,
+        uploader: &mut Uploader,
+        report: &mut Report,
+    ) -> Result<(), EngineError> {
+        let block = u64::from(map.block_size_bytes());
+        for range in maps::align(&view.changed_extents(disk).await?, block, end) {
+            self.copy_range(view, disk, range, chunk, true, map, uploader, report)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Copy `range` (whole blocks) of `disk` from the view, a chunk at a time: runs of
