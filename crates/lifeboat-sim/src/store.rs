@@ -322,6 +322,10 @@ impl ReplicaStore for SimStore {
         durable_call!(self, "read manifest", self.inner.manifest(vm))
     }
 
+    async fn list_vms(&self) -> Result<Vec<VmKey>, StoreError> {
+        durable_call!(self, "list VMs", self.inner.list_vms())
+    }
+
     async fn put_block_map(
         &self,
         vm: &VmKey,

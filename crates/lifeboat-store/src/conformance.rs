@@ -156,6 +156,29 @@ pub(crate) async fn run_all(store: &dyn ReplicaStore, ns: &str) {
         &VmKey::new(ns, "maps").unwrap_or_else(|e| panic!("{e}")),
     )
     .await;
+    listing_vms(store, ns).await;
+}
+
+/// The VMs of `ns` whose names start with `listed-`, as the store lists them.
+async fn listed(store: &dyn ReplicaStore, ns: &str) -> Vec<VmKey> {
+    ok(store.list_vms().await, "list VMs")
+        .into_iter()
+        .filter(|k| k.namespace() == ns && k.name().starts_with("listed-"))
+        .collect()
+}
+
+async fn listing_vms(store: &dyn ReplicaStore, ns: &str) {
+    let key = |name: &str| VmKey::new(ns, name).unwrap_or_else(|e| panic!("{e}"));
+    let (a, b) = (key("listed-a"), key("listed-b"));
+    assert_eq!(listed(store, ns).await, Vec::<VmKey>::new());
+    // NB: b first: the listing is sorted, whatever the order of creation.
+    ok(store.create_disk(&b, "root", MIB).await, "create b");
+    ok(store.create_disk(&a, "root", MIB).await, "create a");
+    assert_eq!(listed(store, ns).await, vec![a.clone(), b.clone()]);
+    ok(store.delete_vm(&b).await, "delete b");
+    assert_eq!(listed(store, ns).await, vec![a.clone()]);
+    ok(store.delete_vm(&a).await, "delete a");
+    assert_eq!(listed(store, ns).await, Vec::<VmKey>::new());
 }
 
 async fn disks_and_limits(store: &dyn ReplicaStore, vm: &VmKey) {

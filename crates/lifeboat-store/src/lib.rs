@@ -237,6 +237,10 @@ pub trait ReplicaStore: Send + Sync + fmt::Debug {
     /// The VM's manifest, or `None` when the store holds nothing for it.
     async fn manifest(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError>;
 
+    /// Every VM the store holds a manifest for, sorted: what a recovery that has nothing but
+    /// the store starts from.
+    async fn list_vms(&self) -> Result<Vec<VmKey>, StoreError>;
+
     /// Store the live replica's block map (opaque bytes: `lifeboat_blockmap::BlockMap::encode`).
     async fn put_block_map(&self, vm: &VmKey, disk: &str, encoded: Bytes)
     -> Result<(), StoreError>;

@@ -136,6 +136,10 @@ impl<S: ReplicaStore> ReplicaStore for FaultInjectingStore<S> {
         self.check("read manifest")?;
         self.inner.manifest(vm).await
     }
+    async fn list_vms(&self) -> Result<Vec<VmKey>, StoreError> {
+        self.check("list VMs")?;
+        self.inner.list_vms().await
+    }
     async fn put_block_map(
         &self,
         vm: &VmKey,

@@ -473,7 +473,9 @@ impl AzureStore {
         };
         let client = self.container_client(&target)?;
         let options = BlobContainerClientListBlobsOptions {
-            prefix: Some(prefix.to_owned()),
+            // NB: no empty `prefix=` in the query: it is signed as an empty value and the
+            // service then refuses the signature (403).
+            prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
             ..Default::default()
         };
         let mut pager = client

@@ -489,6 +489,25 @@ impl ReplicaStore for AzureStore {
             .await
     }
 
+    async fn list_vms(&self) -> Result<Vec<VmKey>, StoreError> {
+        let mut vms: Vec<VmKey> = self
+            .list_names("")
+            .await?
+            .iter()
+            .filter_map(|name| {
+                let mut parts = name.split('/');
+                match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                    (Some(namespace), Some(vm), Some("manifest.json"), None) => {
+                        VmKey::new(namespace, vm).ok()
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        vms.sort();
+        Ok(vms)
+    }
+
     async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError> {
         let state = self.vm_state(vm);
         let mut cache = state.manifest.lock().await;

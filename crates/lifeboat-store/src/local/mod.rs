@@ -668,6 +668,24 @@ impl ReplicaStore for LocalStore {
         .await
     }
 
+    async fn list_vms(&self) -> Result<Vec<VmKey>, StoreError> {
+        // NB: a folder without a manifest is a VM being created or deleted, and a name that
+        // is not a VM key is not ours: neither is listed.
+        let mut vms = Vec::new();
+        for namespace in list_folders(&self.root)? {
+            for name in list_folders(&self.root.join(&namespace))? {
+                let Ok(key) = VmKey::new(&namespace, &name) else {
+                    continue;
+                };
+                if VmState::manifest_path(&self.vm_dir(&key)).is_file() {
+                    vms.push(key);
+                }
+            }
+        }
+        vms.sort();
+        Ok(vms)
+    }
+
     async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError> {
         self.with_vm_mut(vm, |state| {
             if !state.is_locked() {
@@ -720,4 +738,23 @@ impl ReplicaStore for LocalStore {
         })
         .await
     }
+}
+
+/// The names of the folders in `dir` (none if `dir` does not exist).
+fn list_folders(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io("list folder", dir)(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(StoreError::io("list folder", dir))?;
+        if entry.path().is_dir()
+            && let Some(name) = entry.file_name().to_str()
+        {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
 }
