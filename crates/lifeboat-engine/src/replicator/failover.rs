@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use lifeboat_blockmap::image::positional;
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, is_zero};
-use lifeboat_store::{At, MAX_WRITE_BYTES, RecoveryPoint};
+use lifeboat_store::{At, MAX_WRITE_BYTES, RecoveryPoint, ReplicaStore, VmKey};
 
 use super::maps;
 use super::{Progress, ProgressSink, Replicator, throughput};
@@ -58,30 +58,155 @@ fn algorithm_named(name: &str) -> Option<HashAlgorithm> {
     HashAlgorithm::ALL.into_iter().find(|a| a.name() == name)
 }
 
-impl Replicator {
-    async fn choose_point(&self, choice: &PointChoice) -> Result<RecoveryPoint, EngineError> {
-        let manifest = self.store.manifest(&self.vm).await?;
-        let Some(manifest) = manifest else {
-            return Err(EngineError::NotReady {
-                what: format!("VM {} has no replica yet", self.vm),
-            });
-        };
-        let point = match choice {
-            PointChoice::Latest => manifest.latest(),
-            PointChoice::LatestAppConsistent => manifest.latest_app_consistent(),
-            PointChoice::Named(id) => manifest.point(id),
-        };
-        point.cloned().ok_or_else(|| EngineError::NotReady {
-            what: format!(
-                "VM {} has no recovery point matching {choice:?} (it has {})",
-                self.vm,
-                manifest.points.len()
-            ),
-        })
-    }
+/// The point `choice` names in `vm`'s manifest.
+///
+/// # Errors
+///
+/// The store holds nothing for the VM, or no point matches; store failures.
+pub async fn choose_point(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    choice: &PointChoice,
+) -> Result<RecoveryPoint, EngineError> {
+    let manifest = store.manifest(vm).await?;
+    let Some(manifest) = manifest else {
+        return Err(EngineError::NotReady {
+            what: format!("VM {vm} has no replica yet"),
+        });
+    };
+    let point = match choice {
+        PointChoice::Latest => manifest.latest(),
+        PointChoice::LatestAppConsistent => manifest.latest_app_consistent(),
+        PointChoice::Named(id) => manifest.point(id),
+    };
+    point.cloned().ok_or_else(|| EngineError::NotReady {
+        what: format!(
+            "VM {vm} has no recovery point matching {choice:?} (it has {})",
+            manifest.points.len()
+        ),
+    })
+}
 
-    /// Materialise a point as image files `<vm>-<label>-<disk>.img` in `dir`, verified
-    /// against the manifest's digests. Files of a failed attempt are removed.
+/// Materialise `point` of `vm` as image files `<vm>-<label>-<disk>.img` in `dir`, verified
+/// against the manifest's digests. Files of a failed attempt are removed.
+///
+/// It needs nothing but the store: no state folder, no hypervisor, no source host. The
+/// agent's failover runs it, and so does a recovery from the store alone.
+///
+/// # Errors
+///
+/// Store failures, the folder cannot be written, or [`EngineError::DigestMismatch`].
+pub async fn materialise_point(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    point: RecoveryPoint,
+    dir: &Path,
+    label: &str,
+    progress: ProgressSink<'_>,
+) -> Result<FailoverReport, EngineError> {
+    std::fs::create_dir_all(dir).map_err(EngineError::state("create failover folder", dir))?;
+    let mut disks = Vec::new();
+    let mut bytes_read = 0;
+    for pd in &point.disks {
+        let path = disk_image_path(dir, vm.name(), label, &pd.name);
+        match materialise_disk(store, vm, &point, pd, &path, progress).await {
+            Ok(read) => {
+                bytes_read += read;
+                disks.push(MaterialisedDisk {
+                    name: pd.name.clone(),
+                    path,
+                    size_bytes: pd.size_bytes,
+                });
+            }
+            Err(e) => {
+                for disk in disks.iter().map(|d| &d.path).chain(std::iter::once(&path)) {
+                    let _ = std::fs::remove_file(disk);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(FailoverReport {
+        point,
+        disks,
+        bytes_read,
+    })
+}
+
+async fn materialise_disk(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    point: &RecoveryPoint,
+    pd: &lifeboat_store::PointDisk,
+    path: &Path,
+    progress: ProgressSink<'_>,
+) -> Result<u64, EngineError> {
+    let map_error = |source| EngineError::BlockMap {
+        disk: pd.name.clone(),
+        source,
+    };
+    let algorithm =
+        algorithm_named(&pd.digest.algorithm).ok_or_else(|| EngineError::DigestMismatch {
+            disk: pd.name.clone(),
+            point: point.id.clone(),
+            detail: format!("unknown digest algorithm {:?}", pd.digest.algorithm),
+        })?;
+    let block = u64::from(pd.digest.block_size_bytes);
+    let mut map = BlockMap::new_zeroed(algorithm, pd.digest.block_size_bytes, pd.size_bytes)
+        .map_err(map_error)?;
+    let mut file =
+        std::fs::File::create(path).map_err(EngineError::state("create failover disk", path))?;
+    file.set_len(pd.size_bytes)
+        .map_err(EngineError::state("size failover disk", path))?;
+    let at = At::Point(point.id.clone());
+    let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
+    let started = Instant::now();
+    let mut read = 0;
+    for range in maps::align(
+        &store.data_ranges(vm, &pd.name, &at).await?,
+        block,
+        pd.size_bytes,
+    ) {
+        let mut offset = range.start;
+        while offset < range.end {
+            let len = chunk.min(range.end - offset);
+            let data = store.read(vm, &pd.name, &at, offset, len).await?;
+            map.update_range(offset, &data).map_err(map_error)?;
+            if !is_zero(&data) {
+                positional::write_all_at(&file, &data, offset)
+                    .map_err(EngineError::state("write failover disk", path))?;
+            }
+            read += len;
+            offset += len;
+        }
+        progress(&Progress {
+            operation: "Failover",
+            disk: pd.name.clone(),
+            bytes_done: range.end,
+            bytes_total: pd.size_bytes,
+            throughput_bytes_per_second: throughput(read, started),
+        });
+    }
+    file.flush()
+        .map_err(EngineError::state("flush failover disk", path))?;
+    file.sync_all()
+        .map_err(EngineError::state("sync failover disk", path))?;
+    let got = maps::digest(&map);
+    if got != pd.digest {
+        return Err(EngineError::DigestMismatch {
+            disk: pd.name.clone(),
+            point: point.id.clone(),
+            detail: format!(
+                "the manifest says {}, the replica reads as {}",
+                pd.digest.fingerprint, got.fingerprint
+            ),
+        });
+    }
+    Ok(read)
+}
+
+impl Replicator {
+    /// Materialise the point `choice` names ([`materialise_point`]).
     ///
     /// # Errors
     ///
@@ -93,108 +218,8 @@ impl Replicator {
         label: &str,
         progress: ProgressSink<'_>,
     ) -> Result<FailoverReport, EngineError> {
-        let point = self.choose_point(choice).await?;
-        std::fs::create_dir_all(dir).map_err(EngineError::state("create failover folder", dir))?;
-        let mut disks = Vec::new();
-        let mut bytes_read = 0;
-        for pd in &point.disks {
-            let path = disk_image_path(dir, self.vm.name(), label, &pd.name);
-            match self.materialise_disk(&point, pd, &path, progress).await {
-                Ok(read) => {
-                    bytes_read += read;
-                    disks.push(MaterialisedDisk {
-                        name: pd.name.clone(),
-                        path,
-                        size_bytes: pd.size_bytes,
-                    });
-                }
-                Err(e) => {
-                    for disk in disks.iter().map(|d| &d.path).chain(std::iter::once(&path)) {
-                        let _ = std::fs::remove_file(disk);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(FailoverReport {
-            point,
-            disks,
-            bytes_read,
-        })
-    }
-
-    async fn materialise_disk(
-        &self,
-        point: &RecoveryPoint,
-        pd: &lifeboat_store::PointDisk,
-        path: &Path,
-        progress: ProgressSink<'_>,
-    ) -> Result<u64, EngineError> {
-        let map_error = |source| EngineError::BlockMap {
-            disk: pd.name.clone(),
-            source,
-        };
-        let algorithm =
-            algorithm_named(&pd.digest.algorithm).ok_or_else(|| EngineError::DigestMismatch {
-                disk: pd.name.clone(),
-                point: point.id.clone(),
-                detail: format!("unknown digest algorithm {:?}", pd.digest.algorithm),
-            })?;
-        let block = u64::from(pd.digest.block_size_bytes);
-        let mut map = BlockMap::new_zeroed(algorithm, pd.digest.block_size_bytes, pd.size_bytes)
-            .map_err(map_error)?;
-        let mut file = std::fs::File::create(path)
-            .map_err(EngineError::state("create failover disk", path))?;
-        file.set_len(pd.size_bytes)
-            .map_err(EngineError::state("size failover disk", path))?;
-        let at = At::Point(point.id.clone());
-        let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
-        let started = Instant::now();
-        let mut read = 0;
-        for range in maps::align(
-            &self.store.data_ranges(&self.vm, &pd.name, &at).await?,
-            block,
-            pd.size_bytes,
-        ) {
-            let mut offset = range.start;
-            while offset < range.end {
-                let len = chunk.min(range.end - offset);
-                let data = self
-                    .store
-                    .read(&self.vm, &pd.name, &at, offset, len)
-                    .await?;
-                map.update_range(offset, &data).map_err(map_error)?;
-                if !is_zero(&data) {
-                    positional::write_all_at(&file, &data, offset)
-                        .map_err(EngineError::state("write failover disk", path))?;
-                }
-                read += len;
-                offset += len;
-            }
-            progress(&Progress {
-                operation: "Failover",
-                disk: pd.name.clone(),
-                bytes_done: range.end,
-                bytes_total: pd.size_bytes,
-                throughput_bytes_per_second: throughput(read, started),
-            });
-        }
-        file.flush()
-            .map_err(EngineError::state("flush failover disk", path))?;
-        file.sync_all()
-            .map_err(EngineError::state("sync failover disk", path))?;
-        let got = maps::digest(&map);
-        if got != pd.digest {
-            return Err(EngineError::DigestMismatch {
-                disk: pd.name.clone(),
-                point: point.id.clone(),
-                detail: format!(
-                    "the manifest says {}, the replica reads as {}",
-                    pd.digest.fingerprint, got.fingerprint
-                ),
-            });
-        }
-        Ok(read)
+        let point = choose_point(self.store.as_ref(), &self.vm, choice).await?;
+        materialise_point(self.store.as_ref(), &self.vm, point, dir, label, progress).await
     }
 
     /// Remove the disks of failover `label` from `dir`.

@@ -31,7 +31,9 @@ mod maps;
 mod resync;
 mod upload;
 
-pub use failover::{FailoverReport, MaterialisedDisk, PointChoice, disk_image_path};
+pub use failover::{
+    FailoverReport, MaterialisedDisk, PointChoice, choose_point, disk_image_path, materialise_point,
+};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
