@@ -80,7 +80,7 @@ pub struct Columns {
 }
 
 /// Rows as aligned columns, three spaces apart, no trailing blanks.
-fn render(rows: &[Vec<String>]) -> String {
+pub fn render(rows: &[Vec<String>]) -> String {
     let Some(first) = rows.first() else {
         return String::new();
     };

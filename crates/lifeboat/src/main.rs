@@ -16,6 +16,7 @@
 mod cluster_cli;
 mod exit;
 mod local;
+mod recover;
 mod ui;
 
 use anyhow::{Context, Result, bail};
@@ -65,6 +66,9 @@ enum Command {
     Standalone(local::StandaloneArgs),
     #[command(flatten)]
     Tool(local::Tool),
+    /// Recover from the replica store alone, with nothing of the lost site: list the VMs
+    /// and points a store holds, fail a VM over to a point into a folder.
+    Recover(recover::RecoverArgs),
     /// Print a shell completion script: `source <(lifeboat completion bash)`, or into
     /// ~/.local/share/bash-completion/completions/lifeboat (zsh: a file on $fpath named
     /// _lifeboat; fish: ~/.config/fish/completions/lifeboat.fish).
@@ -303,6 +307,7 @@ fn run(cli: Cli, plugin: bool) -> Result<ExitCode> {
             block_on(local::standalone(args))
         }
         Command::Tool(tool) => block_on(local::tool(tool)),
+        Command::Recover(args) => block_on(recover::recover(args)),
     }
 }
 

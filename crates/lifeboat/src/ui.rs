@@ -104,6 +104,19 @@ impl Bar {
     }
 }
 
+/// A bar of bytes on standard error, as wide as the terminal: `PREFIX [===> ] done/total  MSG`.
+pub fn bytes_bar() -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{wide_bar}] {binary_bytes}/{binary_total_bytes}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
 /// `rate` and `eta` of `done` of `total` bytes after `elapsed`.
 pub fn rate_and_eta(done: u64, total: u64, elapsed: Duration) -> (u64, Option<Duration>) {
     let seconds = elapsed.as_secs_f64();
@@ -123,17 +136,7 @@ impl Progress for Bar {
         let Some(status) = job.status.as_ref() else {
             return;
         };
-        let bar = self.bar.get_or_insert_with(|| {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{wide_bar}] {binary_bytes}/{binary_total_bytes}  {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar
-        });
+        let bar = self.bar.get_or_insert_with(bytes_bar);
         let p = &status.progress;
         bar.set_length(p.bytes_total);
         bar.set_position(p.bytes_done);

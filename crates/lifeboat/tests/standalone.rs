@@ -1,8 +1,9 @@
 //! Standalone mode end to end, as a user runs it: the `lifeboat` binary as a separate process
 //! on a real qemu-storage-daemon disk and the local folder store. Protect, write, cycle,
 //! resync on request, kill the daemon with SIGKILL and start it again (nothing lost, same
-//! state), test failover and cleanup, planned failover, commit. And a storage account key
-//! rotated while the daemon runs, against a real Azurite.
+//! state), test failover and cleanup, planned failover, commit. A storage account key
+//! rotated while the daemon runs, against a real Azurite. And the site lost for good: the VM
+//! recovered by `lifeboat recover` from the replica store alone, local and on Azurite.
 
 // A failed unwrap is the test failure report.
 #![allow(clippy::unwrap_used)]
@@ -74,6 +75,42 @@ fn write_manifests(work: &Path, qsd: &Qsd) {
             "apiVersion: lifeboat.io/v1alpha1\nkind: ProtectedVM\nmetadata: {{name: web-01}}\nspec:\n  vmName: web-01\n  nodeName: here\n  hypervisor:\n    qemu: {{qmpSocket: {}}}\n  disks:\n    - {{name: root, path: {}, blockNode: root}}\n  policyRef: {{name: fast}}\n",
             qsd.qmp.display(),
             qsd.dir.join("root.qcow2").display()
+        ),
+    )
+    .unwrap();
+}
+
+/// Azurite with the container `replicas` (the administrator's, as on Azure).
+fn azurite_with_container() -> Azurite {
+    let azurite = Azurite::start();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(shared_key_store(&azurite, "replicas", test_options(1)));
+    azurite
+}
+
+/// [`write_manifests`] with the policy's target the container `replicas` on `azurite`, its
+/// account key in the Secret `storage` (see [`write_storage_secret`]).
+fn write_azure_manifests(work: &Path, qsd: &Qsd, azurite: &Azurite) {
+    write_manifests(work, qsd);
+    std::fs::write(
+        work.join("manifests").join("policy.yaml"),
+        format!(
+            "apiVersion: lifeboat.io/v1alpha1\nkind: ReplicationPolicy\nmetadata: {{name: fast}}\nspec:\n  copyFrequency: 30s\n  target:\n    azureBlob:\n      accountUrl: {}\n      container: replicas\n      credentials:\n        accountKeySecretRef: {{name: storage, key: accountKey}}\n",
+            azurite.account_url()
+        ),
+    )
+    .unwrap();
+}
+
+/// The Secret manifest `storage` with `key` as its `accountKey`.
+fn write_storage_secret(work: &Path, key: &str) {
+    std::fs::write(
+        work.join("manifests").join("secret.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: storage}}\nstringData: {{accountKey: \"{key}\"}}\n"
         ),
     )
     .unwrap();
@@ -184,32 +221,9 @@ fn a_rotated_storage_key_is_taken_without_a_restart() {
     let work = dir.path();
     let qsd = Qsd::start(work, &[("root", 8 * MIB)]);
     qsd.guest_write("root", 0, MIB, 0x62);
-    let azurite = Azurite::start();
-    // The container is the administrator's, as on Azure.
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(shared_key_store(&azurite, "replicas", test_options(1)));
-    write_manifests(work, &qsd);
-    let manifests = work.join("manifests");
-    std::fs::write(
-        manifests.join("policy.yaml"),
-        format!(
-            "apiVersion: lifeboat.io/v1alpha1\nkind: ReplicationPolicy\nmetadata: {{name: fast}}\nspec:\n  copyFrequency: 30s\n  target:\n    azureBlob:\n      accountUrl: {}\n      container: replicas\n      credentials:\n        accountKeySecretRef: {{name: storage, key: accountKey}}\n",
-            azurite.account_url()
-        ),
-    )
-    .unwrap();
-    let secret = |key: &str| {
-        std::fs::write(
-            manifests.join("secret.yaml"),
-            format!(
-                "apiVersion: v1\nkind: Secret\nmetadata: {{name: storage}}\nstringData: {{accountKey: \"{key}\"}}\n"
-            ),
-        )
-        .unwrap();
-    };
+    let azurite = azurite_with_container();
+    write_azure_manifests(work, &qsd, &azurite);
+    let secret = |key: &str| write_storage_secret(work, key);
     // A well-formed key that is not the account's.
     secret("bm90LXRoZS1hY2NvdW50LWtleS1ub3QtdGhlLWFjY291bnQta2V5LW5vdC10aGUta2V5");
     let _daemon = Daemon::start(work);
@@ -245,4 +259,145 @@ fn a_rotated_storage_key_is_taken_without_a_restart() {
             std::fs::read_to_string(work.join("daemon.log")).unwrap_or_default()
         );
     }
+}
+
+/// `lifeboat recover ARGS` with `env` and no Azure credentials of the caller's: its standard
+/// output, or its standard error when it fails.
+fn recover<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Result<String, String> {
+    let out = Command::new(LIFEBOAT)
+        .arg("recover")
+        .args(args)
+        .env_remove("AZURE_STORAGE_KEY")
+        .env_remove("AZURE_STORAGE_SAS_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Protect `web-01` until its first point, then lose the site for good: the daemon, its
+/// state folder and the source VM. What the disk held is returned.
+fn protect_then_lose_the_site(work: &Path, mut qsd: Qsd) -> Vec<u8> {
+    let mut daemon = Daemon::start(work);
+    wait_for(work, "protection", 120, |s| {
+        phase(s) == "Protected" && points(s) >= 1
+    });
+    let source = qsd.read_disk("root");
+    daemon.kill9();
+    qsd.kill();
+    std::fs::remove_dir_all(work.join("state")).unwrap();
+    source
+}
+
+/// `lifeboat recover` on `store` (`--store PATH` or `--azure URL`): the VM is listed with its
+/// disk and newest point, and fails over to that point, equal to what the source held.
+fn recover_web_01(store: &[&str], env: &[(&str, &str)], to: &Path, source: &[u8]) {
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter().chain(store).map(|a| (*a).to_owned()).collect()
+    };
+    let list = recover(&with(&["list"]), env).unwrap();
+    assert!(list.starts_with("NAMESPACE"), "{list}");
+    let row = list
+        .lines()
+        .find(|l| l.contains("web-01"))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        row.starts_with("default") && row.contains("root (8.0 MiB)"),
+        "{row}"
+    );
+    let points = recover(&with(&["points", "web-01"]), env).unwrap();
+    let newest = points
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(row.ends_with(newest), "{row}\n{points}");
+    let out = recover(
+        &with(&[
+            "failover",
+            "web-01",
+            "--point",
+            newest,
+            "--to",
+            to.to_str().unwrap(),
+        ]),
+        env,
+    )
+    .unwrap();
+    assert!(
+        out.contains("disk root") && out.contains("digest verified"),
+        "{out}"
+    );
+    assert_same(
+        "the recovered disk",
+        &std::fs::read(to.join("web-01-recovered-root.img")).unwrap(),
+        source,
+    );
+}
+
+#[test]
+fn the_site_is_lost_and_the_local_store_alone_recovers_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let qsd = Qsd::start(work, &[("root", 8 * MIB)]);
+    qsd.guest_write("root", 0, MIB, 0x71);
+    qsd.guest_write("root", 5 * MIB, MIB, 0x72);
+    write_manifests(work, &qsd);
+    let source = protect_then_lose_the_site(work, qsd);
+    let replicas = work.join("replicas");
+    let store = ["--store", replicas.to_str().unwrap()];
+    let to = work.join("recovered");
+    recover_web_01(&store, &[], &to, &source);
+
+    // What is not there is refused, by name.
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter().chain(&store).map(|a| (*a).to_owned()).collect()
+    };
+    let err = recover(&with(&["points", "db-01"]), &[]).unwrap_err();
+    assert!(err.contains("no VM default/db-01"), "{err}");
+    let to_arg = to.to_str().unwrap();
+    let err = recover(
+        &with(&["failover", "web-01", "--point", "p-9", "--to", to_arg]),
+        &[],
+    )
+    .unwrap_err();
+    assert!(err.contains("p-9"), "{err}");
+
+    // A replica damaged after the point: the failover refuses it and leaves no disk behind.
+    let image = to.join("web-01-recovered-root.img");
+    std::fs::remove_file(&image).unwrap();
+    let live = replicas.join("default/web-01/disks/root.img");
+    let file = std::fs::OpenOptions::new().write(true).open(&live).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0xEE; 4096], 5 * MIB).unwrap();
+    let err = recover(&with(&["failover", "web-01", "--to", to_arg]), &[]).unwrap_err();
+    assert!(err.contains("digest"), "{err}");
+    assert!(
+        !image.exists(),
+        "a disk that failed its digest is left behind"
+    );
+}
+
+#[test]
+fn the_site_is_lost_and_the_azure_store_alone_recovers_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let qsd = Qsd::start(work, &[("root", 8 * MIB)]);
+    qsd.guest_write("root", MIB, 2 * MIB, 0x73);
+    let azurite = azurite_with_container();
+    write_azure_manifests(work, &qsd, &azurite);
+    write_storage_secret(work, DEV_KEY);
+    let source = protect_then_lose_the_site(work, qsd);
+    let url = format!("{}/replicas", azurite.account_url());
+    let store = ["--azure", url.as_str()];
+    let key = [("AZURE_STORAGE_KEY", DEV_KEY)];
+    recover_web_01(&store, &key, &work.join("recovered"), &source);
+
+    let err = recover(&[&["list"][..], &store[..]].concat(), &[]).unwrap_err();
+    assert!(err.contains("AZURE_STORAGE_KEY"), "{err}");
 }
