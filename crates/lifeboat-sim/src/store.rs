@@ -326,6 +326,18 @@ impl ReplicaStore for SimStore {
         durable_call!(self, "list VMs", self.inner.list_vms())
     }
 
+    async fn put_definition(&self, vm: &VmKey, encoded: Bytes) -> Result<(), StoreError> {
+        durable_call!(
+            self,
+            "put definition",
+            self.inner.put_definition(vm, encoded)
+        )
+    }
+
+    async fn definition(&self, vm: &VmKey) -> Result<Option<Bytes>, StoreError> {
+        durable_call!(self, "get definition", self.inner.definition(vm))
+    }
+
     async fn put_block_map(
         &self,
         vm: &VmKey,

@@ -175,10 +175,33 @@ async fn listing_vms(store: &dyn ReplicaStore, ns: &str) {
     ok(store.create_disk(&b, "root", MIB).await, "create b");
     ok(store.create_disk(&a, "root", MIB).await, "create a");
     assert_eq!(listed(store, ns).await, vec![a.clone(), b.clone()]);
+    // The definition: none until stored, replaced whole, gone with the VM, refused for a VM
+    // the store does not hold.
+    assert_eq!(ok(store.definition(&a).await, "no definition"), None);
+    for text in ["{\"spec\": 1}", "{\"spec\": 2}"] {
+        ok(
+            store.put_definition(&a, Bytes::from(text)).await,
+            "put definition",
+        );
+        assert_eq!(
+            ok(store.definition(&a).await, "definition"),
+            Some(Bytes::from(text))
+        );
+    }
+    assert_not_found(
+        store
+            .put_definition(&key("listed-none"), Bytes::from("{}"))
+            .await,
+        "a definition for no VM",
+    );
     ok(store.delete_vm(&b).await, "delete b");
     assert_eq!(listed(store, ns).await, vec![a.clone()]);
     ok(store.delete_vm(&a).await, "delete a");
     assert_eq!(listed(store, ns).await, Vec::<VmKey>::new());
+    assert_eq!(
+        ok(store.definition(&a).await, "definition after delete"),
+        None
+    );
 }
 
 async fn disks_and_limits(store: &dyn ReplicaStore, vm: &VmKey) {

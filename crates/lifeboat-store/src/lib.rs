@@ -241,6 +241,14 @@ pub trait ReplicaStore: Send + Sync + fmt::Debug {
     /// the store starts from.
     async fn list_vms(&self) -> Result<Vec<VmKey>, StoreError>;
 
+    /// Store the VM's definition beside its replica (opaque bytes: the agent writes the
+    /// ProtectedVM and its policy as applied), so that a recovery with nothing but the store
+    /// knows what the VM was. Replaced whole; the VM must exist in the store.
+    async fn put_definition(&self, vm: &VmKey, encoded: Bytes) -> Result<(), StoreError>;
+
+    /// The VM's definition, if one was stored.
+    async fn definition(&self, vm: &VmKey) -> Result<Option<Bytes>, StoreError>;
+
     /// Store the live replica's block map (opaque bytes: `lifeboat_blockmap::BlockMap::encode`).
     async fn put_block_map(&self, vm: &VmKey, disk: &str, encoded: Bytes)
     -> Result<(), StoreError>;

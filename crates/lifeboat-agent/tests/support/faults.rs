@@ -140,6 +140,14 @@ impl<S: ReplicaStore> ReplicaStore for FaultInjectingStore<S> {
         self.check("list VMs")?;
         self.inner.list_vms().await
     }
+    async fn put_definition(&self, vm: &VmKey, encoded: Bytes) -> Result<(), StoreError> {
+        self.check("put definition")?;
+        self.inner.put_definition(vm, encoded).await
+    }
+    async fn definition(&self, vm: &VmKey) -> Result<Option<Bytes>, StoreError> {
+        self.check("get definition")?;
+        self.inner.definition(vm).await
+    }
     async fn put_block_map(
         &self,
         vm: &VmKey,

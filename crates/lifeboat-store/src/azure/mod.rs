@@ -6,7 +6,8 @@
 //!       ├── manifest.json        block blob, replaced whole by one Put Blob (atomic)
 //!       ├── disks/<disk>.vhd     page blob: the live replica as a fixed VHD (data, footer)
 //!       │     └── snapshots      one per recovery point (`store_ref` = snapshot timestamp)
-//!       └── maps/<disk>.map      block blob: the live replica's block map
+//!       ├── maps/<disk>.map      block blob: the live replica's block map
+//!       └── definition.json      block blob: the VM's definition as the agent applied it
 //! ```
 //!
 //! Reads and writes address the virtual disk; the VHD footer sits past the data (see [`vhd`])
@@ -531,6 +532,10 @@ fn disk_blob(vm: &VmKey, disk: &str) -> String {
 /// `<namespace>/<vm>/manifest.json`.
 fn manifest_blob(vm: &VmKey) -> String {
     format!("{}/{}/manifest.json", vm.namespace(), vm.name())
+}
+
+fn definition_blob(vm: &VmKey) -> String {
+    format!("{}/{}/definition.json", vm.namespace(), vm.name())
 }
 
 /// `<namespace>/<vm>/maps/<disk>.map`.

@@ -4,7 +4,7 @@
 //! the layout, and for the order of writes that keeps the manifest truthful after a crash).
 
 use super::pipeline::Target;
-use super::{AzureStore, disk_blob, manifest_blob, map_blob, merge_ranges, vhd};
+use super::{AzureStore, definition_blob, disk_blob, manifest_blob, map_blob, merge_ranges, vhd};
 use crate::manifest::point_id;
 use crate::{
     At, Manifest, ManifestDisk, NewPoint, PointDisk, RecoveryPoint, ReplicaStore, StoreError,
@@ -486,6 +486,19 @@ impl ReplicaStore for AzureStore {
     async fn block_map(&self, vm: &VmKey, disk: &str) -> Result<Option<Bytes>, StoreError> {
         check_disk_name(disk)?;
         self.download_small(&map_blob(vm, disk), "read the block map")
+            .await
+    }
+
+    async fn put_definition(&self, vm: &VmKey, encoded: Bytes) -> Result<(), StoreError> {
+        if self.manifest(vm).await?.is_none() {
+            return Err(self.not_found(format!("VM {vm}")));
+        }
+        self.put_small_blob(&definition_blob(vm), encoded, "write the VM's definition")
+            .await
+    }
+
+    async fn definition(&self, vm: &VmKey) -> Result<Option<Bytes>, StoreError> {
+        self.download_small(&definition_blob(vm), "read the VM's definition")
             .await
     }
 

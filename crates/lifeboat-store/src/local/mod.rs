@@ -5,6 +5,7 @@
 //!    manifest.json              replaced atomically (write, fsync, rename, fsync folder)
 //!    disks/<disk>.img           the live replica, a sparse file
 //!    maps/<disk>.map            the live replica's block map
+//!    definition.json            the VM's definition as the agent applied it (opaque here)
 //!    undo/<disk>/<seq>.undo     pre-images: content as of point <seq> of every 4 KiB granule
 //!                               overwritten after that point was cut
 //! ```
@@ -663,6 +664,29 @@ impl ReplicaStore for LocalStore {
                 Ok(bytes) => Ok(Some(Bytes::from(bytes))),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(StoreError::io("read block map", &path)(e)),
+            }
+        })
+        .await
+    }
+
+    async fn put_definition(&self, vm: &VmKey, encoded: Bytes) -> Result<(), StoreError> {
+        let key = vm.to_string();
+        self.with_vm_mut(vm, move |state| {
+            if state.manifest.is_none() {
+                return Err(state.not_found(format!("VM {key}")));
+            }
+            write_atomic(&state.definition_path(), &encoded)
+        })
+        .await
+    }
+
+    async fn definition(&self, vm: &VmKey) -> Result<Option<Bytes>, StoreError> {
+        self.with_vm(vm, move |state| {
+            let path = state.definition_path();
+            match std::fs::read(&path) {
+                Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StoreError::io("read VM definition", &path)(e)),
             }
         })
         .await

@@ -300,6 +300,10 @@ impl VmState {
         self.dir.join("maps").join(format!("{disk}.map"))
     }
 
+    pub(super) fn definition_path(&self) -> PathBuf {
+        self.dir.join("definition.json")
+    }
+
     pub(super) fn not_found(&self, what: String) -> StoreError {
         StoreError::NotFound {
             what,
