@@ -66,6 +66,8 @@ pub struct VmConfig {
     pub work_hours: Option<WindowSpec>,
     /// The policy's generation the settings come from.
     pub policy_generation: Option<i64>,
+    /// What the store keeps of the VM beside its replica ([`definition`]).
+    pub definition: bytes::Bytes,
 }
 
 impl VmConfig {
@@ -158,7 +160,32 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
         bandwidth_mbps,
         work_hours: lifeboat_control::mapping::policy_spec(policy).work_hours,
         policy_generation: policy.metadata.generation,
+        definition: definition(vm, policy),
     })
+}
+
+/// The VM's definition as the store keeps it beside the replica: its ProtectedVM and its
+/// ReplicationPolicy as applied (name, namespace, labels and spec; no status), as a
+/// Kubernetes `List` that `kubectl apply -f` takes at a recovery site. JSON.
+pub fn definition(vm: &ProtectedVM, policy: &ReplicationPolicy) -> bytes::Bytes {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let meta = |m: &ObjectMeta| ObjectMeta {
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        labels: m.labels.clone(),
+        ..ObjectMeta::default()
+    };
+    let mut vm_applied = ProtectedVM::new("", vm.spec.clone());
+    vm_applied.metadata = meta(&vm.metadata);
+    let mut policy_applied = ReplicationPolicy::new("", policy.spec.clone());
+    policy_applied.metadata = meta(&policy.metadata);
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [vm_applied, policy_applied],
+    });
+    // NB: serialising plain API types to a Value cannot fail.
+    bytes::Bytes::from(serde_json::to_vec_pretty(&list).unwrap_or_default())
 }
 
 /// The hypervisor connection of a configured VM; its work files go under `work_dir`.
@@ -221,6 +248,7 @@ mod tests {
             bandwidth_mbps: (Some(8), Some(80)),
             work_hours,
             policy_generation: None,
+            definition: bytes::Bytes::new(),
         }
     }
 

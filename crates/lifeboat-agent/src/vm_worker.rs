@@ -123,7 +123,7 @@ pub async fn open_worker(
 ) -> Result<Worker, OpenError> {
     let dir = vm_state_dir(state_dir, &config.key);
     let hv = hypervisor(config, &dir.join("hypervisor"))?;
-    let engine = Replicator::open(
+    let mut engine = Replicator::open(
         config.key.clone(),
         config.disks.clone(),
         dir,
@@ -137,6 +137,7 @@ pub async fn open_worker(
         source,
     })?;
     engine.throttle().share(&host_bandwidth(state_dir));
+    engine.set_definition(config.definition.clone());
     Ok(Worker::new(engine))
 }
 

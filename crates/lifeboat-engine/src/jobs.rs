@@ -178,6 +178,14 @@ pub async fn run_job(
             engine.disable(params.delete_replica).await?;
         }
     }
+    // NB: the VM's definition goes beside the replica whenever protection is established or
+    // re-established, so that the store describes the VM as it was last applied.
+    if matches!(
+        kind,
+        JobKind::EnableProtection | JobKind::FinalizeProtection | JobKind::Resynchronize
+    ) {
+        engine.store_definition().await?;
+    }
     Ok(result)
 }
 

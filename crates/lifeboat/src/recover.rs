@@ -50,8 +50,15 @@ struct StoreArgs {
 
 #[derive(Debug, Subcommand)]
 enum RecoverCommand {
-    /// The VMs the store holds: disks, points and the newest point.
+    /// The VMs the store holds: hypervisor, node, disks, points and the newest point.
     List,
+    /// A VM's definition as its agent last applied it: its ProtectedVM and ReplicationPolicy,
+    /// as YAML documents that `kubectl apply -f` (or a standalone manifests folder) takes at
+    /// the recovery site.
+    Definition {
+        /// The VM: NAME or NAMESPACE/NAME.
+        vm: String,
+    },
     /// A VM's recovery points, oldest first.
     Points {
         /// The VM: NAME or NAMESPACE/NAME.
@@ -80,6 +87,24 @@ pub async fn recover(args: RecoverArgs) -> Result<ExitCode> {
     let store = open(&args.store)?;
     match args.command {
         RecoverCommand::List => list(store.as_ref()).await,
+        RecoverCommand::Definition { vm } => {
+            let key = vm_key(&vm)?;
+            let definition = stored_definition(store.as_ref(), &key)
+                .await?
+                .with_context(|| format!("{} holds no definition of VM {key}", store.describe()))?;
+            let items = definition
+                .get("items")
+                .and_then(serde_json::Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                print!(
+                    "---\n{}",
+                    serde_saphyr::to_string(&item).context("render the definition as YAML")?
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         RecoverCommand::Points { vm } => {
             let key = vm_key(&vm)?;
             let manifest = store
@@ -151,7 +176,15 @@ async fn list(store: &dyn ReplicaStore) -> Result<ExitCode> {
         eprintln!("{} holds no VM", store.describe());
         return Ok(ExitCode::SUCCESS);
     }
-    let header = ["NAMESPACE", "NAME", "DISKS", "POINTS", "NEWEST"];
+    let header = [
+        "NAMESPACE",
+        "NAME",
+        "HYPERVISOR",
+        "NODE",
+        "DISKS",
+        "POINTS",
+        "NEWEST",
+    ];
     let mut rows = vec![header.map(String::from).to_vec()];
     for key in vms {
         // NB: a VM deleted between the listing and this read is not an error.
@@ -163,9 +196,27 @@ async fn list(store: &dyn ReplicaStore) -> Result<ExitCode> {
             .iter()
             .map(|d| format!("{} ({})", d.name, cli::human_bytes(d.size_bytes)))
             .collect();
+        let definition = stored_definition(store, &key).await?;
+        let spec = definition
+            .as_ref()
+            .and_then(|d| d.pointer("/items/0/spec"))
+            .cloned()
+            .unwrap_or_default();
+        let hypervisor = spec
+            .get("hypervisor")
+            .and_then(serde_json::Value::as_object)
+            .and_then(|h| h.keys().next().cloned())
+            .unwrap_or_else(|| "-".to_owned());
+        let node = spec
+            .get("nodeName")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("-")
+            .to_owned();
         rows.push(vec![
             key.namespace().to_owned(),
             key.name().to_owned(),
+            hypervisor,
+            node,
             disks.join(", "),
             manifest.points.len().to_string(),
             manifest
@@ -175,6 +226,19 @@ async fn list(store: &dyn ReplicaStore) -> Result<ExitCode> {
     }
     print!("{}", cli::render(&rows));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The VM's definition, parsed (`None`: none stored).
+async fn stored_definition(
+    store: &dyn ReplicaStore,
+    key: &VmKey,
+) -> Result<Option<serde_json::Value>> {
+    let Some(bytes) = store.definition(key).await? else {
+        return Ok(None);
+    };
+    let value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("the definition of VM {key} in {}", store.describe()))?;
+    Ok(Some(value))
 }
 
 async fn failover(

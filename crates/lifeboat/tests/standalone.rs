@@ -306,9 +306,29 @@ fn recover_web_01(store: &[&str], env: &[(&str, &str)], to: &Path, source: &[u8]
         .find(|l| l.contains("web-01"))
         .unwrap_or_else(|| panic!("{list}"));
     assert!(
-        row.starts_with("default") && row.contains("root (8.0 MiB)"),
+        row.starts_with("default")
+            && row.contains("qemu")
+            && row.contains("here")
+            && row.contains("root (8.0 MiB)"),
         "{row}"
     );
+    // The VM's definition, as applied: manifests that validate against the CRDs.
+    let definition = recover(&with(&["definition", "web-01"]), env).unwrap();
+    assert!(
+        definition.contains("kind: ProtectedVM")
+            && definition.contains("kind: ReplicationPolicy")
+            && definition.contains("vmName: web-01")
+            && !definition.contains("status"),
+        "{definition}"
+    );
+    let file = to.with_extension("yaml");
+    std::fs::write(&file, &definition).unwrap();
+    let validated = Command::new(LIFEBOAT)
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(validated.status.success(), "{validated:?}\n{definition}");
     let points = recover(&with(&["points", "web-01"]), env).unwrap();
     let newest = points
         .lines()

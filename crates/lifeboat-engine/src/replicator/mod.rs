@@ -135,6 +135,8 @@ pub struct Replicator {
     settings: Settings,
     throttle: Arc<Throttle>,
     state: AgentState,
+    /// The VM's definition, kept beside the replica (see [`Replicator::set_definition`]).
+    definition: Option<bytes::Bytes>,
 }
 
 /// The digest a point records for a disk whose blocks `map` describes.
@@ -205,6 +207,7 @@ impl Replicator {
             settings,
             throttle: Arc::new(Throttle::default()),
             state,
+            definition: None,
         };
         logs::remove_unrecorded(engine.fs.as_ref(), &engine.dir, &engine.state)?;
         if engine.state.applying && engine.state.phase != EnginePhase::Copied {
@@ -247,6 +250,28 @@ impl Replicator {
     /// The VM's state folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// What the VM is (the agent gives its ProtectedVM and policy as applied, opaque here):
+    /// [`Replicator::store_definition`] keeps it beside the replica, so that a recovery with
+    /// nothing but the store knows what it recovers.
+    pub fn set_definition(&mut self, definition: bytes::Bytes) {
+        self.definition = Some(definition);
+    }
+
+    /// Store the definition given to [`Replicator::set_definition`], if any, beside the
+    /// replica.
+    ///
+    /// # Errors
+    ///
+    /// Store failures.
+    pub async fn store_definition(&self) -> Result<(), EngineError> {
+        if let Some(definition) = &self.definition {
+            self.store
+                .put_definition(&self.vm, definition.clone())
+                .await?;
+        }
+        Ok(())
     }
 
     /// The upload throttle (set its limit from the policy's bandwidth schedule).
