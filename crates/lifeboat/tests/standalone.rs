@@ -387,7 +387,7 @@ fn the_site_is_lost_and_the_local_store_alone_recovers_the_vm() {
         &[],
     )
     .unwrap_err();
-    assert!(err.contains("p-9"), "{err}");
+    assert!(err.contains("has no point \"p-9\""), "{err}");
 
     // A replica damaged after the point: the failover refuses it and leaves no disk behind.
     let image = to.join("web-01-recovered-root.img");

@@ -27,6 +27,16 @@ pub enum PointChoice {
     Named(String),
 }
 
+impl std::fmt::Display for PointChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PointChoice::Latest => f.write_str("latest point"),
+            PointChoice::LatestAppConsistent => f.write_str("app-consistent point"),
+            PointChoice::Named(id) => write!(f, "point {id:?}"),
+        }
+    }
+}
+
 /// One materialised disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MaterialisedDisk {
@@ -81,7 +91,7 @@ pub async fn choose_point(
     };
     point.cloned().ok_or_else(|| EngineError::NotReady {
         what: format!(
-            "VM {vm} has no recovery point matching {choice:?} (it has {})",
+            "VM {vm} has no {choice} (it has {} recovery points)",
             manifest.points.len()
         ),
     })
