@@ -121,11 +121,10 @@ impl Replicator {
                 )
                 .await?;
                 if let Some(mut map) = trusted {
-                    let whole = info.size_bytes;
                     self.copy_changed(
                         view,
                         disk,
-                        whole,
+                        info.size_bytes,
                         chunk,
                         &mut map,
                         &mut uploader,

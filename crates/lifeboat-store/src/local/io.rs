@@ -130,6 +130,18 @@ pub(super) fn remove_if_exists(path: &Path, action: &'static str) -> Result<(), 
         .map_err(StoreError::io(action, path))
 }
 
+/// The whole file at `path`, or `None` if it is not there; its failure as a store error.
+pub(super) fn read_if_exists(
+    path: &Path,
+    action: &'static str,
+) -> Result<Option<bytes::Bytes>, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes::Bytes::from(bytes))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(action, path)(e)),
+    }
+}
+
 /// [`files::create_dir_all_durable`], its failure as a store error.
 pub(super) fn create_dir_durable(dir: &Path, action: &'static str) -> Result<(), StoreError> {
     files::create_dir_all_durable(dir).map_err(StoreError::io(action, dir))

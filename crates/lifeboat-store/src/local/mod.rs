@@ -67,7 +67,7 @@ use crate::{
     At, NewPoint, ReplicaStore, StoreError, VmKey, check_disk_name, check_disk_size, check_range,
 };
 use disk::Disk;
-use io::{PositionalIo, punch_hole, remove_if_exists, write_atomic};
+use io::{PositionalIo, punch_hole, read_if_exists, remove_if_exists, write_atomic};
 use vm::{VmState, seq_of};
 
 /// Whether a store may change what it opens.
@@ -659,21 +659,15 @@ impl ReplicaStore for LocalStore {
     async fn block_map(&self, vm: &VmKey, disk: &str) -> Result<Option<Bytes>, StoreError> {
         let disk = disk.to_owned();
         self.with_vm(vm, move |state| {
-            let path = state.map_path(&disk);
-            match std::fs::read(&path) {
-                Ok(bytes) => Ok(Some(Bytes::from(bytes))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(StoreError::io("read block map", &path)(e)),
-            }
+            read_if_exists(&state.map_path(&disk), "read block map")
         })
         .await
     }
 
     async fn put_definition(&self, vm: &VmKey, encoded: Bytes) -> Result<(), StoreError> {
-        let key = vm.to_string();
         self.with_vm_mut(vm, move |state| {
             if state.manifest.is_none() {
-                return Err(state.not_found(format!("VM {key}")));
+                return Err(state.not_found(format!("VM {}", state.vm_name())));
             }
             write_atomic(&state.definition_path(), &encoded)
         })
@@ -682,12 +676,7 @@ impl ReplicaStore for LocalStore {
 
     async fn definition(&self, vm: &VmKey) -> Result<Option<Bytes>, StoreError> {
         self.with_vm(vm, move |state| {
-            let path = state.definition_path();
-            match std::fs::read(&path) {
-                Ok(bytes) => Ok(Some(Bytes::from(bytes))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(StoreError::io("read VM definition", &path)(e)),
-            }
+            read_if_exists(&state.definition_path(), "read VM definition")
         })
         .await
     }
