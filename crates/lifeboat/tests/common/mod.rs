@@ -34,7 +34,8 @@ impl Daemon {
         Daemon { child }
     }
 
-    /// SIGKILL, as a power cut would, and wait until it is gone.
+    /// SIGKILL, and wait until it is gone: a crash of the process, not a power cut (the kernel
+    /// keeps the page cache and every write it accepted).
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
