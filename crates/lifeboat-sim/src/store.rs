@@ -355,6 +355,23 @@ impl ReplicaStore for SimStore {
         durable_call!(self, "get block map", self.inner.block_map(vm, disk))
     }
 
+    fn hold_epoch(&self, vm: &VmKey, epoch: u64) {
+        self.inner.hold_epoch(vm, epoch);
+    }
+
+    async fn epoch(&self, vm: &VmKey) -> Result<lifeboat_store::Epoch, StoreError> {
+        self.inner.epoch(vm).await
+    }
+
+    async fn fence(
+        &self,
+        vm: &VmKey,
+        holder: &str,
+        now_unix_ms: u64,
+    ) -> Result<lifeboat_store::Epoch, StoreError> {
+        self.inner.fence(vm, holder, now_unix_ms).await
+    }
+
     async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError> {
         let fail_after = self.call("delete vm")?;
         self.inner.delete_vm(vm).await?;

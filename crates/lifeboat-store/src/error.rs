@@ -65,6 +65,30 @@ pub enum StoreError {
         /// The service's reason, without credentials.
         detail: String,
     },
+    /// The VM's replica moved to a newer epoch (a failover fenced this writer): this writer
+    /// must never change it again.
+    #[error(
+        "VM {vm} is fenced: this writer holds epoch {held}, the replica is at epoch {current} (taken by {holder}); it changes nothing more"
+    )]
+    Fenced {
+        /// The VM.
+        vm: String,
+        /// The epoch this writer holds.
+        held: u64,
+        /// The replica's epoch.
+        current: u64,
+        /// Who took it.
+        holder: String,
+    },
+    /// Another writer changed what this one was updating (the manifest, read then written
+    /// conditionally), at the same epoch: read again and retry.
+    #[error("{what} in {store} changed while it was being updated; read it again and retry")]
+    Conflict {
+        /// What changed.
+        what: String,
+        /// The store.
+        store: String,
+    },
 }
 
 impl StoreError {
@@ -72,12 +96,13 @@ impl StoreError {
     /// requests, missing objects, corrupt state and refused credentials need a person.
     pub fn is_recoverable(&self) -> bool {
         match self {
-            Self::Unreachable { .. } => true,
+            Self::Unreachable { .. } | Self::Conflict { .. } => true,
             Self::Io { source, .. } => is_transient_io(source),
             Self::InvalidRequest { .. }
             | Self::NotFound { .. }
             | Self::Corrupt { .. }
-            | Self::AccessDenied { .. } => false,
+            | Self::AccessDenied { .. }
+            | Self::Fenced { .. } => false,
         }
     }
 
@@ -96,6 +121,8 @@ impl StoreError {
             Self::Corrupt { .. } => "InvalidReplicaState",
             Self::Unreachable { .. } => "StoreUnreachable",
             Self::AccessDenied { .. } => "StoreAccessDenied",
+            Self::Fenced { .. } => "Fenced",
+            Self::Conflict { .. } => "StoreConflict",
         }
     }
 

@@ -28,6 +28,7 @@
 
 pub mod azure;
 pub mod error;
+pub mod fence;
 pub mod files;
 pub mod local;
 pub mod manifest;
@@ -38,6 +39,7 @@ mod conformance;
 pub mod testing;
 
 pub use error::StoreError;
+pub use fence::Epoch;
 pub use manifest::{Consistency, DiskDigest, Manifest, ManifestDisk, PointDisk, RecoveryPoint};
 
 use async_trait::async_trait;
@@ -162,6 +164,8 @@ pub struct NewPoint {
     /// Each disk's digest at this point, by disk name (from its block map). Every disk of the
     /// manifest must have one.
     pub digests: BTreeMap<String, DiskDigest>,
+    /// Who wrote it: the agent (`<node>/<pod>`, or `standalone/<host>`), for the record.
+    pub written_by: String,
 }
 
 /// Where replicas live. Every method is idempotent where its effect allows (creating a disk
@@ -258,6 +262,20 @@ pub trait ReplicaStore: Send + Sync + fmt::Debug {
 
     /// Delete everything the store holds for the VM.
     async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError>;
+
+    /// Write the VM's replica under `epoch` from now on: every change this store makes to it
+    /// is refused with [`StoreError::Fenced`] once the replica is at another epoch (see
+    /// [`fence`]). Without a held epoch a VM is written unchecked.
+    fn hold_epoch(&self, vm: &VmKey, epoch: u64);
+
+    /// The epoch the VM's replica is at now (the initial one when never fenced).
+    async fn epoch(&self, vm: &VmKey) -> Result<Epoch, StoreError>;
+
+    /// Move the VM's replica to the next epoch, taken by `holder`, with a conditional write,
+    /// and hold it: every other writer is fenced from then on. The VM must exist in the store.
+    /// The only change a read-only local store makes (a recovery with nothing but the store
+    /// fences the old primary while its writer may still hold the VM).
+    async fn fence(&self, vm: &VmKey, holder: &str, now_unix_ms: u64) -> Result<Epoch, StoreError>;
 
     /// Delete the points older than `retention_ms` before `now_unix_ms`, always keeping the
     /// latest. Returns the ids deleted.

@@ -65,6 +65,9 @@ pub struct RecoveryPoint {
     pub consistency: Consistency,
     /// Every disk at the point.
     pub disks: Vec<PointDisk>,
+    /// Who wrote it (the agent, `<node>/<pod>`); empty in points written before it was kept.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub written_by: String,
 }
 
 /// What the store holds for one VM.
@@ -78,6 +81,9 @@ pub struct Manifest {
     pub disks: Vec<ManifestDisk>,
     /// Its points, oldest first.
     pub points: Vec<RecoveryPoint>,
+    /// Who may write the replica (see [`crate::fence`]); the initial epoch is not written.
+    #[serde(default, skip_serializing_if = "crate::Epoch::is_initial")]
+    pub epoch: crate::Epoch,
 }
 
 impl Manifest {
@@ -88,6 +94,7 @@ impl Manifest {
             vm: vm.to_owned(),
             disks: Vec::new(),
             points: Vec::new(),
+            epoch: crate::Epoch::default(),
         }
     }
 
@@ -189,6 +196,7 @@ mod tests {
             cycle: 0,
             consistency,
             disks: Vec::new(),
+            written_by: String::new(),
         }
     }
 

@@ -165,6 +165,22 @@ impl<S: ReplicaStore> ReplicaStore for FaultInjectingStore<S> {
         self.check("delete vm")?;
         self.inner.delete_vm(vm).await
     }
+    fn hold_epoch(&self, vm: &VmKey, epoch: u64) {
+        self.inner.hold_epoch(vm, epoch);
+    }
+    async fn epoch(&self, vm: &VmKey) -> Result<lifeboat_store::Epoch, StoreError> {
+        self.check("epoch")?;
+        self.inner.epoch(vm).await
+    }
+    async fn fence(
+        &self,
+        vm: &VmKey,
+        holder: &str,
+        now_unix_ms: u64,
+    ) -> Result<lifeboat_store::Epoch, StoreError> {
+        self.check("fence")?;
+        self.inner.fence(vm, holder, now_unix_ms).await
+    }
 }
 
 /// What each view showed, by cycle, then disk.

@@ -59,7 +59,7 @@ mod tests;
 mod token_tests;
 
 use crate::{Manifest, ReplicaStore, StoreError, VmKey, check_disk_name};
-use azure_core::http::{ClientOptions, Url};
+use azure_core::http::{ClientOptions, Etag, Url};
 use azure_storage_blob::BlobClient;
 use azure_storage_blob::models::{
     BlobClientDeleteOptions, BlobClientGetPropertiesResultHeaders as _,
@@ -74,19 +74,29 @@ use std::fmt;
 use std::num::NonZero;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 pub use pipeline::{AzureStoreOptions, Credentials, MAX_UPLOAD_CONCURRENCY};
 pub use shared_key::{AccountKey, AccountSasGrant, account_sas, container_sas};
 
-/// Per-VM state: the bound on requests in flight, and the cached manifest (whose lock also
-/// serialises the VM's manifest updates).
+/// Per-VM state: the bound on requests in flight, the cached manifest (whose lock also
+/// serialises the VM's manifest updates), the ETag of the manifest last read for a change
+/// (the next manifest write is conditional on it), and when this store last saw the VM at the
+/// epoch it holds.
 #[derive(Debug)]
 struct VmState {
     permits: Semaphore,
     manifest: tokio::sync::Mutex<Option<Manifest>>,
+    etag: Mutex<Option<Etag>>,
+    epoch_checked: Mutex<Option<Instant>>,
 }
+
+/// How long a data write trusts the last look at the VM's epoch. Manifest writes (points,
+/// disks) are always conditional; data writes to the live blob look at most this often, so a
+/// writer fenced while it writes pages stops within this time, never having changed a point
+/// (snapshots are immutable) or the manifest.
+const EPOCH_RECHECK: Duration = Duration::from_secs(1);
 
 /// The replica store on an Azure Blob Storage container (see the module docs).
 pub struct AzureStore {
@@ -103,6 +113,7 @@ pub struct AzureStore {
     secrets: Vec<String>,
     upload_concurrency: usize,
     vms: Mutex<HashMap<VmKey, Arc<VmState>>>,
+    held: crate::fence::Held,
 }
 
 impl fmt::Debug for AzureStore {
@@ -177,6 +188,7 @@ impl AzureStore {
             secrets,
             upload_concurrency: options.upload_concurrency,
             vms: Mutex::new(HashMap::new()),
+            held: crate::fence::Held::default(),
         })
     }
 
@@ -209,6 +221,8 @@ impl AzureStore {
                 Arc::new(VmState {
                     permits: Semaphore::new(self.upload_concurrency),
                     manifest: tokio::sync::Mutex::new(None),
+                    etag: Mutex::new(None),
+                    epoch_checked: Mutex::new(None),
                 })
             })
             .clone()
@@ -259,10 +273,61 @@ impl AzureStore {
 
     /// Fetch the manifest from the service (None when the blob is absent).
     async fn fetch_manifest(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError> {
+        Ok(self.fetch_manifest_tagged(vm).await?.0)
+    }
+
+    /// Fetch the manifest for a change (callers hold the manifest lock until they wrote it),
+    /// remembering its ETag for the conditional write that follows; refused with
+    /// [`StoreError::Fenced`] when the VM is at another epoch than the one this store holds.
+    async fn fetch_for_change(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError> {
+        let (manifest, etag) = self.fetch_manifest_tagged(vm).await?;
+        *lock(&self.vm_state(vm).etag) = etag;
+        if let Some(m) = &manifest {
+            self.held.check(vm, &m.epoch)?;
+            *lock(&self.vm_state(vm).epoch_checked) = Some(Instant::now());
+        }
+        Ok(manifest)
+    }
+
+    /// Before a data write: refused when the VM moved to another epoch, looked up at most
+    /// once per [`EPOCH_RECHECK`].
+    async fn check_epoch(&self, vm: &VmKey, state: &VmState) -> Result<(), StoreError> {
+        if self.held.get(vm).is_none() {
+            return Ok(());
+        }
+        let fresh = lock(&state.epoch_checked).is_some_and(|at| at.elapsed() < EPOCH_RECHECK);
+        if fresh {
+            return Ok(());
+        }
+        if let (Some(manifest), _) = self.fetch_manifest_tagged(vm).await? {
+            self.held.check(vm, &manifest.epoch)?;
+        }
+        *lock(&state.epoch_checked) = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The manifest and its ETag, as the service has them now.
+    async fn fetch_manifest_tagged(
+        &self,
+        vm: &VmKey,
+    ) -> Result<(Option<Manifest>, Option<Etag>), StoreError> {
         let name = manifest_blob(vm);
-        let Some(bytes) = self.download_small(&name, "read the manifest").await? else {
-            return Ok(None);
+        let target = Target {
+            action: "read the manifest",
+            what: format!("blob {name:?}"),
         };
+        let client = self.blob_client(&name)?;
+        let response = match client.download(None).await {
+            Ok(response) => response,
+            Err(e) if error_code(&e).as_deref() == Some("BlobNotFound") => return Ok((None, None)),
+            Err(e) => return Err(self.classify(&target, e)),
+        };
+        let etag = response.properties.etag.clone();
+        let bytes = response
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.classify(&target, e))?;
         let manifest = Manifest::from_json(&bytes).map_err(|detail| StoreError::Corrupt {
             path: format!("{}/{name}", self.container),
             detail,
@@ -273,15 +338,34 @@ impl AzureStore {
                 detail: format!("the manifest is for VM {}, not {vm}", manifest.vm),
             });
         }
-        Ok(Some(manifest))
+        Ok((Some(manifest), etag))
     }
 
-    /// Replace the manifest with one Put Blob (atomic on the service).
+    /// Replace the manifest with one Put Blob (atomic on the service), conditional on the
+    /// ETag of the manifest read for this change (none: only if no manifest exists), so that
+    /// of two writers racing one wins; the loser reads again and learns whether it was
+    /// fenced ([`StoreError::Fenced`]) or raced at its own epoch ([`StoreError::Conflict`]).
     async fn store_manifest(&self, vm: &VmKey, manifest: &Manifest) -> Result<(), StoreError> {
         let name = manifest_blob(vm);
         let json = manifest.to_json();
-        self.put_small_blob(&name, json.into(), "write the manifest")
+        self.held.check(vm, &manifest.epoch)?;
+        let state = self.vm_state(vm);
+        let condition = match lock(&state.etag).take() {
+            Some(etag) => Condition::Match(etag),
+            None => Condition::Absent,
+        };
+        match self
+            .put_small_blob(&name, json.into(), "write the manifest", condition)
             .await
+        {
+            Err(StoreError::Conflict { what, store }) => {
+                if let (Some(now), _) = self.fetch_manifest_tagged(vm).await? {
+                    self.held.check(vm, &now.epoch)?;
+                }
+                Err(StoreError::Conflict { what, store })
+            }
+            other => other,
+        }
     }
 
     async fn put_small_blob(
@@ -289,6 +373,7 @@ impl AzureStore {
         name: &str,
         body: Bytes,
         action: &str,
+        condition: Condition,
     ) -> Result<(), StoreError> {
         let target = Target {
             action,
@@ -299,15 +384,30 @@ impl AzureStore {
         // the service applies atomically (no staged blocks a crash could leave half-done).
         let size = NonZero::new(u64::try_from(body.len()).unwrap_or(u64::MAX).max(1))
             .unwrap_or(NonZero::<u64>::MIN);
-        let options = BlobClientUploadOptions {
+        let mut options = BlobClientUploadOptions {
             partition_size: Some(size),
             ..Default::default()
         };
-        client
-            .upload(body.into(), Some(options))
-            .await
-            .map_err(|e| self.classify(&target, e))?;
-        Ok(())
+        match condition {
+            Condition::None => {}
+            Condition::Match(etag) => options.if_match = Some(etag),
+            Condition::Absent => options.if_none_match = Some(Etag::from("*")),
+        }
+        match client.upload(body.into(), Some(options)).await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    error_code(&e).as_deref(),
+                    Some("ConditionNotMet" | "BlobAlreadyExists")
+                ) =>
+            {
+                Err(StoreError::Conflict {
+                    what: format!("blob {name:?}"),
+                    store: self.describe(),
+                })
+            }
+            Err(e) => Err(self.classify(&target, e)),
+        }
     }
 
     /// The manifest, from the cache or the service; `NotFound` when the VM has none.
@@ -527,6 +627,23 @@ impl AzureStore {
 /// Blob names: `<namespace>/<vm>/disks/<disk>.vhd`.
 fn disk_blob(vm: &VmKey, disk: &str) -> String {
     format!("{}/{}/disks/{disk}.vhd", vm.namespace(), vm.name())
+}
+
+/// What a small blob's upload is conditional on.
+enum Condition {
+    /// Nothing: replace whatever is there.
+    None,
+    /// The blob still has this ETag.
+    Match(Etag),
+    /// No blob of that name exists.
+    Absent,
+}
+
+/// A std mutex's guard, poisoned or not (the values behind these are plain data).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// `<namespace>/<vm>/manifest.json`.

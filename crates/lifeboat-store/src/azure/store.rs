@@ -4,7 +4,10 @@
 //! the layout, and for the order of writes that keeps the manifest truthful after a crash).
 
 use super::pipeline::Target;
-use super::{AzureStore, definition_blob, disk_blob, manifest_blob, map_blob, merge_ranges, vhd};
+use super::{
+    AzureStore, Condition, definition_blob, disk_blob, lock, manifest_blob, map_blob, merge_ranges,
+    vhd,
+};
 use crate::manifest::point_id;
 use crate::{
     At, Manifest, ManifestDisk, NewPoint, PointDisk, RecoveryPoint, ReplicaStore, StoreError,
@@ -35,8 +38,13 @@ impl ReplicaStore for AzureStore {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let name = format!(".lifeboat-probe/{nanos:x}");
-        self.put_small_blob(&name, Bytes::from_static(b"lifeboat"), "write a probe blob")
-            .await?;
+        self.put_small_blob(
+            &name,
+            Bytes::from_static(b"lifeboat"),
+            "write a probe blob",
+            Condition::None,
+        )
+        .await?;
         self.delete_blob(&name, None).await
     }
 
@@ -46,7 +54,7 @@ impl ReplicaStore for AzureStore {
         let state = self.vm_state(vm);
         let mut cache = state.manifest.lock().await;
         let mut manifest = self
-            .fetch_manifest(vm)
+            .fetch_for_change(vm)
             .await?
             .unwrap_or_else(|| Manifest::new(&vm.to_string()));
         if let Some(existing) = manifest.disk(disk) {
@@ -88,7 +96,7 @@ impl ReplicaStore for AzureStore {
         let state = self.vm_state(vm);
         let mut cache = state.manifest.lock().await;
         let mut manifest = self
-            .fetch_manifest(vm)
+            .fetch_for_change(vm)
             .await?
             .ok_or_else(|| self.not_found(format!("VM {vm}")))?;
         let Some(old) = manifest.disks.iter().position(|d| d.name == disk) else {
@@ -126,7 +134,7 @@ impl ReplicaStore for AzureStore {
         check_disk_name(disk)?;
         let state = self.vm_state(vm);
         let mut cache = state.manifest.lock().await;
-        let Some(mut manifest) = self.fetch_manifest(vm).await? else {
+        let Some(mut manifest) = self.fetch_for_change(vm).await? else {
             *cache = None;
             return Ok(());
         };
@@ -153,6 +161,7 @@ impl ReplicaStore for AzureStore {
         let size = self.live_size(vm, disk, &state).await?;
         let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
         check_range(disk, offset, len, size, true)?;
+        self.check_epoch(vm, &state).await?;
         if len == 0 {
             return Ok(());
         }
@@ -177,6 +186,7 @@ impl ReplicaStore for AzureStore {
         if len == 0 {
             return Ok(());
         }
+        self.check_epoch(vm, &state).await?;
         let target = Target {
             action: "zero",
             what: format!("{offset}+{len} of {}", Self::what_disk(vm, disk)),
@@ -305,7 +315,7 @@ impl ReplicaStore for AzureStore {
         let state = self.vm_state(vm);
         let mut cache = state.manifest.lock().await;
         let mut manifest = self
-            .fetch_manifest(vm)
+            .fetch_for_change(vm)
             .await?
             .ok_or_else(|| self.not_found(format!("VM {vm}")))?;
         let id = point_id(point.time_unix_ms, point.cycle);
@@ -378,6 +388,7 @@ impl ReplicaStore for AzureStore {
             cycle: point.cycle,
             consistency: point.consistency,
             disks,
+            written_by: point.written_by.clone(),
         };
         manifest.points.push(new.clone());
         manifest.points.sort_by(|a, b| {
@@ -397,7 +408,7 @@ impl ReplicaStore for AzureStore {
     async fn delete_point(&self, vm: &VmKey, point_id: &str) -> Result<(), StoreError> {
         let state = self.vm_state(vm);
         let mut cache = state.manifest.lock().await;
-        let Some(mut manifest) = self.fetch_manifest(vm).await? else {
+        let Some(mut manifest) = self.fetch_for_change(vm).await? else {
             *cache = None;
             return Ok(());
         };
@@ -427,7 +438,7 @@ impl ReplicaStore for AzureStore {
     async fn revert_to_latest_point(&self, vm: &VmKey) -> Result<(), StoreError> {
         let state = self.vm_state(vm);
         let mut cache = state.manifest.lock().await;
-        let Some(mut manifest) = self.fetch_manifest(vm).await? else {
+        let Some(mut manifest) = self.fetch_for_change(vm).await? else {
             *cache = None;
             return Ok(());
         };
@@ -479,8 +490,14 @@ impl ReplicaStore for AzureStore {
         check_disk_name(disk)?;
         let state = self.vm_state(vm);
         self.live_size(vm, disk, &state).await?;
-        self.put_small_blob(&map_blob(vm, disk), encoded, "write the block map")
-            .await
+        self.check_epoch(vm, &state).await?;
+        self.put_small_blob(
+            &map_blob(vm, disk),
+            encoded,
+            "write the block map",
+            Condition::None,
+        )
+        .await
     }
 
     async fn block_map(&self, vm: &VmKey, disk: &str) -> Result<Option<Bytes>, StoreError> {
@@ -490,11 +507,17 @@ impl ReplicaStore for AzureStore {
     }
 
     async fn put_definition(&self, vm: &VmKey, encoded: Bytes) -> Result<(), StoreError> {
-        if self.manifest(vm).await?.is_none() {
+        let Some(manifest) = self.manifest(vm).await? else {
             return Err(self.not_found(format!("VM {vm}")));
-        }
-        self.put_small_blob(&definition_blob(vm), encoded, "write the VM's definition")
-            .await
+        };
+        self.held.check(vm, &manifest.epoch)?;
+        self.put_small_blob(
+            &definition_blob(vm),
+            encoded,
+            "write the VM's definition",
+            Condition::None,
+        )
+        .await
     }
 
     async fn definition(&self, vm: &VmKey) -> Result<Option<Bytes>, StoreError> {
@@ -521,9 +544,53 @@ impl ReplicaStore for AzureStore {
         Ok(vms)
     }
 
+    fn hold_epoch(&self, vm: &VmKey, epoch: u64) {
+        self.held.hold(vm, epoch);
+    }
+
+    async fn epoch(&self, vm: &VmKey) -> Result<crate::Epoch, StoreError> {
+        Ok(self
+            .fetch_manifest(vm)
+            .await?
+            .map(|m| m.epoch)
+            .unwrap_or_default())
+    }
+
+    async fn fence(
+        &self,
+        vm: &VmKey,
+        holder: &str,
+        now_unix_ms: u64,
+    ) -> Result<crate::Epoch, StoreError> {
+        let state = self.vm_state(vm);
+        let mut cache = state.manifest.lock().await;
+        *cache = None;
+        let (manifest, etag) = self.fetch_manifest_tagged(vm).await?;
+        let mut manifest = manifest.ok_or_else(|| self.not_found(format!("VM {vm}")))?;
+        manifest.epoch = manifest.epoch.next(holder, now_unix_ms);
+        // NB: conditional on what was read: a writer's manifest update in between makes this
+        // fail (StoreConflict, recoverable), and the fence is tried again on top of it.
+        let condition = etag.map_or(Condition::Absent, Condition::Match);
+        self.put_small_blob(
+            &manifest_blob(vm),
+            manifest.to_json().into(),
+            "fence the VM (write the manifest with a new epoch)",
+            condition,
+        )
+        .await?;
+        self.held.hold(vm, manifest.epoch.number);
+        *lock(&state.epoch_checked) = Some(std::time::Instant::now());
+        let epoch = manifest.epoch.clone();
+        *cache = Some(manifest);
+        Ok(epoch)
+    }
+
     async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError> {
         let state = self.vm_state(vm);
         let mut cache = state.manifest.lock().await;
+        if let Some(manifest) = self.fetch_manifest(vm).await? {
+            self.held.check(vm, &manifest.epoch)?;
+        }
         *cache = None;
         // NB: the manifest first: once it is gone the VM reads as absent; the blobs under its
         // prefix are then deleted (a retry after a crash lists and deletes what is left).

@@ -32,7 +32,16 @@ fn new_point(time_unix_ms: u64, cycle: u64, disks: &[&str]) -> NewPoint {
         cycle,
         consistency: crate::Consistency::CrashConsistent,
         digests: digests(disks),
+        written_by: String::new(),
     }
+}
+
+#[tokio::test]
+async fn a_fenced_azure_writer_changes_nothing() {
+    let azurite = Azurite::start();
+    let old = shared_key_store(&azurite, "replicas", test_options(4)).await;
+    let new = shared_key_store(&azurite, "replicas", test_options(4)).await;
+    conformance::fencing(&old, &new, &vm("fenced")).await;
 }
 
 #[tokio::test]

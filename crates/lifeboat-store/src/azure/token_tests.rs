@@ -262,6 +262,7 @@ async fn a_token_credential_replicates_over_https_and_a_bad_token_is_access_deni
                     crate::conformance::digest_of(&[0u8; 512]),
                 )]
                 .into(),
+                written_by: String::new(),
             },
         )
         .await

@@ -49,6 +49,7 @@
 //! - `io.rs`: positional and direct I/O, hole punching, atomic replacement, on every platform.
 
 mod disk;
+mod epoch;
 mod io;
 #[cfg(test)]
 mod tests;
@@ -93,6 +94,7 @@ pub struct LocalStore {
     root: PathBuf,
     access: Access,
     vms: Mutex<HashMap<VmKey, Arc<Mutex<Option<VmState>>>>>,
+    held: crate::fence::Held,
 }
 
 impl LocalStore {
@@ -115,6 +117,7 @@ impl LocalStore {
             root,
             access: Access::Write,
             vms: Mutex::new(HashMap::new()),
+            held: crate::fence::Held::default(),
         })
     }
 
@@ -142,6 +145,7 @@ impl LocalStore {
             root: root.into(),
             access: Access::ReadOnly,
             vms: Mutex::new(HashMap::new()),
+            held: crate::fence::Held::default(),
         })
     }
 
@@ -170,13 +174,22 @@ impl LocalStore {
         let key = vm.to_string();
         let describe = self.describe();
         let access = self.access;
+        let held = self.held.get(vm);
         let run = move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
+                // NB: a fenced writer must not even run crash recovery on the VM: it loads
+                // the VM as a reader does (no lock, no repair), and every change is refused.
+                let fenced = access == Access::Write
+                    && crate::fence::check(&key, held, &epoch::read(&dir)?).is_err();
+                let access = if fenced { Access::ReadOnly } else { access };
                 *guard = Some(VmState::load(dir, key, describe, access)?);
             }
             match guard.as_mut() {
-                Some(state) => f(state),
+                Some(state) => {
+                    state.held = held;
+                    f(state)
+                }
                 None => Err(StoreError::InvalidRequest {
                     what: "VM state missing after load".into(),
                 }),
@@ -200,7 +213,11 @@ impl LocalStore {
         if self.access == Access::ReadOnly {
             return Err(read_only_refusal(&vm.to_string()));
         }
-        self.with_vm(vm, f).await
+        self.with_vm(vm, |state| {
+            state.check_epoch()?;
+            f(state)
+        })
+        .await
     }
 }
 
@@ -498,6 +515,7 @@ impl ReplicaStore for LocalStore {
                 cycle: point.cycle,
                 consistency: point.consistency,
                 disks,
+                written_by: point.written_by.clone(),
             };
             manifest.points.push(cut.clone());
             state.save_manifest(&manifest)?;
@@ -639,7 +657,58 @@ impl ReplicaStore for LocalStore {
     }
 
     async fn manifest(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError> {
-        self.with_vm(vm, |state| Ok(state.manifest.clone())).await
+        self.with_vm(vm, |state| {
+            let Some(mut manifest) = state.manifest.clone() else {
+                return Ok(None);
+            };
+            manifest.epoch = epoch::read(&state.dir)?;
+            Ok(Some(manifest))
+        })
+        .await
+    }
+
+    fn hold_epoch(&self, vm: &VmKey, epoch: u64) {
+        self.held.hold(vm, epoch);
+    }
+
+    async fn epoch(&self, vm: &VmKey) -> Result<crate::Epoch, StoreError> {
+        let dir = self.vm_dir(vm);
+        tokio::task::spawn_blocking(move || epoch::read(&dir))
+            .await
+            .map_err(|e| StoreError::InvalidRequest {
+                what: format!("a store task ended abnormally: {e}"),
+            })?
+    }
+
+    async fn fence(
+        &self,
+        vm: &VmKey,
+        holder: &str,
+        now_unix_ms: u64,
+    ) -> Result<crate::Epoch, StoreError> {
+        let dir = self.vm_dir(vm);
+        let holder = holder.to_owned();
+        let missing = StoreError::NotFound {
+            what: format!("VM {vm}"),
+            store: self.describe(),
+        };
+        // NB: outside the VM's writer lock, which the old writer may still hold (a paused
+        // process, a node cut off but alive): the epoch lock is all a fence needs.
+        let next = tokio::task::spawn_blocking(move || {
+            if !VmState::manifest_path(&dir).is_file() {
+                return Err(missing);
+            }
+            let _lock = epoch::lock(&dir)?;
+            let next = epoch::read(&dir)?.next(&holder, now_unix_ms);
+            epoch::write(&dir, &next)?;
+            Ok(next)
+        })
+        .await
+        .map_err(|e| StoreError::InvalidRequest {
+            what: format!("a store task ended abnormally: {e}"),
+        })??;
+        self.held.hold(vm, next.number);
+        Ok(next)
     }
 
     async fn put_block_map(

@@ -14,6 +14,31 @@ async fn local_store_passes_the_conformance_suite() {
     conformance::run_all(&store, "conformance").await;
 }
 
+#[tokio::test]
+async fn a_fenced_local_writer_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let old = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    // NB: the old writer holds the VM's writer lock throughout: the fence needs no more than
+    // a read-only store, as a recovery on another node has.
+    let new = LocalStore::open_read_only(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let vm = VmKey::new("ns", "fenced").unwrap_or_else(|e| panic!("{e}"));
+    conformance::fencing(&old, &new, &vm).await;
+    // A writer that comes back (a restarted agent, its state saying epoch 0) reads, but
+    // neither recovers the VM from a crash nor changes anything.
+    drop(old);
+    let before = std::fs::read(dir.path().join("ns/fenced/manifest.json")).unwrap_or_default();
+    let back = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    back.hold_epoch(&vm, 0);
+    let manifest = back.manifest(&vm).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(manifest.map(|m| m.epoch.number), Some(2));
+    match back.revert_to_latest_point(&vm).await {
+        Err(StoreError::Fenced { current: 2, .. }) => {}
+        other => panic!("a writer back at epoch 0: {other:?}"),
+    }
+    let after = std::fs::read(dir.path().join("ns/fenced/manifest.json")).unwrap_or_default();
+    assert_eq!(before, after);
+}
+
 /// Direct writes, buffered writes over the same pages, undo pre-images read through the
 /// page cache, and a reopen: every read sees the last write, and the point keeps its own.
 #[tokio::test]

@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::disk::Disk;
+use super::epoch;
 use super::io::{create_dir_durable, sync_folder, write_atomic};
 use super::undo::Segment;
 use super::{Access, read_only_refusal};
@@ -36,6 +37,8 @@ pub(super) struct VmState {
     lock: Option<File>,
     pub(super) manifest: Option<Manifest>,
     pub(super) disks: HashMap<String, Disk>,
+    /// The epoch the store writes this VM under, if it holds one (set before every change).
+    pub(super) held: Option<u64>,
 }
 
 pub(super) fn seq_of(point: &PointDisk) -> u64 {
@@ -182,6 +185,7 @@ impl VmState {
             lock,
             manifest,
             disks: HashMap::new(),
+            held: None,
         };
         let names: Vec<String> = state.known_disks();
         for name in names {
@@ -234,12 +238,14 @@ impl VmState {
             return Ok(());
         }
         create_dir_durable(&self.dir, "create VM folder")?;
+        let held = self.held;
         *self = VmState::load(
             self.dir.clone(),
             self.key.clone(),
             self.describe.clone(),
             Access::Write,
         )?;
+        self.held = held;
         Ok(())
     }
 
@@ -333,9 +339,27 @@ impl VmState {
         }
     }
 
+    /// Replace the manifest; with an epoch held, under the epoch lock and only while the
+    /// VM is still at that epoch (a fence and a manifest write never interleave).
     pub(super) fn save_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
         self.writable()?;
+        let _lock = match self.held {
+            Some(_) => {
+                let lock = epoch::lock(&self.dir)?;
+                self.check_epoch()?;
+                Some(lock)
+            }
+            None => None,
+        };
         write_atomic(&Self::manifest_path(&self.dir), &manifest.to_json())
+    }
+
+    /// `Ok` when this store may change the VM: it holds no epoch, or the one the VM is at.
+    pub(super) fn check_epoch(&self) -> Result<(), StoreError> {
+        if self.held.is_none() {
+            return Ok(());
+        }
+        crate::fence::check(&self.key, self.held, &epoch::read(&self.dir)?)
     }
 
     /// The latest point's sequence number and its size of `disk`, if it has the disk.
