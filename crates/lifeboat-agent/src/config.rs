@@ -68,6 +68,8 @@ pub struct VmConfig {
     pub policy_generation: Option<i64>,
     /// What the store keeps of the VM beside its replica ([`definition`]).
     pub definition: bytes::Bytes,
+    /// Who writes the replica, in the store's records (`node <name>`).
+    pub writer: String,
 }
 
 impl VmConfig {
@@ -161,6 +163,7 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
         work_hours: lifeboat_control::mapping::policy_spec(policy).work_hours,
         policy_generation: policy.metadata.generation,
         definition: definition(vm, policy),
+        writer: format!("node {}", spec.node_name),
     })
 }
 
@@ -249,6 +252,7 @@ mod tests {
             work_hours,
             policy_generation: None,
             definition: bytes::Bytes::new(),
+            writer: String::new(),
         }
     }
 

@@ -138,6 +138,7 @@ pub async fn open_worker(
     })?;
     engine.throttle().share(&host_bandwidth(state_dir));
     engine.set_definition(config.definition.clone());
+    engine.set_writer(&config.writer);
     Ok(Worker::new(engine))
 }
 

@@ -58,6 +58,9 @@ pub mod types {
     pub const TEST_FAILOVER_SUCCEEDED: &str = "TestFailoverSucceeded";
     /// ProtectedVM: failed over.
     pub const FAILED_OVER: &str = "FailedOver";
+    /// True when the replica moved to a newer epoch than the agent's (a failover elsewhere
+    /// fenced it): the agent writes nothing more for the VM.
+    pub const FENCED: &str = "Fenced";
     /// ProtectedVM: protected and healthy; ReplicationPolicy: usable.
     pub const READY: &str = "Ready";
     /// ReplicationPolicy: deletion waits for the VMs that use it.
@@ -179,8 +182,10 @@ pub struct VmConditionFacts<'a> {
     pub current_job: Option<(JobKind, JobState)>,
     /// The error of the current operation, while it stands.
     pub job_error: Option<&'a ErrorReport>,
-    /// The agent's last cycle error, while it stands.
+    /// The agent's last cycle error, while it stands (while the VM is Protected).
     pub cycle_error: Option<&'a ErrorReport>,
+    /// The agent's last error as it reported it, whatever the phase.
+    pub agent_error: Option<&'a ErrorReport>,
     /// `AgentQuiet` or `AgentLost` while the node's agent is silent.
     pub agent_silent: Option<&'a str>,
     /// Why a resync is required, when it is.
@@ -262,11 +267,12 @@ fn vm_ready(facts: &VmConditionFacts<'_>) -> Verdict {
     }
 }
 
-/// The eight conditions of a ProtectedVM, in a stable order (`Ready` last: it came last).
+/// The nine conditions of a ProtectedVM, in a stable order (`Ready` last of the first eight:
+/// it came last; `Fenced` after it).
 pub fn vm_verdicts(
     facts: &VmConditionFacts<'_>,
     conditions: &[ObservedCondition],
-) -> [(&'static str, Verdict); 8] {
+) -> [(&'static str, Verdict); 9] {
     use Phase as P;
     let phase = facts.phase;
     let failed = |default: Verdict| match facts.job_error {
@@ -426,8 +432,25 @@ pub fn vm_verdicts(
         (types::TEST_FAILOVER_SUCCEEDED, test_failover),
         (types::FAILED_OVER, failed_over),
         (types::READY, vm_ready(facts)),
+        (types::FENCED, fenced(facts)),
     ]
 }
+
+/// `Fenced`: True while the agent's error (a cycle's or the current job's) says the store
+/// refused it for an epoch it no longer holds.
+fn fenced(facts: &VmConditionFacts<'_>) -> Verdict {
+    match [facts.agent_error, facts.job_error]
+        .into_iter()
+        .flatten()
+        .find(|e| e.reason == FENCED_REASON)
+    {
+        Some(e) => Verdict::yes(FENCED_REASON, e.message.clone()),
+        None => Verdict::no("NotFenced", "the agent writes the replica's current epoch"),
+    }
+}
+
+/// The error reason of a store that refused a fenced writer (`lifeboat_store`'s `Fenced`).
+pub const FENCED_REASON: &str = "Fenced";
 
 /// The conditions of a ReplicationJob in `state`, as a Kubernetes Job has them: none while it
 /// is pending, running or waiting; `Complete=True` once it succeeded; `Failed=True` with the
@@ -592,6 +615,7 @@ mod verdict_tests {
             current_job: None,
             job_error: None,
             cycle_error: None,
+            agent_error: None,
             agent_silent: None,
             resync_required: None,
             resync_reason: None,

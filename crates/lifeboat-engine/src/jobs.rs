@@ -24,7 +24,10 @@ use lifeboat_core::{FailoverKind, JobKind, JobParams};
 use lifeboat_store::RecoveryPoint;
 
 use crate::error::EngineError;
-use crate::replicator::{FailoverReport, PointChoice, ProgressSink, Replicator, Report};
+use crate::replicator::{
+    FailoverReport, PointChoice, ProgressSink, Replicator, Report, choose_point,
+    fail_over_from_store, materialise_point,
+};
 use crate::state::{DiskRecord, EnginePhase};
 
 /// What a finished job produced.
@@ -92,6 +95,53 @@ fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice {
         Some(lifeboat_core::PointChoice::LatestAppConsistent) => PointChoice::LatestAppConsistent,
         Some(lifeboat_core::PointChoice::Named(name)) => PointChoice::Named(name.clone()),
     }
+}
+
+/// Run a job that needs nothing but the store (`lifeboat_core::vm::jobs::store_only`: a test
+/// failover, an unplanned failover) on an agent that is not the VM's own (that one is lost).
+/// The failover moves the replica to a new epoch taken by `holder`, fencing the VM's agent.
+///
+/// # Errors
+///
+/// Any other kind of job (it needs the VM's node), no such point, store failures, the
+/// folder cannot be written, or a digest mismatch.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_store_job(
+    store: &dyn lifeboat_store::ReplicaStore,
+    vm: &lifeboat_store::VmKey,
+    kind: JobKind,
+    params: &JobParams,
+    dirs: &JobDirs,
+    holder: &str,
+    now: SystemTime,
+    progress: ProgressSink<'_>,
+) -> Result<JobResult, EngineError> {
+    let choice = engine_point(params.point.as_ref());
+    let report = match kind {
+        JobKind::TestFailover => {
+            let point = choose_point(store, vm, &choice).await?;
+            materialise_point(store, vm, point, &dirs.failover_dir, "test", progress).await?
+        }
+        JobKind::Failover if params.failover == Some(FailoverKind::Unplanned) => {
+            let dir = &dirs.failover_dir;
+            fail_over_from_store(store, vm, &choice, holder, now, dir, progress)
+                .await?
+                .1
+        }
+        _ => {
+            return Err(EngineError::NotReady {
+                what: format!(
+                    "a {} job of VM {vm} needs the agent of the VM's own node",
+                    kind.as_str()
+                ),
+            });
+        }
+    };
+    Ok(JobResult {
+        point: Some(report.point.clone()),
+        failover: Some(report),
+        ..JobResult::default()
+    })
 }
 
 /// Run one job to its end. Idempotent where the engine is: a job retried after a crash

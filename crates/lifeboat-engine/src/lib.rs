@@ -22,6 +22,6 @@ pub mod throttle;
 pub mod worker;
 
 pub use error::EngineError;
-pub use jobs::{JobDirs, JobResult, run_job};
+pub use jobs::{JobDirs, JobResult, run_job, run_store_job};
 pub use replicator::{Progress, Replicator, Report, Settings};
 pub use worker::{VmFacts, Worker};

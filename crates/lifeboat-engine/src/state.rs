@@ -75,6 +75,11 @@ pub struct CopyCursor {
 pub struct AgentState {
     /// The phase.
     pub phase: EnginePhase,
+    /// The epoch of the replica this agent writes under (see `lifeboat_store::fence`): the
+    /// store's when protection starts, the new one after this agent fences it. A store at
+    /// another epoch refuses every change: the agent was fenced.
+    #[serde(default)]
+    pub epoch: u64,
     /// The last cycle number used (views are numbered from 1).
     pub last_cycle: u64,
     /// Cycles with sealed logs not yet applied, oldest first.

@@ -262,6 +262,21 @@ async fn failover(
         }
     };
     let started = Instant::now();
+    // NB: the replica moves to a new epoch first: the old primary's agent, if it is only cut
+    // off and comes back, is refused by the store from then on (it is fenced).
+    let holder = format!(
+        "lifeboat recover on {}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "this host".into())
+    );
+    let now = std::time::SystemTime::now();
+    let epoch = store
+        .fence(key, &holder, lifeboat_engine::replicator::unix_ms(now))
+        .await
+        .with_context(|| format!("fencing VM {key}'s old primary"))?;
+    eprintln!(
+        "VM {key} moved to epoch {} ({holder}): its old primary writes nothing more",
+        epoch.number
+    );
     let report = materialise_point(store, key, point, &to, "recovered", &progress).await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();

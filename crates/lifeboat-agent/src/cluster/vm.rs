@@ -88,6 +88,10 @@ pub(crate) struct VmTask {
     /// when they changed (a rotated key).
     credentials_suspect: bool,
     credentials_checked_at: Option<Instant>,
+    /// The store refused this agent for an epoch it no longer holds (a failover elsewhere
+    /// fenced it): no more cycles; jobs still end (refused by the store) so that the
+    /// operator hears why.
+    fenced: bool,
 }
 
 fn uid(job: &ReplicationJob) -> String {
@@ -130,6 +134,7 @@ impl VmTask {
             last_logged: None,
             credentials_suspect: false,
             credentials_checked_at: None,
+            fenced: false,
         }
     }
 
@@ -362,8 +367,13 @@ impl VmTask {
 
     /// Note an error that may come from credentials the store no longer takes.
     fn note_error(&mut self, error: &EngineError) {
-        if error.reason() == "StoreAccessDenied" {
-            self.credentials_suspect = true;
+        match error.reason() {
+            "StoreAccessDenied" => self.credentials_suspect = true,
+            lifeboat_core::conditions::FENCED_REASON if !self.fenced => {
+                tracing::error!(vm = %self.vm, %error, "fenced: this agent writes nothing more for the VM");
+                self.fenced = true;
+            }
+            _ => {}
         }
     }
 
@@ -638,9 +648,9 @@ impl VmTask {
         }
     }
 
-    /// A delta cycle, if one is due.
+    /// A delta cycle, if one is due (never once fenced).
     async fn cycle(&mut self, stop: &Stop) {
-        let Some(slot) = self.slot.as_mut() else {
+        let Some(slot) = self.slot.as_mut().filter(|_| !self.fenced) else {
             return;
         };
         let outcome = tokio::select! {

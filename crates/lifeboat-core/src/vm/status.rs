@@ -142,6 +142,7 @@ impl Pass<'_> {
             current_job: record.as_ref().map(|j| (j.kind, j.state)),
             job_error: job_error.as_ref(),
             cycle_error: cycle_error.as_ref(),
+            agent_error: agent.and_then(|a| a.last_error.as_ref()),
             agent_silent,
             resync_required,
             resync_reason: active

@@ -97,6 +97,30 @@ pub async fn choose_point(
     })
 }
 
+/// Fail `vm` over from the store alone (the VM's own agent is gone): choose the point, move
+/// the replica to a new epoch taken by `holder` (every other writer is fenced from then on),
+/// and materialise the point in `dir` as [`materialise_point`] does. The recovery side of a
+/// lost site: another node's agent, or `lifeboat recover`, runs it.
+///
+/// # Errors
+///
+/// No such point, store failures (a fence that lost a race is [`lifeboat_store::StoreError::Conflict`],
+/// recoverable), the folder cannot be written, or [`EngineError::DigestMismatch`].
+pub async fn fail_over_from_store(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    choice: &PointChoice,
+    holder: &str,
+    now: SystemTime,
+    dir: &Path,
+    progress: ProgressSink<'_>,
+) -> Result<(lifeboat_store::Epoch, FailoverReport), EngineError> {
+    let point = choose_point(store, vm, choice).await?;
+    let epoch = store.fence(vm, holder, super::unix_ms(now)).await?;
+    let report = materialise_point(store, vm, point, dir, "failover", progress).await?;
+    Ok((epoch, report))
+}
+
 /// Materialise `point` of `vm` as image files `<vm>-<label>-<disk>.img` in `dir`, verified
 /// against the manifest's digests. Files of a failed attempt are removed.
 ///
@@ -293,7 +317,24 @@ impl Replicator {
         } else {
             choice.clone()
         };
-        let report = self.materialise(&choice, dir, "failover", progress).await?;
+        // NB: the point is chosen before the fence: a fence changes no point, and choosing
+        // first keeps a failover to a point that does not exist from fencing anything.
+        let point = choose_point(self.store.as_ref(), &self.vm, &choice).await?;
+        let epoch = self
+            .store
+            .fence(&self.vm, &self.writer, super::unix_ms(now))
+            .await?;
+        self.state.epoch = epoch.number;
+        self.save()?;
+        let report = materialise_point(
+            self.store.as_ref(),
+            &self.vm,
+            point,
+            dir,
+            "failover",
+            progress,
+        )
+        .await?;
         if planned {
             self.hypervisor.stop_tracking(&self.disks).await?;
         }

@@ -32,7 +32,8 @@ mod resync;
 mod upload;
 
 pub use failover::{
-    FailoverReport, MaterialisedDisk, PointChoice, choose_point, disk_image_path, materialise_point,
+    FailoverReport, MaterialisedDisk, PointChoice, choose_point, disk_image_path,
+    fail_over_from_store, materialise_point,
 };
 
 use std::path::{Path, PathBuf};
@@ -137,6 +138,8 @@ pub struct Replicator {
     state: AgentState,
     /// The VM's definition, kept beside the replica (see [`Replicator::set_definition`]).
     definition: Option<bytes::Bytes>,
+    /// Who this engine is in the store's records (points' `written_by`, the epoch's holder).
+    writer: String,
 }
 
 /// The digest a point records for a disk whose blocks `map` describes.
@@ -197,6 +200,11 @@ impl Replicator {
         fs.create_dir_all(&dir)
             .map_err(EngineError::state("create agent state folder", &dir))?;
         let state = AgentState::load(fs.as_ref(), &dir)?;
+        // NB: a new protection adopts the replica's epoch at enable; until then the store
+        // has nothing of this agent's to refuse.
+        if !matches!(state.phase, EnginePhase::New | EnginePhase::Disabled) {
+            store.hold_epoch(&vm, state.epoch);
+        }
         let engine = Replicator {
             vm,
             disks,
@@ -208,6 +216,7 @@ impl Replicator {
             throttle: Arc::new(Throttle::default()),
             state,
             definition: None,
+            writer: String::new(),
         };
         logs::remove_unrecorded(engine.fs.as_ref(), &engine.dir, &engine.state)?;
         if engine.state.applying && engine.state.phase != EnginePhase::Copied {
@@ -274,6 +283,12 @@ impl Replicator {
         Ok(())
     }
 
+    /// Who this engine is in the store's records: recovery points say who wrote them, an
+    /// epoch who took it (an agent: its node).
+    pub fn set_writer(&mut self, writer: &str) {
+        writer.clone_into(&mut self.writer);
+    }
+
     /// The upload throttle (set its limit from the policy's bandwidth schedule).
     pub fn throttle(&self) -> &Arc<Throttle> {
         &self.throttle
@@ -318,6 +333,7 @@ impl Replicator {
                     cycle,
                     consistency,
                     digests,
+                    written_by: self.writer.clone(),
                 },
             )
             .await?;
@@ -398,6 +414,13 @@ impl Replicator {
         }
         let infos = self.hypervisor.inspect(&self.disks).await?;
         self.store.check_writable().await?;
+        if matches!(self.state.phase, EnginePhase::New | EnginePhase::Disabled) {
+            // NB: new protection writes under the replica's epoch as it finds it (a replica
+            // kept from an earlier protection may have been fenced since); from then on the
+            // epoch is this agent's, and a store that moved on refuses it.
+            self.state.epoch = self.store.epoch(&self.vm).await?.number;
+            self.store.hold_epoch(&self.vm, self.state.epoch);
+        }
         check_log_space(
             self.fs.as_ref(),
             &self.dir,

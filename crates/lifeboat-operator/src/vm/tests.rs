@@ -309,7 +309,8 @@ async fn protection_starts_with_a_job_then_a_status_applied_as_the_operator() {
             "Resynchronizing",
             "TestFailoverSucceeded",
             "FailedOver",
-            "Ready"
+            "Ready",
+            "Fenced"
         ]
     );
     api.done(&mut events).await;
