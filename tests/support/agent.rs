@@ -314,6 +314,7 @@ impl Worker {
                                 ),
                             }],
                             verified: true,
+                            node: Some(self.node.clone()),
                         });
                     json!({"status": {
                         "phase": "Succeeded", "completionTime": finished,

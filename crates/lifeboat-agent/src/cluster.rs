@@ -31,6 +31,7 @@
 mod api;
 mod error;
 mod health;
+mod recovery;
 mod vm;
 
 #[cfg(test)]
@@ -349,6 +350,7 @@ impl Agent {
             timing: options.timing.clone(),
             metrics: self.metrics(),
         });
+        let recovery = tokio::spawn(recovery::run(Arc::clone(&shared), stop.clone()));
         let supervisor = tokio::spawn(supervise(
             Arc::clone(&shared),
             Arc::clone(&ready),
@@ -363,6 +365,9 @@ impl Agent {
         let _ = stop_tx.send(true);
         if let Err(error) = supervisor.await {
             tracing::error!(%error, "the VM supervisor ended abnormally");
+        }
+        if let Err(error) = recovery.await {
+            tracing::error!(%error, "the recovery job runner ended abnormally");
         }
         let _ = heartbeat.await;
         feeds.abort();

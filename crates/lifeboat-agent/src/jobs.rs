@@ -10,10 +10,7 @@ use lifeboat_api::common::{ErrorClass, ErrorStatus};
 use lifeboat_api::contract::{ENABLE_PROTECTION_STEPS, INITIAL_REPLICATION_STEP};
 use lifeboat_api::job::{JobPhase, JobProgress, JobStep, JobType, ReplicationJobStatus, StepState};
 use lifeboat_api::protected_vm::{Consistency, FailoverResult, MaterialisedDisk, RecoveryPointRef};
-use lifeboat_control::mapping::{
-    api_conditions, api_time, conditions, error_status, job_kind, job_state, params,
-};
-use lifeboat_core::conditions::{job_verdicts, set_verdicts};
+use lifeboat_control::mapping::{api_time, error_status, job_kind, params};
 use lifeboat_core::{JobKind, JobParams};
 use lifeboat_engine::replicator::{FailoverReport, Progress};
 use lifeboat_engine::{EngineError, JobResult};
@@ -107,21 +104,6 @@ pub fn progressed(status: &mut ReplicationJobStatus, progress: &[Progress], now:
     }
 }
 
-/// Set the conditions an ended job shows (`Complete=True`, or `Failed=True` with the error's
-/// reason); a job that has not ended has none.
-fn set_job_conditions(status: &mut ReplicationJobStatus, now: SystemTime) {
-    let error = status
-        .error
-        .as_ref()
-        .map(|e| (e.reason.as_str(), e.message.as_str()));
-    let Some(verdict) = job_verdicts(job_state(status.phase), error) else {
-        return;
-    };
-    let mut observed = conditions(&status.conditions);
-    set_verdicts(&mut observed, [verdict], None, now);
-    status.conditions = api_conditions(&observed);
-}
-
 /// A (test) failover's result in the API's words.
 pub fn failover_result(report: &FailoverReport) -> FailoverResult {
     FailoverResult {
@@ -145,6 +127,7 @@ pub fn failover_result(report: &FailoverReport) -> FailoverResult {
             })
             .collect(),
         verified: true,
+        node: None,
     }
 }
 
@@ -175,7 +158,14 @@ pub fn finished(
             {
                 step.message = Some(message);
             }
-            status.result = result.failover.as_ref().map(failover_result);
+            status.result = result.failover.as_ref().map(|report| FailoverResult {
+                node: status
+                    .claimed_by
+                    .as_deref()
+                    .and_then(|c| c.split('/').next())
+                    .map(str::to_owned),
+                ..failover_result(report)
+            });
             status.error = None;
         }
         Err(error) => {
@@ -192,7 +182,7 @@ pub fn finished(
             status.error = Some(error_status(&error_report_now(error, now)));
         }
     }
-    set_job_conditions(&mut status, now);
+    lifeboat_control::mapping::set_job_conditions(&mut status, now);
     status
 }
 
@@ -215,7 +205,7 @@ pub fn failed(
         step.message = Some(error.message.clone());
     }
     status.error = Some(error);
-    set_job_conditions(&mut status, now);
+    lifeboat_control::mapping::set_job_conditions(&mut status, now);
     status
 }
 

@@ -121,6 +121,12 @@ pub struct ProtectedVMSpec {
     /// When disabling protection, also delete the replica and its recovery points.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delete_replica_on_disable: bool,
+    /// Nodes whose agents may run the VM's store-only jobs (unplanned failover, test
+    /// failover) when the agent of `nodeName` is lost, in order of preference. Recovery needs
+    /// the replica store only: pick nodes outside the VM's failure domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub recovery_node_names: Vec<String>,
     /// Actions asked for by setting a new token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<Requests>,
@@ -426,6 +432,10 @@ pub struct FailoverResult {
     /// Whether every disk matched the manifest's digest.
     #[serde(default)]
     pub verified: bool,
+    /// The node whose folder holds the disks (the agent's that ran the job: the VM's own, or
+    /// a recovery node when the VM's agent was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// One materialised disk.

@@ -429,6 +429,22 @@ pub fn job_facts(job: &ReplicationJob) -> JobFacts {
     }
 }
 
+/// Set the conditions an ended job shows (`Complete=True`, or `Failed=True` with the error's
+/// reason); a job that has not ended has none.
+pub fn set_job_conditions(status: &mut lifeboat_api::job::ReplicationJobStatus, now: SystemTime) {
+    let error = status
+        .error
+        .as_ref()
+        .map(|e| (e.reason.as_str(), e.message.as_str()));
+    let Some(verdict) = lifeboat_core::conditions::job_verdicts(job_state(status.phase), error)
+    else {
+        return;
+    };
+    let mut observed = conditions(&status.conditions);
+    lifeboat_core::conditions::set_verdicts(&mut observed, [verdict], None, now);
+    status.conditions = api_conditions(&observed);
+}
+
 /// Where the (test) failover results of a new status come from.
 #[derive(Clone, Copy, Debug)]
 pub struct Results<'a> {
@@ -678,6 +694,8 @@ mod tests {
             agent: None,
             job: &JobObservation::NotLookedUp,
             heartbeat: Some(at(990)),
+            job_heartbeat: None,
+            recovery: &[],
         });
         let name = first
             .create_job
@@ -706,6 +724,8 @@ mod tests {
                 }),
             }),
             heartbeat: Some(at(1095)),
+            job_heartbeat: Some(at(1095)),
+            recovery: &[],
         });
         for state in [&first.state, &failed.state] {
             let status = vm_status(

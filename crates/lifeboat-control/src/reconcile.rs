@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use lifeboat_api::common::LocalObjectReference;
 use lifeboat_api::contract::{LABEL_JOB_TYPE, LABEL_VM, is_label_value};
-use lifeboat_api::job::ReplicationJobSpec;
+use lifeboat_api::job::{ReplicationJobSpec, ReplicationJobStatus};
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob, ReplicationPolicy};
 use lifeboat_core::policy::check_policy;
 use lifeboat_core::vm::{JobObservation, NewJob, Notice, VmDecision, VmInput, decide_vm, job_name};
@@ -81,6 +81,15 @@ pub trait VmWriter: Send + Sync {
     /// Delete the job of this name; a job gone already is not an error.
     async fn delete_job(&self, vm: &ProtectedVM, name: &str) -> Result<(), Self::Error>;
 
+    /// Mark the job Failed with `status` (the operator takes it from a lost agent); a job gone
+    /// already is not an error.
+    async fn fail_job(
+        &self,
+        vm: &ProtectedVM,
+        name: &str,
+        status: &ReplicationJobStatus,
+    ) -> Result<(), Self::Error>;
+
     /// Tell people what happened (best effort: never fails the pass), with the VM's current
     /// job, if any, as the related object.
     async fn publish(&self, vm: &ProtectedVM, notices: &[Notice], job: Option<&str>);
@@ -97,16 +106,25 @@ pub trait VmWriter: Send + Sync {
 }
 
 /// What a pass starts from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct VmPass<'a> {
     /// The VM as last read.
     pub vm: &'a ProtectedVM,
     /// Its policy, if it exists.
     pub policy: Option<&'a ReplicationPolicy>,
-    /// The last heartbeat of the VM's node's agent, if it ever had one.
-    pub heartbeat: Option<SystemTime>,
+    /// The last heartbeat of the agent on a node, if it ever had one.
+    pub heartbeat: &'a (dyn Fn(&str) -> Option<SystemTime> + Send + Sync),
     /// The time of the decision, in whole seconds.
     pub now: SystemTime,
+}
+
+impl std::fmt::Debug for VmPass<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmPass")
+            .field("vm", &self.vm.name_any())
+            .field("now", &self.now)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a pass did.
@@ -145,6 +163,13 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
             None => (None, JobObservation::Missing),
         },
     };
+    let recovery: Vec<(String, Option<SystemTime>)> = vm
+        .spec
+        .recovery_node_names
+        .iter()
+        .filter(|node| **node != vm.spec.node_name)
+        .map(|node| (node.clone(), (pass.heartbeat)(node)))
+        .collect();
     let mut decision = decide_vm(&VmInput {
         now: pass.now,
         spec: &spec,
@@ -152,9 +177,20 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
         policy: policy.as_ref(),
         agent: agent.as_ref(),
         job: &observation,
-        heartbeat: pass.heartbeat,
+        heartbeat: (pass.heartbeat)(&vm.spec.node_name),
+        job_heartbeat: job
+            .as_ref()
+            .and_then(|j| (pass.heartbeat)(&j.spec.node_name)),
+        recovery: &recovery,
     });
 
+    if let (Some((name, error)), Some(held)) = (&decision.fail_job, job.as_deref())
+        && held.name_any() == *name
+    {
+        writer
+            .fail_job(vm, name, &taken_from_lost_agent(held, error, pass.now))
+            .await?;
+    }
     if let Some(withdrawn) = &decision.delete_job {
         writer.delete_job(vm, withdrawn).await?;
     }
@@ -188,6 +224,21 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
     })
 }
 
+/// The status of a job taken from a lost agent: Failed, with the error and the `Failed`
+/// condition a Kubernetes Job shows, its steps and progress as the agent last wrote them.
+pub fn taken_from_lost_agent(
+    job: &ReplicationJob,
+    error: &lifeboat_core::ErrorReport,
+    now: SystemTime,
+) -> ReplicationJobStatus {
+    let mut status = job.status.clone().unwrap_or_default();
+    status.phase = lifeboat_api::job::JobPhase::Failed;
+    status.completion_time = Some(mapping::api_time(now));
+    status.error = Some(mapping::error_status(error));
+    mapping::set_job_conditions(&mut status, now);
+    status
+}
+
 /// The ReplicationJob object for a new job of `vm`, owned by the VM.
 pub fn job_object(vm: &ProtectedVM, new: &NewJob, name: &str) -> ReplicationJob {
     let mut labels = BTreeMap::new();
@@ -206,7 +257,10 @@ pub fn job_object(vm: &ProtectedVM, new: &NewJob, name: &str) -> ReplicationJob 
         },
         spec: ReplicationJobSpec {
             vm_ref: LocalObjectReference { name: vm_name },
-            node_name: vm.spec.node_name.clone(),
+            node_name: new
+                .node
+                .clone()
+                .unwrap_or_else(|| vm.spec.node_name.clone()),
             job_type: mapping::api_job_type(new.kind),
             parameters: mapping::api_params(&new.params),
         },

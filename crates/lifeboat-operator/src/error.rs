@@ -54,6 +54,15 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Marking a ReplicationJob taken from a lost agent Failed.
+    #[error("mark ReplicationJob {name} failed (its agent is lost)")]
+    FailJob {
+        /// `namespace/name`.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// Adding or removing a finalizer failed.
     #[error("update the finalizers of {kind} {name}")]
     PatchFinalizers {
@@ -177,6 +186,7 @@ impl Error {
             Self::JobNameTaken { .. } => "job_name_taken",
             Self::GetJob { .. } => "get_job",
             Self::DeleteJob { .. } => "delete_job",
+            Self::FailJob { .. } => "fail_job",
             Self::PatchFinalizers { .. } => "patch_finalizers",
             Self::MissingNamespace { .. } => "missing_namespace",
             Self::Serialize { .. } => "serialize",
@@ -196,6 +206,7 @@ impl Error {
             | Self::CreateJob { source, .. }
             | Self::GetJob { source, .. }
             | Self::DeleteJob { source, .. }
+            | Self::FailJob { source, .. }
             | Self::PatchFinalizers { source, .. }
             | Self::Lease { source, .. }
             | Self::ConnectApi { source } => api_error_is_recoverable(source),

@@ -32,6 +32,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use lifeboat_api::contract::{OPERATOR_FIELD_MANAGER, VM_FINALIZER};
+use lifeboat_api::job::ReplicationJobStatus;
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob};
 use lifeboat_control::mapping::whole_seconds;
 use lifeboat_control::{Created, JobNameTaken, VmPass, VmWriter, reconcile_vm};
@@ -179,6 +180,27 @@ impl VmWriter for KubeWriter<'_> {
         }
     }
 
+    async fn fail_job(
+        &self,
+        _vm: &ProtectedVM,
+        name: &str,
+        status: &ReplicationJobStatus,
+    ) -> Result<()> {
+        let body = json!({ "status": status });
+        match self
+            .jobs
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(source) => Err(Error::FailJob {
+                name: self.qualified(name),
+                source,
+            }),
+        }
+    }
+
     async fn publish(&self, vm: &ProtectedVM, notices: &[Notice], job: Option<&str>) {
         let related = job.map(|name| ObjectReference {
             api_version: Some(ReplicationJob::api_version(&()).into_owned()),
@@ -259,7 +281,7 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
         VmPass {
             vm: &vm,
             policy: policy.as_deref(),
-            heartbeat: ctx.heartbeat(&vm.spec.node_name),
+            heartbeat: &|node: &str| ctx.heartbeat(node),
             now: whole_seconds(ctx.clock.now()),
         },
     )

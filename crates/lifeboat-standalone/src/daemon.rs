@@ -152,6 +152,20 @@ impl VmWriter for DbWriter<'_> {
         Ok(self.db.delete(JOB_KIND, &ns, name)?)
     }
 
+    async fn fail_job(
+        &self,
+        vm: &ProtectedVM,
+        name: &str,
+        status: &lifeboat_api::job::ReplicationJobStatus,
+    ) -> Result<(), DaemonError> {
+        let (ns, _) = crate::folder::key_of(vm);
+        let Some(mut job) = self.db.get::<ReplicationJob>(JOB_KIND, &ns, name)? else {
+            return Ok(());
+        };
+        job.status = Some(status.clone());
+        Ok(self.db.put(JOB_KIND, &ns, name, &job)?)
+    }
+
     async fn publish(&self, vm: &ProtectedVM, notices: &[Notice], _job: Option<&str>) {
         for notice in notices {
             if notice.warning {
@@ -414,7 +428,7 @@ impl Daemon {
                 vm: &vm,
                 policy,
                 // NB: the agent is this process: alive while it decides.
-                heartbeat: Some(now),
+                heartbeat: &|_: &str| Some(now),
                 now,
             },
         )

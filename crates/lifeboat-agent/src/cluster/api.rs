@@ -78,6 +78,21 @@ impl NodeApi {
         Api::namespaced(self.client.clone(), namespace)
     }
 
+    /// The ProtectedVM `namespace/name` (for a job sent here for a VM of another node).
+    ///
+    /// # Errors
+    ///
+    /// `GetVm` for any API error.
+    pub async fn get_vm(&self, namespace: &str, name: &str) -> Result<ProtectedVM, ClusterError> {
+        Api::<ProtectedVM>::namespaced(self.client.clone(), namespace)
+            .get(name)
+            .await
+            .map_err(|source| ClusterError::GetVm {
+                vm: format!("{namespace}/{name}"),
+                source,
+            })
+    }
+
     /// Claim `job` for `claimer` (`node/pod`) at `now`, with the contract's merge patch on the
     /// status subresource, guarded by the resourceVersion the agent saw.
     ///

@@ -34,6 +34,15 @@ pub enum ClusterError {
         #[source]
         source: kube::Error,
     },
+    /// Reading the ProtectedVM of a job sent here from another node failed.
+    #[error("read ProtectedVM {vm}: {source}")]
+    GetVm {
+        /// `namespace/name`.
+        vm: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// Writing a job's status (its steps, progress or end) failed.
     #[error("write the status of ReplicationJob {job}: {source}")]
     WriteJobStatus {
@@ -112,6 +121,7 @@ impl ClusterError {
             Self::BindHealth { .. } => "bind_health",
             Self::NoNodeName => "no_node_name",
             Self::ClaimJob { .. } => "claim_job",
+            Self::GetVm { .. } => "get_vm",
             Self::WriteJobStatus { .. } => "write_job_status",
             Self::ApplyReport { .. } => "apply_report",
             Self::RenewLease { .. } => "renew_lease",
@@ -126,6 +136,7 @@ impl ClusterError {
         match self {
             Self::ConnectApi { source }
             | Self::ClaimJob { source, .. }
+            | Self::GetVm { source, .. }
             | Self::WriteJobStatus { source, .. }
             | Self::ApplyReport { source, .. }
             | Self::RenewLease { source, .. }

@@ -5,12 +5,29 @@
 use std::time::SystemTime;
 
 use crate::conditions::Verdict;
-use crate::model::{ErrorReport, JobKind, JobParams, JobState, Phase};
+use crate::model::{ErrorReport, FailoverKind, JobKind, JobParams, JobState, Phase};
 use crate::retry::{ErrorClass, RetryDecision, next_retry};
 
 use super::{
     FinishedJob, JobFacts, JobObservation, JobRecord, NewJob, Pass, ResultChange, job_name, reasons,
 };
+
+/// The error reason of a job taken from a lost agent.
+pub const AGENT_LOST: &str = "AgentLost";
+
+/// Whether a job needs only the replica store (no hypervisor): any agent can run it.
+pub fn store_only(kind: JobKind, params: &JobParams) -> bool {
+    match kind {
+        JobKind::TestFailover => true,
+        JobKind::Failover => params.failover == Some(FailoverKind::Unplanned),
+        _ => false,
+    }
+}
+
+/// Whether an agent whose last heartbeat is `beat` counts as alive at `now`.
+fn alive(beat: Option<SystemTime>, now: SystemTime) -> bool {
+    beat.is_some_and(|b| now.duration_since(b).unwrap_or_default() < super::JOB_AGENT_LOST)
+}
 
 /// When a failed operation may run again.
 enum RetryGate {
@@ -25,7 +42,13 @@ impl Pass<'_> {
             return;
         };
         let facts = match self.input.job {
-            JobObservation::Found(f) if f.name == record.name => f.clone(),
+            JobObservation::Found(f) if f.name == record.name => match self.lost_agent(f) {
+                Some(lost) => {
+                    self.fail = lost.error.clone().map(|e| (lost.name.clone(), e));
+                    lost
+                }
+                None => f.clone(),
+            },
             JobObservation::Missing if !record.state.is_finished() => JobFacts {
                 name: record.name.clone(),
                 state: JobState::Failed,
@@ -172,6 +195,14 @@ impl Pass<'_> {
             .or(Some(failed_at));
         // NB: the agent's own retry time is honoured, but never sooner than the ASR backoff:
         // an agent that asks for an immediate retry must not make the operator hot-loop.
+        // NB: a store-only job taken from a lost agent runs again at once, on a live one.
+        if error.reason == AGENT_LOST
+            && store_only(record.kind, &record.params)
+            && self.live_recovery_node().is_some()
+        {
+            error.next_retry_time = Some(failed_at);
+            return error;
+        }
         error.next_retry_time =
             match next_retry(error.class, record.attempt, failed_at, self.interval) {
                 RetryDecision::RetryAt(seed) => {
@@ -276,12 +307,25 @@ impl Pass<'_> {
                 n => format!("{} job {name} created (attempt {n})", kind.as_str()),
             },
         );
+        let node = self.place(kind, &params);
+        if let Some(node) = &node {
+            self.notice(
+                true,
+                reasons::JOB_RELOCATED,
+                format!(
+                    "{} job {name} goes to recovery node {node}: the agent of the VM's node has been silent for over {}s",
+                    kind.as_str(),
+                    super::JOB_AGENT_LOST.as_secs()
+                ),
+            );
+        }
         self.create = Some(NewJob {
             name: name.clone(),
             kind,
             sequence,
             attempt,
             params: params.clone(),
+            node,
         });
         self.state.job = Some(JobRecord {
             name,
@@ -300,6 +344,62 @@ impl Pass<'_> {
             JobKind::DisableProtection => self.state.phase = Phase::DisablingProtection,
             JobKind::TestFailover | JobKind::CleanupTestFailover | JobKind::Commit => {}
         }
+    }
+
+    /// The current job as failed, when the agent that holds it (or, for a store-only job
+    /// that no agent claimed, the agent it waits for) is lost, so that it runs again
+    /// elsewhere or later and no request waits behind it.
+    fn lost_agent(&self, facts: &JobFacts) -> Option<JobFacts> {
+        let record = self.state.job.as_ref()?;
+        let silent = |beat: Option<SystemTime>| {
+            beat.and_then(|b| self.now.duration_since(b).ok())
+                .filter(|s| *s >= super::JOB_AGENT_LOST)
+        };
+        let silence = silent(self.input.job_heartbeat)?;
+        let taken = match facts.state {
+            JobState::Running | JobState::WaitingForInput => true,
+            // NB: an unclaimed job is taken only when it has somewhere better to go.
+            JobState::Pending => {
+                store_only(record.kind, &record.params) && self.live_recovery_node().is_some()
+            }
+            JobState::Succeeded | JobState::Failed => false,
+        };
+        taken.then(|| JobFacts {
+            state: JobState::Failed,
+            completion_time: Some(self.now),
+            error: Some(ErrorReport {
+                class: ErrorClass::Recoverable,
+                reason: AGENT_LOST.into(),
+                message: format!(
+                    "the agent holding job {} has been silent for {}s (over {}s): the job is taken from it",
+                    record.name,
+                    silence.as_secs(),
+                    super::JOB_AGENT_LOST.as_secs()
+                ),
+                retry_count: 0,
+                next_retry_time: None,
+                first_seen_time: None,
+            }),
+            ..facts.clone()
+        })
+    }
+
+    /// The first recovery node whose agent is alive.
+    fn live_recovery_node(&self) -> Option<&str> {
+        self.input
+            .recovery
+            .iter()
+            .find(|(_, beat)| alive(*beat, self.now))
+            .map(|(node, _)| node.as_str())
+    }
+
+    /// Where a new job runs: the VM's node, unless the job needs only the store and the
+    /// VM's agent is lost while a recovery node's is alive.
+    fn place(&self, kind: JobKind, params: &JobParams) -> Option<String> {
+        if !store_only(kind, params) || alive(self.input.heartbeat, self.now) {
+            return None;
+        }
+        self.live_recovery_node().map(str::to_owned)
     }
 
     /// Start the job of a request. A request is asked again at every pass until its token is

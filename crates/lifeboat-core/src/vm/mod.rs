@@ -57,6 +57,10 @@ pub const DEFAULT_RPO_THRESHOLD: Duration = Duration::from_secs(30 * 60);
 pub const MAX_REQUEUE: Duration = Duration::from_secs(10 * 60);
 /// The shortest requeue: no hot loop, whatever the inputs say.
 pub const MIN_REQUEUE: Duration = Duration::from_secs(1);
+/// How long an agent may be silent before the jobs it holds are taken from it: twelve missed
+/// heartbeats (every 10 s), three times its Lease's 40 s. Store-only jobs then go to a
+/// recovery node; fencing keeps an agent that was only cut off from writing again.
+pub const JOB_AGENT_LOST: Duration = Duration::from_secs(120);
 
 /// Event reasons (stable: alerting matches them).
 pub mod reasons {
@@ -72,6 +76,8 @@ pub mod reasons {
     pub const REQUEST_REJECTED: &str = "RequestRejected";
     /// An unclaimed job was withdrawn (protection is being disabled).
     pub const JOB_WITHDRAWN: &str = "JobWithdrawn";
+    /// A store-only job goes to a recovery node: the VM's agent is lost.
+    pub const JOB_RELOCATED: &str = "JobRelocated";
     /// Health turned Normal.
     pub const HEALTH_NORMAL: &str = "HealthNormal";
     /// Health turned Warning.
@@ -282,6 +288,10 @@ pub struct VmInput<'a> {
     pub job: &'a JobObservation,
     /// The last heartbeat of the node's agent (its Lease), if it ever had one.
     pub heartbeat: Option<SystemTime>,
+    /// The last heartbeat of the agent on the current job's node (when it is not the VM's).
+    pub job_heartbeat: Option<SystemTime>,
+    /// The VM's recovery nodes, in order of preference, with their agents' last heartbeats.
+    pub recovery: &'a [(String, Option<SystemTime>)],
 }
 
 /// A job to create.
@@ -297,6 +307,9 @@ pub struct NewJob {
     pub attempt: u32,
     /// Its parameters.
     pub params: JobParams,
+    /// The node whose agent runs it: `None` for the VM's own, else a recovery node (a
+    /// store-only job while the VM's agent is lost).
+    pub node: Option<String>,
 }
 
 /// A job that ended in this pass, for metrics.
@@ -346,6 +359,9 @@ pub struct VmDecision {
     pub create_job: Option<NewJob>,
     /// An unclaimed job to delete (protection is being disabled).
     pub delete_job: Option<String>,
+    /// A job to mark Failed with this error before anything else: its agent is lost (the
+    /// job is taken from it, and runs again elsewhere or later).
+    pub fail_job: Option<(String, ErrorReport)>,
     /// Events.
     pub notices: Vec<Notice>,
     /// A job that ended, for metrics.
@@ -395,6 +411,7 @@ struct Pass<'a> {
     state: VmState,
     create: Option<NewJob>,
     delete: Option<String>,
+    fail: Option<(String, ErrorReport)>,
     notices: Vec<Notice>,
     finished: Option<FinishedJob>,
     results: ResultChange,
@@ -418,6 +435,7 @@ impl<'a> Pass<'a> {
             state: input.state.clone(),
             create: None,
             delete: None,
+            fail: None,
             notices: Vec::new(),
             finished: None,
             results: ResultChange::Keep,

@@ -206,6 +206,7 @@ impl Pass<'_> {
             changed,
             create_job: self.create,
             delete_job: self.delete,
+            fail_job: self.fail,
             notices: self.notices,
             finished_job: self.finished,
             results: self.results,

@@ -49,6 +49,10 @@ struct World {
     jobs: BTreeMap<String, JobFacts>,
     kinds: BTreeMap<String, JobKind>,
     heartbeat: Option<SystemTime>,
+    /// The recovery nodes and their agents' heartbeats.
+    recovery: Vec<(String, Option<SystemTime>)>,
+    /// Each job's node: `None` for the VM's own.
+    nodes: BTreeMap<String, Option<String>>,
     finalizer: bool,
     last: Option<VmDecision>,
 }
@@ -72,6 +76,8 @@ impl World {
             jobs: BTreeMap::new(),
             kinds: BTreeMap::new(),
             heartbeat: Some(at(1_000_000)),
+            recovery: Vec::new(),
+            nodes: BTreeMap::new(),
             finalizer: true,
             last: None,
         }
@@ -97,12 +103,34 @@ impl World {
             agent: self.agent.as_ref(),
             job: &self.observation(),
             heartbeat: self.heartbeat,
+            job_heartbeat: self.job_heartbeat(),
+            recovery: &self.recovery,
         })
+    }
+
+    /// The heartbeat of the current job's node's agent.
+    fn job_heartbeat(&self) -> Option<SystemTime> {
+        let record = self.state.job.as_ref()?;
+        match self.nodes.get(&record.name).cloned().flatten() {
+            None => self.heartbeat,
+            Some(node) => self
+                .recovery
+                .iter()
+                .find(|(n, _)| *n == node)
+                .and_then(|(_, beat)| *beat),
+        }
     }
 
     /// One reconcile: decide, then do what the operator does with the decision.
     fn step(&mut self) -> VmDecision {
         let d = self.decide();
+        if let Some((name, error)) = &d.fail_job
+            && let Some(job) = self.jobs.get_mut(name)
+        {
+            job.state = JobState::Failed;
+            job.error = Some(error.clone());
+            job.completion_time = Some(self.now);
+        }
         if let Some(job) = &d.create_job {
             assert!(
                 self.active_jobs().is_empty()
@@ -126,6 +154,7 @@ impl World {
                 },
             );
             self.kinds.insert(job.name.clone(), job.kind);
+            self.nodes.insert(job.name.clone(), job.node.clone());
         }
         if let Some(name) = &d.delete_job {
             self.jobs.remove(name);
@@ -553,6 +582,107 @@ fn a_recoverable_failover_failure_is_retried_at_the_backoff_with_the_next_attemp
     w.run_current_job();
     assert_eq!(w.phase(), Phase::FailedOver);
     assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
+}
+
+#[test]
+fn an_unplanned_failover_goes_to_a_recovery_node_and_never_waits_behind_a_lost_agent() {
+    let mut w = World::protected();
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    // The VM's agent claims a resync, then its node dies.
+    w.spec.requests.resync = Some("r1".into());
+    w.step();
+    assert_eq!(w.current().1, JobKind::Resynchronize);
+    assert_eq!(
+        w.nodes.get(&w.current().0),
+        Some(&None),
+        "a resync runs at home"
+    );
+    let held = w.claim();
+    w.step();
+    let died = w.now;
+    w.now += JOB_AGENT_LOST - Duration::from_secs(1);
+    w.recovery[0].1 = Some(w.now);
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    });
+    assert!(
+        w.step().create_job.is_none(),
+        "a second short of the bound it waits"
+    );
+    w.now = died + JOB_AGENT_LOST;
+    w.recovery[0].1 = Some(w.now);
+    let d = w.step();
+    let job = d
+        .create_job
+        .unwrap_or_else(|| panic!("the failover starts"));
+    assert_eq!(job.kind, JobKind::Failover);
+    assert_eq!(job.node.as_deref(), Some("node-b"), "on the recovery node");
+    assert!(w.notices().contains(&"JobRelocated"), "{:?}", w.notices());
+    let taken = &w.state.job;
+    assert_ne!(taken.as_ref().map(|j| j.name.as_str()), Some(held.as_str()));
+    // The resync it took over says why in the request's events.
+    assert!(
+        d.notices
+            .iter()
+            .any(|n| n.reason == "JobFailed" && n.note.contains("AgentLost")),
+        "{:?}",
+        d.notices
+    );
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedOver);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
+}
+
+#[test]
+fn a_store_only_job_left_by_a_lost_recovery_agent_moves_on_and_others_stay_home() {
+    let mut w = World::protected();
+    let start = w.now;
+    // The VM's agent is lost; two recovery nodes, the first one alive for now.
+    w.recovery = vec![
+        ("node-b".into(), Some(start)),
+        ("node-c".into(), Some(start)),
+    ];
+    w.now = start + JOB_AGENT_LOST;
+    w.recovery[0].1 = Some(w.now);
+    w.recovery[1].1 = Some(w.now);
+    w.spec.requests.test_failover = Some(TestFailoverAsk {
+        token: "t1".into(),
+        point: PointChoice::Latest,
+    });
+    let job = w
+        .step()
+        .create_job
+        .unwrap_or_else(|| panic!("a test failover"));
+    assert_eq!(job.node.as_deref(), Some("node-b"));
+    w.claim();
+    w.step();
+    // node-b dies while it runs: the job moves to node-c at once.
+    let b_died = w.now;
+    w.now += JOB_AGENT_LOST;
+    w.recovery[1].1 = Some(w.now);
+    let job = w.step().create_job.unwrap_or_else(|| panic!("moved on"));
+    assert_eq!((job.node.as_deref(), job.attempt), (Some("node-c"), 2));
+    assert!(b_died < w.now);
+    w.run_current_job();
+    assert_eq!(w.state.handled.test_failover.as_deref(), Some("t1"));
+    // A planned failover needs the source: it stays with the VM's node, however silent.
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    let job = w
+        .step()
+        .create_job
+        .unwrap_or_else(|| panic!("a planned failover"));
+    assert_eq!(job.node, None);
+    // Unclaimed at home, it is not taken away (it has nowhere better to go).
+    w.now += JOB_AGENT_LOST;
+    w.recovery[1].1 = Some(w.now);
+    assert!(w.step().create_job.is_none());
+    assert_eq!(w.current().1, JobKind::Failover);
 }
 
 #[test]
