@@ -201,7 +201,7 @@ async fn the_agent_protects_a_qemu_vm_with_the_operator_and_stops_cleanly() {
         &client,
         &qsd,
         json!({"copyFrequency": "30s",
-               "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}),
+               "target": {"local": {"path": dir.path().join("replicas").display().to_string(), "shared": true}}}),
     )
     .await;
     let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
@@ -319,7 +319,7 @@ async fn a_job_cut_short_by_sigterm_fails_as_recoverable() {
         &client,
         &qsd,
         json!({"copyFrequency": "30s", "bandwidth": {"offHoursMbps": 1},
-               "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}),
+               "target": {"local": {"path": dir.path().join("replicas").display().to_string(), "shared": true}}}),
     )
     .await;
 

@@ -100,7 +100,7 @@ async fn a_vm_is_protected_failed_over_in_test_and_disabled_on_a_real_cluster() 
             &serde_json::from_value(json!({
                 "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
                 "metadata": {"name": "gold"},
-                "spec": {"target": {"local": {"path": "/var/lib/lifeboat/replicas"}}}
+                "spec": {"target": {"local": {"path": "/var/lib/lifeboat/replicas", "shared": true}}}
             }))?,
         )
         .await?;

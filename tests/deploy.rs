@@ -35,6 +35,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 // NB: kube's runtime feature comes with lifeboat-operator.
 use kube::runtime::reflector;
@@ -396,7 +397,7 @@ async fn rbac_scenario(watch_namespace: Option<&str>) {
             "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
             "metadata": {"name": "local"},
             "spec": {"copyFrequency": "30s",
-                     "target": {"local": {"path": dir.path().join("replicas").display().to_string()}}}
+                     "target": {"local": {"path": dir.path().join("replicas").display().to_string(), "shared": true}}}
         })
     );
     let azure = object!(
@@ -438,6 +439,66 @@ async fn rbac_scenario(watch_namespace: Option<&str>) {
     // A policy deleted while a VM uses it: the operator holds it and says so, twice.
     policies
         .delete("azure", &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // A VM whose node's agent is lost: the operator takes the job that agent held (and marks
+    // it Failed), and a store-only job of that VM sent to this node makes this agent read
+    // the VM (not one of its node's).
+    let lost = "node-9";
+    let stale = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::try_from(
+            std::time::SystemTime::now() - Duration::from_secs(600),
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let lease = object!(
+        k8s_openapi::api::coordination::v1::Lease,
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": lifeboat_api::contract::agent_lease_name(lost),
+                         "labels": {lifeboat_api::contract::HEARTBEAT_LABEL:
+                                    lifeboat_api::contract::HEARTBEAT_LABEL_VALUE}},
+            "spec": {"holderIdentity": lost, "leaseDurationSeconds": 40,
+                     "acquireTime": stale, "renewTime": stale}
+        })
+    );
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(admin.clone(), RELEASE_NAMESPACE)
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut far = vm("far", "local", &qsd);
+    far.spec.node_name = lost.into();
+    far.spec.recovery_node_names = vec![NODE.into()];
+    vms.create(&PostParams::default(), &far)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let held = eventually(30, "far's enable job", || {
+        let jobs = jobs.clone();
+        async move {
+            let list = jobs.list(&Default::default()).await.ok()?;
+            list.items.into_iter().find(|j| j.spec.vm_ref.name == "far")
+        }
+    })
+    .await;
+    jobs.patch_status(
+        &held.name_any(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            &json!({"status": {"phase": "Running", "claimedBy": "node-9/gone"}}),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let drill = object!(
+        ReplicationJob,
+        json!({
+            "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationJob",
+            "metadata": {"name": "far-drill"},
+            "spec": {"vmRef": {"name": "far"}, "nodeName": NODE, "type": "TestFailover"}
+        })
+    );
+    jobs.create(&PostParams::default(), &drill)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 

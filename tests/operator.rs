@@ -28,6 +28,7 @@ struct Cluster {
     metrics: Arc<Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     operator: tokio::task::JoinHandle<lifeboat_operator::Result<()>>,
+    clock: Option<ManualClock>,
 }
 
 impl Cluster {
@@ -42,13 +43,14 @@ impl Cluster {
         lifeboat_operator::install_crypto_provider();
         let server = TestApiServer::start().await;
         let client = server.client(NS);
-        let (metrics, stop, operator) = run_operator(&client, clock, configure);
+        let (metrics, stop, operator) = run_operator(&client, clock.clone(), configure);
         Self {
             server,
             client,
             metrics,
             stop: Some(stop),
             operator,
+            clock,
         }
     }
 
@@ -65,14 +67,23 @@ impl Cluster {
     }
 
     fn agent(&self, node: &str) -> ScriptedAgent {
-        ScriptedAgent::start(self.client.clone(), NS, LEASES, node)
+        match self.clock.clone() {
+            Some(clock) => ScriptedAgent::start_with_clock(
+                self.client.clone(),
+                NS,
+                LEASES,
+                node,
+                Arc::new(move || clock.now()),
+            ),
+            None => ScriptedAgent::start(self.client.clone(), NS, LEASES, node),
+        }
     }
 
     async fn create_policy(&self, frequency: &str) {
         let policy: ReplicationPolicy = serde_json::from_value(json!({
             "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
             "metadata": {"name": "gold"},
-            "spec": {"copyFrequency": frequency, "target": {"local": {"path": "/replicas"}}}
+            "spec": {"copyFrequency": frequency, "target": {"local": {"path": "/replicas", "shared": true}}}
         }))
         .unwrap_or_else(|e| panic!("{e}"));
         self.policies()
@@ -582,8 +593,10 @@ async fn a_failed_job_is_retried_at_the_backoff_and_not_before() {
             .is_none(),
         "no retry before its time"
     );
-    // Due: the second attempt runs, succeeds, and protection goes on.
+    // Due: the second attempt runs, succeeds, and protection goes on. (The agent beats on
+    // while time goes by: its next heartbeat is seen at the new time.)
     clock.advance(Duration::from_secs(2 * 60));
+    tokio::time::sleep(Duration::from_millis(700)).await;
     cluster.poke("web", 2).await;
     let vm = cluster.phase("web", ProtectionPhase::Protected).await;
     assert!(vm.status.is_some_and(|s| s.last_error.is_none()));
@@ -722,6 +735,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         metrics: Arc::clone(&first_metrics),
         stop: Some(first_stop),
         operator: first,
+        clock: None,
     };
     let _agent = cluster.agent("node-1");
     cluster.create_policy("5m").await;

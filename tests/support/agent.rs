@@ -112,6 +112,24 @@ pub fn healthy_report(at: Time) -> AgentReport {
 impl ScriptedAgent {
     /// Start the double for `node`: jobs and VMs in `namespace`, its Lease in `lease_namespace`.
     pub fn start(client: Client, namespace: &str, lease_namespace: &str, node: &str) -> Self {
+        Self::start_with_clock(
+            client,
+            namespace,
+            lease_namespace,
+            node,
+            Arc::new(std::time::SystemTime::now),
+        )
+    }
+
+    /// [`ScriptedAgent::start`], its heartbeats stamped with `clock` (the operator's, when a
+    /// test moves time: an agent that keeps beating must not look silent when time jumps).
+    pub fn start_with_clock(
+        client: Client,
+        namespace: &str,
+        lease_namespace: &str,
+        node: &str,
+        clock: Arc<dyn Fn() -> std::time::SystemTime + Send + Sync>,
+    ) -> Self {
         let script = Arc::new(Mutex::new(Script::default()));
         let heartbeat = Arc::new(AtomicBool::new(true));
         let claims = Arc::new(AtomicU64::new(0));
@@ -123,6 +141,7 @@ impl ScriptedAgent {
             script: Arc::clone(&script),
             heartbeat: Arc::clone(&heartbeat),
             claims: Arc::clone(&claims),
+            clock,
         };
         let task = tokio::spawn(worker.run());
         Self {
@@ -196,6 +215,7 @@ struct Worker {
     script: Arc<Mutex<Script>>,
     heartbeat: Arc<AtomicBool>,
     claims: Arc<AtomicU64>,
+    clock: Arc<dyn Fn() -> std::time::SystemTime + Send + Sync>,
 }
 
 impl Worker {
@@ -218,7 +238,8 @@ impl Worker {
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": name, "labels": {HEARTBEAT_LABEL: HEARTBEAT_LABEL_VALUE}},
             "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40,
-                     "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now())}
+                     "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                         Timestamp::try_from((self.clock)()).unwrap_or_else(|_| Timestamp::now()))}
         });
         leases
             .patch(

@@ -1,11 +1,11 @@
-//! The agent's two benchmarks (DESIGN.md §6, issue 5), on a real `qemu-storage-daemon` (QSD)
-//! playing the VM's block layer and the real local folder store.
+//! The agent's benchmarks (DESIGN.md §6, issues 5 and 14), on a real `qemu-storage-daemon`
+//! (QSD) playing the VM's block layer and the real local folder store.
 //!
 //! ```text
-//!   cargo bench -p lifeboat-agent --bench agent -- [--parts tracking,copy] [--dir PATH]
+//!   cargo bench -p lifeboat-agent --bench agent -- [--parts tracking,copy,recovery] [--dir PATH]
 //!         tracking: [--disk-mib 2048] [--hot-mib 256] [--run-secs 100] [--interval-secs 30]
 //!                   [--rounds 3] [--depth 16] [--request-kib 64]
-//!         copy:     [--image-mib 4096] [--runs 5] [--steps lifeboat,cp] [--warm] [--no-verify]
+//!         copy, recovery: [--image-mib 4096] [--runs 5] [--steps lifeboat,cp] [--warm] [--no-verify]
 //!         [--keep]
 //! ```
 //!
@@ -61,6 +61,19 @@
 //! root, the page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`) so that both read from
 //! the disk; `--warm` keeps the cache. Both results are compared with the source (`cmp`) in
 //! the first run.
+//!
+//! # `recovery`: a failover from the replica store alone against `cp --sparse=always` + `sync`
+//!
+//! The same image, protected once (not timed): the engine enables, copies and runs the
+//! finalize cycle, which cuts the first point; the VM is then gone. Steps, alternating:
+//!
+//! - Lifeboat: `lifeboat_engine::replicator::fail_over_from_store`, what a recovery node's
+//!   agent runs for a lost VM (and `lifeboat recover failover`, by the same functions): a fresh
+//!   read-only handle on the store, the point chosen, the replica fenced (a new epoch
+//!   written), every data range of the point read, written to a sparse image and hashed, the
+//!   image fsynced and its digest compared with the point's. Timed from the handle's opening
+//!   to the verified, durable disk.
+//! - Peer: `cp --sparse=always` of the replica's own file (the same bytes) and `sync`.
 
 // A bench reports a failed setup by panicking: unwrap and expect are its error reports.
 #![allow(clippy::unwrap_used)]
@@ -129,7 +142,7 @@ struct Config {
 /// without `--bench`), a few seconds on tiny images in a folder of its own, page cache kept.
 fn smoke_config() -> Config {
     Config {
-        parts: vec!["tracking".into(), "copy".into()],
+        parts: vec!["tracking".into(), "copy".into(), "recovery".into()],
         dir: PathBuf::from(format!(
             "/var/tmp/lifeboat-agent-bench-smoke-{}",
             std::process::id()
@@ -955,6 +968,170 @@ async fn copy_part(config: &Config) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Recovery: a failover from the replica store alone.
+
+/// One timed recovery: seconds, and the CPU seconds of this process (Lifeboat) or of its
+/// children (cp, sync).
+struct RecoveryRun {
+    seconds: f64,
+    cpu: f64,
+    load: String,
+    dropped: bool,
+}
+
+/// What a recovery node's agent (and `lifeboat recover failover`) runs, through the same
+/// function: a fresh read-only handle on the store (another node's view), the point chosen,
+/// the replica fenced, every disk materialised into `out` and verified against its digest.
+async fn lifeboat_recovery(
+    config: &Config,
+    root: &Path,
+    vm: &VmKey,
+    out: &Path,
+    verify: Option<&Path>,
+) -> RecoveryRun {
+    remove_dir(out);
+    let dropped = settle(config.warm);
+    let load = load_average();
+    let (cpu_before, _) = cpu_of("self");
+    let started = Instant::now();
+    let store = LocalStore::open_read_only(root).unwrap();
+    let (_, report) = lifeboat_engine::replicator::fail_over_from_store(
+        &store,
+        vm,
+        &lifeboat_engine::replicator::PointChoice::Latest,
+        "bench",
+        std::time::SystemTime::now(),
+        out,
+        &no_progress,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("recover: {e}"));
+    let seconds = started.elapsed().as_secs_f64();
+    let (cpu_after, _) = cpu_of("self");
+    if let Some(source) = verify {
+        let disk = report.disks.first().unwrap();
+        run(
+            "cmp",
+            &[source.to_str().unwrap(), disk.path.to_str().unwrap()],
+        );
+    }
+    remove_dir(out);
+    RecoveryRun {
+        seconds,
+        cpu: cpu_after - cpu_before,
+        load,
+        dropped,
+    }
+}
+
+/// The peer: `cp --sparse=always` of the replica's file (the same bytes) and `sync`.
+fn cp_recovery(config: &Config, replica: &Path, out: &Path) -> RecoveryRun {
+    remove_dir(out);
+    std::fs::create_dir_all(out).unwrap();
+    let dest = out.join(format!("{DISK}.img"));
+    let dropped = settle(config.warm);
+    let load = load_average();
+    let (_, before) = cpu_of("self");
+    let started = Instant::now();
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            replica.to_str().unwrap(),
+            dest.to_str().unwrap(),
+        ],
+    );
+    run("sync", &[dest.to_str().unwrap(), out.to_str().unwrap()]);
+    let seconds = started.elapsed().as_secs_f64();
+    let (_, after) = cpu_of("self");
+    remove_dir(out);
+    RecoveryRun {
+        seconds,
+        cpu: after - before,
+        load,
+        dropped,
+    }
+}
+
+async fn recovery_part(config: &Config) {
+    let dir = config.dir.join("recovery");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (data_bytes, data_runs, holes) = build_image(config, &dir);
+    let qsd = Qsd::start(&dir, &dir.join("source.qcow2"), false);
+    // The replica, with its first point (the finalize cycle), as the VM's agent left it.
+    let work = dir.join("protected");
+    remove_dir(&work);
+    let mut engine = open_engine(
+        "recovery",
+        &qsd,
+        &dir.join("source.qcow2"),
+        &work,
+        Settings::default(),
+    )
+    .await;
+    engine.enable().await.unwrap();
+    engine.initial_copy(&no_progress).await.unwrap();
+    let cycle = engine
+        .run_cycle(std::time::SystemTime::now())
+        .await
+        .unwrap();
+    assert!(cycle.point.is_some(), "the finalize cycle cuts a point");
+    drop(engine);
+    drop(qsd);
+    let vm = VmKey::new("bench", "recovery").unwrap();
+    let root = work.join("store");
+    let replica = root
+        .join("bench/recovery/disks")
+        .join(format!("{DISK}.img"));
+    println!(
+        "\n### Recovery from the store: {} MiB image, {} MB of data in {} runs of 1 MiB extents, {} holes\n",
+        config.image_mib,
+        mb(data_bytes),
+        data_runs,
+        holes
+    );
+    println!("| run | step | seconds | CPU s | load | cache |");
+    println!("|---|---|---|---|---|---|");
+    let (mut lifeboat, mut peer) = (Vec::new(), Vec::new());
+    let out = dir.join("out");
+    for i in 1..=config.runs {
+        let verify = (i == 1 && config.verify).then(|| dir.join("source.raw"));
+        for lifeboat_first in [i % 2 == 1, i % 2 == 0] {
+            let (name, r) = if lifeboat_first {
+                if !config.steps.iter().any(|s| s == "lifeboat") {
+                    continue;
+                }
+                let r = lifeboat_recovery(config, &root, &vm, &out, verify.as_deref()).await;
+                lifeboat.push(r.seconds);
+                ("Lifeboat", r)
+            } else {
+                if !config.steps.iter().any(|s| s == "cp") {
+                    continue;
+                }
+                let r = cp_recovery(config, &replica, &out);
+                peer.push(r.seconds);
+                ("cp + sync", r)
+            };
+            println!(
+                "| {i} | {name} | {:.2} | {:.2} | {} | {} |",
+                r.seconds,
+                r.cpu,
+                r.load,
+                if r.dropped { "dropped" } else { "warm" }
+            );
+        }
+    }
+    let (l, p) = (median(&lifeboat), median(&peer));
+    println!(
+        "\nmedian seconds: Lifeboat {l:.2}, cp + sync {p:.2}; Lifeboat / peer {:.3} (target ≤ 1.25)",
+        l / p
+    );
+    if !config.keep {
+        remove_dir(&dir);
+    }
+}
+
 fn main() {
     let config = config();
     println!(
@@ -974,6 +1151,9 @@ fn main() {
         }
         if config.parts.iter().any(|p| p == "copy") {
             copy_part(&config).await;
+        }
+        if config.parts.iter().any(|p| p == "recovery") {
+            recovery_part(&config).await;
         }
     });
     if !config.keep {

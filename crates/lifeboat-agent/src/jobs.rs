@@ -158,6 +158,14 @@ pub fn finished(
             {
                 step.message = Some(message);
             }
+            if !result.report.warnings.is_empty() {
+                // NB: what the job could not do and did not need to (a disable whose source
+                // is gone): said where `kubectl get rjob -o wide` and describe show it.
+                status.progress.message = Some(format!(
+                    "done; left behind: {}",
+                    result.report.warnings.join("; ")
+                ));
+            }
             status.result = result.failover.as_ref().map(|report| FailoverResult {
                 node: status
                     .claimed_by

@@ -343,8 +343,12 @@ async fn disable_succeeds_when_the_source_vm_is_gone() {
         let mut rig = rig(&[("root", 4 * MIB)], settings()).await;
         rig.protect().await;
         rig.qsd.kill();
-        rig.engine.disable(delete_replica).await.unwrap();
+        let left = rig.engine.disable(delete_replica).await.unwrap();
         assert_eq!(rig.engine.state().phase, EnginePhase::Disabled);
+        assert!(
+            left.len() == 1 && left[0].starts_with("change tracking was not stopped on the source"),
+            "what was left on the source is said: {left:?}"
+        );
         let manifest = rig.store.manifest(&rig.vm).await.unwrap();
         assert_eq!(
             manifest.is_none(),

@@ -328,6 +328,12 @@ pub struct LocalTarget {
         {"rule": "self == oldSelf", "message": "path is immutable"}
     ]))]
     pub path: String,
+    /// The path is a share every node mounts at the same place (NFS, CephFS): the replica
+    /// survives the loss of the VM's node, and a recovery node reads it. On a cluster a
+    /// policy with a local target that is not marked shared is refused (a replica on the
+    /// VM's own node is lost with it); standalone mode takes any folder.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// What the operator observed of a policy.

@@ -556,7 +556,16 @@ fn window(w: &TimeWindow) -> WindowSpec {
     }
 }
 
-/// What the decisions need of a policy.
+/// What the decisions need of a policy on a cluster: [`policy_spec`], and a local target
+/// must be marked shared (the replica must outlive the VM's node).
+pub fn cluster_policy_spec(policy: &ReplicationPolicy) -> PolicySpec {
+    PolicySpec {
+        unshared_local_in_cluster: policy.spec.target.local.as_ref().is_some_and(|l| !l.shared),
+        ..policy_spec(policy)
+    }
+}
+
+/// What the decisions need of a policy (standalone mode: any local folder will do).
 pub fn policy_spec(policy: &ReplicationPolicy) -> PolicySpec {
     let s = &policy.spec;
     let azure = s.target.azure_blob.as_ref();
@@ -579,6 +588,7 @@ pub fn policy_spec(policy: &ReplicationPolicy) -> PolicySpec {
             .map(window),
         account_url: azure.map(|a| a.account_url.clone()),
         token_credentials: azure.is_some_and(|a| a.credentials.workload_identity.is_some()),
+        unshared_local_in_cluster: false,
     }
 }
 
@@ -660,6 +670,30 @@ mod tests {
     }
 
     #[test]
+    fn on_a_cluster_a_local_target_must_be_a_share() {
+        let policy = |target: serde_json::Value| -> ReplicationPolicy {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
+                "metadata": {"name": "p"},
+                "spec": {"target": target}
+            }))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let node_local = policy(serde_json::json!({"local": {"path": "/r"}}));
+        let share = policy(serde_json::json!({"local": {"path": "/r", "shared": true}}));
+        let azure = policy(serde_json::json!({"azureBlob": {
+            "accountUrl": "https://a.blob.core.windows.net", "container": "c",
+            "credentials": {"accountKeySecretRef": {"name": "s", "key": "k"}}}}));
+        assert!(cluster_policy_spec(&node_local).unshared_local_in_cluster);
+        assert!(
+            !policy_spec(&node_local).unshared_local_in_cluster,
+            "standalone: any folder"
+        );
+        assert!(!cluster_policy_spec(&share).unshared_local_in_cluster);
+        assert!(!cluster_policy_spec(&azure).unshared_local_in_cluster);
+    }
+
+    #[test]
     fn a_decided_state_survives_the_trip_through_status() {
         // A VM whose first job failed: every kind of field is set.
         let vm = ProtectedVM::new(
@@ -684,6 +718,7 @@ mod tests {
             work_hours: None,
             account_url: None,
             token_credentials: false,
+            unshared_local_in_cluster: false,
         })
         .0;
         let first = decide_vm(&VmInput {

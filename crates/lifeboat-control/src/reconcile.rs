@@ -116,6 +116,8 @@ pub struct VmPass<'a> {
     pub heartbeat: &'a (dyn Fn(&str) -> Option<SystemTime> + Send + Sync),
     /// The time of the decision, in whole seconds.
     pub now: SystemTime,
+    /// On a cluster (the operator): a local target must be marked shared.
+    pub cluster: bool,
 }
 
 impl std::fmt::Debug for VmPass<'_> {
@@ -150,9 +152,14 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
     let state = mapping::vm_state(vm.status.as_ref());
     let report = vm.status.as_ref().and_then(|s| s.agent.as_ref());
     let agent = report.map(mapping::agent_facts);
-    let policy = pass
-        .policy
-        .map(|p| check_policy(&mapping::policy_spec(p)).0);
+    let policy = pass.policy.map(|p| {
+        let spec = if pass.cluster {
+            mapping::cluster_policy_spec(p)
+        } else {
+            mapping::policy_spec(p)
+        };
+        check_policy(&spec).0
+    });
     let (job, observation) = match state.job.as_ref().filter(|j| !j.state.is_finished()) {
         None => (None, JobObservation::NotLookedUp),
         Some(record) => match writer.get_job(vm, &record.name).await? {

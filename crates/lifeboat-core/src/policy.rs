@@ -41,6 +41,8 @@ pub struct PolicySpec {
     pub account_url: Option<String>,
     /// Whether the Azure credentials are tokens (workload or managed identity).
     pub token_credentials: bool,
+    /// A local target not marked shared, on a cluster: its replica would die with the node.
+    pub unshared_local_in_cluster: bool,
 }
 
 /// A field the schema let through that cannot be used.
@@ -89,6 +91,15 @@ pub fn check_policy(spec: &PolicySpec) -> (PolicySettings, Option<FieldProblem>)
             reason: "InsecureAccountUrl",
             message: "spec.target.azureBlob.accountUrl: token credentials (workload identity) \
                       are only sent over https"
+                .into(),
+        });
+    }
+    if spec.unshared_local_in_cluster {
+        problem.get_or_insert(FieldProblem {
+            reason: "LocalTargetNotShared",
+            message: "spec.target.local: on a cluster the replica must survive the VM's node: \
+                      use a share every node mounts at the same path (NFS, CephFS) and mark it \
+                      shared: true, or replicate to azureBlob"
                 .into(),
         });
     }
@@ -208,6 +219,7 @@ mod tests {
             work_hours: None,
             account_url: None,
             token_credentials: false,
+            unshared_local_in_cluster: false,
         }
     }
 
@@ -259,6 +271,15 @@ mod tests {
             ready(&decide(&insecure, false, &[])),
             (ConditionStatus::False, "InsecureAccountUrl".into())
         );
+        let node_local = PolicySpec {
+            unshared_local_in_cluster: true,
+            ..spec()
+        };
+        let (settings, problem) = check_policy(&node_local);
+        assert!(settings.blocking_problem.is_some(), "new protection waits");
+        assert!(problem.is_some_and(|p| p.reason == "LocalTargetNotShared"
+            && p.message.starts_with("spec.target.local:")
+            && p.message.contains("shared: true")));
         assert_eq!(
             ready(&decide(&spec(), false, &[])),
             (ConditionStatus::True, "Ready".into())

@@ -225,7 +225,7 @@ pub async fn run_job(
             engine.commit().await?;
         }
         JobKind::DisableProtection => {
-            engine.disable(params.delete_replica).await?;
+            result.report.warnings = engine.disable(params.delete_replica).await?;
         }
     }
     // NB: the VM's definition goes beside the replica whenever protection is established or

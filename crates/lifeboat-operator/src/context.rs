@@ -73,6 +73,9 @@ pub struct Context {
     pub(crate) probes: Mutex<HashMap<String, ProbeResult>>,
     /// What the operator last wrote to each VM's status.
     pub(crate) last_writes: crate::vm::LastWrites,
+    /// Each node's heartbeat record (its Lease's renew time, as written) and when this
+    /// operator first saw it, on its own clock (see [`Context::heartbeat`]).
+    heartbeats: Mutex<HashMap<String, (SystemTime, SystemTime)>>,
 }
 
 impl fmt::Debug for Context {
@@ -108,19 +111,38 @@ impl Context {
             settings,
             probes: Mutex::new(HashMap::new()),
             last_writes: crate::vm::LastWrites::default(),
+            heartbeats: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The last heartbeat of the agent on `node`: its Lease's renew (or acquire) time.
+    /// The last heartbeat of the agent on `node`, on this operator's clock: when it first saw
+    /// the Lease's current renew (or acquire) time, as client-go judges a Lease's expiry, so
+    /// that an agent whose clock is off is neither taken for lost (its jobs taken from it)
+    /// nor kept alive. A record seen for the first time (the operator just started) counts
+    /// from the time it names or now, whichever is earlier: a Lease abandoned before the
+    /// operator started is as old as it says.
     pub fn heartbeat(&self, node: &str) -> Option<SystemTime> {
         let key =
             ObjectRef::new(&agent_lease_name(node)).within(&self.settings.heartbeat_namespace);
         let lease = self.stores.leases.get(&key)?;
         let spec = lease.spec.as_ref()?;
-        spec.renew_time
+        let renewed = spec
+            .renew_time
             .as_ref()
             .or(spec.acquire_time.as_ref())
-            .map(|t| SystemTime::from(t.0))
+            .map(|t| SystemTime::from(t.0))?;
+        let now = self.clock.now();
+        let mut seen = self
+            .heartbeats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = seen
+            .entry(node.to_owned())
+            .or_insert((renewed, renewed.min(now)));
+        if entry.0 != renewed {
+            *entry = (renewed, now);
+        }
+        Some(entry.1)
     }
 
     /// A cached probe result for `url`, if recent enough.

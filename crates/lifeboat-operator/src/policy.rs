@@ -55,7 +55,7 @@ pub async fn reconcile(policy: Arc<ReplicationPolicy>, ctx: Arc<Context>) -> Res
     }
 
     let now = whole_seconds(ctx.clock.now());
-    let spec = mapping::policy_spec(&policy);
+    let spec = mapping::cluster_policy_spec(&policy);
     let mut users: Vec<String> = ctx
         .stores
         .vms

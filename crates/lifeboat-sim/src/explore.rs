@@ -715,7 +715,7 @@ impl Rig {
                 engine
                     .disable(delete)
                     .await
-                    .map(|()| format!("disabled (replica deleted: {delete})"))
+                    .map(|_| format!("disabled (replica deleted: {delete})"))
             }
             "commit" => {
                 // NB: a commit that fails may have deleted some of the others already.

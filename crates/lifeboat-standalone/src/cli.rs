@@ -288,29 +288,42 @@ pub async fn points(
 
 /// The points table.
 pub fn points_table(points: &[lifeboat_store::RecoveryPoint]) -> String {
-    let mut out = format!(
-        "{:<30} {:<16} {:>8} {}\n",
-        "POINT", "CONSISTENCY", "CYCLE", "DISKS"
-    );
+    let header = ["POINT", "CONSISTENCY", "CYCLE", "WRITTEN BY", "DISKS"];
+    let mut rows = vec![header.map(String::from).to_vec()];
     for p in points {
         let consistency = match p.consistency {
             lifeboat_store::Consistency::AppConsistent => "AppConsistent",
             lifeboat_store::Consistency::CrashConsistent => "CrashConsistent",
         };
+        // NB: a disk's size and the start of its digest (the block map's fingerprint): enough
+        // to tell points apart and to compare with a materialised disk's.
         let disks: Vec<String> = p
             .disks
             .iter()
-            .map(|d| format!("{}={}", d.name, human_bytes(d.size_bytes)))
+            .map(|d| {
+                let short: String = d.digest.fingerprint.chars().take(12).collect();
+                format!(
+                    "{}={} {}:{short}",
+                    d.name,
+                    human_bytes(d.size_bytes),
+                    d.digest.algorithm
+                )
+            })
             .collect();
-        out.push_str(&format!(
-            "{:<30} {:<16} {:>8} {}\n",
-            p.id,
-            consistency,
-            p.cycle,
-            disks.join(",")
-        ));
+        let by = if p.written_by.is_empty() {
+            "-"
+        } else {
+            p.written_by.as_str()
+        };
+        rows.push(vec![
+            p.id.clone(),
+            consistency.to_owned(),
+            p.cycle.to_string(),
+            by.to_owned(),
+            disks.join(", "),
+        ]);
     }
-    out
+    render(&rows)
 }
 
 /// An action asked of a VM.

@@ -64,6 +64,22 @@ impl Cluster {
         Ok(Cluster { client, namespace })
     }
 
+    /// The ReplicationPolicy `namespace/name`, if it exists.
+    ///
+    /// # Errors
+    ///
+    /// The get call failed.
+    pub async fn policy(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<lifeboat_api::ReplicationPolicy>> {
+        Api::<lifeboat_api::ReplicationPolicy>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| Exit::api(format!("get ReplicationPolicy {namespace}/{name}: {e}")))
+    }
+
     /// The ProtectedVMs of `namespace`, or of every namespace, by namespace and name.
     ///
     /// # Errors
@@ -184,8 +200,8 @@ impl Resources for Cluster {
     }
 }
 
-/// A VM's recovery points as its status summarises them (the full list lives in the replica
-/// store, which the cluster's agents reach; `lifeboat points` in standalone mode reads it).
+/// A VM's recovery points as its status summarises them: what `lifeboat points` shows on a
+/// cluster when this machine cannot read the replica store (which has every point).
 pub fn points_summary(vm: &ProtectedVM) -> String {
     let points = vm.status.clone().unwrap_or_default().recovery_points;
     let line = |what: &str, p: &Option<lifeboat_api::protected_vm::RecoveryPointRef>| match p {

@@ -2,7 +2,7 @@
 //! state folder or a cluster (`status`, `jobs`, `points`, `resync`, `failover`, `cleanup`,
 //! `commit`, `retry`, `version`).
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -456,6 +456,17 @@ async fn points(target: &Target, output: &OutputArgs, vm: &str) -> Result<ExitCo
             let Some(found) = found else {
                 bail!("no ProtectedVM {ns}/{name}")
             };
+            // NB: every point lives in the replica store; read it when this machine reaches
+            // it, else fall back to the summary the VM's status holds.
+            match store_points(&cluster, &found, &ns, &name).await {
+                Ok(points) => {
+                    print_points(output, &points)?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(why) => eprintln!(
+                    "the status's summary only: the replica store has every point, and {why:#}"
+                ),
+            }
             match output.format() {
                 Format::Json | Format::Yaml => output
                     .print_object(&found.status.clone().unwrap_or_default().recovery_points)?,
@@ -474,18 +485,48 @@ async fn points(target: &Target, output: &OutputArgs, vm: &str) -> Result<ExitCo
             let points = cli::points(target.folder(&dir)?, &ns, &name)
                 .await
                 .map_err(anyhow::Error::msg)?;
-            match output.format() {
-                Format::Json | Format::Yaml => output.print_object(&points)?,
-                Format::Name => {
-                    for point in &points {
-                        println!("{}", point.id);
-                    }
-                }
-                Format::Table | Format::Wide => print!("{}", cli::points_table(&points)),
-            }
+            print_points(output, &points)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_points(output: &OutputArgs, points: &[lifeboat_store::RecoveryPoint]) -> Result<()> {
+    match output.format() {
+        Format::Json | Format::Yaml => output.print_object(&points)?,
+        Format::Name => {
+            for point in points {
+                println!("{}", point.id);
+            }
+        }
+        Format::Table | Format::Wide => print!("{}", cli::points_table(points)),
+    }
+    Ok(())
+}
+
+/// Every point of a cluster's VM, read from the replica store its policy names.
+async fn store_points(
+    cluster: &crate::cluster_cli::Cluster,
+    vm: &lifeboat_api::ProtectedVM,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<lifeboat_store::RecoveryPoint>> {
+    let policy = cluster
+        .policy(ns, &vm.spec.policy_ref.name)
+        .await?
+        .with_context(|| {
+            format!(
+                "ReplicationPolicy {ns}/{} not found",
+                vm.spec.policy_ref.name
+            )
+        })?;
+    let store = crate::recover::policy_store(&policy.spec.target)?;
+    let key = lifeboat_store::VmKey::new(ns, name)?;
+    let manifest = store
+        .manifest(&key)
+        .await?
+        .with_context(|| format!("{} holds no replica of {key} yet", store.describe()))?;
+    Ok(manifest.points)
 }
 
 /// Ask on the terminal before what cannot be undone.

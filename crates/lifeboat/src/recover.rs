@@ -64,8 +64,9 @@ enum RecoverCommand {
         /// The VM: NAME or NAMESPACE/NAME.
         vm: String,
     },
-    /// Materialise a point of a VM as raw image files in a folder, each verified against the
-    /// point's digest. The store is only read.
+    /// Fail a VM over to a point: fence its old primary (the replica moves to a new epoch),
+    /// then materialise the point as raw image files in a folder, each verified against the
+    /// point's digest, or, on Azure, copy it into new page blobs.
     Failover {
         /// The VM: NAME or NAMESPACE/NAME.
         vm: String,
@@ -73,8 +74,13 @@ enum RecoverCommand {
         #[arg(long, default_value = "latest")]
         point: String,
         /// The folder the disks are written to (`<vm>-recovered-<disk>.img`).
-        #[arg(long, value_name = "DIR")]
-        to: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "into_blobs")]
+        to: Option<PathBuf>,
+        /// Azure: copy the point's disks into new page blobs instead,
+        /// `recovered/<namespace>/<vm>/LABEL/<disk>.vhd` in the same container (server-side
+        /// copies, fixed VHDs: the source of a managed disk, `az disk create --source URL`).
+        #[arg(long, value_name = "LABEL", conflicts_with = "to", requires = "azure")]
+        into_blobs: Option<String>,
     },
 }
 
@@ -114,14 +120,27 @@ pub async fn recover(args: RecoverArgs) -> Result<ExitCode> {
             print!("{}", cli::points_table(&manifest.points));
             Ok(ExitCode::SUCCESS)
         }
-        RecoverCommand::Failover { vm, point, to } => {
+        RecoverCommand::Failover {
+            vm,
+            point,
+            to,
+            into_blobs,
+        } => {
             let key = vm_key(&vm)?;
             let choice = match point.as_str() {
                 "latest" => PointChoice::Latest,
                 "latest-app-consistent" => PointChoice::LatestAppConsistent,
                 name => PointChoice::Named(name.to_owned()),
             };
-            failover(store.as_ref(), &key, &choice, to).await
+            match (to, into_blobs, &args.store.azure) {
+                (Some(to), _, _) => failover(store.as_ref(), &key, &choice, to).await,
+                (None, Some(label), Some(url)) => {
+                    let (account_url, container) = split_container_url(url)?;
+                    let azure = azure_from_env(account_url, container)?;
+                    failover_into_blobs(&azure, &key, &choice, &label).await
+                }
+                _ => bail!("say where to: --to DIR, or --into-blobs LABEL with --azure"),
+            }
         }
     }
 }
@@ -135,33 +154,71 @@ fn open(args: &StoreArgs) -> Result<Arc<dyn ReplicaStore>> {
             Ok(Arc::new(LocalStore::open_read_only(path)?))
         }
         (None, Some(url)) => {
-            let (account_url, container) = url
-                .trim_end_matches('/')
-                .rsplit_once('/')
-                .filter(|(account, _)| account.contains("://"))
-                .with_context(|| {
-                    format!(
-                        "--azure {url:?}: expected https://ACCOUNT.blob.core.windows.net/CONTAINER"
-                    )
-                })?;
-            let credentials = match (std::env::var(KEY_VAR), std::env::var(SAS_VAR)) {
-                (Ok(key), _) => Credentials::AccountKey {
-                    account: lifeboat_agent::stores::account_name(account_url),
-                    key,
-                },
-                (_, Ok(token)) => Credentials::Sas { token },
-                _ => {
-                    bail!("--azure needs credentials: set {KEY_VAR} (the account key) or {SAS_VAR}")
-                }
-            };
-            Ok(Arc::new(AzureStore::new(
-                account_url,
-                container,
-                credentials,
-                AzureStoreOptions::default(),
-            )?))
+            let (account_url, container) = split_container_url(url)?;
+            let azure =
+                azure_from_env(account_url, container).with_context(|| format!("--azure {url}"))?;
+            Ok(Arc::new(azure))
         }
         (None, None) => bail!("say which store: --store PATH or --azure URL"),
+    }
+}
+
+/// The Azure store of `container` at `account_url`, with the credentials of this shell's
+/// environment (`AZURE_STORAGE_KEY`, else `AZURE_STORAGE_SAS_TOKEN`).
+///
+/// # Errors
+///
+/// Neither variable is set, or the URL is not one.
+pub fn azure_from_env(account_url: &str, container: &str) -> Result<AzureStore> {
+    let credentials = match (std::env::var(KEY_VAR), std::env::var(SAS_VAR)) {
+        (Ok(key), _) => Credentials::AccountKey {
+            account: lifeboat_agent::stores::account_name(account_url),
+            key,
+        },
+        (_, Ok(token)) => Credentials::Sas { token },
+        _ => bail!(
+            "reading Azure Blob needs credentials: set {KEY_VAR} (the account key) or {SAS_VAR}"
+        ),
+    };
+    Ok(AzureStore::new(
+        account_url,
+        container,
+        credentials,
+        AzureStoreOptions::default(),
+    )?)
+}
+
+/// `https://ACCOUNT.blob.core.windows.net/CONTAINER` as its account URL and container.
+fn split_container_url(url: &str) -> Result<(&str, &str)> {
+    url.trim_end_matches('/')
+        .rsplit_once('/')
+        .filter(|(account, _)| account.contains("://"))
+        .with_context(|| {
+            format!("--azure {url:?}: expected https://ACCOUNT.blob.core.windows.net/CONTAINER")
+        })
+}
+
+/// The replica store a policy names, as this machine reaches it: a local target's folder
+/// (read-only; on a cluster, a share mounted here too), or its Azure container with the
+/// credentials of [`azure_from_env`].
+///
+/// # Errors
+///
+/// The folder is not here, or no credentials are set.
+pub fn policy_store(target: &lifeboat_api::policy::ReplicaTarget) -> Result<Arc<dyn ReplicaStore>> {
+    match (&target.local, &target.azure_blob) {
+        (Some(local), _) => {
+            let path = std::path::Path::new(&local.path);
+            if !path.is_dir() {
+                bail!("the replica folder {} is not mounted here", path.display());
+            }
+            Ok(Arc::new(LocalStore::open_read_only(path)?))
+        }
+        (None, Some(azure)) => Ok(Arc::new(azure_from_env(
+            &azure.account_url,
+            &azure.container,
+        )?)),
+        (None, None) => bail!("the policy names no target"),
     }
 }
 
@@ -241,6 +298,55 @@ async fn stored_definition(
     Ok(Some(value))
 }
 
+/// Move `key`'s replica to a new epoch held by this command: its old primary's agent, if it
+/// is only cut off and comes back, is refused by the store from then on (it is fenced).
+async fn fence(store: &dyn ReplicaStore, key: &VmKey) -> Result<()> {
+    let holder = format!(
+        "lifeboat recover on {}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "this host".into())
+    );
+    let now = std::time::SystemTime::now();
+    let epoch = store
+        .fence(key, &holder, lifeboat_engine::replicator::unix_ms(now))
+        .await
+        .with_context(|| format!("fencing VM {key}'s old primary"))?;
+    eprintln!(
+        "VM {key} moved to epoch {} ({holder}): its old primary writes nothing more",
+        epoch.number
+    );
+    Ok(())
+}
+
+async fn failover_into_blobs(
+    store: &AzureStore,
+    key: &VmKey,
+    choice: &PointChoice,
+    label: &str,
+) -> Result<ExitCode> {
+    let point = choose_point(store, key, choice).await?;
+    eprintln!(
+        "recovering VM {key} at point {} into new page blobs of {}",
+        point.id,
+        store.describe()
+    );
+    let started = Instant::now();
+    fence(store, key).await?;
+    let made = store
+        .recover_point_to_blobs(key, &point, label)
+        .await
+        .with_context(|| format!("recovering VM {key} into page blobs"))?;
+    for (disk, url) in &made {
+        println!("disk {disk}: {url}");
+    }
+    eprintln!(
+        "VM {key} recovered at point {} into {} page blob(s) in {:.1} s (server-side copies of the point's snapshots)",
+        point.id,
+        made.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn failover(
     store: &dyn ReplicaStore,
     key: &VmKey,
@@ -262,21 +368,7 @@ async fn failover(
         }
     };
     let started = Instant::now();
-    // NB: the replica moves to a new epoch first: the old primary's agent, if it is only cut
-    // off and comes back, is refused by the store from then on (it is fenced).
-    let holder = format!(
-        "lifeboat recover on {}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "this host".into())
-    );
-    let now = std::time::SystemTime::now();
-    let epoch = store
-        .fence(key, &holder, lifeboat_engine::replicator::unix_ms(now))
-        .await
-        .with_context(|| format!("fencing VM {key}'s old primary"))?;
-    eprintln!(
-        "VM {key} moved to epoch {} ({holder}): its old primary writes nothing more",
-        epoch.number
-    );
+    fence(store, key).await?;
     let report = materialise_point(store, key, point, &to, "recovered", &progress).await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();

@@ -1,8 +1,9 @@
 //! The day a VM's node is lost, on the test API server (`lifeboat-tests`' fixture) with the
 //! real operator (in this process) and two real agents (`lifeboat agent`, processes of their
-//! own, killed with SIGKILL): node-1 hosts the VM (a real `qemu-storage-daemon`), node-2 is
-//! its recovery node. The replica store is a local folder both agents mount (as an NFS share
-//! would be).
+//! own): node-1 hosts the VM (a real `qemu-storage-daemon`), node-2 is its recovery node. The
+//! replica store is a local folder both agents mount (as an NFS share would be), or a real
+//! Azurite. Node-1's agent dies (SIGKILL, then a new process) or is partitioned (SIGSTOP,
+//! then SIGCONT).
 //!
 //! ```text
 //!  operator ──> TestApiServer <── agent node-1 (SIGKILL'd, later back) ──QMP/NBD──> qsd
@@ -11,10 +12,11 @@
 //! ```
 //!
 //! What a crash test may claim: SIGKILL keeps every write the kernel accepted (the page
-//! cache), so this is a process crash, not a power cut.
+//! cache), so this is a process crash, not a power cut. SIGSTOP freezes the agent wherever it
+//! is (mid-cycle, a request in flight): what a partition or a long GC pause does to it.
 //!
-//! Time is not waited out: the dead agent's heartbeat Lease is written back by ten minutes
-//! (what its silence would show after ten minutes), as the only stand-in here.
+//! Time is not waited out: the operator's clock jumps ten minutes forward (the one stand-in
+//! here); the live agent's next heartbeat is seen at the new time, the lost one's last ages.
 
 // A failed unwrap is the test failure report.
 #![allow(clippy::unwrap_used)]
@@ -24,13 +26,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use lifeboat_api::job::{JobPhase, JobType};
 use lifeboat_api::{ProtectedVM, ProtectionPhase, ReplicationJob, ReplicationPolicy};
 use lifeboat_qemu::testing::Qsd;
+use lifeboat_store::VmKey;
 use lifeboat_tests::apiserver::TestApiServer;
 use lifeboat_tests::eventually;
 use serde_json::json;
@@ -68,6 +69,106 @@ impl AgentProcess {
     fn kill9(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal}");
+    }
+}
+
+/// How node-1's agent goes away, and comes back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// SIGKILL; a new process later, with the same state folder.
+    Crash,
+    /// SIGSTOP; SIGCONT later, the same process going on where it stopped.
+    Partition,
+}
+
+/// Where the replica lives, and what of it the test compares.
+enum Replica {
+    /// A folder both agents mount.
+    Folder(PathBuf),
+    /// An Azurite container (`replicas`), read through the store's own client.
+    Azure(lifeboat_store::testing::Azurite),
+}
+
+impl Replica {
+    fn target(&self) -> serde_json::Value {
+        match self {
+            Replica::Folder(path) => {
+                json!({"local": {"path": path.display().to_string(), "shared": true}})
+            }
+            Replica::Azure(azurite) => json!({"azureBlob": {
+                "accountUrl": azurite.account_url(), "container": "replicas",
+                "credentials": {"accountKeySecretRef": {"name": "storage", "key": "accountKey"}}}}),
+        }
+    }
+
+    fn store(&self) -> std::sync::Arc<dyn lifeboat_store::ReplicaStore> {
+        match self {
+            Replica::Folder(path) => std::sync::Arc::new(
+                lifeboat_store::local::LocalStore::open_read_only(path).unwrap(),
+            ),
+            Replica::Azure(azurite) => std::sync::Arc::new(
+                lifeboat_store::azure::AzureStore::new(
+                    &azurite.account_url(),
+                    "replicas",
+                    lifeboat_store::azure::Credentials::AccountKey {
+                        account: lifeboat_store::testing::DEV_ACCOUNT.into(),
+                        key: lifeboat_store::testing::DEV_KEY.into(),
+                    },
+                    lifeboat_store::testing::test_options(2),
+                )
+                .unwrap(),
+            ),
+        }
+    }
+
+    /// Everything the store holds of the VM, byte for byte: the folder's files (but lock
+    /// files), or the manifest, definition, block maps, live disks and every point's data.
+    async fn contents(&self) -> BTreeMap<String, Vec<u8>> {
+        let vm = VmKey::new(NS, "web").unwrap();
+        match self {
+            Replica::Folder(root) => files(&root.join(NS).join("web"))
+                .into_iter()
+                .map(|(p, b)| (p.display().to_string(), b))
+                .collect(),
+            Replica::Azure(_) => {
+                let store = self.store();
+                let mut all = BTreeMap::new();
+                let manifest = store.manifest(&vm).await.unwrap().unwrap();
+                all.insert("manifest".into(), serde_json::to_vec(&manifest).unwrap());
+                let definition = store.definition(&vm).await.unwrap();
+                all.insert("definition".into(), definition.unwrap_or_default().to_vec());
+                for disk in &manifest.disks {
+                    let map = store.block_map(&vm, &disk.name).await.unwrap();
+                    all.insert(
+                        format!("map {}", disk.name),
+                        map.unwrap_or_default().to_vec(),
+                    );
+                    let mut ats = vec![lifeboat_store::At::Live];
+                    ats.extend(
+                        manifest
+                            .points
+                            .iter()
+                            .map(|p| lifeboat_store::At::Point(p.id.clone())),
+                    );
+                    for at in ats {
+                        let data = store
+                            .read(&vm, &disk.name, &at, 0, disk.size_bytes)
+                            .await
+                            .unwrap();
+                        all.insert(format!("{} {at:?}", disk.name), data.to_vec());
+                    }
+                }
+                all
+            }
+        }
     }
 }
 
@@ -120,12 +221,20 @@ fn condition(vm: &ProtectedVM, type_: &str) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
-async fn setup(client: &Client, qsd: &Qsd, replicas: &Path) {
+async fn setup(client: &Client, qsd: &Qsd, target: serde_json::Value) {
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "storage"},
+        "stringData": {"accountKey": lifeboat_store::testing::DEV_KEY}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let policy: ReplicationPolicy = serde_json::from_value(json!({
         "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
         "metadata": {"name": "gold"},
-        "spec": {"copyFrequency": "30s",
-                 "target": {"local": {"path": replicas.display().to_string()}}}
+        "spec": {"copyFrequency": "30s", "target": target}
     }))
     .unwrap();
     Api::<ReplicationPolicy>::namespaced(client.clone(), NS)
@@ -149,25 +258,48 @@ async fn setup(client: &Client, qsd: &Qsd, replicas: &Path) {
         .unwrap();
 }
 
-/// The node's heartbeat Lease, renewed ten minutes ago as far as anyone reading it can tell.
-async fn age_lease(client: &Client, node: &str) {
-    let then = SystemTime::now() - Duration::from_secs(600);
-    let stamp = MicroTime(k8s_openapi::jiff::Timestamp::try_from(then).unwrap());
-    Api::<Lease>::namespaced(client.clone(), LEASES)
-        .patch(
-            &format!("lifeboat-agent-{node}"),
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"renewTime": stamp, "acquireTime": stamp}})),
-        )
-        .await
-        .unwrap();
+/// The operator's clock: the system's, moved forward by what the test says. A jump stands
+/// for time going by: the agents that beat go on beating (the operator sees their new
+/// records at the new time), a dead one's last record ages by the jump.
+#[derive(Debug, Clone, Default)]
+struct JumpingClock(std::sync::Arc<std::sync::Mutex<Duration>>);
+
+impl JumpingClock {
+    fn jump(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl lifeboat_core::Clock for JumpingClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + *self.0.lock().unwrap()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_is_fenced() {
-    lifeboat_http::install_crypto_provider();
     let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path();
+    let replica = Replica::Folder(tmp.path().join("shared replicas"));
+    site_loss(tmp.path(), &replica, Loss::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_agent_wakes_after_the_failover_on_azure_and_is_fenced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let azurite = lifeboat_store::testing::Azurite::start();
+    // NB: creates the container.
+    lifeboat_store::testing::shared_key_store(
+        &azurite,
+        "replicas",
+        lifeboat_store::testing::test_options(2),
+    )
+    .await;
+    let replica = Replica::Azure(azurite);
+    site_loss(tmp.path(), &replica, Loss::Partition).await;
+}
+
+async fn site_loss(work: &Path, replica: &Replica, loss: Loss) {
+    lifeboat_http::install_crypto_provider();
     std::fs::create_dir_all(work.join("vm")).unwrap();
     let qsd = Qsd::start(&work.join("vm"), &[("os", 8 << 20)]);
     qsd.guest_write("os", 0, 1 << 20, 0xab);
@@ -175,6 +307,7 @@ async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_
     let client = server.client(NS);
     let kubeconfig = work.join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+    let clock = JumpingClock::default();
     let operator = lifeboat_operator::Operator::new(
         client.clone(),
         lifeboat_operator::Config {
@@ -182,15 +315,15 @@ async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_
             lease_namespace: LEASES.into(),
             ..lifeboat_operator::Config::default()
         },
-    );
+    )
+    .with_clock(std::sync::Arc::new(clock.clone()));
     let (stop_operator, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(operator.run(async move {
         let _ = stopped.await;
     }));
     let mut node1 = AgentProcess::start("node-1", work, &kubeconfig);
     let _node2 = AgentProcess::start("node-2", work, &kubeconfig);
-    let replicas = work.join("shared replicas");
-    setup(&client, &qsd, &replicas).await;
+    setup(&client, &qsd, replica.target()).await;
     let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
     let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
 
@@ -218,11 +351,14 @@ async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_
     .await;
     let source = qsd.read_disk("os");
 
-    // Node-1's agent dies (SIGKILL); its VM keeps running (a partition: the agent comes
-    // back later). A resync asked for then goes to node-1 and is marked claimed by the dead
-    // agent: the test's stand-in for a job it claimed just before it died (a real claim
-    // cannot be timed against a SIGKILL). Its silence is then ten minutes old.
-    node1.kill9();
+    // Node-1's agent dies (SIGKILL) or is cut off (SIGSTOP); its VM keeps running. A resync
+    // asked for then goes to node-1 and is marked claimed by node-1's agent: the test's
+    // stand-in for a job it claimed just before it went (a real claim cannot be timed
+    // against a signal). Then ten minutes go by (the operator's clock jumps).
+    match loss {
+        Loss::Crash => node1.kill9(),
+        Loss::Partition => node1.signal("-STOP"),
+    }
     vms.patch(
         "web",
         &PatchParams::default(),
@@ -257,7 +393,9 @@ async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_
             .is_some_and(|j| j.name == held && j.phase == JobPhase::Running)
     })
     .await;
-    age_lease(&client, "node-1").await;
+    clock.jump(Duration::from_secs(600));
+    // NB: node-2 beats again (every 10 s) and is seen alive at the new time.
+    tokio::time::sleep(Duration::from_secs(11)).await;
 
     // The unplanned failover runs on node-2 and does not wait behind the held job.
     vms.patch(
@@ -305,18 +443,48 @@ async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_
         .unwrap();
     assert_eq!(failover.spec.node_name, "node-2", "{}", failover.name_any());
 
+    // `lifeboat points --cluster` reads every point from the store the policy names (the
+    // share is mounted here; Azure: the key in this shell's environment), with who wrote it
+    // and each disk's digest.
+    let points = Command::new(LIFEBOAT)
+        .args(["points", "web", "--cluster", "-n", NS])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", work)
+        .env("AZURE_STORAGE_KEY", lifeboat_store::testing::DEV_KEY)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&points.stdout);
+    assert!(
+        points.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&points.stderr)
+    );
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("WRITTEN BY"), "{table}");
+    assert!(lines.len() >= 3, "every point, not a summary:\n{table}");
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l.contains("node node-1") && l.contains("os=8.0 MiB xxh3")),
+        "{table}"
+    );
+
     // The replica moved to epoch 1, taken by node-2.
-    let vm_dir = replicas.join(NS).join("web");
-    let epoch: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(vm_dir.join("epoch.json")).unwrap()).unwrap();
-    assert_eq!(epoch["number"], 1);
-    assert_eq!(epoch["holder"], "node node-2");
+    let vm = VmKey::new(NS, "web").unwrap();
+    let epoch = replica.store().epoch(&vm).await.unwrap();
+    assert_eq!((epoch.number, epoch.holder.as_str()), (1, "node node-2"));
 
     // Node-1's agent comes back, its VM still writing: it is fenced, and not one byte of
     // the replica, its points or its manifest changes.
-    let before = files(&vm_dir);
+    let before = replica.contents().await;
     qsd.guest_write("os", 5 << 20, 64 << 10, 0x77);
-    let _node1 = AgentProcess::start("node-1", work, &kubeconfig);
+    let _node1 = match loss {
+        Loss::Crash => Some(AgentProcess::start("node-1", work, &kubeconfig)),
+        Loss::Partition => {
+            node1.signal("-CONT");
+            None
+        }
+    };
     let fenced = vm_until(&vms, 120, "web Fenced", |vm| {
         condition(vm, "Fenced").is_some_and(|(s, _)| s == "True")
     })
@@ -326,13 +494,13 @@ async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_
         ProtectionPhase::FailedOver
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = files(&vm_dir);
+    let after = replica.contents().await;
     assert_eq!(
         before.keys().collect::<Vec<_>>(),
         after.keys().collect::<Vec<_>>()
     );
-    for (path, bytes) in &before {
-        assert!(after[path] == *bytes, "{} changed", path.display());
+    for (what, bytes) in &before {
+        assert!(after[what] == *bytes, "{what} changed");
     }
 
     let _ = stop_operator.send(());

@@ -417,6 +417,32 @@ fn the_site_is_lost_and_the_azure_store_alone_recovers_the_vm() {
     let store = ["--azure", url.as_str()];
     let key = [("AZURE_STORAGE_KEY", DEV_KEY)];
     recover_web_01(&store, &key, &work.join("recovered"), &source);
+    // Into new page blobs instead of a folder: server-side copies, printed by URL.
+    let out = recover(
+        &[
+            &["failover", "web-01", "--into-blobs", "drill-1"][..],
+            &store[..],
+        ]
+        .concat(),
+        &key,
+    )
+    .unwrap();
+    assert!(
+        out.contains(&format!(
+            "disk root: {url}/recovered/default/web-01/drill-1/root.vhd"
+        )),
+        "{out}"
+    );
+    let err = recover(
+        &[
+            &["failover", "web-01", "--into-blobs", "drill-1"][..],
+            &["--store", "/tmp"][..],
+        ]
+        .concat(),
+        &[],
+    )
+    .unwrap_err();
+    assert!(err.contains("--azure"), "{err}");
 
     let err = recover(&[&["list"][..], &store[..]].concat(), &[]).unwrap_err();
     assert!(err.contains("AZURE_STORAGE_KEY"), "{err}");

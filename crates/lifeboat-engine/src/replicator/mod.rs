@@ -451,12 +451,17 @@ impl Replicator {
     ///
     /// # Errors
     ///
-    /// Hypervisor (other than the VM being gone) or store failures.
-    pub async fn disable(&mut self, delete_replica: bool) -> Result<(), EngineError> {
+    /// Hypervisor (other than the VM being gone) or store failures (other than a fenced
+    /// replica, which is kept).
+    pub async fn disable(&mut self, delete_replica: bool) -> Result<Vec<String>, EngineError> {
+        let mut left = Vec::new();
         match self.hypervisor.stop_tracking(&self.disks).await {
             Ok(()) => {}
             Err(gone @ BackendError::VmNotFound { .. }) => {
                 tracing::warn!(vm = %self.vm, error = %gone, "disabling a VM whose source is gone: no tracking to stop");
+                left.push(format!(
+                    "change tracking was not stopped on the source ({gone}): if the VM comes back, its dirty bitmaps (QEMU) or reference points (Hyper-V) are still there"
+                ));
             }
             Err(e) => return Err(e.into()),
         }
@@ -475,9 +480,16 @@ impl Replicator {
         self.save()?;
         logs::delete_files(self.fs.as_ref(), &logs)?;
         if delete_replica {
-            self.store.delete_vm(&self.vm).await?;
+            match self.store.delete_vm(&self.vm).await {
+                Ok(()) => {}
+                // NB: the replica belongs to the failover that fenced this agent: it stays.
+                Err(fenced @ lifeboat_store::StoreError::Fenced { .. }) => {
+                    left.push(format!("the replica was kept: {fenced}"));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Mark the VM for resync (on request, or when the caller found a reason).

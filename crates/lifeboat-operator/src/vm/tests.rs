@@ -138,7 +138,7 @@ fn policy() -> ReplicationPolicy {
         "apiVersion": "lifeboat.io/v1alpha1",
         "kind": "ReplicationPolicy",
         "metadata": {"name": "gold", "namespace": "ns", "generation": 2, "resourceVersion": "3"},
-        "spec": {"copyFrequency": "5m", "target": {"local": {"path": "/replicas"}}}
+        "spec": {"copyFrequency": "5m", "target": {"local": {"path": "/replicas", "shared": true}}}
     }))
     .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -538,8 +538,20 @@ impl AzureStore {
         snapshot: &str,
         target: &Target<'_>,
     ) -> Result<(), StoreError> {
+        self.copy_snapshot(name, snapshot, name, target).await
+    }
+
+    /// Copy snapshot `snapshot` of blob `source` onto blob `name` (created or replaced),
+    /// server-side, and wait for the copy to finish (as [`AzureStore::restore_snapshot`]).
+    async fn copy_snapshot(
+        &self,
+        source: &str,
+        snapshot: &str,
+        name: &str,
+        target: &Target<'_>,
+    ) -> Result<(), StoreError> {
         let client = self.blob_client(name)?;
-        let source = self.snapshot_source_url(name, snapshot)?;
+        let source = self.snapshot_source_url(source, snapshot)?;
         let started = client
             .start_copy_from_url(source, None)
             .await
@@ -564,6 +576,41 @@ impl AzureStore {
         })
         .await?;
         polled.map_err(failed)
+    }
+
+    /// Recover `point` of `vm` into new page blobs, `recovered/<namespace>/<vm>/<label>/<disk>.vhd`
+    /// in the store's container: server-side copies of the point's snapshots, so nothing
+    /// travels through this machine. Each is a fixed VHD (data, then the footer), which Azure
+    /// takes as the source of a managed disk (`az disk create --source URL`). They live outside
+    /// the VM's prefix: deleting the VM's replica leaves them. Returns each disk's name and URL
+    /// (without credentials).
+    ///
+    /// # Errors
+    ///
+    /// As the other calls; a copy that failed or did not finish is recoverable.
+    pub async fn recover_point_to_blobs(
+        &self,
+        vm: &VmKey,
+        point: &crate::RecoveryPoint,
+        label: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        if !crate::is_dns_name(label) {
+            return Err(StoreError::InvalidRequest {
+                what: format!("recovery label {label:?}: lowercase letters, digits and hyphens"),
+            });
+        }
+        let mut made = Vec::with_capacity(point.disks.len());
+        for disk in &point.disks {
+            let name = recovered_blob(vm, label, &disk.name);
+            let target = Target {
+                action: "recover into a new blob",
+                what: format!("{} at point {}", Self::what_disk(vm, &disk.name), point.id),
+            };
+            self.copy_snapshot(&disk_blob(vm, &disk.name), &disk.store_ref, &name, &target)
+                .await?;
+            made.push((disk.name.clone(), format!("{}/{name}", self.container_url)));
+        }
+        Ok(made)
     }
 
     /// List every blob name under a prefix.
@@ -644,6 +691,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `recovered/<namespace>/<vm>/<label>/<disk>.vhd`: a disk recovered into a blob of its own.
+pub fn recovered_blob(vm: &VmKey, label: &str, disk: &str) -> String {
+    format!(
+        "recovered/{}/{}/{label}/{disk}.vhd",
+        vm.namespace(),
+        vm.name()
+    )
 }
 
 /// `<namespace>/<vm>/manifest.json`.

@@ -36,6 +36,69 @@ fn new_point(time_unix_ms: u64, cycle: u64, disks: &[&str]) -> NewPoint {
     }
 }
 
+/// A point recovered into new page blobs: server-side copies that hold the point's data
+/// (not the live disk's, which moved on) with a fixed VHD footer after it, outside the VM's
+/// prefix (deleting the replica leaves them).
+#[tokio::test]
+async fn a_point_recovers_into_new_page_blobs_that_are_fixed_vhds() {
+    let azurite = Azurite::start();
+    let store = shared_key_store(&azurite, "replicas", test_options(2)).await;
+    let vm = vm("to-blobs");
+    store.create_disk(&vm, "root", MIB).await.expect("create");
+    let at_point = Bytes::from(conformance::pattern(7, 256 * 1024));
+    store
+        .write(&vm, "root", 0, at_point.clone())
+        .await
+        .expect("write");
+    let point = store
+        .cut_point(&vm, new_point(1_000, 1, &["root"]))
+        .await
+        .expect("cut");
+    store
+        .write(&vm, "root", 0, Bytes::from(vec![0xEE; 4096]))
+        .await
+        .expect("write after the point");
+    let made = store
+        .recover_point_to_blobs(&vm, &point, "drill-1")
+        .await
+        .expect("recover into blobs");
+    assert_eq!(made.len(), 1);
+    let (disk, url) = &made[0];
+    assert_eq!(disk, "root");
+    assert!(
+        url.ends_with("/replicas/recovered/tests/to-blobs/drill-1/root.vhd"),
+        "{url}"
+    );
+    let blob = store
+        .download_small("recovered/tests/to-blobs/drill-1/root.vhd", "read back")
+        .await
+        .expect("download")
+        .expect("the blob exists");
+    let data_size = vhd::data_size_bytes(MIB) as usize;
+    assert_eq!(blob.len(), data_size + vhd::FOOTER_SIZE_BYTES as usize);
+    assert_eq!(
+        &blob[..at_point.len()],
+        &at_point[..],
+        "the point's data, not the live disk's"
+    );
+    assert!(blob[at_point.len()..MIB as usize].iter().all(|b| *b == 0));
+    let footer = vhd::parse_footer(&blob[data_size..]).expect("a valid VHD footer");
+    assert_eq!(footer.disk_type, vhd::DISK_TYPE_FIXED);
+    store.delete_vm(&vm).await.expect("delete the replica");
+    assert!(
+        store
+            .download_small("recovered/tests/to-blobs/drill-1/root.vhd", "read back")
+            .await
+            .expect("download")
+            .is_some(),
+        "the recovered disk outlives the replica"
+    );
+    assert!(matches!(
+        store.recover_point_to_blobs(&vm, &point, "Bad Label").await,
+        Err(StoreError::InvalidRequest { .. })
+    ));
+}
+
 #[tokio::test]
 async fn a_fenced_azure_writer_changes_nothing() {
     let azurite = Azurite::start();
