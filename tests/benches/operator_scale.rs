@@ -235,7 +235,7 @@ async fn run(a: &Args, server: &TestApiServer, client: &Client, pid: u32) -> Res
                 "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
                 "metadata": {"name": "gold"},
                 "spec": {"copyFrequency": if a.interval <= 30 { "30s" } else { "5m" },
-                         "target": {"local": {"path": "/replicas"}}}
+                         "target": {"local": {"path": "/replicas", "shared": true}}}
             }))?,
         )
         .await?;
