@@ -3,11 +3,11 @@
 //! writer that holds an epoch, so that the two never interleave. The lock is held for one
 //! small file's write at a time, never across data writes: a fence waits for at most that.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::io::{read_if_exists, write_atomic};
+use super::io::{open_lock_file, read_if_exists, write_atomic};
 use crate::{Epoch, StoreError};
 
 const EPOCH_FILE: &str = "epoch.json";
@@ -39,13 +39,7 @@ pub(super) fn write(dir: &Path, epoch: &Epoch) -> Result<(), StoreError> {
 /// The epoch lock of `dir`, held until the file is dropped.
 pub(super) fn lock(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(EPOCH_LOCK);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(StoreError::io("open epoch lock", &path))?;
+    let file = open_lock_file(&path, "open epoch lock")?;
     let start = Instant::now();
     loop {
         match file.try_lock() {

@@ -151,3 +151,17 @@ pub(super) fn create_dir_durable(dir: &Path, action: &'static str) -> Result<(),
 pub(super) fn sync_folder(dir: &Path) -> Result<(), StoreError> {
     files::sync_folder(dir).map_err(StoreError::io("sync folder", dir))
 }
+
+/// Open (create if missing, never truncate) a lock file, for `File::try_lock`.
+pub(super) fn open_lock_file(
+    path: &Path,
+    action: &'static str,
+) -> Result<std::fs::File, StoreError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(StoreError::io(action, path))
+}

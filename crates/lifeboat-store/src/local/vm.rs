@@ -5,13 +5,13 @@
 //! torn records); a read-only one locks and repairs nothing.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::disk::Disk;
 use super::epoch;
-use super::io::{create_dir_durable, sync_folder, write_atomic};
+use super::io::{create_dir_durable, open_lock_file, sync_folder, write_atomic};
 use super::undo::Segment;
 use super::{Access, read_only_refusal};
 use crate::StoreError;
@@ -49,13 +49,7 @@ pub(super) fn seq_of(point: &PointDisk) -> u64 {
 fn lock_vm(dir: &Path, key: &str) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
     let created = !path.exists();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(StoreError::io("open VM lock file", &path))?;
+    let file = open_lock_file(&path, "open VM lock file")?;
     if created {
         sync_folder(dir)?;
     }
