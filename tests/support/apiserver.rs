@@ -47,7 +47,7 @@ struct Kind {
     status_subresource: bool,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 8] = [
     Kind {
         group: "lifeboat.io",
         version: "v1alpha1",
@@ -95,6 +95,13 @@ const KINDS: [Kind; 7] = [
         version: "v1",
         plural: "namespaces",
         kind: "Namespace",
+        status_subresource: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        kind: "Node",
         status_subresource: false,
     },
 ];

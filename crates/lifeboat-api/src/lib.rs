@@ -23,7 +23,7 @@ pub mod schema_check;
 pub use common::{ErrorClass, ErrorStatus, Health, RecoveryPointKind, RecoveryPointSelector};
 pub use job::{JobPhase, JobType, ReplicationJob, ReplicationJobSpec, ReplicationJobStatus};
 pub use policy::{
-    CopyFrequency, ReplicationPolicy, ReplicationPolicySpec, ReplicationPolicyStatus,
+    CopyFrequency, RecoveryNodes, ReplicationPolicy, ReplicationPolicySpec, ReplicationPolicyStatus,
 };
 pub use protected_vm::{
     AgentReport, JobReference, ProtectedVM, ProtectedVMSpec, ProtectedVMStatus, ProtectionPhase,

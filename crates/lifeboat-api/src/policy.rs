@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::common::{LocalObjectReference, SecretKeyReference};
@@ -117,6 +118,33 @@ pub struct ReplicationPolicySpec {
     pub rpo_threshold_minutes: u32,
     /// Where the replicas go.
     pub target: ReplicaTarget,
+    /// Where the store-only jobs of the policy's VMs run when a VM's own agent is lost, after
+    /// the VM's own `recoveryNodeNames` and `recoveryNodeSelector`.
+    #[serde(default, skip_serializing_if = "RecoveryNodes::is_empty")]
+    pub recovery_nodes: RecoveryNodes,
+}
+
+/// Nodes that may run a VM's store-only jobs (failover, test failover, commit, cleanup) when
+/// the agent of the VM's node is lost: these names in order, then the nodes that carry every
+/// label of the selector, by name.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryNodes {
+    /// Node names, in order of preference.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub names: Vec<String>,
+    /// Labels a node must all carry (a `matchLabels`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
+    pub selector: BTreeMap<String, String>,
+}
+
+impl RecoveryNodes {
+    /// Neither names nor a selector.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.selector.is_empty()
+    }
 }
 
 fn default_retention_hours() -> u32 {

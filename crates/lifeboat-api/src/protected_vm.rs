@@ -5,6 +5,8 @@
 //! tokens: a new token value asks for the action once, and `status.handledRequests` echoes the
 //! token back when the action was handled.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -122,11 +124,18 @@ pub struct ProtectedVMSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delete_replica_on_disable: bool,
     /// Nodes whose agents may run the VM's store-only jobs (unplanned failover, test
-    /// failover) when the agent of `nodeName` is lost, in order of preference. Recovery needs
-    /// the replica store only: pick nodes outside the VM's failure domain.
+    /// failover, and the commit and cleanup that follow them) when the agent of `nodeName` is
+    /// lost, in order of preference. Recovery needs the replica store only: pick nodes outside
+    /// the VM's failure domain. Tried before `recoveryNodeSelector` and the policy's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub recovery_node_names: Vec<String>,
+    /// Labels a recovery node must all carry (a `matchLabels`, e.g.
+    /// `topology.kubernetes.io/zone: b`): the matching nodes, by name, come after
+    /// `recoveryNodeNames`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
+    pub recovery_node_selector: BTreeMap<String, String>,
     /// Actions asked for by setting a new token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<Requests>,

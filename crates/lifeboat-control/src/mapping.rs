@@ -731,6 +731,8 @@ mod tests {
             heartbeat: Some(at(990)),
             job_heartbeat: None,
             recovery: &[],
+            failover: None,
+            test_failover: None,
         });
         let name = first
             .create_job
@@ -761,6 +763,8 @@ mod tests {
             heartbeat: Some(at(1095)),
             job_heartbeat: Some(at(1095)),
             recovery: &[],
+            failover: None,
+            test_failover: None,
         });
         for state in [&first.state, &failed.state] {
             let status = vm_status(

@@ -28,7 +28,9 @@ use kube::{Resource, ResourceExt};
 use lifeboat_api::common::LocalObjectReference;
 use lifeboat_api::contract::{LABEL_JOB_TYPE, LABEL_VM, is_label_value};
 use lifeboat_api::job::{ReplicationJobSpec, ReplicationJobStatus};
+use lifeboat_api::protected_vm::FailoverResult;
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob, ReplicationPolicy};
+use lifeboat_core::Materialised;
 use lifeboat_core::policy::check_policy;
 use lifeboat_core::vm::{JobObservation, NewJob, Notice, VmDecision, VmInput, decide_vm, job_name};
 
@@ -114,6 +116,8 @@ pub struct VmPass<'a> {
     pub policy: Option<&'a ReplicationPolicy>,
     /// The last heartbeat of the agent on a node, if it ever had one.
     pub heartbeat: &'a (dyn Fn(&str) -> Option<SystemTime> + Send + Sync),
+    /// The nodes that carry every label of a selector, by name (none off a cluster).
+    pub nodes_labelled: &'a (dyn Fn(&BTreeMap<String, String>) -> Vec<String> + Send + Sync),
     /// The time of the decision, in whole seconds.
     pub now: SystemTime,
     /// On a cluster (the operator): a local target must be marked shared.
@@ -170,13 +174,26 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
             None => (None, JobObservation::Missing),
         },
     };
-    let recovery: Vec<(String, Option<SystemTime>)> = vm
-        .spec
-        .recovery_node_names
-        .iter()
-        .filter(|node| **node != vm.spec.node_name)
-        .map(|node| (node.clone(), (pass.heartbeat)(node)))
-        .collect();
+    let recovery: Vec<(String, Option<SystemTime>)> =
+        recovery_nodes(vm, pass.policy, pass.nodes_labelled)
+            .into_iter()
+            .map(|node| {
+                let beat = (pass.heartbeat)(&node);
+                (node, beat)
+            })
+            .collect();
+    let materialised = |result: Option<&FailoverResult>| {
+        let result = result?;
+        let node = result.node.clone().filter(|n| *n != vm.spec.node_name);
+        Some(Materialised {
+            heartbeat: (pass.heartbeat)(node.as_deref().unwrap_or(&vm.spec.node_name)),
+            node,
+            point: result.recovery_point.as_ref().map(|p| p.name.clone()),
+        })
+    };
+    let status = vm.status.as_ref();
+    let failover = materialised(status.and_then(|s| s.failover.as_ref()));
+    let test_failover = materialised(status.and_then(|s| s.test_failover.as_ref()));
     let mut decision = decide_vm(&VmInput {
         now: pass.now,
         spec: &spec,
@@ -189,6 +206,8 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
             .as_ref()
             .and_then(|j| (pass.heartbeat)(&j.spec.node_name)),
         recovery: &recovery,
+        failover: failover.as_ref(),
+        test_failover: test_failover.as_ref(),
     });
 
     if let (Some((name, error)), Some(held)) = (&decision.fail_job, job.as_deref())
@@ -229,6 +248,33 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
         status,
         status_written,
     })
+}
+
+/// The nodes that may run the VM's store-only jobs when its own agent is lost, in order of
+/// preference: the VM's `recoveryNodeNames`, the nodes its `recoveryNodeSelector` matches,
+/// then the policy's `recoveryNodes` (names, then selector), each once, never the VM's node.
+pub fn recovery_nodes(
+    vm: &ProtectedVM,
+    policy: Option<&ReplicationPolicy>,
+    labelled: &(dyn Fn(&BTreeMap<String, String>) -> Vec<String> + Send + Sync),
+) -> Vec<String> {
+    let select = |selector: &BTreeMap<String, String>| {
+        if selector.is_empty() {
+            Vec::new()
+        } else {
+            labelled(selector)
+        }
+    };
+    let mut nodes = vm.spec.recovery_node_names.clone();
+    nodes.extend(select(&vm.spec.recovery_node_selector));
+    if let Some(policy) = policy {
+        let from_policy = &policy.spec.recovery_nodes;
+        nodes.extend(from_policy.names.iter().cloned());
+        nodes.extend(select(&from_policy.selector));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    nodes.retain(|n| *n != vm.spec.node_name && seen.insert(n.clone()));
+    nodes
 }
 
 /// The status of a job taken from a lost agent: Failed, with the error and the `Failed`

@@ -40,4 +40,4 @@ pub use model::{
 };
 pub use retry::{ErrorClass, RetryDecision, next_retry};
 pub use rpo::{format_duration, format_rfc3339, rpo};
-pub use vm::{VmDecision, VmInput, decide_vm};
+pub use vm::{Materialised, VmDecision, VmInput, decide_vm};

@@ -25,8 +25,8 @@ use lifeboat_store::RecoveryPoint;
 
 use crate::error::EngineError;
 use crate::replicator::{
-    FailoverReport, PointChoice, ProgressSink, Replicator, Report, choose_point,
-    fail_over_from_store, materialise_point,
+    FailoverReport, PointChoice, ProgressSink, Replicator, Report, choose_point, commit_in_store,
+    fail_over_from_store, materialise_point, remove_disk_images,
 };
 use crate::state::{DiskRecord, EnginePhase};
 
@@ -98,8 +98,11 @@ fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice {
 }
 
 /// Run a job that needs nothing but the store (`lifeboat_core::vm::jobs::store_only`: a test
-/// failover, an unplanned failover) on an agent that is not the VM's own (that one is lost).
-/// The failover moves the replica to a new epoch taken by `holder`, fencing the VM's agent.
+/// failover, an unplanned failover, the cleanup and the commit that follow them) on an agent
+/// that is not the VM's own (that one is lost, or fenced by a failover elsewhere). The
+/// failover moves the replica to a new epoch taken by `holder`, fencing the VM's agent; the
+/// commit deletes every point but the one its job names; the cleanup removes the test disks
+/// in this node's folder and says which it did not find here.
 ///
 /// # Errors
 ///
@@ -118,6 +121,34 @@ pub async fn run_store_job(
 ) -> Result<JobResult, EngineError> {
     let choice = engine_point(params.point.as_ref());
     let report = match kind {
+        JobKind::CleanupTestFailover => {
+            let disks: Vec<String> = match store.manifest(vm).await? {
+                Some(m) => m.disks.into_iter().map(|d| d.name).collect(),
+                None => Vec::new(),
+            };
+            let dir = &dirs.failover_dir;
+            let missing = remove_disk_images(dir, vm.name(), "test", &disks)?;
+            let mut result = JobResult::default();
+            if !missing.is_empty() {
+                result.report.warnings.push(format!(
+                    "no test failover disk {} in {} on this node (written on another node)",
+                    missing.join(", "),
+                    dir.display()
+                ));
+            }
+            return Ok(result);
+        }
+        JobKind::Commit => {
+            let Some(lifeboat_core::PointChoice::Named(point)) = &params.point else {
+                return Err(EngineError::NotReady {
+                    what: format!(
+                        "a commit of VM {vm} away from the VM's node needs the failover's point in its parameters"
+                    ),
+                });
+            };
+            commit_in_store(store, vm, point).await?;
+            return Ok(JobResult::default());
+        }
         JobKind::TestFailover => {
             let point = choose_point(store, vm, &choice).await?;
             materialise_point(store, vm, point, &dirs.failover_dir, "test", progress).await?

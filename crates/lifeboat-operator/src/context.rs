@@ -1,15 +1,17 @@
 //! What every reconcile shares: the client, the caches, the event recorder, the metrics, the
 //! clock and the settings (kube-rs `controller-rs`'s one `Context`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::Client;
+use k8s_openapi::api::core::v1::Node;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
 use lifeboat_api::contract::{OPERATOR_FIELD_MANAGER, agent_lease_name};
 use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
 use lifeboat_core::Clock;
@@ -28,6 +30,8 @@ pub struct Stores {
     pub policies: Store<ReplicationPolicy>,
     /// The agents' heartbeat Leases, in the operator's namespace.
     pub leases: Store<Lease>,
+    /// The cluster's Nodes, metadata only: their labels choose recovery nodes.
+    pub nodes: Store<PartialObjectMeta<Node>>,
 }
 
 impl fmt::Debug for Stores {
@@ -37,6 +41,7 @@ impl fmt::Debug for Stores {
             .field("jobs", &self.jobs.len())
             .field("policies", &self.policies.len())
             .field("leases", &self.leases.len())
+            .field("nodes", &self.nodes.len())
             .finish()
     }
 }
@@ -143,6 +148,23 @@ impl Context {
             *entry = (renewed, now);
         }
         Some(entry.1)
+    }
+
+    /// The nodes that carry every label of `selector` (a `matchLabels`), by name.
+    pub fn nodes_labelled(&self, selector: &BTreeMap<String, String>) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .stores
+            .nodes
+            .state()
+            .iter()
+            .filter(|node| {
+                let labels = node.labels();
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .map(|node| node.name_any())
+            .collect();
+        names.sort();
+        names
     }
 
     /// A cached probe result for `url`, if recent enough.

@@ -37,6 +37,8 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -333,12 +335,25 @@ impl Operator {
         .reflect(lease_writer)
         .for_each(log_watch("Lease"));
 
+        // NB: metadata only (a Node's status is large): the labels are all a recovery node
+        // selector reads.
+        let (node_reader, node_writer) = reflector::store::<PartialObjectMeta<Node>>();
+        let node_feed = watcher(
+            Api::<PartialObjectMeta<Node>>::all(self.client.clone()),
+            wc.clone(),
+        )
+        .default_backoff()
+        .modify(slim)
+        .reflect(node_writer)
+        .for_each(log_watch("Node"));
+
         self.metrics.watch_vms(vm_reader.clone());
         let stores = Stores {
             vms: vm_reader.clone(),
             jobs: job_reader.clone(),
             policies: policy_reader.clone(),
             leases: lease_reader.clone(),
+            nodes: node_reader.clone(),
         };
         let ctx = Arc::new(Context::new(
             self.client.clone(),
@@ -406,20 +421,22 @@ impl Operator {
                 .for_each(log_reconcile(job::CONTROLLER));
 
         let readiness = async move {
-            let synced = future::join4(
+            let synced = future::join5(
                 vm_reader.wait_until_ready(),
                 job_reader.wait_until_ready(),
                 policy_reader.wait_until_ready(),
                 lease_reader.wait_until_ready(),
+                node_reader.wait_until_ready(),
             )
             .await;
-            if matches!(synced, (Ok(()), Ok(()), Ok(()), Ok(()))) {
+            if matches!(synced, (Ok(()), Ok(()), Ok(()), Ok(()), Ok(()))) {
                 ready.store(true, Ordering::Relaxed);
                 tracing::info!("caches synced; reconciling");
             }
             future::pending::<()>().await;
         };
-        let feeds = future::join5(vm_feed, job_feed, policy_feed, lease_feed, readiness);
+        let cluster_feeds = future::join(lease_feed, node_feed);
+        let feeds = future::join5(vm_feed, job_feed, policy_feed, cluster_feeds, readiness);
         let controllers = future::join3(vm_controller, policy_controller, job_controller);
         futures::pin_mut!(feeds, controllers);
         // NB: the feeds never end by themselves; the controllers end at shutdown.

@@ -282,6 +282,7 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
             vm: &vm,
             policy: policy.as_deref(),
             heartbeat: &|node: &str| ctx.heartbeat(node),
+            nodes_labelled: &|selector| ctx.nodes_labelled(selector),
             cluster: true,
             now: whole_seconds(ctx.clock.now()),
         },

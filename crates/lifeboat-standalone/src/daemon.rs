@@ -429,6 +429,7 @@ impl Daemon {
                 policy,
                 // NB: the agent is this process: alive while it decides.
                 heartbeat: &|_: &str| Some(now),
+                nodes_labelled: &|_| Vec::new(),
                 cluster: false,
                 now,
             },

@@ -221,7 +221,32 @@ fn condition(vm: &ProtectedVM, type_: &str) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
-async fn setup(client: &Client, qsd: &Qsd, target: serde_json::Value) {
+/// How the VM names its recovery node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// `spec.recoveryNodeNames: [node-2]` on the VM.
+    ByName,
+    /// The policy's `recoveryNodes.selector`, matched against the Nodes' labels (node-2 is
+    /// the only node in zone b).
+    ByLabel,
+}
+
+async fn setup(client: &Client, qsd: &Qsd, target: serde_json::Value, recovery: Recovery) {
+    for (node, zone) in [("node-1", "a"), ("node-2", "b")] {
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": zone}}
+        }))
+        .unwrap();
+        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap();
+    }
+    let (names, selector) = match recovery {
+        Recovery::ByName => (json!(["node-2"]), json!({})),
+        Recovery::ByLabel => (json!([]), json!({"topology.kubernetes.io/zone": "b"})),
+    };
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "storage"},
         "stringData": {"accountKey": lifeboat_store::testing::DEV_KEY}
@@ -234,7 +259,8 @@ async fn setup(client: &Client, qsd: &Qsd, target: serde_json::Value) {
     let policy: ReplicationPolicy = serde_json::from_value(json!({
         "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
         "metadata": {"name": "gold"},
-        "spec": {"copyFrequency": "30s", "target": target}
+        "spec": {"copyFrequency": "30s", "target": target,
+                 "recoveryNodes": {"selector": selector}}
     }))
     .unwrap();
     Api::<ReplicationPolicy>::namespaced(client.clone(), NS)
@@ -245,7 +271,7 @@ async fn setup(client: &Client, qsd: &Qsd, target: serde_json::Value) {
         "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
         "metadata": {"name": "web"},
         "spec": {
-            "vmName": "web", "nodeName": "node-1", "recoveryNodeNames": ["node-2"],
+            "vmName": "web", "nodeName": "node-1", "recoveryNodeNames": names,
             "hypervisor": {"qemu": {"qmpSocket": qsd.qmp.display().to_string()}},
             "disks": [{"name": "os", "path": qsd.dir.join("os.qcow2").display().to_string(), "blockNode": "os"}],
             "policyRef": {"name": "gold"}
@@ -280,7 +306,7 @@ impl lifeboat_core::Clock for JumpingClock {
 async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_is_fenced() {
     let tmp = tempfile::tempdir().unwrap();
     let replica = Replica::Folder(tmp.path().join("shared replicas"));
-    site_loss(tmp.path(), &replica, Loss::Crash).await;
+    site_loss(tmp.path(), &replica, Loss::Crash, Recovery::ByName).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,10 +321,10 @@ async fn a_partitioned_agent_wakes_after_the_failover_on_azure_and_is_fenced() {
     )
     .await;
     let replica = Replica::Azure(azurite);
-    site_loss(tmp.path(), &replica, Loss::Partition).await;
+    site_loss(tmp.path(), &replica, Loss::Partition, Recovery::ByLabel).await;
 }
 
-async fn site_loss(work: &Path, replica: &Replica, loss: Loss) {
+async fn site_loss(work: &Path, replica: &Replica, loss: Loss, recovery: Recovery) {
     lifeboat_http::install_crypto_provider();
     std::fs::create_dir_all(work.join("vm")).unwrap();
     let qsd = Qsd::start(&work.join("vm"), &[("os", 8 << 20)]);
@@ -323,7 +349,7 @@ async fn site_loss(work: &Path, replica: &Replica, loss: Loss) {
     }));
     let mut node1 = AgentProcess::start("node-1", work, &kubeconfig);
     let _node2 = AgentProcess::start("node-2", work, &kubeconfig);
-    setup(&client, &qsd, replica.target()).await;
+    setup(&client, &qsd, replica.target(), recovery).await;
     let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
     let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
 
@@ -502,6 +528,35 @@ async fn site_loss(work: &Path, replica: &Replica, loss: Loss) {
     for (what, bytes) in &before {
         assert!(after[what] == *bytes, "{what} changed");
     }
+
+    // The commit follows the failover's disks to node-2 (node-1's agent, alive again, is
+    // fenced), and keeps the failover's point alone.
+    vms.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"requests": {"commit": "keep-it"}}})),
+    )
+    .await
+    .unwrap();
+    vm_until(&vms, 120, "web FailoverCommitted", |vm| {
+        vm.status
+            .as_ref()
+            .is_some_and(|s| s.phase == ProtectionPhase::FailoverCommitted)
+    })
+    .await;
+    let commit = jobs
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|j| j.spec.job_type == JobType::Commit)
+        .unwrap();
+    assert_eq!(commit.spec.node_name, "node-2", "{}", commit.name_any());
+    let kept = result.recovery_point.as_ref().unwrap().name.clone();
+    let manifest = replica.store().manifest(&vm).await.unwrap().unwrap();
+    let points: Vec<&str> = manifest.points.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(points, [kept.as_str()]);
 
     let _ = stop_operator.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;

@@ -18,7 +18,7 @@ pub const AGENT_LOST: &str = "AgentLost";
 /// Whether a job needs only the replica store (no hypervisor): any agent can run it.
 pub fn store_only(kind: JobKind, params: &JobParams) -> bool {
     match kind {
-        JobKind::TestFailover => true,
+        JobKind::TestFailover | JobKind::CleanupTestFailover | JobKind::Commit => true,
         JobKind::Failover => params.failover == Some(FailoverKind::Unplanned),
         _ => false,
     }
@@ -309,14 +309,17 @@ impl Pass<'_> {
         );
         let node = self.place(kind, &params);
         if let Some(node) = &node {
+            let why = match self.disks_elsewhere(kind) {
+                Some((disks, _)) if disks == node => "it holds the disks the job is about".into(),
+                _ => format!(
+                    "the agent of the VM's node has been silent for over {}s",
+                    super::JOB_AGENT_LOST.as_secs()
+                ),
+            };
             self.notice(
                 true,
                 reasons::JOB_RELOCATED,
-                format!(
-                    "{} job {name} goes to recovery node {node}: the agent of the VM's node has been silent for over {}s",
-                    kind.as_str(),
-                    super::JOB_AGENT_LOST.as_secs()
-                ),
+                format!("{} job {name} goes to node {node}: {why}", kind.as_str()),
             );
         }
         self.create = Some(NewJob {
@@ -393,9 +396,30 @@ impl Pass<'_> {
             .map(|(node, _)| node.as_str())
     }
 
+    /// The node (not the VM's) holding the disks a commit or a cleanup is about, with its
+    /// agent's last heartbeat.
+    fn disks_elsewhere(&self, kind: JobKind) -> Option<(&str, Option<SystemTime>)> {
+        let disks = match kind {
+            JobKind::Commit => self.input.failover,
+            JobKind::CleanupTestFailover => self.input.test_failover,
+            _ => None,
+        }?;
+        Some((disks.node.as_deref()?, disks.heartbeat))
+    }
+
     /// Where a new job runs: the VM's node, unless the job needs only the store and the
-    /// VM's agent is lost while a recovery node's is alive.
+    /// VM's agent is lost while a recovery node's is alive. A commit or a cleanup follows the
+    /// disks it is about when another node holds them: there while that node's agent is alive,
+    /// else on a live recovery node, else it waits there (never on the VM's node, whose agent
+    /// a failover elsewhere fenced).
     fn place(&self, kind: JobKind, params: &JobParams) -> Option<String> {
+        if let Some((node, beat)) = self.disks_elsewhere(kind) {
+            let live = alive(beat, self.now).then_some(node);
+            return live
+                .or_else(|| self.live_recovery_node())
+                .or(Some(node))
+                .map(str::to_owned);
+        }
         if !store_only(kind, params) || alive(self.input.heartbeat, self.now) {
             return None;
         }

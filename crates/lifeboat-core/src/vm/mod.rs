@@ -292,6 +292,23 @@ pub struct VmInput<'a> {
     pub job_heartbeat: Option<SystemTime>,
     /// The VM's recovery nodes, in order of preference, with their agents' last heartbeats.
     pub recovery: &'a [(String, Option<SystemTime>)],
+    /// Where the last failover's disks are, if it wrote any.
+    pub failover: Option<&'a Materialised>,
+    /// Where the last test failover's disks are, if it wrote any.
+    pub test_failover: Option<&'a Materialised>,
+}
+
+/// Disks a (test) failover materialised: the node whose folder holds them and the point.
+/// A commit or cleanup runs there while that node's agent is alive (after a failover on a
+/// recovery node the VM's own agent is fenced and holds nothing of it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Materialised {
+    /// The node whose agent wrote them: `None` for the VM's own (as [`NewJob::node`]).
+    pub node: Option<String>,
+    /// That agent's last heartbeat.
+    pub heartbeat: Option<SystemTime>,
+    /// The recovery point they hold.
+    pub point: Option<String>,
 }
 
 /// A job to create.

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::model::{JobKind, JobParams, Phase, ResyncReason};
+use crate::model::{JobKind, JobParams, Phase, PointChoice, ResyncReason};
 
 use super::Pass;
 use super::requests::Ask;
@@ -50,10 +50,14 @@ impl Pass<'_> {
                 }
                 self.reject_requests_after_failover(true);
                 if let Some(token) = self.ask_commit() {
+                    // NB: the point travels with the job, so that an agent that has only the
+                    // store (the VM's is lost) knows which point the failover kept.
+                    let point = self.input.failover.and_then(|d| d.point.clone());
                     self.start_request(
                         JobKind::Commit,
                         JobParams {
                             request_token: Some(token),
+                            point: point.map(PointChoice::Named),
                             ..JobParams::default()
                         },
                     );

@@ -53,6 +53,10 @@ struct World {
     recovery: Vec<(String, Option<SystemTime>)>,
     /// Each job's node: `None` for the VM's own.
     nodes: BTreeMap<String, Option<String>>,
+    /// Where the last failover's and test failover's disks are (heartbeats filled in at
+    /// each decision).
+    failover: Option<Materialised>,
+    test_failover: Option<Materialised>,
     finalizer: bool,
     last: Option<VmDecision>,
 }
@@ -78,6 +82,8 @@ impl World {
             heartbeat: Some(at(1_000_000)),
             recovery: Vec::new(),
             nodes: BTreeMap::new(),
+            failover: None,
+            test_failover: None,
             finalizer: true,
             last: None,
         }
@@ -95,6 +101,13 @@ impl World {
     }
 
     fn decide(&self) -> VmDecision {
+        let with_beat = |m: &Option<Materialised>| {
+            m.clone().map(|m| Materialised {
+                heartbeat: self.beat_of(m.node.as_deref()),
+                ..m
+            })
+        };
+        let (failover, test_failover) = (with_beat(&self.failover), with_beat(&self.test_failover));
         decide_vm(&VmInput {
             now: self.now,
             spec: &self.spec,
@@ -105,18 +118,25 @@ impl World {
             heartbeat: self.heartbeat,
             job_heartbeat: self.job_heartbeat(),
             recovery: &self.recovery,
+            failover: failover.as_ref(),
+            test_failover: test_failover.as_ref(),
         })
     }
 
     /// The heartbeat of the current job's node's agent.
     fn job_heartbeat(&self) -> Option<SystemTime> {
         let record = self.state.job.as_ref()?;
-        match self.nodes.get(&record.name).cloned().flatten() {
+        self.beat_of(self.nodes.get(&record.name).cloned().flatten().as_deref())
+    }
+
+    /// The heartbeat of a node's agent: `None` for the VM's own.
+    fn beat_of(&self, node: Option<&str>) -> Option<SystemTime> {
+        match node {
             None => self.heartbeat,
             Some(node) => self
                 .recovery
                 .iter()
-                .find(|(n, _)| *n == node)
+                .find(|(n, _)| n == node)
                 .and_then(|(_, beat)| *beat),
         }
     }
@@ -231,6 +251,16 @@ impl World {
         match outcome {
             Ok(()) => {
                 job.state = JobState::Succeeded;
+                let disks = Some(Materialised {
+                    node: self.nodes.get(&name).cloned().flatten(),
+                    heartbeat: None,
+                    point: Some(format!("point-of-{name}")),
+                });
+                match kind {
+                    JobKind::Failover => self.failover = disks,
+                    JobKind::TestFailover => self.test_failover = disks,
+                    _ => {}
+                }
                 if matches!(kind, JobKind::FinalizeProtection | JobKind::Resynchronize) {
                     // The first point (or the first after a resync) and a clean report.
                     self.agent = Some(AgentFacts {
@@ -683,6 +713,110 @@ fn a_store_only_job_left_by_a_lost_recovery_agent_moves_on_and_others_stay_home(
     w.recovery[1].1 = Some(w.now);
     assert!(w.step().create_job.is_none());
     assert_eq!(w.current().1, JobKind::Failover);
+}
+
+#[test]
+fn commit_and_cleanup_follow_the_disks_they_are_about() {
+    let mut w = World::protected();
+    let start = w.now;
+    w.recovery = vec![
+        ("node-b".into(), Some(start)),
+        ("node-c".into(), Some(start)),
+    ];
+    // The VM's agent is lost: a test failover and then a failover run on node-b.
+    w.now = start + JOB_AGENT_LOST;
+    w.recovery[0].1 = Some(w.now);
+    w.recovery[1].1 = Some(w.now);
+    w.spec.requests.test_failover = Some(TestFailoverAsk {
+        token: "t1".into(),
+        point: PointChoice::Latest,
+    });
+    let job = w
+        .step()
+        .create_job
+        .unwrap_or_else(|| panic!("a test failover"));
+    assert_eq!(job.node.as_deref(), Some("node-b"));
+    w.run_current_job();
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    });
+    let job = w.step().create_job.unwrap_or_else(|| panic!("a failover"));
+    assert_eq!(job.node.as_deref(), Some("node-b"));
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedOver);
+
+    // The VM's agent comes back (fenced): the cleanup still goes where the test disks are.
+    w.heartbeat = Some(w.now);
+    w.spec.requests.cleanup_test_failover = Some("c1".into());
+    let d = w.step();
+    let job = d.create_job.unwrap_or_else(|| panic!("a cleanup"));
+    assert_eq!(
+        (job.kind, job.node.as_deref()),
+        (JobKind::CleanupTestFailover, Some("node-b"))
+    );
+    assert!(
+        d.notices
+            .iter()
+            .any(|n| n.reason == "JobRelocated" && n.note.contains("holds the disks")),
+        "{:?}",
+        d.notices
+    );
+    w.run_current_job();
+    assert_eq!(w.state.handled.cleanup_test_failover.as_deref(), Some("c1"));
+
+    // node-b dies before the commit: it goes to the next live recovery node, never to the
+    // VM's own, and names the point the failover kept.
+    let b_died = w.now;
+    w.now = b_died + JOB_AGENT_LOST;
+    w.heartbeat = Some(w.now);
+    w.recovery[1].1 = Some(w.now);
+    w.spec.requests.commit = Some("k1".into());
+    let job = w.step().create_job.unwrap_or_else(|| panic!("a commit"));
+    let kept = w.failover.as_ref().and_then(|f| f.point.clone());
+    assert_eq!(
+        (job.kind, job.node.as_deref(), job.params.point),
+        (
+            JobKind::Commit,
+            Some("node-c"),
+            kept.map(PointChoice::Named)
+        )
+    );
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailoverCommitted);
+}
+
+#[test]
+fn a_commit_waits_for_the_node_with_the_disks_when_no_agent_can_take_it() {
+    let mut w = World::protected();
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    w.now += JOB_AGENT_LOST;
+    w.recovery[0].1 = Some(w.now);
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.run_current_job();
+    // Every agent is silent now: the commit waits on node-b, not at the fenced VM's node.
+    w.now += JOB_AGENT_LOST;
+    w.spec.requests.commit = Some("k1".into());
+    let job = w.step().create_job.unwrap_or_else(|| panic!("a commit"));
+    assert_eq!(job.node.as_deref(), Some("node-b"));
+    // And a commit of a failover made at home stays at home while the VM's agent lives.
+    let mut w = World::protected();
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.run_current_job();
+    w.spec.requests.commit = Some("k1".into());
+    let job = w.step().create_job.unwrap_or_else(|| panic!("a commit"));
+    assert_eq!(job.node, None);
 }
 
 #[test]

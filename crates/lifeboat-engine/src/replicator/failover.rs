@@ -267,16 +267,7 @@ impl Replicator {
         label: &str,
         disks: &[String],
     ) -> Result<(), EngineError> {
-        for disk in disks {
-            let path = disk_image_path(dir, self.vm.name(), label, disk);
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(EngineError::state("remove failover disk", path)(e));
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        remove_disk_images(dir, self.vm.name(), label, disks).map(drop)
     }
 
     /// Fail over. Planned: one last cycle ships everything pending while the source is still
@@ -357,19 +348,75 @@ impl Replicator {
                 what: format!("VM {} has not failed over", self.vm),
             });
         };
-        let manifest = self.store.manifest(&self.vm).await?;
-        let others: Vec<String> = manifest
-            .map(|m| {
-                m.points
-                    .into_iter()
-                    .map(|p| p.id)
-                    .filter(|id| *id != point)
-                    .collect()
-            })
-            .unwrap_or_default();
-        for id in &others {
-            self.store.delete_point(&self.vm, id).await?;
-        }
-        Ok(others)
+        delete_points_but(self.store.as_ref(), &self.vm, &point).await
     }
+}
+
+/// Delete every point of `vm` but `keep` (a commit); the ids deleted.
+async fn delete_points_but(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    keep: &str,
+) -> Result<Vec<String>, EngineError> {
+    let manifest = store.manifest(vm).await?;
+    let others: Vec<String> = manifest
+        .map(|m| {
+            m.points
+                .into_iter()
+                .map(|p| p.id)
+                .filter(|id| id != keep)
+                .collect()
+        })
+        .unwrap_or_default();
+    for id in &others {
+        store.delete_point(vm, id).await?;
+    }
+    Ok(others)
+}
+
+/// Commit a failover from the store alone (the VM's own agent is lost or fenced): keep
+/// `point`, the failover's, and delete the others, writing at the epoch the failover took.
+///
+/// # Errors
+///
+/// The replica was never failed over (it is at the first epoch), `point` is not in it, or
+/// store failures.
+pub async fn commit_in_store(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    point: &str,
+) -> Result<Vec<String>, EngineError> {
+    let epoch = store.epoch(vm).await?;
+    if epoch.number == 0 {
+        return Err(EngineError::NotReady {
+            what: format!("VM {vm}'s replica was never failed over: nothing to commit"),
+        });
+    }
+    choose_point(store, vm, &PointChoice::Named(point.to_owned())).await?;
+    store.hold_epoch(vm, epoch.number);
+    delete_points_but(store, vm, point).await
+}
+
+/// Remove the image files of `disks` of a failover named `label` from `dir`; the disks that
+/// had none there.
+///
+/// # Errors
+///
+/// A file that exists cannot be removed.
+pub fn remove_disk_images(
+    dir: &Path,
+    vm: &str,
+    label: &str,
+    disks: &[String],
+) -> Result<Vec<String>, EngineError> {
+    let mut missing = Vec::new();
+    for disk in disks {
+        let path = disk_image_path(dir, vm, label, disk);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(disk.clone()),
+            Err(e) => return Err(EngineError::state("remove failover disk", path)(e)),
+            Ok(()) => {}
+        }
+    }
+    Ok(missing)
 }

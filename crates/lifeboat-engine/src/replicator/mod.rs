@@ -32,8 +32,8 @@ mod resync;
 mod upload;
 
 pub use failover::{
-    FailoverReport, MaterialisedDisk, PointChoice, choose_point, disk_image_path,
-    fail_over_from_store, materialise_point,
+    FailoverReport, MaterialisedDisk, PointChoice, choose_point, commit_in_store, disk_image_path,
+    fail_over_from_store, materialise_point, remove_disk_images,
 };
 
 use std::path::{Path, PathBuf};

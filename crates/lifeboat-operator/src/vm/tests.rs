@@ -180,6 +180,7 @@ fn context(jobs: Vec<ReplicationJob>) -> (Arc<Context>, Verifier) {
             jobs: job_store,
             policies,
             leases,
+            nodes: reflector::store().0,
         },
         Arc::new(Metrics::new()),
         Arc::new(clock),
