@@ -2,10 +2,12 @@
 //! (QSD) playing the VM's block layer and the real local folder store.
 //!
 //! ```text
-//!   cargo bench -p lifeboat-agent --bench agent -- [--parts tracking,copy,recovery] [--dir PATH]
+//!   cargo bench -p lifeboat-agent --bench agent -- [--parts tracking,copy,recovery,recovery-azure]
+//!         [--dir PATH]
 //!         tracking: [--disk-mib 2048] [--hot-mib 256] [--run-secs 100] [--interval-secs 30]
 //!                   [--rounds 3] [--depth 16] [--request-kib 64]
-//!         copy, recovery: [--image-mib 4096] [--runs 5] [--steps lifeboat,cp] [--warm] [--no-verify]
+//!         copy, recovery, recovery-azure: [--image-mib 4096] [--runs 5] [--steps lifeboat,cp]
+//!                   [--warm] [--no-verify] [--python PATH]
 //!         [--keep]
 //! ```
 //!
@@ -74,6 +76,14 @@
 //!   image fsynced and its digest compared with the point's. Timed from the handle's opening
 //!   to the verified, durable disk.
 //! - Peer: `cp --sparse=always` of the replica's own file (the same bytes) and `sync`.
+//!
+//! # `recovery-azure`: the same failover from Azure Blob (a real Azurite) against the SDK
+//!
+//! The image protected once into Azurite (in memory) by the engine with the Azure store.
+//! Steps, alternating: Lifeboat's `fail_over_from_store` on a fresh `AzureStore` handle (the
+//! page ranges of the point's snapshot read, written sparse, hashed, fsynced, verified), and
+//! Azure's Python SDK downloading the same page blob into a file, fsynced (`--python`: an
+//! interpreter that imports `azure.storage.blob`; skipped, and said, when none does).
 
 // A bench reports a failed setup by panicking: unwrap and expect are its error reports.
 #![allow(clippy::unwrap_used)]
@@ -136,13 +146,20 @@ struct Config {
     warm: bool,
     verify: bool,
     keep: bool,
+    /// The Python with `azure-storage-blob`, for the `recovery-azure` peer.
+    python: String,
 }
 
 /// The settings of a smoke run: what `cargo test --all-targets` gets (it runs this binary
 /// without `--bench`), a few seconds on tiny images in a folder of its own, page cache kept.
 fn smoke_config() -> Config {
     Config {
-        parts: vec!["tracking".into(), "copy".into(), "recovery".into()],
+        parts: vec![
+            "tracking".into(),
+            "copy".into(),
+            "recovery".into(),
+            "recovery-azure".into(),
+        ],
         dir: PathBuf::from(format!(
             "/var/tmp/lifeboat-agent-bench-smoke-{}",
             std::process::id()
@@ -160,6 +177,7 @@ fn smoke_config() -> Config {
         warm: true,
         verify: true,
         keep: false,
+        python: "python3".into(),
     }
 }
 
@@ -186,6 +204,7 @@ fn config() -> Config {
         ("image-mib", "4096"),
         ("runs", "5"),
         ("steps", "lifeboat,cp"),
+        ("python", "python3"),
     ]
     .into_iter()
     .map(|(k, d)| (k, env(&k.to_uppercase().replace('-', "_"), d)))
@@ -238,6 +257,7 @@ fn config() -> Config {
         warm,
         verify,
         keep,
+        python: get("python"),
     }
 }
 
@@ -426,9 +446,21 @@ async fn open_engine(
     dir: &Path,
     settings: Settings,
 ) -> Replicator {
+    let store = Arc::new(LocalStore::open(dir.join("store")).unwrap());
+    open_engine_on(name, qsd, image, dir, settings, store).await
+}
+
+/// [`open_engine`] on any store.
+async fn open_engine_on(
+    name: &str,
+    qsd: &Qsd,
+    image: &Path,
+    dir: &Path,
+    settings: Settings,
+    store: Arc<dyn lifeboat_store::ReplicaStore>,
+) -> Replicator {
     let vm = VmKey::new("bench", name).unwrap();
     let hypervisor = Arc::new(QemuHypervisor::new(name, &qsd.qmp, dir.join("qemu")));
-    let store = Arc::new(LocalStore::open(dir.join("store")).unwrap());
     Replicator::open(
         vm,
         qsd.disks(image),
@@ -1132,6 +1164,168 @@ async fn recovery_part(config: &Config) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Recovery from Azure Blob (Azurite): the same failover against the Azure SDK's download.
+
+/// The peer: Azure's Python SDK (`azure-storage-blob`) downloads the page blob of the disk
+/// (`download_blob(max_concurrency=4).readinto`, which asks for the page ranges and does not
+/// fetch the empty ones) into a file, fsynced. The interpreter is `--python` (a venv with the
+/// package: `python3 -m venv V && V/bin/pip install azure-storage-blob`).
+const SDK_DOWNLOAD: &str = r#"
+import os, sys
+from azure.storage.blob import BlobClient
+url, key, container, blob, out = sys.argv[1:6]
+client = BlobClient(url, container, blob, credential={"account_name": "devstoreaccount1", "account_key": key})
+with open(out, "wb") as f:
+    client.download_blob(max_concurrency=4).readinto(f)
+    f.flush()
+    os.fsync(f.fileno())
+"#;
+
+fn sdk_available(python: &str) -> bool {
+    Command::new(python)
+        .args(["-c", "import azure.storage.blob"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+async fn azure_recovery_part(config: &Config) {
+    let dir = config.dir.join("recovery-azure");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (data_bytes, data_runs, holes) = build_image(config, &dir);
+    let qsd = Qsd::start(&dir, &dir.join("source.qcow2"), false);
+    let azurite = lifeboat_store::testing::Azurite::start();
+    let options = lifeboat_store::azure::AzureStoreOptions::default();
+    let open_store = || async {
+        lifeboat_store::testing::shared_key_store(&azurite, "replicas", options.clone()).await
+    };
+    // The replica in Azurite, with its first point, as the VM's agent left it.
+    let work = dir.join("protected");
+    remove_dir(&work);
+    let name = "recovery";
+    let mut engine = open_engine_on(
+        name,
+        &qsd,
+        &dir.join("source.qcow2"),
+        &work,
+        Settings::default(),
+        Arc::new(open_store().await),
+    )
+    .await;
+    engine.enable().await.unwrap();
+    engine.initial_copy(&no_progress).await.unwrap();
+    let cycle = engine.run_cycle(SystemTime::now()).await.unwrap();
+    assert!(cycle.point.is_some(), "the finalize cycle cuts a point");
+    drop(engine);
+    drop(qsd);
+    let vm = VmKey::new("bench", name).unwrap();
+    let python = config.python.clone();
+    let sdk = sdk_available(&python);
+    println!(
+        "\n### Recovery from Azure Blob (Azurite): {} MiB image, {} MB of data in {} runs of 1 MiB extents, {} holes\n",
+        config.image_mib,
+        mb(data_bytes),
+        data_runs,
+        holes
+    );
+    if !sdk {
+        println!("(the SDK peer is skipped: {python} cannot import azure.storage.blob)\n");
+    }
+    println!("| run | step | seconds | CPU s | load | cache |");
+    println!("|---|---|---|---|---|---|");
+    let (mut lifeboat, mut peer) = (Vec::new(), Vec::new());
+    let out = dir.join("out");
+    for i in 1..=config.runs {
+        let verify = i == 1 && config.verify;
+        for lifeboat_first in [i % 2 == 1, i % 2 == 0] {
+            remove_dir(&out);
+            std::fs::create_dir_all(&out).unwrap();
+            let dropped = settle(config.warm);
+            let load = load_average();
+            let (name, seconds, cpu) = if lifeboat_first {
+                if !config.steps.iter().any(|s| s == "lifeboat") {
+                    continue;
+                }
+                let (cpu_before, _) = cpu_of("self");
+                let started = Instant::now();
+                // NB: a fresh handle: the recovery node has nothing but the account.
+                let store = open_store().await;
+                let (_, report) = lifeboat_engine::replicator::fail_over_from_store(
+                    &store,
+                    &vm,
+                    &lifeboat_engine::replicator::PointChoice::Latest,
+                    "bench",
+                    SystemTime::now(),
+                    &out,
+                    &no_progress,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("recover: {e}"));
+                let seconds = started.elapsed().as_secs_f64();
+                let (cpu_after, _) = cpu_of("self");
+                if verify {
+                    let disk = report.disks.first().unwrap();
+                    let source = dir.join("source.raw");
+                    run(
+                        "cmp",
+                        &[source.to_str().unwrap(), disk.path.to_str().unwrap()],
+                    );
+                }
+                lifeboat.push(seconds);
+                ("Lifeboat", seconds, cpu_after - cpu_before)
+            } else {
+                if !sdk {
+                    continue;
+                }
+                let dest = out.join(format!("{DISK}.vhd"));
+                let (_, before) = cpu_of("self");
+                let started = Instant::now();
+                run(
+                    &python,
+                    &[
+                        "-c",
+                        SDK_DOWNLOAD,
+                        &azurite.account_url(),
+                        lifeboat_store::testing::DEV_KEY,
+                        "replicas",
+                        &format!("bench/{name}/disks/{DISK}.vhd"),
+                        dest.to_str().unwrap(),
+                    ],
+                );
+                let seconds = started.elapsed().as_secs_f64();
+                let (_, after) = cpu_of("self");
+                if verify {
+                    // NB: the blob is the disk and a 512-byte VHD footer.
+                    let source = dir.join("source.raw");
+                    let size = std::fs::metadata(&source).unwrap().len().to_string();
+                    let (s, d) = (source.to_str().unwrap(), dest.to_str().unwrap());
+                    run("cmp", &["-n", &size, s, d]);
+                }
+                peer.push(seconds);
+                ("SDK download", seconds, after - before)
+            };
+            println!(
+                "| {i} | {name} | {seconds:.2} | {cpu:.2} | {load} | {} |",
+                if dropped { "dropped" } else { "warm" }
+            );
+        }
+    }
+    remove_dir(&out);
+    if peer.is_empty() {
+        println!("\nmedian seconds: Lifeboat {:.2}", median(&lifeboat));
+    } else {
+        let (l, p) = (median(&lifeboat), median(&peer));
+        println!(
+            "\nmedian seconds: Lifeboat {l:.2}, SDK download {p:.2}; Lifeboat / peer {:.3}",
+            l / p
+        );
+    }
+    if !config.keep {
+        remove_dir(&dir);
+    }
+}
+
 fn main() {
     let config = config();
     println!(
@@ -1154,6 +1348,9 @@ fn main() {
         }
         if config.parts.iter().any(|p| p == "recovery") {
             recovery_part(&config).await;
+        }
+        if config.parts.iter().any(|p| p == "recovery-azure") {
+            azure_recovery_part(&config).await;
         }
     });
     if !config.keep {
