@@ -124,6 +124,38 @@ pub fn digest_block(algorithm: HashAlgorithm, data: &[u8]) -> BlockDigest {
     }
 }
 
+/// Digests of the blocks of `data` (`block_size_bytes` each, the last one may be short), in
+/// order, hashed on up to `threads` threads, each taking a contiguous run of blocks.
+///
+/// # Guarantees
+/// The same digests as [`digest_block`] of each block, whatever the thread count.
+pub fn digest_blocks(
+    algorithm: HashAlgorithm,
+    block_size_bytes: u32,
+    data: &[u8],
+    threads: usize,
+) -> Vec<BlockDigest> {
+    let block_len = (block_size_bytes as usize).max(1);
+    let mut digests = vec![BlockDigest::Zero; data.len().div_ceil(block_len)];
+    let blocks_per_thread = digests.len().div_ceil(threads.max(1)).max(1);
+    let hash_run = |run_index: usize, slots: &mut [BlockDigest]| {
+        let blocks = data[run_index * blocks_per_thread * block_len..].chunks(block_len);
+        for (slot, block) in slots.iter_mut().zip(blocks) {
+            *slot = digest_block(algorithm, block);
+        }
+    };
+    if blocks_per_thread >= digests.len() {
+        hash_run(0, &mut digests);
+    } else {
+        std::thread::scope(|scope| {
+            for (run_index, slots) in digests.chunks_mut(blocks_per_thread).enumerate() {
+                scope.spawn(move || hash_run(run_index, slots));
+            }
+        });
+    }
+    digests
+}
+
 /// Whether every byte of `data` is zero.
 ///
 /// # Guarantees

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! A map is built once from a whole image ([`BlockMap::from_image`], or
-//! [`crate::image::hash_image`] for files), then kept current as writes land on the image:
+//! [`BlockMap::set_digests`] with digests hashed elsewhere, [`crate::digest_blocks`]), then
+//! kept current as writes land on the image:
 //! [`BlockMap::update_range`] re-hashes only the blocks a write touched and
 //! [`BlockMap::resize`] follows a change of size. That is what lets the map of a replica
 //! live beside it in a remote store: a resync then reads only the source.
@@ -30,7 +31,9 @@
 //! | end − 8 | 8 | XXH3-64 of every byte before it |
 
 use crate::error::{FormatProblem, ResyncError};
-use crate::hash::{BLOCK_HASH_LEN_BYTES, BlockDigest, BlockHash, HashAlgorithm, digest_block};
+use crate::hash::{
+    BLOCK_HASH_LEN_BYTES, BlockDigest, BlockHash, HashAlgorithm, digest_block, digest_blocks,
+};
 
 /// Smallest block size accepted: one page of the page cache, eight Azure pages.
 pub const MIN_BLOCK_SIZE_BYTES: u32 = 4096;
@@ -113,39 +116,8 @@ impl BlockMap {
         threads: usize,
     ) -> Result<BlockMap, ResyncError> {
         let mut map = Self::new_zeroed(algorithm, block_size_bytes, image.len() as u64)?;
-        let block_len = block_size_bytes as usize;
-        let blocks_per_thread = map.digests.len().div_ceil(threads.max(1)).max(1);
-        std::thread::scope(|scope| {
-            for (run_index, digests) in map.digests.chunks_mut(blocks_per_thread).enumerate() {
-                let start_bytes = run_index * blocks_per_thread * block_len;
-                scope.spawn(move || {
-                    let run = image[start_bytes..].chunks(block_len);
-                    for (digest, block) in digests.iter_mut().zip(run) {
-                        *digest = digest_block(algorithm, block);
-                    }
-                });
-            }
-        });
+        map.digests = digest_blocks(algorithm, block_size_bytes, image, threads);
         Ok(map)
-    }
-
-    /// Builds a map from digests computed elsewhere (the file hasher).
-    pub(crate) fn from_digests(
-        algorithm: HashAlgorithm,
-        block_size_bytes: u32,
-        image_size_bytes: u64,
-        digests: Vec<BlockDigest>,
-    ) -> BlockMap {
-        debug_assert_eq!(
-            digests.len() as u64,
-            block_count_for(image_size_bytes, block_size_bytes)
-        );
-        BlockMap {
-            algorithm,
-            block_size_bytes,
-            image_size_bytes,
-            digests,
-        }
     }
 
     /// The hash algorithm of every digest in this map.
@@ -233,6 +205,49 @@ impl BlockMap {
         offset_bytes: u64,
         blocks_data: &[u8],
     ) -> Result<(), ResyncError> {
+        let blocks = self.blocks_of(offset_bytes, blocks_data.len() as u64)?;
+        for (slot, block) in self.digests[blocks]
+            .iter_mut()
+            .zip(blocks_data.chunks(self.block_size_bytes as usize))
+        {
+            *slot = digest_block(self.algorithm, block);
+        }
+        Ok(())
+    }
+
+    /// Records digests computed elsewhere ([`digest_blocks`] of the data, on other threads)
+    /// for the blocks of `[offset_bytes, offset_bytes + len_bytes)`. The range has the same
+    /// shape rules as [`BlockMap::update_range`]'s, and there must be one digest per block
+    /// in it; on error the map is unchanged.
+    pub fn set_digests(
+        &mut self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        digests: &[BlockDigest],
+    ) -> Result<(), ResyncError> {
+        let blocks = self.blocks_of(offset_bytes, len_bytes)?;
+        if blocks.len() != digests.len() {
+            return Err(ResyncError::UpdateMap {
+                offset_bytes,
+                block_index: blocks.start as u64,
+                reason: format!(
+                    "{} digests for the {} blocks of {len_bytes} bytes",
+                    digests.len(),
+                    blocks.len()
+                ),
+            });
+        }
+        self.digests[blocks].copy_from_slice(digests);
+        Ok(())
+    }
+
+    /// The indices of the blocks `[offset_bytes, offset_bytes + len_bytes)` covers, when it
+    /// is whole blocks inside the image (or ends at its short last block).
+    fn blocks_of(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<std::ops::Range<usize>, ResyncError> {
         let block_size = u64::from(self.block_size_bytes);
         let first_block = offset_bytes / block_size;
         let fail = |reason: String| ResyncError::UpdateMap {
@@ -246,7 +261,7 @@ impl BlockMap {
             )));
         }
         let end_bytes = offset_bytes
-            .checked_add(blocks_data.len() as u64)
+            .checked_add(len_bytes)
             .ok_or_else(|| fail("range overflows".into()))?;
         if end_bytes > self.image_size_bytes {
             return Err(fail(format!(
@@ -254,53 +269,20 @@ impl BlockMap {
                 self.image_size_bytes
             )));
         }
-        if !(blocks_data.len() as u64).is_multiple_of(block_size)
-            && end_bytes != self.image_size_bytes
-        {
+        if !len_bytes.is_multiple_of(block_size) && end_bytes != self.image_size_bytes {
             return Err(fail(format!(
-                "{} bytes is not a whole number of {block_size}-byte blocks",
-                blocks_data.len()
+                "{len_bytes} bytes is not a whole number of {block_size}-byte blocks"
             )));
         }
-        let first = first_block as usize;
-        for (slot, block) in self.digests[first..]
-            .iter_mut()
-            .zip(blocks_data.chunks(self.block_size_bytes as usize))
-        {
-            *slot = digest_block(self.algorithm, block);
-        }
-        Ok(())
+        Ok(first_block as usize..end_bytes.div_ceil(block_size) as usize)
     }
 
     /// Records that the blocks of `[offset_bytes, offset_bytes + len_bytes)` now read as
     /// zeros (a range zeroed or discarded), without hashing zeros. The range has the same
     /// shape rules as [`BlockMap::update_range`]'s; on error the map is unchanged.
     pub fn zero_range(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), ResyncError> {
-        let block_size = u64::from(self.block_size_bytes);
-        let fail = |reason: String| ResyncError::UpdateMap {
-            offset_bytes,
-            block_index: offset_bytes / block_size,
-            reason,
-        };
-        let end_bytes = offset_bytes
-            .checked_add(len_bytes)
-            .ok_or_else(|| fail("range overflows".into()))?;
-        if !offset_bytes.is_multiple_of(block_size)
-            || (!len_bytes.is_multiple_of(block_size) && end_bytes != self.image_size_bytes)
-        {
-            return Err(fail(format!(
-                "{len_bytes} bytes at {offset_bytes} are not whole {block_size}-byte blocks"
-            )));
-        }
-        if end_bytes > self.image_size_bytes {
-            return Err(fail(format!(
-                "range ends at {end_bytes}, past the image's end {} (resize first)",
-                self.image_size_bytes
-            )));
-        }
-        let first = (offset_bytes / block_size) as usize;
-        let last = end_bytes.div_ceil(block_size) as usize;
-        self.digests[first..last].fill(BlockDigest::Zero);
+        let blocks = self.blocks_of(offset_bytes, len_bytes)?;
+        self.digests[blocks].fill(BlockDigest::Zero);
         Ok(())
     }
 
@@ -414,10 +396,7 @@ impl BlockMap {
     /// problem (the trailing checksum covers every other byte); a map that decodes is one
     /// [`BlockMap::encode`] produced.
     pub fn decode(bytes: &[u8]) -> Result<BlockMap, ResyncError> {
-        decode_map(bytes).map_err(|problem| ResyncError::DecodeMap {
-            origin: None,
-            problem,
-        })
+        decode_map(bytes).map_err(|problem| ResyncError::DecodeMap { problem })
     }
 
     /// A 128-bit fingerprint of the whole map (XXH3-128 of its serialized form): equal maps
@@ -681,6 +660,42 @@ mod tests {
         map.update_range(3 * 4096, &image[3 * 4096..])
             .expect("restore");
         assert_eq!(map, before);
+    }
+
+    #[test]
+    fn digests_hashed_elsewhere_equal_update_range_and_misfits_are_refused() {
+        let image = image_with(&[false, true, false, false, true], 10, 5);
+        let whole = BlockMap::from_image(&image, BLOCK, HashAlgorithm::Xxh3_128).expect("map");
+        for threads in [1, 2, 3, 8] {
+            let mut map = BlockMap::new_zeroed(HashAlgorithm::Xxh3_128, BLOCK, image.len() as u64)
+                .expect("map");
+            let digests = digest_blocks(HashAlgorithm::Xxh3_128, BLOCK, &image, threads);
+            map.set_digests(0, image.len() as u64, &digests)
+                .expect("set");
+            assert_eq!(map, whole, "{threads} threads");
+        }
+        let mut map = whole.clone();
+        let two = digest_blocks(HashAlgorithm::Xxh3_128, BLOCK, &[7; 2 * 4096], 2);
+        assert!(
+            map.set_digests(4096, 4096, &two).is_err(),
+            "one block, two digests"
+        );
+        assert!(
+            map.set_digests(100, 2 * 4096, &two).is_err(),
+            "not on a block"
+        );
+        assert!(
+            map.set_digests(4 * 4096, 2 * 4096, &two).is_err(),
+            "past the end"
+        );
+        assert_eq!(map, whole, "refusals leave the map alone");
+        map.set_digests(4096, 2 * 4096, &two).expect("set");
+        let mut patched = image.clone();
+        patched[4096..3 * 4096].fill(7);
+        assert_eq!(
+            map,
+            BlockMap::from_image(&patched, BLOCK, HashAlgorithm::Xxh3_128).expect("map")
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Comparing two maps into a plan, and the cursor that lets a plan resume.
+//! Comparing two maps into a plan.
 //!
 //! ```text
 //!  source map  | A | 0 | B | C | 0 | 0 | D |
@@ -6,15 +6,13 @@
 //!                    ^       ^---^
 //!  plan          resize target to the source's size, then
 //!                    Zero[1]  Copy[3]  Zero[4]          (adjacent blocks with the same op coalesce)
-//!
-//!  cursor        done_up_to_bytes ─────────►|   ranges wholly below are skipped on resume,
-//!                                           |   a range across it is cut at it
 //! ```
 //!
-//! A plan is pure data computed from two maps; applying it is [`crate::image::apply_plan`]'s
-//! job (or any writer's: a store may implement [`RangeOp::Zero`] as a trim / Clear Pages).
+//! A plan is pure data computed from two maps; applying it is the writer's job (the agent's
+//! resync writes Copy ranges from its view and zeroes Zero ranges in the store, which may
+//! implement them as a trim / Clear Pages).
 
-use crate::error::{FormatProblem, ResyncError};
+use crate::error::ResyncError;
 use crate::hash::BlockDigest;
 use crate::map::{BlockMap, check_comparable};
 
@@ -56,7 +54,6 @@ pub struct ResyncPlan {
     block_size_bytes: u32,
     source_size_bytes: u64,
     target_size_bytes: u64,
-    source_fingerprint: u128,
     ranges: Vec<PlannedRange>,
 }
 
@@ -108,54 +105,6 @@ impl ResyncPlan {
             .filter(|range| range.op == op)
             .map(|range| range.len_bytes)
             .sum()
-    }
-
-    /// Fingerprint of the source map the plan was made from.
-    pub fn source_fingerprint(&self) -> u128 {
-        self.source_fingerprint
-    }
-
-    /// A cursor at the start of this plan.
-    pub fn start_cursor(&self) -> ResyncCursor {
-        ResyncCursor {
-            source_fingerprint: self.source_fingerprint,
-            done_up_to_bytes: 0,
-        }
-    }
-
-    /// The ranges still to apply after `cursor`: ranges that end at or before the cursor
-    /// are dropped, a range across it is cut at it.
-    ///
-    /// # Guarantees
-    /// Never returns a byte below `cursor.done_up_to_bytes`, so resuming never re-sends
-    /// what an earlier run completed.
-    ///
-    /// # Caveats
-    /// The cursor must come from a plan over the same source map (checked by fingerprint,
-    /// [`ResyncError::ResumeCursor`] otherwise). The target map may differ from the first
-    /// run's (re-hashed, or the stored one): bytes below the cursor are already equal to
-    /// the source, and the plan re-derives everything above it.
-    pub fn remaining(&self, cursor: &ResyncCursor) -> Result<Vec<PlannedRange>, ResyncError> {
-        if cursor.source_fingerprint != self.source_fingerprint {
-            return Err(ResyncError::ResumeCursor {
-                cursor_fingerprint: cursor.source_fingerprint,
-                source_fingerprint: self.source_fingerprint,
-            });
-        }
-        let done = cursor.done_up_to_bytes;
-        Ok(self
-            .ranges
-            .iter()
-            .filter(|range| range.end_bytes() > done)
-            .map(|range| {
-                let offset_bytes = range.offset_bytes.max(done);
-                PlannedRange {
-                    offset_bytes,
-                    len_bytes: range.end_bytes() - offset_bytes,
-                    op: range.op,
-                }
-            })
-            .collect())
     }
 }
 
@@ -211,86 +160,8 @@ pub fn plan_resync(source: &BlockMap, target: &BlockMap) -> Result<ResyncPlan, R
         block_size_bytes: source.block_size_bytes(),
         source_size_bytes: source.image_size_bytes(),
         target_size_bytes: target.image_size_bytes(),
-        source_fingerprint: source.fingerprint(),
         ranges,
     })
-}
-
-/// Magic bytes opening a serialized cursor.
-pub const CURSOR_MAGIC: [u8; 8] = *b"LBCURSOR";
-/// The serialized cursor format this build writes and reads.
-pub const CURSOR_FORMAT_VERSION: u16 = 1;
-/// Length of a serialized cursor.
-///
-/// Layout (little-endian): magic (8), version (2), reserved zeros (6), source map
-/// fingerprint (16), `done_up_to_bytes` (8), XXH3-64 of the preceding 40 bytes (8).
-pub const CURSOR_LEN_BYTES: usize = 48;
-
-/// How far a resync got: every planned range below `done_up_to_bytes` has been applied.
-///
-/// Persist it (after making the target's writes durable) as a resync progresses; pass it
-/// back to resume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ResyncCursor {
-    /// [`BlockMap::fingerprint`] of the source map the plan came from.
-    pub source_fingerprint: u128,
-    /// The target equals the source below this offset.
-    pub done_up_to_bytes: u64,
-}
-
-impl ResyncCursor {
-    /// Serializes the cursor into [`CURSOR_LEN_BYTES`] bytes.
-    pub fn encode(&self) -> [u8; CURSOR_LEN_BYTES] {
-        let mut out = [0u8; CURSOR_LEN_BYTES];
-        out[..8].copy_from_slice(&CURSOR_MAGIC);
-        out[8..10].copy_from_slice(&CURSOR_FORMAT_VERSION.to_le_bytes());
-        out[16..32].copy_from_slice(&self.source_fingerprint.to_le_bytes());
-        out[32..40].copy_from_slice(&self.done_up_to_bytes.to_le_bytes());
-        let checksum = twox_hash::XxHash3_64::oneshot(&out[..40]);
-        out[40..].copy_from_slice(&checksum.to_le_bytes());
-        out
-    }
-
-    /// Parses a serialized cursor, refusing any corruption.
-    pub fn decode(bytes: &[u8]) -> Result<ResyncCursor, ResyncError> {
-        let fail = |problem| ResyncError::DecodeCursor {
-            origin: None,
-            problem,
-        };
-        if bytes.len() < 8 || bytes[..8] != CURSOR_MAGIC {
-            return Err(fail(FormatProblem::BadMagic));
-        }
-        if bytes.len() != CURSOR_LEN_BYTES {
-            return Err(fail(FormatProblem::WrongLength {
-                expected_bytes: CURSOR_LEN_BYTES as u64,
-                actual_bytes: bytes.len() as u64,
-            }));
-        }
-        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != CURSOR_FORMAT_VERSION {
-            return Err(fail(FormatProblem::UnsupportedVersion { version }));
-        }
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&bytes[40..48]);
-        let stored = u64::from_le_bytes(word);
-        let computed = twox_hash::XxHash3_64::oneshot(&bytes[..40]);
-        if stored != computed {
-            return Err(fail(FormatProblem::ChecksumMismatch { stored, computed }));
-        }
-        if bytes[10..16].iter().any(|&byte| byte != 0) {
-            return Err(fail(FormatProblem::InvalidField {
-                field: "reserved",
-                reason: "not zero".into(),
-            }));
-        }
-        let mut fingerprint = [0u8; 16];
-        fingerprint.copy_from_slice(&bytes[16..32]);
-        word.copy_from_slice(&bytes[32..40]);
-        Ok(ResyncCursor {
-            source_fingerprint: u128::from_le_bytes(fingerprint),
-            done_up_to_bytes: u64::from_le_bytes(word),
-        })
-    }
 }
 
 #[cfg(test)]
@@ -400,26 +271,6 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn cursor_round_trips_and_refuses_corruption_and_other_sources() {
-        let plan = plan_resync(&map(&[1u8; 8192]), &map(&[2u8; 8192])).expect("plan");
-        let cursor = ResyncCursor {
-            done_up_to_bytes: 4096,
-            ..plan.start_cursor()
-        };
-        let bytes = cursor.encode();
-        assert_eq!(ResyncCursor::decode(&bytes).expect("decode"), cursor);
-        for at in 0..CURSOR_LEN_BYTES {
-            let mut bad = bytes;
-            bad[at] ^= 1;
-            assert!(ResyncCursor::decode(&bad).is_err(), "flip at {at}");
-        }
-        assert!(ResyncCursor::decode(&bytes[..40]).is_err());
-        let other = plan_resync(&map(&[3u8; 8192]), &map(&[2u8; 8192])).expect("plan");
-        let error = other.remaining(&cursor).expect_err("other source");
-        assert!(!error.is_recoverable());
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
@@ -450,41 +301,6 @@ mod tests {
             let plan = plan_resync(&map(&image), &map(&image)).expect("plan");
             prop_assert!(plan.is_empty());
             prop_assert_eq!(plan.copy_bytes() + plan.zero_bytes(), 0);
-        }
-
-        /// Interrupt after any number of applied bytes, resume with the cursor against a
-        /// re-hashed or a stale target map: same final image, nothing sent twice.
-        #[test]
-        fn resuming_from_a_cursor_finishes_without_resending(
-            source in image_strategy(),
-            target in image_strategy(),
-            stop_fraction in 0.0f64..1.0,
-            rehash_target in any::<bool>(),
-        ) {
-            let source_map = map(&source);
-            let target_map = map(&target);
-            let plan = plan_resync(&source_map, &target_map).expect("plan");
-            // First run: apply whole blocks up to an interruption point.
-            let total = plan.source_size_bytes();
-            let stop = ((total as f64 * stop_fraction) as u64).div_ceil(BLOCK as u64) * BLOCK as u64;
-            let first: Vec<PlannedRange> = plan
-                .ranges()
-                .iter()
-                .filter(|range| range.offset_bytes < stop)
-                .map(|range| PlannedRange { len_bytes: range.end_bytes().min(stop) - range.offset_bytes, ..*range })
-                .collect();
-            let mut patched = target.clone();
-            let copied_first = apply(&plan, &first, &source, &mut patched);
-            let cursor = ResyncCursor { done_up_to_bytes: stop, ..plan.start_cursor() };
-            let cursor = ResyncCursor::decode(&cursor.encode()).expect("persisted cursor");
-            // Second run: a new plan over the same source.
-            let resumed_target_map = if rehash_target { map(&patched) } else { target_map };
-            let resumed = plan_resync(&source_map, &resumed_target_map).expect("plan");
-            let remaining = resumed.remaining(&cursor).expect("remaining");
-            prop_assert!(remaining.iter().all(|range| range.offset_bytes >= stop));
-            let copied_second = apply(&resumed, &remaining, &source, &mut patched);
-            prop_assert_eq!(&patched, &source);
-            prop_assert!(copied_first + copied_second <= plan.copy_bytes());
         }
     }
 }

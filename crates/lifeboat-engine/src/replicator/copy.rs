@@ -15,17 +15,10 @@ use lifeboat_store::At;
 
 use super::maps::{self, TAG_COPY};
 use super::upload::Uploader;
-use super::{Progress, ProgressSink, Replicator, Report, throughput};
+use super::{Progress, ProgressSink, Replicator, Report, VIEW_CHUNK_BYTES, throughput};
 use crate::backend::{CloseView, Quiesce, Tracking, View};
 use crate::error::EngineError;
 use crate::state::{CopyCursor, EnginePhase};
-
-/// Bytes read from the view at a time (a whole number of blocks). One read is split into
-/// the NBD client's requests, up to its window in flight; with 16 MiB the window stays full
-/// for most of a read, where 4 MiB left the source idle between reads (about 20 % slower in
-/// the agent bench's copy part). Two reads' worth is in memory at a time, plus the store
-/// writes in flight.
-const COPY_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
 
 impl Replicator {
     /// Run (or resume) the initial copy. Afterwards the VM is `Copied`: the next
@@ -90,7 +83,7 @@ impl Replicator {
         progress: ProgressSink<'_>,
     ) -> Result<Report, EngineError> {
         let block = u64::from(self.settings.block_size_bytes);
-        let chunk = (COPY_CHUNK_BYTES / block).max(1) * block;
+        let chunk = (VIEW_CHUNK_BYTES / block).max(1) * block;
         let mut uploader = Uploader::new(
             self.store.clone(),
             self.vm.clone(),

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use lifeboat_blockmap::image::positional;
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, is_zero};
+use lifeboat_store::local::PositionalIo;
 use lifeboat_store::{At, MAX_WRITE_BYTES, RecoveryPoint, ReplicaStore, VmKey};
 
 use super::maps;
@@ -207,7 +207,7 @@ async fn materialise_disk(
             let data = store.read(vm, &pd.name, &at, offset, len).await?;
             map.update_range(offset, &data).map_err(map_error)?;
             if !is_zero(&data) {
-                positional::write_all_at(&file, &data, offset)
+                file.write_all_at(&data, offset)
                     .map_err(EngineError::state("write failover disk", path))?;
             }
             read += len;

@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 
-use lifeboat_blockmap::{BlockMap, HashAlgorithm};
+use lifeboat_blockmap::{BlockMap, HashAlgorithm, digest_blocks};
 use lifeboat_store::{At, DiskDigest, MAX_WRITE_BYTES, ReplicaStore, VmKey};
 
 use crate::error::EngineError;
@@ -68,24 +68,98 @@ pub(super) async fn hash_replica(
     size_bytes: u64,
     block_size_bytes: u32,
 ) -> Result<BlockMap, EngineError> {
+    let mut map = BlockMap::new_zeroed(HashAlgorithm::default(), block_size_bytes, size_bytes)
+        .map_err(|source| EngineError::BlockMap {
+            disk: disk.to_owned(),
+            source,
+        })?;
+    let block = u64::from(block_size_bytes);
+    let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
+    let ranges = align(&store.data_ranges(vm, disk, at).await?, block, size_bytes);
+    hash_ranges(
+        &mut map,
+        disk,
+        &ranges,
+        chunk,
+        |offset, len| async move { Ok(store.read(vm, disk, at, offset, len).await?) },
+        |_| {},
+    )
+    .await?;
+    Ok(map)
+}
+
+/// Chunks at least this long are hashed on every core; shorter ones on one thread, where
+/// starting threads would cost more than it saves.
+const PARALLEL_HASH_BYTES: usize = 4 * 1024 * 1024;
+
+/// Hash `ranges` of `disk` (whole blocks, sorted) into `map`, reading them with `read` a
+/// `chunk` at a time; `hashed(bytes)` after each chunk, with the bytes so far. Returns the
+/// bytes read.
+///
+/// The next chunk's read is in flight while the current one is hashed on a blocking thread
+/// (its blocks spread over the cores): the source never waits for the hashing, and the
+/// runtime's threads never hash. The view's resync pass and the replica's verification pass
+/// both read through here.
+pub(super) async fn hash_ranges<R, F>(
+    map: &mut BlockMap,
+    disk: &str,
+    ranges: &[std::ops::Range<u64>],
+    chunk: u64,
+    read: R,
+    mut hashed: impl FnMut(u64),
+) -> Result<u64, EngineError>
+where
+    R: Fn(u64, u64) -> F,
+    F: std::future::Future<Output = Result<Bytes, EngineError>>,
+{
     let map_error = |source| EngineError::BlockMap {
         disk: disk.to_owned(),
         source,
     };
-    let mut map = BlockMap::new_zeroed(HashAlgorithm::default(), block_size_bytes, size_bytes)
-        .map_err(map_error)?;
-    let block = u64::from(block_size_bytes);
-    let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
-    for range in align(&store.data_ranges(vm, disk, at).await?, block, size_bytes) {
-        let mut offset = range.start;
-        while offset < range.end {
-            let len = chunk.min(range.end - offset);
-            let data = store.read(vm, disk, at, offset, len).await?;
-            map.update_range(offset, &data).map_err(map_error)?;
-            offset += len;
+    let chunk = chunk.max(1);
+    let mut pieces = ranges.iter().flat_map(|r| {
+        std::iter::successors(Some(r.start), move |at| Some(at + chunk))
+            .take_while(move |at| *at < r.end)
+            .map(move |at| (at, chunk.min(r.end - at)))
+    });
+    let read_next = |next: Option<(u64, u64)>| {
+        let read = &read;
+        async move {
+            match next {
+                Some((offset, len)) => Ok(Some((offset, len, read(offset, len).await?))),
+                None => Ok::<_, EngineError>(None),
+            }
         }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let (algorithm, block_size_bytes) = (map.algorithm(), map.block_size_bytes());
+    let mut done = 0;
+    let mut current = read_next(pieces.next()).await?;
+    while let Some((offset, len, data)) = current.take() {
+        let threads = if data.len() >= PARALLEL_HASH_BYTES {
+            cores
+        } else {
+            1
+        };
+        let hashing = tokio::task::spawn_blocking(move || {
+            digest_blocks(algorithm, block_size_bytes, &data, threads)
+        });
+        let (next, digests) = tokio::join!(read_next(pieces.next()), hashing);
+        let digests = match digests {
+            Ok(digests) => digests,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {
+                return Err(EngineError::NotReady {
+                    what: format!("hashing disk {disk:?} was cancelled: the agent is stopping"),
+                });
+            }
+        };
+        map.set_digests(offset, len, &digests).map_err(map_error)?;
+        done += len;
+        hashed(done);
+        current = next?;
     }
-    Ok(map)
+    Ok(done)
 }
 
 /// The digest the manifest records for a disk.

@@ -8,6 +8,15 @@
 //!  done -> cut a point; the changes made meanwhile are in the new tracking epoch
 //! ```
 //!
+//! # Reading and hashing at once
+//!
+//! The source pass reads the view's allocated ranges [`VIEW_CHUNK_BYTES`] at a time through
+//! [`maps::hash_ranges`]: the next chunk's read is in flight while the current one is hashed
+//! on a blocking thread, its blocks spread over the cores, so a resync costs about what
+//! reading the view costs. The blocks that differ are sent by the same overlapped reader as
+//! the initial copy ([`Replicator::copy_range`]). This is the only resync Lifeboat has: the
+//! agent's job, `lifeboat resync` and the `resync` benchmark all run it.
+//!
 //! # Only the disks that need it
 //!
 //! A resync due only to lost tracking, with nothing unshipped pending, compares in full only
@@ -26,7 +35,6 @@
 //! unconditionally, and plans again against the saved map: what was already sent matches and
 //! is not sent again.
 
-use bytes::Bytes;
 use std::time::{Instant, SystemTime};
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, RangeOp, plan_resync};
@@ -34,7 +42,7 @@ use lifeboat_store::Consistency;
 
 use super::maps::{self, TAG_RESYNC};
 use super::upload::Uploader;
-use super::{Progress, ProgressSink, Replicator, Report, throughput, unix_ms};
+use super::{Progress, ProgressSink, Replicator, Report, VIEW_CHUNK_BYTES, throughput, unix_ms};
 use crate::backend::{CloseView, DiskRef, Quiesce, Tracking, View};
 use crate::error::EngineError;
 use crate::state::EnginePhase;
@@ -60,9 +68,6 @@ pub(crate) fn disks_to_compare_in_full(
         .map(|(d, _)| d.name.clone())
         .collect()
 }
-
-/// Bytes read from the view at a time when hashing or copying (a whole number of blocks).
-const READ_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Replicator {
     /// Resynchronize every disk now and cut a point. Tracking is (re)started first, so the
@@ -169,7 +174,7 @@ impl Replicator {
         progress: ProgressSink<'_>,
     ) -> Result<Report, EngineError> {
         let block = u64::from(self.settings.block_size_bytes);
-        let chunk = (READ_CHUNK_BYTES / block).max(1) * block;
+        let chunk = (VIEW_CHUNK_BYTES / block).max(1) * block;
         let mut report = Report::default();
         let mut uploader = Uploader::new(
             self.store.clone(),
@@ -262,19 +267,16 @@ impl Replicator {
                 .map_err(map_error)?;
                 (zeroed, view.allocated_extents(disk).await?)
             };
-            let mut hashed = 0;
-            for range in maps::align(&ranges, block, info.size_bytes) {
-                let mut offset = range.start;
-                while offset < range.end {
-                    let len = chunk.min(range.end - offset);
-                    let data = view.read(disk, offset, len).await?;
-                    report.bytes_read += len;
-                    source.update_range(offset, &data).map_err(map_error)?;
-                    offset += len;
-                    hashed += len;
-                }
-                report_progress(hashed.min(info.size_bytes));
-            }
+            let ranges = maps::align(&ranges, block, info.size_bytes);
+            report.bytes_read += maps::hash_ranges(
+                &mut source,
+                disk,
+                &ranges,
+                chunk,
+                |offset, len| async move { Ok(view.read(disk, offset, len).await?) },
+                |hashed| report_progress(hashed.min(info.size_bytes)),
+            )
+            .await?;
             let plan = plan_resync(&source, &target).map_err(map_error)?;
             let mut intent_end = 0;
             let mut done = 0;
@@ -293,15 +295,17 @@ impl Replicator {
                 }
                 match planned.op {
                     RangeOp::Copy => {
-                        let mut offset = start;
-                        while offset < end {
-                            let len = chunk.min(end - offset);
-                            let data: Bytes = view.read(disk, offset, len).await?;
-                            report.bytes_read += len;
-                            target.update_range(offset, &data).map_err(map_error)?;
-                            uploader.write(disk, offset, data).await?;
-                            offset += len;
-                        }
+                        self.copy_range(
+                            view,
+                            disk,
+                            start..end,
+                            chunk,
+                            true,
+                            &mut target,
+                            &mut uploader,
+                            &mut report,
+                        )
+                        .await?;
                     }
                     RangeOp::Zero => {
                         uploader.zero(disk, start, end - start).await?;

@@ -73,7 +73,7 @@ pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<
 /// a loop on Windows.
 // NB: on Windows these move the file cursor; replica files are only read and written
 // positionally, and undo segments are opened for append, which ignores the cursor.
-pub(super) trait PositionalIo {
+pub trait PositionalIo {
     /// Fill `buf` from `offset`; a file that ends first is `UnexpectedEof`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
     /// Write all of `data` at `offset`.

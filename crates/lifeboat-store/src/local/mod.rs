@@ -56,6 +56,8 @@ mod tests;
 mod undo;
 mod vm;
 
+pub use io::PositionalIo;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -68,7 +70,7 @@ use crate::{
     At, NewPoint, ReplicaStore, StoreError, VmKey, check_disk_name, check_disk_size, check_range,
 };
 use disk::Disk;
-use io::{PositionalIo, punch_hole, read_if_exists, remove_if_exists, write_atomic};
+use io::{punch_hole, read_if_exists, remove_if_exists, write_atomic};
 use vm::{VmState, seq_of};
 
 /// Whether a store may change what it opens.
