@@ -6,7 +6,8 @@
 //! cargo xtask test              everything CI checks: fmt, clippy, generated files, tests
 //! cargo xtask windows           the agent for Windows nodes: clippy and a build that links
 //! cargo xtask chart             the Helm chart and the images: lint, render, validate, rules
-//! cargo xtask bench resync      the resync benchmark against rsync (release build)
+//! cargo xtask bench resync      the agent's resync against rsync and nbdcopy (release build)
+//! cargo xtask bench churn       RPO under churn, local store (release build)
 //! ```
 
 mod chart;
@@ -55,8 +56,10 @@ enum Task {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Bench {
-    /// Fixed-block resync of two disk images against `rsync --inplace --no-whole-file`.
+    /// The agent's resync (`Replicator::resync`) against rsync, nbdcopy and cat.
     Resync,
+    /// The highest guest write rate at which every cycle keeps the RPO under 2× the interval.
+    Churn,
 }
 
 fn main() -> Result<()> {
@@ -381,10 +384,20 @@ fn windows_target_dir(root: &Path) -> std::path::PathBuf {
 }
 
 fn bench(root: &Path, which: Bench, args: &[String]) -> Result<()> {
-    let (package, bench) = match which {
-        Bench::Resync => ("lifeboat-blockmap", "resync_vs_rsync"),
+    let part = match which {
+        Bench::Resync => "resync",
+        Bench::Churn => "churn",
     };
-    let mut all = vec!["bench", "--package", package, "--bench", bench, "--"];
+    let mut all = vec![
+        "bench",
+        "--package",
+        "lifeboat-agent",
+        "--bench",
+        "agent",
+        "--",
+        "--parts",
+        part,
+    ];
     all.extend(args.iter().map(String::as_str));
     run(root, "cargo", &all)
 }

@@ -1,13 +1,15 @@
-//! The agent's benchmarks (DESIGN.md §6, issues 5 and 14), on a real `qemu-storage-daemon`
+//! The agent's benchmarks (DESIGN.md §6, issues 5, 14 and 17), on a real `qemu-storage-daemon`
 //! (QSD) playing the VM's block layer and the real local folder store.
 //!
 //! ```text
-//!   cargo bench -p lifeboat-agent --bench agent -- [--parts tracking,copy,recovery,recovery-azure]
-//!         [--dir PATH]
+//!   cargo bench -p lifeboat-agent --bench agent --
+//!         [--parts tracking,copy,recovery,recovery-azure,resync,churn,churn-azure] [--dir PATH]
 //!         tracking: [--disk-mib 2048] [--hot-mib 256] [--run-secs 100] [--interval-secs 30]
 //!                   [--rounds 3] [--depth 16] [--request-kib 64]
-//!         copy, recovery, recovery-azure: [--image-mib 4096] [--runs 5] [--steps lifeboat,cp]
-//!                   [--warm] [--no-verify] [--python PATH]
+//!         copy, recovery, recovery-azure, resync: [--image-mib 4096] [--runs 5]
+//!                   [--steps lifeboat,cp] [--warm] [--no-verify] [--python PATH]
+//!         churn, churn-azure: [--churn-rates 50,100,150,200] [--churn-secs 180]
+//!                   [--churn-disk-mib 16384] [--churn-interval-secs 15]
 //!         [--keep]
 //! ```
 //!
@@ -84,6 +86,35 @@
 //! page ranges of the point's snapshot read, written sparse, hashed, fsynced, verified), and
 //! Azure's Python SDK downloading the same page blob into a file, fsynced (`--python`: an
 //! interpreter that imports `azure.storage.blob`; skipped, and said, when none does).
+//!
+//! # `resync`: the agent's resync against rsync, nbdcopy and cat
+//!
+//! The same half-data image as a raw file, served by QSD with a writable guest export, so
+//! that rsync compares the very file the VM's disk is. Protected once (not timed). Before
+//! each resync 1 % of the 64 KiB blocks are rewritten through the export with `qemu-io`, at
+//! random or in runs of 16 adjacent blocks. Steps, alternating which goes first:
+//!
+//! - Lifeboat: `Replicator::resync`, what the agent's Resynchronize job and `lifeboat resync`
+//!   run (tracking restarted, a fleecing view over QMP, its allocated ranges read over NBD
+//!   and hashed, compared with the stored block map, the differing blocks written to the
+//!   store, a point cut), once with the stored map and once with the map files deleted (the
+//!   replica then re-hashed first). Each gets its own fresh 1 % of changes; the bytes sent
+//!   must be exactly the changed blocks.
+//! - Peer: `rsync --inplace --no-whole-file --ignore-times disk.raw COPY` + `sync COPY`, its
+//!   copy kept in step with the disk, so each run sees the same changes Lifeboat saw.
+//! - Floors: `nbdcopy` of the guest export to `null:` (the fastest reader of an NBD export;
+//!   it skips holes by block status, as Lifeboat does), `cat` of the disk, and of the disk
+//!   and rsync's copy (what rsync reads).
+//!
+//! # `churn`, `churn-azure`: RPO under churn
+//!
+//! For each rate: a fresh sparse raw disk, protected (not timed), then `--churn-secs` of
+//! random 64 KiB writes through the guest export (`qemu-io`, one at a time, throttled by a
+//! QEMU throttle group to the rate) while `Replicator::run_cycle` runs every
+//! `--churn-interval-secs`, or at once when the previous cycle ran late. A rate holds when
+//! every cycle cut a point and the RPO (the age of the latest point, from when its cycle
+//! began to when the next one lands) stayed under twice the interval. `churn-azure` does the
+//! same into Azurite keeping its data on disk.
 
 // A bench reports a failed setup by panicking: unwrap and expect are its error reports.
 #![allow(clippy::unwrap_used)]
@@ -98,6 +129,7 @@ use lifeboat_engine::{Progress, Replicator, Report, Settings};
 use lifeboat_qemu::QemuHypervisor;
 use lifeboat_store::VmKey;
 use lifeboat_store::local::LocalStore;
+use lifeboat_store::testing::Azurite;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -148,6 +180,10 @@ struct Config {
     keep: bool,
     /// The Python with `azure-storage-blob`, for the `recovery-azure` peer.
     python: String,
+    churn_rates: Vec<u64>,
+    churn_secs: u64,
+    churn_disk_mib: u64,
+    churn_interval_secs: u64,
 }
 
 /// The settings of a smoke run: what `cargo test --all-targets` gets (it runs this binary
@@ -159,6 +195,9 @@ fn smoke_config() -> Config {
             "copy".into(),
             "recovery".into(),
             "recovery-azure".into(),
+            "resync".into(),
+            "churn".into(),
+            "churn-azure".into(),
         ],
         dir: PathBuf::from(format!(
             "/var/tmp/lifeboat-agent-bench-smoke-{}",
@@ -178,6 +217,10 @@ fn smoke_config() -> Config {
         verify: true,
         keep: false,
         python: "python3".into(),
+        churn_rates: vec![5],
+        churn_secs: 3,
+        churn_disk_mib: 256,
+        churn_interval_secs: 1,
     }
 }
 
@@ -205,6 +248,10 @@ fn config() -> Config {
         ("runs", "5"),
         ("steps", "lifeboat,cp"),
         ("python", "python3"),
+        ("churn-rates", "50,100,150,200"),
+        ("churn-secs", "180"),
+        ("churn-disk-mib", "16384"),
+        ("churn-interval-secs", "15"),
     ]
     .into_iter()
     .map(|(k, d)| (k, env(&k.to_uppercase().replace('-', "_"), d)))
@@ -258,6 +305,16 @@ fn config() -> Config {
         verify,
         keep,
         python: get("python"),
+        churn_rates: get("churn-rates")
+            .split(',')
+            .map(|r| {
+                r.parse()
+                    .unwrap_or_else(|e| panic!("--churn-rates {r}: {e}"))
+            })
+            .collect(),
+        churn_secs: num("churn-secs").max(1),
+        churn_disk_mib: num("churn-disk-mib"),
+        churn_interval_secs: num("churn-interval-secs").max(1),
     }
 }
 
@@ -358,7 +415,7 @@ fn guarded(program: &str) -> Command {
     }
 }
 
-/// A qemu-storage-daemon serving one qcow2 disk (node `disk0`) with QMP and, if asked, a
+/// A qemu-storage-daemon serving one disk (node `disk0`) with QMP and, if asked, a
 /// writable NBD export `guest` for the guest; stopped by its process id when dropped.
 struct Qsd {
     child: Child,
@@ -367,7 +424,13 @@ struct Qsd {
 }
 
 impl Qsd {
+    /// `image` is raw if its name ends in `.raw`, qcow2 otherwise.
     fn start(dir: &Path, image: &Path, guest_export: bool) -> Qsd {
+        let format = if image.extension().is_some_and(|e| e == "raw") {
+            "raw"
+        } else {
+            "qcow2"
+        };
         let qmp = dir.join("qmp.sock");
         let nbd = dir.join("guest-nbd.sock");
         let _ = std::fs::remove_file(&qmp);
@@ -379,7 +442,7 @@ impl Qsd {
                 image.display()
             ),
             "--blockdev".to_owned(),
-            format!("driver=qcow2,node-name={DISK},file={DISK}-file"),
+            format!("driver={format},node-name={DISK},file={DISK}-file"),
         ];
         if guest_export {
             args.push("--nbd-server".into());
@@ -750,7 +813,7 @@ async fn tracking_part(config: &Config) {
 /// Build `source.raw` (sparse, half 1 MiB extents of random data) and `source.qcow2` from
 /// it, unless `--keep` left them from an earlier run of the same size. Returns the data
 /// bytes, the number of data runs and of holes.
-fn build_image(config: &Config, dir: &Path) -> (u64, usize, usize) {
+fn build_image(config: &Config, dir: &Path, qcow2_too: bool) -> (u64, usize, usize) {
     use std::os::unix::fs::FileExt;
     let raw = dir.join("source.raw");
     let qcow2 = dir.join("source.qcow2");
@@ -767,7 +830,9 @@ fn build_image(config: &Config, dir: &Path) -> (u64, usize, usize) {
         .count();
     let data_bytes = chosen.len() as u64 * MIB;
     let stamp = dir.join(format!("built-{}-splitmix-5", config.image_mib));
-    if !(stamp.exists() && raw.exists() && qcow2.exists()) {
+    if !(stamp.exists() && raw.exists()) {
+        let _ = std::fs::remove_file(&stamp);
+        let _ = std::fs::remove_file(&qcow2);
         let _ = std::fs::remove_file(&raw);
         let file = std::fs::File::create(&raw).unwrap();
         file.set_len(config.image_mib * MIB).unwrap();
@@ -777,7 +842,9 @@ fn build_image(config: &Config, dir: &Path) -> (u64, usize, usize) {
             file.write_all_at(&buffer, *slot as u64 * MIB).unwrap();
         }
         file.sync_all().unwrap();
-        let _ = std::fs::remove_file(&qcow2);
+        std::fs::write(&stamp, b"").unwrap();
+    }
+    if qcow2_too && !qcow2.exists() {
         run(
             "qemu-img",
             &[
@@ -791,7 +858,6 @@ fn build_image(config: &Config, dir: &Path) -> (u64, usize, usize) {
                 qcow2.to_str().unwrap(),
             ],
         );
-        std::fs::write(&stamp, b"").unwrap();
     }
     let holes = chosen.windows(2).filter(|w| w[0] + 1 != w[1]).count()
         + usize::from(chosen.first() != Some(&0))
@@ -929,7 +995,7 @@ async fn copy_part(config: &Config) {
         mb(free),
         mb(needed)
     );
-    let (data_bytes, data_runs, holes) = build_image(config, &dir);
+    let (data_bytes, data_runs, holes) = build_image(config, &dir, true);
     let qsd = Qsd::start(&dir, &dir.join("source.qcow2"), false);
     println!(
         "\n### Initial replication: {} MiB image, {} MB of data in {} runs of 1 MiB extents, {} holes\n",
@@ -1089,7 +1155,7 @@ fn cp_recovery(config: &Config, replica: &Path, out: &Path) -> RecoveryRun {
 async fn recovery_part(config: &Config) {
     let dir = config.dir.join("recovery");
     std::fs::create_dir_all(&dir).unwrap();
-    let (data_bytes, data_runs, holes) = build_image(config, &dir);
+    let (data_bytes, data_runs, holes) = build_image(config, &dir, true);
     let qsd = Qsd::start(&dir, &dir.join("source.qcow2"), false);
     // The replica, with its first point (the finalize cycle), as the VM's agent left it.
     let work = dir.join("protected");
@@ -1193,7 +1259,7 @@ fn sdk_available(python: &str) -> bool {
 async fn azure_recovery_part(config: &Config) {
     let dir = config.dir.join("recovery-azure");
     std::fs::create_dir_all(&dir).unwrap();
-    let (data_bytes, data_runs, holes) = build_image(config, &dir);
+    let (data_bytes, data_runs, holes) = build_image(config, &dir, true);
     let qsd = Qsd::start(&dir, &dir.join("source.qcow2"), false);
     let azurite = lifeboat_store::testing::Azurite::start();
     let options = lifeboat_store::azure::AzureStoreOptions::default();
@@ -1326,6 +1392,492 @@ async fn azure_recovery_part(config: &Config) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Guest writes for the resync and churn parts.
+
+/// Write 64 KiB at each of `offsets` (pattern byte `pattern`) through the guest's NBD export
+/// with `qemu-io`, one request at a time, at most `rate` bytes a second (a QEMU throttle
+/// group between `qemu-io` and the export) when given. Returns the seconds it took.
+fn guest_writes(socket: &Path, offsets: Vec<u64>, pattern: u8, rate: Option<u64>) -> f64 {
+    use std::io::Write;
+    let mut command = guarded("qemu-io");
+    let nbd = format!(
+        "file.driver=nbd,file.server.type=unix,file.server.path={},file.export=guest",
+        socket.display()
+    );
+    match rate {
+        Some(rate) => command.args([
+            "--object".to_owned(),
+            format!("throttle-group,id=churn,x-bps-write={rate}"),
+            "--image-opts".to_owned(),
+            format!("driver=throttle,throttle-group=churn,{nbd}"),
+        ]),
+        None => command.args(["--image-opts".to_owned(), format!("driver=raw,{nbd}")]),
+    };
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start qemu-io (qemu-utils): {e}"));
+    let started = Instant::now();
+    let mut stdin = std::io::BufWriter::new(child.stdin.take().unwrap());
+    let feeder = std::thread::spawn(move || {
+        for offset in offsets {
+            writeln!(stdin, "write -P {pattern} {offset} 64k").unwrap();
+        }
+        writeln!(stdin, "flush").unwrap();
+        stdin.flush().unwrap();
+    });
+    feeder.join().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "qemu-io failed: {status}");
+    started.elapsed().as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------
+// Resync: the agent's own, against rsync and the read floors.
+
+const BLOCK: u64 = 64 * 1024;
+
+/// `count` (a multiple of 16) distinct 64 KiB blocks of `blocks`, at random or
+/// (`clustered`) in runs of 16 adjacent blocks; their byte offsets, sorted.
+fn changed_blocks(rng: &mut SplitMix, blocks: u64, count: u64, clustered: bool) -> Vec<u64> {
+    let run = if clustered { 16 } else { 1 };
+    let mut slots: Vec<u64> = (0..blocks / run).collect();
+    rng.shuffle(&mut slots);
+    let mut offsets: Vec<u64> = slots[..(count / run) as usize]
+        .iter()
+        .flat_map(|s| (s * run..(s + 1) * run).map(|b| b * BLOCK))
+        .collect();
+    offsets.sort_unstable();
+    offsets
+}
+
+/// One timed step of the resync part.
+struct Step {
+    seconds: f64,
+    cpu: f64,
+    qsd_cpu: f64,
+    read: u64,
+    sent: u64,
+    load: String,
+    dropped: bool,
+}
+
+/// Time `work` (a program run to the end, or the engine), with its CPU: this process's or,
+/// for programs, its children's.
+async fn timed<F: std::future::Future<Output = (u64, u64)>>(
+    config: &Config,
+    qsd: &Qsd,
+    work: impl FnOnce() -> F,
+) -> Step {
+    let dropped = settle(config.warm);
+    let load = load_average();
+    let (qsd_before, _) = cpu_of(&qsd.pid());
+    let (self_before, children_before) = cpu_of("self");
+    let started = Instant::now();
+    let (read, sent) = work().await;
+    let seconds = started.elapsed().as_secs_f64();
+    let (self_after, children_after) = cpu_of("self");
+    let (qsd_after, _) = cpu_of(&qsd.pid());
+    Step {
+        seconds,
+        cpu: self_after - self_before + children_after - children_before,
+        qsd_cpu: qsd_after - qsd_before,
+        read,
+        sent,
+        load,
+        dropped,
+    }
+}
+
+async fn resync_part(config: &Config) {
+    let dir = config.dir.join("resync");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The built image, the served disk, the replica and rsync's copy each hold half the
+    // image, and a few percent more as the changes land in holes.
+    let needed = 2 * config.image_mib * MIB + 1024 * MIB;
+    let free = lifeboat_engine::space::free_space_bytes(&dir).unwrap()
+        + allocated(&dir.join("source.raw"));
+    assert!(
+        free >= needed,
+        "{} has {} MB free, the resync part needs {} MB: pass a smaller --image-mib",
+        dir.display(),
+        mb(free),
+        mb(needed)
+    );
+    let (data_bytes, data_runs, holes) = build_image(config, &dir, false);
+    let disk = dir.join("disk.raw");
+    let rsync_dest = dir.join("rsync").join(format!("{DISK}.img"));
+    std::fs::create_dir_all(rsync_dest.parent().unwrap()).unwrap();
+    for copy in [&disk, &rsync_dest] {
+        let source = dir.join("source.raw");
+        run(
+            "cp",
+            &[
+                "--sparse=always",
+                source.to_str().unwrap(),
+                copy.to_str().unwrap(),
+            ],
+        );
+    }
+    let qsd = Qsd::start(&dir, &disk, true);
+    let socket = qsd.nbd.clone().unwrap();
+    // Protected once, not timed: enable, initial copy, the finalize cycle's point.
+    let work = dir.join("lifeboat");
+    remove_dir(&work);
+    let mut engine = open_engine("resync", &qsd, &disk, &work, Settings::default()).await;
+    engine.enable().await.unwrap();
+    engine.initial_copy(&no_progress).await.unwrap();
+    let finalize = engine.run_cycle(SystemTime::now()).await.unwrap();
+    assert!(finalize.point.is_some(), "the finalize cycle cut no point");
+    let replica = work
+        .join("store/bench/resync/disks")
+        .join(format!("{DISK}.img"));
+    let maps = work.join("store/bench/resync/maps");
+    let blocks = config.image_mib * MIB / BLOCK;
+    // 1 % of the blocks, in whole runs of 16 for the clustered pattern.
+    let changed = (blocks / 100).div_ceil(16) * 16;
+    let nbd_uri = format!("nbd+unix:///guest?socket={}", socket.display());
+    println!(
+        "\n### Resync: {} MiB raw disk served by QSD, {} MB of data in {} runs of 1 MiB extents, \
+         {} holes; {changed} of its {blocks} 64 KiB blocks ({} MB) changed before each resync\n",
+        config.image_mib,
+        mb(data_bytes),
+        data_runs,
+        holes,
+        mb(changed * BLOCK)
+    );
+    println!("| changes | run | step | seconds | CPU s (QSD) | read MB | sent MB | load | cache |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut rng = SplitMix(17);
+    let mut pattern = 0u8;
+    let mut summary = Vec::new();
+    for clustered in [false, true] {
+        let changes = if clustered { "clustered" } else { "random" };
+        let mut times: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+        for i in 1..=config.runs {
+            let verify = i == 1 && config.verify;
+            let mut rows = Vec::new();
+            for with_map in [true, false] {
+                pattern = pattern % 250 + 1;
+                let offsets = changed_blocks(&mut rng, blocks, changed, clustered);
+                assert_eq!(offsets.len() as u64, changed);
+                guest_writes(&socket, offsets, pattern, None);
+                let lifeboat = if with_map {
+                    "Lifeboat resync, stored map"
+                } else {
+                    "Lifeboat resync, map re-hashed"
+                };
+                for lifeboat_first in [i % 2 == 1, i % 2 == 0] {
+                    if lifeboat_first {
+                        if !with_map {
+                            remove_dir(&maps);
+                        }
+                        let step = timed(config, &qsd, || async {
+                            let report = engine
+                                .resync(SystemTime::now(), &no_progress)
+                                .await
+                                .unwrap_or_else(|e| panic!("resync: {e}"));
+                            (report.bytes_read, report.bytes_sent)
+                        })
+                        .await;
+                        assert_eq!(
+                            step.sent,
+                            changed * BLOCK,
+                            "the resync sent other bytes than the changed blocks"
+                        );
+                        if verify {
+                            run("cmp", &[disk.to_str().unwrap(), replica.to_str().unwrap()]);
+                        }
+                        rows.push((lifeboat, step));
+                    } else {
+                        let step = timed(config, &qsd, || async {
+                            run(
+                                "rsync",
+                                &[
+                                    "--inplace",
+                                    "--no-whole-file",
+                                    // NB: without it rsync skips a file whose size and
+                                    // mtime match, which a disk written within the same
+                                    // second as its copy can.
+                                    "--ignore-times",
+                                    disk.to_str().unwrap(),
+                                    rsync_dest.to_str().unwrap(),
+                                ],
+                            );
+                            run("sync", &[rsync_dest.to_str().unwrap()]);
+                            (0, 0)
+                        })
+                        .await;
+                        if verify {
+                            run(
+                                "cmp",
+                                &[disk.to_str().unwrap(), rsync_dest.to_str().unwrap()],
+                            );
+                        }
+                        rows.push(("rsync --inplace --no-whole-file -I + sync", step));
+                    }
+                }
+            }
+            let floors: [(&str, Vec<&str>); 3] = [
+                ("nbdcopy export → null:", vec!["nbdcopy", &nbd_uri, "null:"]),
+                ("cat disk", vec!["cat", disk.to_str().unwrap()]),
+                (
+                    "cat disk + rsync's copy",
+                    vec!["cat", disk.to_str().unwrap(), rsync_dest.to_str().unwrap()],
+                ),
+            ];
+            for (name, argv) in floors {
+                let step = timed(config, &qsd, || async {
+                    let status = Command::new(argv[0])
+                        .args(&argv[1..])
+                        .stdout(Stdio::null())
+                        .status()
+                        .unwrap_or_else(|e| panic!("cannot run {}: {e}", argv[0]));
+                    assert!(status.success(), "{argv:?} failed: {status}");
+                    (0, 0)
+                })
+                .await;
+                rows.push((name, step));
+            }
+            for (name, r) in rows {
+                println!(
+                    "| {changes} | {i} | {name} | {:.2} | {:.2} ({:.2}) | {} | {} | {} | {} |",
+                    r.seconds,
+                    r.cpu,
+                    r.qsd_cpu,
+                    if r.read > 0 { mb(r.read) } else { "–".into() },
+                    if name.starts_with("Lifeboat") {
+                        mb(r.sent)
+                    } else {
+                        "–".into()
+                    },
+                    r.load,
+                    if r.dropped { "dropped" } else { "warm" }
+                );
+                times.entry(name).or_default().push(r.seconds);
+            }
+        }
+        summary.push((changes, times));
+    }
+    for (changes, times) in summary {
+        let m = |name: &str| median(times.get(name).map_or(&[][..], |v| v));
+        let (with_map, rehashed) = (
+            m("Lifeboat resync, stored map"),
+            m("Lifeboat resync, map re-hashed"),
+        );
+        let (rsync, nbd) = (
+            m("rsync --inplace --no-whole-file -I + sync"),
+            m("nbdcopy export → null:"),
+        );
+        println!(
+            "\n{changes} changes, median seconds: Lifeboat stored map {with_map:.2}, map re-hashed \
+             {rehashed:.2}, rsync {rsync:.2}, nbdcopy {nbd:.2}, cat disk {:.2}, cat both {:.2}; \
+             stored map / nbdcopy {:.3} (target ≤ 1.25), stored map / rsync {:.3}, \
+             re-hashed / rsync {:.3} (targets < 1)",
+            m("cat disk"),
+            m("cat disk + rsync's copy"),
+            with_map / nbd,
+            with_map / rsync,
+            rehashed / rsync
+        );
+    }
+    engine.disable(true).await.unwrap();
+    drop(qsd);
+    if !config.keep {
+        remove_dir(&dir);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RPO under churn.
+
+struct ChurnCycle {
+    began: Duration,
+    took: Duration,
+    report: Result<Report, String>,
+}
+
+/// One rate: a fresh sparse raw disk, protected (not timed), then `--churn-secs` of random
+/// 64 KiB guest writes at `rate` MB/s while a cycle runs every `--churn-interval-secs` (at
+/// once when the previous one ran late). Returns whether every cycle cut a point and the
+/// RPO stayed under twice the interval.
+async fn churn_rate(config: &Config, dir: &Path, azure: Option<&Azurite>, rate_mb: u64) -> bool {
+    remove_dir(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let disk = dir.join("disk.raw");
+    let size = config.churn_disk_mib * MIB;
+    std::fs::File::create(&disk).unwrap().set_len(size).unwrap();
+    let qsd = Qsd::start(dir, &disk, true);
+    let socket = qsd.nbd.clone().unwrap();
+    let interval = Duration::from_secs(config.churn_interval_secs);
+    let settings = Settings {
+        copy_interval: interval,
+        // Only the latest points: the undo data of a day of churn would fill the disk.
+        retention: interval * 2,
+        ..Settings::default()
+    };
+    let work = dir.join("lifeboat");
+    let name = format!("churn-{rate_mb}");
+    let mut engine = match azure {
+        Some(azurite) => {
+            let store = lifeboat_store::testing::shared_key_store(
+                azurite,
+                "replicas",
+                lifeboat_store::azure::AzureStoreOptions::default(),
+            )
+            .await;
+            open_engine_on(&name, &qsd, &disk, &work, settings, Arc::new(store)).await
+        }
+        None => open_engine(&name, &qsd, &disk, &work, settings).await,
+    };
+    engine.enable().await.unwrap();
+    engine.initial_copy(&no_progress).await.unwrap();
+    let finalize = engine.run_cycle(SystemTime::now()).await.unwrap();
+    assert!(finalize.point.is_some(), "the finalize cycle cut no point");
+    let requests = rate_mb * 1_000_000 * config.churn_secs / BLOCK;
+    let mut rng = SplitMix(rate_mb);
+    let offsets: Vec<u64> = (0..requests)
+        .map(|_| rng.next() % (size / BLOCK) * BLOCK)
+        .collect();
+    let load_before = load_average();
+    let (qsd_before, _) = cpu_of(&qsd.pid());
+    let (self_before, children_before) = cpu_of("self");
+    let start = tokio::time::Instant::now();
+    let guest = {
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || {
+            guest_writes(&socket, offsets, 0x5a, Some(rate_mb * 1_000_000))
+        })
+    };
+    let mut cycles = Vec::new();
+    let mut next = start + interval;
+    while !guest.is_finished() {
+        tokio::time::sleep_until(next).await;
+        let began = tokio::time::Instant::now();
+        let report = engine
+            .run_cycle(SystemTime::now())
+            .await
+            .map_err(|e| e.to_string());
+        cycles.push(ChurnCycle {
+            began: began - start,
+            took: began.elapsed(),
+            report,
+        });
+        next = (began + interval).max(tokio::time::Instant::now());
+    }
+    let guest_secs = guest.await.unwrap();
+    let (self_after, children_after) = cpu_of("self");
+    let (qsd_after, _) = cpu_of(&qsd.pid());
+    let load_after = load_average();
+    // The RPO just before point k lands is the age of point k-1: from when its cycle began
+    // (its view is the VM as of then) to when cycle k ends. Point 0 is the finalize cycle's.
+    let mut captured = Duration::ZERO;
+    let mut worst = Duration::ZERO;
+    let mut all_cut = true;
+    for c in &cycles {
+        worst = worst.max(c.began + c.took - captured);
+        match &c.report {
+            Ok(r) if r.point.is_some() && r.resync_required.is_none() => captured = c.began,
+            _ => all_cut = false,
+        }
+    }
+    let took: Vec<f64> = cycles.iter().map(|c| c.took.as_secs_f64()).collect();
+    let ok: Vec<&Report> = cycles
+        .iter()
+        .filter_map(|c| c.report.as_ref().ok())
+        .collect();
+    let shipped: u64 = ok.iter().map(|r| r.bytes_sent).sum();
+    let written = requests * BLOCK;
+    let passed = all_cut && worst < interval * 2;
+    println!(
+        "| {rate_mb} | {:.0} | {} | {} | {:.2} / {:.2} / {:.2} | {} | {:.1} | {} | {} → {} | {:.0} / {:.0} / {:.0} | {} |",
+        written as f64 / guest_secs / 1e6,
+        cycles.len(),
+        cycles.len()
+            - ok.iter()
+                .filter(|r| r.point.is_some() && r.resync_required.is_none())
+                .count(),
+        median(&took),
+        took.iter().copied().fold(0.0, f64::max),
+        worst.as_secs_f64(),
+        mb(shipped / ok.len().max(1) as u64),
+        (self_after - self_before) / guest_secs,
+        if passed { "yes" } else { "NO" },
+        load_before,
+        load_after,
+        100.0 * (children_after - children_before) / guest_secs,
+        100.0 * (qsd_after - qsd_before) / guest_secs,
+        100.0 * (self_after - self_before) / guest_secs,
+        cycles
+            .iter()
+            .map(|c| match &c.report {
+                Ok(r) => format!(
+                    "{:.0}: {:.1}{}",
+                    c.began.as_secs_f64(),
+                    c.took.as_secs_f64(),
+                    if r.resync_required.is_some() {
+                        " RESYNC"
+                    } else {
+                        ""
+                    }
+                ),
+                Err(e) => format!("{:.0}: failed: {e}", c.began.as_secs_f64()),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    engine.disable(true).await.unwrap();
+    drop(qsd);
+    remove_dir(dir);
+    passed
+}
+
+async fn churn_part(config: &Config, azure: bool) {
+    let dir = config.dir.join(if azure { "churn-azure" } else { "churn" });
+    let azurite = azure.then(|| {
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = dir.join("azurite");
+        std::fs::create_dir_all(&data).unwrap();
+        Azurite::start_on(lifeboat_store::testing::free_port(), Some(&data))
+    });
+    println!(
+        "\n### RPO under churn ({}): {} MiB raw disk, random 64 KiB guest writes for {} s at each \
+         rate, a cycle every {} s (RPO target < {} s)\n",
+        if azure {
+            "Azure Blob, Azurite on disk"
+        } else {
+            "local store"
+        },
+        config.churn_disk_mib,
+        config.churn_secs,
+        config.churn_interval_secs,
+        2 * config.churn_interval_secs
+    );
+    println!(
+        "| asked MB/s | guest MB/s | cycles | cycles without a point | cycle s median / max | worst RPO s | \
+         shipped MB per cycle | agent CPU s/s | every cycle, RPO < 2× | load | CPU % guest / QSD / agent | cycles (start s: took s) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut highest = None;
+    for rate in &config.churn_rates {
+        let passed = churn_rate(config, &dir.join("rate"), azurite.as_ref(), *rate).await;
+        if passed {
+            highest = Some(*rate);
+        }
+    }
+    println!(
+        "\nhighest rate that held: {}",
+        highest.map_or("none of those tried".to_owned(), |r| format!("{r} MB/s"))
+    );
+    drop(azurite);
+    if !config.keep {
+        remove_dir(&dir);
+    }
+}
+
 fn main() {
     let config = config();
     println!(
@@ -1351,6 +1903,15 @@ fn main() {
         }
         if config.parts.iter().any(|p| p == "recovery-azure") {
             azure_recovery_part(&config).await;
+        }
+        if config.parts.iter().any(|p| p == "resync") {
+            resync_part(&config).await;
+        }
+        if config.parts.iter().any(|p| p == "churn") {
+            churn_part(&config, false).await;
+        }
+        if config.parts.iter().any(|p| p == "churn-azure") {
+            churn_part(&config, true).await;
         }
     });
     if !config.keep {
