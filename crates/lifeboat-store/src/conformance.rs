@@ -383,6 +383,37 @@ async fn points_are_immutable(store: &dyn ReplicaStore, vm: &VmKey) {
     );
     let model_b = model.clone();
     write(store, vm, &mut model, "root", 0, pattern(15, 3 * 4096)).await;
+    // Several writes in one request: over granules B still reads from the live file, over
+    // one the write before just preserved, across the two disks' sizes' granule boundaries.
+    let batch: [(usize, Vec<u8>); 3] = [
+        (8192, pattern(16, 8192)),
+        (64 * 1024, pattern(17, 64 * 1024)),
+        (MIB as usize - 4096, pattern(18, 8192)),
+    ];
+    if let Some(root) = model.disks.get_mut("root") {
+        for (offset, data) in &batch {
+            root[*offset..*offset + data.len()].copy_from_slice(data);
+        }
+    }
+    ok(
+        store
+            .write_many(
+                vm,
+                "root",
+                batch
+                    .iter()
+                    .map(|(offset, data)| (*offset as u64, page_aligned(data)))
+                    .collect(),
+            )
+            .await,
+        "write_many",
+    );
+    assert_invalid(
+        store
+            .write_many(vm, "root", vec![(2 * MIB, page_aligned(&[1; 4096]))])
+            .await,
+        "a batch past the disk's end",
+    );
 
     for disk in model.disks.keys() {
         assert_disk(

@@ -201,6 +201,28 @@ pub trait ReplicaStore: Send + Sync + fmt::Debug {
         data: Bytes,
     ) -> Result<(), StoreError>;
 
+    /// Write several pieces of one disk, each as [`ReplicaStore::write`] would, in order.
+    /// The default writes them one by one; a store that makes a write durable at a cost per
+    /// request (the local store syncs the pre-images a write destroys) does them together.
+    async fn write_many(
+        &self,
+        vm: &VmKey,
+        disk: &str,
+        writes: Vec<(u64, Bytes)>,
+    ) -> Result<(), StoreError> {
+        for (offset, data) in writes {
+            self.write(vm, disk, offset, data).await?;
+        }
+        Ok(())
+    }
+
+    /// How many bytes of writes a writer should gather into one
+    /// [`ReplicaStore::write_many`]; 0 (the default): none, every write is its own request
+    /// (a remote store gains more from requests in parallel).
+    fn write_batch_bytes(&self) -> u64 {
+        0
+    }
+
     /// Make `len` bytes at `offset` read as zeros on the live replica, freeing their space.
     async fn zero(&self, vm: &VmKey, disk: &str, offset: u64, len: u64) -> Result<(), StoreError>;
 

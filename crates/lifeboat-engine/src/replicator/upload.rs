@@ -1,5 +1,7 @@
 //! Writes to the store with the policy's concurrency and bandwidth: up to N requests in
-//! flight per VM, each at most one Put Page (4 MiB), paced by the throttle.
+//! flight per VM, each at most one Put Page (4 MiB), paced by the throttle. Where the store
+//! asks for it ([`ReplicaStore::write_batch_bytes`]), small writes to one disk are gathered
+//! into one [`ReplicaStore::write_many`] request.
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -11,6 +13,17 @@ use lifeboat_store::{MAX_WRITE_BYTES, ReplicaStore, StoreError, VmKey};
 use crate::error::EngineError;
 use crate::throttle::Throttle;
 
+/// Writes shorter than this are gathered into batches when the store wants them; longer
+/// ones amortize the store's cost per request themselves.
+const SMALL_WRITE_BYTES: u64 = 1024 * 1024;
+
+/// Writes gathered for one [`ReplicaStore::write_many`].
+struct Batch {
+    disk: String,
+    writes: Vec<(u64, Bytes)>,
+    bytes: u64,
+}
+
 /// A bounded set of store writes in flight.
 pub(super) struct Uploader {
     store: Arc<dyn ReplicaStore>,
@@ -18,6 +31,10 @@ pub(super) struct Uploader {
     throttle: Arc<Throttle>,
     slots: Arc<Semaphore>,
     tasks: JoinSet<Result<(), StoreError>>,
+    /// The store's batch size; 0: no batches.
+    batch_bytes: u64,
+    /// Writes gathered for the next batch.
+    batch: Option<Batch>,
     pub(super) bytes_sent: u64,
     pub(super) bytes_zeroed: u64,
 }
@@ -30,6 +47,8 @@ impl Uploader {
         concurrency: usize,
     ) -> Uploader {
         Uploader {
+            batch_bytes: store.write_batch_bytes(),
+            batch: None,
             store,
             vm,
             throttle,
@@ -57,6 +76,13 @@ impl Uploader {
         let mut at = 0usize;
         while at < data.len() {
             let piece = data.slice(at..data.len().min(at + MAX_WRITE_BYTES as usize));
+            let piece_at = at;
+            at += piece.len();
+            let piece_offset = offset + piece_at as u64;
+            if self.batch_bytes > 0 && (piece.len() as u64) < SMALL_WRITE_BYTES {
+                self.gather(disk, piece_offset, piece).await?;
+                continue;
+            }
             self.reap()?;
             let permit =
                 self.slots
@@ -68,19 +94,56 @@ impl Uploader {
                     })?;
             self.throttle.take(piece.len() as u64).await;
             self.bytes_sent += piece.len() as u64;
-            let (store, vm, disk, piece_offset) = (
-                self.store.clone(),
-                self.vm.clone(),
-                disk.to_owned(),
-                offset + at as u64,
-            );
-            at += piece.len();
+            let (store, vm, disk) = (self.store.clone(), self.vm.clone(), disk.to_owned());
             self.tasks.spawn(async move {
                 let result = store.write(&vm, &disk, piece_offset, piece).await;
                 drop(permit);
                 result
             });
         }
+        Ok(())
+    }
+
+    /// Add a write to the batch; a full batch (or one of another disk) is queued first.
+    async fn gather(&mut self, disk: &str, offset: u64, piece: Bytes) -> Result<(), EngineError> {
+        if self.batch.as_ref().is_some_and(|b| b.disk != disk) {
+            self.send_batch().await?;
+        }
+        self.throttle.take(piece.len() as u64).await;
+        self.bytes_sent += piece.len() as u64;
+        let batch = self.batch.get_or_insert_with(|| Batch {
+            disk: disk.to_owned(),
+            writes: Vec::new(),
+            bytes: 0,
+        });
+        batch.bytes += piece.len() as u64;
+        batch.writes.push((offset, piece));
+        if batch.bytes >= self.batch_bytes {
+            self.send_batch().await?;
+        }
+        Ok(())
+    }
+
+    /// Queue the gathered writes as one request.
+    async fn send_batch(&mut self) -> Result<(), EngineError> {
+        let Some(Batch { disk, writes, .. }) = self.batch.take() else {
+            return Ok(());
+        };
+        self.reap()?;
+        let permit =
+            self.slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| EngineError::NotReady {
+                    what: e.to_string(),
+                })?;
+        let (store, vm) = (self.store.clone(), self.vm.clone());
+        self.tasks.spawn(async move {
+            let result = store.write_many(&vm, &disk, writes).await;
+            drop(permit);
+            result
+        });
         Ok(())
     }
 
@@ -91,6 +154,8 @@ impl Uploader {
         offset: u64,
         len: u64,
     ) -> Result<(), EngineError> {
+        // NB: after the writes queued before it.
+        self.send_batch().await?;
         self.reap()?;
         let permit =
             self.slots
@@ -112,7 +177,7 @@ impl Uploader {
 
     /// Wait for every queued request; the first failure is returned.
     pub(super) async fn finish(&mut self) -> Result<(), EngineError> {
-        let mut first = Ok(());
+        let mut first = self.send_batch().await;
         while let Some(done) = self.tasks.join_next().await {
             if let Err(e) = flatten(done)
                 && first.is_ok()

@@ -1,6 +1,6 @@
 //! One replica disk of the local store: its live file (a sparse file, opened a second time
 //! for direct I/O where the file system allows) and its undo segments by point sequence
-//! number. Writes save the pre-images a point still needs ([`Disk::preserve`]) before they
+//! number. Writes save the pre-images a point still needs ([`Disk::preserve_unsynced`]) before they
 //! overwrite the live file; reads at a point take each granule from the first segment, from
 //! the point's own onwards, that holds it, and from the live file otherwise.
 
@@ -15,6 +15,9 @@ use super::undo::{GRANULE_BYTES, Segment};
 #[cfg(doc)]
 use crate::ReplicaStore;
 use crate::StoreError;
+
+/// The most the pre-images of a write are read from the live file at once.
+const PRESERVE_READ_BYTES: u64 = 1024 * 1024;
 
 /// One replica disk: its live file and its undo segments by point sequence number.
 #[derive(Debug)]
@@ -126,30 +129,48 @@ impl Disk {
     }
 
     /// Save the pre-images of the granules in `range` that point `seq` (of size
-    /// `point_size_bytes`) still reads from the live file, then sync them.
-    pub(super) fn preserve(
+    /// `point_size_bytes`) still reads from the live file, without syncing them. Returns
+    /// whether any was appended: the caller syncs the segment before overwriting the range.
+    ///
+    /// Runs of granules are read from the live file at once (up to [`PRESERVE_READ_BYTES`]):
+    /// the live file was written with direct I/O and is mostly not in the page cache, so a
+    /// read per granule would cost the device a request per 4 KiB.
+    pub(super) fn preserve_unsynced(
         &mut self,
         seq: u64,
         point_size_bytes: u64,
         range: Range<u64>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let end = range.end.min(point_size_bytes);
         let mut granule = range.start / GRANULE_BYTES * GRANULE_BYTES;
         let mut appended = false;
+        let mut old = Vec::new();
         while granule < end {
-            let len = GRANULE_BYTES.min(point_size_bytes - granule);
-            if !self.segment(seq)?.index.contains_key(&granule) {
-                let mut old = vec![0u8; len as usize];
-                self.read_live(granule, &mut old)?;
-                self.segment(seq)?.append(granule, &old)?;
-                appended = true;
+            if self.segment(seq)?.index.contains_key(&granule) {
+                granule += GRANULE_BYTES;
+                continue;
             }
-            granule += GRANULE_BYTES;
+            // The run of granules from here that the segment lacks.
+            let mut run_end = granule;
+            while run_end < end
+                && run_end - granule < PRESERVE_READ_BYTES
+                && !self.segment(seq)?.index.contains_key(&run_end)
+            {
+                run_end += GRANULE_BYTES;
+            }
+            let run_end = run_end.min(point_size_bytes);
+            old.resize((run_end - granule) as usize, 0);
+            self.read_live(granule, &mut old)?;
+            for (at, pre_image) in (granule..run_end)
+                .step_by(GRANULE_BYTES as usize)
+                .zip(old.chunks(GRANULE_BYTES as usize))
+            {
+                self.segment(seq)?.append(at, pre_image)?;
+            }
+            appended = true;
+            granule = run_end;
         }
-        if appended {
-            self.segment(seq)?.sync()?;
-        }
-        Ok(())
+        Ok(appended)
     }
 
     /// Read at a point: `from_seq` is the point's own segment; later segments hold what it

@@ -365,10 +365,28 @@ impl VmState {
             .map(|d| (seq_of(d), d.size_bytes))
     }
 
-    /// Save the pre-images a write to `range` of `disk` would destroy.
+    /// Save the pre-images a write to `range` of `disk` would destroy, durably.
     pub(super) fn preserve(&mut self, disk: &str, range: Range<u64>) -> Result<(), StoreError> {
-        if let Some((seq, size)) = self.latest_of(disk) {
-            self.live_disk(disk)?.preserve(seq, size, range)?;
+        self.preserve_many(disk, std::iter::once(range))
+    }
+
+    /// Save the pre-images writes to `ranges` of `disk` would destroy, with one sync for
+    /// them all.
+    pub(super) fn preserve_many(
+        &mut self,
+        disk: &str,
+        ranges: impl IntoIterator<Item = Range<u64>>,
+    ) -> Result<(), StoreError> {
+        let Some((seq, size)) = self.latest_of(disk) else {
+            return Ok(());
+        };
+        let live = self.live_disk(disk)?;
+        let mut appended = false;
+        for range in ranges {
+            appended |= live.preserve_unsynced(seq, size, range)?;
+        }
+        if appended {
+            live.segment(seq)?.sync()?;
         }
         Ok(())
     }
