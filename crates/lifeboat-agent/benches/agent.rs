@@ -1461,6 +1461,8 @@ struct Step {
     qsd_cpu: f64,
     read: u64,
     sent: u64,
+    /// Lifeboat: where the time went.
+    phases: String,
     load: String,
     dropped: bool,
 }
@@ -1487,6 +1489,7 @@ async fn timed<F: std::future::Future<Output = (u64, u64)>>(
         qsd_cpu: qsd_after - qsd_before,
         read,
         sent,
+        phases: String::new(),
         load,
         dropped,
     }
@@ -1575,14 +1578,34 @@ async fn resync_part(config: &Config) {
                         if !with_map {
                             remove_dir(&maps);
                         }
-                        let step = timed(config, &qsd, || async {
+                        // When the source was hashed (progress reached the disk's size)
+                        // and when the differing blocks were sent (twice its size).
+                        let marks = Mutex::new((Instant::now(), None, None));
+                        let sink = |p: &Progress| {
+                            let mut marks = marks.lock().unwrap();
+                            if p.bytes_done >= p.bytes_total && marks.2.is_none() {
+                                marks.2 = Some(Instant::now());
+                            } else if p.bytes_done >= p.bytes_total / 2 && marks.1.is_none() {
+                                marks.1 = Some(Instant::now());
+                            }
+                        };
+                        let mut step = timed(config, &qsd, || async {
+                            marks.lock().unwrap().0 = Instant::now();
                             let report = engine
-                                .resync(SystemTime::now(), &no_progress)
+                                .resync(SystemTime::now(), &sink)
                                 .await
                                 .unwrap_or_else(|e| panic!("resync: {e}"));
                             (report.bytes_read, report.bytes_sent)
                         })
                         .await;
+                        let (began, hashed, sent) = *marks.lock().unwrap();
+                        let (hashed, sent) = (hashed.unwrap(), sent.unwrap());
+                        step.phases = format!(
+                            "to hashed {:.2}, sent {:.2}, point {:.2}",
+                            (hashed - began).as_secs_f64(),
+                            (sent - hashed).as_secs_f64(),
+                            step.seconds - (sent - began).as_secs_f64()
+                        );
                         assert_eq!(
                             step.sent,
                             changed * BLOCK,
@@ -1644,8 +1667,13 @@ async fn resync_part(config: &Config) {
             }
             for (name, r) in rows {
                 println!(
-                    "| {changes} | {i} | {name} | {:.2} | {:.2} ({:.2}) | {} | {} | {} | {} |",
+                    "| {changes} | {i} | {name} | {:.2} | {} | {:.2} ({:.2}) | {} | {} | {} | {} |",
                     r.seconds,
+                    if r.phases.is_empty() {
+                        "–"
+                    } else {
+                        &r.phases
+                    },
                     r.cpu,
                     r.qsd_cpu,
                     if r.read > 0 { mb(r.read) } else { "–".into() },
@@ -1793,7 +1821,7 @@ async fn churn_rate(config: &Config, dir: &Path, azure: Option<&Azurite>, rate_m
     let written = requests * BLOCK;
     let passed = all_cut && worst < interval * 2;
     println!(
-        "| {rate_mb} | {:.0} | {} | {} | {:.2} / {:.2} / {:.2} | {} | {:.1} | {} | {} → {} | {:.0} / {:.0} / {:.0} | {} |",
+        "| {rate_mb} | {:.0} | {} | {} | {:.2} / {:.2} | {:.2} | {} | {:.1} | {} | {} → {} | {:.0} / {:.0} / {:.0} | {} |",
         written as f64 / guest_secs / 1e6,
         cycles.len(),
         cycles.len()
