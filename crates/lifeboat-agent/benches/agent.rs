@@ -346,6 +346,19 @@ fn cpu_of(pid: &str) -> (f64, f64) {
     (at(11) + at(12), at(13) + at(14))
 }
 
+/// Bytes a process made the block devices read and write, from `/proc/<pid>/io`
+/// (`read_bytes`, `write_bytes`: what reached storage, not what the page cache served).
+fn io_of(pid: &str) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("read_bytes:"), field("write_bytes:"))
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -1396,42 +1409,68 @@ async fn azure_recovery_part(config: &Config) {
 // Guest writes for the resync and churn parts.
 
 /// Write 64 KiB at each of `offsets` (pattern byte `pattern`) through the guest's NBD export
-/// with `qemu-io`, one request at a time, at most `rate` bytes a second (a QEMU throttle
-/// group between `qemu-io` and the export) when given. Returns the seconds it took.
-fn guest_writes(socket: &Path, offsets: Vec<u64>, pattern: u8, rate: Option<u64>) -> f64 {
+/// with `writers` `qemu-io` processes, each one request at a time over its own connection
+/// (a guest with that many writes in flight), together at most `rate` bytes a second (a QEMU
+/// throttle group per process between `qemu-io` and the export) when given. Returns the
+/// seconds it took.
+fn guest_writes(
+    socket: &Path,
+    offsets: Vec<u64>,
+    pattern: u8,
+    rate: Option<u64>,
+    writers: usize,
+) -> f64 {
     use std::io::Write;
-    let mut command = guarded("qemu-io");
     let nbd = format!(
         "file.driver=nbd,file.server.type=unix,file.server.path={},file.export=guest",
         socket.display()
     );
-    match rate {
-        Some(rate) => command.args([
-            "--object".to_owned(),
-            format!("throttle-group,id=churn,x-bps-write={rate}"),
-            "--image-opts".to_owned(),
-            format!("driver=throttle,throttle-group=churn,{nbd}"),
-        ]),
-        None => command.args(["--image-opts".to_owned(), format!("driver=raw,{nbd}")]),
-    };
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start qemu-io (qemu-utils): {e}"));
     let started = Instant::now();
-    let mut stdin = std::io::BufWriter::new(child.stdin.take().unwrap());
-    let feeder = std::thread::spawn(move || {
-        for offset in offsets {
-            writeln!(stdin, "write -P {pattern} {offset} 64k").unwrap();
-        }
-        writeln!(stdin, "flush").unwrap();
-        stdin.flush().unwrap();
-    });
-    feeder.join().unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "qemu-io failed: {status}");
+    let mut children = Vec::new();
+    let mut feeders = Vec::new();
+    for w in 0..writers.max(1) {
+        let mut command = guarded("qemu-io");
+        match rate {
+            Some(rate) => command.args([
+                "--object".to_owned(),
+                format!(
+                    "throttle-group,id=churn,x-bps-write={}",
+                    rate / writers.max(1) as u64
+                ),
+                "--image-opts".to_owned(),
+                format!("driver=throttle,throttle-group=churn,{nbd}"),
+            ]),
+            None => command.args(["--image-opts".to_owned(), format!("driver=raw,{nbd}")]),
+        };
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start qemu-io (qemu-utils): {e}"));
+        let mut stdin = std::io::BufWriter::new(child.stdin.take().unwrap());
+        let mine: Vec<u64> = offsets
+            .iter()
+            .skip(w)
+            .step_by(writers.max(1))
+            .copied()
+            .collect();
+        feeders.push(std::thread::spawn(move || {
+            for offset in mine {
+                writeln!(stdin, "write -P {pattern} {offset} 64k").unwrap();
+            }
+            writeln!(stdin, "flush").unwrap();
+            stdin.flush().unwrap();
+        }));
+        children.push(child);
+    }
+    for feeder in feeders {
+        feeder.join().unwrap();
+    }
+    for mut child in children {
+        let status = child.wait().unwrap();
+        assert!(status.success(), "qemu-io failed: {status}");
+    }
     started.elapsed().as_secs_f64()
 }
 
@@ -1567,7 +1606,7 @@ async fn resync_part(config: &Config) {
                 pattern = pattern % 250 + 1;
                 let offsets = changed_blocks(&mut rng, blocks, changed, clustered);
                 assert_eq!(offsets.len() as u64, changed);
-                guest_writes(&socket, offsets, pattern, None);
+                guest_writes(&socket, offsets, pattern, None, 1);
                 let lifeboat = if with_map {
                     "Lifeboat resync, stored map"
                 } else {
@@ -1773,11 +1812,12 @@ async fn churn_rate(config: &Config, dir: &Path, azure: Option<&Azurite>, rate_m
     let load_before = load_average();
     let (qsd_before, _) = cpu_of(&qsd.pid());
     let (self_before, children_before) = cpu_of("self");
+    let (io_before, qsd_io_before) = (io_of("self"), io_of(&qsd.pid()));
     let start = tokio::time::Instant::now();
     let guest = {
         let socket = socket.clone();
         tokio::task::spawn_blocking(move || {
-            guest_writes(&socket, offsets, 0x5a, Some(rate_mb * 1_000_000))
+            guest_writes(&socket, offsets, 0x5a, Some(rate_mb * 1_000_000), 4)
         })
     };
     let mut cycles = Vec::new();
@@ -1799,6 +1839,7 @@ async fn churn_rate(config: &Config, dir: &Path, azure: Option<&Azurite>, rate_m
     let guest_secs = guest.await.unwrap();
     let (self_after, children_after) = cpu_of("self");
     let (qsd_after, _) = cpu_of(&qsd.pid());
+    let (io_after, qsd_io_after) = (io_of("self"), io_of(&qsd.pid()));
     let load_after = load_average();
     // The RPO just before point k lands is the age of point k-1: from when its cycle began
     // (its view is the VM as of then) to when cycle k ends. Point 0 is the finalize cycle's.
@@ -1821,7 +1862,7 @@ async fn churn_rate(config: &Config, dir: &Path, azure: Option<&Azurite>, rate_m
     let written = requests * BLOCK;
     let passed = all_cut && worst < interval * 2;
     println!(
-        "| {rate_mb} | {:.0} | {} | {} | {:.2} / {:.2} | {:.2} | {} | {:.1} | {} | {} → {} | {:.0} / {:.0} / {:.0} | {} |",
+        "| {rate_mb} | {:.0} | {} | {} | {:.2} / {:.2} | {:.2} | {} | {:.1} | {} | {} → {} | {:.0} / {:.0} / {:.0} | {:.1} / {:.1} ({:.1} / {:.1}) | {} |",
         written as f64 / guest_secs / 1e6,
         cycles.len(),
         cycles.len()
@@ -1839,6 +1880,10 @@ async fn churn_rate(config: &Config, dir: &Path, azure: Option<&Azurite>, rate_m
         100.0 * (children_after - children_before) / guest_secs,
         100.0 * (qsd_after - qsd_before) / guest_secs,
         100.0 * (self_after - self_before) / guest_secs,
+        (io_after.0 - io_before.0) as f64 / 1e9,
+        (io_after.1 - io_before.1) as f64 / 1e9,
+        (qsd_io_after.0 - qsd_io_before.0) as f64 / 1e9,
+        (qsd_io_after.1 - qsd_io_before.1) as f64 / 1e9,
         cycles
             .iter()
             .map(|c| match &c.report {
@@ -1886,9 +1931,9 @@ async fn churn_part(config: &Config, azure: bool) {
     );
     println!(
         "| asked MB/s | guest MB/s | cycles | cycles without a point | cycle s median / max | worst RPO s | \
-         shipped MB per cycle | agent CPU s/s | every cycle, RPO < 2× | load | CPU % guest / QSD / agent | cycles (start s: took s) |"
+         shipped MB per cycle | agent CPU s/s | every cycle, RPO < 2× | load | CPU % guest / QSD / agent | device GB read / written: agent (QSD) | cycles (start s: took s) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut highest = None;
     for rate in &config.churn_rates {
         let passed = churn_rate(config, &dir.join("rate"), azurite.as_ref(), *rate).await;
