@@ -239,6 +239,12 @@ impl ReplicaStore for SimStore {
         durable_call!(self, "resize disk", self.inner.resize_disk(vm, disk, size))
     }
 
+    // NB: the inner store's batch size, so that the engine gathers writes as it would for
+    // it; `write_many` is the trait's default, one simulated `write` at a time.
+    fn write_batch_bytes(&self) -> u64 {
+        self.inner.write_batch_bytes()
+    }
+
     async fn delete_disk(&self, vm: &VmKey, disk: &str) -> Result<(), StoreError> {
         let fail_after = self.call("delete disk")?;
         self.inner.delete_disk(vm, disk).await?;

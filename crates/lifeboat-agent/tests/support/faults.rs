@@ -82,6 +82,12 @@ impl<S: ReplicaStore> ReplicaStore for FaultInjectingStore<S> {
         self.check("delete disk")?;
         self.inner.delete_disk(vm, disk).await
     }
+
+    // NB: the inner store's batch size, so that the engine gathers writes as it would for
+    // it; `write_many` is the trait's default, one `write` (and its faults) at a time.
+    fn write_batch_bytes(&self) -> u64 {
+        self.inner.write_batch_bytes()
+    }
     async fn write(
         &self,
         vm: &VmKey,

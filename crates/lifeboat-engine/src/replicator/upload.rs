@@ -154,7 +154,9 @@ impl Uploader {
         offset: u64,
         len: u64,
     ) -> Result<(), EngineError> {
-        // NB: after the writes queued before it.
+        // NB: the gathered writes are queued first, in the order they were asked for; the
+        // store may still run queued requests in any order (callers never zero a range they
+        // are also writing before the next finish).
         self.send_batch().await?;
         self.reap()?;
         let permit =

@@ -129,8 +129,8 @@ impl Disk {
     }
 
     /// Save the pre-images of the granules in `range` that point `seq` (of size
-    /// `point_size_bytes`) still reads from the live file, without syncing them. Returns
-    /// whether any was appended: the caller syncs the segment before overwriting the range.
+    /// `point_size_bytes`) still reads from the live file, without syncing them: the caller
+    /// syncs the segment (it is marked [`Segment::unsynced`]) before overwriting the range.
     ///
     /// Runs of granules are read from the live file at once (up to [`PRESERVE_READ_BYTES`]):
     /// the live file was written with direct I/O and is mostly not in the page cache, so a
@@ -140,10 +140,9 @@ impl Disk {
         seq: u64,
         point_size_bytes: u64,
         range: Range<u64>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<(), StoreError> {
         let end = range.end.min(point_size_bytes);
         let mut granule = range.start / GRANULE_BYTES * GRANULE_BYTES;
-        let mut appended = false;
         let mut old = Vec::new();
         while granule < end {
             if self.segment(seq)?.index.contains_key(&granule) {
@@ -167,10 +166,9 @@ impl Disk {
             {
                 self.segment(seq)?.append(at, pre_image)?;
             }
-            appended = true;
             granule = run_end;
         }
-        Ok(appended)
+        Ok(())
     }
 
     /// Read at a point: `from_seq` is the point's own segment; later segments hold what it

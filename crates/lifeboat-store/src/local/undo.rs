@@ -51,6 +51,10 @@ pub(super) struct Segment {
     /// Granule offset on the disk -> offset of the record's data in the file, and its length.
     pub(super) index: BTreeMap<u64, (u64, u64)>,
     pub(super) end: u64,
+    /// Records were appended since the last successful sync. A batch that failed halfway
+    /// leaves indexed records that nothing made durable: the next write must sync them
+    /// before it overwrites anything, even if it appends none of its own.
+    pub(super) unsynced: bool,
 }
 
 impl Segment {
@@ -134,6 +138,8 @@ impl Segment {
             file,
             index,
             end,
+            // NB: what an open finds was synced, or is cut above as torn.
+            unsynced: false,
         })
     }
 
@@ -157,6 +163,7 @@ impl Segment {
             (self.end + UNDO_HEADER_BYTES, data.len() as u64),
         );
         self.end += record.len() as u64;
+        self.unsynced = true;
         Ok(())
     }
 
@@ -197,10 +204,12 @@ impl Segment {
         Ok(Some(data.to_vec()))
     }
 
-    pub(super) fn sync(&self) -> Result<(), StoreError> {
+    pub(super) fn sync(&mut self) -> Result<(), StoreError> {
         self.file
             .sync_data()
-            .map_err(StoreError::io("sync undo segment", &self.path))
+            .map_err(StoreError::io("sync undo segment", &self.path))?;
+        self.unsynced = false;
+        Ok(())
     }
 }
 
@@ -258,6 +267,33 @@ mod tests {
                 "XXH3-64 of {len} bytes"
             );
         }
+    }
+
+    /// A segment knows whether it holds records no sync covered: set by an append, cleared
+    /// only by a sync that succeeded; a reopened segment has none.
+    #[test]
+    fn a_segment_knows_its_unsynced_records() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("000000000001.undo");
+        let mut segment =
+            Segment::open(path.clone(), Access::Write).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!segment.unsynced);
+        segment
+            .append(0, &[7; 4096])
+            .unwrap_or_else(|e| panic!("{e}"));
+        segment
+            .append(4096, &[8; 4096])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(segment.unsynced, "appended records wait for a sync");
+        segment.sync().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!segment.unsynced);
+        segment
+            .append(8192, &[9; 4096])
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(segment);
+        let reopened = Segment::open(path, Access::Write).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reopened.index.len(), 3);
+        assert!(!reopened.unsynced);
     }
 
     /// Records appended now are byte for byte the records of the previous implementation

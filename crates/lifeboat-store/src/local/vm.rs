@@ -381,12 +381,14 @@ impl VmState {
             return Ok(());
         };
         let live = self.live_disk(disk)?;
-        let mut appended = false;
         for range in ranges {
-            appended |= live.preserve_unsynced(seq, size, range)?;
+            live.preserve_unsynced(seq, size, range)?;
         }
-        if appended {
-            live.segment(seq)?.sync()?;
+        // NB: also when this call appended nothing: an earlier one that failed halfway may
+        // have indexed records it never synced, and this write may overwrite their granules.
+        let segment = live.segment(seq)?;
+        if segment.unsynced {
+            segment.sync()?;
         }
         Ok(())
     }
