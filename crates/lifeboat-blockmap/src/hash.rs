@@ -13,8 +13,8 @@
 //!
 //! * [`HashAlgorithm::Xxh3_128`] (the default): XXH3 with a 128-bit output, from `twox-hash`,
 //!   which picks its AVX2 path at run time. About 4 times as fast as BLAKE3 per core here
-//!   (docs/benchmarks.md, "Resync vs rsync"), which is what lets a resync run at the speed
-//!   of reading the images.
+//!   (docs/benchmarks.md, "Hash choice and block size"), which keeps hashing far below the
+//!   cost of reading a disk.
 //! * [`HashAlgorithm::Blake3_128`]: BLAKE3 truncated to 128 bits (a prefix of its XOF
 //!   output). Cryptographic: choose it where a guest could craft colliding blocks on
 //!   purpose and that matters.

@@ -40,8 +40,8 @@ pub const MIN_BLOCK_SIZE_BYTES: u32 = 4096;
 /// Largest block size accepted (Azure's Put Page limit is 4 MiB; larger blocks are copied
 /// in several writes).
 pub const MAX_BLOCK_SIZE_BYTES: u32 = 16 * 1024 * 1024;
-/// The default block size, chosen by measurement (docs/benchmarks.md, "Resync vs rsync",
-/// block-size sweep): 64 KiB blocks hash as fast as 1 MiB blocks but send 10-15 times
+/// The default block size, chosen by measurement (docs/benchmarks.md, "Hash choice and
+/// block size", block-size sweep): 64 KiB blocks hash as fast as 1 MiB blocks but send 10-15 times
 /// less when changes are scattered, and a 4 GiB image's map is about 1 MiB.
 pub const DEFAULT_BLOCK_SIZE_BYTES: u32 = 64 * 1024;
 
