@@ -83,24 +83,41 @@ impl Uploader {
                 self.gather(disk, piece_offset, piece).await?;
                 continue;
             }
-            self.reap()?;
-            let permit =
-                self.slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| EngineError::NotReady {
-                        what: e.to_string(),
-                    })?;
-            self.throttle.take(piece.len() as u64).await;
-            self.bytes_sent += piece.len() as u64;
+            let len = piece.len() as u64;
             let (store, vm, disk) = (self.store.clone(), self.vm.clone(), disk.to_owned());
-            self.tasks.spawn(async move {
-                let result = store.write(&vm, &disk, piece_offset, piece).await;
-                drop(permit);
-                result
-            });
+            self.queue(len, async move {
+                store.write(&vm, &disk, piece_offset, piece).await
+            })
+            .await?;
+            self.bytes_sent += len;
         }
+        Ok(())
+    }
+
+    /// Queue one store request once a slot is free, first paced by the throttle for
+    /// `paced_bytes` (0: not paced); a failure of a request already done is returned first.
+    async fn queue(
+        &mut self,
+        paced_bytes: u64,
+        request: impl Future<Output = Result<(), StoreError>> + Send + 'static,
+    ) -> Result<(), EngineError> {
+        self.reap()?;
+        let permit =
+            self.slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| EngineError::NotReady {
+                    what: e.to_string(),
+                })?;
+        if paced_bytes > 0 {
+            self.throttle.take(paced_bytes).await;
+        }
+        self.tasks.spawn(async move {
+            let result = request.await;
+            drop(permit);
+            result
+        });
         Ok(())
     }
 
@@ -129,22 +146,9 @@ impl Uploader {
         let Some(Batch { disk, writes, .. }) = self.batch.take() else {
             return Ok(());
         };
-        self.reap()?;
-        let permit =
-            self.slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| EngineError::NotReady {
-                    what: e.to_string(),
-                })?;
         let (store, vm) = (self.store.clone(), self.vm.clone());
-        self.tasks.spawn(async move {
-            let result = store.write_many(&vm, &disk, writes).await;
-            drop(permit);
-            result
-        });
-        Ok(())
+        self.queue(0, async move { store.write_many(&vm, &disk, writes).await })
+            .await
     }
 
     /// Queue making `len` bytes at `offset` read as zeros (no data sent).
@@ -158,22 +162,10 @@ impl Uploader {
         // store may still run queued requests in any order (callers never zero a range they
         // are also writing before the next finish).
         self.send_batch().await?;
-        self.reap()?;
-        let permit =
-            self.slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| EngineError::NotReady {
-                    what: e.to_string(),
-                })?;
-        self.bytes_zeroed += len;
         let (store, vm, disk) = (self.store.clone(), self.vm.clone(), disk.to_owned());
-        self.tasks.spawn(async move {
-            let result = store.zero(&vm, &disk, offset, len).await;
-            drop(permit);
-            result
-        });
+        self.queue(0, async move { store.zero(&vm, &disk, offset, len).await })
+            .await?;
+        self.bytes_zeroed += len;
         Ok(())
     }
 

@@ -362,15 +362,7 @@ impl ReplicaStore for LocalStore {
         offset: u64,
         data: Bytes,
     ) -> Result<(), StoreError> {
-        let disk = disk.to_owned();
-        self.with_vm_mut(vm, move |state| {
-            let size = state.live_disk(&disk)?.size_bytes;
-            check_range(&disk, offset, data.len() as u64, size, true)?;
-            state.preserve(&disk, offset..offset + data.len() as u64)?;
-            let d = state.live_disk(&disk)?;
-            d.write_live(&data, offset)
-        })
-        .await
+        self.write_many(vm, disk, vec![(offset, data)]).await
     }
 
     async fn write_many(
