@@ -206,41 +206,8 @@ impl Disk {
         Ok(())
     }
 
-    #[cfg(unix)]
     pub(super) fn live_data_ranges(&self) -> Result<Vec<Range<u64>>, StoreError> {
-        use rustix::fs::{SeekFrom, seek};
-        let mut ranges = Vec::new();
-        let mut pos = 0;
-        while pos < self.size_bytes {
-            let start = match seek(&self.file, SeekFrom::Data(pos)) {
-                Ok(start) => start,
-                Err(rustix::io::Errno::NXIO) => break,
-                Err(e) => {
-                    return Err(StoreError::io("find data in replica disk", &self.path)(
-                        e.into(),
-                    ));
-                }
-            };
-            let end = seek(&self.file, SeekFrom::Hole(start))
-                .map_err(|e| StoreError::io("find holes in replica disk", &self.path)(e.into()))?
-                .min(self.size_bytes);
-            if start >= end {
-                break;
-            }
-            ranges.push(start..end);
-            pos = end;
-        }
-        Ok(ranges)
-    }
-}
-
-#[cfg(not(unix))]
-impl Disk {
-    /// NB: no SEEK_DATA/SEEK_HOLE here: the whole live disk counts as data (a hole reads as
-    /// zeros, so this costs reads, never correctness).
-    pub(super) fn live_data_ranges(&self) -> Result<Vec<Range<u64>>, StoreError> {
-        Ok(std::iter::once(0..self.size_bytes)
-            .filter(|r| !r.is_empty())
-            .collect())
+        super::io::data_ranges(&self.file, self.size_bytes)
+            .map_err(StoreError::io("find data in replica disk", &self.path))
     }
 }

@@ -10,6 +10,42 @@ use std::path::Path;
 use super::undo::GRANULE_BYTES;
 use crate::{DIRECT_IO_ALIGN, StoreError, files};
 
+/// The ranges of the first `size` bytes of `file` that may hold data, sorted: holes of a sparse
+/// file read as zeros and are left out (SEEK_DATA/SEEK_HOLE). Without them (not unix), or on a
+/// file system that does not tell, the whole file counts as data: that costs reads, never
+/// correctness.
+///
+/// # Errors
+///
+/// The file cannot be searched.
+pub fn data_ranges(file: &File, size: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+    #[cfg(unix)]
+    {
+        use rustix::fs::{SeekFrom, seek};
+        let mut ranges = Vec::new();
+        let mut pos = 0;
+        while pos < size {
+            let start = match seek(file, SeekFrom::Data(pos)) {
+                Ok(start) => start,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let end = seek(file, SeekFrom::Hole(start))?.min(size);
+            if start >= end {
+                break;
+            }
+            ranges.push(start..end);
+            pos = end;
+        }
+        Ok(ranges)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        Ok(std::iter::once(0..size).filter(|r| !r.is_empty()).collect())
+    }
+}
+
 /// [`files::write_atomic`], its failure as a store error.
 pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     files::write_atomic(path, bytes).map_err(|e| StoreError::io(e.action, e.path)(e.source))

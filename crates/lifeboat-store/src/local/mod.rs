@@ -56,7 +56,7 @@ mod tests;
 mod undo;
 mod vm;
 
-pub use io::PositionalIo;
+pub use io::{PositionalIo, data_ranges};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -740,6 +740,11 @@ impl ReplicaStore for LocalStore {
             what: format!("a store task ended abnormally: {e}"),
         })??;
         self.held.hold(vm, next.number);
+        // NB: the VM as this store loaded it under the old epoch goes: loaded while fenced,
+        // it is read-only for good, and the holder of the new epoch (a re-protect on the node
+        // that was fenced) must write. The next use loads it again, as the new writer.
+        let slot = self.slot(vm);
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(next)
     }
 
