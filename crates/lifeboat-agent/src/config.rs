@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use lifeboat_api::protected_vm::ReplicationDirection;
 use lifeboat_api::{ProtectedVM, ReplicationPolicy};
 use lifeboat_core::window::{DailyWindow, WindowSpec};
 use lifeboat_engine::Settings;
@@ -70,6 +71,24 @@ pub struct VmConfig {
     pub definition: bytes::Bytes,
     /// Who writes the replica, in the store's records (`node <name>`).
     pub writer: String,
+    /// Which site's VM this is: the primary (`spec`), or the recovered VM at the recovery site
+    /// (`spec.recoverySite`), which replicates while the VM's direction is Reverse.
+    pub site: Site,
+    /// The node the VM of that site runs on.
+    pub node: String,
+    /// The VM's disks at the primary site (`spec.disks`, not excluded), which a failback
+    /// brings to its point whichever site replicates.
+    pub original_disks: Vec<DiskRef>,
+}
+
+/// Which site's VM an engine replicates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Site {
+    /// The primary site: `spec.nodeName`, `spec.hypervisor`, `spec.disks`.
+    #[default]
+    Primary,
+    /// The recovery site: `spec.recoverySite`.
+    Recovery,
 }
 
 impl VmConfig {
@@ -111,22 +130,11 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
     };
     let key = VmKey::new(&namespace, &name).map_err(|e| field("metadata.name", e.to_string()))?;
     let spec = &vm.spec;
-    let hypervisor = match (&spec.hypervisor.qemu, &spec.hypervisor.hyperv) {
-        (Some(q), None) => HypervisorConfig::Qemu {
-            qmp_socket: PathBuf::from(&q.qmp_socket),
-            guest_agent_socket: q.guest_agent_socket.as_ref().map(PathBuf::from),
-        },
-        (None, Some(h)) => HypervisorConfig::HyperV {
-            vm_id: h.vm_id.clone(),
-        },
-        _ => {
-            return Err(field(
-                "spec.hypervisor",
-                "exactly one of qemu and hyperv must be set".into(),
-            ));
-        }
-    };
-    let disks = spec
+    let reverse = vm
+        .status
+        .as_ref()
+        .is_some_and(|s| s.direction == ReplicationDirection::Reverse);
+    let original_disks: Vec<DiskRef> = spec
         .disks
         .iter()
         .filter(|d| !d.excluded)
@@ -136,6 +144,59 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
             node: d.block_node.clone(),
         })
         .collect();
+    let (site, node, vm_name, hypervisor_spec, disks, hypervisor_field) = match &spec.recovery_site
+    {
+        Some(r) if reverse => {
+            let mut disks = Vec::new();
+            for d in &original_disks {
+                let Some(found) = r.disks.iter().find(|rd| rd.name == d.name) else {
+                    return Err(field(
+                        "spec.recoverySite.disks",
+                        format!(
+                            "no disk named {:?}: the recovered VM needs every protected disk",
+                            d.name
+                        ),
+                    ));
+                };
+                disks.push(DiskRef {
+                    name: found.name.clone(),
+                    path: found.path.clone(),
+                    node: found.block_node.clone(),
+                });
+            }
+            (
+                Site::Recovery,
+                r.node_name.clone(),
+                r.vm_name.clone().unwrap_or_else(|| spec.vm_name.clone()),
+                &r.hypervisor,
+                disks,
+                "spec.recoverySite.hypervisor",
+            )
+        }
+        _ => (
+            Site::Primary,
+            spec.node_name.clone(),
+            spec.vm_name.clone(),
+            &spec.hypervisor,
+            original_disks.clone(),
+            "spec.hypervisor",
+        ),
+    };
+    let hypervisor = match (&hypervisor_spec.qemu, &hypervisor_spec.hyperv) {
+        (Some(q), None) => HypervisorConfig::Qemu {
+            qmp_socket: PathBuf::from(&q.qmp_socket),
+            guest_agent_socket: q.guest_agent_socket.as_ref().map(PathBuf::from),
+        },
+        (None, Some(h)) => HypervisorConfig::HyperV {
+            vm_id: h.vm_id.clone(),
+        },
+        _ => {
+            return Err(field(
+                hypervisor_field,
+                "exactly one of qemu and hyperv must be set".into(),
+            ));
+        }
+    };
     let p = &policy.spec;
     let settings = Settings {
         copy_interval: p.copy_frequency.interval(),
@@ -155,7 +216,7 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
         .unwrap_or((None, None));
     Ok(VmConfig {
         key,
-        vm_name: spec.vm_name.clone(),
+        vm_name,
         disks,
         hypervisor,
         settings,
@@ -163,7 +224,10 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
         work_hours: lifeboat_control::mapping::policy_spec(policy).work_hours,
         policy_generation: policy.metadata.generation,
         definition: definition(vm, policy),
-        writer: format!("node {}", spec.node_name),
+        writer: format!("node {node}"),
+        site,
+        node,
+        original_disks,
     })
 }
 
@@ -253,6 +317,9 @@ mod tests {
             policy_generation: None,
             definition: bytes::Bytes::new(),
             writer: String::new(),
+            site: Site::Primary,
+            node: String::new(),
+            original_disks: Vec::new(),
         }
     }
 

@@ -39,6 +39,17 @@ fn steps_of(job_type: JobType) -> Vec<&'static str> {
             "VerifyDigests",
         ],
         JobType::Commit => vec!["DeleteOtherRecoveryPoints"],
+        JobType::Reprotect => vec![
+            "TakeReplica",
+            "CompareBlockChecksums",
+            "SendDifferingBlocks",
+            "CutRecoveryPoint",
+        ],
+        JobType::Failback => vec![
+            "CompareOriginalDisks",
+            "WriteDifferingBlocks",
+            "VerifyDigests",
+        ],
         JobType::DisableProtection => vec!["StopChangeTracking", "RemoveReplica"],
     }
 }

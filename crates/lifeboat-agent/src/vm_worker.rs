@@ -5,6 +5,8 @@
 //! ```text
 //!  <state_dir>/agent/<namespace>/<name>/            engine state, change logs (vm_state_dir)
 //!  <state_dir>/agent/<namespace>/<name>/hypervisor   the backend's work files
+//!  <state_dir>/agent/<namespace>/<name>@recovery/    the same for the recovered VM, which
+//!                                                    replicates in reverse
 //!
 //!  VmConfig + store ──open_worker──> Worker ──run_job_on(job, sink)──> JobResult
 //! ```
@@ -28,12 +30,18 @@ use lifeboat_engine::throttle::SharedBandwidth;
 use lifeboat_engine::{EngineError, JobDirs, JobResult, Replicator, Worker, run_job};
 use lifeboat_store::{ReplicaStore, VmKey};
 
-use crate::config::{ConfigError, VmConfig, hypervisor};
+use crate::config::{ConfigError, Site, VmConfig, hypervisor};
 use crate::jobs::job_kind_params;
 
-/// The agent state folder of `vm` under the state folder (change logs, engine state).
-pub fn vm_state_dir(state_dir: &Path, vm: &VmKey) -> PathBuf {
-    state_dir.join("agent").join(vm.namespace()).join(vm.name())
+/// The agent state folder of `vm` under the state folder (change logs, engine state): one per
+/// site, since the recovered VM's engine tracks other disks than the primary's.
+pub fn vm_state_dir(state_dir: &Path, vm: &VmKey, site: Site) -> PathBuf {
+    let ns = state_dir.join("agent").join(vm.namespace());
+    match site {
+        Site::Primary => ns.join(vm.name()),
+        // NB: `@` is not in a DNS label: no VM's folder can be named so.
+        Site::Recovery => ns.join(format!("{}@recovery", vm.name())),
+    }
 }
 
 /// The upload bandwidth of the agent whose state folder is `state_dir`, shared by every VM
@@ -121,7 +129,7 @@ pub async fn open_worker(
     store: Arc<dyn ReplicaStore>,
     state_dir: &Path,
 ) -> Result<Worker, OpenError> {
-    let dir = vm_state_dir(state_dir, &config.key);
+    let dir = vm_state_dir(state_dir, &config.key, config.site);
     let hv = hypervisor(config, &dir.join("hypervisor"))?;
     let mut engine = Replicator::open(
         config.key.clone(),
@@ -246,11 +254,15 @@ mod tests {
     }
 
     #[test]
-    fn state_folders_are_per_namespace_and_name() {
+    fn state_folders_are_per_namespace_name_and_site() {
         let key = VmKey::new("prod", "web").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            vm_state_dir(Path::new("/var/lib/lifeboat"), &key),
+            vm_state_dir(Path::new("/var/lib/lifeboat"), &key, Site::Primary),
             PathBuf::from("/var/lib/lifeboat/agent/prod/web")
+        );
+        assert_eq!(
+            vm_state_dir(Path::new("/var/lib/lifeboat"), &key, Site::Recovery),
+            PathBuf::from("/var/lib/lifeboat/agent/prod/web@recovery")
         );
     }
 

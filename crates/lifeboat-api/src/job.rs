@@ -107,6 +107,12 @@ pub enum JobType {
     Failover,
     /// After a failover, drop the other recovery points.
     Commit,
+    /// After a failover (or a failback), protect the VM where it runs now, sending only the
+    /// blocks that differ from the point it started from.
+    Reprotect,
+    /// Bring the primary site's original disks to the point a failback cut, writing only the
+    /// blocks that differ.
+    Failback,
     /// Stop tracking, remove the bitmaps and, if asked, the replica.
     DisableProtection,
 }
@@ -144,6 +150,10 @@ pub struct JobParameters {
     /// DisableProtection: delete the replica too.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delete_replica: bool,
+    /// Failover: the first half of a failback (stop, ship, cut the point; the Failback job
+    /// writes the original disks).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub to_primary: bool,
 }
 
 /// Where a job is.

@@ -46,6 +46,13 @@ use crate::policy::PolicyReference;
         description = "Normal, Warning or Critical"
     ),
     printcolumn(
+        name = "Direction",
+        type_ = "string",
+        json_path = ".status.direction",
+        priority = 1,
+        description = "Forward (from the primary site) or Reverse (from the recovery site)"
+    ),
+    printcolumn(
         name = "RPO",
         type_ = "string",
         json_path = ".status.rpo",
@@ -136,9 +143,71 @@ pub struct ProtectedVMSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 16))]
     pub recovery_node_selector: BTreeMap<String, String>,
+    /// Where the VM runs after a failover (the recovered VM, started on the failover's disks):
+    /// what re-protect replicates from, back into the same replica, and what a failback stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_site: Option<RecoverySiteSpec>,
     /// Actions asked for by setting a new token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<Requests>,
+}
+
+/// The recovered VM at the recovery site: its node, how to reach its hypervisor and its disks,
+/// named as the protected VM's are (a disk of the recovered VM replicates into the replica of
+/// the disk of the same name).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.hypervisor.qemu) || self.disks.all(d, has(d.blockNode))",
+     "message": "every disk of a qemu VM needs a blockNode (the QEMU block node name)"}
+]))]
+pub struct RecoverySiteSpec {
+    /// The node the recovered VM runs on; its agent replicates it in reverse.
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: String,
+    /// The recovered VM's name on its hypervisor. Absent: `vmName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub vm_name: Option<String>,
+    /// How to reach the recovered VM's hypervisor: exactly one backend.
+    pub hypervisor: HypervisorSpec,
+    /// The recovered VM's disks (typically the failover's images), by the protected disks'
+    /// names.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub disks: Vec<RecoverySiteDisk>,
+}
+
+/// One disk of the recovered VM.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoverySiteDisk {
+    /// The protected disk it recovers (a name in `spec.disks`).
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub name: String,
+    /// The disk image on the recovery node.
+    #[schemars(length(min = 1, max = 4096))]
+    pub path: String,
+    /// The QEMU block node name of the disk (qemu only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[A-Za-z][A-Za-z0-9_.+-]*$"),
+        length(min = 1, max = 127)
+    )]
+    pub block_node: Option<String>,
+}
+
+/// Which way the VM replicates.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum ReplicationDirection {
+    /// From the primary site (`spec.nodeName`, `spec.disks`).
+    #[default]
+    Forward,
+    /// From the recovery site (`spec.recoverySite`), after a failover and a re-protect.
+    Reverse,
 }
 
 /// The hypervisor backend and its connection details: exactly one of `qemu` and `hyperv`.
@@ -247,6 +316,12 @@ pub struct Requests {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub commit: Option<RequestToken>,
+    /// After a failover, replicate the recovered VM (`spec.recoverySite`) back into the
+    /// replica, sending only the blocks that differ from the point it started from; after a
+    /// failback, protect the VM on its original disks again the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub reprotect: Option<RequestToken>,
     /// Retry the operation that failed now: after a non-recoverable error (once its cause is
     /// fixed), or to skip what is left of a recoverable error's backoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -317,6 +392,13 @@ pub enum ProtectionPhase {
     FailedOver,
     /// Failover committed; the other points are gone.
     FailoverCommitted,
+    /// Re-protect runs: the blocks that differ from the point the VM started from are sent.
+    Reprotecting,
+    /// A failback runs: the recovered VM is stopped and its last changes shipped, then the
+    /// original disks are brought to that point.
+    FailingBack,
+    /// Back on the original disks at the primary site; not replicating until re-protected.
+    FailedBack,
     /// Protection being removed.
     DisablingProtection,
     /// Not protected.
@@ -423,6 +505,9 @@ pub struct HandledRequests {
     /// The last commit token handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<RequestToken>,
+    /// The last re-protect token handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotect: Option<RequestToken>,
     /// The last retry token handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RequestToken>,
@@ -477,6 +562,10 @@ pub struct ProtectedVMStatus {
     /// Where the VM is in its life cycle.
     #[serde(default)]
     pub phase: ProtectionPhase,
+    /// Which way the VM replicates (or last replicated): Forward from the primary site,
+    /// Reverse from the recovery site.
+    #[serde(default)]
+    pub direction: ReplicationDirection,
     /// Normal, Warning or Critical.
     #[serde(default)]
     pub health: Health,
@@ -526,7 +615,8 @@ pub struct ProtectedVMStatus {
     /// The disks of the current test failover, if one exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_failover: Option<FailoverResult>,
-    /// The disks of the failover, once failed over.
+    /// The disks of the failover, once failed over (after a failback: the original disks it
+    /// brought to its point).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverResult>,
     /// Protected, InitialReplicationComplete, Replicating, ResyncRequired, Resynchronizing,

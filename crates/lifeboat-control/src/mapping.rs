@@ -25,6 +25,7 @@ use lifeboat_api::job::{
 use lifeboat_api::policy::{ResyncMode, TimeWindow, Weekday};
 use lifeboat_api::protected_vm::{
     AgentReport, FailoverResult, FailoverType, HandledRequests, JobReference, ProtectionState,
+    ReplicationDirection,
 };
 use lifeboat_api::{
     ProtectedVM, ProtectedVMStatus, ProtectionPhase, ReplicationJob, ReplicationPolicy,
@@ -78,6 +79,9 @@ pub fn phase(p: ProtectionPhase) -> Phase {
         ProtectionPhase::FailingOver => Phase::FailingOver,
         ProtectionPhase::FailedOver => Phase::FailedOver,
         ProtectionPhase::FailoverCommitted => Phase::FailoverCommitted,
+        ProtectionPhase::Reprotecting => Phase::Reprotecting,
+        ProtectionPhase::FailingBack => Phase::FailingBack,
+        ProtectionPhase::FailedBack => Phase::FailedBack,
         ProtectionPhase::DisablingProtection => Phase::DisablingProtection,
         ProtectionPhase::Disabled => Phase::Disabled,
     }
@@ -95,6 +99,9 @@ pub fn api_phase(p: Phase) -> ProtectionPhase {
         Phase::FailingOver => ProtectionPhase::FailingOver,
         Phase::FailedOver => ProtectionPhase::FailedOver,
         Phase::FailoverCommitted => ProtectionPhase::FailoverCommitted,
+        Phase::Reprotecting => ProtectionPhase::Reprotecting,
+        Phase::FailingBack => ProtectionPhase::FailingBack,
+        Phase::FailedBack => ProtectionPhase::FailedBack,
         Phase::DisablingProtection => ProtectionPhase::DisablingProtection,
         Phase::Disabled => ProtectionPhase::Disabled,
     }
@@ -110,6 +117,8 @@ pub fn job_kind(t: JobType) -> JobKind {
         JobType::CleanupTestFailover => JobKind::CleanupTestFailover,
         JobType::Failover => JobKind::Failover,
         JobType::Commit => JobKind::Commit,
+        JobType::Reprotect => JobKind::Reprotect,
+        JobType::Failback => JobKind::Failback,
         JobType::DisableProtection => JobKind::DisableProtection,
     }
 }
@@ -124,6 +133,8 @@ pub fn api_job_type(k: JobKind) -> JobType {
         JobKind::CleanupTestFailover => JobType::CleanupTestFailover,
         JobKind::Failover => JobType::Failover,
         JobKind::Commit => JobType::Commit,
+        JobKind::Reprotect => JobType::Reprotect,
+        JobKind::Failback => JobType::Failback,
         JobKind::DisableProtection => JobType::DisableProtection,
     }
 }
@@ -255,6 +266,7 @@ pub fn params(p: &JobParameters) -> JobParams {
         point: p.recovery_point.as_ref().map(point),
         resync_reason: p.resync_reason.map(resync_reason),
         delete_replica: p.delete_replica,
+        to_primary: p.to_primary,
     }
 }
 
@@ -266,6 +278,7 @@ pub fn api_params(p: &JobParams) -> JobParameters {
         recovery_point: p.point.as_ref().map(api_point),
         resync_reason: p.resync_reason.map(api_resync_reason),
         delete_replica: p.delete_replica,
+        to_primary: p.to_primary,
     }
 }
 
@@ -339,8 +352,10 @@ pub fn vm_spec(vm: &ProtectedVM) -> VmSpec {
                 point: f.recovery_point.as_ref().map_or(PointChoice::Latest, point),
             }),
             commit: r.commit,
+            reprotect: r.reprotect,
             retry: r.retry,
         },
+        recovery_site: vm.spec.recovery_site.as_ref().map(|r| r.node_name.clone()),
     }
 }
 
@@ -367,6 +382,7 @@ pub fn vm_state(status: Option<&ProtectedVMStatus>) -> VmState {
             cleanup_test_failover: h.cleanup_test_failover.clone(),
             failover: h.failover.clone(),
             commit: h.commit.clone(),
+            reprotect: h.reprotect.clone(),
             retry: h.retry.clone(),
         },
         job: s.current_job.as_ref().map(|j| JobRecord {
@@ -380,6 +396,7 @@ pub fn vm_state(status: Option<&ProtectedVMStatus>) -> VmState {
         }),
         last_resync: s.last_resync_time.as_ref().map(system_time),
         test_failover_exists: s.test_failover.is_some(),
+        reverse: s.direction == ReplicationDirection::Reverse,
         conditions: conditions(&s.conditions),
     }
 }
@@ -493,6 +510,11 @@ pub fn vm_status(
         observed_generation: state.observed_generation,
         policy_generation: state.policy_generation,
         phase: api_phase(state.phase),
+        direction: if state.reverse {
+            ReplicationDirection::Reverse
+        } else {
+            ReplicationDirection::Forward
+        },
         health: api_health(state.health.unwrap_or(Health::Normal)),
         health_reason: state.health.map(|_| state.health_reason.clone()),
         health_message: state.health.map(|_| state.health_message.clone()),
@@ -511,6 +533,7 @@ pub fn vm_status(
             cleanup_test_failover: h.cleanup_test_failover.clone(),
             failover: h.failover.clone(),
             commit: h.commit.clone(),
+            reprotect: h.reprotect.clone(),
             retry: h.retry.clone(),
         },
         current_job: state.job.as_ref().map(|j| JobReference {

@@ -257,6 +257,15 @@ fn vm_ready(facts: &VmConditionFacts<'_>) -> Verdict {
             "FailoverCommitted",
             "the failover was committed; it is not replicating",
         ),
+        P::Reprotecting => (
+            "Reprotecting",
+            "re-protect runs: the blocks that differ from the point the VM started from are sent",
+        ),
+        P::FailingBack => ("FailingBack", "a failback to the primary site is running"),
+        P::FailedBack => (
+            "FailedBack",
+            "the VM is back on the primary site's disks; it replicates again once re-protected",
+        ),
         P::DisablingProtection => ("DisablingProtection", "protection is being disabled"),
         P::Disabled => ("Disabled", "the VM is not protected"),
     };
@@ -300,6 +309,15 @@ pub fn vm_verdicts(
         )),
         P::Protected | P::Resynchronizing => Verdict::yes("Protected", "the VM is protected"),
         P::FailingOver => Verdict::yes("FailingOver", "a failover is running"),
+        P::FailingBack => Verdict::yes("FailingBack", "a failback is running"),
+        P::Reprotecting => failed(Verdict::no(
+            "Reprotecting",
+            "re-protect runs: the blocks that differ from the point the VM started from are sent",
+        )),
+        P::FailedBack => Verdict::no(
+            "FailedBack",
+            "the VM is back on the primary site's disks; it replicates again once re-protected",
+        ),
         P::FailedOver => Verdict::no("FailedOver", "the VM failed over; it is not replicating"),
         P::FailoverCommitted => Verdict::no(
             "FailoverCommitted",
@@ -329,7 +347,10 @@ pub fn vm_verdicts(
         | P::Resynchronizing
         | P::FailingOver
         | P::FailedOver
-        | P::FailoverCommitted => Verdict::yes(
+        | P::FailoverCommitted
+        | P::Reprotecting
+        | P::FailingBack
+        | P::FailedBack => Verdict::yes(
             "InitialReplicationComplete",
             "the first recovery point was cut",
         ),
@@ -372,6 +393,13 @@ pub fn vm_verdicts(
         }
         P::FailingOver | P::FailedOver | P::FailoverCommitted => {
             Verdict::no("FailedOver", "replication stops at failover")
+        }
+        P::Reprotecting => Verdict::no(
+            "Reprotecting",
+            "delta replication starts when re-protect has sent the blocks that differ",
+        ),
+        P::FailingBack | P::FailedBack => {
+            Verdict::no("FailedBack", "replication stops at failback")
         }
         P::DisablingProtection | P::Disabled => {
             Verdict::no("ProtectionDisabled", "the VM is not protected")

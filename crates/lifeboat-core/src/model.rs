@@ -28,6 +28,15 @@ pub enum Phase {
     FailedOver,
     /// Failover committed.
     FailoverCommitted,
+    /// A Reprotect job runs: replication starts from where the VM runs now, sending only the
+    /// blocks that differ from the point it was recovered from.
+    Reprotecting,
+    /// Failing back to the primary site: the recovered VM is stopped and its last changes
+    /// shipped (a Failover job), then the original disks are brought to that point (a
+    /// Failback job).
+    FailingBack,
+    /// Back on the primary site's disks; not replicating until re-protected.
+    FailedBack,
     /// A DisableProtection job runs.
     DisablingProtection,
     /// Not protected.
@@ -45,6 +54,8 @@ impl Phase {
                 | Self::Protected
                 | Self::Resynchronizing
                 | Self::FailingOver
+                | Self::Reprotecting
+                | Self::FailingBack
                 | Self::DisablingProtection
         )
     }
@@ -67,13 +78,18 @@ pub enum JobKind {
     Failover,
     /// After a failover, drop the other recovery points.
     Commit,
+    /// After a failover (or a failback), protect the VM where it runs now, seeded by the
+    /// point it started from.
+    Reprotect,
+    /// Bring the primary site's original disks to the point a failback cut.
+    Failback,
     /// Stop tracking and, if asked, delete the replica.
     DisableProtection,
 }
 
 impl JobKind {
     /// Every kind, in life-cycle order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 10] = [
         Self::EnableProtection,
         Self::FinalizeProtection,
         Self::Resynchronize,
@@ -81,6 +97,8 @@ impl JobKind {
         Self::CleanupTestFailover,
         Self::Failover,
         Self::Commit,
+        Self::Reprotect,
+        Self::Failback,
         Self::DisableProtection,
     ];
 
@@ -94,6 +112,8 @@ impl JobKind {
             Self::CleanupTestFailover => "cleanup",
             Self::Failover => "failover",
             Self::Commit => "commit",
+            Self::Reprotect => "reprotect",
+            Self::Failback => "failback",
             Self::DisableProtection => "disable",
         }
     }
@@ -108,6 +128,8 @@ impl JobKind {
             Self::CleanupTestFailover => "CleanupTestFailover",
             Self::Failover => "Failover",
             Self::Commit => "Commit",
+            Self::Reprotect => "Reprotect",
+            Self::Failback => "Failback",
             Self::DisableProtection => "DisableProtection",
         }
     }
@@ -213,6 +235,9 @@ pub struct JobParams {
     pub resync_reason: Option<ResyncReason>,
     /// DisableProtection: delete the replica too.
     pub delete_replica: bool,
+    /// Failover: a failback's first half (ship and cut the point, write no disks: the
+    /// Failback job writes them at the primary site).
+    pub to_primary: bool,
 }
 
 /// A policy's settings, as the decisions need them.

@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
 use std::ops::Range;
+use std::time::Duration;
 
 /// One disk of a VM as the agent sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,4 +212,41 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
 
     /// Stop tracking and remove what tracking left on the disks (bitmaps, reference points).
     async fn stop_tracking(&self, disks: &[DiskRef]) -> Result<(), BackendError>;
+
+    /// Stop the VM so that no write reaches `disks` any more, keeping them readable through
+    /// the hypervisor for a last view (a planned failover's first step): ask the guest to
+    /// shut down, wait up to `grace` for it, then stop it outright. Idempotent: a VM already
+    /// stopped stays stopped. An error means the VM may still be writing.
+    async fn stop_vm(&self, disks: &[DiskRef], grace: Duration) -> Result<Stopped, BackendError>;
+}
+
+/// How a VM was stopped, for the failover's report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// The guest shut down within the grace period.
+    GuestShutDown,
+    /// The guest did not shut down in time (or has no way to be asked): it was paused, its
+    /// memory kept, and nothing more reaches the disks.
+    Paused,
+    /// The hypervisor runs no guest (a `qemu-storage-daemon` serving the disks to a VM
+    /// elsewhere): every way in to the disks that is not Lifeboat's own was closed.
+    Detached {
+        /// What was closed (the export ids).
+        closed: Vec<String>,
+    },
+}
+
+impl fmt::Display for Stopped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stopped::GuestShutDown => f.write_str("the guest shut down"),
+            Stopped::Paused => f.write_str("the guest was paused (it did not shut down in time)"),
+            Stopped::Detached { closed } if closed.is_empty() => {
+                f.write_str("no guest export was left open")
+            }
+            Stopped::Detached { closed } => {
+                write!(f, "the guest's exports were closed ({})", closed.join(", "))
+            }
+        }
+    }
 }

@@ -71,6 +71,18 @@ pub enum EngineError {
         /// What is missing.
         what: String,
     },
+    /// A planned failover could not stop its source VM: nothing was failed over, and the VM
+    /// stays protected (an unplanned failover does not need the source).
+    #[error(
+        "the source VM {vm} could not be stopped, so a planned failover cannot promise to lose nothing: {source}"
+    )]
+    SourceNotStopped {
+        /// The VM.
+        vm: String,
+        /// The hypervisor's error.
+        #[source]
+        source: BackendError,
+    },
     /// A replica does not match its manifest's digest: the replica state is invalid.
     #[error("disk {disk:?} at recovery point {point} does not match its digest: {detail}")]
     DigestMismatch {
@@ -95,6 +107,7 @@ impl EngineError {
             Self::BlockMap { .. }
             | Self::CorruptState { .. }
             | Self::NotReady { .. }
+            | Self::SourceNotStopped { .. }
             | Self::DigestMismatch { .. } => false,
         }
     }
@@ -110,6 +123,7 @@ impl EngineError {
             Self::State { .. } => "AgentStateIoError",
             Self::CorruptState { .. } => "InvalidAgentState",
             Self::NotReady { .. } => "NotReady",
+            Self::SourceNotStopped { .. } => "SourceNotStopped",
             Self::DigestMismatch { .. } => "InvalidReplicaState",
         }
     }

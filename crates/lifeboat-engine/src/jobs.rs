@@ -11,6 +11,9 @@
 //! | CleanupTestFailover | [`Replicator::remove_materialised`] of the `test` disks |
 //! | Failover | [`Replicator::failover`] (planned ships what is pending first) |
 //! | Commit | [`Replicator::commit`] |
+//! | Failover, a failback's first half | [`Replicator::fail_over_to_primary`] (no disks written) |
+//! | Failback | [`restore_onto`] the original disks ([`JobDirs::original_disks`]) |
+//! | Reprotect | [`Replicator::reprotect`] from the point the job names |
 //! | DisableProtection | [`Replicator::disable`] |
 //!
 //! An EnableProtection job's result names each disk's format and whether its change tracking
@@ -26,7 +29,7 @@ use lifeboat_store::RecoveryPoint;
 use crate::error::EngineError;
 use crate::replicator::{
     FailoverReport, PointChoice, ProgressSink, Replicator, Report, choose_point, commit_in_store,
-    fail_over_from_store, materialise_point, remove_disk_images,
+    fail_over_from_store, materialise_point, remove_disk_images, restore_onto,
 };
 use crate::state::{DiskRecord, EnginePhase};
 
@@ -84,6 +87,9 @@ pub fn disk_summary(disk: &DiskRecord) -> String {
 pub struct JobDirs {
     /// The folder (test) failover disks are materialised in.
     pub failover_dir: PathBuf,
+    /// The VM's disks at the primary site (`spec.disks`), which a Failback job brings to its
+    /// point.
+    pub original_disks: Vec<crate::backend::DiskRef>,
 }
 
 fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice {
@@ -175,6 +181,23 @@ pub async fn run_store_job(
     })
 }
 
+/// The point a Reprotect or Failback job names (it always names one).
+fn named_point<'a>(
+    params: &'a JobParams,
+    vm: &lifeboat_store::VmKey,
+    kind: JobKind,
+) -> Result<&'a str, EngineError> {
+    match &params.point {
+        Some(lifeboat_core::PointChoice::Named(point)) => Ok(point),
+        _ => Err(EngineError::NotReady {
+            what: format!(
+                "a {} job of VM {vm} needs the point it starts from in its parameters",
+                kind.as_str()
+            ),
+        }),
+    }
+}
+
 /// Run one job to its end. Idempotent where the engine is: a job retried after a crash
 /// continues (an interrupted copy or resync resumes from its saved cursor).
 ///
@@ -238,6 +261,46 @@ pub async fn run_job(
             let disks: Vec<String> = engine.disk_names();
             engine.remove_materialised(&dirs.failover_dir, "test", &disks)?;
         }
+        JobKind::Failover if params.to_primary => {
+            let planned = params.failover == Some(FailoverKind::Planned);
+            let report = engine
+                .fail_over_to_primary(planned, &engine_point(params.point.as_ref()), now)
+                .await?;
+            result.point = Some(report.point.clone());
+            result.failover = Some(report);
+        }
+        JobKind::Failback => {
+            let point = named_point(params, engine.vm(), kind)?;
+            // NB: the failback's own point is the newest (its source is stopped and the
+            // replica fenced for it): an older one would take back what was written since.
+            let latest =
+                choose_point(engine.store().as_ref(), engine.vm(), &PointChoice::Latest).await?;
+            if latest.id != point {
+                return Err(EngineError::NotReady {
+                    what: format!(
+                        "a failback of VM {} brings the original disks to the newest point, {}, \
+                         not to {point}",
+                        engine.vm(),
+                        latest.id
+                    ),
+                });
+            }
+            let report = restore_onto(
+                engine.store().as_ref(),
+                engine.vm(),
+                point,
+                &dirs.original_disks,
+                progress,
+            )
+            .await?;
+            result.point = Some(report.point.clone());
+            result.failover = Some(report);
+        }
+        JobKind::Reprotect => {
+            let point = named_point(params, engine.vm(), kind)?.to_owned();
+            result.report = engine.reprotect(&point, now, progress).await?;
+            result.point = result.report.point.clone();
+        }
         JobKind::Failover => {
             let planned = params.failover == Some(FailoverKind::Planned);
             let report = engine
@@ -263,7 +326,10 @@ pub async fn run_job(
     // re-established, so that the store describes the VM as it was last applied.
     if matches!(
         kind,
-        JobKind::EnableProtection | JobKind::FinalizeProtection | JobKind::Resynchronize
+        JobKind::EnableProtection
+            | JobKind::FinalizeProtection
+            | JobKind::Resynchronize
+            | JobKind::Reprotect
     ) {
         engine.store_definition().await?;
     }

@@ -76,6 +76,19 @@ struct State {
     log: Vec<String>,
     /// Reads of attached disks.
     reads: u64,
+    /// The guest ignores shutdown requests.
+    ignores_shutdown: bool,
+    /// Stopped: off (the guest shut down) or paused; None while it runs.
+    stopped: Option<Power>,
+}
+
+/// How the fake VM was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Power {
+    /// The guest shut down.
+    Off,
+    /// Paused.
+    Paused,
 }
 
 /// The in-memory Hyper-V host (see the module docs).
@@ -130,6 +143,16 @@ impl FakeHyperVHost {
         }
     }
 
+    /// The guest ignores shutdown requests from now on: a stop pauses it after the grace.
+    pub fn ignore_shutdown(&self) {
+        self.lock().ignores_shutdown = true;
+    }
+
+    /// How the VM was stopped, or None while it runs.
+    pub fn stopped(&self) -> Option<Power> {
+        self.lock().stopped
+    }
+
     /// The image path of disk `name`.
     pub fn image(name: &str) -> String {
         format!(r"D:\vm\{name}.vhdx")
@@ -142,6 +165,11 @@ impl FakeHyperVHost {
     /// The guest writes (tracked by RCT).
     pub fn write(&self, disk: &str, offset: u64, data: &[u8]) {
         let mut s = self.lock();
+        assert!(
+            s.stopped.is_none(),
+            "the guest of a stopped VM cannot write ({:?})",
+            s.stopped
+        );
         let generation = s.generation;
         if let Some(d) = s.disks.get_mut(disk) {
             d.data[offset as usize..offset as usize + data.len()].copy_from_slice(data);
@@ -413,6 +441,18 @@ impl DiskReader for FakeReader {
 }
 
 impl HyperVHost for FakeHyperVHost {
+    fn stop_vm(&self, vm: &VmRef, _grace: std::time::Duration) -> Result<bool, HostError> {
+        let mut s = self.enter("stop_vm", &vm.name)?;
+        self.check_vm(&s, vm)?;
+        let power = match s.stopped {
+            Some(power) => power,
+            None if s.ignores_shutdown => Power::Paused,
+            None => Power::Off,
+        };
+        s.stopped = Some(power);
+        Ok(power == Power::Off)
+    }
+
     fn find_vm(&self, name: &str) -> Result<VmRef, HostError> {
         let s = self.enter("find_vm", name)?;
         let vm = VmRef {

@@ -192,6 +192,10 @@ pub trait HyperVHost: Send + Sync + fmt::Debug {
     /// Attach an image (and its parents) read-only, without a drive letter, for reading.
     /// Dropping the reader detaches it.
     fn open_for_read(&self, path: &str) -> Result<Box<dyn DiskReader>, HostError>;
+    /// Stop the VM for a planned failover: ask the guest to shut down (the shutdown
+    /// integration service), wait up to `grace` for the VM to be off, else pause it. True when
+    /// the guest shut down. A VM already off or paused is left so.
+    fn stop_vm(&self, vm: &VmRef, grace: std::time::Duration) -> Result<bool, HostError>;
 }
 
 /// What kind of failure a [`HostError`] is: how the backend reports it and whether a retry
@@ -497,6 +501,10 @@ pub mod codes {
     pub const JOB_STARTED: u32 = 4096;
     /// JobState: completed.
     pub const JOB_COMPLETED: u16 = 7;
+    /// `Msvm_ComputerSystem.EnabledState`: off.
+    pub const VM_OFF: u16 = 3;
+    /// `EnabledState` and `RequestStateChange`: paused (`Quiesce`).
+    pub const VM_PAUSED: u16 = 32768 + 8;
 }
 
 use codes::*;

@@ -57,7 +57,8 @@ use std::time::Duration;
 
 use host::{CheckpointRef, Consistency, ErrorClass, HostError, HyperVHost, ReferencePoint, VmRef};
 use lifeboat_engine::backend::{
-    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, TrackingDurability, View,
+    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Stopped, Tracking, TrackingDurability,
+    View,
 };
 use record::{DiskBase, Intent, Record};
 use view::HyperVView;
@@ -940,5 +941,24 @@ impl Hypervisor for HyperVHypervisor {
         }
         inner.save(&record).await?;
         inner.destroy_unreferenced(&vm, &mut record).await
+    }
+
+    async fn stop_vm(
+        &self,
+        _disks: &[DiskRef],
+        grace: std::time::Duration,
+    ) -> Result<Stopped, BackendError> {
+        let inner = &self.inner;
+        let _ops = inner.ops.lock().await;
+        let vm = inner.find_vm().await?;
+        let shut_down = inner
+            .call(move |host| host.stop_vm(&vm, grace))
+            .await
+            .map_err(|e| inner.error("stop the VM", e))?;
+        Ok(if shut_down {
+            Stopped::GuestShutDown
+        } else {
+            Stopped::Paused
+        })
     }
 }

@@ -493,3 +493,35 @@ async fn the_engine_replicates_a_hyperv_vm_to_the_local_store() {
     assert_eq!(latest(store, vm).await, r.host.data("os"));
     assert!(r.host.reads() > 0);
 }
+
+#[tokio::test]
+async fn a_stop_shuts_the_guest_down_or_pauses_one_that_ignores_it() {
+    use super::fake::Power;
+    use lifeboat_engine::backend::Stopped;
+    let r = rig(&[("root", MIB)]);
+    r.hv.start_tracking(&r.disks).await.unwrap();
+    let how =
+        r.hv.stop_vm(&r.disks, Duration::from_millis(10))
+            .await
+            .unwrap();
+    assert_eq!(how, Stopped::GuestShutDown);
+    assert_eq!(r.host.stopped(), Some(Power::Off));
+    // The last view still opens on a stopped VM (the final cycle of a planned failover).
+    let view = r.view(1).await;
+    view.close(CloseView::Commit).await.unwrap();
+    // Stopping again changes nothing.
+    let again =
+        r.hv.stop_vm(&r.disks, Duration::from_millis(10))
+            .await
+            .unwrap();
+    assert_eq!(again, Stopped::GuestShutDown);
+
+    let r = rig(&[("root", MIB)]);
+    r.host.ignore_shutdown();
+    let how =
+        r.hv.stop_vm(&r.disks, Duration::from_millis(10))
+            .await
+            .unwrap();
+    assert_eq!(how, Stopped::Paused);
+    assert_eq!(r.host.stopped(), Some(Power::Paused));
+}

@@ -375,9 +375,21 @@ impl<W: Wmi, D: VirtualDisks> WmiHost<W, D> {
         args: &[(&str, WmiValue)],
     ) -> Result<(WmiObject, Option<String>), HostError> {
         let service = self.service(class)?;
+        self.call_on_and_wait(&service, class, method, target, args)
+    }
+
+    /// Call a method of the object at `path` and wait for its job (as [`Self::call_and_wait`]).
+    fn call_on_and_wait(
+        &self,
+        path: &str,
+        class: &'static str,
+        method: &'static str,
+        target: &str,
+        args: &[(&str, WmiValue)],
+    ) -> Result<(WmiObject, Option<String>), HostError> {
         let out = self
             .wmi
-            .call(&service, class, method, args)
+            .call(path, class, method, args)
             .map_err(|e| HostError::Wmi {
                 action: format!("{class}.{method} on {target}"),
                 hresult: e.hresult,
@@ -779,6 +791,65 @@ impl<W: Wmi, D: VirtualDisks> HyperVHost for WmiHost<W, D> {
         self.disks
             .read_file_at(path, offset, len)
             .map_err(|e| Self::disk_error("ReadFile", path, e))
+    }
+
+    fn stop_vm(&self, vm: &VmRef, grace: Duration) -> Result<bool, HostError> {
+        let target = format!("VM {}", vm.name);
+        let state = |action: &str| -> Result<u16, HostError> {
+            let object = self.wmi.get(&vm.path).map_err(|e| HostError::Wmi {
+                action: format!("{action} of {target}"),
+                hresult: e.hresult,
+                message: e.message,
+            })?;
+            Ok(object.u16("EnabledState").unwrap_or(0))
+        };
+        match state("read the state")? {
+            codes::VM_OFF => return Ok(true),
+            codes::VM_PAUSED => return Ok(false),
+            _ => {}
+        }
+        // NB: a guest without the shutdown integration service has no Msvm_ShutdownComponent:
+        // it is paused once the grace period is over, as one that ignores the request is.
+        let shutdown = self
+            .query(
+                &format!("find the shutdown component of {target}"),
+                &format!(
+                    "ASSOCIATORS OF {{{}}} WHERE ResultClass = Msvm_ShutdownComponent",
+                    vm.path
+                ),
+            )?
+            .into_iter()
+            .next();
+        if let Some(component) = shutdown {
+            self.call_on_and_wait(
+                &component.path,
+                "Msvm_ShutdownComponent",
+                "InitiateShutdown",
+                &target,
+                &[
+                    ("Force", WmiValue::Bool(true)),
+                    (
+                        "Reason",
+                        WmiValue::Str("Lifeboat: planned failover".to_owned()),
+                    ),
+                ],
+            )?;
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if state("wait for the shutdown")? == codes::VM_OFF {
+                    return Ok(true);
+                }
+                std::thread::sleep(self.options.job_poll);
+            }
+        }
+        self.call_on_and_wait(
+            &vm.path,
+            "Msvm_ComputerSystem",
+            "RequestStateChange",
+            &target,
+            &[("RequestedState", WmiValue::I32(i32::from(codes::VM_PAUSED)))],
+        )?;
+        Ok(false)
     }
 
     fn open_for_read(&self, path: &str) -> Result<Box<dyn DiskReader>, HostError> {

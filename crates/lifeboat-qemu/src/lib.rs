@@ -35,6 +35,7 @@
 mod discover;
 pub mod nbd;
 pub mod qmp;
+mod stop;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod view;
@@ -45,7 +46,8 @@ mod tests;
 
 use async_trait::async_trait;
 use lifeboat_engine::backend::{
-    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, TrackingDurability, View,
+    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Stopped, Tracking, TrackingDurability,
+    View,
 };
 use qmp::{GuestAgent, QmpClient, QmpError};
 use serde_json::{Value, json};
@@ -981,6 +983,11 @@ impl Hypervisor for QemuHypervisor {
             inner.write_tracked(&tracked).await?;
         }
         Ok(())
+    }
+
+    async fn stop_vm(&self, disks: &[DiskRef], grace: Duration) -> Result<Stopped, BackendError> {
+        let _ops = self.inner.ops.lock().await;
+        self.inner.stop_vm(disks, grace).await
     }
 }
 

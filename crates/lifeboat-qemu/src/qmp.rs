@@ -95,6 +95,15 @@ impl QmpError {
         }
     }
 
+    /// QEMU's error class of a refused command (`CommandNotFound`, ...); None for other
+    /// errors.
+    pub fn class(&self) -> Option<&str> {
+        match self {
+            Self::Command { class, .. } => Some(class),
+            _ => None,
+        }
+    }
+
     /// Whether QEMU said a block node or device does not exist.
     pub fn is_missing_node(&self) -> bool {
         match self {

@@ -113,6 +113,7 @@ fn settings() -> Settings {
         // seed replays exactly.
         upload_concurrency: 1,
         checkpoint_bytes: 64 * 1024,
+        ..Settings::default()
     }
 }
 

@@ -13,8 +13,8 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use lifeboat_engine::backend::{
-    BackendError, CloseView, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, TrackingDurability,
-    View,
+    BackendError, CloseView, DiskInfo, DiskRef, Hypervisor, Quiesce, Stopped, Tracking,
+    TrackingDurability, View,
 };
 
 use crate::world::{Fault, World};
@@ -345,6 +345,21 @@ impl Hypervisor for SimVm {
             return Err(injected("stop tracking"));
         }
         Ok(())
+    }
+
+    async fn stop_vm(
+        &self,
+        _disks: &[DiskRef],
+        _grace: std::time::Duration,
+    ) -> Result<Stopped, BackendError> {
+        // NB: the explorer's guest writes only when a schedule says so, and its schedules
+        // run the VM again after a failover: the stop is a point where faults strike, not a
+        // state of the simulated VM.
+        let after = self.call("stop vm")?;
+        if after {
+            return Err(injected("stop vm"));
+        }
+        Ok(Stopped::GuestShutDown)
     }
 }
 

@@ -116,11 +116,19 @@ pub fn status_table(vms: &[ProtectedVM], now: SystemTime, columns: Columns) -> S
         header.insert(0, "NAMESPACE");
     }
     if columns.wide {
-        header.extend(["REASON", "NODE", "POLICY", "JOB"]);
+        header.extend(["REASON", "DIRECTION", "NODE", "POLICY", "JOB"]);
     }
     let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     for vm in vms {
         let status = vm.status.clone().unwrap_or_default();
+        // NB: the node of the VM that replicates (or last replicated): the recovery site's
+        // once re-protected in reverse.
+        let node = match (&status.direction, &vm.spec.recovery_site) {
+            (lifeboat_api::protected_vm::ReplicationDirection::Reverse, Some(site)) => {
+                site.node_name.clone()
+            }
+            _ => vm.spec.node_name.clone(),
+        };
         let mut row = vec![
             vm.metadata.name.clone().unwrap_or_default(),
             words(&status.phase),
@@ -139,7 +147,8 @@ pub fn status_table(vms: &[ProtectedVM], now: SystemTime, columns: Columns) -> S
         if columns.wide {
             row.extend([
                 status.health_reason.clone().unwrap_or_else(|| "-".into()),
-                vm.spec.node_name.clone(),
+                words(&status.direction),
+                node,
                 vm.spec.policy_ref.name.clone(),
                 status
                     .current_job
@@ -344,6 +353,11 @@ pub enum Action {
     Cleanup,
     /// Commit the failover.
     Commit,
+    /// Re-protect after a failover (in reverse, from `spec.recoverySite`) or a failback.
+    Reprotect,
+    /// Fail back: a planned failover of a VM that replicates in reverse, onto the primary
+    /// site's original disks.
+    Failback,
     /// Retry what failed, now, instead of at the next retry time (or at all, after a
     /// non-recoverable error the administrator has fixed).
     Retry,
@@ -368,6 +382,8 @@ impl std::fmt::Display for Action {
             ),
             Action::Cleanup => f.write_str("test failover cleanup"),
             Action::Commit => f.write_str("failover commit"),
+            Action::Reprotect => f.write_str("re-protect"),
+            Action::Failback => f.write_str("failback"),
             Action::Retry => f.write_str("retry"),
         }
     }
@@ -422,7 +438,53 @@ pub fn apply_request(requests: &mut Requests, action: &Action, token: &str) {
         }
         Action::Cleanup => requests.cleanup_test_failover = Some(token),
         Action::Commit => requests.commit = Some(token),
+        Action::Reprotect => requests.reprotect = Some(token),
+        Action::Failback => {
+            requests.failover = Some(FailoverRequest {
+                token,
+                failover_type: FailoverType::Planned,
+                recovery_point: None,
+            });
+        }
         Action::Retry => requests.retry = Some(token),
+    }
+}
+
+/// Why `action` cannot be asked of `vm` as it is now, said before a request is written (the
+/// operator would reject it, less plainly): a failback of a VM that does not replicate in
+/// reverse, a re-protect of a VM that did not fail over or back.
+///
+/// # Errors
+///
+/// The reason, naming the VM, its phase and what to do instead.
+pub fn check_action(vm: &ProtectedVM, action: &Action) -> Result<(), String> {
+    use lifeboat_api::protected_vm::{ProtectionPhase as P, ReplicationDirection};
+    let status = vm.status.clone().unwrap_or_default();
+    let who = format!(
+        "ProtectedVM {}/{}",
+        vm.metadata.namespace.as_deref().unwrap_or("default"),
+        vm.metadata.name.as_deref().unwrap_or_default()
+    );
+    let phase = words(&status.phase);
+    match action {
+        Action::Failback if status.direction != ReplicationDirection::Reverse => Err(format!(
+            "{who} replicates forward, from its primary site: a failback returns a VM that was              failed over and re-protected in reverse (`lifeboat failover` fails it over)"
+        )),
+        Action::Failback if status.phase != P::Protected => Err(format!(
+            "{who} is {phase}: a failback needs it protected in reverse"
+        )),
+        Action::Reprotect => match status.phase {
+            P::FailedOver | P::FailoverCommitted if vm.spec.recovery_site.is_none() => {
+                Err(format!(
+                    "{who} has no spec.recoverySite: say where the recovered VM runs (its node,                  hypervisor and disks) before re-protecting it"
+                ))
+            }
+            P::FailedOver | P::FailoverCommitted | P::FailedBack => Ok(()),
+            _ => Err(format!(
+                "{who} is {phase}: only a VM that failed over or failed back can be re-protected"
+            )),
+        },
+        _ => Ok(()),
     }
 }
 
@@ -437,16 +499,16 @@ pub fn request(
     name: &str,
     action: &Action,
 ) -> Result<String, String> {
-    if Db::new(state_dir)
+    let Some(vm) = Db::new(state_dir)
         .get::<ProtectedVM>(VM_KIND, namespace, name)
         .map_err(|e| e.to_string())?
-        .is_none()
-    {
+    else {
         return Err(format!(
             "no ProtectedVM {namespace}/{name} is known to the daemon using {} (is `lifeboat standalone` running on it?)",
             state_dir.display()
         ));
-    }
+    };
+    check_action(&vm, action)?;
     let token = new_token();
     requests::write(state_dir, namespace, name, |r: &mut Requests| {
         apply_request(r, action, &token)
@@ -493,6 +555,8 @@ fn handled(vm: &ProtectedVM, action: &Action) -> Option<String> {
         Action::Failover { .. } => h.failover,
         Action::Cleanup => h.cleanup_test_failover,
         Action::Commit => h.commit,
+        Action::Reprotect => h.reprotect,
+        Action::Failback => h.failover,
         Action::Retry => h.retry,
     }
 }

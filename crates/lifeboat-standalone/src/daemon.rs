@@ -472,6 +472,18 @@ impl Daemon {
             );
             self.slots.remove(key);
         }
+        if self.slots.get(key).is_some_and(|slot| {
+            slot.config.site != config.site && slot.job.as_ref().is_none_or(|j| j.is_finished())
+        }) {
+            // NB: re-protect turned the VM's direction: the other site's VM replicates now,
+            // with its own engine state.
+            tracing::info!(
+                vm = %format!("{}/{}", key.0, key.1),
+                site = ?config.site,
+                "the VM replicates from the other site now: opening that site's engine"
+            );
+            self.slots.remove(key);
+        }
         if !self.slots.contains_key(key) {
             let store = match self.target_store(key, policy, &config) {
                 Ok(store) => store,
@@ -542,6 +554,7 @@ impl Daemon {
                     job,
                     JobDirs {
                         failover_dir: self.options.failover_dir.clone(),
+                        original_disks: config.original_disks.clone(),
                     },
                     now,
                 ));

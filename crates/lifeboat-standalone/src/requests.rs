@@ -51,6 +51,7 @@ pub fn merged(manifest: Option<Requests>, cli: Option<Requests>) -> Option<Reque
             cleanup_test_failover: c.cleanup_test_failover.or(m.cleanup_test_failover),
             failover: c.failover.or(m.failover),
             commit: c.commit.or(m.commit),
+            reprotect: c.reprotect.or(m.reprotect),
             retry: c.retry.or(m.retry),
         }),
     }

@@ -125,11 +125,18 @@ impl Cluster {
     ///
     /// The patch was refused (RBAC, validation, a missing VM).
     pub async fn request(&self, namespace: &str, name: &str, action: &Action) -> Result<String> {
+        let api: Api<ProtectedVM> = Api::namespaced(self.client.clone(), namespace);
+        if matches!(action, Action::Reprotect | Action::Failback) {
+            let vm = api
+                .get(name)
+                .await
+                .with_context(|| format!("read ProtectedVM {namespace}/{name}"))?;
+            cli::check_action(&vm, action).map_err(anyhow::Error::msg)?;
+        }
         let token = cli::new_token();
         let mut requests = Requests::default();
         cli::apply_request(&mut requests, action, &token);
         let patch = serde_json::json!({ "spec": { "requests": requests } });
-        let api: Api<ProtectedVM> = Api::namespaced(self.client.clone(), namespace);
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .with_context(|| format!("set spec.requests of ProtectedVM {namespace}/{name}"))?;

@@ -212,6 +212,15 @@ pub enum Tool {
     /// Commit a failover: drop the other recovery points (asks for confirmation).
     #[command(after_help = exit::HELP)]
     Commit(RequestArgs),
+    /// Re-protect after a failover (the recovered VM in `spec.recoverySite` replicates back
+    /// into the replica) or after a failback (the VM on its original disks replicates again):
+    /// only the blocks that differ from the point it started from are sent.
+    #[command(after_help = exit::HELP)]
+    Reprotect(RequestArgs),
+    /// Fail back a VM that replicates in reverse: stop the recovered VM, ship what it wrote,
+    /// and bring the primary site's original disks to that point (only the blocks that differ).
+    #[command(after_help = exit::HELP)]
+    Failback(RequestArgs),
     /// Retry what failed now, instead of at the next retry time (after fixing the cause of a
     /// non-recoverable error, say).
     #[command(after_help = exit::HELP)]
@@ -334,6 +343,8 @@ pub async fn tool(tool: Tool) -> Result<ExitCode> {
         }
         Tool::Cleanup(request) => ask(request, Action::Cleanup).await,
         Tool::Commit(request) => ask(request, Action::Commit).await,
+        Tool::Reprotect(request) => ask(request, Action::Reprotect).await,
+        Tool::Failback(request) => ask(request, Action::Failback).await,
         Tool::Retry(request) => ask(request, Action::Retry).await,
         Tool::Version { target } => version(&target).await,
     }
@@ -619,12 +630,13 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
     }
     let result = match action {
         Action::TestFailover(_) => status.test_failover,
-        Action::Failover { .. } => status.failover,
+        Action::Failover { .. } | Action::Failback => status.failover,
         _ => None,
     };
     println!(
-        "the {action} of {ns}/{name} is done (phase {}, health {})",
+        "the {action} of {ns}/{name} is done (phase {}, direction {}, health {})",
         words(&status.phase),
+        words(&status.direction),
         words(&status.health)
     );
     if let Some(result) = result {

@@ -625,7 +625,7 @@ async fn progress_on_a_terminal_and_quiet_when_piped() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "the resynchronization of team-a/web-01 is done (phase Protected, health Normal)\n"
+        "the resynchronization of team-a/web-01 is done (phase Protected, direction Forward, health Normal)\n"
     );
 
     // In a terminal: tmux, 100 columns.

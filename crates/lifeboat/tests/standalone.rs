@@ -185,7 +185,7 @@ fn protect_cycle_resync_restart_failover_commit() {
     // In words, not Rust's Debug output.
     assert!(
         out.contains("the test failover to the latest point of ")
-            && out.contains("/web-01 is done (phase Protected, health ")
+            && out.contains("/web-01 is done (phase Protected, direction Forward, health ")
             && !out.contains("Some("),
         "{out}"
     );

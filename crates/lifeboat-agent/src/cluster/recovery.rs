@@ -142,6 +142,7 @@ async fn run_from_store(shared: &Shared, job: &ReplicationJob) -> Result<JobResu
     let (kind, params) = jobs::job_kind_params(job);
     let dirs = JobDirs {
         failover_dir: shared.failover_dir.clone(),
+        original_disks: Vec::new(),
     };
     run_store_job(
         store.as_ref(),

@@ -538,6 +538,7 @@ impl VmTask {
         };
         let dirs = JobDirs {
             failover_dir: self.shared.failover_dir.clone(),
+            original_disks: slot.config.original_disks.clone(),
         };
         let upload = Arc::clone(slot.worker.engine().throttle());
         let config = slot.config.clone();

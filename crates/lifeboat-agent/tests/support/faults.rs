@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lifeboat_engine::backend::{
-    BackendError, CloseView, DiskInfo, DiskRef, Hypervisor, Quiesce, Tracking, View,
+    BackendError, CloseView, DiskInfo, DiskRef, Hypervisor, Quiesce, Stopped, Tracking, View,
 };
 use lifeboat_store::{At, Manifest, NewPoint, RecoveryPoint, ReplicaStore, StoreError, VmKey};
 
@@ -236,6 +236,13 @@ impl<H: Hypervisor> Hypervisor for RecordingHypervisor<H> {
     }
     async fn stop_tracking(&self, disks: &[DiskRef]) -> Result<(), BackendError> {
         self.inner.stop_tracking(disks).await
+    }
+    async fn stop_vm(
+        &self,
+        disks: &[DiskRef],
+        grace: std::time::Duration,
+    ) -> Result<Stopped, BackendError> {
+        self.inner.stop_vm(disks, grace).await
     }
 }
 

@@ -110,7 +110,7 @@ impl Pass<'_> {
                 reasons::JOB_SUCCEEDED,
                 format!("{} job {} succeeded", kind.as_str(), record.name),
             );
-            self.job_succeeded(kind, token, facts.completion_time);
+            self.job_succeeded(kind, token, record.params.to_primary, facts.completion_time);
         } else {
             let error = self.failure(record, facts);
             let next = match (error.class, error.next_retry_time) {
@@ -131,13 +131,19 @@ impl Pass<'_> {
                 ),
             );
             if error.class == ErrorClass::NonRecoverable {
-                self.request_failed_for_good(kind, token, &error);
+                self.request_failed_for_good(kind, token, record.params.to_primary, &error);
             }
             record.error = Some(error);
         }
     }
 
-    fn job_succeeded(&mut self, kind: JobKind, token: Option<String>, ended: Option<SystemTime>) {
+    fn job_succeeded(
+        &mut self,
+        kind: JobKind,
+        token: Option<String>,
+        to_primary: bool,
+        ended: Option<SystemTime>,
+    ) {
         let handled = &mut self.state.handled;
         match kind {
             JobKind::EnableProtection => self.state.phase = Phase::FinalizingProtection,
@@ -163,6 +169,9 @@ impl Pass<'_> {
                     "the test failover's disks were removed",
                 ));
             }
+            // NB: a failback's first half: its point is in status from this pass on, and the
+            // Failback job that writes the original disks with it follows in the next.
+            JobKind::Failover if to_primary => self.results = ResultChange::FailoverFromJob,
             JobKind::Failover => {
                 self.state.phase = Phase::FailedOver;
                 self.results = ResultChange::FailoverFromJob;
@@ -171,6 +180,16 @@ impl Pass<'_> {
             JobKind::Commit => {
                 self.state.phase = Phase::FailoverCommitted;
                 handled.commit = token;
+            }
+            JobKind::Reprotect => {
+                self.state.phase = Phase::Protected;
+                self.state.last_resync = Some(ended.unwrap_or(self.now));
+                handled.reprotect = token;
+            }
+            JobKind::Failback => {
+                self.state.phase = Phase::FailedBack;
+                self.results = ResultChange::FailoverFromJob;
+                handled.failover = token;
             }
             JobKind::DisableProtection => self.state.phase = Phase::Disabled,
         }
@@ -218,10 +237,25 @@ impl Pass<'_> {
         &mut self,
         kind: JobKind,
         token: Option<String>,
+        to_primary: bool,
         error: &ErrorReport,
     ) {
         let handled = &mut self.state.handled;
         match kind {
+            // NB: a failback that could not stop the recovered VM (or ship its changes): it
+            // keeps replicating, as a failover in that case does.
+            JobKind::Failover if to_primary => {
+                self.state.phase = Phase::Protected;
+                handled.failover = token;
+                self.failover_outcome = Some(Verdict::no(&error.reason, error.message.clone()));
+            }
+            // NB: the phase stays: the job waits for a retry token or a spec change, as an
+            // enable does (the source VM is stopped, the point is cut).
+            JobKind::Failback => {
+                handled.failover = token;
+                self.failover_outcome = Some(Verdict::no(&error.reason, error.message.clone()));
+            }
+            JobKind::Reprotect => handled.reprotect = token,
             JobKind::Failover => {
                 self.state.phase = Phase::Protected;
                 handled.failover = token;
@@ -343,7 +377,10 @@ impl Pass<'_> {
             JobKind::EnableProtection => self.state.phase = Phase::EnablingProtection,
             JobKind::FinalizeProtection => self.state.phase = Phase::FinalizingProtection,
             JobKind::Resynchronize => self.state.phase = Phase::Resynchronizing,
+            JobKind::Failover if self.state.reverse => self.state.phase = Phase::FailingBack,
             JobKind::Failover => self.state.phase = Phase::FailingOver,
+            JobKind::Reprotect => self.state.phase = Phase::Reprotecting,
+            JobKind::Failback => self.state.phase = Phase::FailingBack,
             JobKind::DisableProtection => self.state.phase = Phase::DisablingProtection,
             JobKind::TestFailover | JobKind::CleanupTestFailover | JobKind::Commit => {}
         }
@@ -413,6 +450,15 @@ impl Pass<'_> {
     /// else on a live recovery node, else it waits there (never on the VM's node, whose agent
     /// a failover elsewhere fenced).
     fn place(&self, kind: JobKind, params: &JobParams) -> Option<String> {
+        // NB: replicating in reverse, the VM's work is on the recovery site's node; the
+        // Failback job writes the primary site's disks, on its node.
+        if self.state.reverse
+            && kind != JobKind::Failback
+            && !store_only(kind, params)
+            && let Some(node) = &self.input.spec.recovery_site
+        {
+            return Some(node.clone());
+        }
         if let Some((node, beat)) = self.disks_elsewhere(kind) {
             let live = alive(beat, self.now).then_some(node);
             return live

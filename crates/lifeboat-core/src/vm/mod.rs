@@ -9,6 +9,11 @@
 //!                    ResyncRequired (automatic, in the window) or a resync request ──┤   │ ok
 //!                                                                                     ▼   │
 //!   FailoverCommitted <── Commit ok ── FailedOver <── Failover ok ── FailingOver    Resynchronizing
+//!          │                              │
+//!          └──── reprotect ───────────────┴──> Reprotecting ── Reprotect ok ──> Protected (reverse)
+//!                                                                                 │ failover
+//!   Protected (forward) <── Reprotect ok ── Reprotecting <── reprotect ── FailedBack <── FailingBack
+//!                                                     (Failover: stop, ship, point; Failback: disks) ┘
 //!
 //!  any phase ── protection Disabled or the VM deleted ──> DisablingProtection ──> Disabled
 //! ```
@@ -119,6 +124,8 @@ pub struct Requests {
     pub failover: Option<FailoverAsk>,
     /// Commit the failover.
     pub commit: Option<String>,
+    /// Re-protect after a failover or a failback.
+    pub reprotect: Option<String>,
     /// Retry what failed, now.
     pub retry: Option<String>,
 }
@@ -136,6 +143,8 @@ pub struct Handled {
     pub failover: Option<String>,
     /// Commit.
     pub commit: Option<String>,
+    /// Re-protect.
+    pub reprotect: Option<String>,
     /// Retry.
     pub retry: Option<String>,
 }
@@ -157,6 +166,9 @@ pub struct VmSpec {
     pub delete_replica: bool,
     /// `spec.requests`.
     pub requests: Requests,
+    /// `spec.recoverySite.nodeName`, when the spec says where the recovered VM runs (what
+    /// re-protect needs).
+    pub recovery_site: Option<String>,
 }
 
 /// The job the VM waits on, or the last one it ran, as the operator remembers it.
@@ -207,6 +219,9 @@ pub struct VmState {
     pub last_resync: Option<SystemTime>,
     /// Whether a test failover's disks exist.
     pub test_failover_exists: bool,
+    /// The VM replicates (or last replicated) from the recovery site back to the primary: set
+    /// when a re-protect after a failover starts, cleared when the one after a failback does.
+    pub reverse: bool,
     /// The conditions.
     pub conditions: Vec<ObservedCondition>,
 }

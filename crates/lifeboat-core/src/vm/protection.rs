@@ -5,13 +5,15 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::model::{JobKind, JobParams, Phase, PointChoice, ResyncReason};
+use crate::model::{JobKind, JobParams, JobState, Phase, PointChoice, ResyncReason};
 
-use super::Pass;
 use super::requests::Ask;
+use super::{Pass, ResultChange};
 
 /// How often to look again while the policy is missing or not usable.
 const POLICY_RECHECK: Duration = Duration::from_secs(60);
+/// How soon to look again for what the last pass wrote to status.
+const MIN_WAIT: Duration = Duration::from_secs(1);
 
 impl Pass<'_> {
     pub(super) fn protect(&mut self) {
@@ -44,12 +46,15 @@ impl Pass<'_> {
                 }
             }
             Phase::Protected | Phase::Resynchronizing | Phase::FailingOver => self.replicating(),
-            Phase::FailedOver => {
+            Phase::FailedOver | Phase::FailoverCommitted => {
                 if self.retry_failed() == Some(true) {
                     return;
                 }
-                self.reject_requests_after_failover(true);
-                if let Some(token) = self.ask_commit() {
+                let committed = self.state.phase == Phase::FailoverCommitted;
+                self.reject_requests_after_failover(!committed);
+                if let Some(token) = self.ask_reprotect() {
+                    self.reprotect(token, true);
+                } else if let Some(token) = self.ask_commit().filter(|_| !committed) {
                     // NB: the point travels with the job, so that an agent that has only the
                     // store (the VM's is lost) knows which point the failover kept.
                     let point = self.input.failover.and_then(|d| d.point.clone());
@@ -65,17 +70,98 @@ impl Pass<'_> {
                     self.cleanup_or_nothing(token);
                 }
             }
-            Phase::FailoverCommitted => {
+            Phase::Reprotecting => {
+                // A re-protect that failed for good waits for a retry token or a new spec.
+                self.retry_failed();
+            }
+            Phase::FailingBack => self.failing_back(),
+            Phase::FailedBack => {
                 if self.retry_failed() == Some(true) {
                     return;
                 }
-                self.reject_requests_after_failover(false);
-                if let Some(token) = self.ask_cleanup() {
+                self.reject_requests_after_failover(true);
+                if let Some(token) = self.ask_commit() {
+                    self.reject(
+                        Ask::Commit,
+                        token,
+                        "FailedBack",
+                        "a failback has nothing to commit: the original disks hold its point",
+                    );
+                }
+                if let Some(token) = self.ask_reprotect() {
+                    self.reprotect(token, false);
+                } else if let Some(token) = self.ask_cleanup() {
                     self.cleanup_or_nothing(token);
                 }
             }
             Phase::DisablingProtection | Phase::Disabled => {}
         }
+    }
+
+    /// Re-protect from the point the VM runs from now (the failover's, or the failback's):
+    /// in reverse after a failover (`reverse`), forward again after a failback.
+    fn reprotect(&mut self, token: String, reverse: bool) {
+        if reverse && self.input.spec.recovery_site.is_none() {
+            self.reject(
+                Ask::Reprotect,
+                token,
+                "NoRecoverySite",
+                "spec.recoverySite must say where the recovered VM runs (its node, hypervisor and disks)",
+            );
+            return;
+        }
+        let Some(point) = self.input.failover.and_then(|d| d.point.clone()) else {
+            self.reject(
+                Ask::Reprotect,
+                token,
+                "NoFailoverPoint",
+                "status.failover does not name the point the VM started from",
+            );
+            return;
+        };
+        self.state.reverse = reverse;
+        self.start_request(
+            JobKind::Reprotect,
+            JobParams {
+                request_token: Some(token),
+                point: Some(PointChoice::Named(point)),
+                ..JobParams::default()
+            },
+        );
+    }
+
+    /// A failback: its Failover job (stop, ship, point) then its Failback job (the primary
+    /// site's disks brought to that point), each retried as any job is.
+    fn failing_back(&mut self) {
+        if self.retry_failed().is_some() {
+            return;
+        }
+        let Some(done) = self.state.job.clone().filter(|j| {
+            j.kind == JobKind::Failover && j.params.to_primary && j.state == JobState::Succeeded
+        }) else {
+            return;
+        };
+        // NB: the failover's point reaches status with the pass that saw its job end: until
+        // then `input.failover` still names the point the VM failed over to before.
+        let fresh = self.results != ResultChange::FailoverFromJob;
+        let Some(point) = self
+            .input
+            .failover
+            .filter(|_| fresh)
+            .and_then(|d| d.point.clone())
+        else {
+            self.wake.push(self.now + MIN_WAIT);
+            return;
+        };
+        self.start_job(
+            JobKind::Failback,
+            JobParams {
+                request_token: done.params.request_token,
+                point: Some(PointChoice::Named(point)),
+                ..JobParams::default()
+            },
+            1,
+        );
     }
 
     fn start_protection(&mut self) {
@@ -131,6 +217,7 @@ impl Pass<'_> {
                         request_token: Some(ask.token),
                         failover: Some(ask.kind),
                         point: Some(ask.point),
+                        to_primary: self.state.reverse,
                         ..JobParams::default()
                     },
                 );
@@ -197,6 +284,7 @@ impl Pass<'_> {
                 "only a failover can be committed",
             );
         }
+        self.reject_reprotect("the VM is protected already");
         if blocked != Some(JobKind::Resynchronize)
             && let Some(reason) = self.resync_required()
             && let Some(policy) = self.input.policy.filter(|p| p.resync_automatic)

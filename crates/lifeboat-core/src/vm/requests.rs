@@ -14,6 +14,7 @@ pub(super) enum Ask {
     TestFailover,
     Failover,
     Commit,
+    Reprotect,
 }
 
 impl Pass<'_> {
@@ -65,19 +66,35 @@ impl Pass<'_> {
         )
     }
 
+    pub(super) fn ask_reprotect(&self) -> Option<String> {
+        Self::new_token(
+            self.input.spec.requests.reprotect.as_ref(),
+            |t| t,
+            self.state.handled.reprotect.as_ref(),
+        )
+    }
+
+    /// A re-protect where the VM has not failed over (or back): nothing to re-protect.
+    pub(super) fn reject_reprotect(&mut self, why: &str) {
+        if let Some(token) = self.ask_reprotect() {
+            self.reject(Ask::Reprotect, token, "NothingToReprotect", why);
+        }
+    }
+
     pub(super) fn reject(&mut self, ask: Ask, token: String, reason: &'static str, why: &str) {
         let (name, slot) = match ask {
             Ask::Resync => ("resync", &mut self.state.handled.resync),
             Ask::TestFailover => ("testFailover", &mut self.state.handled.test_failover),
             Ask::Failover => ("failover", &mut self.state.handled.failover),
             Ask::Commit => ("commit", &mut self.state.handled.commit),
+            Ask::Reprotect => ("reprotect", &mut self.state.handled.reprotect),
         };
         *slot = Some(token.clone());
         let verdict = Verdict::no(reason, format!("request {token:?} rejected: {why}"));
         match ask {
             Ask::TestFailover => self.test_failover_outcome = Some(verdict),
             Ask::Failover => self.failover_outcome = Some(verdict),
-            Ask::Resync | Ask::Commit => {}
+            Ask::Resync | Ask::Commit | Ask::Reprotect => {}
         }
         self.notice(
             true,
@@ -135,6 +152,7 @@ impl Pass<'_> {
                 "only a failover can be committed",
             );
         }
+        self.reject_reprotect("only a VM that failed over or failed back can be re-protected");
         if let Some(token) = self.ask_cleanup() {
             self.cleanup_or_nothing(token);
         }

@@ -57,6 +57,8 @@ struct World {
     /// each decision).
     failover: Option<Materialised>,
     test_failover: Option<Materialised>,
+    /// What the job that ended last materialised, until a decision takes it in.
+    result: Option<(JobKind, Option<Materialised>)>,
     finalizer: bool,
     last: Option<VmDecision>,
 }
@@ -73,6 +75,7 @@ impl World {
                 protect: true,
                 delete_replica: false,
                 requests: Requests::default(),
+                recovery_site: None,
             },
             state: VmState::default(),
             policy: Some(policy()),
@@ -84,6 +87,7 @@ impl World {
             nodes: BTreeMap::new(),
             failover: None,
             test_failover: None,
+            result: None,
             finalizer: true,
             last: None,
         }
@@ -144,6 +148,11 @@ impl World {
     /// One reconcile: decide, then do what the operator does with the decision.
     fn step(&mut self) -> VmDecision {
         let d = self.decide();
+        match (d.results, self.result.take()) {
+            (ResultChange::FailoverFromJob, Some((_, disks))) => self.failover = disks,
+            (ResultChange::TestFailoverFromJob, Some((_, disks))) => self.test_failover = disks,
+            (_, kept) => self.result = kept,
+        }
         if let Some((name, error)) = &d.fail_job
             && let Some(job) = self.jobs.get_mut(name)
         {
@@ -256,11 +265,9 @@ impl World {
                     heartbeat: None,
                     point: Some(format!("point-of-{name}")),
                 });
-                match kind {
-                    JobKind::Failover => self.failover = disks,
-                    JobKind::TestFailover => self.test_failover = disks,
-                    _ => {}
-                }
+                // NB: as the shell does, the results reach status with the decision that
+                // took the job's end in (see `step`).
+                self.result = Some((kind, disks));
                 if matches!(kind, JobKind::FinalizeProtection | JobKind::Resynchronize) {
                     // The first point (or the first after a resync) and a clean report.
                     self.agent = Some(AgentFacts {
@@ -441,6 +448,126 @@ fn the_whole_life_cycle() {
     w.run_current_job();
     assert_eq!(w.phase(), Phase::Disabled);
     assert!(!w.finalizer);
+}
+
+#[test]
+fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
+    let mut w = World::protected();
+    w.spec.requests.reprotect = Some("r0".into());
+    w.step();
+    assert_eq!(w.state.handled.reprotect.as_deref(), Some("r0"));
+    assert!(w.notices().contains(&reasons::REQUEST_REJECTED));
+    assert!(w.state.job.as_ref().is_some_and(|j| j.state.is_finished()));
+
+    // Fail over (planned), then re-protect: refused until the recovery site is named.
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedOver);
+    let p = w.failover.as_ref().and_then(|f| f.point.clone()).expect("present");
+    w.spec.requests.reprotect = Some("r1".into());
+    w.step();
+    assert_eq!(w.state.handled.reprotect.as_deref(), Some("r1"));
+    assert_eq!(w.phase(), Phase::FailedOver);
+    w.spec.recovery_site = Some("node-b".into());
+    w.spec.requests.reprotect = Some("r2".into());
+    let d = w.step();
+    let job = d.create_job.expect("present");
+    assert_eq!(job.kind, JobKind::Reprotect);
+    assert_eq!(
+        job.node.as_deref(),
+        Some("node-b"),
+        "the recovered VM's node"
+    );
+    assert_eq!(job.params.point, Some(PointChoice::Named(p)));
+    assert_eq!(w.phase(), Phase::Reprotecting);
+    assert!(w.state.reverse);
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::Protected);
+    assert_eq!(w.state.handled.reprotect.as_deref(), Some("r2"));
+    assert!(w.state.reverse);
+
+    // Replicating in reverse: the VM's jobs go to the recovery site's node.
+    w.spec.requests.resync = Some("s1".into());
+    let d = w.step();
+    assert_eq!(d.create_job.and_then(|j| j.node).as_deref(), Some("node-b"));
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::Protected);
+
+    // Fail back: stop and ship at the recovery site, then the original disks at the primary.
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f2".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    let d = w.step();
+    let job = d.create_job.expect("present");
+    assert_eq!((job.kind, job.params.to_primary), (JobKind::Failover, true));
+    assert_eq!(job.node.as_deref(), Some("node-b"));
+    assert_eq!(w.phase(), Phase::FailingBack);
+    w.claim();
+    w.step();
+    w.end(Ok(()));
+    // The pass that takes the job's end in writes its point to status; the next uses it
+    // (before that, status still names the first failover's point).
+    let d = w.step();
+    assert!(d.create_job.is_none(), "{:?}", d.create_job);
+    assert_eq!(w.phase(), Phase::FailingBack);
+    assert_eq!(
+        w.state.handled.failover.as_deref(),
+        Some("f1"),
+        "not echoed yet"
+    );
+    assert!(d.requeue_after <= Duration::from_secs(1));
+    let d = w.step();
+    let job = d.create_job.expect("present");
+    assert_eq!(job.kind, JobKind::Failback);
+    assert_eq!(
+        job.node, None,
+        "the primary site's node holds the original disks"
+    );
+    assert_eq!(job.params.request_token.as_deref(), Some("f2"));
+    let q = w.failover.as_ref().and_then(|f| f.point.clone()).expect("present");
+    assert_eq!(job.params.point, Some(PointChoice::Named(q)));
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedBack);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f2"));
+
+    // Re-protect forward, from the failback's point, on the primary's node.
+    w.spec.requests.reprotect = Some("r3".into());
+    let d = w.step();
+    let job = d.create_job.expect("present");
+    assert_eq!((job.kind, job.node), (JobKind::Reprotect, None));
+    assert!(!w.state.reverse);
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::Protected);
+    assert_eq!(w.state.handled.reprotect.as_deref(), Some("r3"));
+}
+
+#[test]
+fn a_planned_failover_that_cannot_stop_the_source_fails_and_protection_goes_on() {
+    let mut w = World::protected();
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.claim();
+    w.step();
+    w.end(Err(error(ErrorClass::NonRecoverable, "SourceNotStopped")));
+    w.step();
+    assert_eq!(w.phase(), Phase::Protected);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
+    assert_eq!(
+        w.condition("FailedOver"),
+        (crate::ConditionStatus::False, "SourceNotStopped".into())
+    );
+    assert_eq!(w.condition("Replicating").0, crate::ConditionStatus::True);
 }
 
 #[test]

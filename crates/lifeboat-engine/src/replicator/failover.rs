@@ -13,6 +13,7 @@ use lifeboat_store::{At, MAX_WRITE_BYTES, RecoveryPoint, ReplicaStore, VmKey};
 
 use super::maps;
 use super::{Progress, ProgressSink, Replicator, throughput};
+use crate::backend::Stopped;
 use crate::error::EngineError;
 use crate::state::EnginePhase;
 
@@ -57,6 +58,8 @@ pub struct FailoverReport {
     pub disks: Vec<MaterialisedDisk>,
     /// Bytes read from the store.
     pub bytes_read: u64,
+    /// How a planned failover stopped the source VM.
+    pub source_stopped: Option<String>,
 }
 
 /// The file a disk of a failover named `label` is materialised in.
@@ -164,6 +167,7 @@ pub async fn materialise_point(
         point,
         disks,
         bytes_read,
+        source_stopped: None,
     })
 }
 
@@ -270,9 +274,11 @@ impl Replicator {
         remove_disk_images(dir, self.vm.name(), label, disks).map(drop)
     }
 
-    /// Fail over. Planned: one last cycle ships everything pending while the source is still
-    /// up, then tracking stops and the newest point is used. Unplanned: the source is not
-    /// touched; `choice` picks the point.
+    /// Fail over. Planned: the source VM is stopped first ([`Hypervisor::stop_vm`]: its guest
+    /// shut down, or paused after the policy's grace), then one last cycle ships everything
+    /// written up to the stop, and that newest point is used: nothing is lost, and the two
+    /// copies never run at once. Unplanned: the source is not touched; `choice` picks the
+    /// point.
     ///
     /// Idempotent: a VM the engine has failed over already (the agent stopped after the
     /// failover and before its job ended, and the job runs again) is reported failed over to
@@ -280,8 +286,11 @@ impl Replicator {
     ///
     /// # Errors
     ///
-    /// The final cycle's, the store's or the verification's failure; the VM stays protected
-    /// if the failover did not happen.
+    /// [`EngineError::SourceNotStopped`] (nothing failed over, the VM stays protected), the
+    /// final cycle's, the store's or the verification's failure; the VM stays protected if the
+    /// failover did not happen.
+    ///
+    /// [`Hypervisor::stop_vm`]: crate::backend::Hypervisor::stop_vm
     pub async fn failover(
         &mut self,
         planned: bool,
@@ -294,7 +303,77 @@ impl Replicator {
             let done = PointChoice::Named(point.clone());
             return self.materialise(&done, dir, "failover", progress).await;
         }
+        let (point, stopped) = self.take_point(planned, choice, now).await?;
+        let mut report = materialise_point(
+            self.store.as_ref(),
+            &self.vm,
+            point,
+            dir,
+            "failover",
+            progress,
+        )
+        .await?;
+        self.failed_over(planned, &report.point.id).await?;
+        report.source_stopped = stopped.map(|s| s.to_string());
+        Ok(report)
+    }
+
+    /// The first half of a failback: fail over as [`Replicator::failover`] does (a planned one
+    /// stops the VM and ships everything first), writing no disks here: the point goes onto
+    /// the original disks at the site the VM returns to ([`restore_onto`], the Failback job).
+    /// Idempotent as `failover` is.
+    ///
+    /// # Errors
+    ///
+    /// As [`Replicator::failover`].
+    pub async fn fail_over_to_primary(
+        &mut self,
+        planned: bool,
+        choice: &PointChoice,
+        now: SystemTime,
+    ) -> Result<FailoverReport, EngineError> {
+        let (point, stopped) = match &self.state.phase {
+            EnginePhase::FailedOver { point } => {
+                let done = PointChoice::Named(point.clone());
+                (
+                    choose_point(self.store.as_ref(), &self.vm, &done).await?,
+                    None,
+                )
+            }
+            _ => {
+                let (point, stopped) = self.take_point(planned, choice, now).await?;
+                self.failed_over(planned, &point.id).await?;
+                (point, stopped)
+            }
+        };
+        Ok(FailoverReport {
+            point,
+            disks: Vec::new(),
+            bytes_read: 0,
+            source_stopped: stopped.map(|s| s.to_string()),
+        })
+    }
+
+    /// Stop the source and ship what it wrote (planned), choose the point, and take the
+    /// replica for this engine's new epoch (every other writer is fenced from then on).
+    async fn take_point(
+        &mut self,
+        planned: bool,
+        choice: &PointChoice,
+        now: SystemTime,
+    ) -> Result<(RecoveryPoint, Option<Stopped>), EngineError> {
+        let mut stopped = None;
         let choice = if planned {
+            let how = self
+                .hypervisor
+                .stop_vm(&self.disks, self.settings.stop_grace)
+                .await
+                .map_err(|source| EngineError::SourceNotStopped {
+                    vm: self.vm.to_string(),
+                    source,
+                })?;
+            tracing::info!(vm = %self.vm, how = %how, "the source VM is stopped for a planned failover");
+            stopped = Some(how);
             let report = self.run_cycle(now).await?;
             if let Some(reason) = report.resync_required {
                 return Err(EngineError::NotReady {
@@ -317,24 +396,20 @@ impl Replicator {
             .await?;
         self.state.epoch = epoch.number;
         self.save()?;
-        let report = materialise_point(
-            self.store.as_ref(),
-            &self.vm,
-            point,
-            dir,
-            "failover",
-            progress,
-        )
-        .await?;
+        Ok((point, stopped))
+    }
+
+    /// The failover to `point` happened: tracking stops (planned: the source is stopped and
+    /// everything it wrote is in the point) and the pending cycles are dropped.
+    async fn failed_over(&mut self, planned: bool, point: &str) -> Result<(), EngineError> {
         if planned {
             self.hypervisor.stop_tracking(&self.disks).await?;
         }
         self.state.phase = EnginePhase::FailedOver {
-            point: report.point.id.clone(),
+            point: point.to_owned(),
         };
         self.drop_pending()?;
-        self.save()?;
-        Ok(report)
+        self.save()
     }
 
     /// Commit a failover: delete every point but the one failed over to.

@@ -28,6 +28,7 @@ mod cycle;
 mod failover;
 mod logs;
 mod maps;
+mod reprotect;
 mod resync;
 mod upload;
 
@@ -35,6 +36,7 @@ pub use failover::{
     FailoverReport, MaterialisedDisk, PointChoice, choose_point, commit_in_store, disk_image_path,
     fail_over_from_store, materialise_point, remove_disk_images,
 };
+pub use reprotect::restore_onto;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +75,8 @@ pub struct Settings {
     /// How much of a disk an initial copy or a resync goes through between two saved
     /// checkpoints (what a crash can cost it).
     pub checkpoint_bytes: u64,
+    /// How long a planned failover waits for the guest to shut down before it pauses it.
+    pub stop_grace: Duration,
 }
 
 impl Default for Settings {
@@ -85,6 +89,7 @@ impl Default for Settings {
             block_size_bytes: lifeboat_blockmap::DEFAULT_BLOCK_SIZE_BYTES,
             upload_concurrency: 4,
             checkpoint_bytes: 256 * 1024 * 1024,
+            stop_grace: Duration::from_secs(120),
         }
     }
 }

@@ -1,0 +1,517 @@
+//! The whole recovery life cycle on real qemu-storage-daemon VMs and the real local store, run
+//! through the jobs the agents run (`lifeboat_engine::run_job`): protect A, planned failover
+//! (A stopped first), run the recovered VM B on the failover's disks, re-protect B (only the
+//! blocks B changed are sent), fail back onto A's original disks (only the blocks that differ
+//! are written), re-protect A. At every hop the disks equal the source byte for byte, and the
+//! bytes sent are asserted against the blocks that changed.
+
+// A failed unwrap is the test failure report.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use lifeboat_core::{FailoverKind, JobKind, JobParams, PointChoice as CorePoint};
+use lifeboat_engine::backend::DiskRef;
+use lifeboat_engine::state::EnginePhase;
+use lifeboat_engine::{EngineError, JobDirs, JobResult, Replicator, run_job};
+use lifeboat_qemu::testing::DiskSpec;
+use lifeboat_store::local::LocalStore;
+use lifeboat_store::{At, ReplicaStore};
+use support::Qsd;
+use support::engine::{self, no_progress, settings};
+
+const MIB: u64 = 1024 * 1024;
+const BLOCK: u64 = 64 * 1024;
+const SIZE: u64 = 8 * MIB;
+const DISKS: [&str; 2] = ["root", "data"];
+
+/// A guest write: offset, length, pattern.
+type Write = (u64, u64, u8);
+
+/// The bytes of the whole blocks `writes` touch: what a block-level copy of them must send.
+fn block_bytes<'a>(writes: impl IntoIterator<Item = &'a Write>) -> u64 {
+    let blocks: BTreeSet<u64> = writes
+        .into_iter()
+        .flat_map(|(offset, len, _)| offset / BLOCK..(offset + len).div_ceil(BLOCK))
+        .collect();
+    blocks.len() as u64 * BLOCK
+}
+
+/// `count` writes of 4 KiB, each in its own block, from block `first` on, every `step`-th.
+fn scattered(first: u64, count: u64, step: u64, pattern: u8) -> Vec<Write> {
+    (0..count)
+        .map(|i| ((first + i * step) * BLOCK + 512, 4096, pattern))
+        .collect()
+}
+
+struct Site {
+    qsd: Qsd,
+    engine: Replicator,
+}
+
+fn raw_disks() -> Vec<DiskSpec> {
+    DISKS.iter().map(|d| DiskSpec::raw_file(d, SIZE)).collect()
+}
+
+/// The store as a site's agent opens it: its own instance of the shared folder (each agent
+/// holds its own epoch of the replica, as on two nodes).
+fn store_at(root: &Path) -> Arc<dyn ReplicaStore> {
+    Arc::new(LocalStore::open(root.join("store")).unwrap())
+}
+
+async fn open_site(dir: &Path, qsd: Qsd, store: Arc<dyn ReplicaStore>, writer: &str) -> Site {
+    let hypervisor = Arc::new(engine::qemu(&qsd, dir));
+    let mut engine =
+        engine::open_engine(dir, engine::disks(&qsd), hypervisor, store, settings()).await;
+    engine.set_writer(writer);
+    Site { qsd, engine }
+}
+
+fn original_disks(site: &Site) -> Vec<DiskRef> {
+    engine::disks(&site.qsd)
+}
+
+async fn job(
+    engine: &mut Replicator,
+    kind: JobKind,
+    params: JobParams,
+    dirs: &JobDirs,
+) -> Result<JobResult, EngineError> {
+    run_job(engine, kind, &params, dirs, SystemTime::now(), &no_progress).await
+}
+
+fn named(point: &str) -> Option<CorePoint> {
+    Some(CorePoint::Named(point.to_owned()))
+}
+
+async fn latest_point(store: &dyn ReplicaStore) -> String {
+    let manifest = store.manifest(&engine::vm()).await.unwrap().unwrap();
+    manifest.latest().unwrap().id.clone()
+}
+
+async fn assert_point_equals(store: &dyn ReplicaStore, point: &str, what: &str, disks: &[Vec<u8>]) {
+    for (disk, want) in DISKS.iter().zip(disks) {
+        let got = engine::replica(
+            store,
+            &engine::vm(),
+            disk,
+            SIZE,
+            &At::Point(point.to_owned()),
+        )
+        .await;
+        support::assert_same(&format!("{what}: disk {disk} at {point}"), &got, want);
+    }
+}
+
+fn read_all(qsd: &Qsd) -> Vec<Vec<u8>> {
+    DISKS.iter().map(|d| qsd.read_disk(d)).collect()
+}
+
+fn read_files(paths: &[PathBuf]) -> Vec<Vec<u8>> {
+    paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// Whether a guest write through the daemon's export of `disk` still reaches the disk.
+fn guest_can_write(qsd: &Qsd, disk: &str) -> bool {
+    Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd+unix:///{disk}?socket={}", qsd.nbd.display()),
+            "-c",
+            "write -P 0x77 0 4096",
+        ])
+        .output()
+        .map(|o| o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("error"))
+        .unwrap_or(false)
+}
+
+/// Move the failover's images to where the recovered VM's daemon serves them (the user runs
+/// the recovered VM on them) and start it.
+fn start_recovered(dir: &Path, failover: &JobResult) -> Qsd {
+    std::fs::create_dir_all(dir).unwrap();
+    for disk in &failover.failover.as_ref().unwrap().disks {
+        std::fs::rename(&disk.path, dir.join(format!("{}.img", disk.name))).unwrap();
+    }
+    Qsd::start_with(dir, &raw_disks())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = JobDirs {
+        failover_dir: tmp.path().join("failover"),
+        original_disks: Vec::new(),
+    };
+
+    // Protect A; a cycle ships some writes; more writes come after it, unshipped.
+    let a_dir = tmp.path().join("site-a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let qsd_a = Qsd::start_with(&a_dir, &raw_disks());
+    qsd_a.guest_writes("root", &[(0, MIB, 0x11)]);
+    qsd_a.guest_writes("data", &[(3 * MIB, MIB, 0x12)]);
+    let mut a = open_site(&a_dir, qsd_a, store_at(tmp.path()), "node a").await;
+    engine::protect(&mut a.engine).await;
+    a.qsd.guest_writes("root", &scattered(20, 5, 3, 0x13));
+    a.engine.run_cycle(SystemTime::now()).await.unwrap();
+    a.qsd.guest_writes("data", &scattered(40, 4, 2, 0x14));
+
+    // Planned failover: A is stopped first, so every write made before it is in the point.
+    let before = read_all(&a.qsd);
+    let failover = job(
+        &mut a.engine,
+        JobKind::Failover,
+        JobParams {
+            failover: Some(FailoverKind::Planned),
+            point: Some(CorePoint::Latest),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    let report = failover.failover.as_ref().unwrap();
+    assert!(
+        report
+            .source_stopped
+            .as_deref()
+            .unwrap_or("")
+            .contains("exports were closed"),
+        "{:?}",
+        report.source_stopped
+    );
+    for disk in DISKS {
+        assert!(
+            !guest_can_write(&a.qsd, disk),
+            "the guest of the stopped VM A can still write {disk}"
+        );
+    }
+    let p = report.point.id.clone();
+    let images: Vec<PathBuf> = report.disks.iter().map(|d| d.path.clone()).collect();
+    let failed_over = read_files(&images);
+    for (disk, (got, want)) in DISKS.iter().zip(failed_over.iter().zip(&before)) {
+        support::assert_same(&format!("failover disk {disk}"), got, want);
+    }
+    // Site A goes down (its agent too: the local store admits one writer process).
+    let Site {
+        mut qsd, engine, ..
+    } = a;
+    qsd.stop();
+    drop(engine);
+
+    // B runs on the failover's disks and writes; re-protect sends only what B changed.
+    let b_dir = tmp.path().join("site-b");
+    let qsd_b = start_recovered(&b_dir, &failover);
+    let b_writes: Vec<Write> = scattered(2, 6, 7, 0x21);
+    qsd_b.guest_writes("root", &b_writes);
+    let mut b = open_site(&b_dir, qsd_b, store_at(tmp.path()), "node b").await;
+    let reprotect = job(
+        &mut b.engine,
+        JobKind::Reprotect,
+        JobParams {
+            point: named(&p),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        reprotect.report.bytes_sent,
+        block_bytes(&b_writes),
+        "re-protect sends exactly the blocks B changed since the failover"
+    );
+    assert_eq!(b.engine.state().phase, EnginePhase::Protected);
+    let q1 = reprotect.point.as_ref().unwrap().id.clone();
+    let b_store = b.engine.store().clone();
+    assert_point_equals(b_store.as_ref(), &q1, "after re-protect", &read_all(&b.qsd)).await;
+    drop(b_store);
+
+    // Delta cycles in reverse, then writes that no cycle shipped.
+    b.qsd.guest_writes("data", &scattered(70, 3, 5, 0x22));
+    let cycle = b.engine.run_cycle(SystemTime::now()).await.unwrap();
+    assert!(cycle.point.is_some());
+    b.qsd.guest_writes("root", &scattered(100, 2, 1, 0x23));
+    let b_final = read_all(&b.qsd);
+
+    // Fail back: B stopped and shipped, then A's original disks brought to the point.
+    let shipped = job(
+        &mut b.engine,
+        JobKind::Failover,
+        JobParams {
+            failover: Some(FailoverKind::Planned),
+            point: Some(CorePoint::Latest),
+            to_primary: true,
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    let q = shipped.point.as_ref().unwrap().id.clone();
+    assert!(shipped.failover.as_ref().unwrap().disks.is_empty());
+    for disk in DISKS {
+        assert!(!guest_can_write(&b.qsd, disk), "B can still write {disk}");
+    }
+    let Site {
+        qsd: mut qsd_b,
+        engine,
+        ..
+    } = b;
+    drop(engine);
+    // A's agent is back (A's VM is not running yet: its disks are brought to the point first).
+    let mut a = open_site(&a_dir, qsd, store_at(tmp.path()), "node a").await;
+    let a_originals = original_disks(&a);
+    let a_images: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
+    let restored = job(
+        &mut a.engine,
+        JobKind::Failback,
+        JobParams {
+            point: named(&q),
+            ..JobParams::default()
+        },
+        &JobDirs {
+            original_disks: a_originals,
+            ..dirs.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let all_b_writes: Vec<Write> = b_writes
+        .iter()
+        .copied()
+        .chain(scattered(70, 3, 5, 0x22))
+        .chain(scattered(100, 2, 1, 0x23))
+        .collect();
+    assert_eq!(
+        restored.failover.as_ref().unwrap().bytes_read,
+        block_bytes(&all_b_writes),
+        "failback writes exactly the blocks B changed"
+    );
+    let a_now = read_files(&a_images);
+    for (disk, (got, want)) in DISKS.iter().zip(a_now.iter().zip(&b_final)) {
+        support::assert_same(&format!("A's disk {disk} after failback"), got, want);
+    }
+    assert_point_equals(a.engine.store().as_ref(), &q, "failback point", &b_final).await;
+    qsd_b.stop();
+
+    // A runs again on its own disks; re-protect forward sends nothing (A equals the point).
+    a.qsd.start_again();
+    let forward = job(
+        &mut a.engine,
+        JobKind::Reprotect,
+        JobParams {
+            point: named(&q),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        forward.report.bytes_sent, 0,
+        "A equals the failback's point"
+    );
+    a.qsd.guest_writes("root", &scattered(9, 2, 2, 0x31));
+    a.engine.run_cycle(SystemTime::now()).await.unwrap();
+    let store = a.engine.store().clone();
+    let last = latest_point(store.as_ref()).await;
+    assert_point_equals(store.as_ref(), &last, "forward again", &read_all(&a.qsd)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_recovered_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = JobDirs {
+        failover_dir: tmp.path().join("failover"),
+        original_disks: Vec::new(),
+    };
+    let a_dir = tmp.path().join("site-a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let qsd_a = Qsd::start_with(&a_dir, &raw_disks());
+    qsd_a.guest_writes("root", &[(MIB, 2 * MIB, 0x41)]);
+    let mut a = open_site(&a_dir, qsd_a, store_at(tmp.path()), "node a").await;
+    engine::protect(&mut a.engine).await;
+    // Written at A and never shipped: the site is lost before the next cycle.
+    // (Over data the point holds, so that the failback reads them back from the replica.)
+    let lost: Vec<Write> = scattered(20, 4, 3, 0x42);
+    a.qsd.guest_writes("root", &lost);
+    // The site is lost: the VM and its agent.
+    let Site {
+        mut qsd, engine, ..
+    } = a;
+    qsd.kill();
+    drop(engine);
+
+    // Unplanned failover from the store alone, as a recovery node runs it.
+    let b_store = store_at(tmp.path());
+    let failover = lifeboat_engine::run_store_job(
+        b_store.as_ref(),
+        &engine::vm(),
+        JobKind::Failover,
+        &JobParams {
+            failover: Some(FailoverKind::Unplanned),
+            point: Some(CorePoint::Latest),
+            ..JobParams::default()
+        },
+        &dirs,
+        "node b",
+        SystemTime::now(),
+        &no_progress,
+    )
+    .await
+    .unwrap();
+    let p = failover.point.as_ref().unwrap().id.clone();
+    let b_dir = tmp.path().join("site-b");
+    let qsd_b = start_recovered(&b_dir, &failover);
+    let b_writes = scattered(10, 5, 2, 0x43);
+    qsd_b.guest_writes("data", &b_writes);
+    let mut b = open_site(&b_dir, qsd_b, b_store, "node b").await;
+    let reprotect = job(
+        &mut b.engine,
+        JobKind::Reprotect,
+        JobParams {
+            point: named(&p),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reprotect.report.bytes_sent, block_bytes(&b_writes));
+
+    // Fail back: the blocks A lost and the blocks B wrote are what differs, and all of it.
+    let shipped = job(
+        &mut b.engine,
+        JobKind::Failover,
+        JobParams {
+            failover: Some(FailoverKind::Planned),
+            point: Some(CorePoint::Latest),
+            to_primary: true,
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    let q = shipped.point.as_ref().unwrap().id.clone();
+    let Site {
+        qsd: mut qsd_b,
+        engine,
+        ..
+    } = b;
+    drop(engine);
+    qsd_b.stop();
+    let b_final = read_all(&qsd_b);
+    // The old primary's agent comes back: fenced, its engine can no longer cut a point.
+    qsd.start_again();
+    let mut a = open_site(&a_dir, qsd, store_at(tmp.path()), "node a").await;
+    // (Its raw disks lost their tracking with their daemon: what it would do is a resync.)
+    let cycle = a.engine.run_cycle(SystemTime::now()).await.unwrap();
+    assert!(cycle.resync_required.is_some(), "{cycle:?}");
+    a.engine.require_resync("TrackingLost").unwrap();
+    let fenced = a.engine.resync(SystemTime::now(), &no_progress).await;
+    assert!(
+        matches!(
+            &fenced,
+            Err(EngineError::Store(
+                lifeboat_store::StoreError::Fenced { .. }
+            ))
+        ),
+        "the old primary still writes the replica: {fenced:?}"
+    );
+    a.qsd.kill();
+    let a_originals = original_disks(&a);
+    let restored = job(
+        &mut a.engine,
+        JobKind::Failback,
+        JobParams {
+            point: named(&q),
+            ..JobParams::default()
+        },
+        &JobDirs {
+            original_disks: a_originals.clone(),
+            ..dirs.clone()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        restored.failover.as_ref().unwrap().bytes_read,
+        block_bytes(lost.iter().chain(&b_writes)),
+        "the failback writes the lost blocks and B's, nothing else"
+    );
+    let paths: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
+    for (disk, (got, want)) in DISKS.iter().zip(read_files(&paths).iter().zip(&b_final)) {
+        support::assert_same(&format!("A's disk {disk}"), got, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_whose_source_cannot_be_stopped_fails_and_protection_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_at(tmp.path());
+    let dirs = JobDirs {
+        failover_dir: tmp.path().join("failover"),
+        original_disks: Vec::new(),
+    };
+    let a_dir = tmp.path().join("site-a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let qsd = Qsd::start_with(&a_dir, &raw_disks());
+    let mut a = open_site(&a_dir, qsd, store.clone(), "node a").await;
+    engine::protect(&mut a.engine).await;
+    let points_before = store.manifest(&engine::vm()).await.unwrap().unwrap().points;
+
+    // The VM's QMP socket cannot be reached (moved away) while its guest keeps writing.
+    // (A new agent process: the old one's open QMP connection would still work.)
+    let away = a_dir.join("qmp.sock.away");
+    std::fs::rename(&a.qsd.qmp, &away).unwrap();
+    let Site { qsd, engine, .. } = a;
+    drop(engine);
+    let mut a = open_site(&a_dir, qsd, store.clone(), "node a").await;
+    a.qsd.guest_writes("root", &scattered(30, 3, 1, 0x51));
+    let refused = job(
+        &mut a.engine,
+        JobKind::Failover,
+        JobParams {
+            failover: Some(FailoverKind::Planned),
+            point: Some(CorePoint::Latest),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.reason(), "SourceNotStopped", "{refused}");
+    assert!(!refused.is_recoverable(), "{refused}");
+    assert!(
+        refused.to_string().contains("could not be stopped"),
+        "{refused}"
+    );
+    assert_eq!(a.engine.state().phase, EnginePhase::Protected);
+    let points_after = store.manifest(&engine::vm()).await.unwrap().unwrap().points;
+    assert_eq!(points_before, points_after, "nothing was failed over");
+    assert_eq!(
+        store.epoch(&engine::vm()).await.unwrap().number,
+        a.engine.state().epoch
+    );
+
+    // Reachable again: protection goes on, and the writes made meanwhile are shipped.
+    std::fs::rename(&away, &a.qsd.qmp).unwrap();
+    assert!(guest_can_write(&a.qsd, "data"));
+    let report = a.engine.run_cycle(SystemTime::now()).await.unwrap();
+    let point = report.point.unwrap().id;
+    assert_point_equals(
+        store.as_ref(),
+        &point,
+        "after the refused failover",
+        &read_all(&a.qsd),
+    )
+    .await;
+}
