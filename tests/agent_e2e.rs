@@ -3,7 +3,9 @@
 //! `qemu-storage-daemon`, replicating to the local folder store. Nothing is scripted: the
 //! operator creates the jobs, the agent claims and runs them on the engine, and the VM ends
 //! Protected with a recovery point. One test replicates to a real Azurite instead, with a
-//! storage key from a Secret that is rotated while the agent runs.
+//! storage key from a Secret that is rotated while the agent runs. One runs the recovery life
+//! cycle on two nodes' agents and Azurite: failover, re-protect in reverse, failback,
+//! re-protect forward.
 //!
 //! ```text
 //!  test ──create policy, VM──> TestApiServer <──watch, claim, status, SSA, Lease── agent ──QMP/NBD──> qsd
@@ -56,7 +58,17 @@ fn run_operator(client: &Client) -> (Stopper, OperatorTask) {
 
 /// The agent of `node-1`, its state under `dir`, running until the sender is used.
 fn run_agent(client: &Client, dir: &Path, timing: Timing) -> (Arc<Metrics>, Stopper, AgentTask) {
-    let mut options = AgentOptions::new(NODE);
+    run_agent_on(client, NODE, dir, timing)
+}
+
+/// The agent of `node`, its state under `dir`.
+fn run_agent_on(
+    client: &Client,
+    node: &str,
+    dir: &Path,
+    timing: Timing,
+) -> (Arc<Metrics>, Stopper, AgentTask) {
+    let mut options = AgentOptions::new(node);
     options.pod_name = "lifeboat-agent-e2e".into();
     options.namespace = Some(NS.into());
     options.lease_namespace = LEASES.into();
@@ -455,4 +467,250 @@ async fn a_rotated_storage_key_is_taken_on_retry_without_a_restart() {
     stop_agent_cleanly(stop_agent, agent, 30).await;
     stop_operator_within_10s(stop_operator, operator).await;
     drop(qsd);
+}
+
+/// Wait for `what` on VM `web`, up to `seconds`.
+async fn web_until(
+    server: &TestApiServer,
+    vms: &Api<ProtectedVM>,
+    jobs: &Api<ReplicationJob>,
+    what: &str,
+    check: impl Fn(&ProtectedVM) -> bool,
+) -> ProtectedVM {
+    vm_until(server, vms, jobs, what, check).await
+}
+
+fn phase_is(phase: ProtectionPhase) -> impl Fn(&ProtectedVM) -> bool {
+    move |vm| vm.status.as_ref().is_some_and(|s| s.phase == phase)
+}
+
+async fn ask(vms: &Api<ProtectedVM>, requests: serde_json::Value) {
+    vms.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"requests": requests}})),
+    )
+    .await
+    .unwrap();
+}
+
+/// The VM's disk in the replica at its newest point, read from Azurite.
+async fn newest_point_disk(azurite: &Azurite, size: u64) -> Vec<u8> {
+    use lifeboat_store::{At, ReplicaStore, VmKey};
+    let store = shared_key_store(azurite, "replicas", test_options(1)).await;
+    let key = VmKey::new(NS, "web").unwrap();
+    let manifest = store.manifest(&key).await.unwrap().unwrap();
+    let point = manifest.latest().unwrap().id.clone();
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let len = (4 << 20).min(size - offset);
+        out.extend_from_slice(
+            &store
+                .read(&key, "os", &At::Point(point.clone()), offset, len)
+                .await
+                .unwrap(),
+        );
+        offset += len;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
+    use lifeboat_api::protected_vm::ReplicationDirection;
+    use lifeboat_qemu::testing::{DiskSpec, assert_same};
+    const SIZE: u64 = 8 << 20;
+    lifeboat_http::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("node-1"), dir.path().join("node-2"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let mut qsd_a = Qsd::start_with(&a_dir, &[DiskSpec::raw_file("os", SIZE)]);
+    qsd_a.guest_write("os", 0, 2 << 20, 0x5a);
+    let azurite = Azurite::start();
+    shared_key_store(&azurite, "replicas", test_options(1)).await;
+
+    let server = TestApiServer::start().await;
+    let client = server.client(NS);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("storage".into()),
+                    ..Default::default()
+                },
+                data: Some(
+                    [(
+                        "accountKey".to_owned(),
+                        ByteString(DEV_KEY.as_bytes().to_vec()),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (stop_operator, operator) = run_operator(&client);
+    let timing = || Timing {
+        tick: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        ..Timing::default()
+    };
+    let (_, stop_a, agent_a) = run_agent_on(&client, "node-1", &a_dir, timing());
+    let (_, stop_b, agent_b) = run_agent_on(&client, "node-2", &b_dir, timing());
+    let policies: Api<ReplicationPolicy> = Api::namespaced(client.clone(), NS);
+    let policy: ReplicationPolicy = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
+        "metadata": {"name": "gold"},
+        "spec": {"copyFrequency": "30s",
+                 "target": {"azureBlob": {
+                     "accountUrl": azurite.account_url(), "container": "replicas",
+                     "credentials": {"accountKeySecretRef": {"name": "storage", "key": "accountKey"}}}}}
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
+    let vm: ProtectedVM = serde_json::from_value(json!({
+        "apiVersion": "lifeboat.io/v1alpha1", "kind": "ProtectedVM",
+        "metadata": {"name": "web"},
+        "spec": {
+            "vmName": "web", "nodeName": "node-1",
+            "hypervisor": {"qemu": {"qmpSocket": qsd_a.qmp.display().to_string()}},
+            "disks": [{"name": "os", "path": a_dir.join("os.img").display().to_string(), "blockNode": "os"}],
+            "policyRef": {"name": "gold"},
+            "recoverySite": {
+                "nodeName": "node-2",
+                "hypervisor": {"qemu": {"qmpSocket": b_dir.join("qmp.sock").display().to_string()}},
+                "disks": [{"name": "os", "path": b_dir.join("os.img").display().to_string(), "blockNode": "os"}]
+            }
+        }
+    }))
+    .unwrap();
+    vms.create(&PostParams::default(), &vm).await.unwrap();
+    let jobs: Api<ReplicationJob> = Api::namespaced(client.clone(), NS);
+    web_until(
+        &server,
+        &vms,
+        &jobs,
+        "web Protected",
+        protected_with_a_point,
+    )
+    .await;
+
+    // Planned failover on node-1: the VM is stopped first, its last write kept.
+    qsd_a.guest_write("os", 4 << 20, 1 << 20, 0x5b);
+    let a_before = qsd_a.read_disk("os");
+    ask(
+        &vms,
+        json!({"failover": {"token": "f1", "type": "Planned"}}),
+    )
+    .await;
+    let failed_over = web_until(
+        &server,
+        &vms,
+        &jobs,
+        "FailedOver",
+        phase_is(ProtectionPhase::FailedOver),
+    )
+    .await;
+    let image = failed_over
+        .status
+        .as_ref()
+        .unwrap()
+        .failover
+        .as_ref()
+        .unwrap()
+        .disks[0]
+        .location
+        .clone();
+    qsd_a.stop();
+    assert_same(
+        "the failover's disk",
+        &std::fs::read(&image).unwrap(),
+        &a_before,
+    );
+
+    // The recovered VM on node-2, on the failover's disk; re-protect in reverse.
+    std::fs::rename(&image, b_dir.join("os.img")).unwrap();
+    let mut qsd_b = Qsd::start_with(&b_dir, &[DiskSpec::raw_file("os", SIZE)]);
+    qsd_b.guest_write("os", 1 << 20, 256 << 10, 0x6a);
+    ask(&vms, json!({"reprotect": "r1"})).await;
+    let reverse = web_until(&server, &vms, &jobs, "Protected in reverse", |vm| {
+        vm.status.as_ref().is_some_and(|s| {
+            s.phase == ProtectionPhase::Protected
+                && s.direction == ReplicationDirection::Reverse
+                && s.handled_requests.reprotect.as_deref() == Some("r1")
+        })
+    })
+    .await;
+    assert_eq!(reverse.active_node(), "node-2");
+    let all = jobs.list(&ListParams::default()).await.unwrap().items;
+    let reprotect = all
+        .iter()
+        .find(|j| j.spec.job_type == lifeboat_api::job::JobType::Reprotect)
+        .unwrap();
+    assert_eq!(reprotect.spec.node_name, "node-2");
+    assert_eq!(
+        reprotect
+            .status
+            .as_ref()
+            .and_then(|s| s.claimed_by.as_deref()),
+        Some("node-2/lifeboat-agent-e2e")
+    );
+    assert_same(
+        "the replica after re-protect",
+        &newest_point_disk(&azurite, SIZE).await,
+        &qsd_b.read_disk("os"),
+    );
+
+    // Fail back: node-2 stops B and ships; node-1 brings A's disk to that point.
+    qsd_b.guest_write("os", 6 << 20, 512 << 10, 0x6b);
+    let b_final = qsd_b.read_disk("os");
+    ask(
+        &vms,
+        json!({"failover": {"token": "f2", "type": "Planned"}}),
+    )
+    .await;
+    web_until(
+        &server,
+        &vms,
+        &jobs,
+        "FailedBack",
+        phase_is(ProtectionPhase::FailedBack),
+    )
+    .await;
+    qsd_b.stop();
+    assert_same(
+        "A's disk after the failback",
+        &std::fs::read(a_dir.join("os.img")).unwrap(),
+        &b_final,
+    );
+
+    // A again; re-protect forward on node-1.
+    qsd_a.start_again();
+    ask(&vms, json!({"reprotect": "r2"})).await;
+    web_until(&server, &vms, &jobs, "Protected forward", |vm| {
+        vm.status.as_ref().is_some_and(|s| {
+            s.phase == ProtectionPhase::Protected
+                && s.direction == ReplicationDirection::Forward
+                && s.handled_requests.reprotect.as_deref() == Some("r2")
+        })
+    })
+    .await;
+    assert_same(
+        "the replica forward again",
+        &newest_point_disk(&azurite, SIZE).await,
+        &qsd_a.read_disk("os"),
+    );
+
+    stop_agent_cleanly(stop_a, agent_a, 30).await;
+    stop_agent_cleanly(stop_b, agent_b, 30).await;
+    stop_operator_within_10s(stop_operator, operator).await;
 }

@@ -4,7 +4,8 @@
 //! agent writes (`lifeboat_api::contract` has the protocol).
 //!
 //! ```text
-//!  watch (fieldSelector spec.nodeName=<node>)        watch (all in the namespace)
+//!  watch (fieldSelector spec.nodeName=<node>,        watch (all in the namespace)
+//!         and spec.recoverySite.nodeName=<node>)
 //!  ProtectedVM ──┐  ReplicationJob ──┐                ReplicationPolicy ──┐
 //!                v                   v                                    v
 //!           reflector caches ─────────────────────────────────────────────┘
@@ -199,6 +200,8 @@ pub(crate) struct Shared {
     pub(crate) node: String,
     pub(crate) claimer: String,
     pub(crate) vms: Store<ProtectedVM>,
+    /// The VMs whose recovered VM runs on this node (`spec.recoverySite.nodeName`).
+    pub(crate) recovered: Store<ProtectedVM>,
     pub(crate) jobs: Store<ReplicationJob>,
     pub(crate) policies: Store<ReplicationPolicy>,
     pub(crate) stores: StoreCache,
@@ -206,6 +209,13 @@ pub(crate) struct Shared {
     pub(crate) failover_dir: PathBuf,
     pub(crate) timing: Timing,
     pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// A VM of this node: hosted here, or its recovered VM is.
+    pub(crate) fn vm(&self, key: &ObjectRef<ProtectedVM>) -> Option<Arc<ProtectedVM>> {
+        self.vms.get(key).or_else(|| self.recovered.get(key))
+    }
 }
 
 /// The agent, ready to run.
@@ -304,7 +314,11 @@ impl Agent {
         // selectable), so a node's agent holds only its own in memory; policies are few.
         let on_node =
             watcher::Config::default().fields(&format!("spec.nodeName={}", options.node_name));
+        // NB: and the VMs whose recovered VM runs here (re-protect replicates it in reverse).
+        let recovered_here = watcher::Config::default()
+            .fields(&format!("spec.recoverySite.nodeName={}", options.node_name));
         let (vms, vm_writer) = reflector::store::<ProtectedVM>();
+        let (recovered, recovered_writer) = reflector::store::<ProtectedVM>();
         let (jobs, job_writer) = reflector::store::<ReplicationJob>();
         let (policies, policy_writer) = reflector::store::<ReplicationPolicy>();
         let vm_feed = watcher(self.api::<ProtectedVM>(), on_node.clone())
@@ -312,6 +326,11 @@ impl Agent {
             .modify(slim)
             .reflect(vm_writer)
             .for_each(log_watch("ProtectedVM"));
+        let recovered_feed = watcher(self.api::<ProtectedVM>(), recovered_here)
+            .default_backoff()
+            .modify(slim)
+            .reflect(recovered_writer)
+            .for_each(log_watch("ProtectedVM (recovery site)"));
         let job_feed = watcher(self.api::<ReplicationJob>(), on_node)
             .default_backoff()
             .modify(slim)
@@ -323,7 +342,7 @@ impl Agent {
             .reflect(policy_writer)
             .for_each(log_watch("ReplicationPolicy"));
         let feeds = tokio::spawn(async move {
-            future::join3(vm_feed, job_feed, policy_feed).await;
+            future::join4(vm_feed, recovered_feed, job_feed, policy_feed).await;
         });
 
         let heartbeat = tokio::spawn(heartbeat_loop(
@@ -342,6 +361,7 @@ impl Agent {
             node: options.node_name.clone(),
             claimer: options.claimer(),
             vms,
+            recovered,
             jobs,
             policies,
             stores: StoreCache::default(),
@@ -413,13 +433,14 @@ async fn heartbeat_loop(
 async fn supervise(shared: Arc<Shared>, ready: Arc<AtomicBool>, stop: Stop) {
     let synced = tokio::select! {
         () = stop.wait() => return,
-        synced = future::join3(
+        synced = future::join4(
             shared.vms.wait_until_ready(),
+            shared.recovered.wait_until_ready(),
             shared.jobs.wait_until_ready(),
             shared.policies.wait_until_ready(),
         ) => synced,
     };
-    if !matches!(synced, (Ok(()), Ok(()), Ok(()))) {
+    if !matches!(synced, (Ok(()), Ok(()), Ok(()), Ok(()))) {
         tracing::error!("the caches closed before they were in sync");
         return;
     }
@@ -428,8 +449,13 @@ async fn supervise(shared: Arc<Shared>, ready: Arc<AtomicBool>, stop: Stop) {
     let mut tasks: HashMap<ObjectRef<ProtectedVM>, JoinHandle<()>> = HashMap::new();
     loop {
         tasks.retain(|_, task| !task.is_finished());
-        for vm in shared.vms.state() {
-            if vm.spec.node_name != shared.node || vm.namespace().is_none() {
+        for vm in shared
+            .vms
+            .state()
+            .into_iter()
+            .chain(shared.recovered.state())
+        {
+            if !vm.on_node(&shared.node) || vm.namespace().is_none() {
                 continue;
             }
             let key = ObjectRef::from_obj(vm.as_ref());

@@ -115,6 +115,23 @@ impl VmConfig {
 ///
 /// A field that cannot be used (a name that is not a store key, no hypervisor).
 pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfig, ConfigError> {
+    vm_config_on(vm, policy, None)
+}
+
+/// [`vm_config`] for the agent of `node`: the primary site's VM on `spec.nodeName`, the
+/// recovered VM on `spec.recoverySite.nodeName`, whichever way the VM replicates (a failback's
+/// Failback job runs on the primary's node while the recovered VM still replicates). Without
+/// a node (standalone, one machine for both sites), or one that hosts both: the site the
+/// VM replicates from.
+///
+/// # Errors
+///
+/// As [`vm_config`].
+pub fn vm_config_on(
+    vm: &ProtectedVM,
+    policy: &ReplicationPolicy,
+    node: Option<&str>,
+) -> Result<VmConfig, ConfigError> {
     let namespace = vm
         .metadata
         .namespace
@@ -144,9 +161,14 @@ pub fn vm_config(vm: &ProtectedVM, policy: &ReplicationPolicy) -> Result<VmConfi
             node: d.block_node.clone(),
         })
         .collect();
+    let recovery_here = match (&spec.recovery_site, node) {
+        (Some(r), Some(node)) if r.node_name != spec.node_name => r.node_name == node,
+        (Some(_), _) => reverse,
+        (None, _) => false,
+    };
     let (site, node, vm_name, hypervisor_spec, disks, hypervisor_field) = match &spec.recovery_site
     {
-        Some(r) if reverse => {
+        Some(r) if recovery_here => {
             let mut disks = Vec::new();
             for d in &original_disks {
                 let Some(found) = r.disks.iter().find(|rd| rd.name == d.name) else {

@@ -22,6 +22,6 @@ pub mod stores;
 pub mod vm_worker;
 
 pub use cluster::{AgentOptions, ClusterError, run};
-pub use config::{ConfigError, VmConfig, vm_config};
+pub use config::{ConfigError, Site, VmConfig, vm_config, vm_config_on};
 pub use report::agent_report;
 pub use stores::{SecretSource, StoreCache};

@@ -33,6 +33,7 @@ use crate::policy::PolicyReference;
     cel,
     doc = "A virtual machine whose disks Lifeboat replicates, with its recovery points and failover state.",
     selectable = ".spec.nodeName",
+    selectable = ".spec.recoverySite.nodeName",
     printcolumn(
         name = "Phase",
         type_ = "string",
@@ -198,6 +199,30 @@ pub struct RecoverySiteDisk {
         length(min = 1, max = 127)
     )]
     pub block_node: Option<String>,
+}
+
+impl ProtectedVM {
+    /// The node whose VM replicates (or last replicated): the recovery site's once the VM
+    /// replicates in reverse, else `spec.nodeName`. Its agent reports the VM's facts.
+    pub fn active_node(&self) -> &str {
+        match (&self.spec.recovery_site, self.status.as_ref()) {
+            (Some(site), Some(status)) if status.direction == ReplicationDirection::Reverse => {
+                &site.node_name
+            }
+            _ => &self.spec.node_name,
+        }
+    }
+
+    /// Whether the agent of `node` has work for the VM: it hosts the VM, or its recovered
+    /// VM (`spec.recoverySite`).
+    pub fn on_node(&self, node: &str) -> bool {
+        self.spec.node_name == node
+            || self
+                .spec
+                .recovery_site
+                .as_ref()
+                .is_some_and(|s| s.node_name == node)
+    }
 }
 
 /// Which way the VM replicates.

@@ -201,7 +201,8 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
         policy: policy.as_ref(),
         agent: agent.as_ref(),
         job: &observation,
-        heartbeat: (pass.heartbeat)(&vm.spec.node_name),
+        // NB: the agent that replicates the VM: the recovery site's in reverse.
+        heartbeat: (pass.heartbeat)(vm.active_node()),
         job_heartbeat: job
             .as_ref()
             .and_then(|j| (pass.heartbeat)(&j.spec.node_name)),

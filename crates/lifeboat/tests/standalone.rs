@@ -1,7 +1,7 @@
 //! Standalone mode end to end, as a user runs it: the `lifeboat` binary as a separate process
 //! on a real qemu-storage-daemon disk and the local folder store. Protect, write, cycle,
 //! resync on request, kill the daemon with SIGKILL and start it again (nothing lost, same
-//! state), test failover and cleanup, planned failover, commit. A storage account key
+//! state), test failover and cleanup, planned failover (the source stopped first), commit. A storage account key
 //! rotated while the daemon runs, against a real Azurite. And the site lost for good: the VM
 //! recovered by `lifeboat recover` from the replica store alone, local and on Azurite.
 
@@ -199,12 +199,27 @@ fn protect_cycle_resync_restart_failover_commit() {
 
     // Planned failover ships what is pending, then commit keeps only that point.
     qsd.guest_write("root", 20 * MIB, MIB, 0x64);
+    let want = qsd.read_disk("root");
     lifeboat(work, &["failover", "web-01", "--planned"]);
     let s = wait_for(work, "failed over", 30, |s| phase(s) == "FailedOver");
     assert_same(
         "failover disk",
         &std::fs::read(failover_image(work, "failover")).unwrap(),
-        &qsd.read_disk("root"),
+        &want,
+    );
+    // The source was stopped first: its guest's export is gone.
+    assert!(
+        !Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                &format!("nbd+unix:///root?socket={}", qsd.nbd.display())
+            ])
+            .args(["-c", "write -P 0x65 0 4096"])
+            .output()
+            .unwrap()
+            .status
+            .success()
     );
     assert!(points(&s) >= 3);
     lifeboat(work, &["commit", "web-01", "--yes"]);

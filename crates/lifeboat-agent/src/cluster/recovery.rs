@@ -43,7 +43,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: Stop) {
             .filter(|j| {
                 let key = ObjectRef::<ProtectedVM>::new(&j.spec.vm_ref.name)
                     .within(&j.namespace().unwrap_or_default());
-                shared.vms.get(&key).is_none()
+                shared.vm(&key).is_none()
             })
             .collect();
         for job in jobs {

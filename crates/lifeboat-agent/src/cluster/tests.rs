@@ -493,11 +493,13 @@ fn fixture(vm: ProtectedVM, jobs: Vec<ReplicationJob>) -> Fixture {
         &mut policy_writer,
         policy(json!({"local": {"path": replicas.display().to_string()}})),
     );
+    let (recovered, _) = reflector::store::<ProtectedVM>();
     let shared = Arc::new(Shared {
         api: NodeApi::new(client),
         node: NODE.into(),
         claimer: CLAIMER.into(),
         vms,
+        recovered,
         jobs: job_store,
         policies,
         stores: StoreCache::default(),

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::api::Claim;
 use super::error::{ClusterError, is_conflict, is_not_found};
 use super::{Backoff, Shared, Stop};
-use crate::config::{VmConfig, vm_config};
+use crate::config::{VmConfig, vm_config_on};
 use crate::jobs;
 use crate::report::{ReportGate, agent_report};
 use crate::vm_worker::{OpenError, ProgressThrottle, open_worker, run_job_on};
@@ -154,11 +154,11 @@ impl VmTask {
     pub(crate) async fn run(mut self, stop: Stop) {
         tracing::info!(vm = %self.vm, "protecting");
         while !stop.is_set() {
-            let Some(vm) = self.shared.vms.get(&self.key) else {
+            let Some(vm) = self.shared.vm(&self.key) else {
                 tracing::info!(vm = %self.vm, "the VM is gone");
                 break;
             };
-            if vm.spec.node_name != self.shared.node {
+            if !vm.on_node(&self.shared.node) {
                 tracing::info!(vm = %self.vm, node = %vm.spec.node_name, "the VM moved to another node");
                 break;
             }
@@ -269,7 +269,7 @@ impl VmTask {
             }
             return;
         };
-        let config = match vm_config(vm, policy) {
+        let config = match vm_config_on(vm, policy, Some(&self.shared.node)) {
             Ok(config) => config,
             Err(e) => {
                 if self.slot.is_none() {
@@ -285,6 +285,7 @@ impl VmTask {
         }
         if let Some(slot) = &mut self.slot {
             let reopen = slot.target != policy.spec.target
+                || slot.config.site != config.site
                 || slot.config.hypervisor != config.hypervisor
                 || slot.config.vm_name != config.vm_name;
             if !reopen {
@@ -680,6 +681,11 @@ impl VmTask {
     /// Write `status.agent` when it says something new, or as a sign of life once per copy
     /// interval; at most once per look.
     async fn report(&mut self, vm: &ProtectedVM) {
+        // NB: one agent reports a VM's facts: the one whose VM replicates (the other site's
+        // only runs the jobs given to its node, a failback's Failback job).
+        if vm.active_node() != self.shared.node {
+            return;
+        }
         let Some(slot) = self.slot.as_mut() else {
             return;
         };

@@ -468,7 +468,11 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     w.step();
     w.run_current_job();
     assert_eq!(w.phase(), Phase::FailedOver);
-    let p = w.failover.as_ref().and_then(|f| f.point.clone()).expect("present");
+    let p = w
+        .failover
+        .as_ref()
+        .and_then(|f| f.point.clone())
+        .expect("present");
     w.spec.requests.reprotect = Some("r1".into());
     w.step();
     assert_eq!(w.state.handled.reprotect.as_deref(), Some("r1"));
@@ -531,7 +535,11 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
         "the primary site's node holds the original disks"
     );
     assert_eq!(job.params.request_token.as_deref(), Some("f2"));
-    let q = w.failover.as_ref().and_then(|f| f.point.clone()).expect("present");
+    let q = w
+        .failover
+        .as_ref()
+        .and_then(|f| f.point.clone())
+        .expect("present");
     assert_eq!(job.params.point, Some(PointChoice::Named(q)));
     w.run_current_job();
     assert_eq!(w.phase(), Phase::FailedBack);
