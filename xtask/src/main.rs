@@ -8,6 +8,7 @@
 //! cargo xtask chart             the Helm chart and the images: lint, render, validate, rules
 //! cargo xtask bench resync      the agent's resync against rsync and nbdcopy (release build)
 //! cargo xtask bench churn       RPO under churn, local store (release build)
+//! cargo xtask bench roundtrip   re-protect and failback against a full copy (release build)
 //! ```
 
 mod chart;
@@ -60,6 +61,8 @@ enum Bench {
     Resync,
     /// The highest guest write rate at which every cycle keeps the RPO under 2× the interval.
     Churn,
+    /// Failover, re-protect, failback, re-protect: bytes moved and time against a full copy.
+    Roundtrip,
 }
 
 fn main() -> Result<()> {
@@ -387,6 +390,7 @@ fn bench(root: &Path, which: Bench, args: &[String]) -> Result<()> {
     let part = match which {
         Bench::Resync => "resync",
         Bench::Churn => "churn",
+        Bench::Roundtrip => "roundtrip",
     };
     let mut all = vec![
         "bench",

@@ -3,10 +3,11 @@
 //!
 //! ```text
 //!   cargo bench -p lifeboat-agent --bench agent --
-//!         [--parts tracking,copy,recovery,recovery-azure,resync,churn,churn-azure] [--dir PATH]
+//!         [--parts tracking,copy,recovery,recovery-azure,resync,churn,churn-azure,roundtrip]
+//!         [--dir PATH]
 //!         tracking: [--disk-mib 2048] [--hot-mib 256] [--run-secs 100] [--interval-secs 30]
 //!                   [--rounds 3] [--depth 16] [--request-kib 64]
-//!         copy, recovery, recovery-azure, resync: [--image-mib 4096] [--runs 5]
+//!         copy, recovery, recovery-azure, resync, roundtrip: [--image-mib 4096] [--runs 5]
 //!                   [--steps lifeboat,cp] [--warm] [--no-verify] [--python PATH]
 //!         churn, churn-azure: [--churn-rates 50,100,150,200] [--churn-secs 180]
 //!                   [--churn-disk-mib 16384] [--churn-interval-secs 15]
@@ -116,6 +117,17 @@
 //! every cycle cut a point and the RPO (the age of the latest point, from when its cycle
 //! began to when the next one lands) stayed under twice the interval. `churn-azure` does the
 //! same into Azurite keeping its data on disk.
+//!
+//! # `roundtrip`: re-protect and failback against a full copy
+//!
+//! Per run, on the `--image-mib` half-data image: site A (QSD on a sparse raw copy) protected,
+//! its initial copy timed (the full copy of the disk the hops are measured against); 1 % of
+//! the 64 KiB blocks rewritten on A, a planned failover (A stopped, shipped, materialised);
+//! site B (QSD on the failover's disk), 1 % rewritten, re-protect B timed; 1 % more on B, the
+//! failback timed (the Failover job that stops and ships B, then the Failback job that brings
+//! A's disk to the point); A again, 1 % rewritten, re-protect A timed. Every hop runs the job
+//! the agent runs (`lifeboat_engine::run_job`), the page cache dropped first, and asserts that
+//! the bytes it moved equal the blocks that changed since its seed.
 
 // A bench reports a failed setup by panicking: unwrap and expect are its error reports.
 #![allow(clippy::unwrap_used)]
@@ -199,6 +211,7 @@ fn smoke_config() -> Config {
             "resync".into(),
             "churn".into(),
             "churn-azure".into(),
+            "roundtrip".into(),
         ],
         dir: PathBuf::from(format!(
             "/var/tmp/lifeboat-agent-bench-smoke-{}",
@@ -1966,6 +1979,284 @@ async fn churn_part(config: &Config, azure: bool) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// The round trip: failover, re-protect, failback, re-protect, through the agent's jobs.
+
+/// One hop's figures.
+struct Hop {
+    seconds: f64,
+    /// Bytes sent to the store (re-protect) or written onto the original disk (failback).
+    bytes: u64,
+    /// The blocks that changed since the hop's seed, in bytes: what it must move at least.
+    changed: u64,
+}
+
+/// Run one job of the agent's on `engine`, timed after the page cache is dropped.
+async fn timed_job(
+    config: &Config,
+    engine: &mut Replicator,
+    kind: lifeboat_core::JobKind,
+    params: lifeboat_core::JobParams,
+    dirs: &lifeboat_engine::JobDirs,
+) -> (f64, lifeboat_engine::JobResult) {
+    settle(config.warm);
+    let started = Instant::now();
+    let result =
+        lifeboat_engine::run_job(engine, kind, &params, dirs, SystemTime::now(), &no_progress)
+            .await
+            .unwrap_or_else(|e| panic!("{} job: {e}", kind.as_str()));
+    (started.elapsed().as_secs_f64(), result)
+}
+
+async fn roundtrip_part(config: &Config) {
+    use lifeboat_core::{FailoverKind, JobKind, JobParams, PointChoice as Choice};
+    let dir = config.dir.join("roundtrip");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The built image, site A's disk, the replica, the failover's disk (site B's).
+    let needed = 3 * (config.image_mib * MIB / 2) + 1024 * MIB;
+    let free = lifeboat_engine::space::free_space_bytes(&dir).unwrap()
+        + allocated(&dir.join("source.raw"));
+    assert!(
+        free >= needed,
+        "{} has {} MB free, the roundtrip part needs {} MB: pass a smaller --image-mib",
+        dir.display(),
+        mb(free),
+        mb(needed)
+    );
+    let (data_bytes, _, _) = build_image(config, &dir, false);
+    let blocks = config.image_mib * MIB / BLOCK;
+    // 1 % of the blocks, a whole number of 16 (as `changed_blocks` picks them).
+    let changed = (blocks / 100).max(1).div_ceil(16) * 16;
+    println!(
+        "\n### Round trip: {} MiB raw disk, {} MB of data; {changed} of its {blocks} 64 KiB \
+         blocks ({} MB) rewritten on the running side before each hop\n",
+        config.image_mib,
+        mb(data_bytes),
+        mb(changed * BLOCK)
+    );
+    println!(
+        "| run | full copy s (MB) | planned failover s | re-protect B s (MB sent / changed) | \
+         failback s: ship + disks (MB written / changed) | re-protect A s (MB sent / changed) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut rng = SplitMix(23);
+    let mut ratios: Vec<(f64, f64, f64)> = Vec::new();
+    for run_no in 1..=config.runs {
+        let a_dir = dir.join("a");
+        let b_dir = dir.join("b");
+        for d in [&a_dir, &b_dir, &dir.join("store"), &dir.join("failover")] {
+            remove_dir(d);
+        }
+        std::fs::create_dir_all(&a_dir).unwrap();
+        std::fs::create_dir_all(&b_dir).unwrap();
+        let a_disk = a_dir.join("disk.raw");
+        let b_disk = b_dir.join("disk.raw");
+        let source = dir.join("source.raw");
+        run(
+            "cp",
+            &[
+                "--sparse=always",
+                source.to_str().unwrap(),
+                a_disk.to_str().unwrap(),
+            ],
+        );
+        // One store object for both sites' engines, as the standalone daemon has.
+        let store: Arc<dyn lifeboat_store::ReplicaStore> =
+            Arc::new(LocalStore::open(dir.join("store")).unwrap());
+        let dirs = lifeboat_engine::JobDirs {
+            failover_dir: dir.join("failover"),
+            original_disks: Vec::new(),
+        };
+        // Site A protected: the initial copy is the full copy the hops are measured against.
+        let qsd_a = Qsd::start(&a_dir, &a_disk, true);
+        let mut a = open_engine_on(
+            "roundtrip",
+            &qsd_a,
+            &a_disk,
+            &a_dir,
+            Settings::default(),
+            store.clone(),
+        )
+        .await;
+        a.set_writer("node a");
+        settle(config.warm);
+        let started = Instant::now();
+        a.enable().await.unwrap();
+        let copy = a.initial_copy(&no_progress).await.unwrap();
+        let full = started.elapsed().as_secs_f64();
+        a.run_cycle(SystemTime::now()).await.unwrap();
+        let mut pattern = (run_no as u8).wrapping_mul(40);
+        let mut rewrite = |socket: &Path| -> Vec<u64> {
+            pattern = pattern % 250 + 1;
+            let offsets = changed_blocks(&mut rng, blocks, changed, false);
+            guest_writes(socket, offsets.clone(), pattern, None, 1);
+            offsets
+        };
+        // 1 % on A, then a planned failover (A stopped, shipped, materialised).
+        rewrite(qsd_a.nbd.as_ref().unwrap());
+        let (failover_s, failover) = timed_job(
+            config,
+            &mut a,
+            JobKind::Failover,
+            JobParams {
+                failover: Some(FailoverKind::Planned),
+                point: Some(Choice::Latest),
+                ..JobParams::default()
+            },
+            &dirs,
+        )
+        .await;
+        let report = failover.failover.unwrap();
+        let p = report.point.id.clone();
+        drop(qsd_a);
+        std::fs::rename(&report.disks[0].path, &b_disk).unwrap();
+        // B runs on the failover's disk; 1 % on B; re-protect B.
+        let qsd_b = Qsd::start(&b_dir, &b_disk, true);
+        let b_first = rewrite(qsd_b.nbd.as_ref().unwrap());
+        let mut b = open_engine_on(
+            "roundtrip",
+            &qsd_b,
+            &b_disk,
+            &b_dir,
+            Settings::default(),
+            store.clone(),
+        )
+        .await;
+        b.set_writer("node b");
+        let (reprotect_b_s, result) = timed_job(
+            config,
+            &mut b,
+            JobKind::Reprotect,
+            JobParams {
+                point: Some(Choice::Named(p)),
+                ..JobParams::default()
+            },
+            &dirs,
+        )
+        .await;
+        let reprotect_b = Hop {
+            seconds: reprotect_b_s,
+            bytes: result.report.bytes_sent,
+            changed: b_first.len() as u64 * BLOCK,
+        };
+        // 1 % more on B; fail back: B stopped and shipped, then A's disk brought to the point.
+        let b_second = rewrite(qsd_b.nbd.as_ref().unwrap());
+        let (ship_s, shipped) = timed_job(
+            config,
+            &mut b,
+            JobKind::Failover,
+            JobParams {
+                failover: Some(FailoverKind::Planned),
+                point: Some(Choice::Latest),
+                to_primary: true,
+                ..JobParams::default()
+            },
+            &dirs,
+        )
+        .await;
+        let q = shipped.point.unwrap().id;
+        let originals = lifeboat_engine::JobDirs {
+            original_disks: qsd_b.disks(&a_disk),
+            ..dirs.clone()
+        };
+        let (restore_s, restored) = timed_job(
+            config,
+            &mut a,
+            JobKind::Failback,
+            JobParams {
+                point: Some(Choice::Named(q.clone())),
+                ..JobParams::default()
+            },
+            &originals,
+        )
+        .await;
+        let b_changed: std::collections::BTreeSet<u64> =
+            b_first.iter().chain(&b_second).copied().collect();
+        let failback = Hop {
+            seconds: ship_s + restore_s,
+            bytes: restored.failover.unwrap().bytes_read,
+            changed: b_changed.len() as u64 * BLOCK,
+        };
+        drop(qsd_b);
+        if config.verify {
+            run("cmp", &[a_disk.to_str().unwrap(), b_disk.to_str().unwrap()]);
+        }
+        // A runs again on its own disk; 1 % on A; re-protect A.
+        let qsd_a = Qsd::start(&a_dir, &a_disk, true);
+        let a_changes = rewrite(qsd_a.nbd.as_ref().unwrap());
+        drop(a);
+        let mut a = open_engine_on(
+            "roundtrip",
+            &qsd_a,
+            &a_disk,
+            &a_dir,
+            Settings::default(),
+            store.clone(),
+        )
+        .await;
+        a.set_writer("node a");
+        let (reprotect_a_s, result) = timed_job(
+            config,
+            &mut a,
+            JobKind::Reprotect,
+            JobParams {
+                point: Some(Choice::Named(q)),
+                ..JobParams::default()
+            },
+            &dirs,
+        )
+        .await;
+        let reprotect_a = Hop {
+            seconds: reprotect_a_s,
+            bytes: result.report.bytes_sent,
+            changed: a_changes.len() as u64 * BLOCK,
+        };
+        for (what, hop) in [
+            ("re-protect B", &reprotect_b),
+            ("failback", &failback),
+            ("re-protect A", &reprotect_a),
+        ] {
+            assert_eq!(
+                hop.bytes, hop.changed,
+                "{what} moved other bytes than the changed blocks"
+            );
+        }
+        println!(
+            "| {run_no} | {full:.2} ({}) | {failover_s:.2} | {:.2} ({} / {}) | {:.2} + {:.2} ({} / {}) | {:.2} ({} / {}) |",
+            mb(copy.bytes_sent),
+            reprotect_b.seconds,
+            mb(reprotect_b.bytes),
+            mb(reprotect_b.changed),
+            ship_s,
+            restore_s,
+            mb(failback.bytes),
+            mb(failback.changed),
+            reprotect_a.seconds,
+            mb(reprotect_a.bytes),
+            mb(reprotect_a.changed),
+        );
+        ratios.push((
+            reprotect_b.seconds / full,
+            failback.seconds / full,
+            reprotect_a.seconds / full,
+        ));
+        a.disable(true).await.unwrap();
+        drop(qsd_a);
+    }
+    let m =
+        |pick: fn(&(f64, f64, f64)) -> f64| median(&ratios.iter().map(pick).collect::<Vec<_>>());
+    println!(
+        "\nmedian time / full copy: re-protect B {:.3}, failback {:.3}, re-protect A {:.3} \
+         (target ≤ 0.1); bytes moved = changed blocks in every hop (asserted)",
+        m(|r| r.0),
+        m(|r| r.1),
+        m(|r| r.2)
+    );
+    if !config.keep {
+        remove_dir(&dir);
+    }
+}
+
 fn main() {
     let config = config();
     println!(
@@ -2000,6 +2291,9 @@ fn main() {
         }
         if config.parts.iter().any(|p| p == "churn-azure") {
             churn_part(&config, true).await;
+        }
+        if config.parts.iter().any(|p| p == "roundtrip") {
+            roundtrip_part(&config).await;
         }
     });
     if !config.keep {

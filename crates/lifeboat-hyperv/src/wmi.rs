@@ -1377,4 +1377,54 @@ mod tests {
         assert_eq!(e.class(), ErrorClass::AccessDenied);
         assert!(e.to_string().contains("SeManageVolumePrivilege"), "{e}");
     }
+
+    #[test]
+    fn a_stop_asks_the_guest_to_shut_down_then_pauses_one_that_does_not() {
+        const SHUTDOWN_PATH: &str =
+            r#"\\HV1\root\virtualization\v2:Msvm_ShutdownComponent.DeviceID="shutdown""#;
+        let vm_ref = VmRef {
+            name: "web1".into(),
+            id: VM_ID.into(),
+            path: VM_PATH.into(),
+        };
+        let off = vm("web1", VM_ID).with("EnabledState", WmiValue::I32(3));
+        let done = WmiObject::new("__PARAMETERS", "").with("ReturnValue", WmiValue::I32(0));
+        let component = || WmiObject::new("Msvm_ShutdownComponent", SHUTDOWN_PATH);
+        let h = host(
+            RecordedWmi::default()
+                .object(VM_PATH, vec![vm("web1", VM_ID), vm("web1", VM_ID), off])
+                .answer("Msvm_ShutdownComponent", vec![component()])
+                .method("InitiateShutdown", done.clone()),
+        );
+        assert!(h.stop_vm(&vm_ref, Duration::from_secs(5)).unwrap());
+        let log = h.wmi.log();
+        assert!(
+            log.iter().any(
+                |l| l.starts_with("call Msvm_ShutdownComponent.InitiateShutdown on ")
+                    && l.contains("Force=Bool(true)")
+            ),
+            "{log:#?}"
+        );
+        assert!(
+            !log.iter().any(|l| l.contains("RequestStateChange")),
+            "{log:#?}"
+        );
+
+        // A guest that ignores the request is paused once the grace is over.
+        let h = host(
+            RecordedWmi::default()
+                .object(VM_PATH, vec![vm("web1", VM_ID)])
+                .answer("Msvm_ShutdownComponent", vec![component()])
+                .method("InitiateShutdown", done.clone())
+                .method("RequestStateChange", done),
+        );
+        assert!(!h.stop_vm(&vm_ref, Duration::from_millis(20)).unwrap());
+        let log = h.wmi.log();
+        assert!(
+            log.iter()
+                .any(|l| l.contains("Msvm_ComputerSystem.RequestStateChange")
+                    && l.contains("RequestedState=I32(32776)")),
+            "{log:#?}"
+        );
+    }
 }
