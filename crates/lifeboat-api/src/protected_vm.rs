@@ -104,7 +104,9 @@ use crate::policy::PolicyReference;
     {"rule": "!has(self.hypervisor.qemu) || self.disks.all(d, has(d.blockNode))",
      "message": "every disk of a qemu VM needs a blockNode (the QEMU block node name)"},
     {"rule": "self.disks.exists(d, !has(d.excluded) || !d.excluded)",
-     "message": "at least one disk must not be excluded"}
+     "message": "at least one disk must not be excluded"},
+    {"rule": "!has(self.recoverySite) || self.disks.all(d, (has(d.excluded) && d.excluded) || self.recoverySite.disks.exists(r, r.name == d.name))",
+     "message": "spec.recoverySite.disks must name every protected disk of spec.disks"}
 ]))]
 pub struct ProtectedVMSpec {
     /// The VM's name on its hypervisor.

@@ -678,3 +678,86 @@ async fn progress_on_a_terminal_and_quiet_when_piped() {
         "the bar is cleared when done:\n{after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprotect_and_failback_on_a_cluster_ask_when_they_apply_and_say_why_not() {
+    let s = Setup::start().await;
+    let vms = Api::<ProtectedVM>::namespaced(s.client(), "team-a");
+    // web-01 replicates forward: no failback, no re-protect; nothing is requested.
+    for (args, says) in [
+        (
+            &["failback", "web-01", "--no-wait"][..],
+            "replicates forward",
+        ),
+        (
+            &["reprotect", "web-01", "--no-wait"][..],
+            "only a VM that failed over or failed back",
+        ),
+    ] {
+        let out = s.run(args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(says) && stderr.contains("team-a/web-01"),
+            "{}",
+            show(&out)
+        );
+    }
+    assert!(vms.get("web-01").await.unwrap().spec.requests.is_none());
+
+    // Failed over without a recovery site: re-protect says what is missing.
+    s.vm_status("team-a", "web-01", json!({"phase": "FailedOver"}))
+        .await;
+    let out = s.run(&["reprotect", "web-01", "--no-wait"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.recoverySite"),
+        "{}",
+        show(&out)
+    );
+    vms.patch(
+        "web-01",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"recoverySite": {
+            "nodeName": "kvm-node-7",
+            "hypervisor": {"qemu": {"qmpSocket": "/run/recovered.sock"}},
+            "disks": [{"name": "root", "path": "/failover/web-01-failover-root.img"}]
+        }}})),
+    )
+    .await
+    .unwrap();
+    let out = s.ok(&["reprotect", "web-01", "--no-wait"]).await;
+    assert!(
+        out.starts_with("requested the re-protect of team-a/web-01"),
+        "{out}"
+    );
+    let requests = vms.get("web-01").await.unwrap().spec.requests.unwrap();
+    assert!(requests.reprotect.is_some());
+
+    // Protected in reverse: a failback is a planned failover request.
+    s.vm_status(
+        "team-a",
+        "web-01",
+        json!({"phase": "Protected", "direction": "Reverse"}),
+    )
+    .await;
+    let wide = s.ok(&["status", "-o", "wide"]).await;
+    let row = wide.lines().find(|l| l.starts_with("web-01")).unwrap();
+    assert!(
+        row.contains("Reverse") && row.contains("kvm-node-7"),
+        "{wide}"
+    );
+    s.ok(&["failback", "web-01", "--no-wait"]).await;
+    let failover = vms
+        .get("web-01")
+        .await
+        .unwrap()
+        .spec
+        .requests
+        .unwrap()
+        .failover
+        .unwrap();
+    assert_eq!(
+        failover.failover_type,
+        lifeboat_api::protected_vm::FailoverType::Planned
+    );
+}

@@ -7,13 +7,11 @@ use std::time::{Duration, SystemTime};
 
 use crate::model::{JobKind, JobParams, JobState, Phase, PointChoice, ResyncReason};
 
+use super::Pass;
 use super::requests::Ask;
-use super::{Pass, ResultChange};
 
 /// How often to look again while the policy is missing or not usable.
 const POLICY_RECHECK: Duration = Duration::from_secs(60);
-/// How soon to look again for what the last pass wrote to status.
-const MIN_WAIT: Duration = Duration::from_secs(1);
 
 impl Pass<'_> {
     pub(super) fn protect(&mut self) {
@@ -54,7 +52,13 @@ impl Pass<'_> {
                 self.reject_requests_after_failover(!committed);
                 if let Some(token) = self.ask_reprotect() {
                     self.reprotect(token, true);
-                } else if let Some(token) = self.ask_commit().filter(|_| !committed) {
+                }
+                // NB: a re-protect that was rejected leaves the other requests their turn in
+                // the same pass (deciding again must change nothing).
+                if self.create.is_some() {
+                    return;
+                }
+                if let Some(token) = self.ask_commit().filter(|_| !committed) {
                     // NB: the point travels with the job, so that an agent that has only the
                     // store (the VM's is lost) knows which point the failover kept.
                     let point = self.input.failover.and_then(|d| d.point.clone());
@@ -90,7 +94,10 @@ impl Pass<'_> {
                 }
                 if let Some(token) = self.ask_reprotect() {
                     self.reprotect(token, false);
-                } else if let Some(token) = self.ask_cleanup() {
+                }
+                if self.create.is_none()
+                    && let Some(token) = self.ask_cleanup()
+                {
                     self.cleanup_or_nothing(token);
                 }
             }
@@ -131,7 +138,9 @@ impl Pass<'_> {
     }
 
     /// A failback: its Failover job (stop, ship, point) then its Failback job (the primary
-    /// site's disks brought to that point), each retried as any job is.
+    /// site's disks brought to that point), each retried as any job is. The Failback job
+    /// asks for the newest point: the failover's, since its source is stopped and the replica
+    /// fenced for it (the agent refuses any other).
     fn failing_back(&mut self) {
         if self.retry_failed().is_some() {
             return;
@@ -141,23 +150,11 @@ impl Pass<'_> {
         }) else {
             return;
         };
-        // NB: the failover's point reaches status with the pass that saw its job end: until
-        // then `input.failover` still names the point the VM failed over to before.
-        let fresh = self.results != ResultChange::FailoverFromJob;
-        let Some(point) = self
-            .input
-            .failover
-            .filter(|_| fresh)
-            .and_then(|d| d.point.clone())
-        else {
-            self.wake.push(self.now + MIN_WAIT);
-            return;
-        };
         self.start_job(
             JobKind::Failback,
             JobParams {
                 request_token: done.params.request_token,
-                point: Some(PointChoice::Named(point)),
+                point: Some(PointChoice::Latest),
                 ..JobParams::default()
             },
             1,

@@ -516,18 +516,13 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     w.claim();
     w.step();
     w.end(Ok(()));
-    // The pass that takes the job's end in writes its point to status; the next uses it
-    // (before that, status still names the first failover's point).
     let d = w.step();
-    assert!(d.create_job.is_none(), "{:?}", d.create_job);
     assert_eq!(w.phase(), Phase::FailingBack);
     assert_eq!(
         w.state.handled.failover.as_deref(),
         Some("f1"),
         "not echoed yet"
     );
-    assert!(d.requeue_after <= Duration::from_secs(1));
-    let d = w.step();
     let job = d.create_job.expect("present");
     assert_eq!(job.kind, JobKind::Failback);
     assert_eq!(
@@ -535,12 +530,8 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
         "the primary site's node holds the original disks"
     );
     assert_eq!(job.params.request_token.as_deref(), Some("f2"));
-    let q = w
-        .failover
-        .as_ref()
-        .and_then(|f| f.point.clone())
-        .expect("present");
-    assert_eq!(job.params.point, Some(PointChoice::Named(q)));
+    // The newest point: the one the failover just cut (the agent refuses any other).
+    assert_eq!(job.params.point, Some(PointChoice::Latest));
     w.run_current_job();
     assert_eq!(w.phase(), Phase::FailedBack);
     assert_eq!(w.state.handled.failover.as_deref(), Some("f2"));
@@ -1358,6 +1349,7 @@ enum Act {
     AskCleanup,
     AskFailover,
     AskCommit,
+    AskReprotect,
     AskRetry,
     Toggle,
     Delete,
@@ -1378,6 +1370,7 @@ fn act() -> impl Strategy<Value = Act> {
         Just(Act::AskCleanup),
         Just(Act::AskFailover),
         Just(Act::AskCommit),
+        Just(Act::AskReprotect),
         Just(Act::AskRetry),
         Just(Act::Toggle),
         Just(Act::Delete),
@@ -1445,6 +1438,7 @@ fn apply(w: &mut World, act: &Act, tokens: &mut u32) {
             });
         }
         Act::AskCommit => w.spec.requests.commit = Some(token()),
+        Act::AskReprotect => w.spec.requests.reprotect = Some(token()),
         Act::AskRetry => w.spec.requests.retry = Some(token()),
         Act::Toggle => {
             w.spec.protect = !w.spec.protect;
@@ -1462,6 +1456,8 @@ proptest! {
     #[test]
     fn random_life_cycles_keep_the_guarantees(acts in prop::collection::vec(act(), 1..60)) {
         let mut w = World::new();
+        // Re-protect can run: the recovered VM is named.
+        w.spec.recovery_site = Some("node-b".into());
         let mut tokens = 0;
         let mut asked: Vec<String> = Vec::new();
         w.step();
@@ -1471,7 +1467,7 @@ proptest! {
             asked.extend(
                 [r.resync.clone(), r.test_failover.as_ref().map(|a| a.token.clone()),
                  r.cleanup_test_failover.clone(), r.failover.as_ref().map(|a| a.token.clone()),
-                 r.commit.clone(), r.retry.clone()].into_iter().flatten());
+                 r.commit.clone(), r.reprotect.clone(), r.retry.clone()].into_iter().flatten());
             let before = w.state.clone();
             let d = w.step();
             prop_assert!(d.requeue_after >= MIN_REQUEUE && d.requeue_after <= MAX_REQUEUE);
@@ -1487,7 +1483,7 @@ proptest! {
                 }
             }
             let h = &w.state.handled;
-            for token in [&h.resync, &h.test_failover, &h.cleanup_test_failover, &h.failover, &h.commit, &h.retry].into_iter().flatten() {
+            for token in [&h.resync, &h.test_failover, &h.cleanup_test_failover, &h.failover, &h.commit, &h.reprotect, &h.retry].into_iter().flatten() {
                 prop_assert!(asked.contains(token), "{} echoed but never asked", token);
             }
             // Idempotence: the same facts at the same time decide nothing new.

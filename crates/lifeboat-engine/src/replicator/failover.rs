@@ -364,6 +364,16 @@ impl Replicator {
     ) -> Result<(RecoveryPoint, Option<Stopped>), EngineError> {
         let mut stopped = None;
         let choice = if planned {
+            // NB: before the stop: a VM that needs a resync cannot be failed over without loss,
+            // and stopping it would only take it down for nothing.
+            if let EnginePhase::ResyncRequired { reason } = &self.state.phase {
+                return Err(EngineError::NotReady {
+                    what: format!(
+                        "a planned failover of VM {} needs a resync first: {reason}",
+                        self.vm
+                    ),
+                });
+            }
             let how = self
                 .hypervisor
                 .stop_vm(&self.disks, self.settings.stop_grace)

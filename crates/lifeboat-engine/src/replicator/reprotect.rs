@@ -231,6 +231,20 @@ pub async fn restore_onto(
     Ok(report)
 }
 
+/// The format of an image whose first bytes are `head`, when it is one whose data is not laid
+/// out raw (writing raw blocks into it would corrupt it); None for raw data (and a fixed VHD,
+/// raw data with a footer at its end).
+fn image_format(head: &[u8; 8]) -> Option<&'static str> {
+    match head {
+        [b'Q', b'F', b'I', 0xfb, ..] => Some("qcow2"),
+        b"vhdxfile" => Some("VHDX"),
+        // NB: a dynamic or differencing VHD starts with a copy of its footer.
+        b"conectix" => Some("dynamic VHD"),
+        [b'K', b'D', b'M', b'V', ..] => Some("VMDK"),
+        _ => None,
+    }
+}
+
 /// Open (or create) an original disk's image for writing in place; refuse formats that are
 /// not raw.
 fn open_target(path: &Path, disk: &str, size: u64) -> Result<std::fs::File, EngineError> {
@@ -241,16 +255,20 @@ fn open_target(path: &Path, disk: &str, size: u64) -> Result<std::fs::File, Engi
         .truncate(false)
         .open(path)
         .map_err(EngineError::state("open original disk", path))?;
-    let mut magic = [0u8; 4];
     let len = file
         .metadata()
         .map_err(EngineError::state("inspect original disk", path))?
         .len();
-    if len >= 4 && file.read_exact_at(&mut magic, 0).is_ok() && &magic == b"QFI\xfb" {
+    let mut head = [0u8; 8];
+    if len >= 8
+        && file.read_exact_at(&mut head, 0).is_ok()
+        && let Some(format) = image_format(&head)
+    {
         return Err(EngineError::NotReady {
             what: format!(
-                "disk {disk:?}: {} is a qcow2 image; failback writes raw images and block devices \
-                 in place (convert it with qemu-img, or fail back to new disks)",
+                "disk {disk:?}: {} is a {format} image; failback writes raw images (a fixed VHD \
+                 too: its data is raw) and block devices in place (convert it with qemu-img, or \
+                 fail back to new disks)",
                 path.display()
             ),
         });
@@ -392,4 +410,40 @@ async fn restore_disk(
     }
     tracing::info!(vm = %vm, disk = %pd.name, path = %path.display(), written = read, zeroed = plan.zero_bytes(), "original disk brought to the point");
     Ok(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_that_are_not_raw_data_are_named_and_raw_data_is_not() {
+        assert_eq!(image_format(b"QFI\xfb\0\0\0\x03"), Some("qcow2"));
+        assert_eq!(image_format(b"vhdxfile"), Some("VHDX"));
+        assert_eq!(image_format(b"conectix"), Some("dynamic VHD"));
+        assert_eq!(image_format(b"KDMV\x01\0\0\0"), Some("VMDK"));
+        assert_eq!(image_format(&[0; 8]), None);
+        assert_eq!(
+            image_format(b"\xebc\x90MSWIN"),
+            None,
+            "a boot sector is data"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failback_onto_a_qcow2_image_is_refused_and_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("root.qcow2");
+        let image = b"QFI\xfb\0\0\0\x03 and the rest of a qcow2 header".to_vec();
+        std::fs::write(&path, &image).unwrap_or_else(|e| panic!("{e}"));
+        let refused = open_target(&path, "root", 1 << 20).map(drop);
+        let Err(EngineError::NotReady { what }) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(
+            what.contains("qcow2") && what.contains("root.qcow2"),
+            "{what}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap_or_default(), image);
+    }
 }
