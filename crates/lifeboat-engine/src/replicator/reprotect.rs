@@ -245,9 +245,61 @@ fn image_format(head: &[u8; 8]) -> Option<&'static str> {
     }
 }
 
+/// Another process that has `path` open (its pid and program), found through `/proc/*/fd`:
+/// a hypervisor still holding the original disk (a QEMU paused by the failover, say) would
+/// run on, or resume, over blocks rewritten under it. Linux only; elsewhere, and for processes
+/// this agent may not inspect, nothing is found.
+fn held_open_by(path: &Path) -> Option<(u32, String)> {
+    #[cfg(target_os = "linux")]
+    {
+        let target = std::fs::canonicalize(path).ok()?;
+        let me = std::process::id();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+                continue;
+            };
+            if fds
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target))
+            {
+                let program = std::fs::read_to_string(entry.path().join("comm"))
+                    .map(|c| c.trim().to_owned())
+                    .unwrap_or_default();
+                return Some((pid, program));
+            }
+        }
+        None
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 /// Open (or create) an original disk's image for writing in place; refuse formats that are
-/// not raw.
+/// not raw, and an image another process holds open.
 fn open_target(path: &Path, disk: &str, size: u64) -> Result<std::fs::File, EngineError> {
+    if let Some((pid, program)) = held_open_by(path) {
+        return Err(EngineError::NotReady {
+            what: format!(
+                "disk {disk:?}: {} is open by process {pid} ({program}): power the VM at the \
+                 site it returns to off (its hypervisor process gone) before the failback writes \
+                 its disks, and start it fresh afterwards",
+                path.display()
+            ),
+        });
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -427,6 +479,41 @@ mod tests {
             image_format(b"\xebc\x90MSWIN"),
             None,
             "a boot sector is data"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_failback_onto_a_disk_another_process_holds_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("root.img");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap_or_else(|e| panic!("{e}"));
+        let ready = dir.path().join("ready");
+        let mut holder = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "exec 3<>'{}'; touch '{}'; sleep 30",
+                path.display(),
+                ready.display()
+            ))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        while !ready.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let refused = open_target(&path, "root", 4096).map(drop);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        let Err(EngineError::NotReady { what }) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(
+            what.contains(&format!("process {}", holder.id())) && what.contains("power the VM"),
+            "{what}"
+        );
+        assert!(
+            open_target(&path, "root", 4096).is_ok(),
+            "free once it is closed"
         );
     }
 
