@@ -451,6 +451,33 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     for (disk, (got, want)) in DISKS.iter().zip(read_files(&paths).iter().zip(&b_final)) {
         support::assert_same(&format!("A's disk {disk}"), got, want);
     }
+
+    // Re-protect A: its engine was left by the lost site in the middle of things (a resync
+    // refused as fenced, under a dead epoch); re-protect takes the replica back, A equals the
+    // failback's point, so nothing is sent, and A's cycles write again.
+    a.qsd.start_again();
+    let forward = job(
+        &mut a.engine,
+        JobKind::Reprotect,
+        JobParams {
+            point: named(&q),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(forward.report.bytes_sent, 0);
+    a.qsd.guest_writes("data", &scattered(90, 2, 3, 0x44));
+    let cycle = a.engine.run_cycle(SystemTime::now()).await.unwrap();
+    let point = cycle.point.unwrap().id;
+    assert_point_equals(
+        a.engine.store().as_ref(),
+        &point,
+        "A forward after an unplanned round trip",
+        &read_all(&a.qsd),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

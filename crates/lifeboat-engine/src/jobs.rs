@@ -270,23 +270,15 @@ pub async fn run_job(
             result.failover = Some(report);
         }
         JobKind::Failback => {
-            // NB: the failback's own point is the newest (its source is stopped and the
-            // replica fenced for it): an older one would take back what was written since.
-            let latest =
-                choose_point(engine.store().as_ref(), engine.vm(), &PointChoice::Latest).await?;
-            let point = match &params.point {
-                Some(lifeboat_core::PointChoice::Named(named)) if *named != latest.id => {
-                    return Err(EngineError::NotReady {
-                        what: format!(
-                            "a failback of VM {} brings the original disks to the newest point, \
-                             {}, not to {named}",
-                            engine.vm(),
-                            latest.id
-                        ),
-                    });
-                }
-                _ => latest.id.as_str(),
-            };
+            // NB: the point the failback's Failover job chose, resolved now: the replica is
+            // fenced for that failover and nothing has cut a point since.
+            let chosen = choose_point(
+                engine.store().as_ref(),
+                engine.vm(),
+                &engine_point(params.point.as_ref()),
+            )
+            .await?;
+            let point = chosen.id.as_str();
             let report = restore_onto(
                 engine.store().as_ref(),
                 engine.vm(),

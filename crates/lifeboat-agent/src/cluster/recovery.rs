@@ -43,7 +43,10 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: Stop) {
             .filter(|j| {
                 let key = ObjectRef::<ProtectedVM>::new(&j.spec.vm_ref.name)
                     .within(&j.namespace().unwrap_or_default());
-                shared.vm(&key).is_none()
+                // NB: a VM hosted here runs its jobs in its own task; one whose recovered VM
+                // runs here leaves its store-only jobs to this runner.
+                shared.vms.get(&key).is_none()
+                    && (shared.recovered.get(&key).is_none() || super::vm::store_only_job(j))
             })
             .collect();
         for job in jobs {

@@ -92,6 +92,8 @@ pub(crate) struct VmTask {
     /// fenced it): no more cycles; jobs still end (refused by the store) so that the
     /// operator hears why.
     fenced: bool,
+    /// This node hosts the VM's recovered VM only (`spec.recoverySite.nodeName`).
+    recovery_site_only: bool,
 }
 
 fn uid(job: &ReplicationJob) -> String {
@@ -100,6 +102,12 @@ fn uid(job: &ReplicationJob) -> String {
 
 fn now() -> SystemTime {
     whole_seconds(SystemTime::now())
+}
+
+/// Whether a job needs only the replica store (`lifeboat_core::vm::store_only`).
+pub(crate) fn store_only_job(job: &ReplicationJob) -> bool {
+    let (kind, params) = crate::jobs::job_kind_params(job);
+    lifeboat_core::vm::store_only(kind, &params)
 }
 
 fn job_type(job: &ReplicationJob) -> String {
@@ -135,6 +143,7 @@ impl VmTask {
             credentials_suspect: false,
             credentials_checked_at: None,
             fenced: false,
+            recovery_site_only: false,
         }
     }
 
@@ -172,6 +181,7 @@ impl VmTask {
 
     /// One look at the VM.
     pub(crate) async fn step(&mut self, vm: &ProtectedVM, stop: &Stop) {
+        self.recovery_site_only = vm.spec.node_name != self.shared.node;
         let jobs: Vec<Arc<ReplicationJob>> = self
             .shared
             .jobs
@@ -449,6 +459,9 @@ impl VmTask {
             .iter()
             .filter(|j| is_claimable(j, &self.shared.node))
             .filter(|j| !self.done.contains(&uid(j)))
+            // NB: the recovery site's agent leaves a store-only job to the recovery runner
+            // (`recovery.rs`), which needs nothing but the store, as for any VM not hosted here.
+            .filter(|j| !(self.recovery_site_only && store_only_job(j)))
             .filter(|j| {
                 // NB: a claim lost on this version is not tried again until the job changes.
                 self.lost.get(&uid(j)).map(String::as_str) != j.metadata.resource_version.as_deref()
@@ -577,6 +590,11 @@ impl VmTask {
             RunEnd::Finished(outcome) => {
                 let outcome = *outcome;
                 match &outcome {
+                    // NB: a re-protect took the replica's epoch for this agent: it writes again.
+                    Ok(_) if job.spec.job_type == lifeboat_api::job::JobType::Reprotect => {
+                        tracing::info!(vm = %self.vm, job = %name, "job succeeded: this agent replicates the VM");
+                        self.fenced = false;
+                    }
                     Ok(_) => tracing::info!(vm = %self.vm, job = %name, "job succeeded"),
                     Err(e) => {
                         tracing::warn!(vm = %self.vm, job = %name, error = %e, "job failed");

@@ -19,7 +19,9 @@ pub const AGENT_LOST: &str = "AgentLost";
 pub fn store_only(kind: JobKind, params: &JobParams) -> bool {
     match kind {
         JobKind::TestFailover | JobKind::CleanupTestFailover | JobKind::Commit => true,
-        JobKind::Failover => params.failover == Some(FailoverKind::Unplanned),
+        // NB: a failback's Failover runs on the recovery site's node, which holds the engine
+        // that replicates (and whose epoch it ends), unplanned or not.
+        JobKind::Failover => params.failover == Some(FailoverKind::Unplanned) && !params.to_primary,
         _ => false,
     }
 }

@@ -51,6 +51,8 @@ use crate::retry::ErrorClass;
 mod disable;
 mod jobs;
 mod protection;
+
+pub use jobs::store_only;
 mod requests;
 mod status;
 

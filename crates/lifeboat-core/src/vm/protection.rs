@@ -138,9 +138,7 @@ impl Pass<'_> {
     }
 
     /// A failback: its Failover job (stop, ship, point) then its Failback job (the primary
-    /// site's disks brought to that point), each retried as any job is. The Failback job
-    /// asks for the newest point: the failover's, since its source is stopped and the replica
-    /// fenced for it (the agent refuses any other).
+    /// site's disks brought to that point), each retried as any job is.
     fn failing_back(&mut self) {
         if self.retry_failed().is_some() {
             return;
@@ -150,11 +148,13 @@ impl Pass<'_> {
         }) else {
             return;
         };
+        // NB: the point its Failover job chose (the newest for a planned one; an unplanned
+        // one may name an older point): nothing has cut a point since, the replica is fenced.
         self.start_job(
             JobKind::Failback,
             JobParams {
                 request_token: done.params.request_token,
-                point: Some(PointChoice::Latest),
+                point: done.params.point.or(Some(PointChoice::Latest)),
                 ..JobParams::default()
             },
             1,

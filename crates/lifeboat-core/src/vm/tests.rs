@@ -530,7 +530,7 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
         "the primary site's node holds the original disks"
     );
     assert_eq!(job.params.request_token.as_deref(), Some("f2"));
-    // The newest point: the one the failover just cut (the agent refuses any other).
+    // The point the failback's Failover job chose (a planned one: the newest).
     assert_eq!(job.params.point, Some(PointChoice::Latest));
     w.run_current_job();
     assert_eq!(w.phase(), Phase::FailedBack);
@@ -545,6 +545,45 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     w.run_current_job();
     assert_eq!(w.phase(), Phase::Protected);
     assert_eq!(w.state.handled.reprotect.as_deref(), Some("r3"));
+}
+
+#[test]
+fn an_unplanned_failback_to_a_named_point_restores_that_point() {
+    let mut w = World::protected();
+    w.spec.recovery_site = Some("node-b".into());
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.run_current_job();
+    w.spec.requests.reprotect = Some("r1".into());
+    w.step();
+    w.run_current_job();
+    assert_eq!((w.phase(), w.state.reverse), (Phase::Protected, true));
+    let older = PointChoice::Named("before-the-ransomware".into());
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f2".into(),
+        kind: FailoverKind::Unplanned,
+        point: older.clone(),
+    });
+    let d = w.step();
+    let job = d.create_job.expect("the failback's failover");
+    assert_eq!(
+        job.node.as_deref(),
+        Some("node-b"),
+        "not store-only: {job:?}"
+    );
+    w.claim();
+    w.step();
+    w.end(Ok(()));
+    let d = w.step();
+    let job = d.create_job.expect("the failback");
+    assert_eq!(
+        (job.kind, job.params.point),
+        (JobKind::Failback, Some(older))
+    );
 }
 
 #[test]

@@ -73,20 +73,15 @@ impl Replicator {
         now: SystemTime,
         progress: ProgressSink<'_>,
     ) -> Result<Report, EngineError> {
-        match &self.state.phase {
-            EnginePhase::Protected => return Ok(Report::default()),
-            phase if reprotecting_from(phase) == Some(from_point) => {}
-            EnginePhase::New | EnginePhase::Disabled | EnginePhase::FailedOver { .. } => {
-                self.take_replica(from_point, now).await?;
+        if reprotecting_from(&self.state.phase) != Some(from_point) {
+            // NB: protected already counts only while this engine still holds the replica (a
+            // re-protect whose job ended unseen); an engine left Protected, or half way
+            // through anything, by a site that was failed away from holds a dead epoch.
+            let holds = self.store.epoch(&self.vm).await?.number == self.state.epoch;
+            if self.state.phase == EnginePhase::Protected && holds {
+                return Ok(Report::default());
             }
-            other => {
-                return Err(EngineError::NotReady {
-                    what: format!(
-                        "VM {} cannot be re-protected from point {from_point} while {other:?}",
-                        self.vm
-                    ),
-                });
-            }
+            self.take_replica(from_point, now).await?;
         }
         if self.state.resync_cycle.is_none() {
             // NB: not once the resync has started: it writes the live replica past the point.
@@ -177,6 +172,22 @@ impl Replicator {
             self.store.delete_point(&self.vm, id).await?;
         }
         self.store.revert_to_latest_point(&self.vm).await?;
+        // NB: a map the old site left tagged otherwise (an interrupted copy or resync there)
+        // describes nothing now; one tagged `resync` would be trusted by this re-protect's
+        // own resumption. It is replaced by bytes no map decodes from: re-hashed when needed.
+        let disks: Vec<String> = self.disks.iter().map(|d| d.name.clone()).collect();
+        for disk in disks {
+            let stale = self
+                .store
+                .block_map(&self.vm, &disk)
+                .await?
+                .is_some_and(|bytes| maps::decode(&bytes).is_none_or(|(tag, _)| tag != from_point));
+            if stale {
+                self.store
+                    .put_block_map(&self.vm, &disk, bytes::Bytes::from_static(b"stale"))
+                    .await?;
+            }
+        }
         Ok(())
     }
 }
