@@ -229,18 +229,35 @@ async fn materialise_disk(
         .map_err(EngineError::state("flush failover disk", path))?;
     file.sync_all()
         .map_err(EngineError::state("sync failover disk", path))?;
-    let got = maps::digest(&map);
+    verify_digest(&map, point, pd, |got| format!("the replica reads as {got}"))?;
+    Ok(read)
+}
+
+/// Check that `map`, what was written for disk `pd` of `point`, has the digest the manifest
+/// recorded; `found` says what the map describes, given its fingerprint.
+///
+/// # Errors
+///
+/// [`EngineError::DigestMismatch`] with both fingerprints.
+pub(super) fn verify_digest(
+    map: &BlockMap,
+    point: &RecoveryPoint,
+    pd: &lifeboat_store::PointDisk,
+    found: impl FnOnce(&str) -> String,
+) -> Result<(), EngineError> {
+    let got = maps::digest(map);
     if got != pd.digest {
         return Err(EngineError::DigestMismatch {
             disk: pd.name.clone(),
             point: point.id.clone(),
             detail: format!(
-                "the manifest says {}, the replica reads as {}",
-                pd.digest.fingerprint, got.fingerprint
+                "the manifest says {}, {}",
+                pd.digest.fingerprint,
+                found(&got.fingerprint)
             ),
         });
     }
-    Ok(read)
+    Ok(())
 }
 
 impl Replicator {

@@ -419,13 +419,7 @@ impl Replicator {
     ///
     /// The first prerequisite that fails, naming what is wrong.
     pub async fn enable(&mut self) -> Result<Vec<DiskInfo>, EngineError> {
-        if self.disks.is_empty() {
-            return Err(EngineError::NotReady {
-                what: format!("VM {} has no disk to protect", self.vm),
-            });
-        }
-        let infos = self.hypervisor.inspect(&self.disks).await?;
-        self.store.check_writable().await?;
+        let infos = self.check_source_and_store().await?;
         if matches!(self.state.phase, EnginePhase::New | EnginePhase::Disabled) {
             // NB: new protection writes under the replica's epoch as it finds it (a replica
             // kept from an earlier protection may have been fenced since); from then on the
@@ -453,6 +447,23 @@ impl Replicator {
         if self.state.phase == EnginePhase::New || self.state.phase == EnginePhase::Disabled {
             self.set_phase(EnginePhase::Enabled)?;
         }
+        Ok(infos)
+    }
+
+    /// The prerequisites a protection starts from (enable, re-protect): the VM has disks, the
+    /// hypervisor finds them (their sizes), the store takes writes.
+    ///
+    /// # Errors
+    ///
+    /// The first that fails, naming what is wrong.
+    async fn check_source_and_store(&self) -> Result<Vec<DiskInfo>, EngineError> {
+        if self.disks.is_empty() {
+            return Err(EngineError::NotReady {
+                what: format!("VM {} has no disk to protect", self.vm),
+            });
+        }
+        let infos = self.hypervisor.inspect(&self.disks).await?;
+        self.store.check_writable().await?;
         Ok(infos)
     }
 

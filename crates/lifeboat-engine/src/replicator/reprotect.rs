@@ -32,7 +32,7 @@ use lifeboat_blockmap::{BlockMap, HashAlgorithm, RangeOp, plan_resync};
 use lifeboat_store::local::{PositionalIo, data_ranges};
 use lifeboat_store::{At, MAX_WRITE_BYTES, ReplicaStore, VmKey};
 
-use super::failover::{FailoverReport, MaterialisedDisk, PointChoice, choose_point};
+use super::failover::{FailoverReport, MaterialisedDisk, PointChoice, choose_point, verify_digest};
 use super::{Progress, ProgressSink, Replicator, Report, maps, throughput, unix_ms};
 use crate::backend::DiskRef;
 use crate::error::EngineError;
@@ -93,13 +93,7 @@ impl Replicator {
     /// Check the VM here against the point, fence the store for this engine and record the
     /// re-protect (its resync) before anything in the store changes.
     async fn take_replica(&mut self, from_point: &str, now: SystemTime) -> Result<(), EngineError> {
-        if self.disks.is_empty() {
-            return Err(EngineError::NotReady {
-                what: format!("VM {} has no disk to protect", self.vm),
-            });
-        }
-        let infos = self.hypervisor.inspect(&self.disks).await?;
-        self.store.check_writable().await?;
+        let infos = self.check_source_and_store().await?;
         let point = choose_point(
             self.store.as_ref(),
             &self.vm,
@@ -460,17 +454,9 @@ async fn restore_disk(
     file.sync_all()
         .map_err(EngineError::state("sync original disk", path))?;
     report(size, read);
-    let got = maps::digest(&have);
-    if got != pd.digest {
-        return Err(EngineError::DigestMismatch {
-            disk: pd.name.clone(),
-            point: point.id.clone(),
-            detail: format!(
-                "the manifest says {}, the original disk reads as {} after the failback",
-                pd.digest.fingerprint, got.fingerprint
-            ),
-        });
-    }
+    verify_digest(&have, point, pd, |got| {
+        format!("the original disk reads as {got} after the failback")
+    })?;
     tracing::info!(vm = %vm, disk = %pd.name, path = %path.display(), written = read, zeroed = plan.zero_bytes(), "original disk brought to the point");
     Ok(read)
 }
