@@ -65,6 +65,24 @@ fn store_at(root: &Path) -> Arc<dyn ReplicaStore> {
     Arc::new(LocalStore::open(root.join("store")).unwrap())
 }
 
+/// [`store_at`] for a site taking over from one whose engine was just dropped: the old
+/// instance's VM lock goes with its last task (an upload may still be ending), so the new one
+/// waits for it, up to 10 s, as a new agent process would find it free.
+async fn store_taking_over(root: &Path) -> Arc<dyn ReplicaStore> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let store = store_at(root);
+        match store.manifest(&engine::vm()).await {
+            Ok(_) => return store,
+            Err(e) if e.to_string().contains("held by another") => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 async fn open_site(dir: &Path, qsd: Qsd, store: Arc<dyn ReplicaStore>, writer: &str) -> Site {
     let hypervisor = Arc::new(engine::qemu(&qsd, dir));
     let mut engine =
@@ -210,7 +228,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     let qsd_b = start_recovered(&b_dir, &failover);
     let b_writes: Vec<Write> = scattered(2, 6, 7, 0x21);
     qsd_b.guest_writes("root", &b_writes);
-    let mut b = open_site(&b_dir, qsd_b, store_at(tmp.path()), "node b").await;
+    let mut b = open_site(&b_dir, qsd_b, store_taking_over(tmp.path()).await, "node b").await;
     let reprotect = job(
         &mut b.engine,
         JobKind::Reprotect,
@@ -266,7 +284,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     } = b;
     drop(engine);
     // A's agent is back (A's VM is not running yet: its disks are brought to the point first).
-    let mut a = open_site(&a_dir, qsd, store_at(tmp.path()), "node a").await;
+    let mut a = open_site(&a_dir, qsd, store_taking_over(tmp.path()).await, "node a").await;
     let a_originals = original_disks(&a);
     let a_images: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
     let restored = job(
@@ -350,7 +368,7 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     drop(engine);
 
     // Unplanned failover from the store alone, as a recovery node runs it.
-    let b_store = store_at(tmp.path());
+    let b_store = store_taking_over(tmp.path()).await;
     let failover = lifeboat_engine::run_store_job(
         b_store.as_ref(),
         &engine::vm(),
@@ -411,7 +429,7 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     let b_final = read_all(&qsd_b);
     // The old primary's agent comes back: fenced, its engine can no longer cut a point.
     qsd.start_again();
-    let mut a = open_site(&a_dir, qsd, store_at(tmp.path()), "node a").await;
+    let mut a = open_site(&a_dir, qsd, store_taking_over(tmp.path()).await, "node a").await;
     // (Its raw disks lost their tracking with their daemon: what it would do is a resync.)
     let cycle = a.engine.run_cycle(SystemTime::now()).await.unwrap();
     assert!(cycle.resync_required.is_some(), "{cycle:?}");
