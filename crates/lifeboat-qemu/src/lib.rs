@@ -33,7 +33,7 @@
 #![cfg(unix)]
 
 mod discover;
-pub mod nbd;
+pub use lifeboat_nbd as nbd;
 pub mod qmp;
 mod stop;
 #[cfg(any(test, feature = "testing"))]

@@ -1,7 +1,10 @@
-//! A small NBD client: just what reading a fleecing view needs. Newstyle fixed handshake,
-//! structured replies, meta contexts (`base:allocation`, `qemu:dirty-bitmap:NAME`),
-//! `NBD_CMD_READ`, `NBD_CMD_BLOCK_STATUS` and `NBD_CMD_DISC`; no TLS, no extended headers,
-//! no writes.
+//! A small NBD client: what reading a fleecing view and writing an image in place need.
+//! Newstyle fixed handshake, structured replies, meta contexts (`base:allocation`,
+//! `qemu:dirty-bitmap:NAME`), `NBD_CMD_READ`, `NBD_CMD_WRITE`, `NBD_CMD_FLUSH`,
+//! `NBD_CMD_BLOCK_STATUS` and `NBD_CMD_DISC`; no TLS, no extended headers.
+//!
+//! Its users: the QEMU backend (`lifeboat-qemu`) reads views through it; the engine's failback
+//! writes a qcow2 original disk through a `qemu-nbd` serving it.
 //!
 //! ```text
 //!  client                                   server (QEMU's NBD server)
@@ -32,21 +35,15 @@
 //! - `client.rs`: the assemblers and [`NbdClient`] (connection, handshake, pipelined reads,
 //!   block status queries), built on `wire.rs`.
 //!
-//! Everything is re-exported here, so its path stays `nbd::X`.
+//! Everything is re-exported here (`lifeboat-qemu` re-exports the crate as `nbd`).
+
+#![cfg(unix)]
 
 mod client;
 mod wire;
 
-pub use client::{NbdClient, Negotiated, ReadAssembly, StatusAssembly, coalesce};
-pub use wire::{
-    BASE_ALLOCATION, Chunk, ChunkHeader, DEFAULT_READ_REQUEST_BYTES, DEFAULT_WINDOW, Extent, Info,
-    MAX_READ_REQUEST_BYTES, NBD_STATE_DIRTY, NBD_STATE_HOLE, NBD_STATE_ZERO, NbdError, OptionReply,
-    OptionReplyHeader, ReplyKind, Request, SimpleReply, check_data_chunk, encode_go, encode_option,
-    encode_request, encode_set_meta_context, parse_chunk, parse_chunk_header, parse_greeting,
-    parse_option_reply, parse_option_reply_header, parse_reply_magic, parse_simple_reply,
-};
-// NB: the crate-private constants (and `errno_name`) keep their `nbd::X` paths for the rest
-// of the crate too: `discover` probes sockets with the greeting, the tests build byte streams
-// with them. A glob re-exports each item at most as visible as it is, so nothing private
-// leaks out of the crate.
-pub(crate) use wire::*;
+pub use client::{AckAssembly, NbdClient, Negotiated, ReadAssembly, StatusAssembly, coalesce};
+// NB: the whole wire module, the protocol's constants and pure functions included: the QEMU
+// backend's `discover` probes sockets with the greeting, and its tests build byte streams
+// with them.
+pub use wire::*;

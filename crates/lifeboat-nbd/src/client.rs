@@ -15,13 +15,14 @@ use tokio::net::UnixStream;
 use super::wire::{
     CHUNK_HEADER_REST_BYTES, Chunk, ChunkHeader, DEFAULT_READ_REQUEST_BYTES, DEFAULT_WINDOW,
     Extent, GREETING_BYTES, Info, MAX_READ_REQUEST_BYTES, MAX_STATUS_REQUEST_BYTES,
-    NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE,
-    NBD_FLAG_C_NO_ZEROES, NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_OPT_GO,
-    NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_TYPE_OFFSET_DATA, NbdError,
-    OPTION_REPLY_HEADER_BYTES, OptionReply, ReplyKind, Request, SIMPLE_REPLY_REST_BYTES,
-    check_data_chunk, encode_go, encode_option, encode_request, encode_set_meta_context,
-    option_name, parse_chunk, parse_chunk_header, parse_greeting, parse_option_reply,
-    parse_option_reply_header, parse_reply_magic, parse_simple_reply, protocol, rep_error_name,
+    NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE,
+    NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_FLUSH, NBD_INFO_BLOCK_SIZE, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_TYPE_OFFSET_DATA, NbdError, OPTION_REPLY_HEADER_BYTES,
+    OptionReply, ReplyKind, Request, SIMPLE_REPLY_REST_BYTES, check_data_chunk, encode_go,
+    encode_option, encode_request, encode_set_meta_context, option_name, parse_chunk,
+    parse_chunk_header, parse_greeting, parse_option_reply, parse_option_reply_header,
+    parse_reply_magic, parse_simple_reply, protocol, rep_error_name,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -218,6 +219,54 @@ impl StatusAssembly {
     }
 }
 
+/// Collects the reply to a request that returns no data (a write, a flush).
+///
+/// # Guarantees
+/// `finish` succeeds only if the server said so without error: a data, hole or block status
+/// chunk in reply is a protocol error, never taken as success.
+#[derive(Debug)]
+pub struct AckAssembly {
+    req: Request,
+    error: Option<NbdError>,
+}
+
+impl AckAssembly {
+    /// Expect the reply to `req`.
+    pub fn new(req: Request) -> Self {
+        Self { req, error: None }
+    }
+
+    /// Record a server error for this request.
+    pub fn fail(&mut self, errno: u32, message: String) {
+        if self.error.is_none() {
+            self.error = Some(self.req.error(errno, message));
+        }
+    }
+
+    /// Take one parsed chunk.
+    pub fn push(&mut self, chunk: Chunk) -> Result<(), NbdError> {
+        match chunk {
+            Chunk::None => Ok(()),
+            Chunk::Error { errno, message, .. } => {
+                self.fail(errno, message);
+                Ok(())
+            }
+            Chunk::Data { .. } | Chunk::Hole(_) | Chunk::Status { .. } => Err(protocol(format!(
+                "data or block status chunk in reply to a {}",
+                self.req.name()
+            ))),
+        }
+    }
+
+    /// Success, or the server's error.
+    pub fn finish(self) -> Result<(), NbdError> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Merge adjacent extents with equal flags.
 pub fn coalesce(extents: impl IntoIterator<Item = Extent>) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::new();
@@ -252,6 +301,7 @@ pub struct Negotiated {
 enum Pending {
     Read(ReadAssembly),
     Status(StatusAssembly),
+    Ack(AckAssembly),
 }
 
 /// An NBD connection to one export, over a unix socket (or any byte stream in tests).
@@ -423,6 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
         let outcome = self
             .run(
                 &requests,
+                &[],
                 |req, _| {
                     Pending::Read(ReadAssembly::with_buffer(
                         *req,
@@ -477,6 +528,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
             let outcome = self
                 .run(
                     &[req],
+                    &[],
                     |req, _| Pending::Status(StatusAssembly::new(*req, id, known.clone())),
                     &mut result,
                 )
@@ -495,6 +547,75 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
             at = end;
         }
         Ok(coalesce(extents))
+    }
+
+    /// Whether the export accepts writes.
+    pub fn is_writable(&self) -> bool {
+        self.negotiated.flags & NBD_FLAG_READ_ONLY == 0
+    }
+
+    /// Write `data` at `offset`, split into requests the server accepts, pipelined. The
+    /// writes are complete (not yet durable: see [`NbdClient::flush`]) when it returns.
+    pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), NbdError> {
+        self.guard()?;
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if !self.is_writable() {
+            return Err(NbdError::Invalid(format!(
+                "export {:?} is read-only",
+                self.export
+            )));
+        }
+        let step = u64::from(self.negotiated.max_read_bytes.max(512));
+        let mut requests = Vec::new();
+        let mut payloads = Vec::new();
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(step);
+            requests.push(Request {
+                command: NBD_CMD_WRITE,
+                offset: offset + at,
+                // NB: at most max_read_bytes, which is a u32.
+                len: n as u32,
+            });
+            payloads.push(data.slice(at as usize..(at + n) as usize));
+            at += n;
+        }
+        self.acknowledged(&requests, &payloads).await
+    }
+
+    /// Make every completed write durable on the server's storage (a no-op when the server
+    /// says it needs no flush).
+    pub async fn flush(&mut self) -> Result<(), NbdError> {
+        self.guard()?;
+        if self.negotiated.flags & NBD_FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        let req = Request {
+            command: NBD_CMD_FLUSH,
+            offset: 0,
+            len: 0,
+        };
+        self.acknowledged(&[req], &[]).await
+    }
+
+    async fn acknowledged(
+        &mut self,
+        requests: &[Request],
+        payloads: &[Bytes],
+    ) -> Result<(), NbdError> {
+        self.broken = true;
+        let mut results: Vec<Option<()>> = vec![None; requests.len()];
+        let outcome = self
+            .run(
+                requests,
+                payloads,
+                |req, _| Pending::Ack(AckAssembly::new(*req)),
+                &mut results,
+            )
+            .await;
+        self.settle(&outcome);
+        outcome
     }
 
     /// Say goodbye (`NBD_CMD_DISC`) and close the write side.
@@ -518,10 +639,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
         };
     }
 
-    /// Send `requests` (up to `window` in flight) and collect their results in order.
+    /// Send `requests` (up to `window` in flight), each followed by its payload when
+    /// `payloads` has one (writes), and collect their results in order.
     async fn run<T: FromPending>(
         &mut self,
         requests: &[Request],
+        payloads: &[Bytes],
         mut start: impl FnMut(&Request, usize) -> Pending,
         results: &mut [Option<T>],
     ) -> Result<(), NbdError> {
@@ -535,9 +658,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
                 let handle = self.next_handle;
                 self.next_handle = self.next_handle.wrapping_add(1);
                 let bytes = encode_request(0, req.command, handle, req.offset, req.len);
+                let payload = payloads.get(next);
                 let stream = self.stream.get_mut();
                 within(self.timeout, async {
                     stream.write_all(&bytes).await?;
+                    if let Some(payload) = payload {
+                        stream.write_all(payload).await?;
+                    }
                     Ok(())
                 })
                 .await?;
@@ -578,7 +705,7 @@ impl FromPending for BytesMut {
     fn finish(pending: Pending) -> Result<Self, NbdError> {
         match pending {
             Pending::Read(r) => r.finish_mut(),
-            Pending::Status(_) => Err(protocol("block status finished as a read")),
+            _ => Err(protocol("another request finished as a read")),
         }
     }
 }
@@ -587,7 +714,16 @@ impl FromPending for Vec<Extent> {
     fn finish(pending: Pending) -> Result<Self, NbdError> {
         match pending {
             Pending::Status(s) => s.finish(),
-            Pending::Read(_) => Err(protocol("read finished as a block status")),
+            _ => Err(protocol("another request finished as a block status")),
+        }
+    }
+}
+
+impl FromPending for () {
+    fn finish(pending: Pending) -> Result<Self, NbdError> {
+        match pending {
+            Pending::Ack(a) => a.finish(),
+            _ => Err(protocol("a read or block status finished as a write")),
         }
     }
 }
@@ -615,6 +751,8 @@ async fn receive<S: AsyncRead + Unpin>(
                 Pending::Read(r) => r.fail(reply.errno, String::new()),
                 Pending::Status(s) if reply.errno != 0 => s.fail(reply.errno, String::new()),
                 Pending::Status(_) => return Err(protocol("simple success reply to block status")),
+                Pending::Ack(a) if reply.errno != 0 => a.fail(reply.errno, String::new()),
+                Pending::Ack(_) => {}
             }
             Ok(Some((index, pending)))
         }
@@ -645,6 +783,11 @@ async fn receive<S: AsyncRead + Unpin>(
                     let payload = read_payload(stream, &header, &s.req).await?;
                     let chunk = parse_chunk(&header, payload, &s.req)?;
                     s.push(chunk)?;
+                }
+                Pending::Ack(a) => {
+                    let payload = read_payload(stream, &header, &a.req).await?;
+                    let chunk = parse_chunk(&header, payload, &a.req)?;
+                    a.push(chunk)?;
                 }
             }
             if header.done() {

@@ -15,75 +15,83 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// `NBDMAGIC`: the first 8 bytes a server sends.
-pub(crate) const NBD_INIT_MAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const NBD_INIT_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle servers send it after `NBDMAGIC`; clients prefix every option with it.
-pub(crate) const NBD_OPTS_MAGIC: u64 = 0x4948_4156_454f_5054;
+pub const NBD_OPTS_MAGIC: u64 = 0x4948_4156_454f_5054;
 /// What an oldstyle server sends instead of `IHAVEOPT`.
-pub(crate) const NBD_OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+pub const NBD_OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// The magic of every option reply.
-pub(crate) const NBD_REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const NBD_REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// The magic of every transmission request.
-pub(crate) const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
 /// The magic of a simple (unstructured) reply.
-pub(crate) const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// The magic of a structured reply chunk.
-pub(crate) const NBD_STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub const NBD_STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flag: the server speaks fixed newstyle.
-pub(crate) const NBD_FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const NBD_FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 /// Handshake flag: the server can skip the 124 zero bytes of `NBD_OPT_EXPORT_NAME`.
-pub(crate) const NBD_FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const NBD_FLAG_NO_ZEROES: u16 = 1 << 1;
 /// Client flag: the client speaks fixed newstyle.
-pub(crate) const NBD_FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const NBD_FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 /// Client flag: the client wants no zero padding.
-pub(crate) const NBD_FLAG_C_NO_ZEROES: u32 = 1 << 1;
+pub const NBD_FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 /// Option: ask for structured replies.
-pub(crate) const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
+pub const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
 /// Option: select meta contexts for block status.
-pub(crate) const NBD_OPT_SET_META_CONTEXT: u32 = 10;
+pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
 /// Option: select the export and end the handshake.
-pub(crate) const NBD_OPT_GO: u32 = 7;
+pub const NBD_OPT_GO: u32 = 7;
 /// Option: end the handshake without an export.
-pub(crate) const NBD_OPT_ABORT: u32 = 2;
+pub const NBD_OPT_ABORT: u32 = 2;
 
 /// Option reply: done with this option.
-pub(crate) const NBD_REP_ACK: u32 = 1;
+pub const NBD_REP_ACK: u32 = 1;
 /// Option reply: one piece of information about the export (`NBD_OPT_GO`).
-pub(crate) const NBD_REP_INFO: u32 = 3;
+pub const NBD_REP_INFO: u32 = 3;
 /// Option reply: one selected meta context (`NBD_OPT_SET_META_CONTEXT`).
-pub(crate) const NBD_REP_META_CONTEXT: u32 = 4;
+pub const NBD_REP_META_CONTEXT: u32 = 4;
 /// Option replies with this bit set are errors.
-pub(crate) const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
+pub const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
 
 /// `NBD_REP_INFO` type: export size and transmission flags.
-pub(crate) const NBD_INFO_EXPORT: u16 = 0;
+pub const NBD_INFO_EXPORT: u16 = 0;
 /// `NBD_REP_INFO` type: block size constraints.
-pub(crate) const NBD_INFO_BLOCK_SIZE: u16 = 3;
+pub const NBD_INFO_BLOCK_SIZE: u16 = 3;
 
 /// Command: read.
-pub(crate) const NBD_CMD_READ: u16 = 0;
+pub const NBD_CMD_READ: u16 = 0;
+/// Command: write (the data follows the request).
+pub const NBD_CMD_WRITE: u16 = 1;
 /// Command: disconnect (no reply).
-pub(crate) const NBD_CMD_DISC: u16 = 2;
+pub const NBD_CMD_DISC: u16 = 2;
+/// Command: make every completed write durable.
+pub const NBD_CMD_FLUSH: u16 = 3;
+/// Transmission flag: the export is read-only.
+pub const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
+/// Transmission flag: the server accepts `NBD_CMD_FLUSH`.
+pub const NBD_FLAG_SEND_FLUSH: u16 = 1 << 2;
 /// Command: block status of the selected meta contexts.
-pub(crate) const NBD_CMD_BLOCK_STATUS: u16 = 7;
+pub const NBD_CMD_BLOCK_STATUS: u16 = 7;
 
 /// Chunk flag: the last chunk of this request.
-pub(crate) const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
 /// Chunk type: nothing (only valid as the final chunk).
-pub(crate) const NBD_REPLY_TYPE_NONE: u16 = 0;
+pub const NBD_REPLY_TYPE_NONE: u16 = 0;
 /// Chunk type: data at an offset.
-pub(crate) const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
 /// Chunk type: a range that reads as zeros.
-pub(crate) const NBD_REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const NBD_REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Chunk type: block status descriptors of one meta context.
-pub(crate) const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// Chunk types with this bit set are errors.
-pub(crate) const NBD_REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
+pub const NBD_REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 /// Chunk type: an error for the whole request.
-pub(crate) const NBD_REPLY_TYPE_ERROR: u16 = NBD_REPLY_TYPE_ERROR_BIT | 1;
+pub const NBD_REPLY_TYPE_ERROR: u16 = NBD_REPLY_TYPE_ERROR_BIT | 1;
 /// Chunk type: an error at one offset.
-pub(crate) const NBD_REPLY_TYPE_ERROR_OFFSET: u16 = NBD_REPLY_TYPE_ERROR_BIT | 2;
+pub const NBD_REPLY_TYPE_ERROR_OFFSET: u16 = NBD_REPLY_TYPE_ERROR_BIT | 2;
 
 /// `base:allocation` flag: the range is not allocated.
 pub const NBD_STATE_HOLE: u32 = 1 << 0;
@@ -105,22 +113,22 @@ pub const DEFAULT_READ_REQUEST_BYTES: u32 = 1 << 20;
 /// How many requests one call keeps in flight unless told otherwise.
 pub const DEFAULT_WINDOW: usize = 8;
 /// The largest block status request sent (the protocol's length is 32 bits).
-pub(crate) const MAX_STATUS_REQUEST_BYTES: u32 = 1 << 31;
+pub const MAX_STATUS_REQUEST_BYTES: u32 = 1 << 31;
 /// The largest option reply payload accepted (strings are at most 4096 bytes by the spec).
-pub(crate) const MAX_OPTION_REPLY_BYTES: u32 = 64 << 10;
+pub const MAX_OPTION_REPLY_BYTES: u32 = 64 << 10;
 /// The largest chunk payload accepted that is not read data (block status descriptors,
 /// error messages). QEMU sends at most 1 MiB of descriptors per chunk.
-pub(crate) const MAX_CHUNK_PAYLOAD_BYTES: u32 = 16 << 20;
+pub const MAX_CHUNK_PAYLOAD_BYTES: u32 = 16 << 20;
 /// Length of a request on the wire.
-pub(crate) const REQUEST_BYTES: usize = 28;
+pub const REQUEST_BYTES: usize = 28;
 /// Length of an option reply header.
-pub(crate) const OPTION_REPLY_HEADER_BYTES: usize = 20;
+pub const OPTION_REPLY_HEADER_BYTES: usize = 20;
 /// Length of the server's greeting (`NBDMAGIC`, `IHAVEOPT`, handshake flags).
-pub(crate) const GREETING_BYTES: usize = 18;
+pub const GREETING_BYTES: usize = 18;
 /// Length of a simple reply after its magic.
-pub(crate) const SIMPLE_REPLY_REST_BYTES: usize = 12;
+pub const SIMPLE_REPLY_REST_BYTES: usize = 12;
 /// Length of a chunk header after its magic.
-pub(crate) const CHUNK_HEADER_REST_BYTES: usize = 16;
+pub const CHUNK_HEADER_REST_BYTES: usize = 16;
 
 /// Why an NBD exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +191,7 @@ pub(super) fn protocol(detail: impl Into<String>) -> NbdError {
 }
 
 /// The name of an NBD error number.
-pub(crate) fn errno_name(errno: u32) -> &'static str {
+pub fn errno_name(errno: u32) -> &'static str {
     match errno {
         1 => "EPERM",
         5 => "EIO",
@@ -558,7 +566,7 @@ pub fn parse_chunk_header(bytes: &[u8; CHUNK_HEADER_REST_BYTES]) -> ChunkHeader 
 /// What a request asked for, to check its replies against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
-    /// `NBD_CMD_READ` or `NBD_CMD_BLOCK_STATUS`.
+    /// `NBD_CMD_READ`, `NBD_CMD_WRITE`, `NBD_CMD_FLUSH` or `NBD_CMD_BLOCK_STATUS`.
     pub command: u16,
     /// Offset.
     pub offset: u64,
@@ -575,6 +583,8 @@ impl Request {
         match self.command {
             NBD_CMD_READ => "read",
             NBD_CMD_BLOCK_STATUS => "block status",
+            NBD_CMD_WRITE => "write",
+            NBD_CMD_FLUSH => "flush",
             _ => "command",
         }
     }

@@ -1,0 +1,118 @@
+//! The client against a real server: `qemu-nbd` serving a qcow2 image (qemu-utils), written
+//! through the client, read back through it and checked with `qemu-img compare`.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used)] // a failed unwrap is the test failure report
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use bytes::Bytes;
+use lifeboat_nbd::{BASE_ALLOCATION, NBD_STATE_HOLE, NbdClient, NbdError};
+
+const MIB: u64 = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `qemu-nbd` serving `image` on `socket` as export `disk`; it exits when its client leaves.
+fn serve(image: &Path, socket: &Path, read_only: bool) -> Child {
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-f", "qcow2", "-x", "disk", "-k"])
+        .arg(socket)
+        .arg(image);
+    if read_only {
+        cmd.arg("--read-only");
+    }
+    let child = cmd.spawn().unwrap();
+    for _ in 0..500 {
+        if socket.exists() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("qemu-nbd never listened on {}", socket.display());
+}
+
+fn pattern(seed: u8, len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+#[tokio::test]
+async fn writes_land_in_the_image_and_read_back_and_a_read_only_export_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let expected = dir.path().join("expected.raw");
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(created.success());
+    let socket = dir.path().join("nbd.sock");
+    let mut server = serve(&image, &socket, false);
+    let mut client =
+        NbdClient::connect_unix(&socket, "disk", &[BASE_ALLOCATION.to_owned()], TIMEOUT)
+            .await
+            .unwrap();
+    assert!(client.is_writable());
+    // One write larger than the server's largest request (it is split), one small one at an
+    // odd place, and the raw image that should result.
+    let big = pattern(7, 40 * MIB);
+    let small = pattern(99, 4096);
+    client
+        .write(8 * MIB, Bytes::from(big.clone()))
+        .await
+        .unwrap();
+    client
+        .write(60 * MIB + 512, Bytes::from(small.clone()))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(client.read(8 * MIB, 40 * MIB).await.unwrap(), big);
+    assert_eq!(client.read(60 * MIB + 512, 4096).await.unwrap(), small);
+    let allocation = client
+        .block_status(BASE_ALLOCATION, 0, 64 * MIB)
+        .await
+        .unwrap();
+    assert!(
+        allocation
+            .iter()
+            .any(|e| e.range.contains(&(8 * MIB)) && e.flags & NBD_STATE_HOLE == 0),
+        "{allocation:?}"
+    );
+    let past_the_end = client.write(64 * MIB - 10, Bytes::from(vec![1; 20])).await;
+    assert!(
+        matches!(past_the_end, Err(NbdError::Invalid(_))),
+        "{past_the_end:?}"
+    );
+    client.disconnect().await.unwrap();
+    assert!(server.wait().unwrap().success());
+
+    let mut raw = vec![0u8; (64 * MIB) as usize];
+    raw[(8 * MIB) as usize..(48 * MIB) as usize].copy_from_slice(&big);
+    raw[(60 * MIB + 512) as usize..(60 * MIB + 512 + 4096) as usize].copy_from_slice(&small);
+    std::fs::write(&expected, &raw).unwrap();
+    let compare = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+        .arg(&image)
+        .arg(&expected)
+        .status()
+        .unwrap();
+    assert!(compare.success(), "the image is not what was written");
+
+    std::fs::remove_file(&socket).ok();
+    let mut server = serve(&image, &socket, true);
+    let mut client = NbdClient::connect_unix(&socket, "disk", &[], TIMEOUT)
+        .await
+        .unwrap();
+    assert!(!client.is_writable());
+    let refused = client.write(0, Bytes::from(vec![1; 512])).await;
+    assert!(
+        matches!(&refused, Err(NbdError::Invalid(m)) if m.contains("read-only")),
+        "{refused:?}"
+    );
+    client.disconnect().await.unwrap();
+    assert!(server.wait().unwrap().success());
+}
