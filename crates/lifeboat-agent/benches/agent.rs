@@ -1127,7 +1127,7 @@ async fn lifeboat_recovery(
         &lifeboat_engine::replicator::PointChoice::Latest,
         "bench",
         std::time::SystemTime::now(),
-        out,
+        lifeboat_engine::replicator::Output::raw(out),
         &no_progress,
     )
     .await
@@ -1354,7 +1354,7 @@ async fn azure_recovery_part(config: &Config) {
                     &lifeboat_engine::replicator::PointChoice::Latest,
                     "bench",
                     SystemTime::now(),
-                    &out,
+                    lifeboat_engine::replicator::Output::raw(&out),
                     &no_progress,
                 )
                 .await
@@ -2066,6 +2066,7 @@ async fn roundtrip_part(config: &Config) {
         let dirs = lifeboat_engine::JobDirs {
             failover_dir: dir.join("failover"),
             original_disks: Vec::new(),
+            failover_format: Default::default(),
         };
         // Site A protected: the initial copy is the full copy the hops are measured against.
         let qsd_a = Qsd::start(&a_dir, &a_disk, true);
@@ -2157,6 +2158,7 @@ async fn roundtrip_part(config: &Config) {
         let q = shipped.point.unwrap().id;
         let originals = lifeboat_engine::JobDirs {
             original_disks: qsd_b.disks(&a_disk),
+            failover_format: Default::default(),
             ..dirs.clone()
         };
         let (restore_s, restored) = timed_job(

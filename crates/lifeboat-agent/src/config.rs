@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use lifeboat_api::protected_vm::ReplicationDirection;
+use lifeboat_api::protected_vm::{RecoveryDiskFormat, ReplicationDirection};
 use lifeboat_api::{ProtectedVM, ReplicationPolicy};
 use lifeboat_core::window::{DailyWindow, WindowSpec};
 use lifeboat_engine::Settings;
 use lifeboat_engine::backend::{DiskRef, Hypervisor};
+use lifeboat_engine::replicator::DiskFormat;
 use lifeboat_store::VmKey;
 
 /// Why a VM cannot be configured.
@@ -79,6 +80,17 @@ pub struct VmConfig {
     /// The VM's disks at the primary site (`spec.disks`, not excluded), which a failback
     /// brings to its point whichever site replicates.
     pub original_disks: Vec<DiskRef>,
+    /// The format failovers write the recovered VM's disks in (`spec.recoverySite.diskFormat`).
+    pub failover_format: DiskFormat,
+}
+
+/// The format failovers of `vm` write its disks in: `spec.recoverySite.diskFormat`, raw
+/// without one.
+pub fn failover_format(vm: &ProtectedVM) -> DiskFormat {
+    match vm.spec.recovery_site.as_ref().and_then(|r| r.disk_format) {
+        Some(RecoveryDiskFormat::Qcow2) => DiskFormat::Qcow2,
+        Some(RecoveryDiskFormat::Raw) | None => DiskFormat::Raw,
+    }
 }
 
 /// Which site's VM an engine replicates.
@@ -250,6 +262,7 @@ pub fn vm_config_on(
         site,
         node,
         original_disks,
+        failover_format: failover_format(vm),
     })
 }
 
@@ -342,6 +355,7 @@ mod tests {
             site: Site::Primary,
             node: String::new(),
             original_disks: Vec::new(),
+            failover_format: DiskFormat::Raw,
         }
     }
 

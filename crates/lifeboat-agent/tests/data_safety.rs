@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use lifeboat_engine::Replicator;
-use lifeboat_engine::replicator::PointChoice;
+use lifeboat_engine::replicator::{Output, PointChoice};
 use lifeboat_sim::store::SimStore;
 use lifeboat_sim::world::World;
 use lifeboat_store::local::LocalStore;
@@ -149,7 +149,12 @@ async fn enabling_again_over_a_kept_replica_leaves_no_stale_data() {
     // A test failover of the new point passes its digest check and equals the source.
     let out = dir.path().join("test-failover");
     let failover = engine
-        .materialise(&PointChoice::Latest, &out, "test", &no_progress)
+        .materialise(
+            &PointChoice::Latest,
+            Output::raw(&out),
+            "test",
+            &no_progress,
+        )
         .await
         .unwrap_or_else(|e| panic!("test failover: {e}"));
     for disk in &failover.disks {

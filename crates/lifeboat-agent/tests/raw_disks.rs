@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use lifeboat_engine::backend::{DiskInfo, DiskRef, Hypervisor, Tracking, TrackingDurability};
-use lifeboat_engine::replicator::PointChoice;
+use lifeboat_engine::replicator::{Output, PointChoice};
 use lifeboat_engine::state::EnginePhase;
 use lifeboat_engine::{Replicator, Report};
 use lifeboat_qemu::QemuHypervisor;
@@ -258,7 +258,12 @@ async fn a_raw_image_is_protected_and_a_restart_of_qemu_costs_a_resync_of_that_d
     let out = rig.dir.path().join("test-failover");
     let failover = rig
         .engine
-        .materialise(&PointChoice::Latest, &out, "test", &no_progress)
+        .materialise(
+            &PointChoice::Latest,
+            Output::raw(&out),
+            "test",
+            &no_progress,
+        )
         .await
         .unwrap_or_else(|e| panic!("materialise: {e}"));
     assert_eq!(failover.disks.len(), 2, "{failover:?}");

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use lifeboat_engine::replicator::PointChoice;
+use lifeboat_engine::replicator::{Output, PointChoice};
 use lifeboat_engine::state::EnginePhase;
 use lifeboat_engine::{Replicator, Settings};
 use lifeboat_store::local::LocalStore;
@@ -168,7 +168,7 @@ async fn two_disks_under_load_every_point_equals_its_view() {
         .engine
         .materialise(
             &PointChoice::Named(older.id.clone()),
-            &out,
+            Output::raw(&out),
             "test",
             &no_progress,
         )

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use lifeboat_core::{FailoverKind, JobKind, JobParams, PointChoice as CorePoint};
 use lifeboat_engine::backend::DiskRef;
+use lifeboat_engine::replicator::DiskFormat;
 use lifeboat_engine::state::EnginePhase;
 use lifeboat_engine::{EngineError, JobDirs, JobResult, Replicator, run_job};
 use lifeboat_qemu::testing::DiskSpec;
@@ -166,6 +167,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     let dirs = JobDirs {
         failover_dir: tmp.path().join("failover"),
         original_disks: Vec::new(),
+        failover_format: Default::default(),
     };
 
     // Protect A; a cycle ships some writes; more writes come after it, unshipped.
@@ -296,6 +298,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
         },
         &JobDirs {
             original_disks: a_originals,
+            failover_format: Default::default(),
             ..dirs.clone()
         },
     )
@@ -343,12 +346,237 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     assert_point_equals(store.as_ref(), &last, "forward again", &read_all(&a.qsd)).await;
 }
 
+fn qcow2_disks() -> Vec<DiskSpec> {
+    DISKS.iter().map(|d| DiskSpec::qcow2(d, SIZE)).collect()
+}
+
+/// The persistent bitmaps `qemu-img info` lists for the qcow2 image at `path`.
+fn stored_bitmaps(path: &Path) -> Vec<String> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info.pointer("/format-specific/data/bitmaps")
+        .and_then(serde_json::Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|b| b.get("name")?.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qcow2_round_trip_reads_and_writes_only_the_changed_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = JobDirs {
+        failover_dir: tmp.path().join("failover"),
+        original_disks: Vec::new(),
+        failover_format: DiskFormat::Qcow2,
+    };
+    let a_dir = tmp.path().join("site-a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let qsd_a = Qsd::start_with(&a_dir, &qcow2_disks());
+    qsd_a.guest_writes("root", &[(0, 2 * MIB, 0x61)]);
+    qsd_a.guest_writes("data", &[(MIB, 3 * MIB, 0x62)]);
+    let mut a = open_site(&a_dir, qsd_a, store_at(tmp.path()), "node a").await;
+    engine::protect(&mut a.engine).await;
+    a.qsd.guest_writes("data", &scattered(60, 3, 4, 0x63));
+    let before = read_all(&a.qsd);
+
+    // Planned failover into qcow2 images, each with a seed bitmap for its point; A's own
+    // disks get one too (stopped, equal to the point).
+    let failover = job(
+        &mut a.engine,
+        JobKind::Failover,
+        JobParams {
+            failover: Some(FailoverKind::Planned),
+            point: Some(CorePoint::Latest),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    let report = failover.failover.as_ref().unwrap();
+    let p = report.point.id.clone();
+    let seed_p = lifeboat_engine::backend::seed_bitmap_name(&p);
+    for (disk, image) in DISKS.iter().zip(&report.disks) {
+        assert_eq!(image.path.extension().unwrap(), "qcow2", "{image:?}");
+        assert_eq!(
+            stored_bitmaps(&image.path),
+            std::slice::from_ref(&seed_p),
+            "failover disk {disk}"
+        );
+    }
+    let Site {
+        mut qsd, engine, ..
+    } = a;
+    // A clean stop: the daemon writes the seed bitmap into A's images.
+    qsd.stop();
+    drop(engine);
+    for disk in DISKS {
+        assert_eq!(
+            stored_bitmaps(&qsd.image(disk)),
+            std::slice::from_ref(&seed_p),
+            "A's disk {disk} after the failover"
+        );
+    }
+
+    // B runs on the qcow2 images and writes; re-protect reads and sends only those blocks.
+    let b_dir = tmp.path().join("site-b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    for disk in &report.disks {
+        std::fs::rename(&disk.path, b_dir.join(format!("{}.qcow2", disk.name))).unwrap();
+    }
+    let qsd_b = Qsd::start_with(&b_dir, &qcow2_disks());
+    for (disk, want) in DISKS.iter().zip(&before) {
+        support::assert_same(
+            &format!("failover disk {disk}"),
+            &qsd_b.read_disk(disk),
+            want,
+        );
+    }
+    let b_writes = scattered(5, 4, 9, 0x71);
+    qsd_b.guest_writes("root", &b_writes);
+    let mut b = open_site(&b_dir, qsd_b, store_taking_over(tmp.path()).await, "node b").await;
+    let reprotect = job(
+        &mut b.engine,
+        JobKind::Reprotect,
+        JobParams {
+            point: named(&p),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reprotect.report.bytes_sent, block_bytes(&b_writes));
+    // (Each is read twice: to compare its hash, then to send it.)
+    assert_eq!(
+        reprotect.report.bytes_read,
+        2 * block_bytes(&b_writes),
+        "re-protect reads only the blocks the seed bitmap marks"
+    );
+    assert!(
+        reprotect.report.disks_compared_in_full.is_empty(),
+        "{:?}",
+        reprotect.report.disks_compared_in_full
+    );
+    let q1 = reprotect.point.as_ref().unwrap().id.clone();
+    assert_point_equals(
+        b.engine.store().as_ref(),
+        &q1,
+        "after re-protect",
+        &read_all(&b.qsd),
+    )
+    .await;
+    b.qsd.guest_writes("data", &scattered(80, 2, 6, 0x72));
+    b.engine.run_cycle(SystemTime::now()).await.unwrap();
+    let b_late = scattered(110, 2, 1, 0x73);
+    b.qsd.guest_writes("root", &b_late);
+    let b_final = read_all(&b.qsd);
+
+    // Fail back onto A's qcow2 disks: their seed holds, so they are not read at all.
+    let shipped = job(
+        &mut b.engine,
+        JobKind::Failover,
+        JobParams {
+            failover: Some(FailoverKind::Planned),
+            point: Some(CorePoint::Latest),
+            to_primary: true,
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    let q = shipped.point.as_ref().unwrap().id.clone();
+    let Site {
+        qsd: mut qsd_b,
+        engine,
+        ..
+    } = b;
+    drop(engine);
+    qsd_b.stop();
+    let mut a = open_site(&a_dir, qsd, store_taking_over(tmp.path()).await, "node a").await;
+    let a_originals = original_disks(&a);
+    let restored = job(
+        &mut a.engine,
+        JobKind::Failback,
+        JobParams {
+            point: named(&q),
+            ..JobParams::default()
+        },
+        &JobDirs {
+            original_disks: a_originals,
+            ..dirs.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let all_b_writes: Vec<Write> = b_writes
+        .iter()
+        .copied()
+        .chain(scattered(80, 2, 6, 0x72))
+        .chain(b_late.iter().copied())
+        .collect();
+    let restored = restored.failover.unwrap();
+    assert_eq!(
+        restored.bytes_read,
+        block_bytes(&all_b_writes),
+        "failback writes exactly the blocks B changed"
+    );
+    assert_eq!(restored.compared_bytes, 0, "A's disks were not read");
+    for (disk, want) in DISKS.iter().zip(&b_final) {
+        support::assert_same(
+            &format!("A's disk {disk} after failback"),
+            &a.qsd.read_disk(disk),
+            want,
+        );
+        assert_eq!(
+            stored_bitmaps(&a.qsd.image(disk)),
+            [lifeboat_engine::backend::seed_bitmap_name(&q)],
+            "A's disk {disk} records its writes since the failback's point"
+        );
+    }
+
+    // A runs again and writes; re-protect forward reads and sends only those blocks.
+    a.qsd.start_again();
+    let a_writes = scattered(30, 3, 2, 0x74);
+    a.qsd.guest_writes("data", &a_writes);
+    let forward = job(
+        &mut a.engine,
+        JobKind::Reprotect,
+        JobParams {
+            point: named(&q),
+            ..JobParams::default()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    assert_eq!(forward.report.bytes_sent, block_bytes(&a_writes));
+    assert_eq!(forward.report.bytes_read, 2 * block_bytes(&a_writes));
+    let store = a.engine.store().clone();
+    let last = latest_point(store.as_ref()).await;
+    assert_point_equals(store.as_ref(), &last, "A forward again", &read_all(&a.qsd)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_recovered_vm() {
     let tmp = tempfile::tempdir().unwrap();
     let dirs = JobDirs {
         failover_dir: tmp.path().join("failover"),
         original_disks: Vec::new(),
+        failover_format: Default::default(),
     };
     let a_dir = tmp.path().join("site-a");
     std::fs::create_dir_all(&a_dir).unwrap();
@@ -455,6 +683,7 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
         },
         &JobDirs {
             original_disks: a_originals.clone(),
+            failover_format: Default::default(),
             ..dirs.clone()
         },
     )
@@ -505,6 +734,7 @@ async fn a_planned_failover_whose_source_cannot_be_stopped_fails_and_protection_
     let dirs = JobDirs {
         failover_dir: tmp.path().join("failover"),
         original_disks: Vec::new(),
+        failover_format: Default::default(),
     };
     let a_dir = tmp.path().join("site-a");
     std::fs::create_dir_all(&a_dir).unwrap();

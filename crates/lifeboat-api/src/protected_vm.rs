@@ -162,7 +162,9 @@ pub struct ProtectedVMSpec {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.hypervisor.qemu) || self.disks.all(d, has(d.blockNode))",
-     "message": "every disk of a qemu VM needs a blockNode (the QEMU block node name)"}
+     "message": "every disk of a qemu VM needs a blockNode (the QEMU block node name)"},
+    {"rule": "!has(self.diskFormat) || self.diskFormat != 'qcow2' || has(self.hypervisor.qemu)",
+     "message": "diskFormat qcow2 is for a recovery site whose hypervisor is qemu"}
 ]))]
 pub struct RecoverySiteSpec {
     /// The node the recovered VM runs on; its agent replicates it in reverse.
@@ -179,6 +181,23 @@ pub struct RecoverySiteSpec {
     #[schemars(length(min = 1, max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub disks: Vec<RecoverySiteDisk>,
+    /// The format a failover writes the recovered VM's disks in. `raw` (the default): any
+    /// hypervisor boots it (Hyper-V and Azure as a fixed VHD's data). `qcow2` (qemu only): each
+    /// disk also carries a persistent dirty bitmap of the recovered VM's writes since the point,
+    /// so that re-protect sends those blocks without reading the rest of the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_format: Option<RecoveryDiskFormat>,
+}
+
+/// The format of the disks a failover writes.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RecoveryDiskFormat {
+    /// Raw images, sparse.
+    #[default]
+    Raw,
+    /// qcow2 v3 images with a seed bitmap (QEMU/KVM).
+    Qcow2,
 }
 
 /// One disk of the recovered VM.

@@ -183,9 +183,34 @@ pub trait View: Send + Sync + fmt::Debug {
     /// Read `len` bytes at `offset` of `disk` as of the view.
     async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes, BackendError>;
 
+    /// The ranges of `disk` written since recovery point `point`, when the disk carries a
+    /// record of them that held until this view (a [`seed_bitmap_name`] bitmap: a failover's
+    /// qcow2 output, or a source marked by [`Hypervisor::mark_point`]); None when it has no
+    /// such record, or one that cannot be trusted. Sorted and disjoint. A re-protect from
+    /// `point` sends these blocks instead of comparing the whole disk.
+    async fn changed_since(
+        &self,
+        disk: &str,
+        point: &str,
+    ) -> Result<Option<Vec<Range<u64>>>, BackendError> {
+        let _ = (disk, point);
+        Ok(None)
+    }
+
     /// End the view: commit its changes as shipped, or abandon them to the next cycle.
     async fn close(self: Box<Self>, how: CloseView) -> Result<(), BackendError>;
 }
+
+/// The name of the dirty bitmap that records a disk's writes since recovery point `point`:
+/// made (enabled, persistent) on a qcow2 failover disk before the recovered VM first runs, and
+/// on a planned failover's stopped source disks; read by the re-protect and the failback that
+/// start from `point`.
+pub fn seed_bitmap_name(point: &str) -> String {
+    format!("{SEED_BITMAP_PREFIX}{point}")
+}
+
+/// The prefix of [`seed_bitmap_name`]s.
+pub const SEED_BITMAP_PREFIX: &str = "lifeboat-since-";
 
 /// One VM's hypervisor connection.
 #[async_trait]
@@ -218,6 +243,16 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// shut down, wait up to `grace` for it, then stop it outright. Idempotent: a VM already
     /// stopped stays stopped. An error means the VM may still be writing.
     async fn stop_vm(&self, disks: &[DiskRef], grace: Duration) -> Result<Stopped, BackendError>;
+
+    /// Start recording, on each disk that can keep the record across a restart of the
+    /// hypervisor, the writes made from now on as writes since recovery point `point` (a
+    /// [`seed_bitmap_name`] bitmap), dropping older such records. A planned failover calls it
+    /// with the source stopped and equal to `point`, so that the failback that returns to these
+    /// disks writes only what changed. Whether every disk keeps one; the default keeps none.
+    async fn mark_point(&self, disks: &[DiskRef], point: &str) -> Result<bool, BackendError> {
+        let _ = (disks, point);
+        Ok(false)
+    }
 }
 
 /// How a VM was stopped, for the failover's report.

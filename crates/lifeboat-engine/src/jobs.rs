@@ -12,7 +12,7 @@
 //! | Failover | [`Replicator::failover`] (planned ships what is pending first) |
 //! | Commit | [`Replicator::commit`] |
 //! | Failover, a failback's first half | [`Replicator::fail_over_to_primary`] (no disks written) |
-//! | Failback | [`restore_onto`] the original disks ([`JobDirs::original_disks`]) |
+//! | Failback | [`Replicator::fail_back`] the original disks ([`JobDirs::original_disks`]) |
 //! | Reprotect | [`Replicator::reprotect`] from the point the job names |
 //! | DisableProtection | [`Replicator::disable`] |
 //!
@@ -28,8 +28,8 @@ use lifeboat_store::RecoveryPoint;
 
 use crate::error::EngineError;
 use crate::replicator::{
-    FailoverReport, PointChoice, ProgressSink, Replicator, Report, choose_point, commit_in_store,
-    fail_over_from_store, materialise_point, remove_disk_images, restore_onto,
+    DiskFormat, FailoverReport, Output, PointChoice, ProgressSink, Replicator, Report,
+    choose_point, commit_in_store, fail_over_from_store, materialise_point, remove_disk_images,
 };
 use crate::state::{DiskRecord, EnginePhase};
 
@@ -90,6 +90,18 @@ pub struct JobDirs {
     /// The VM's disks at the primary site (`spec.disks`), which a Failback job brings to its
     /// point.
     pub original_disks: Vec<crate::backend::DiskRef>,
+    /// The format (test) failover disks are written in (`spec.recoverySite.diskFormat`).
+    pub failover_format: DiskFormat,
+}
+
+impl JobDirs {
+    /// Where (test) failover disks go, in which format.
+    pub fn output(&self) -> Output<'_> {
+        Output {
+            dir: &self.failover_dir,
+            format: self.failover_format,
+        }
+    }
 }
 
 fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice {
@@ -157,11 +169,10 @@ pub async fn run_store_job(
         }
         JobKind::TestFailover => {
             let point = choose_point(store, vm, &choice).await?;
-            materialise_point(store, vm, point, &dirs.failover_dir, "test", progress).await?
+            materialise_point(store, vm, point, dirs.output(), "test", progress).await?
         }
         JobKind::Failover if params.failover == Some(FailoverKind::Unplanned) => {
-            let dir = &dirs.failover_dir;
-            fail_over_from_store(store, vm, &choice, holder, now, dir, progress)
+            fail_over_from_store(store, vm, &choice, holder, now, dirs.output(), progress)
                 .await?
                 .1
         }
@@ -249,7 +260,7 @@ pub async fn run_job(
             let report = engine
                 .materialise(
                     &engine_point(params.point.as_ref()),
-                    &dirs.failover_dir,
+                    dirs.output(),
                     "test",
                     progress,
                 )
@@ -279,14 +290,9 @@ pub async fn run_job(
             )
             .await?;
             let point = chosen.id.as_str();
-            let report = restore_onto(
-                engine.store().as_ref(),
-                engine.vm(),
-                point,
-                &dirs.original_disks,
-                progress,
-            )
-            .await?;
+            let report = engine
+                .fail_back(point, &dirs.original_disks, progress)
+                .await?;
             result.point = Some(report.point.clone());
             result.failover = Some(report);
         }
@@ -301,7 +307,7 @@ pub async fn run_job(
                 .failover(
                     planned,
                     &engine_point(params.point.as_ref()),
-                    &dirs.failover_dir,
+                    dirs.output(),
                     now,
                     progress,
                 )

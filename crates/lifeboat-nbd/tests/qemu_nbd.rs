@@ -22,13 +22,15 @@ fn serve(image: &Path, socket: &Path, read_only: bool) -> Child {
     if read_only {
         cmd.arg("--read-only");
     }
-    let child = cmd.spawn().unwrap();
+    let mut child = cmd.spawn().unwrap();
     for _ in 0..500 {
         if socket.exists() {
             return child;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("qemu-nbd never listened on {}", socket.display());
 }
 

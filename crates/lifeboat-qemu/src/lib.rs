@@ -16,7 +16,8 @@
 //!   close(Abandon): the same, then merge lifeboat-p into lifeboat-c and remove it
 //! ```
 //!
-//! Names: bitmaps `lifeboat-<cycle>` (the cycle whose view froze it is the next one), fleece
+//! Names: bitmaps `lifeboat-<cycle>` (the cycle whose view froze it is the next one), seed
+//! bitmaps `lifeboat-since-<point>` (the writes since a recovery point: see `view`), fleece
 //! nodes `lbf-<cycle>-<i>`, backup jobs `lbj-<cycle>-<i>`, exports `lbx-<cycle>-<i>` (`i`: the
 //! disk's index in the view; QEMU caps node names at 31 characters). Anything with these
 //! names that no open view of this process owns is a crashed agent's leftover: the next
@@ -46,8 +47,8 @@ mod tests;
 
 use async_trait::async_trait;
 use lifeboat_engine::backend::{
-    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, Stopped, Tracking, TrackingDurability,
-    View,
+    BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, SEED_BITMAP_PREFIX, Stopped, Tracking,
+    TrackingDurability, View, seed_bitmap_name,
 };
 use qmp::{GuestAgent, QmpClient, QmpError};
 use serde_json::{Value, json};
@@ -391,6 +392,11 @@ struct Resolved {
     state: BitmapState,
     format: String,
     durability: TrackingDurability,
+    /// The node's seed bitmap ([`seed_bitmap_name`]) that still records and can be trusted,
+    /// if it has one.
+    seed: Option<String>,
+    /// Every seed bitmap of the node, trusted or not.
+    seeds: Vec<String>,
 }
 
 impl Resolved {
@@ -494,6 +500,19 @@ impl Inner {
                     state: classify(node, &info.bitmaps),
                     format: info.driver.clone(),
                     durability,
+                    seed: info
+                        .bitmaps
+                        .iter()
+                        .find(|b| {
+                            b.name.starts_with(SEED_BITMAP_PREFIX) && b.recording && !b.inconsistent
+                        })
+                        .map(|b| b.name.clone()),
+                    seeds: info
+                        .bitmaps
+                        .iter()
+                        .filter(|b| b.name.starts_with(SEED_BITMAP_PREFIX))
+                        .map(|b| b.name.clone())
+                        .collect(),
                 })
             })
             .collect()
@@ -988,6 +1007,43 @@ impl Hypervisor for QemuHypervisor {
     async fn stop_vm(&self, disks: &[DiskRef], grace: Duration) -> Result<Stopped, BackendError> {
         let _ops = self.inner.ops.lock().await;
         self.inner.stop_vm(disks, grace).await
+    }
+
+    /// A persistent, recording seed bitmap on every disk whose tracking survives a restart
+    /// (a writable qcow2 v3); older seeds removed first. QEMU writes it into the image when it
+    /// closes it cleanly; killed, QEMU leaves no such bitmap (or an inconsistent one), and
+    /// whoever reads it next compares the whole disk instead.
+    async fn mark_point(&self, disks: &[DiskRef], point: &str) -> Result<bool, BackendError> {
+        let inner = &self.inner;
+        let _ops = inner.ops.lock().await;
+        inner.refuse_if_open("mark a recovery point")?;
+        let resolved = inner.resolve(disks).await?;
+        let name = seed_bitmap_name(point);
+        let mut all = true;
+        for r in &resolved {
+            let ctx = Some((r.disk.as_str(), r.node.as_str()));
+            for old in &r.seeds {
+                inner
+                    .qmp(
+                        "block-dirty-bitmap-remove",
+                        json!({ "node": r.node, "name": old }),
+                        ctx,
+                    )
+                    .await?;
+            }
+            if !r.durability.survives_restart() {
+                all = false;
+                continue;
+            }
+            inner
+                .qmp(
+                    "block-dirty-bitmap-add",
+                    json!({ "node": r.node, "name": name, "persistent": true }),
+                    ctx,
+                )
+                .await?;
+        }
+        Ok(all)
     }
 }
 

@@ -9,6 +9,11 @@
 //!          ─> transaction [remove lifeboat-p]                      (Commit)
 //!          ─> transaction [merge lifeboat-p into lifeboat-c, remove] (Abandon)
 //! ```
+//!
+//! A disk with a recording seed bitmap (`lifeboat-since-<point>`: a failover's qcow2 output,
+//! or a stopped source a planned failover marked) has it disabled in the same transaction and
+//! exported beside the frozen bitmap, so that a re-protect from that point reads only the
+//! blocks written since ([`View::changed_since`]); the view removes it when it closes.
 
 use super::nbd::{self, NbdClient, NbdError};
 use super::qmp::GuestAgent;
@@ -39,6 +44,9 @@ pub(super) struct ViewDisk {
     pub(super) fleece_node: String,
     pub(super) job: String,
     pub(super) export: String,
+    /// The seed bitmap ([`lifeboat_engine::backend::seed_bitmap_name`]) this view froze and
+    /// exports: the disk's writes from its point until the view. Removed when the view closes.
+    pub(super) seed: Option<String>,
     conn: tokio::sync::Mutex<Option<NbdClient>>,
 }
 
@@ -75,12 +83,29 @@ impl ViewDisk {
             fleece_node,
             job,
             export,
+            seed: r.seed.clone(),
             conn: tokio::sync::Mutex::new(None),
         }
     }
 
     fn bitmap_context(&self) -> String {
         format!("{DIRTY_BITMAP_CONTEXT_PREFIX}{}", self.frozen)
+    }
+
+    fn seed_context(&self) -> Option<String> {
+        self.seed
+            .as_ref()
+            .map(|s| format!("{DIRTY_BITMAP_CONTEXT_PREFIX}{s}"))
+    }
+
+    /// The dirty ranges of bitmap context `context`.
+    fn dirty(extents: Vec<nbd::Extent>) -> Vec<Range<u64>> {
+        merge_ranges(
+            extents
+                .into_iter()
+                .filter(|e| e.flags & nbd::NBD_STATE_DIRTY != 0)
+                .map(|e| e.range),
+        )
     }
 
     fn ctx(&self) -> Option<(&str, &str)> {
@@ -155,6 +180,13 @@ impl QemuView {
                           "persistent": p.info.durability.survives_restart() } }));
             actions.push(json!({ "type": "block-dirty-bitmap-disable",
                 "data": { "node": p.node, "name": p.frozen } }));
+            // NB: a seed stops recording at the cut, in the same transaction: it then holds
+            // exactly the writes from its point until this view (and an enabled bitmap
+            // cannot be exported read-only).
+            if let Some(seed) = &p.seed {
+                actions.push(json!({ "type": "block-dirty-bitmap-disable",
+                    "data": { "node": p.node, "name": seed } }));
+            }
             actions.push(json!({ "type": "blockdev-backup",
                 "data": { "device": p.node, "target": p.fleece_node, "sync": "none", "job-id": p.job } }));
         }
@@ -184,13 +216,17 @@ impl QemuView {
         self.nbd_socket = Some(socket);
         self.started_server = started;
         for p in &self.parts {
+            let mut bitmaps = vec![json!({ "node": p.node, "name": p.frozen })];
+            if let Some(seed) = &p.seed {
+                bitmaps.push(json!({ "node": p.node, "name": seed }));
+            }
             let args = json!({
                 "type": "nbd",
                 "id": p.export,
                 "node-name": p.fleece_node,
                 "name": p.export,
                 "writable": false,
-                "bitmaps": [{ "node": p.node, "name": p.frozen }],
+                "bitmaps": bitmaps,
             });
             inner.qmp("block-export-add", args, p.ctx()).await?;
         }
@@ -261,7 +297,8 @@ impl QemuView {
                 .inner
                 .permanent("connect to the view", "the view has no NBD server"));
         };
-        let contexts = [nbd::BASE_ALLOCATION.to_owned(), p.bitmap_context()];
+        let mut contexts = vec![nbd::BASE_ALLOCATION.to_owned(), p.bitmap_context()];
+        contexts.extend(p.seed_context());
         NbdClient::connect_unix(socket, &p.export, &contexts, self.inner.options.nbd_timeout)
             .await
             .map_err(|e| self.nbd_error(p, "connect", e))
@@ -381,6 +418,11 @@ impl QemuView {
         if self.cut && clean {
             let mut actions = Vec::new();
             for p in &self.parts {
+                // NB: used or not, a seed this view froze records nothing any more.
+                if let Some(seed) = &p.seed {
+                    actions.push(json!({ "type": "block-dirty-bitmap-remove",
+                        "data": { "node": p.node, "name": seed } }));
+                }
                 match how {
                     CloseView::Commit => actions.push(json!({ "type": "block-dirty-bitmap-remove",
                         "data": { "node": p.node, "name": p.frozen } })),
@@ -523,12 +565,24 @@ impl View for QemuView {
     async fn changed_extents(&self, disk: &str) -> Result<Vec<Range<u64>>, BackendError> {
         let p = self.part(disk)?;
         let extents = self.block_status(p, &p.bitmap_context()).await?;
-        Ok(merge_ranges(
-            extents
-                .into_iter()
-                .filter(|e| e.flags & nbd::NBD_STATE_DIRTY != 0)
-                .map(|e| e.range),
-        ))
+        Ok(ViewDisk::dirty(extents))
+    }
+
+    async fn changed_since(
+        &self,
+        disk: &str,
+        point: &str,
+    ) -> Result<Option<Vec<Range<u64>>>, BackendError> {
+        let p = self.part(disk)?;
+        let wanted = lifeboat_engine::backend::seed_bitmap_name(point);
+        let Some(context) = p
+            .seed_context()
+            .filter(|_| p.seed.as_ref() == Some(&wanted))
+        else {
+            return Ok(None);
+        };
+        let extents = self.block_status(p, &context).await?;
+        Ok(Some(ViewDisk::dirty(extents)))
     }
 
     async fn allocated_extents(&self, disk: &str) -> Result<Vec<Range<u64>>, BackendError> {

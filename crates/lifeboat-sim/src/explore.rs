@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm};
-use lifeboat_engine::replicator::{PointChoice, disk_digest};
+use lifeboat_engine::replicator::{Output, PointChoice, disk_digest};
 use lifeboat_engine::state::{AgentState, EnginePhase};
 use lifeboat_engine::{EngineError, Replicator, Report, Settings};
 use lifeboat_store::local::LocalStore;
@@ -738,7 +738,7 @@ impl Rig {
                 let report = match op {
                     "test_failover" => {
                         engine
-                            .materialise(&PointChoice::Latest, &dir, "test", &quiet)
+                            .materialise(&PointChoice::Latest, Output::raw(&dir), "test", &quiet)
                             .await?
                     }
                     _ => {
@@ -746,7 +746,7 @@ impl Rig {
                             .failover(
                                 op == "planned_failover" || (op == "retry_failover" && delete),
                                 &PointChoice::Latest,
-                                &dir,
+                                Output::raw(&dir),
                                 now,
                                 &quiet,
                             )
@@ -812,8 +812,13 @@ impl Rig {
         let seen = self.vm.seen(point.cycle);
         for (index, disk) in point.disks.iter().enumerate() {
             let name = &disk.name;
-            let path =
-                lifeboat_engine::replicator::disk_image_path(dir, self.key.name(), label, name);
+            let path = lifeboat_engine::replicator::disk_image_path(
+                dir,
+                self.key.name(),
+                label,
+                name,
+                lifeboat_engine::replicator::DiskFormat::Raw,
+            );
             let bytes = match std::fs::read(&path) {
                 Ok(bytes) => bytes,
                 Err(e) => {

@@ -555,6 +555,7 @@ impl Daemon {
                     JobDirs {
                         failover_dir: self.options.failover_dir.clone(),
                         original_disks: config.original_disks.clone(),
+                        failover_format: config.failover_format,
                     },
                     now,
                 ));

@@ -15,7 +15,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use lifeboat_engine::Progress;
-use lifeboat_engine::replicator::{PointChoice, choose_point, materialise_point};
+use lifeboat_engine::replicator::{
+    DiskFormat, Output, PointChoice, choose_point, materialise_point,
+};
 use lifeboat_standalone::cli;
 use lifeboat_store::azure::{AzureStore, AzureStoreOptions, Credentials};
 use lifeboat_store::local::LocalStore;
@@ -73,9 +75,13 @@ enum RecoverCommand {
         /// The point: `latest` (default), `latest-app-consistent`, or a point's name.
         #[arg(long, default_value = "latest")]
         point: String,
-        /// The folder the disks are written to (`<vm>-recovered-<disk>.img`).
+        /// The folder the disks are written to (`<vm>-recovered-<disk>.img`, or `.qcow2`).
         #[arg(long, value_name = "DIR", required_unless_present = "into_blobs")]
         to: Option<PathBuf>,
+        /// The disks' format with --to: `raw`, or `qcow2` (through qemu-nbd; each disk gets a
+        /// dirty bitmap of the recovered VM's writes, for a re-protect that sends only those).
+        #[arg(long, value_name = "FORMAT", default_value = "raw", requires = "to")]
+        format: DiskFormat,
         /// Azure: copy the point's disks into new page blobs instead,
         /// `recovered/<namespace>/<vm>/LABEL/<disk>.vhd` in the same container (server-side
         /// copies, fixed VHDs: the source of a managed disk, `az disk create --source URL`).
@@ -124,6 +130,7 @@ pub async fn recover(args: RecoverArgs) -> Result<ExitCode> {
             vm,
             point,
             to,
+            format,
             into_blobs,
         } => {
             let key = vm_key(&vm)?;
@@ -133,7 +140,9 @@ pub async fn recover(args: RecoverArgs) -> Result<ExitCode> {
                 name => PointChoice::Named(name.to_owned()),
             };
             match (to, into_blobs, &args.store.azure) {
-                (Some(to), _, _) => failover(store.as_ref(), &key, &choice, to).await,
+                (Some(to), _, _) => {
+                    failover(store.as_ref(), &key, &choice, Output { dir: &to, format }).await
+                }
                 (None, Some(label), Some(url)) => {
                     let (account_url, container) = split_container_url(url)?;
                     let azure = azure_from_env(account_url, container)?;
@@ -351,7 +360,7 @@ async fn failover(
     store: &dyn ReplicaStore,
     key: &VmKey,
     choice: &PointChoice,
-    to: PathBuf,
+    to: Output<'_>,
 ) -> Result<ExitCode> {
     let point = choose_point(store, key, choice).await?;
     eprintln!(
@@ -369,7 +378,7 @@ async fn failover(
     };
     let started = Instant::now();
     fence(store, key).await?;
-    let report = materialise_point(store, key, point, &to, "recovered", &progress).await;
+    let report = materialise_point(store, key, point, to, "recovered", &progress).await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -385,7 +394,7 @@ async fn failover(
     eprintln!(
         "VM {key} recovered at point {} into {}: {} read in {:.1} s",
         report.point.id,
-        to.display(),
+        to.dir.display(),
         cli::human_bytes(report.bytes_read),
         started.elapsed().as_secs_f64()
     );

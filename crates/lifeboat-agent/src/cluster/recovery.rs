@@ -146,6 +146,7 @@ async fn run_from_store(shared: &Shared, job: &ReplicationJob) -> Result<JobResu
     let dirs = JobDirs {
         failover_dir: shared.failover_dir.clone(),
         original_disks: Vec::new(),
+        failover_format: crate::config::failover_format(&vm),
     };
     run_store_job(
         store.as_ref(),

@@ -553,6 +553,7 @@ impl VmTask {
         let dirs = JobDirs {
             failover_dir: self.shared.failover_dir.clone(),
             original_disks: slot.config.original_disks.clone(),
+            failover_format: slot.config.failover_format,
         };
         let upload = Arc::clone(slot.worker.engine().throttle());
         let config = slot.config.clone();

@@ -1,19 +1,19 @@
-//! Failover: materialise a recovery point as a new disk set (raw image files, sparse),
-//! verify every disk against the digest the manifest recorded, and report where it is. A
+//! Failover: materialise a recovery point as a new disk set (raw image files, sparse, or
+//! qcow2 images carrying a seed bitmap for the re-protect that follows), verify every disk
+//! against the digest the manifest recorded, and report where it is. A
 //! test failover does the same under a separate name and is removed by its cleanup; a
 //! planned failover first ships everything pending; commit drops the other points.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, is_zero};
-use lifeboat_store::local::PositionalIo;
 use lifeboat_store::{At, MAX_WRITE_BYTES, RecoveryPoint, ReplicaStore, VmKey};
 
+use super::image::{self, DiskFormat, Image};
 use super::maps;
 use super::{Progress, ProgressSink, Replicator, throughput};
-use crate::backend::Stopped;
+use crate::backend::{Stopped, seed_bitmap_name};
 use crate::error::EngineError;
 use crate::state::EnginePhase;
 
@@ -60,11 +60,39 @@ pub struct FailoverReport {
     pub bytes_read: u64,
     /// How a planned failover stopped the source VM.
     pub source_stopped: Option<String>,
+    /// A failback: the bytes of the original disks read to compare them with the point (none
+    /// for a disk whose seed held: see [`super::restore_onto`]).
+    pub compared_bytes: u64,
 }
 
-/// The file a disk of a failover named `label` is materialised in.
-pub fn disk_image_path(dir: &Path, vm: &str, label: &str, disk: &str) -> PathBuf {
-    dir.join(format!("{vm}-{label}-{disk}.img"))
+/// The file a disk of a failover named `label` is materialised in, in `format`.
+pub fn disk_image_path(
+    dir: &Path,
+    vm: &str,
+    label: &str,
+    disk: &str,
+    format: DiskFormat,
+) -> PathBuf {
+    dir.join(format!("{vm}-{label}-{disk}.{}", format.extension()))
+}
+
+/// Where a failover writes its disks, and in which format.
+#[derive(Clone, Copy, Debug)]
+pub struct Output<'a> {
+    /// The folder.
+    pub dir: &'a Path,
+    /// The images' format.
+    pub format: DiskFormat,
+}
+
+impl<'a> Output<'a> {
+    /// Raw images in `dir`.
+    pub fn raw(dir: &'a Path) -> Self {
+        Output {
+            dir,
+            format: DiskFormat::Raw,
+        }
+    }
 }
 
 fn algorithm_named(name: &str) -> Option<HashAlgorithm> {
@@ -102,7 +130,7 @@ pub async fn choose_point(
 
 /// Fail `vm` over from the store alone (the VM's own agent is gone): choose the point, move
 /// the replica to a new epoch taken by `holder` (every other writer is fenced from then on),
-/// and materialise the point in `dir` as [`materialise_point`] does. The recovery side of a
+/// and materialise the point in `out` as [`materialise_point`] does. The recovery side of a
 /// lost site: another node's agent, or `lifeboat recover`, runs it.
 ///
 /// # Errors
@@ -115,17 +143,19 @@ pub async fn fail_over_from_store(
     choice: &PointChoice,
     holder: &str,
     now: SystemTime,
-    dir: &Path,
+    out: Output<'_>,
     progress: ProgressSink<'_>,
 ) -> Result<(lifeboat_store::Epoch, FailoverReport), EngineError> {
     let point = choose_point(store, vm, choice).await?;
     let epoch = store.fence(vm, holder, super::unix_ms(now)).await?;
-    let report = materialise_point(store, vm, point, dir, "failover", progress).await?;
+    let report = materialise_point(store, vm, point, out, "failover", progress).await?;
     Ok((epoch, report))
 }
 
-/// Materialise `point` of `vm` as image files `<vm>-<label>-<disk>.img` in `dir`, verified
-/// against the manifest's digests. Files of a failed attempt are removed.
+/// Materialise `point` of `vm` as image files `<vm>-<label>-<disk>.<img|qcow2>` in `out`,
+/// verified against the manifest's digests. Files of a failed attempt are removed. A qcow2
+/// image gets an enabled persistent bitmap named [`seed_bitmap_name`] of the point, added
+/// after its data: the VM that runs on it records its writes since the point there.
 ///
 /// It needs nothing but the store: no state folder, no hypervisor, no source host. The
 /// agent's failover runs it, and so does a recovery from the store alone.
@@ -137,16 +167,17 @@ pub async fn materialise_point(
     store: &dyn ReplicaStore,
     vm: &VmKey,
     point: RecoveryPoint,
-    dir: &Path,
+    out: Output<'_>,
     label: &str,
     progress: ProgressSink<'_>,
 ) -> Result<FailoverReport, EngineError> {
+    let dir = out.dir;
     std::fs::create_dir_all(dir).map_err(EngineError::state("create failover folder", dir))?;
     let mut disks = Vec::new();
     let mut bytes_read = 0;
     for pd in &point.disks {
-        let path = disk_image_path(dir, vm.name(), label, &pd.name);
-        match materialise_disk(store, vm, &point, pd, &path, progress).await {
+        let path = disk_image_path(dir, vm.name(), label, &pd.name, out.format);
+        match materialise_disk(store, vm, &point, pd, &path, out.format, progress).await {
             Ok(read) => {
                 bytes_read += read;
                 disks.push(MaterialisedDisk {
@@ -168,6 +199,7 @@ pub async fn materialise_point(
         disks,
         bytes_read,
         source_stopped: None,
+        compared_bytes: 0,
     })
 }
 
@@ -177,6 +209,7 @@ async fn materialise_disk(
     point: &RecoveryPoint,
     pd: &lifeboat_store::PointDisk,
     path: &Path,
+    format: DiskFormat,
     progress: ProgressSink<'_>,
 ) -> Result<u64, EngineError> {
     let map_error = |source| EngineError::BlockMap {
@@ -192,10 +225,19 @@ async fn materialise_disk(
     let block = u64::from(pd.digest.block_size_bytes);
     let mut map = BlockMap::new_zeroed(algorithm, pd.digest.block_size_bytes, pd.size_bytes)
         .map_err(map_error)?;
-    let mut file =
-        std::fs::File::create(path).map_err(EngineError::state("create failover disk", path))?;
-    file.set_len(pd.size_bytes)
-        .map_err(EngineError::state("size failover disk", path))?;
+    let image = match format {
+        DiskFormat::Raw => {
+            let file = std::fs::File::create(path)
+                .map_err(EngineError::state("create failover disk", path))?;
+            file.set_len(pd.size_bytes)
+                .map_err(EngineError::state("size failover disk", path))?;
+            Image::file(file, path)
+        }
+        DiskFormat::Qcow2 => {
+            image::create_qcow2(path, pd.size_bytes).await?;
+            Image::open_qcow2(path, None).await?
+        }
+    };
     let at = At::Point(point.id.clone());
     let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
     let started = Instant::now();
@@ -211,8 +253,7 @@ async fn materialise_disk(
             let data = store.read(vm, &pd.name, &at, offset, len).await?;
             map.update_range(offset, &data).map_err(map_error)?;
             if !is_zero(&data) {
-                file.write_all_at(&data, offset)
-                    .map_err(EngineError::state("write failover disk", path))?;
+                image.write(offset, data).await?;
             }
             read += len;
             offset += len;
@@ -225,11 +266,11 @@ async fn materialise_disk(
             throughput_bytes_per_second: throughput(read, started),
         });
     }
-    file.flush()
-        .map_err(EngineError::state("flush failover disk", path))?;
-    file.sync_all()
-        .map_err(EngineError::state("sync failover disk", path))?;
+    image.finish().await?;
     verify_digest(&map, point, pd, |got| format!("the replica reads as {got}"))?;
+    if format == DiskFormat::Qcow2 {
+        image::add_bitmap(path, &seed_bitmap_name(&point.id)).await?;
+    }
     Ok(read)
 }
 
@@ -269,15 +310,15 @@ impl Replicator {
     pub async fn materialise(
         &self,
         choice: &PointChoice,
-        dir: &Path,
+        out: Output<'_>,
         label: &str,
         progress: ProgressSink<'_>,
     ) -> Result<FailoverReport, EngineError> {
         let point = choose_point(self.store.as_ref(), &self.vm, choice).await?;
-        materialise_point(self.store.as_ref(), &self.vm, point, dir, label, progress).await
+        materialise_point(self.store.as_ref(), &self.vm, point, out, label, progress).await
     }
 
-    /// Remove the disks of failover `label` from `dir`.
+    /// Remove the disks of failover `label` from `dir` (in whichever format they were written).
     ///
     /// # Errors
     ///
@@ -312,20 +353,20 @@ impl Replicator {
         &mut self,
         planned: bool,
         choice: &PointChoice,
-        dir: &Path,
+        out: Output<'_>,
         now: SystemTime,
         progress: ProgressSink<'_>,
     ) -> Result<FailoverReport, EngineError> {
         if let EnginePhase::FailedOver { point } = &self.state.phase {
             let done = PointChoice::Named(point.clone());
-            return self.materialise(&done, dir, "failover", progress).await;
+            return self.materialise(&done, out, "failover", progress).await;
         }
         let (point, stopped) = self.take_point(planned, choice, now).await?;
         let mut report = materialise_point(
             self.store.as_ref(),
             &self.vm,
             point,
-            dir,
+            out,
             "failover",
             progress,
         )
@@ -368,6 +409,7 @@ impl Replicator {
             disks: Vec::new(),
             bytes_read: 0,
             source_stopped: stopped.map(|s| s.to_string()),
+            compared_bytes: 0,
         })
     }
 
@@ -427,10 +469,13 @@ impl Replicator {
     }
 
     /// The failover to `point` happened: tracking stops (planned: the source is stopped and
-    /// everything it wrote is in the point) and the pending cycles are dropped.
+    /// everything it wrote is in the point, so its disks are marked to record their writes
+    /// since the point, for a failback: [`Replicator::keep_seed`]) and the pending cycles are
+    /// dropped.
     async fn failed_over(&mut self, planned: bool, point: &str) -> Result<(), EngineError> {
         if planned {
             self.hypervisor.stop_tracking(&self.disks).await?;
+            self.keep_seed(point).await;
         }
         self.state.phase = EnginePhase::FailedOver {
             point: point.to_owned(),
@@ -499,8 +544,8 @@ pub async fn commit_in_store(
     delete_points_but(store, vm, point).await
 }
 
-/// Remove the image files of `disks` of a failover named `label` from `dir`; the disks that
-/// had none there.
+/// Remove the image files (of any [`DiskFormat`]) of `disks` of a failover named `label` from
+/// `dir`; the disks that had none there.
 ///
 /// # Errors
 ///
@@ -513,11 +558,17 @@ pub fn remove_disk_images(
 ) -> Result<Vec<String>, EngineError> {
     let mut missing = Vec::new();
     for disk in disks {
-        let path = disk_image_path(dir, vm, label, disk);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(disk.clone()),
-            Err(e) => return Err(EngineError::state("remove failover disk", path)(e)),
-            Ok(()) => {}
+        let mut found = false;
+        for format in DiskFormat::ALL {
+            let path = disk_image_path(dir, vm, label, disk, format);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EngineError::state("remove failover disk", path)(e)),
+                Ok(()) => found = true,
+            }
+        }
+        if !found {
+            missing.push(disk.clone());
         }
     }
     Ok(missing)

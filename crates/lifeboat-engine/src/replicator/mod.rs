@@ -26,6 +26,7 @@
 mod copy;
 mod cycle;
 mod failover;
+mod image;
 mod logs;
 mod maps;
 mod reprotect;
@@ -33,10 +34,11 @@ mod resync;
 mod upload;
 
 pub use failover::{
-    FailoverReport, MaterialisedDisk, PointChoice, choose_point, commit_in_store, disk_image_path,
-    fail_over_from_store, materialise_point, remove_disk_images,
+    FailoverReport, MaterialisedDisk, Output, PointChoice, choose_point, commit_in_store,
+    disk_image_path, fail_over_from_store, materialise_point, remove_disk_images,
 };
-pub use reprotect::restore_onto;
+pub use image::DiskFormat;
+pub use reprotect::{SeedMaps, restore_onto};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

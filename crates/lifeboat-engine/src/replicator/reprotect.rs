@@ -24,17 +24,19 @@
 //! idempotent) until the resync has started, then resumes the resync from its saved map.
 //! A restore can run again from the start: what it already wrote now matches and is skipped.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, RangeOp, plan_resync};
-use lifeboat_store::local::{PositionalIo, data_ranges};
+use lifeboat_store::local::PositionalIo;
 use lifeboat_store::{At, MAX_WRITE_BYTES, ReplicaStore, VmKey};
 
 use super::failover::{FailoverReport, MaterialisedDisk, PointChoice, choose_point, verify_digest};
+use super::image::{self, Image};
 use super::{Progress, ProgressSink, Replicator, Report, maps, throughput, unix_ms};
-use crate::backend::DiskRef;
+use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, seed_bitmap_name};
 use crate::error::EngineError;
 use crate::state::{AgentState, DiskRecord, EnginePhase};
 
@@ -42,7 +44,7 @@ use crate::state::{AgentState, DiskRecord, EnginePhase};
 pub(crate) const REPROTECT: &str = "Reprotect";
 
 /// The point a re-protect in `phase` started from, if it is one.
-fn reprotecting_from(phase: &EnginePhase) -> Option<&str> {
+pub(super) fn reprotecting_from(phase: &EnginePhase) -> Option<&str> {
     match phase {
         EnginePhase::ResyncRequired { reason } => reason
             .strip_prefix(REPROTECT)
@@ -186,26 +188,150 @@ impl Replicator {
     }
 }
 
-/// Bring the original disks `targets` (raw image files or block devices at the site the VM
-/// returns to) to `point_id` of `vm`: each is hashed block by block and compared with the
-/// point's block map, and only the blocks that differ are read from the store and written
-/// (the recovered VM's writes, and whatever an unplanned failover lost at this site). A disk
-/// whose image is gone is created and filled: the one case that copies a whole disk. Every
-/// disk is verified against the point's digest at the end.
+/// What a planned failover left at the site it stopped, for the failback that returns there:
+/// the point the stopped disks were equal to, and each disk's block map at that point. With
+/// the seed bitmap ([`crate::backend::seed_bitmap_name`]) the disks have recorded since, a
+/// failback writes only the blocks either side changed, and reads none of the rest.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeedMaps {
+    /// The point.
+    pub point: String,
+    /// Each disk's block map at the point.
+    pub maps: BTreeMap<String, BlockMap>,
+}
+
+impl Replicator {
+    fn seed_map_path(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("seed-{disk}.map"))
+    }
+
+    /// After a planned failover to `point` (the source stopped, equal to the point): ask the
+    /// hypervisor to record the disks' writes from now on as writes since `point`, and keep
+    /// each disk's block map at `point` in the state folder. Best effort: a failback without
+    /// them compares the whole disks.
+    pub(crate) async fn keep_seed(&self, point: &str) {
+        let marked = match self.hypervisor.mark_point(&self.disks, point).await {
+            Ok(marked) => marked,
+            Err(e) => {
+                tracing::warn!(vm = %self.vm, point, error = %e, "the stopped disks cannot record their writes since the failover: a failback will compare them in full");
+                return;
+            }
+        };
+        if !marked {
+            tracing::info!(vm = %self.vm, point, "the disks keep no record of their writes across a restart (raw images): a failback will compare them in full");
+            return;
+        }
+        let Ok(point_info) = choose_point(
+            self.store.as_ref(),
+            &self.vm,
+            &PointChoice::Named(point.to_owned()),
+        )
+        .await
+        else {
+            return;
+        };
+        for pd in &point_info.disks {
+            let map = maps::load_trusted(
+                self.store.as_ref(),
+                &self.vm,
+                &pd.name,
+                pd.size_bytes,
+                pd.digest.block_size_bytes,
+                &[point],
+            )
+            .await;
+            let kept = match map {
+                Ok(Some(map)) => self
+                    .fs
+                    .write_atomic(&self.seed_map_path(&pd.name), &maps::encode(point, &map))
+                    .map_err(|e| e.to_string()),
+                Ok(None) => Err("the stored block map does not describe the point".to_owned()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = kept {
+                tracing::warn!(vm = %self.vm, disk = %pd.name, point, why, "no block map kept for the failback: it will compare this disk in full");
+            }
+        }
+    }
+
+    /// The seed maps a planned failover to `point` kept, for the disks that have one.
+    fn seed_maps(&self, point: &str) -> SeedMaps {
+        let mut seeds = SeedMaps {
+            point: point.to_owned(),
+            maps: BTreeMap::new(),
+        };
+        for disk in self.disks.iter().map(|d| &d.name) {
+            if let Ok(Some(bytes)) = self.fs.read(&self.seed_map_path(disk))
+                && let Some((tag, map)) = maps::decode(&bytes)
+                && tag == point
+            {
+                seeds.maps.insert(disk.clone(), map);
+            }
+        }
+        seeds
+    }
+
+    /// Fail back onto `targets`, the VM's original disks at this engine's site: bring them to
+    /// `point_id` with [`restore_onto`], using the seed this engine's planned failover left
+    /// ([`SeedMaps`]) when it has one, then forget that seed.
+    ///
+    /// # Errors
+    ///
+    /// As [`restore_onto`].
+    pub async fn fail_back(
+        &self,
+        point_id: &str,
+        targets: &[DiskRef],
+        progress: ProgressSink<'_>,
+    ) -> Result<FailoverReport, EngineError> {
+        let seeds = match &self.state.phase {
+            EnginePhase::FailedOver { point } => Some(self.seed_maps(point)),
+            _ => None,
+        };
+        let report = restore_onto(
+            self.store.as_ref(),
+            &self.vm,
+            point_id,
+            targets,
+            seeds.as_ref(),
+            progress,
+        )
+        .await?;
+        for disk in self.disks.iter().map(|d| &d.name) {
+            let _ = self.fs.remove(&self.seed_map_path(disk));
+        }
+        Ok(report)
+    }
+}
+
+/// Bring the original disks `targets` (raw or qcow2 images, or block devices, at the site the
+/// VM returns to) to `point_id` of `vm`, writing only the blocks that differ (the recovered
+/// VM's writes, and whatever an unplanned failover lost at this site):
+///
+/// - a qcow2 disk with the seed of a planned failover (its seed bitmap, intact, and the block
+///   map `seeds` holds for it) is not read at all: the blocks its bitmap marks and the blocks
+///   whose hashes differ between the seed's point and `point_id` are written;
+/// - any other disk is hashed block by block and compared with the point's block map.
+///
+/// A disk whose image is gone is created and filled: the one case that copies a whole disk.
+/// Every disk's map is checked against the point's digest at the end, and a qcow2 disk gets a
+/// new seed bitmap for the point, so that the re-protect that follows sends only what the VM
+/// writes after the failback.
 ///
 /// Needs only the store and the images: the agent of the site the VM returns to runs it (the
 /// Failback job), with the source VM stopped.
 ///
 /// # Errors
 ///
-/// No such point, a disk of the point without an original disk, an image that is not raw (a
-/// qcow2 one: convert it or fail back to new disks), I/O and store failures, or
-/// [`EngineError::DigestMismatch`].
+/// No such point, a disk of the point without an original disk, an image in a format that is
+/// not written in place (VHDX, a dynamic VHD, VMDK), an image another process holds open, I/O,
+/// `qemu-img`/`qemu-nbd` and store failures, or [`EngineError::DigestMismatch`].
 pub async fn restore_onto(
     store: &dyn ReplicaStore,
     vm: &VmKey,
     point_id: &str,
     targets: &[DiskRef],
+    seeds: Option<&SeedMaps>,
     progress: ProgressSink<'_>,
 ) -> Result<FailoverReport, EngineError> {
     let point = choose_point(store, vm, &PointChoice::Named(point_id.to_owned())).await?;
@@ -214,6 +340,7 @@ pub async fn restore_onto(
         disks: Vec::new(),
         bytes_read: 0,
         source_stopped: None,
+        compared_bytes: 0,
     };
     for pd in &point.disks {
         let target =
@@ -226,7 +353,10 @@ pub async fn restore_onto(
                         pd.name
                     ),
                 })?;
-        report.bytes_read += restore_disk(store, vm, &point, pd, target, progress).await?;
+        let seed = seeds.and_then(|s| s.maps.get(&pd.name).map(|m| (s.point.as_str(), m)));
+        let (read, compared) = restore_disk(store, vm, &point, pd, target, seed, progress).await?;
+        report.bytes_read += read;
+        report.compared_bytes += compared;
         report.disks.push(MaterialisedDisk {
             name: pd.name.clone(),
             path: target.path.clone().into(),
@@ -237,8 +367,7 @@ pub async fn restore_onto(
 }
 
 /// The format of an image whose first bytes are `head`, when it is one whose data is not laid
-/// out raw (writing raw blocks into it would corrupt it); None for raw data (and a fixed VHD,
-/// raw data with a footer at its end).
+/// out raw; None for raw data (and a fixed VHD, raw data with a footer at its end).
 fn image_format(head: &[u8; 8]) -> Option<&'static str> {
     match head {
         [b'Q', b'F', b'I', 0xfb, ..] => Some("qcow2"),
@@ -292,9 +421,20 @@ fn held_open_by(path: &Path) -> Option<(u32, String)> {
     }
 }
 
-/// Open (or create) an original disk's image for writing in place; refuse formats that are
-/// not raw, and an image another process holds open.
-fn open_target(path: &Path, disk: &str, size: u64) -> Result<std::fs::File, EngineError> {
+/// An original disk, checked and ready to open.
+#[derive(Debug)]
+enum Target {
+    /// A raw image or block device, open for writing in place.
+    Raw(std::fs::File),
+    /// A qcow2 image (written through `qemu-nbd`); `created` when the failback made it.
+    Qcow2 { created: bool },
+}
+
+/// Check an original disk's image before the failback writes it: nobody else may hold it
+/// open; a raw image (grown, sparse, to the disk's size if short) or block device is opened;
+/// a qcow2 image is recognised (one that is gone is created when its name ends in `.qcow2`);
+/// other formats are refused.
+async fn open_target(path: &Path, disk: &str, size: u64) -> Result<Target, EngineError> {
     if let Some((pid, program)) = held_open_by(path) {
         return Err(EngineError::NotReady {
             what: format!(
@@ -304,6 +444,10 @@ fn open_target(path: &Path, disk: &str, size: u64) -> Result<std::fs::File, Engi
                 path.display()
             ),
         });
+    }
+    if !path.exists() && path.extension().is_some_and(|e| e == "qcow2") {
+        image::create_qcow2(path, size).await?;
+        return Ok(Target::Qcow2 { created: true });
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -321,11 +465,14 @@ fn open_target(path: &Path, disk: &str, size: u64) -> Result<std::fs::File, Engi
         && file.read_exact_at(&mut head, 0).is_ok()
         && let Some(format) = image_format(&head)
     {
+        if format == "qcow2" {
+            return Ok(Target::Qcow2 { created: false });
+        }
         return Err(EngineError::NotReady {
             what: format!(
-                "disk {disk:?}: {} is a {format} image; failback writes raw images (a fixed VHD \
-                 too: its data is raw) and block devices in place (convert it with qemu-img, or \
-                 fail back to new disks)",
+                "disk {disk:?}: {} is a {format} image; failback writes raw and qcow2 images \
+                 (a fixed VHD too: its data is raw) and block devices in place (convert it with \
+                 qemu-img, or fail back to new disks)",
                 path.display()
             ),
         });
@@ -341,7 +488,68 @@ fn open_target(path: &Path, disk: &str, size: u64) -> Result<std::fs::File, Engi
         file.set_len(size)
             .map_err(EngineError::state("size original disk", path))?;
     }
-    Ok(file)
+    Ok(Target::Raw(file))
+}
+
+/// Open the original disk at `path` for the failback; with the seed of point `seed_point`,
+/// a qcow2 image whose seed bitmap is intact is opened with that bitmap exported. Whether it
+/// is qcow2.
+async fn open_original(
+    path: &Path,
+    disk: &str,
+    size: u64,
+    seed_point: Option<&str>,
+) -> Result<(Image, bool), EngineError> {
+    match open_target(path, disk, size).await? {
+        Target::Raw(file) => Ok((Image::file(file, path), false)),
+        Target::Qcow2 { created } => {
+            let info = image::qcow2_info(path).await?;
+            if info.virtual_size != size {
+                return Err(EngineError::NotReady {
+                    what: format!(
+                        "disk {disk:?}: {} is a qcow2 image of {} bytes, and the disk has {size} \
+                         at the point: fail back to the disk it was, or resize it with qemu-img",
+                        path.display(),
+                        info.virtual_size
+                    ),
+                });
+            }
+            let seed = seed_point.map(seed_bitmap_name).filter(|name| {
+                !created
+                    && info
+                        .bitmaps
+                        .iter()
+                        .any(|b| &b.name == name && b.enabled && !b.in_use)
+            });
+            if seed_point.is_some() && seed.is_none() {
+                tracing::info!(disk, path = %path.display(), "the disk's seed bitmap is gone or was not stored cleanly (its QEMU killed?): comparing the whole disk");
+            }
+            Ok((Image::open_qcow2(path, seed.as_deref()).await?, true))
+        }
+    }
+}
+
+/// Replace a qcow2 failback target's seed bitmaps with one for `point`.
+async fn reseed(path: &Path, point: &str) -> Result<(), EngineError> {
+    for old in image::qcow2_info(path).await?.bitmaps {
+        if old.name.starts_with(SEED_BITMAP_PREFIX) {
+            image::remove_bitmap(path, &old.name).await?;
+        }
+    }
+    image::add_bitmap(path, &seed_bitmap_name(point)).await
+}
+
+/// Merge touching or overlapping ranges (sorted first).
+fn union(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 async fn restore_disk(
@@ -350,8 +558,9 @@ async fn restore_disk(
     point: &lifeboat_store::RecoveryPoint,
     pd: &lifeboat_store::PointDisk,
     target: &DiskRef,
+    seed: Option<(&str, &BlockMap)>,
     progress: ProgressSink<'_>,
-) -> Result<u64, EngineError> {
+) -> Result<(u64, u64), EngineError> {
     let path = Path::new(&target.path);
     let map_error = |source| EngineError::BlockMap {
         disk: pd.name.clone(),
@@ -360,7 +569,7 @@ async fn restore_disk(
     let block_size = pd.digest.block_size_bytes;
     let block = u64::from(block_size);
     let size = pd.size_bytes;
-    let file = Arc::new(open_target(path, &pd.name, size)?);
+    let (image, qcow2) = open_original(path, &pd.name, size, seed.map(|(p, _)| p)).await?;
     let started = Instant::now();
     // What the point holds: its stored map when it describes this point, else the point read
     // from the store.
@@ -379,9 +588,6 @@ async fn restore_disk(
             .await?
         }
     };
-    // What the original disk holds now.
-    let mut have =
-        BlockMap::new_zeroed(HashAlgorithm::default(), block_size, size).map_err(map_error)?;
     let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
     let report = |done: u64, read: u64| {
         progress(&Progress {
@@ -392,73 +598,85 @@ async fn restore_disk(
             throughput_bytes_per_second: throughput(read, started),
         });
     };
-    // NB: a block device, or a file system that does not tell, is read whole; the holes of a
-    // sparse image are zeros and are not read.
-    let ranges = maps::align(
-        &data_ranges(&file, size)
-            .map_err(EngineError::state("find data in original disk", path))?,
-        block,
-        size,
-    );
-    maps::hash_ranges(
-        &mut have,
-        &pd.name,
-        &ranges,
-        super::VIEW_CHUNK_BYTES / block * block,
-        |offset, len| {
-            let file = Arc::clone(&file);
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, offset)
-                        .map(|()| bytes::Bytes::from(buf))
-                })
-                .await
-                .map_err(|e| EngineError::NotReady {
-                    what: format!("reading the original disk was cancelled: {e}"),
-                })?
-                .map_err(EngineError::state("read original disk", path))
-            }
-        },
-        |done| report(done / 2, 0),
-    )
-    .await?;
-    let plan = plan_resync(&want, &have).map_err(map_error)?;
+    let dirty = image.dirty_ranges(size).await?;
+    let seeded = match (dirty, seed) {
+        (Some(dirty), Some((from, map)))
+            if map.image_size_bytes() == size && map.block_size_bytes() == block_size =>
+        {
+            Some((from, map, dirty))
+        }
+        _ => None,
+    };
+    // The disk's map as it will be, and what to write: (range, whether it is zeros).
+    let mut compared = 0;
+    let (mut have, writes): (BlockMap, Vec<(Range<u64>, bool)>) = match seeded {
+        Some((from, map, dirty)) => {
+            // The disk equals `from` but for the blocks its bitmap marks: write those and
+            // the ones the replica changed between `from` and the point, nothing else.
+            let changed = plan_resync(&want, map).map_err(map_error)?;
+            let mut ranges: Vec<Range<u64>> = changed
+                .ranges()
+                .iter()
+                .map(|r| r.offset_bytes..r.end_bytes())
+                .collect();
+            ranges.extend(maps::align(&dirty, block, size));
+            tracing::info!(vm = %vm, disk = %pd.name, from, "failback: the disk's seed bitmap holds; writing only the blocks either side changed");
+            let writes = union(ranges).into_iter().map(|r| (r, false)).collect();
+            (map.clone(), writes)
+        }
+        None => {
+            // What the original disk holds now: hash it (holes are zeros and are not read).
+            let mut have = BlockMap::new_zeroed(HashAlgorithm::default(), block_size, size)
+                .map_err(map_error)?;
+            let ranges = maps::align(&image.data_ranges(size).await?, block, size);
+            let image = &image;
+            compared = maps::hash_ranges(
+                &mut have,
+                &pd.name,
+                &ranges,
+                super::VIEW_CHUNK_BYTES / block * block,
+                |offset, len| async move { image.read(offset, len).await },
+                |done| report(done / 2, 0),
+            )
+            .await?;
+            let plan = plan_resync(&want, &have).map_err(map_error)?;
+            let writes = plan
+                .ranges()
+                .iter()
+                .map(|r| (r.offset_bytes..r.end_bytes(), matches!(r.op, RangeOp::Zero)))
+                .collect();
+            (have, writes)
+        }
+    };
     let mut read = 0;
-    let zeros = vec![0u8; chunk as usize];
-    for range in plan.ranges() {
-        let mut offset = range.offset_bytes;
-        let end = range.offset_bytes + range.len_bytes;
-        while offset < end {
-            let len = chunk.min(end - offset);
-            match range.op {
-                RangeOp::Copy => {
-                    let at = At::Point(point.id.clone());
-                    let data = store.read(vm, &pd.name, &at, offset, len).await?;
-                    file.write_all_at(&data, offset)
-                        .map_err(EngineError::state("write original disk", path))?;
-                    have.update_range(offset, &data).map_err(map_error)?;
-                    read += len;
-                }
-                RangeOp::Zero => {
-                    let data = &zeros[..len as usize];
-                    file.write_all_at(data, offset)
-                        .map_err(EngineError::state("write original disk", path))?;
-                    have.update_range(offset, data).map_err(map_error)?;
-                }
-            }
+    let zeros = bytes::Bytes::from(vec![0u8; chunk as usize]);
+    for (range, zero) in writes {
+        let mut offset = range.start;
+        while offset < range.end {
+            let len = chunk.min(range.end - offset);
+            let data = if zero {
+                zeros.slice(..len as usize)
+            } else {
+                let at = At::Point(point.id.clone());
+                read += len;
+                store.read(vm, &pd.name, &at, offset, len).await?
+            };
+            have.update_range(offset, &data).map_err(map_error)?;
+            image.write(offset, data).await?;
             offset += len;
             report(size / 2 + offset / 2, read);
         }
     }
-    file.sync_all()
-        .map_err(EngineError::state("sync original disk", path))?;
+    image.finish().await?;
     report(size, read);
     verify_digest(&have, point, pd, |got| {
         format!("the original disk reads as {got} after the failback")
     })?;
-    tracing::info!(vm = %vm, disk = %pd.name, path = %path.display(), written = read, zeroed = plan.zero_bytes(), "original disk brought to the point");
-    Ok(read)
+    if qcow2 {
+        reseed(path, &point.id).await?;
+    }
+    tracing::info!(vm = %vm, disk = %pd.name, path = %path.display(), written = read, compared, "original disk brought to the point");
+    Ok((read, compared))
 }
 
 #[cfg(test)]
@@ -480,8 +698,8 @@ mod tests {
     }
 
     #[cfg(target_os = "linux")]
-    #[test]
-    fn a_failback_onto_a_disk_another_process_holds_open_is_refused() {
+    #[tokio::test]
+    async fn a_failback_onto_a_disk_another_process_holds_open_is_refused() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("root.img");
         std::fs::write(&path, vec![0u8; 4096]).unwrap_or_else(|e| panic!("{e}"));
@@ -498,7 +716,7 @@ mod tests {
         while !ready.exists() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let refused = open_target(&path, "root", 4096).map(drop);
+        let refused = open_target(&path, "root", 4096).await.map(drop);
         let _ = holder.kill();
         let _ = holder.wait();
         let Err(EngineError::NotReady { what }) = refused else {
@@ -509,25 +727,54 @@ mod tests {
             "{what}"
         );
         assert!(
-            open_target(&path, "root", 4096).is_ok(),
+            open_target(&path, "root", 4096).await.is_ok(),
             "free once it is closed"
         );
     }
 
     #[tokio::test]
-    async fn a_failback_onto_a_qcow2_image_is_refused_and_leaves_it_alone() {
+    async fn a_failback_onto_a_vhdx_image_is_refused_and_leaves_it_alone() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().join("root.qcow2");
-        let image = b"QFI\xfb\0\0\0\x03 and the rest of a qcow2 header".to_vec();
+        let path = dir.path().join("root.vhdx");
+        let image = b"vhdxfile and the rest of a VHDX header".to_vec();
         std::fs::write(&path, &image).unwrap_or_else(|e| panic!("{e}"));
-        let refused = open_target(&path, "root", 1 << 20).map(drop);
+        let refused = open_target(&path, "root", 1 << 20).await.map(drop);
         let Err(EngineError::NotReady { what }) = refused else {
             panic!("{refused:?}");
         };
         assert!(
-            what.contains("qcow2") && what.contains("root.qcow2"),
+            what.contains("VHDX") && what.contains("root.vhdx"),
             "{what}"
         );
         assert_eq!(std::fs::read(&path).unwrap_or_default(), image);
+    }
+
+    #[tokio::test]
+    async fn a_qcow2_original_is_recognised_and_a_missing_one_is_created_as_qcow2() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("root.qcow2");
+        let made = open_target(&path, "root", 1 << 20).await;
+        assert!(
+            matches!(made, Ok(Target::Qcow2 { created: true })),
+            "{made:?}"
+        );
+        let info = image::qcow2_info(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(info.virtual_size, 1 << 20);
+        let found = open_target(&path, "root", 1 << 20).await;
+        assert!(
+            matches!(found, Ok(Target::Qcow2 { created: false })),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn union_merges_touching_and_overlapping_ranges() {
+        assert_eq!(
+            union(vec![8..12, 0..4, 4..6, 10..16, 20..21]),
+            [0..6, 8..16, 20..21]
+        );
+        assert!(union(Vec::new()).is_empty());
     }
 }

@@ -27,6 +27,11 @@
 //! attempt, because a lost disk's new bitmap knows nothing of what was lost. Any other cause
 //! (logs over the threshold, a corrupt log, a request) compares every disk.
 //!
+//! A re-protect's resync goes further when its disks carry a seed bitmap (a qcow2 failover
+//! disk's, or one a planned failover left on the stopped source's disks): the view freezes it,
+//! and it names every block written since the point the replica was put back to, so only
+//! those blocks are read and compared ([`View::changed_since`]).
+//!
 //! # Resuming
 //!
 //! The target map is saved with the `resync` tag at every checkpoint, after the writes
@@ -214,6 +219,11 @@ impl Replicator {
             self.state.resync_intent = None;
             self.save()?;
         }
+        // NB: a re-protect's first attempt may use the seed bitmaps its view froze (the
+        // writes since its point); a resumed one compares in full (the first view removed them).
+        let seed_point = super::reprotect::reprotecting_from(&self.state.phase)
+            .filter(|_| !resuming)
+            .map(str::to_owned);
         for info in view.disks().to_vec() {
             let disk = info.name.as_str();
             let map_error = |source| EngineError::BlockMap {
@@ -233,7 +243,12 @@ impl Replicator {
             let stored = targets
                 .remove(disk)
                 .filter(|map| map.image_size_bytes() == info.size_bytes);
-            let incremental = stored.is_some() && !full.iter().any(|d| d == disk);
+            let seeded = match &seed_point {
+                Some(point) if stored.is_some() => view.changed_since(disk, point).await?,
+                _ => None,
+            };
+            let incremental =
+                stored.is_some() && (seeded.is_some() || !full.iter().any(|d| d == disk));
             let mut target = match stored {
                 Some(map) => map,
                 None => {
@@ -253,7 +268,10 @@ impl Replicator {
             };
             // Source map: read and hash what the view holds (unallocated space is zeros), or,
             // where tracking vouches for every change since the map, only the changed blocks.
-            let (mut source, ranges) = if incremental {
+            let (mut source, ranges) = if let Some(changed) = seeded {
+                tracing::info!(vm = %self.vm, disk, "re-protect: the disk's seed bitmap holds; comparing only the blocks written since the point");
+                (target.clone(), changed)
+            } else if incremental {
                 tracing::info!(vm = %self.vm, disk, "resync: tracking holds; comparing only the changed blocks");
                 let changed = view.changed_extents(disk).await?;
                 (target.clone(), changed)
