@@ -13,8 +13,6 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use lifeboat_store::local::{PositionalIo, data_ranges};
@@ -72,7 +70,8 @@ impl std::fmt::Display for DiskFormat {
 }
 
 /// How long `qemu-nbd` may take to listen, and an NBD request to be answered.
-const NBD_TIMEOUT: Duration = Duration::from_secs(60);
+#[cfg(unix)]
+const NBD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Run `qemu-img` with `args`; its stdout.
 ///
@@ -290,6 +289,7 @@ impl Image {
 
     #[cfg(unix)]
     async fn serve_qcow2(path: &Path, bitmap: Option<&str>) -> Result<Image, EngineError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
         // NB: in the temporary folder, not beside the image: a unix socket's path is at most
         // 107 bytes.
@@ -340,7 +340,7 @@ impl Image {
                     ),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         let bitmap_context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
         let mut contexts = vec![lifeboat_nbd::BASE_ALLOCATION.to_owned()];
@@ -359,6 +359,7 @@ impl Image {
         })))
     }
 
+    #[cfg(unix)]
     fn path(&self) -> &Path {
         match self {
             Image::File { path, .. } => path,
@@ -454,7 +455,10 @@ impl Image {
         size: u64,
     ) -> Result<Option<Vec<Range<u64>>>, EngineError> {
         match self {
-            Image::File { .. } => Ok(None),
+            Image::File { .. } => {
+                let _ = size;
+                Ok(None)
+            }
             #[cfg(unix)]
             Image::Nbd(s) => {
                 let Some(context) = &s.bitmap_context else {
