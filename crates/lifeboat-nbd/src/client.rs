@@ -440,34 +440,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
 
     /// Read `len` bytes at `offset`; holes come back as zeros.
     pub async fn read(&mut self, offset: u64, len: u64) -> Result<Bytes, NbdError> {
+        let mut data = self.read_many(&[(offset, len)]).await?;
+        data.pop()
+            .ok_or_else(|| protocol("read finished without data"))
+    }
+
+    /// Read each of `ranges` (`(offset, len)`), all their requests pipelined (up to the
+    /// window in flight): scattered blocks cost about one round trip per window, not one
+    /// each. The data of each range, in order.
+    pub async fn read_many(&mut self, ranges: &[(u64, u64)]) -> Result<Vec<Bytes>, NbdError> {
         self.guard()?;
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(Bytes::new());
+        for &(offset, len) in ranges {
+            self.check_range(offset, len)?;
+            usize::try_from(len)
+                .map_err(|_| NbdError::Invalid(format!("{len} bytes do not fit memory")))?;
         }
-        let total = usize::try_from(len)
-            .map_err(|_| NbdError::Invalid(format!("{len} bytes do not fit memory")))?;
         let step = u64::from(self.read_request_bytes.max(1));
         let mut requests = Vec::new();
-        let mut at = offset;
-        while at < offset + len {
-            // NB: at most max_read_bytes, which is a u32.
-            let n = (offset + len - at).min(step) as u32;
-            requests.push(Request {
-                command: NBD_CMD_READ,
-                offset: at,
-                len: n,
-            });
-            at += u64::from(n);
+        // NB: one zeroed buffer per range, split into one piece per request; the pieces are
+        // unsplit back in order without copying, so data lands exactly once, straight from
+        // the socket. Each starts on a page boundary, so that a store may write the data with
+        // direct I/O.
+        let mut buffers = std::collections::VecDeque::new();
+        // How many requests each range has.
+        let mut counts = Vec::with_capacity(ranges.len());
+        for &(offset, len) in ranges {
+            let mut whole = lifeboat_store::aligned_buffer(len as usize);
+            let mut at = offset;
+            let first = requests.len();
+            while at < offset + len {
+                // NB: at most max_read_bytes, which is a u32.
+                let n = (offset + len - at).min(step) as u32;
+                requests.push(Request {
+                    command: NBD_CMD_READ,
+                    offset: at,
+                    len: n,
+                });
+                buffers.push_back(whole.split_to(n as usize));
+                at += u64::from(n);
+            }
+            counts.push(requests.len() - first);
         }
-        // NB: one zeroed buffer, split into one piece per request; the pieces are unsplit
-        // back in order without copying, so data lands exactly once, straight from the socket.
-        // It starts on a page boundary, so that a store may write the data with direct I/O.
-        let mut whole = lifeboat_store::aligned_buffer(total);
-        let mut pieces: std::collections::VecDeque<BytesMut> = requests
-            .iter()
-            .map(|r| whole.split_to(r.len as usize))
-            .collect();
         self.broken = true;
         let mut results: Vec<Option<BytesMut>> = vec![None; requests.len()];
         let outcome = self
@@ -477,7 +490,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
                 |req, _| {
                     Pending::Read(ReadAssembly::with_buffer(
                         *req,
-                        pieces.pop_front().unwrap_or_default(),
+                        buffers.pop_front().unwrap_or_default(),
                     ))
                 },
                 &mut results,
@@ -486,14 +499,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
         self.settle(&outcome);
         outcome?;
         let mut parts = results.into_iter();
-        let mut out = parts
-            .next()
-            .flatten()
-            .ok_or_else(|| protocol("read finished without data"))?;
-        for part in parts {
-            out.unsplit(part.ok_or_else(|| protocol("read finished without data"))?);
+        let mut out = Vec::with_capacity(ranges.len());
+        for count in counts {
+            let mut data = BytesMut::new();
+            for part in parts.by_ref().take(count) {
+                let part = part.ok_or_else(|| protocol("read finished without data"))?;
+                if data.is_empty() {
+                    data = part;
+                } else {
+                    data.unsplit(part);
+                }
+            }
+            out.push(data.freeze());
         }
-        Ok(out.freeze())
+        Ok(out)
+    }
+
+    /// Write each of `writes` (`(offset, data)`), all their requests pipelined (up to the
+    /// window in flight). Complete, not yet durable, when it returns ([`NbdClient::flush`]).
+    pub async fn write_many(&mut self, writes: &[(u64, Bytes)]) -> Result<(), NbdError> {
+        self.guard()?;
+        if !self.is_writable() {
+            return Err(NbdError::Invalid(format!(
+                "export {:?} is read-only",
+                self.export
+            )));
+        }
+        let step = u64::from(self.negotiated.max_read_bytes.max(512));
+        let mut requests = Vec::new();
+        let mut payloads = Vec::new();
+        for (offset, data) in writes {
+            let len = data.len() as u64;
+            self.check_range(*offset, len)?;
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(step);
+                requests.push(Request {
+                    command: NBD_CMD_WRITE,
+                    offset: offset + at,
+                    // NB: at most max_read_bytes, which is a u32.
+                    len: n as u32,
+                });
+                payloads.push(data.slice(at as usize..(at + n) as usize));
+                at += n;
+            }
+        }
+        self.acknowledged(&requests, &payloads).await
     }
 
     /// The block status of `context` over `offset..offset+len`, as extents covering the whole
@@ -557,31 +608,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> NbdClient<S> {
     /// Write `data` at `offset`, split into requests the server accepts, pipelined. The
     /// writes are complete (not yet durable: see [`NbdClient::flush`]) when it returns.
     pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), NbdError> {
-        self.guard()?;
-        let len = data.len() as u64;
-        self.check_range(offset, len)?;
-        if !self.is_writable() {
-            return Err(NbdError::Invalid(format!(
-                "export {:?} is read-only",
-                self.export
-            )));
-        }
-        let step = u64::from(self.negotiated.max_read_bytes.max(512));
-        let mut requests = Vec::new();
-        let mut payloads = Vec::new();
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(step);
-            requests.push(Request {
-                command: NBD_CMD_WRITE,
-                offset: offset + at,
-                // NB: at most max_read_bytes, which is a u32.
-                len: n as u32,
-            });
-            payloads.push(data.slice(at as usize..(at + n) as usize));
-            at += n;
-        }
-        self.acknowledged(&requests, &payloads).await
+        self.write_many(&[(offset, data)]).await
     }
 
     /// Make every completed write durable on the server's storage (a no-op when the server

@@ -118,3 +118,64 @@ async fn writes_land_in_the_image_and_read_back_and_a_read_only_export_refuses_t
     client.disconnect().await.unwrap();
     assert!(server.wait().unwrap().success());
 }
+
+#[tokio::test]
+async fn scattered_pieces_go_out_together_and_each_lands_where_it_was_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(created.success());
+    let socket = dir.path().join("nbd.sock");
+    let mut server = serve(&image, &socket, false);
+    let mut client = NbdClient::connect_unix(&socket, "disk", &[], TIMEOUT)
+        .await
+        .unwrap();
+    // 300 scattered 64 KiB blocks (more than one window in flight), one piece larger than
+    // the server's largest request, and a zero-length one.
+    let mut writes: Vec<(u64, Bytes)> = (0..300u64)
+        .map(|i| {
+            let offset = (i * 3 + 1) * 64 * 1024;
+            (offset, Bytes::from(pattern(i as u8, 64 * 1024)))
+        })
+        .collect();
+    writes.push((60 * MIB - 40 * 1024, Bytes::from(pattern(3, 40 * 1024))));
+    writes.push((62 * MIB, Bytes::new()));
+    let big = pattern(200, 40 * MIB);
+    client.write_many(&writes).await.unwrap();
+    client
+        .write_many(&[(0, Bytes::from(vec![9u8; 512]))])
+        .await
+        .unwrap();
+    let pieces: Vec<(u64, u64)> = writes
+        .iter()
+        .map(|(offset, data)| (*offset, data.len() as u64))
+        .collect();
+    let read = client.read_many(&pieces).await.unwrap();
+    assert_eq!(read.len(), writes.len());
+    for ((offset, want), got) in writes.iter().zip(&read) {
+        assert_eq!(got, want, "the piece at {offset}");
+    }
+    // A piece split into several requests comes back whole, beside small ones.
+    client
+        .write(20 * MIB, Bytes::from(big.clone()))
+        .await
+        .unwrap();
+    let read = client
+        .read_many(&[(0, 512), (20 * MIB, 40 * MIB), (64 * 1024, 64 * 1024)])
+        .await
+        .unwrap();
+    assert_eq!(read[0], vec![9u8; 512]);
+    assert_eq!(read[1], big);
+    assert_eq!(read[2], pattern(0, 64 * 1024));
+    // One piece past the end refuses the whole batch, and nothing is sent.
+    let refused = client.read_many(&[(0, 512), (64 * MIB - 1, 2)]).await;
+    assert!(matches!(refused, Err(NbdError::Invalid(_))), "{refused:?}");
+    assert_eq!(client.read(0, 512).await.unwrap(), vec![9u8; 512]);
+    client.disconnect().await.unwrap();
+    assert!(server.wait().unwrap().success());
+}
