@@ -183,6 +183,22 @@ pub trait View: Send + Sync + fmt::Debug {
     /// Read `len` bytes at `offset` of `disk` as of the view.
     async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes, BackendError>;
 
+    /// Read each of `pieces` (`(offset, len)`) of `disk` as of the view: their data, in order.
+    /// A hypervisor whose reads can be in flight together (NBD) overrides this, so that
+    /// scattered blocks (a cycle's, a re-protect's) cost about one round trip per batch
+    /// rather than one each; by default, one [`View::read`] after another.
+    async fn read_many(
+        &self,
+        disk: &str,
+        pieces: &[(u64, u64)],
+    ) -> Result<Vec<Bytes>, BackendError> {
+        let mut out = Vec::with_capacity(pieces.len());
+        for &(offset, len) in pieces {
+            out.push(self.read(disk, offset, len).await?);
+        }
+        Ok(out)
+    }
+
     /// The ranges of `disk` written since recovery point `point`, when the disk carries a
     /// record of them that held until this view (a [`seed_bitmap_name`] bitmap: a failover's
     /// qcow2 output, or a source marked by [`Hypervisor::mark_point`]); None when it has no

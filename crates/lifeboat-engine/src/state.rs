@@ -98,6 +98,10 @@ pub struct AgentState {
     /// last saved map: sent again when the resync resumes.
     #[serde(default)]
     pub resync_intent: Option<(String, u64, u64)>,
+    /// The ranges inside [`AgentState::resync_intent`]'s window that the resync writes there
+    /// (sent again, only they, when it resumes); empty: the whole window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resync_intent_ranges: Vec<(u64, u64)>,
     /// When the last app-consistent point was cut, in ms since the epoch.
     #[serde(default)]
     pub last_app_consistent_unix_ms: Option<u64>,

@@ -599,22 +599,34 @@ impl View for QemuView {
     }
 
     async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        let mut data = self.read_many(disk, &[(offset, len)]).await?;
+        data.pop()
+            .ok_or_else(|| self.inner.permanent("read the view", "no data"))
+    }
+
+    async fn read_many(
+        &self,
+        disk: &str,
+        pieces: &[(u64, u64)],
+    ) -> Result<Vec<Bytes>, BackendError> {
         let p = self.part(disk)?;
-        if offset.checked_add(len).is_none_or(|end| end > p.size_bytes) {
-            return Err(self.inner.permanent(
-                "read the view",
-                format!(
-                    "{offset}+{len} is past the end {} of disk {:?}",
-                    p.size_bytes, p.disk
-                ),
-            ));
+        for &(offset, len) in pieces {
+            if offset.checked_add(len).is_none_or(|end| end > p.size_bytes) {
+                return Err(self.inner.permanent(
+                    "read the view",
+                    format!(
+                        "{offset}+{len} is past the end {} of disk {:?}",
+                        p.size_bytes, p.disk
+                    ),
+                ));
+            }
         }
         let mut guard = self.connection(p).await?;
         let Some(client) = guard.as_mut() else {
             return Err(self.inner.permanent("read the view", "no NBD connection"));
         };
         client
-            .read(offset, len)
+            .read_many(pieces)
             .await
             .map_err(|e| self.nbd_error(p, "read", e))
     }

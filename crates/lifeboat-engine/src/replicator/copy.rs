@@ -199,10 +199,10 @@ impl Replicator {
                     map.zero_range(next, range.start - next)
                         .map_err(map_error)?;
                 }
-                self.copy_range(
+                self.copy_ranges(
                     view,
                     disk,
-                    range.clone(),
+                    std::slice::from_ref(&range),
                     chunk,
                     rewrite,
                     &mut map,
@@ -274,72 +274,75 @@ impl Replicator {
         report: &mut Report,
     ) -> Result<(), EngineError> {
         let block = u64::from(map.block_size_bytes());
-        for range in maps::align(&view.changed_extents(disk).await?, block, end) {
-            self.copy_range(view, disk, range, chunk, true, map, uploader, report)
-                .await?;
-        }
-        Ok(())
+        let ranges = maps::align(&view.changed_extents(disk).await?, block, end);
+        self.copy_ranges(view, disk, &ranges, chunk, true, map, uploader, report)
+            .await
     }
 
-    /// Copy `range` (whole blocks) of `disk` from the view, a chunk at a time: runs of
-    /// non-zero blocks are written, runs of zero blocks skipped, or zeroed in the store when
-    /// `rewrite` says stale data may be there.
+    /// Copy `ranges` (whole blocks, sorted) of `disk` from the view, in batches of pieces
+    /// of at most `chunk` ([`maps::read_batches`]: a large range a chunk at a time, scattered
+    /// blocks many to one pipelined read): runs of non-zero blocks are written, runs of zero
+    /// blocks skipped, or zeroed in the store when `rewrite` says stale data may be there.
     ///
-    /// The read of the next chunk is in flight while a chunk is hashed and queued for the
+    /// The read of the next batch is in flight while a batch is hashed and queued for the
     /// store: queueing waits for a free upload slot whenever the store falls behind, and the
-    /// source would otherwise sit idle meanwhile (one chunk's buffer more in memory).
+    /// source would otherwise sit idle meanwhile (one batch's buffers more in memory).
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn copy_range(
+    pub(super) async fn copy_ranges(
         &self,
         view: &dyn View,
         disk: &str,
-        range: std::ops::Range<u64>,
+        ranges: &[std::ops::Range<u64>],
         chunk: u64,
         rewrite: bool,
         map: &mut BlockMap,
         uploader: &mut Uploader,
         report: &mut Report,
     ) -> Result<(), EngineError> {
-        let end = range.end;
         let block = map.block_size_bytes() as usize;
-        let read = |offset: u64| async move {
-            if offset < end {
-                let len = chunk.min(end - offset);
-                view.read(disk, offset, len)
-                    .await
-                    .map(|data| Some((len, data)))
-            } else {
-                Ok(None)
-            }
-        };
-        let mut offset = range.start;
-        let mut current = read(offset).await?;
-        while let Some((len, data)) = current.take() {
+        let mut batches = maps::read_batches(ranges, chunk, chunk).into_iter();
+        let mut current = read_batch(view, disk, batches.next()).await?;
+        while let Some(batch) = current.take() {
             let process = async {
-                report.bytes_read += len;
-                map.update_range(offset, &data)
-                    .map_err(|source| EngineError::BlockMap {
-                        disk: disk.to_owned(),
-                        source,
-                    })?;
-                for (run, zero) in zero_runs(&data, block) {
-                    let at = offset + run.start as u64;
-                    if !zero {
-                        uploader.write(disk, at, data.slice(run)).await?;
-                    } else if rewrite {
-                        uploader.zero(disk, at, run.len() as u64).await?;
+                for ((offset, len), data) in batch {
+                    report.bytes_read += len;
+                    map.update_range(offset, &data)
+                        .map_err(|source| EngineError::BlockMap {
+                            disk: disk.to_owned(),
+                            source,
+                        })?;
+                    for (run, zero) in zero_runs(&data, block) {
+                        let at = offset + run.start as u64;
+                        if !zero {
+                            uploader.write(disk, at, data.slice(run)).await?;
+                        } else if rewrite {
+                            uploader.zero(disk, at, run.len() as u64).await?;
+                        }
                     }
                 }
                 Ok::<(), EngineError>(())
             };
             // NB: the read first, so that its requests go out before the hashing starts.
-            let (next, processed) = tokio::join!(read(offset + len), process);
+            let (next, processed) = tokio::join!(read_batch(view, disk, batches.next()), process);
             processed?;
             current = next?;
-            offset += len;
         }
         Ok(())
     }
+}
+
+/// Read `batch` of `disk` from the view, if there is one: each piece with its data.
+async fn read_batch(
+    view: &dyn View,
+    disk: &str,
+    batch: Option<Vec<(u64, u64)>>,
+) -> Result<Option<Vec<((u64, u64), bytes::Bytes)>>, EngineError> {
+    let Some(batch) = batch else {
+        return Ok(None);
+    };
+    let data = view.read_many(disk, &batch).await?;
+    maps::check_read(disk, &batch, &data)?;
+    Ok(Some(batch.into_iter().zip(data).collect()))
 }
 
 /// `data` cut into maximal runs of whole `block`s (the last one may be short) that are all

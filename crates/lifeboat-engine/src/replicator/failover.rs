@@ -7,10 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use lifeboat_blockmap::{BlockMap, HashAlgorithm, is_zero};
-use lifeboat_store::{At, MAX_WRITE_BYTES, RecoveryPoint, ReplicaStore, VmKey};
+use lifeboat_blockmap::{BlockMap, HashAlgorithm};
+use lifeboat_store::{At, RecoveryPoint, ReplicaStore, VmKey};
 
-use super::image::{self, DiskFormat, Image};
+use super::image::{self, DiskFormat, Image, StoreSource, write_from_store};
 use super::maps;
 use super::{Progress, ProgressSink, Replicator, throughput};
 use crate::backend::{Stopped, seed_bitmap_name};
@@ -239,33 +239,31 @@ async fn materialise_disk(
         }
     };
     let at = At::Point(point.id.clone());
-    let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
     let started = Instant::now();
-    let mut read = 0;
-    for range in maps::align(
+    let ranges: Vec<_> = maps::align(
         &store.data_ranges(vm, &pd.name, &at).await?,
         block,
         pd.size_bytes,
-    ) {
-        let mut offset = range.start;
-        while offset < range.end {
-            let len = chunk.min(range.end - offset);
-            let data = store.read(vm, &pd.name, &at, offset, len).await?;
-            map.update_range(offset, &data).map_err(map_error)?;
-            if !is_zero(&data) {
-                image.write(offset, data).await?;
-            }
-            read += len;
-            offset += len;
-        }
+    )
+    .into_iter()
+    .map(|r| (r, false))
+    .collect();
+    let source = StoreSource {
+        store,
+        vm,
+        disk: &pd.name,
+        at: &at,
+    };
+    let read = write_from_store(&source, &ranges, true, &image, &mut map, |end, read| {
         progress(&Progress {
             operation: "Failover",
             disk: pd.name.clone(),
-            bytes_done: range.end,
+            bytes_done: end,
             bytes_total: pd.size_bytes,
             throughput_bytes_per_second: throughput(read, started),
         });
-    }
+    })
+    .await?;
     image.finish().await?;
     verify_digest(&map, point, pd, |got| format!("the replica reads as {got}"))?;
     if format == DiskFormat::Qcow2 {

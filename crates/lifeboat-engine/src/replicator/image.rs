@@ -15,8 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use lifeboat_blockmap::{BlockMap, is_zero};
 use lifeboat_store::local::{PositionalIo, data_ranges};
+use lifeboat_store::{At, MAX_WRITE_BYTES, ReplicaStore, VmKey};
 
+use super::maps::read_batches;
 use crate::error::EngineError;
 
 /// The format of a disk image the engine writes.
@@ -375,15 +378,23 @@ impl Image {
         }
     }
 
-    /// Read `len` bytes at `offset`.
-    pub(super) async fn read(&self, offset: u64, len: u64) -> Result<Bytes, EngineError> {
+    /// Read each of `pieces` (`(offset, len)`): their data, in order (over NBD, pipelined).
+    pub(super) async fn read_many(
+        &self,
+        pieces: Vec<(u64, u64)>,
+    ) -> Result<Vec<Bytes>, EngineError> {
         match self {
             Image::File { file, path } => {
                 let file = Arc::clone(file);
                 tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, offset)
-                        .map(|()| Bytes::from(buf))
+                    pieces
+                        .into_iter()
+                        .map(|(offset, len)| {
+                            let mut buf = vec![0u8; len as usize];
+                            file.read_exact_at(&mut buf, offset)
+                                .map(|()| Bytes::from(buf))
+                        })
+                        .collect::<std::io::Result<Vec<_>>>()
                 })
                 .await
                 .map_err(|e| EngineError::NotReady {
@@ -396,30 +407,34 @@ impl Image {
                 .client
                 .lock()
                 .await
-                .read(offset, len)
+                .read_many(&pieces)
                 .await
                 .map_err(|e| self.nbd_error("read", e)),
         }
     }
 
-    /// Write `data` at `offset`.
-    pub(super) async fn write(&self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+    /// Write each of `writes` (`(offset, data)`), in order (over NBD, pipelined).
+    pub(super) async fn write_many(&self, writes: Vec<(u64, Bytes)>) -> Result<(), EngineError> {
         match self {
             Image::File { file, path } => {
                 let file = Arc::clone(file);
-                tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-                    .await
-                    .map_err(|e| EngineError::NotReady {
-                        what: format!("writing {} was cancelled: {e}", path.display()),
-                    })?
-                    .map_err(io_error("write disk image", path))
+                tokio::task::spawn_blocking(move || {
+                    writes
+                        .iter()
+                        .try_for_each(|(offset, data)| file.write_all_at(data, *offset))
+                })
+                .await
+                .map_err(|e| EngineError::NotReady {
+                    what: format!("writing {} was cancelled: {e}", path.display()),
+                })?
+                .map_err(io_error("write disk image", path))
             }
             #[cfg(unix)]
             Image::Nbd(s) => s
                 .client
                 .lock()
                 .await
-                .write(offset, data)
+                .write_many(&writes)
                 .await
                 .map_err(|e| self.nbd_error("write", e)),
         }
@@ -530,4 +545,101 @@ impl Image {
             }
         }
     }
+}
+
+/// How many bytes of pieces one batch of [`write_from_store`] reads before writing them.
+const STORE_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Where [`write_from_store`] takes its data: `disk` of `vm` `at` a point of the store.
+pub(super) struct StoreSource<'a> {
+    pub store: &'a dyn ReplicaStore,
+    pub vm: &'a VmKey,
+    pub disk: &'a str,
+    pub at: &'a At,
+}
+
+/// Read `batch` from the store, if there is one: each piece's offset with its data.
+async fn fetch(
+    source: &StoreSource<'_>,
+    batch: Option<Vec<(u64, u64)>>,
+) -> Result<Option<Vec<(u64, Bytes)>>, EngineError> {
+    let Some(batch) = batch else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(batch.len());
+    for (offset, len) in batch {
+        let data = source
+            .store
+            .read(source.vm, source.disk, source.at, offset, len)
+            .await?;
+        out.push((offset, data));
+    }
+    Ok(Some(out))
+}
+
+/// Write `ranges` (whole blocks of `map`, sorted, disjoint) of a disk in the store onto
+/// `image`, keeping `map` (the image's block map) up to date: ranges marked zero are
+/// written as zeros without reading the store; the others are read, in batches of pieces,
+/// the next batch read while the current one is written (over NBD, its writes pipelined).
+/// With `fresh` (an image that reads as zeros), all-zero data is not written.
+/// `copied(end, read)` after each batch: the end of its last piece, the bytes read so far.
+/// Returns the bytes read. A failover's output and a failback's original disk are both
+/// written here.
+///
+/// # Errors
+///
+/// Store reads, image writes, or a map that does not cover a range.
+pub(super) async fn write_from_store(
+    source: &StoreSource<'_>,
+    ranges: &[(Range<u64>, bool)],
+    fresh: bool,
+    image: &Image,
+    map: &mut BlockMap,
+    mut copied: impl FnMut(u64, u64),
+) -> Result<u64, EngineError> {
+    let map_error = |e| EngineError::BlockMap {
+        disk: source.disk.to_owned(),
+        source: e,
+    };
+    let block = u64::from(map.block_size_bytes());
+    let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
+    let (zeros, data): (Vec<_>, Vec<_>) = ranges.iter().cloned().partition(|(_, zero)| *zero);
+    let zeros: Vec<Range<u64>> = zeros.into_iter().map(|(r, _)| r).collect();
+    let data: Vec<Range<u64>> = data.into_iter().map(|(r, _)| r).collect();
+    let mut read = 0;
+    let mut batches = read_batches(&data, chunk, STORE_BATCH_BYTES).into_iter();
+    let mut current = fetch(source, batches.next()).await?;
+    while let Some(batch) = current.take() {
+        let mut end = 0;
+        for (offset, data) in &batch {
+            map.update_range(*offset, data).map_err(map_error)?;
+            read += data.len() as u64;
+            end = offset + data.len() as u64;
+        }
+        let writes = batch
+            .into_iter()
+            .filter(|(_, data)| !(fresh && is_zero(data)))
+            .collect();
+        let (next, written) = tokio::join!(fetch(source, batches.next()), image.write_many(writes));
+        written?;
+        current = next?;
+        copied(end, read);
+    }
+    let zero = Bytes::from(vec![0u8; chunk as usize]);
+    for batch in read_batches(&zeros, chunk, STORE_BATCH_BYTES) {
+        let mut end = 0;
+        for &(offset, len) in &batch {
+            map.zero_range(offset, len).map_err(map_error)?;
+            end = offset + len;
+        }
+        if !fresh {
+            let writes = batch
+                .into_iter()
+                .map(|(offset, len)| (offset, zero.slice(..len as usize)))
+                .collect();
+            image.write_many(writes).await?;
+        }
+        copied(end, read);
+    }
+    Ok(read)
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use lifeboat_blockmap::BlockMap;
 use lifeboat_hrl::{HrlReader, HrlTime, HrlWriter, ReadOptions, WriterOptions};
 
-use super::maps::align;
+use super::maps::{align, check_read, read_batches};
 use super::upload::Uploader;
 use crate::backend::View;
 use crate::error::EngineError;
@@ -25,6 +25,9 @@ use crate::state::{AgentState, PendingLog};
 
 /// The largest write one log entry carries (the view is read in pieces of this size).
 const LOG_WRITE_BYTES: u64 = 1024 * 1024;
+
+/// The most bytes of pieces one read of the view asks for.
+const READ_BATCH_BYTES: u64 = 16 * 1024 * 1024;
 
 fn logs_dir(dir: &Path) -> PathBuf {
     dir.join("logs")
@@ -76,16 +79,22 @@ pub(super) async fn write_log(
     // Whole blocks per entry, so that applying can update the block map from the entry.
     let piece = (LOG_WRITE_BYTES / block).max(1) * block;
     let mut bytes_read = 0;
-    for extent in extents {
-        let mut offset = extent.start;
-        while offset < extent.end {
-            let len = piece.min(extent.end - offset);
-            let data = view.read(disk, offset, len).await?;
+    // NB: scattered blocks are read many to one pipelined request batch; each extent is
+    // still its own transaction in the log.
+    // NB: collected: an iterator with a closure over references, held across an await, would
+    // make the cycle's future not Send.
+    let ends: Vec<u64> = extents.iter().map(|e| e.end).collect();
+    let mut ends = ends.into_iter().peekable();
+    for batch in read_batches(&extents, piece, READ_BATCH_BYTES) {
+        let data = view.read_many(disk, &batch).await?;
+        check_read(disk, &batch, &data)?;
+        for ((offset, len), data) in batch.into_iter().zip(data) {
             writer.write(offset, &data, t).map_err(log_error)?;
             bytes_read += len;
-            offset += len;
+            if ends.next_if_eq(&(offset + len)).is_some() {
+                writer.commit(t).map_err(log_error)?;
+            }
         }
-        writer.commit(t).map_err(log_error)?;
     }
     let sealed = writer.seal(t).map_err(log_error)?;
     let mut file = sealed

@@ -81,7 +81,13 @@ pub(super) async fn hash_replica(
         disk,
         &ranges,
         chunk,
-        |offset, len| async move { Ok(store.read(vm, disk, at, offset, len).await?) },
+        |pieces| async move {
+            let mut data = Vec::with_capacity(pieces.len());
+            for (offset, len) in pieces {
+                data.push(store.read(vm, disk, at, offset, len).await?);
+            }
+            Ok(data)
+        },
         |_| {},
     )
     .await?;
@@ -92,14 +98,77 @@ pub(super) async fn hash_replica(
 /// starting threads would cost more than it saves.
 const PARALLEL_HASH_BYTES: usize = 4 * 1024 * 1024;
 
-/// Hash `ranges` of `disk` (whole blocks, sorted) into `map`, reading them with `read` a
-/// `chunk` at a time; `hashed(bytes)` after each chunk, with the bytes so far. Returns the
-/// bytes read.
+/// The most pieces one batch of [`read_batches`] holds.
+pub(super) const MAX_BATCH_PIECES: usize = 256;
+
+/// `ranges` cut into pieces of at most `piece` bytes, grouped in order into batches of at
+/// most `batch_bytes` and [`MAX_BATCH_PIECES`] pieces (a piece longer than `batch_bytes` is
+/// a batch alone): what one pipelined read ([`View::read_many`]) asks for (pure). Blocks
+/// scattered over a disk go out together, a large range a piece at a time as before.
 ///
-/// The next chunk's read is in flight while the current one is hashed on a blocking thread
-/// (its blocks spread over the cores): the source never waits for the hashing, and the
-/// runtime's threads never hash. The view's resync pass and the replica's verification pass
-/// both read through here.
+/// [`View::read_many`]: crate::backend::View::read_many
+pub(super) fn read_batches(
+    ranges: &[std::ops::Range<u64>],
+    piece: u64,
+    batch_bytes: u64,
+) -> Vec<Vec<(u64, u64)>> {
+    let piece = piece.max(1);
+    let mut batches: Vec<Vec<(u64, u64)>> = Vec::new();
+    let mut bytes = 0;
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let len = piece.min(r.end - at);
+            match batches.last_mut() {
+                Some(batch) if batch.len() < MAX_BATCH_PIECES && bytes + len <= batch_bytes => {
+                    batch.push((at, len));
+                    bytes += len;
+                }
+                _ => {
+                    batches.push(vec![(at, len)]);
+                    bytes = len;
+                }
+            }
+            at += len;
+        }
+    }
+    batches
+}
+
+/// Check that a batched read of `pieces` of `disk` returned each piece whole.
+///
+/// # Errors
+///
+/// [`EngineError::NotReady`] naming the first piece that came back short (or missing).
+pub(super) fn check_read(
+    disk: &str,
+    pieces: &[(u64, u64)],
+    data: &[Bytes],
+) -> Result<(), EngineError> {
+    let short = pieces
+        .iter()
+        .enumerate()
+        .find(|(i, (_, len))| data.get(*i).map(|d| d.len() as u64) != Some(*len));
+    match short {
+        Some((i, (offset, len))) => Err(EngineError::NotReady {
+            what: format!(
+                "reading {len} bytes at {offset} of disk {disk:?} returned {}",
+                data.get(i)
+                    .map_or_else(|| "nothing".to_owned(), |d| format!("{} bytes", d.len()))
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Hash `ranges` of `disk` (whole blocks, sorted) into `map`, reading them with `read` a
+/// batch of pieces at a time ([`read_batches`], pieces and batches of at most `chunk`);
+/// `hashed(bytes)` after each batch, with the bytes so far. Returns the bytes read.
+///
+/// The next batch's read is in flight while the current one is hashed on a blocking thread
+/// (a long piece's blocks spread over the cores): the source never waits for the hashing,
+/// and the runtime's threads never hash. The view's resync pass, a failback's comparison
+/// and the replica's verification pass all read through here.
 pub(super) async fn hash_ranges<R, F>(
     map: &mut BlockMap,
     disk: &str,
@@ -109,42 +178,49 @@ pub(super) async fn hash_ranges<R, F>(
     mut hashed: impl FnMut(u64),
 ) -> Result<u64, EngineError>
 where
-    R: Fn(u64, u64) -> F,
-    F: std::future::Future<Output = Result<Bytes, EngineError>>,
+    R: Fn(Vec<(u64, u64)>) -> F,
+    F: std::future::Future<Output = Result<Vec<Bytes>, EngineError>>,
 {
     let map_error = |source| EngineError::BlockMap {
         disk: disk.to_owned(),
         source,
     };
-    let chunk = chunk.max(1);
-    let mut pieces = ranges.iter().flat_map(|r| {
-        std::iter::successors(Some(r.start), move |at| Some(at + chunk))
-            .take_while(move |at| *at < r.end)
-            .map(move |at| (at, chunk.min(r.end - at)))
-    });
-    let read_next = |next: Option<(u64, u64)>| {
-        let read = &read;
-        async move {
-            match next {
-                Some((offset, len)) => Ok(Some((offset, len, read(offset, len).await?))),
-                None => Ok::<_, EngineError>(None),
-            }
-        }
-    };
+    let mut batches = read_batches(ranges, chunk, chunk).into_iter();
+    /// Read the pieces of batch `next`, if there is one, and check they came back whole.
+    async fn read_next<R, F>(
+        read: &R,
+        disk: &str,
+        next: Option<Vec<(u64, u64)>>,
+    ) -> Result<Option<(Vec<(u64, u64)>, Vec<Bytes>)>, EngineError>
+    where
+        R: Fn(Vec<(u64, u64)>) -> F,
+        F: std::future::Future<Output = Result<Vec<Bytes>, EngineError>>,
+    {
+        let Some(pieces) = next else {
+            return Ok(None);
+        };
+        let data = read(pieces.clone()).await?;
+        check_read(disk, &pieces, &data)?;
+        Ok(Some((pieces, data)))
+    }
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let (algorithm, block_size_bytes) = (map.algorithm(), map.block_size_bytes());
     let mut done = 0;
-    let mut current = read_next(pieces.next()).await?;
-    while let Some((offset, len, data)) = current.take() {
-        let threads = if data.len() >= PARALLEL_HASH_BYTES {
-            cores
-        } else {
-            1
-        };
+    let mut current = read_next(&read, disk, batches.next()).await?;
+    while let Some((pieces, data)) = current.take() {
         let hashing = tokio::task::spawn_blocking(move || {
-            digest_blocks(algorithm, block_size_bytes, &data, threads)
+            data.iter()
+                .map(|data| {
+                    let threads = if data.len() >= PARALLEL_HASH_BYTES {
+                        cores
+                    } else {
+                        1
+                    };
+                    digest_blocks(algorithm, block_size_bytes, data, threads)
+                })
+                .collect::<Vec<_>>()
         });
-        let (next, digests) = tokio::join!(read_next(pieces.next()), hashing);
+        let (next, digests) = tokio::join!(read_next(&read, disk, batches.next()), hashing);
         let digests = match digests {
             Ok(digests) => digests,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -154,8 +230,10 @@ where
                 });
             }
         };
-        map.set_digests(offset, len, &digests).map_err(map_error)?;
-        done += len;
+        for ((offset, len), digests) in pieces.into_iter().zip(digests) {
+            map.set_digests(offset, len, &digests).map_err(map_error)?;
+            done += len;
+        }
         hashed(done);
         current = next?;
     }
@@ -214,6 +292,58 @@ mod tests {
             None,
             "an untagged map is not trusted"
         );
+    }
+
+    #[test]
+    fn batches_cut_ranges_into_pieces_and_group_them_in_order() {
+        // Scattered blocks: many to a batch, up to the byte bound.
+        let blocks: Vec<_> = (0..10u64).map(|i| i * 100..i * 100 + 10).collect();
+        assert_eq!(
+            read_batches(&blocks, 64, 35),
+            vec![
+                vec![(0, 10), (100, 10), (200, 10)],
+                vec![(300, 10), (400, 10), (500, 10)],
+                vec![(600, 10), (700, 10), (800, 10)],
+                vec![(900, 10)],
+            ]
+        );
+        // A long range: a piece at a time, each alone when it fills a batch; the short last
+        // piece shares its batch with the next range.
+        assert_eq!(
+            read_batches(&[0..150, 200..210], 64, 64),
+            vec![vec![(0, 64)], vec![(64, 64)], vec![(128, 22), (200, 10)],]
+        );
+        // The piece count bound.
+        let many: Vec<_> = (0..600u64).map(|i| i * 2..i * 2 + 1).collect();
+        let batches = read_batches(&many, 1, u64::MAX);
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            [
+                MAX_BATCH_PIECES,
+                MAX_BATCH_PIECES,
+                600 - 2 * MAX_BATCH_PIECES
+            ]
+        );
+        assert!(read_batches(&[], 64, 64).is_empty());
+    }
+
+    #[test]
+    fn a_batched_read_that_comes_back_short_names_the_piece() {
+        let pieces = [(0, 4), (4096, 4)];
+        let whole = [Bytes::from_static(b"abcd"), Bytes::from_static(b"efgh")];
+        assert!(check_read("root", &pieces, &whole).is_ok());
+        let short = check_read("root", &pieces, &whole[..1])
+            .expect_err("one piece of two came back")
+            .to_string();
+        assert!(
+            short.contains("4 bytes at 4096 of disk \"root\" returned nothing"),
+            "{short}"
+        );
+        let cut = [Bytes::from_static(b"abcd"), Bytes::from_static(b"ef")];
+        let short = check_read("root", &pieces, &cut)
+            .expect_err("the second piece came back short")
+            .to_string();
+        assert!(short.contains("returned 2 bytes"), "{short}");
     }
 
     #[test]

@@ -31,10 +31,10 @@ use std::time::{Instant, SystemTime};
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, RangeOp, plan_resync};
 use lifeboat_store::local::PositionalIo;
-use lifeboat_store::{At, MAX_WRITE_BYTES, ReplicaStore, VmKey};
+use lifeboat_store::{At, ReplicaStore, VmKey};
 
 use super::failover::{FailoverReport, MaterialisedDisk, PointChoice, choose_point, verify_digest};
-use super::image::{self, Image};
+use super::image::{self, Image, StoreSource, write_from_store};
 use super::{Progress, ProgressSink, Replicator, Report, maps, throughput, unix_ms};
 use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, seed_bitmap_name};
 use crate::error::EngineError;
@@ -588,7 +588,6 @@ async fn restore_disk(
             .await?
         }
     };
-    let chunk = (MAX_WRITE_BYTES / block).max(1) * block;
     let report = |done: u64, read: u64| {
         progress(&Progress {
             operation: "Failback",
@@ -635,7 +634,7 @@ async fn restore_disk(
                 &pd.name,
                 &ranges,
                 super::VIEW_CHUNK_BYTES / block * block,
-                |offset, len| async move { image.read(offset, len).await },
+                |pieces| async move { image.read_many(pieces).await },
                 |done| report(done / 2, 0),
             )
             .await?;
@@ -648,25 +647,17 @@ async fn restore_disk(
             (have, writes)
         }
     };
-    let mut read = 0;
-    let zeros = bytes::Bytes::from(vec![0u8; chunk as usize]);
-    for (range, zero) in writes {
-        let mut offset = range.start;
-        while offset < range.end {
-            let len = chunk.min(range.end - offset);
-            let data = if zero {
-                zeros.slice(..len as usize)
-            } else {
-                let at = At::Point(point.id.clone());
-                read += len;
-                store.read(vm, &pd.name, &at, offset, len).await?
-            };
-            have.update_range(offset, &data).map_err(map_error)?;
-            image.write(offset, data).await?;
-            offset += len;
-            report(size / 2 + offset / 2, read);
-        }
-    }
+    let at = At::Point(point.id.clone());
+    let source = StoreSource {
+        store,
+        vm,
+        disk: &pd.name,
+        at: &at,
+    };
+    let read = write_from_store(&source, &writes, false, &image, &mut have, |end, read| {
+        report(size / 2 + end / 2, read);
+    })
+    .await?;
     image.finish().await?;
     report(size, read);
     verify_digest(&have, point, pd, |got| {

@@ -14,7 +14,7 @@
 //! [`maps::hash_ranges`]: the next chunk's read is in flight while the current one is hashed
 //! on a blocking thread, its blocks spread over the cores, so a resync costs about what
 //! reading the view costs. The blocks that differ are sent by the same overlapped reader as
-//! the initial copy ([`Replicator::copy_range`]). This is the only resync Lifeboat has: the
+//! the initial copy ([`Replicator::copy_ranges`]). This is the only resync Lifeboat has: the
 //! agent's job, `lifeboat resync` and the `resync` benchmark all run it.
 //!
 //! # Only the disks that need it
@@ -35,10 +35,10 @@
 //! # Resuming
 //!
 //! The target map is saved with the `resync` tag at every checkpoint, after the writes
-//! before it completed, together with the range about to be written (the intent). An
-//! interrupted resync (a crash, a store outage) opens a new view, rewrites the intent range
-//! unconditionally, and plans again against the saved map: what was already sent matches and
-//! is not sent again.
+//! before it completed, together with the ranges about to be written (the intent: up to
+//! `checkpoint_bytes` of them). An interrupted resync (a crash, a store outage) opens a new
+//! view, rewrites the intent's ranges unconditionally, and plans again against the saved map:
+//! what was already sent matches and is not sent again.
 
 use std::time::{Instant, SystemTime};
 
@@ -74,6 +74,27 @@ pub(crate) fn disks_to_compare_in_full(
         .collect()
 }
 
+/// The most ranges one checkpoint window of a resync declares (they go into the state file).
+const MAX_INTENT_RANGES: usize = 1024;
+
+/// How many of `planned` (at least one) the next checkpoint window takes: ranges until they
+/// hold `checkpoint_bytes`, at most [`MAX_INTENT_RANGES`] (pure). A window is counted in the
+/// bytes to write, not in the address space they span, so that blocks scattered over a large
+/// disk (a re-protect's, a tracked resync's) cost one checkpoint, not one per region they
+/// touch; a resumed resync sends the window's ranges again, only them.
+fn intent_window(planned: &[lifeboat_blockmap::PlannedRange], checkpoint_bytes: u64) -> usize {
+    let mut bytes = 0u64;
+    let mut taken = 0;
+    for range in planned.iter().take(MAX_INTENT_RANGES) {
+        if taken > 0 && bytes >= checkpoint_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(range.len_bytes);
+        taken += 1;
+    }
+    taken
+}
+
 impl Replicator {
     /// Resynchronize every disk now and cut a point. Tracking is (re)started first, so the
     /// changes made during the resync go to the next cycle.
@@ -107,6 +128,7 @@ impl Replicator {
             // choice of disks to compare in full stands: it is about the tracking).
             if self.state.resync_cycle.take().is_some() {
                 self.state.resync_intent = None;
+                self.state.resync_intent_ranges.clear();
             }
             self.save()?;
         }
@@ -198,23 +220,31 @@ impl Replicator {
                 .iter()
                 .find(|d| d.name == disk)
                 .map(|d| d.size_bytes);
-            if let (Some(size), Some(target)) = (size, targets.get_mut(&disk)) {
-                let end = end.min(size);
-                if start < end && target.image_size_bytes() == size {
-                    self.copy_range(
-                        view,
-                        &disk,
-                        start..end,
-                        chunk,
-                        true,
-                        target,
-                        &mut uploader,
-                        &mut report,
-                    )
+            let ranges = match std::mem::take(&mut self.state.resync_intent_ranges) {
+                ranges if ranges.is_empty() => vec![(start, end)],
+                ranges => ranges,
+            };
+            if let (Some(size), Some(target)) = (size, targets.get_mut(&disk))
+                && target.image_size_bytes() == size
+            {
+                let ranges: Vec<_> = ranges
+                    .into_iter()
+                    .map(|(start, end)| start..end.min(size))
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                self.copy_ranges(
+                    view,
+                    &disk,
+                    &ranges,
+                    chunk,
+                    true,
+                    target,
+                    &mut uploader,
+                    &mut report,
+                )
+                .await?;
+                self.save_map_durably(&mut uploader, &disk, TAG_RESYNC, target)
                     .await?;
-                    self.save_map_durably(&mut uploader, &disk, TAG_RESYNC, target)
-                        .await?;
-                }
             }
             self.state.resync_intent = None;
             self.save()?;
@@ -291,51 +321,62 @@ impl Replicator {
                 disk,
                 &ranges,
                 chunk,
-                |offset, len| async move { Ok(view.read(disk, offset, len).await?) },
+                |pieces| async move { Ok(view.read_many(disk, &pieces).await?) },
                 |hashed| report_progress(hashed.min(info.size_bytes)),
             )
             .await?;
             let plan = plan_resync(&source, &target).map_err(map_error)?;
-            let mut intent_end = 0;
+            let planned_ranges = plan.ranges();
             let mut done = 0;
-            for planned in plan.ranges() {
-                let (start, end) = (planned.offset_bytes, planned.end_bytes());
-                if end > intent_end {
-                    // Checkpoint: what is in flight lands, the map is saved, and the next
-                    // window of the disk is declared before anything in it is written.
-                    self.save_map_durably(&mut uploader, disk, TAG_RESYNC, &target)
-                        .await?;
-                    intent_end = end
-                        .max(start.saturating_add(self.settings.checkpoint_bytes))
-                        .min(info.size_bytes);
-                    self.state.resync_intent = Some((disk.to_owned(), start, intent_end));
-                    self.save()?;
-                }
-                match planned.op {
-                    RangeOp::Copy => {
-                        self.copy_range(
-                            view,
-                            disk,
-                            start..end,
-                            chunk,
-                            true,
-                            &mut target,
-                            &mut uploader,
-                            &mut report,
-                        )
-                        .await?;
+            let mut index = 0;
+            while index < planned_ranges.len() {
+                // Checkpoint: what is in flight lands, the map is saved, and the next window
+                // of the disk (its ranges to write) is declared before anything in it is
+                // written.
+                self.save_map_durably(&mut uploader, disk, TAG_RESYNC, &target)
+                    .await?;
+                let window_end =
+                    index + intent_window(&planned_ranges[index..], self.settings.checkpoint_bytes);
+                let window = &planned_ranges[index..window_end];
+                let (first, last) = (&window[0], &window[window.len() - 1]);
+                self.state.resync_intent =
+                    Some((disk.to_owned(), first.offset_bytes, last.end_bytes()));
+                self.state.resync_intent_ranges = window
+                    .iter()
+                    .map(|r| (r.offset_bytes, r.end_bytes()))
+                    .collect();
+                self.save()?;
+                let mut copies = Vec::new();
+                for planned in window {
+                    let (start, end) = (planned.offset_bytes, planned.end_bytes());
+                    match planned.op {
+                        RangeOp::Copy => copies.push(start..end),
+                        // NB: before the window's copies are queued, which never overlap it.
+                        RangeOp::Zero => {
+                            uploader.zero(disk, start, end - start).await?;
+                            target.zero_range(start, end - start).map_err(map_error)?;
+                        }
                     }
-                    RangeOp::Zero => {
-                        uploader.zero(disk, start, end - start).await?;
-                        target.zero_range(start, end - start).map_err(map_error)?;
-                    }
+                    done += end - start;
                 }
-                done += end - start;
+                self.copy_ranges(
+                    view,
+                    disk,
+                    &copies,
+                    chunk,
+                    true,
+                    &mut target,
+                    &mut uploader,
+                    &mut report,
+                )
+                .await?;
                 report_progress(info.size_bytes + done.min(info.size_bytes));
+                index = window_end;
             }
             self.save_map_durably(&mut uploader, disk, TAG_RESYNC, &target)
                 .await?;
             self.state.resync_intent = None;
+            self.state.resync_intent_ranges.clear();
             self.save()?;
             report_progress(info.size_bytes * 2);
             targets.insert(disk.to_owned(), target);
@@ -370,6 +411,50 @@ impl Replicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_window_counts_the_bytes_to_write_not_the_span() {
+        use lifeboat_blockmap::PlannedRange;
+        let block = 65_536;
+        // Scattered blocks far apart: one window holds them until it holds the bytes.
+        let scattered: Vec<PlannedRange> = (0..100u64)
+            .map(|i| PlannedRange {
+                offset_bytes: i * 1024 * block,
+                len_bytes: block,
+                op: if i % 2 == 0 {
+                    RangeOp::Copy
+                } else {
+                    RangeOp::Zero
+                },
+            })
+            .collect();
+        assert_eq!(intent_window(&scattered, 10 * block), 10);
+        assert_eq!(intent_window(&scattered, 1000 * block), 100);
+        // A range larger than the window is a window alone; a window is never empty.
+        let large = [
+            PlannedRange {
+                offset_bytes: 0,
+                len_bytes: 50 * block,
+                op: RangeOp::Copy,
+            },
+            PlannedRange {
+                offset_bytes: 60 * block,
+                len_bytes: block,
+                op: RangeOp::Copy,
+            },
+        ];
+        assert_eq!(intent_window(&large, 10 * block), 1);
+        assert_eq!(intent_window(&large, 0), 1);
+        // The range count bound keeps the state file small.
+        let tiny: Vec<PlannedRange> = (0..5000u64)
+            .map(|i| PlannedRange {
+                offset_bytes: i * 2 * block,
+                len_bytes: block,
+                op: RangeOp::Copy,
+            })
+            .collect();
+        assert_eq!(intent_window(&tiny, u64::MAX), MAX_INTENT_RANGES);
+    }
 
     fn disks() -> Vec<DiskRef> {
         ["root", "data"]
