@@ -67,8 +67,8 @@ enum RecoverCommand {
         vm: String,
     },
     /// Fail a VM over to a point: fence its old primary (the replica moves to a new epoch),
-    /// then materialise the point as raw image files in a folder, each verified against the
-    /// point's digest, or, on Azure, copy it into new page blobs.
+    /// then materialise the point as image files (raw or qcow2) in a folder, each verified
+    /// against the point's digest, or, on Azure, copy it into new page blobs.
     Failover {
         /// The VM: NAME or NAMESPACE/NAME.
         vm: String,
