@@ -120,7 +120,9 @@
 //!
 //! # `roundtrip`: re-protect and failback against a full copy
 //!
-//! Per run, on the `--image-mib` half-data image: site A (QSD on a sparse raw copy) protected,
+//! Twice: on raw disks, then on qcow2 disks (the failover writes qcow2 with a seed bitmap, the
+//! planned failover marks A's disk, so re-protect and failback read only the changed blocks).
+//! Per run, on the `--image-mib` half-data image: site A (QSD on a sparse copy) protected,
 //! its initial copy timed (the full copy of the disk the hops are measured against); 1 % of
 //! the 64 KiB blocks rewritten on A, a planned failover (A stopped, shipped, materialised);
 //! site B (QSD on the failover's disk), 1 % rewritten, re-protect B timed; 1 % more on B, the
@@ -138,6 +140,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use lifeboat_engine::backend::DiskRef;
+use lifeboat_engine::replicator::DiskFormat;
 use lifeboat_engine::{Progress, Replicator, Report, Settings};
 use lifeboat_qemu::QemuHypervisor;
 use lifeboat_store::VmKey;
@@ -510,6 +513,15 @@ impl Qsd {
 
     fn pid(&self) -> String {
         self.child.id().to_string()
+    }
+
+    /// Stop it cleanly (SIGTERM), as a host shuts a VM down: a qcow2 image's persistent
+    /// bitmaps are written when the daemon closes it (dropped, it is killed).
+    fn stop(self) {
+        run("kill", &["-TERM", &self.pid()]);
+        let mut me = self;
+        let status = me.child.wait().unwrap();
+        assert!(status.success(), "qemu-storage-daemon exited with {status}");
     }
 
     fn disks(&self, image: &Path) -> Vec<DiskRef> {
@@ -2009,6 +2021,12 @@ async fn timed_job(
 }
 
 async fn roundtrip_part(config: &Config) {
+    for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
+        roundtrip_runs(config, format).await;
+    }
+}
+
+async fn roundtrip_runs(config: &Config, format: DiskFormat) {
     use lifeboat_core::{FailoverKind, JobKind, JobParams, PointChoice as Choice};
     let dir = config.dir.join("roundtrip");
     std::fs::create_dir_all(&dir).unwrap();
@@ -2028,7 +2046,7 @@ async fn roundtrip_part(config: &Config) {
     // 1 % of the blocks, a whole number of 16 (as `changed_blocks` picks them).
     let changed = (blocks / 100).max(1).div_ceil(16) * 16;
     println!(
-        "\n### Round trip: {} MiB raw disk, {} MB of data; {changed} of its {blocks} 64 KiB \
+        "\n### Round trip: {} MiB {format} disk, {} MB of data; {changed} of its {blocks} 64 KiB \
          blocks ({} MB) rewritten on the running side before each hop\n",
         config.image_mib,
         mb(data_bytes),
@@ -2036,7 +2054,7 @@ async fn roundtrip_part(config: &Config) {
     );
     println!(
         "| run | full copy s (MB) | planned failover s | re-protect B s (MB sent / changed) | \
-         failback s: ship + disks (MB written / changed) | re-protect A s (MB sent / changed) |"
+         failback s: ship + disks (MB written / changed; read of A) | re-protect A s (MB sent / changed) |"
     );
     println!("|---|---|---|---|---|---|");
     let mut rng = SplitMix(23);
@@ -2049,24 +2067,40 @@ async fn roundtrip_part(config: &Config) {
         }
         std::fs::create_dir_all(&a_dir).unwrap();
         std::fs::create_dir_all(&b_dir).unwrap();
-        let a_disk = a_dir.join("disk.raw");
-        let b_disk = b_dir.join("disk.raw");
+        // NB: the bench's daemon takes a name ending in .raw for raw, anything else for qcow2.
+        let ext = if format == DiskFormat::Raw {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        let a_disk = a_dir.join(format!("disk.{ext}"));
+        let b_disk = b_dir.join(format!("disk.{ext}"));
         let source = dir.join("source.raw");
-        run(
-            "cp",
-            &[
-                "--sparse=always",
-                source.to_str().unwrap(),
-                a_disk.to_str().unwrap(),
-            ],
-        );
+        let (source, a_path) = (source.to_str().unwrap(), a_disk.to_str().unwrap());
+        match format {
+            DiskFormat::Raw => run("cp", &["--sparse=always", source, a_path]),
+            DiskFormat::Qcow2 => run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "compat=1.1",
+                    source,
+                    a_path,
+                ],
+            ),
+        };
         // One store object for both sites' engines, as the standalone daemon has.
         let store: Arc<dyn lifeboat_store::ReplicaStore> =
             Arc::new(LocalStore::open(dir.join("store")).unwrap());
         let dirs = lifeboat_engine::JobDirs {
             failover_dir: dir.join("failover"),
             original_disks: Vec::new(),
-            failover_format: Default::default(),
+            failover_format: format,
         };
         // Site A protected: the initial copy is the full copy the hops are measured against.
         let qsd_a = Qsd::start(&a_dir, &a_disk, true);
@@ -2109,7 +2143,7 @@ async fn roundtrip_part(config: &Config) {
         .await;
         let report = failover.failover.unwrap();
         let p = report.point.id.clone();
-        drop(qsd_a);
+        qsd_a.stop();
         std::fs::rename(&report.disks[0].path, &b_disk).unwrap();
         // B runs on the failover's disk; 1 % on B; re-protect B.
         let qsd_b = Qsd::start(&b_dir, &b_disk, true);
@@ -2158,7 +2192,6 @@ async fn roundtrip_part(config: &Config) {
         let q = shipped.point.unwrap().id;
         let originals = lifeboat_engine::JobDirs {
             original_disks: qsd_b.disks(&a_disk),
-            failover_format: Default::default(),
             ..dirs.clone()
         };
         let (restore_s, restored) = timed_job(
@@ -2174,14 +2207,23 @@ async fn roundtrip_part(config: &Config) {
         .await;
         let b_changed: std::collections::BTreeSet<u64> =
             b_first.iter().chain(&b_second).copied().collect();
+        let restored = restored.failover.unwrap();
         let failback = Hop {
             seconds: ship_s + restore_s,
-            bytes: restored.failover.unwrap().bytes_read,
+            bytes: restored.bytes_read,
             changed: b_changed.len() as u64 * BLOCK,
         };
-        drop(qsd_b);
+        qsd_b.stop();
         if config.verify {
-            run("cmp", &[a_disk.to_str().unwrap(), b_disk.to_str().unwrap()]);
+            run(
+                "qemu-img",
+                &[
+                    "compare",
+                    "-q",
+                    a_disk.to_str().unwrap(),
+                    b_disk.to_str().unwrap(),
+                ],
+            );
         }
         // A runs again on its own disk; 1 % on A; re-protect A.
         let qsd_a = Qsd::start(&a_dir, &a_disk, true);
@@ -2224,7 +2266,7 @@ async fn roundtrip_part(config: &Config) {
             );
         }
         println!(
-            "| {run_no} | {full:.2} ({}) | {failover_s:.2} | {:.2} ({} / {}) | {:.2} + {:.2} ({} / {}) | {:.2} ({} / {}) |",
+            "| {run_no} | {full:.2} ({}) | {failover_s:.2} | {:.2} ({} / {}) | {:.2} + {:.2} ({} / {}; {} read of A) | {:.2} ({} / {}) |",
             mb(copy.bytes_sent),
             reprotect_b.seconds,
             mb(reprotect_b.bytes),
@@ -2233,6 +2275,7 @@ async fn roundtrip_part(config: &Config) {
             restore_s,
             mb(failback.bytes),
             mb(failback.changed),
+            mb(restored.compared_bytes),
             reprotect_a.seconds,
             mb(reprotect_a.bytes),
             mb(reprotect_a.changed),
@@ -2248,7 +2291,7 @@ async fn roundtrip_part(config: &Config) {
     let m =
         |pick: fn(&(f64, f64, f64)) -> f64| median(&ratios.iter().map(pick).collect::<Vec<_>>());
     println!(
-        "\nmedian time / full copy: re-protect B {:.3}, failback {:.3}, re-protect A {:.3} \
+        "\n{format}: median time / full copy: re-protect B {:.3}, failback {:.3}, re-protect A {:.3} \
          (target ≤ 0.1); bytes moved = changed blocks in every hop (asserted)",
         m(|r| r.0),
         m(|r| r.1),
