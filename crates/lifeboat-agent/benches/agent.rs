@@ -2020,6 +2020,53 @@ async fn timed_job(
     (started.elapsed().as_secs_f64(), result)
 }
 
+/// One site of the round trip: its VM's daemon and disk, its agent's folder and name.
+struct Site<'a> {
+    qsd: &'a Qsd,
+    disk: &'a Path,
+    dir: &'a Path,
+    writer: &'a str,
+}
+
+/// Open `site`'s engine as its agent does and time a re-protect from `point`, whose seed
+/// differs from the disk in `changed` bytes of blocks.
+async fn reprotect_hop(
+    config: &Config,
+    site: &Site<'_>,
+    store: Arc<dyn lifeboat_store::ReplicaStore>,
+    point: String,
+    changed: u64,
+    dirs: &lifeboat_engine::JobDirs,
+) -> (Replicator, Hop) {
+    let mut engine = open_engine_on(
+        "roundtrip",
+        site.qsd,
+        site.disk,
+        site.dir,
+        Settings::default(),
+        store,
+    )
+    .await;
+    engine.set_writer(site.writer);
+    let (seconds, result) = timed_job(
+        config,
+        &mut engine,
+        lifeboat_core::JobKind::Reprotect,
+        lifeboat_core::JobParams {
+            point: Some(lifeboat_core::PointChoice::Named(point)),
+            ..lifeboat_core::JobParams::default()
+        },
+        dirs,
+    )
+    .await;
+    let hop = Hop {
+        seconds,
+        bytes: result.report.bytes_sent,
+        changed,
+    };
+    (engine, hop)
+}
+
 async fn roundtrip_part(config: &Config) {
     for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
         roundtrip_runs(config, format).await;
@@ -2148,32 +2195,21 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         // B runs on the failover's disk; 1 % on B; re-protect B.
         let qsd_b = Qsd::start(&b_dir, &b_disk, true);
         let b_first = rewrite(qsd_b.nbd.as_ref().unwrap());
-        let mut b = open_engine_on(
-            "roundtrip",
-            &qsd_b,
-            &b_disk,
-            &b_dir,
-            Settings::default(),
-            store.clone(),
-        )
-        .await;
-        b.set_writer("node b");
-        let (reprotect_b_s, result) = timed_job(
+        let site_b = Site {
+            qsd: &qsd_b,
+            disk: &b_disk,
+            dir: &b_dir,
+            writer: "node b",
+        };
+        let (mut b, reprotect_b) = reprotect_hop(
             config,
-            &mut b,
-            JobKind::Reprotect,
-            JobParams {
-                point: Some(Choice::Named(p)),
-                ..JobParams::default()
-            },
+            &site_b,
+            store.clone(),
+            p,
+            b_first.len() as u64 * BLOCK,
             &dirs,
         )
         .await;
-        let reprotect_b = Hop {
-            seconds: reprotect_b_s,
-            bytes: result.report.bytes_sent,
-            changed: b_first.len() as u64 * BLOCK,
-        };
         // 1 % more on B; fail back: B stopped and shipped, then A's disk brought to the point.
         let b_second = rewrite(qsd_b.nbd.as_ref().unwrap());
         let (ship_s, shipped) = timed_job(
@@ -2229,32 +2265,21 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         let qsd_a = Qsd::start(&a_dir, &a_disk, true);
         let a_changes = rewrite(qsd_a.nbd.as_ref().unwrap());
         drop(a);
-        let mut a = open_engine_on(
-            "roundtrip",
-            &qsd_a,
-            &a_disk,
-            &a_dir,
-            Settings::default(),
-            store.clone(),
-        )
-        .await;
-        a.set_writer("node a");
-        let (reprotect_a_s, result) = timed_job(
+        let site_a = Site {
+            qsd: &qsd_a,
+            disk: &a_disk,
+            dir: &a_dir,
+            writer: "node a",
+        };
+        let (mut a, reprotect_a) = reprotect_hop(
             config,
-            &mut a,
-            JobKind::Reprotect,
-            JobParams {
-                point: Some(Choice::Named(q)),
-                ..JobParams::default()
-            },
+            &site_a,
+            store.clone(),
+            q,
+            a_changes.len() as u64 * BLOCK,
             &dirs,
         )
         .await;
-        let reprotect_a = Hop {
-            seconds: reprotect_a_s,
-            bytes: result.report.bytes_sent,
-            changed: a_changes.len() as u64 * BLOCK,
-        };
         for (what, hop) in [
             ("re-protect B", &reprotect_b),
             ("failback", &failback),

@@ -109,6 +109,57 @@ fn named(point: &str) -> Option<CorePoint> {
     Some(CorePoint::Named(point.to_owned()))
 }
 
+/// The jobs' folders under `tmp`, failovers writing `format`.
+fn job_dirs(tmp: &Path, format: DiskFormat) -> JobDirs {
+    JobDirs {
+        failover_dir: tmp.join("failover"),
+        original_disks: Vec::new(),
+        failover_format: format,
+    }
+}
+
+/// A planned failover of the site `engine` runs; `to_primary`: the first half of a failback.
+async fn planned_failover(
+    engine: &mut Replicator,
+    to_primary: bool,
+    dirs: &JobDirs,
+) -> Result<JobResult, EngineError> {
+    let params = JobParams {
+        failover: Some(FailoverKind::Planned),
+        point: Some(CorePoint::Latest),
+        to_primary,
+        ..JobParams::default()
+    };
+    job(engine, JobKind::Failover, params, dirs).await
+}
+
+/// Re-protect the site `engine` runs from `point`.
+async fn reprotect_from(engine: &mut Replicator, point: &str, dirs: &JobDirs) -> JobResult {
+    let params = JobParams {
+        point: named(point),
+        ..JobParams::default()
+    };
+    job(engine, JobKind::Reprotect, params, dirs).await.unwrap()
+}
+
+/// Fail back onto `originals` to `point`.
+async fn fail_back_to(
+    engine: &mut Replicator,
+    point: &str,
+    originals: Vec<DiskRef>,
+    dirs: &JobDirs,
+) -> JobResult {
+    let params = JobParams {
+        point: named(point),
+        ..JobParams::default()
+    };
+    let dirs = JobDirs {
+        original_disks: originals,
+        ..dirs.clone()
+    };
+    job(engine, JobKind::Failback, params, &dirs).await.unwrap()
+}
+
 async fn latest_point(store: &dyn ReplicaStore) -> String {
     let manifest = store.manifest(&engine::vm()).await.unwrap().unwrap();
     manifest.latest().unwrap().id.clone()
@@ -164,11 +215,7 @@ fn start_recovered(dir: &Path, failover: &JobResult) -> Qsd {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = JobDirs {
-        failover_dir: tmp.path().join("failover"),
-        original_disks: Vec::new(),
-        failover_format: Default::default(),
-    };
+    let dirs = job_dirs(tmp.path(), DiskFormat::Raw);
 
     // Protect A; a cycle ships some writes; more writes come after it, unshipped.
     let a_dir = tmp.path().join("site-a");
@@ -184,18 +231,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
 
     // Planned failover: A is stopped first, so every write made before it is in the point.
     let before = read_all(&a.qsd);
-    let failover = job(
-        &mut a.engine,
-        JobKind::Failover,
-        JobParams {
-            failover: Some(FailoverKind::Planned),
-            point: Some(CorePoint::Latest),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let failover = planned_failover(&mut a.engine, false, &dirs).await.unwrap();
     let report = failover.failover.as_ref().unwrap();
     assert!(
         report
@@ -231,17 +267,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     let b_writes: Vec<Write> = scattered(2, 6, 7, 0x21);
     qsd_b.guest_writes("root", &b_writes);
     let mut b = open_site(&b_dir, qsd_b, store_taking_over(tmp.path()).await, "node b").await;
-    let reprotect = job(
-        &mut b.engine,
-        JobKind::Reprotect,
-        JobParams {
-            point: named(&p),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let reprotect = reprotect_from(&mut b.engine, &p, &dirs).await;
     assert_eq!(
         reprotect.report.bytes_sent,
         block_bytes(&b_writes),
@@ -261,19 +287,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     let b_final = read_all(&b.qsd);
 
     // Fail back: B stopped and shipped, then A's original disks brought to the point.
-    let shipped = job(
-        &mut b.engine,
-        JobKind::Failover,
-        JobParams {
-            failover: Some(FailoverKind::Planned),
-            point: Some(CorePoint::Latest),
-            to_primary: true,
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let shipped = planned_failover(&mut b.engine, true, &dirs).await.unwrap();
     let q = shipped.point.as_ref().unwrap().id.clone();
     assert!(shipped.failover.as_ref().unwrap().disks.is_empty());
     for disk in DISKS {
@@ -289,21 +303,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     let mut a = open_site(&a_dir, qsd, store_taking_over(tmp.path()).await, "node a").await;
     let a_originals = original_disks(&a);
     let a_images: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
-    let restored = job(
-        &mut a.engine,
-        JobKind::Failback,
-        JobParams {
-            point: named(&q),
-            ..JobParams::default()
-        },
-        &JobDirs {
-            original_disks: a_originals,
-            failover_format: Default::default(),
-            ..dirs.clone()
-        },
-    )
-    .await
-    .unwrap();
+    let restored = fail_back_to(&mut a.engine, &q, a_originals, &dirs).await;
     let all_b_writes: Vec<Write> = b_writes
         .iter()
         .copied()
@@ -324,17 +324,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
 
     // A runs again on its own disks; re-protect forward sends nothing (A equals the point).
     a.qsd.start_again();
-    let forward = job(
-        &mut a.engine,
-        JobKind::Reprotect,
-        JobParams {
-            point: named(&q),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let forward = reprotect_from(&mut a.engine, &q, &dirs).await;
     assert_eq!(
         forward.report.bytes_sent, 0,
         "A equals the failback's point"
@@ -388,11 +378,7 @@ async fn a_qcow2_failback_whose_seed_was_lost_compares_the_whole_disk() {
 
 async fn qcow2_round_trip(a_crashes: bool) {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = JobDirs {
-        failover_dir: tmp.path().join("failover"),
-        original_disks: Vec::new(),
-        failover_format: DiskFormat::Qcow2,
-    };
+    let dirs = job_dirs(tmp.path(), DiskFormat::Qcow2);
     let a_dir = tmp.path().join("site-a");
     std::fs::create_dir_all(&a_dir).unwrap();
     let qsd_a = Qsd::start_with(&a_dir, &qcow2_disks());
@@ -405,18 +391,7 @@ async fn qcow2_round_trip(a_crashes: bool) {
 
     // Planned failover into qcow2 images, each with a seed bitmap for its point; A's own
     // disks get one too (stopped, equal to the point).
-    let failover = job(
-        &mut a.engine,
-        JobKind::Failover,
-        JobParams {
-            failover: Some(FailoverKind::Planned),
-            point: Some(CorePoint::Latest),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let failover = planned_failover(&mut a.engine, false, &dirs).await.unwrap();
     let report = failover.failover.as_ref().unwrap();
     let p = report.point.id.clone();
     let seed_p = lifeboat_engine::backend::seed_bitmap_name(&p);
@@ -469,17 +444,7 @@ async fn qcow2_round_trip(a_crashes: bool) {
     let b_writes = scattered(5, 4, 9, 0x71);
     qsd_b.guest_writes("root", &b_writes);
     let mut b = open_site(&b_dir, qsd_b, store_taking_over(tmp.path()).await, "node b").await;
-    let reprotect = job(
-        &mut b.engine,
-        JobKind::Reprotect,
-        JobParams {
-            point: named(&p),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let reprotect = reprotect_from(&mut b.engine, &p, &dirs).await;
     assert_eq!(reprotect.report.bytes_sent, block_bytes(&b_writes));
     // (Each is read twice: to compare its hash, then to send it.)
     assert_eq!(
@@ -507,19 +472,7 @@ async fn qcow2_round_trip(a_crashes: bool) {
     let b_final = read_all(&b.qsd);
 
     // Fail back onto A's qcow2 disks: their seed holds, so they are not read at all.
-    let shipped = job(
-        &mut b.engine,
-        JobKind::Failover,
-        JobParams {
-            failover: Some(FailoverKind::Planned),
-            point: Some(CorePoint::Latest),
-            to_primary: true,
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let shipped = planned_failover(&mut b.engine, true, &dirs).await.unwrap();
     let q = shipped.point.as_ref().unwrap().id.clone();
     let Site {
         qsd: mut qsd_b,
@@ -530,20 +483,7 @@ async fn qcow2_round_trip(a_crashes: bool) {
     qsd_b.stop();
     let mut a = open_site(&a_dir, qsd, store_taking_over(tmp.path()).await, "node a").await;
     let a_originals = original_disks(&a);
-    let restored = job(
-        &mut a.engine,
-        JobKind::Failback,
-        JobParams {
-            point: named(&q),
-            ..JobParams::default()
-        },
-        &JobDirs {
-            original_disks: a_originals,
-            ..dirs.clone()
-        },
-    )
-    .await
-    .unwrap();
+    let restored = fail_back_to(&mut a.engine, &q, a_originals, &dirs).await;
     let all_b_writes: Vec<Write> = b_writes
         .iter()
         .copied()
@@ -581,17 +521,7 @@ async fn qcow2_round_trip(a_crashes: bool) {
     a.qsd.start_again();
     let a_writes = scattered(30, 3, 2, 0x74);
     a.qsd.guest_writes("data", &a_writes);
-    let forward = job(
-        &mut a.engine,
-        JobKind::Reprotect,
-        JobParams {
-            point: named(&q),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let forward = reprotect_from(&mut a.engine, &q, &dirs).await;
     assert_eq!(forward.report.bytes_sent, block_bytes(&a_writes));
     assert_eq!(forward.report.bytes_read, 2 * block_bytes(&a_writes));
     let store = a.engine.store().clone();
@@ -602,11 +532,7 @@ async fn qcow2_round_trip(a_crashes: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_recovered_vm() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = JobDirs {
-        failover_dir: tmp.path().join("failover"),
-        original_disks: Vec::new(),
-        failover_format: Default::default(),
-    };
+    let dirs = job_dirs(tmp.path(), DiskFormat::Raw);
     let a_dir = tmp.path().join("site-a");
     std::fs::create_dir_all(&a_dir).unwrap();
     let qsd_a = Qsd::start_with(&a_dir, &raw_disks());
@@ -648,33 +574,11 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     let b_writes = scattered(10, 5, 2, 0x43);
     qsd_b.guest_writes("data", &b_writes);
     let mut b = open_site(&b_dir, qsd_b, b_store, "node b").await;
-    let reprotect = job(
-        &mut b.engine,
-        JobKind::Reprotect,
-        JobParams {
-            point: named(&p),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let reprotect = reprotect_from(&mut b.engine, &p, &dirs).await;
     assert_eq!(reprotect.report.bytes_sent, block_bytes(&b_writes));
 
     // Fail back: the blocks A lost and the blocks B wrote are what differs, and all of it.
-    let shipped = job(
-        &mut b.engine,
-        JobKind::Failover,
-        JobParams {
-            failover: Some(FailoverKind::Planned),
-            point: Some(CorePoint::Latest),
-            to_primary: true,
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let shipped = planned_failover(&mut b.engine, true, &dirs).await.unwrap();
     let q = shipped.point.as_ref().unwrap().id.clone();
     let Site {
         qsd: mut qsd_b,
@@ -703,21 +607,7 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     );
     a.qsd.kill();
     let a_originals = original_disks(&a);
-    let restored = job(
-        &mut a.engine,
-        JobKind::Failback,
-        JobParams {
-            point: named(&q),
-            ..JobParams::default()
-        },
-        &JobDirs {
-            original_disks: a_originals.clone(),
-            failover_format: Default::default(),
-            ..dirs.clone()
-        },
-    )
-    .await
-    .unwrap();
+    let restored = fail_back_to(&mut a.engine, &q, a_originals.clone(), &dirs).await;
     assert_eq!(
         restored.failover.as_ref().unwrap().bytes_read,
         block_bytes(lost.iter().chain(&b_writes)),
@@ -732,17 +622,7 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     // refused as fenced, under a dead epoch); re-protect takes the replica back, A equals the
     // failback's point, so nothing is sent, and A's cycles write again.
     a.qsd.start_again();
-    let forward = job(
-        &mut a.engine,
-        JobKind::Reprotect,
-        JobParams {
-            point: named(&q),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap();
+    let forward = reprotect_from(&mut a.engine, &q, &dirs).await;
     assert_eq!(forward.report.bytes_sent, 0);
     a.qsd.guest_writes("data", &scattered(90, 2, 3, 0x44));
     let cycle = a.engine.run_cycle(SystemTime::now()).await.unwrap();
@@ -760,11 +640,7 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
 async fn a_planned_failover_whose_source_cannot_be_stopped_fails_and_protection_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store_at(tmp.path());
-    let dirs = JobDirs {
-        failover_dir: tmp.path().join("failover"),
-        original_disks: Vec::new(),
-        failover_format: Default::default(),
-    };
+    let dirs = job_dirs(tmp.path(), DiskFormat::Raw);
     let a_dir = tmp.path().join("site-a");
     std::fs::create_dir_all(&a_dir).unwrap();
     let qsd = Qsd::start_with(&a_dir, &raw_disks());
@@ -780,18 +656,9 @@ async fn a_planned_failover_whose_source_cannot_be_stopped_fails_and_protection_
     drop(engine);
     let mut a = open_site(&a_dir, qsd, store.clone(), "node a").await;
     a.qsd.guest_writes("root", &scattered(30, 3, 1, 0x51));
-    let refused = job(
-        &mut a.engine,
-        JobKind::Failover,
-        JobParams {
-            failover: Some(FailoverKind::Planned),
-            point: Some(CorePoint::Latest),
-            ..JobParams::default()
-        },
-        &dirs,
-    )
-    .await
-    .unwrap_err();
+    let refused = planned_failover(&mut a.engine, false, &dirs)
+        .await
+        .unwrap_err();
     assert_eq!(refused.reason(), "SourceNotStopped", "{refused}");
     assert!(!refused.is_recoverable(), "{refused}");
     assert!(

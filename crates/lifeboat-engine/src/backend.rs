@@ -228,6 +228,19 @@ pub fn seed_bitmap_name(point: &str) -> String {
 /// The prefix of [`seed_bitmap_name`]s.
 pub const SEED_BITMAP_PREFIX: &str = "lifeboat-since-";
 
+/// Merge touching or overlapping ranges of a list sorted by start (a view's extents, a
+/// disk's changed ranges).
+pub fn merge_ranges(sorted: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// One VM's hypervisor connection.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + fmt::Debug {

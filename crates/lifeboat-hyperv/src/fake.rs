@@ -687,14 +687,7 @@ impl HyperVHost for FakeHyperVHost {
             .filter(|r| !r.is_empty())
             .collect();
         ranges.sort_by_key(|r| r.start);
-        let mut merged: Vec<Range<u64>> = Vec::new();
-        for r in ranges {
-            match merged.last_mut() {
-                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-                _ => merged.push(r),
-            }
-        }
-        Ok(merged)
+        Ok(lifeboat_engine::backend::merge_ranges(ranges))
     }
 
     fn read_file_at(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>, HostError> {

@@ -3,7 +3,7 @@
 #![cfg(unix)]
 #![allow(clippy::unwrap_used)] // a failed unwrap is the test failure report
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -34,6 +34,19 @@ fn serve(image: &Path, socket: &Path, read_only: bool) -> Child {
     panic!("qemu-nbd never listened on {}", socket.display());
 }
 
+/// A new empty 64 MiB qcow2 image `disk.qcow2` in `dir`.
+fn new_qcow2(dir: &Path) -> PathBuf {
+    let image = dir.join("disk.qcow2");
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(created.success());
+    image
+}
+
 fn pattern(seed: u8, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| seed.wrapping_add((i % 251) as u8))
@@ -43,15 +56,8 @@ fn pattern(seed: u8, len: u64) -> Vec<u8> {
 #[tokio::test]
 async fn writes_land_in_the_image_and_read_back_and_a_read_only_export_refuses_them() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
+    let image = new_qcow2(dir.path());
     let expected = dir.path().join("expected.raw");
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(created.success());
     let socket = dir.path().join("nbd.sock");
     let mut server = serve(&image, &socket, false);
     let mut client =
@@ -122,14 +128,7 @@ async fn writes_land_in_the_image_and_read_back_and_a_read_only_export_refuses_t
 #[tokio::test]
 async fn scattered_pieces_go_out_together_and_each_lands_where_it_was_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(created.success());
+    let image = new_qcow2(dir.path());
     let socket = dir.path().join("nbd.sock");
     let mut server = serve(&image, &socket, false);
     let mut client = NbdClient::connect_unix(&socket, "disk", &[], TIMEOUT)

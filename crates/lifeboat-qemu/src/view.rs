@@ -20,7 +20,7 @@ use super::qmp::GuestAgent;
 use super::{DIRTY_BITMAP_CONTEXT_PREFIX, Inner, Resolved, bitmap_name, merge_and_remove};
 use async_trait::async_trait;
 use bytes::Bytes;
-use lifeboat_engine::backend::{BackendError, CloseView, DiskInfo, Quiesce, View};
+use lifeboat_engine::backend::{BackendError, CloseView, DiskInfo, Quiesce, View, merge_ranges};
 use serde_json::{Value, json};
 use std::fmt;
 use std::ops::Range;
@@ -534,18 +534,6 @@ async fn cut(inner: Arc<Inner>, actions: Vec<Value>, agent: Option<GuestAgent>) 
         cut,
         thaw,
     }
-}
-
-/// Merge touching or overlapping ranges of a sorted list.
-fn merge_ranges(ranges: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<u64>> {
-    let mut out: Vec<Range<u64>> = Vec::new();
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
 }
 
 #[async_trait]

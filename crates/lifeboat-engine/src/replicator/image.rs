@@ -253,6 +253,20 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
     EngineError::state(action, path)
 }
 
+/// Run file I/O on the blocking pool; a failure names `action` and the image's `path`.
+async fn blocking<T: Send + 'static>(
+    action: &'static str,
+    path: &Path,
+    io: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(io)
+        .await
+        .map_err(|e| EngineError::NotReady {
+            what: format!("{action} {}: cancelled ({e})", path.display()),
+        })?
+        .map_err(io_error(action, path))
+}
+
 impl Image {
     /// Wrap an open raw image or block device.
     pub(super) fn file(file: std::fs::File, path: &Path) -> Image {
@@ -386,7 +400,7 @@ impl Image {
         match self {
             Image::File { file, path } => {
                 let file = Arc::clone(file);
-                tokio::task::spawn_blocking(move || {
+                blocking("read disk image", path, move || {
                     pieces
                         .into_iter()
                         .map(|(offset, len)| {
@@ -394,13 +408,9 @@ impl Image {
                             file.read_exact_at(&mut buf, offset)
                                 .map(|()| Bytes::from(buf))
                         })
-                        .collect::<std::io::Result<Vec<_>>>()
+                        .collect()
                 })
                 .await
-                .map_err(|e| EngineError::NotReady {
-                    what: format!("reading {} was cancelled: {e}", path.display()),
-                })?
-                .map_err(io_error("read disk image", path))
             }
             #[cfg(unix)]
             Image::Nbd(s) => s
@@ -418,16 +428,12 @@ impl Image {
         match self {
             Image::File { file, path } => {
                 let file = Arc::clone(file);
-                tokio::task::spawn_blocking(move || {
+                blocking("write disk image", path, move || {
                     writes
                         .iter()
                         .try_for_each(|(offset, data)| file.write_all_at(data, *offset))
                 })
                 .await
-                .map_err(|e| EngineError::NotReady {
-                    what: format!("writing {} was cancelled: {e}", path.display()),
-                })?
-                .map_err(io_error("write disk image", path))
             }
             #[cfg(unix)]
             Image::Nbd(s) => s
@@ -505,12 +511,9 @@ impl Image {
     /// The sync or flush fails, or `qemu-nbd` does not exit cleanly.
     pub(super) async fn finish(self) -> Result<(), EngineError> {
         match self {
-            Image::File { file, path } => tokio::task::spawn_blocking(move || file.sync_all())
-                .await
-                .map_err(|e| EngineError::NotReady {
-                    what: format!("syncing {} was cancelled: {e}", path.display()),
-                })?
-                .map_err(io_error("sync disk image", &path)),
+            Image::File { file, path } => {
+                blocking("sync disk image", &path, move || file.sync_all()).await
+            }
             #[cfg(unix)]
             Image::Nbd(s) => {
                 let Served {

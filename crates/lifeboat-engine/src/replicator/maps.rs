@@ -256,21 +256,17 @@ pub(super) fn align(
     block: u64,
     size_bytes: u64,
 ) -> Vec<std::ops::Range<u64>> {
-    let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
     let mut sorted: Vec<_> = ranges.to_vec();
     sorted.sort_by_key(|r| r.start);
-    for r in sorted {
-        let start = r.start / block * block;
-        let end = r.end.div_ceil(block).saturating_mul(block).min(size_bytes);
-        if start >= end {
-            continue;
-        }
-        match out.last_mut() {
-            Some(last) if start <= last.end => last.end = last.end.max(end),
-            _ => out.push(start..end),
-        }
-    }
-    out
+    // NB: widening keeps the order by start.
+    crate::backend::merge_ranges(
+        sorted
+            .into_iter()
+            .map(|r| {
+                r.start / block * block..r.end.div_ceil(block).saturating_mul(block).min(size_bytes)
+            })
+            .filter(|r| r.start < r.end),
+    )
 }
 
 #[cfg(test)]

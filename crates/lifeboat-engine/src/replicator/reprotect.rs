@@ -36,7 +36,7 @@ use lifeboat_store::{At, ReplicaStore, VmKey};
 use super::failover::{FailoverReport, MaterialisedDisk, PointChoice, choose_point, verify_digest};
 use super::image::{self, Image, StoreSource, write_from_store};
 use super::{Progress, ProgressSink, Replicator, Report, maps, throughput, unix_ms};
-use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, seed_bitmap_name};
+use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, merge_ranges, seed_bitmap_name};
 use crate::error::EngineError;
 use crate::state::{AgentState, DiskRecord, EnginePhase};
 
@@ -542,14 +542,7 @@ async fn reseed(path: &Path, point: &str) -> Result<(), EngineError> {
 /// Merge touching or overlapping ranges (sorted first).
 fn union(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::new();
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
+    merge_ranges(ranges)
 }
 
 async fn restore_disk(
