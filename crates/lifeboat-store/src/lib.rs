@@ -236,6 +236,22 @@ pub trait ReplicaStore: Send + Sync + fmt::Debug {
         len: u64,
     ) -> Result<Bytes, StoreError>;
 
+    /// Read each of `pieces` (`(offset, len)`) of a disk, live or at a point: their data, in
+    /// order. The default reads them one by one; a store may serve them together.
+    async fn read_many(
+        &self,
+        vm: &VmKey,
+        disk: &str,
+        at: &At,
+        pieces: &[(u64, u64)],
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let mut out = Vec::with_capacity(pieces.len());
+        for &(offset, len) in pieces {
+            out.push(self.read(vm, disk, at, offset, len).await?);
+        }
+        Ok(out)
+    }
+
     /// The ranges of a disk that may hold data, live or at a point, sorted and disjoint;
     /// everything outside them reads as zeros.
     async fn data_ranges(

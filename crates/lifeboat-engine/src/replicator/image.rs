@@ -19,7 +19,7 @@ use lifeboat_blockmap::{BlockMap, is_zero};
 use lifeboat_store::local::{PositionalIo, data_ranges};
 use lifeboat_store::{At, MAX_WRITE_BYTES, ReplicaStore, VmKey};
 
-use super::maps::read_batches;
+use super::maps::{check_read, read_batches};
 use crate::error::EngineError;
 
 /// The format of a disk image the engine writes.
@@ -569,15 +569,14 @@ async fn fetch(
     let Some(batch) = batch else {
         return Ok(None);
     };
-    let mut out = Vec::with_capacity(batch.len());
-    for (offset, len) in batch {
-        let data = source
-            .store
-            .read(source.vm, source.disk, source.at, offset, len)
-            .await?;
-        out.push((offset, data));
-    }
-    Ok(Some(out))
+    let data = source
+        .store
+        .read_many(source.vm, source.disk, source.at, &batch)
+        .await?;
+    check_read(source.disk, &batch, &data)?;
+    Ok(Some(
+        batch.iter().map(|&(offset, _)| offset).zip(data).collect(),
+    ))
 }
 
 /// Write `ranges` (whole blocks of `map`, sorted, disjoint) of a disk in the store onto

@@ -81,13 +81,7 @@ pub(super) async fn hash_replica(
         disk,
         &ranges,
         chunk,
-        |pieces| async move {
-            let mut data = Vec::with_capacity(pieces.len());
-            for (offset, len) in pieces {
-                data.push(store.read(vm, disk, at, offset, len).await?);
-            }
-            Ok(data)
-        },
+        |pieces| async move { Ok(store.read_many(vm, disk, at, &pieces).await?) },
         |_| {},
     )
     .await?;

@@ -160,12 +160,7 @@ impl Disk {
             let run_end = run_end.min(point_size_bytes);
             old.resize((run_end - granule) as usize, 0);
             self.read_live(granule, &mut old)?;
-            for (at, pre_image) in (granule..run_end)
-                .step_by(GRANULE_BYTES as usize)
-                .zip(old.chunks(GRANULE_BYTES as usize))
-            {
-                self.segment(seq)?.append(at, pre_image)?;
-            }
+            self.segment(seq)?.append_run(granule, &old)?;
             granule = run_end;
         }
         Ok(())
@@ -180,11 +175,14 @@ impl Disk {
         buf: &mut [u8],
     ) -> Result<(), StoreError> {
         let mut pos = 0usize;
+        // Where the run of granules no segment holds (read from the live file, in one read
+        // when the run ends) began.
+        let mut live_from: Option<usize> = None;
         while pos < buf.len() {
             let at = offset + pos as u64;
             let granule = at / GRANULE_BYTES * GRANULE_BYTES;
             let within = (at - granule) as usize;
-            let take = ((GRANULE_BYTES as usize - within).min(buf.len() - pos)) as u64;
+            let take = (GRANULE_BYTES as usize - within).min(buf.len() - pos);
             let mut found = None;
             for (_, segment) in self.segments.range(from_seq..) {
                 if let Some(data) = segment.read_granule(granule)? {
@@ -192,16 +190,24 @@ impl Disk {
                     break;
                 }
             }
-            let out = &mut buf[pos..pos + take as usize];
             match found {
                 Some(data) => {
+                    if let Some(from) = live_from.take() {
+                        self.read_live(offset + from as u64, &mut buf[from..pos])?;
+                    }
+                    let out = &mut buf[pos..pos + take];
                     out.fill(0);
                     let have = data.len().saturating_sub(within).min(out.len());
                     out[..have].copy_from_slice(&data[within..within + have]);
                 }
-                None => self.read_live(at, out)?,
+                None => {
+                    live_from.get_or_insert(pos);
+                }
             }
-            pos += take as usize;
+            pos += take;
+        }
+        if let Some(from) = live_from {
+            self.read_live(offset + from as u64, &mut buf[from..])?;
         }
         Ok(())
     }

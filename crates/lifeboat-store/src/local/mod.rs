@@ -420,14 +420,31 @@ impl ReplicaStore for LocalStore {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, StoreError> {
-        let (disk, at) = (disk.to_owned(), at.clone());
+        let mut data = self.read_many(vm, disk, at, &[(offset, len)]).await?;
+        Ok(data.pop().unwrap_or_default())
+    }
+
+    /// One trip to the blocking pool and one lookup of the point for all the pieces.
+    async fn read_many(
+        &self,
+        vm: &VmKey,
+        disk: &str,
+        at: &At,
+        pieces: &[(u64, u64)],
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let (disk, at, pieces) = (disk.to_owned(), at.clone(), pieces.to_vec());
         self.with_vm(vm, move |state| {
-            let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+            let buffer = |len: u64| vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+            let mut out = Vec::with_capacity(pieces.len());
             match &at {
                 At::Live => {
                     let d = state.live_disk(&disk)?;
-                    check_range(&disk, offset, len, d.size_bytes, false)?;
-                    d.read_live(offset, &mut buf)?;
+                    for (offset, len) in pieces {
+                        check_range(&disk, offset, len, d.size_bytes, false)?;
+                        let mut buf = buffer(len);
+                        d.read_live(offset, &mut buf)?;
+                        out.push(Bytes::from(buf));
+                    }
                 }
                 At::Point(id) => {
                     let vm = state.vm_name();
@@ -436,16 +453,20 @@ impl ReplicaStore for LocalStore {
                     let Some(pd) = point.disks.iter().find(|d| d.name == disk) else {
                         return Err(state.not_found(format!("disk {disk:?} at recovery point {id} of VM {vm}")));
                     };
-                    check_range(&disk, offset, len, pd.size_bytes, false)?;
                     let seq = seq_of(pd);
                     let d = state.disks.get_mut(&disk).ok_or_else(|| StoreError::Corrupt {
                         path: disk.clone(),
                         detail: format!("recovery point {id} names disk {disk:?}, whose replica file is gone"),
                     })?;
-                    d.read_at(seq, offset, &mut buf)?;
+                    for (offset, len) in pieces {
+                        check_range(&disk, offset, len, pd.size_bytes, false)?;
+                        let mut buf = buffer(len);
+                        d.read_at(seq, offset, &mut buf)?;
+                        out.push(Bytes::from(buf));
+                    }
                 }
             }
-            Ok(Bytes::from(buf))
+            Ok(out)
         })
         .await
     }
