@@ -384,11 +384,13 @@ async fn points_are_immutable(store: &dyn ReplicaStore, vm: &VmKey) {
     let model_b = model.clone();
     write(store, vm, &mut model, "root", 0, pattern(15, 3 * 4096)).await;
     // Several writes in one request: over granules B still reads from the live file, over
-    // one the write before just preserved, across the two disks' sizes' granule boundaries.
-    let batch: [(usize, Vec<u8>); 3] = [
+    // one the write before just preserved, across the two disks' sizes' granule boundaries,
+    // and one over part of an earlier one in the same request (the later one wins).
+    let batch: [(usize, Vec<u8>); 4] = [
         (8192, pattern(16, 8192)),
         (64 * 1024, pattern(17, 64 * 1024)),
         (MIB as usize - 4096, pattern(18, 8192)),
+        (12 * 1024, pattern(19, 8192)),
     ];
     if let Some(root) = model.disks.get_mut("root") {
         for (offset, data) in &batch {
