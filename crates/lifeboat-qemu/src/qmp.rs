@@ -395,9 +395,10 @@ impl QmpClient {
 
     /// Connect and negotiate. QEMU's monitor serves one client at a time and takes the next
     /// one only after it has let the last one go; on a busy host a connection made in that
-    /// moment can be refused, or left waiting without a greeting. Both are tried again: a
-    /// refusal for [`REFUSED_RETRY_FOR`] (a QEMU that is gone stays refused, and is reported
-    /// as such), a missing greeting until the command's own timeout.
+    /// moment can be refused, closed before its greeting, or left waiting without one. All
+    /// are tried again: a refusal or a close for [`REFUSED_RETRY_FOR`] (a QEMU that is gone
+    /// stays refused, and is reported as such), a missing greeting until the command's own
+    /// timeout.
     async fn handshake(&self) -> Result<Conn, QmpError> {
         let refused_until = tokio::time::Instant::now() + REFUSED_RETRY_FOR;
         let mut pause = Duration::from_millis(20);
@@ -408,6 +409,16 @@ impl QmpClient {
                         source.kind(),
                         io::ErrorKind::ConnectionRefused | io::ErrorKind::WouldBlock
                     ) && tokio::time::Instant::now() < refused_until => {}
+                Ok(Err(QmpError::Io {
+                    ref command,
+                    ref source,
+                    ..
+                })) if command == "greeting"
+                    && source.kind() == io::ErrorKind::UnexpectedEof
+                    && tokio::time::Instant::now() < refused_until =>
+                {
+                    tracing::debug!(socket = %self.socket.display(), "QMP closed before its greeting: connecting again");
+                }
                 Ok(result) => return result,
                 Err(_) => {
                     tracing::debug!(socket = %self.socket.display(), "no QMP greeting yet: connecting again")

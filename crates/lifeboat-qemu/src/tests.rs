@@ -1908,7 +1908,7 @@ async fn fake_qmp(listener: tokio::net::UnixListener, greetings: usize) {
 }
 
 #[tokio::test]
-async fn a_monitor_that_greets_twice_or_listens_late_is_still_reached() {
+async fn a_monitor_that_greets_twice_listens_late_or_drops_a_client_is_still_reached() {
     let tmp = tempfile::tempdir().unwrap();
     // Greeted twice, as QEMU 10 may greet a connection queued behind another client.
     let twice = tmp.path().join("twice.sock");
@@ -1930,6 +1930,21 @@ async fn a_monitor_that_greets_twice_or_listens_late_is_still_reached() {
         fake_qmp(tokio::net::UnixListener::bind(&path).unwrap(), 1).await;
     });
     let client = qmp::QmpClient::new(&late, Duration::from_secs(10));
+    client
+        .execute("query-status", serde_json::Value::Null)
+        .await
+        .unwrap();
+
+    // The first connection closed before its greeting (a monitor letting another client
+    // go), the next one served.
+    let closing = tmp.path().join("closing.sock");
+    let listener = tokio::net::UnixListener::bind(&closing).unwrap();
+    tokio::spawn(async move {
+        let (first, _) = listener.accept().await.unwrap();
+        drop(first);
+        fake_qmp(listener, 1).await;
+    });
+    let client = qmp::QmpClient::new(&closing, Duration::from_secs(10));
     client
         .execute("query-status", serde_json::Value::Null)
         .await
