@@ -180,12 +180,20 @@ fn immutable_fields_cannot_change_on_update() {
         ["spec.vmName: vmName is immutable"]
     );
 
-    // Adding a disk is an ordinary change.
+    // Adding a disk is an ordinary change; the recovery site must name it too.
     let mut grown = vm.clone();
     if let Some(disks) = grown["spec"]["disks"].as_array_mut() {
         disks.push(
             json!({"name": "logs", "path": "/images/logs.qcow2", "blockNode": "libvirt-4-format"}),
         );
+    }
+    assert_eq!(
+        update_problems(&vm, &grown),
+        ["spec: spec.recoverySite.disks must name every protected disk of spec.disks"]
+    );
+    if let Some(disks) = grown["spec"]["recoverySite"]["disks"].as_array_mut() {
+        disks
+            .push(json!({"name": "logs", "path": "/srv/failover/logs.qcow2", "blockNode": "logs"}));
     }
     assert_eq!(update_problems(&vm, &grown), Vec::<String>::new());
 }
