@@ -584,7 +584,8 @@ async fn fetch(
 /// written as zeros without reading the store; the others are read, in batches of pieces,
 /// the next batch read while the current one is written (over NBD, its writes pipelined).
 /// With `fresh` (an image that reads as zeros), all-zero data is not written.
-/// `copied(end, read)` after each batch: the end of its last piece, the bytes read so far.
+/// `copied(end, read)` after each batch: the furthest end written so far, the bytes read so
+/// far.
 /// Returns the bytes read. A failover's output and a failback's original disk are both
 /// written here.
 ///
@@ -609,14 +610,16 @@ pub(super) async fn write_from_store(
     let zeros: Vec<Range<u64>> = zeros.into_iter().map(|(r, _)| r).collect();
     let data: Vec<Range<u64>> = data.into_iter().map(|(r, _)| r).collect();
     let mut read = 0;
+    // NB: the furthest end so far: the zero ranges come after the data ranges, not in
+    // address order, and progress never goes back.
+    let mut end = 0;
     let mut batches = read_batches(&data, chunk, STORE_BATCH_BYTES).into_iter();
     let mut current = fetch(source, batches.next()).await?;
     while let Some(batch) = current.take() {
-        let mut end = 0;
         for (offset, data) in &batch {
             map.update_range(*offset, data).map_err(map_error)?;
             read += data.len() as u64;
-            end = offset + data.len() as u64;
+            end = end.max(offset + data.len() as u64);
         }
         let writes = batch
             .into_iter()
@@ -629,10 +632,9 @@ pub(super) async fn write_from_store(
     }
     let zero = Bytes::from(vec![0u8; chunk as usize]);
     for batch in read_batches(&zeros, chunk, STORE_BATCH_BYTES) {
-        let mut end = 0;
         for &(offset, len) in &batch {
             map.zero_range(offset, len).map_err(map_error)?;
-            end = offset + len;
+            end = end.max(offset + len);
         }
         if !fresh {
             let writes = batch

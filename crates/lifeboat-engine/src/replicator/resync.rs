@@ -10,10 +10,11 @@
 //!
 //! # Reading and hashing at once
 //!
-//! The source pass reads the view's allocated ranges [`VIEW_CHUNK_BYTES`] at a time through
-//! [`maps::hash_ranges`]: the next chunk's read is in flight while the current one is hashed
-//! on a blocking thread, its blocks spread over the cores, so a resync costs about what
-//! reading the view costs. The blocks that differ are sent by the same overlapped reader as
+//! The source pass reads the view's allocated ranges through [`maps::hash_ranges`] in
+//! batches ([`maps::read_batches`]: a long range [`VIEW_CHUNK_BYTES`] at a time, scattered
+//! blocks many to one pipelined read): the next batch's read is in flight while the current
+//! one is hashed on a blocking thread, long pieces spread over the cores, so a resync costs
+//! about what reading the view costs. The blocks that differ are sent by the same overlapped reader as
 //! the initial copy ([`Replicator::copy_ranges`]). This is the only resync Lifeboat has: the
 //! agent's job, `lifeboat resync` and the `resync` benchmark all run it.
 //!
