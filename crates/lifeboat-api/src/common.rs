@@ -64,6 +64,8 @@ pub enum RecoveryPointKind {
     LatestAppConsistent,
     /// The point named in `name`.
     Named,
+    /// The newest point cut at or before `time`.
+    NotAfter,
 }
 
 /// A choice of recovery point.
@@ -71,16 +73,21 @@ pub enum RecoveryPointKind {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.kind == 'Named' ? has(self.name) : !has(self.name)",
-     "message": "name is required when kind is Named, and only then"}
+     "message": "name is required when kind is Named, and only then"},
+    {"rule": "self.kind == 'NotAfter' ? has(self.time) : !has(self.time)",
+     "message": "time is required when kind is NotAfter, and only then"}
 ]))]
 pub struct RecoveryPointSelector {
-    /// Latest, LatestProcessed, LatestAppConsistent or Named.
+    /// Latest, LatestProcessed, LatestAppConsistent, Named or NotAfter.
     #[serde(default)]
     pub kind: RecoveryPointKind,
     /// The point's name, as `lifeboat points` and `status.recoveryPoints` show it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub name: Option<String>,
+    /// With NotAfter: the newest point cut at or before this time (RFC 3339) is chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
 }
 
 /// A reference to an object of a known kind in the same namespace.

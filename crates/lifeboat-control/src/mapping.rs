@@ -199,17 +199,39 @@ fn point(s: &RecoveryPointSelector) -> PointChoice {
         RecoveryPointKind::LatestProcessed => PointChoice::LatestProcessed,
         RecoveryPointKind::LatestAppConsistent => PointChoice::LatestAppConsistent,
         RecoveryPointKind::Named => PointChoice::Named(s.name.clone().unwrap_or_default()),
+        // NB: the API server requires the time (the CRD's rule); without it, no point is at
+        // or before the epoch's start, so none matches and the job says so. To the second,
+        // as `not-after:` on the command line.
+        RecoveryPointKind::NotAfter => PointChoice::NotAfter(
+            s.time
+                .as_ref()
+                .and_then(|t| u64::try_from(t.0.as_second()).ok())
+                .map_or(0, |s| s * 1000),
+        ),
     }
 }
 
-fn api_point(p: &PointChoice) -> RecoveryPointSelector {
-    let (kind, name) = match p {
-        PointChoice::Latest => (RecoveryPointKind::Latest, None),
-        PointChoice::LatestProcessed => (RecoveryPointKind::LatestProcessed, None),
-        PointChoice::LatestAppConsistent => (RecoveryPointKind::LatestAppConsistent, None),
-        PointChoice::Named(name) => (RecoveryPointKind::Named, Some(name.clone())),
+/// The API's selector for a point choice.
+pub fn api_point(p: &PointChoice) -> RecoveryPointSelector {
+    let kind = |kind| RecoveryPointSelector {
+        kind,
+        ..RecoveryPointSelector::default()
     };
-    RecoveryPointSelector { kind, name }
+    match p {
+        PointChoice::Latest => kind(RecoveryPointKind::Latest),
+        PointChoice::LatestProcessed => kind(RecoveryPointKind::LatestProcessed),
+        PointChoice::LatestAppConsistent => kind(RecoveryPointKind::LatestAppConsistent),
+        PointChoice::Named(name) => RecoveryPointSelector {
+            name: Some(name.clone()),
+            ..kind(RecoveryPointKind::Named)
+        },
+        PointChoice::NotAfter(ms) => RecoveryPointSelector {
+            time: Some(api_time(
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(*ms),
+            )),
+            ..kind(RecoveryPointKind::NotAfter)
+        },
+    }
 }
 
 fn health(h: ApiHealth) -> Health {
@@ -687,6 +709,7 @@ mod tests {
             PointChoice::LatestProcessed,
             PointChoice::LatestAppConsistent,
             PointChoice::Named("p1".into()),
+            PointChoice::NotAfter(1_796_587_200_000),
         ] {
             assert_eq!(point(&api_point(&p)), p);
         }

@@ -203,6 +203,64 @@ pub enum PointChoice {
     LatestAppConsistent,
     /// A point by name.
     Named(String),
+    /// The newest point cut at or before this time (Unix milliseconds, a whole second: the
+    /// API keeps times to the second): one rule that picks, for each of many VMs, a point no
+    /// newer than the same instant.
+    NotAfter(u64),
+}
+
+impl std::str::FromStr for PointChoice {
+    type Err = String;
+
+    /// `latest`, `latest-app-consistent`, `not-after:TIME` (RFC 3339, such as
+    /// `2026-12-06T20:00:00Z`), or a point's name.
+    fn from_str(s: &str) -> Result<PointChoice, String> {
+        Ok(match s {
+            "" => return Err("the point is empty: give latest, latest-app-consistent, not-after:TIME or a point's name".to_owned()),
+            "latest" => PointChoice::Latest,
+            "latest-app-consistent" => PointChoice::LatestAppConsistent,
+            _ => match s.strip_prefix("not-after:") {
+                Some(time) => PointChoice::NotAfter(parse_unix_ms(time).map_err(|e| {
+                    format!("point {s:?}: {e}")
+                })?),
+                None => PointChoice::Named(s.to_owned()),
+            },
+        })
+    }
+}
+
+/// An RFC 3339 time (`2026-12-06T20:00:00Z`, `2026-12-06T21:00:00+01:00`) as Unix
+/// milliseconds, down to its whole second (the API keeps times to the second; down, so that
+/// a bound never admits a later point).
+///
+/// # Errors
+///
+/// Not such a time, or one before 1970.
+pub fn parse_unix_ms(time: &str) -> Result<u64, String> {
+    let at: jiff::Timestamp = time.parse().map_err(|e| {
+        format!("{time:?} is not an RFC 3339 time such as 2026-12-06T20:00:00Z ({e})")
+    })?;
+    u64::try_from(at.as_second())
+        .map(|s| s * 1000)
+        .map_err(|_| format!("{time:?} is before 1970"))
+}
+
+/// The choice in words: "the latest point", "point 20261206T...", "the newest point at or
+/// before 2026-12-06T20:00:00Z".
+impl std::fmt::Display for PointChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PointChoice::Latest => f.write_str("the latest point"),
+            PointChoice::LatestProcessed => f.write_str("the latest processed point"),
+            PointChoice::LatestAppConsistent => f.write_str("the latest app-consistent point"),
+            PointChoice::Named(name) => write!(f, "point {name}"),
+            PointChoice::NotAfter(ms) => write!(
+                f,
+                "the newest point at or before {}",
+                crate::rpo::format_rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(*ms))
+            ),
+        }
+    }
 }
 
 /// An error as the agent reported it, or as the operator decided it.
@@ -259,4 +317,46 @@ pub struct PolicySettings {
     pub initial_replication_start: Option<SystemTime>,
     /// Why new protection must wait (a field of the policy is invalid), as a condition reason.
     pub blocking_problem: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_choices_parse_from_their_words_and_a_bad_time_is_named() {
+        assert_eq!("latest".parse(), Ok(PointChoice::Latest));
+        assert_eq!(
+            "latest-app-consistent".parse(),
+            Ok(PointChoice::LatestAppConsistent)
+        );
+        assert_eq!(
+            "20261206T200000.000Z-c7".parse(),
+            Ok(PointChoice::Named("20261206T200000.000Z-c7".to_owned()))
+        );
+        // 2026-12-06T20:00:00Z, written in UTC and in another offset.
+        let at = PointChoice::NotAfter(1_796_587_200_000);
+        assert_eq!("not-after:2026-12-06T20:00:00Z".parse(), Ok(at.clone()));
+        assert_eq!(
+            "not-after:2026-12-06T21:00:00+01:00".parse(),
+            Ok(at.clone())
+        );
+        assert_eq!(
+            at.to_string(),
+            "the newest point at or before 2026-12-06T20:00:00Z"
+        );
+        let bad = "not-after:yesterday".parse::<PointChoice>();
+        assert!(
+            bad.as_ref()
+                .is_err_and(|e| e.contains("\"yesterday\" is not an RFC 3339 time")),
+            "{bad:?}"
+        );
+        assert_eq!("not-after:2026-12-06T20:00:00.900Z".parse(), Ok(at));
+        assert!(
+            "not-after:1969-12-31T23:59:59Z"
+                .parse::<PointChoice>()
+                .is_err()
+        );
+        assert!("".parse::<PointChoice>().is_err());
+    }
 }

@@ -104,7 +104,8 @@ impl JobDirs {
     }
 }
 
-fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice {
+/// The engine's choice for a job's (or a command's) choice of point; none: the latest.
+pub fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice {
     match choice {
         None
         | Some(lifeboat_core::PointChoice::Latest | lifeboat_core::PointChoice::LatestProcessed) => {
@@ -112,6 +113,7 @@ fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice {
         }
         Some(lifeboat_core::PointChoice::LatestAppConsistent) => PointChoice::LatestAppConsistent,
         Some(lifeboat_core::PointChoice::Named(name)) => PointChoice::Named(name.clone()),
+        Some(lifeboat_core::PointChoice::NotAfter(ms)) => PointChoice::NotAfter(*ms),
     }
 }
 

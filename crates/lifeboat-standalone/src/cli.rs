@@ -6,11 +6,11 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use lifeboat_agent::StoreCache;
-use lifeboat_api::common::{RecoveryPointKind, RecoveryPointSelector};
+use lifeboat_api::common::RecoveryPointSelector;
 use lifeboat_api::protected_vm::{FailoverRequest, FailoverType, Requests, TestFailoverRequest};
 use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
 use lifeboat_control::mapping::system_time;
-use lifeboat_core::format_duration;
+use lifeboat_core::{PointChoice, format_duration};
 use lifeboat_store::VmKey;
 
 use crate::daemon::{JOB_KIND, POLICY_KIND, VM_KIND};
@@ -366,11 +366,7 @@ pub enum Action {
 /// The action in words, as the tools print it ("test failover to the latest point").
 impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let to = |point: &Option<String>| match point.as_deref() {
-            None | Some("latest") => "the latest point".to_owned(),
-            Some("latest-app-consistent") => "the latest app-consistent point".to_owned(),
-            Some(name) => format!("point {name}"),
-        };
+        let to = |point: &Option<String>| point_choice(point).to_string();
         match self {
             Action::Resync => f.write_str("resynchronization"),
             Action::TestFailover(point) => write!(f, "test failover to {}", to(point)),
@@ -389,18 +385,30 @@ impl std::fmt::Display for Action {
     }
 }
 
-fn selector(point: &Option<String>) -> RecoveryPointSelector {
+/// Check a `--point` argument: `latest`, `latest-app-consistent`, `not-after:TIME` (RFC
+/// 3339) or a point's name.
+///
+/// # Errors
+///
+/// An empty point, or a `not-after:` time that is not one.
+pub fn point_arg(point: &str) -> Result<String, String> {
+    point.parse::<PointChoice>().map(|_| point.to_owned())
+}
+
+/// The choice a `--point` argument (checked by [`point_arg`]) makes; none: the latest.
+/// NB: one that does not parse is taken as a name, so that it fails by name, never as a
+/// quiet fall back to the latest point.
+fn point_choice(point: &Option<String>) -> PointChoice {
     match point.as_deref() {
-        None | Some("latest") => RecoveryPointSelector::default(),
-        Some("latest-app-consistent") => RecoveryPointSelector {
-            kind: RecoveryPointKind::LatestAppConsistent,
-            name: None,
-        },
-        Some(name) => RecoveryPointSelector {
-            kind: RecoveryPointKind::Named,
-            name: Some(name.to_owned()),
-        },
+        None => PointChoice::Latest,
+        Some(p) => p
+            .parse()
+            .unwrap_or_else(|_| PointChoice::Named(p.to_owned())),
     }
+}
+
+fn selector(point: &Option<String>) -> RecoveryPointSelector {
+    lifeboat_control::mapping::api_point(&point_choice(point))
 }
 
 /// A fresh request token.
@@ -679,5 +687,43 @@ async fn wait_inner(
             )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A point by time reaches the request as the API's NotAfter selector, and the action
+    /// says it in words; a bad time is refused with the argument, a bad name kept by name.
+    #[test]
+    fn a_point_by_time_becomes_a_not_after_request() {
+        let point = Some("not-after:2026-12-06T21:00:00+01:00".to_owned());
+        let action = Action::TestFailover(point.clone());
+        assert_eq!(
+            action.to_string(),
+            "test failover to the newest point at or before 2026-12-06T20:00:00Z"
+        );
+        let mut requests = Requests::default();
+        apply_request(&mut requests, &action, "t1");
+        let selector = requests
+            .test_failover
+            .map(|r| r.recovery_point)
+            .unwrap_or_default();
+        assert_eq!(
+            selector.kind,
+            lifeboat_api::common::RecoveryPointKind::NotAfter
+        );
+        assert_eq!(
+            selector.time.map(|t| t.0.to_string()).as_deref(),
+            Some("2026-12-06T20:00:00Z")
+        );
+        assert!(point_arg("not-after:noon").is_err_and(|e| e.contains("\"noon\"")));
+        assert_eq!(point_arg("p-1").as_deref(), Ok("p-1"));
+        // Never a quiet fall back to the latest point.
+        assert_eq!(
+            point_choice(&Some("not-after:noon".to_owned())),
+            PointChoice::Named("not-after:noon".to_owned())
+        );
     }
 }

@@ -113,6 +113,11 @@ impl Manifest {
         self.points.last()
     }
 
+    /// The newest point cut at or before `unix_ms`.
+    pub fn latest_not_after(&self, unix_ms: u64) -> Option<&RecoveryPoint> {
+        self.points.iter().rev().find(|p| p.time_unix_ms <= unix_ms)
+    }
+
     /// The newest app-consistent point.
     pub fn latest_app_consistent(&self) -> Option<&RecoveryPoint> {
         self.points
@@ -224,6 +229,12 @@ mod tests {
         // Even when every point is old, the latest stays.
         assert_eq!(m.points_to_prune(0, 1_000_000), ["a", "b"]);
         assert_eq!(m.latest_app_consistent().map(|p| p.id.as_str()), Some("b"));
+        // The newest point at or before a time: at its instant, between two, before all.
+        let not_after = |t| m.latest_not_after(t).map(|p| p.id.as_str());
+        assert_eq!(not_after(5_000), Some("b"));
+        assert_eq!(not_after(8_999), Some("b"));
+        assert_eq!(not_after(100_000), Some("c"));
+        assert_eq!(not_after(999), None);
         assert_eq!(
             Manifest::new("x").points_to_prune(0, 5),
             Vec::<String>::new()

@@ -202,8 +202,10 @@ pub enum Tool {
         /// Unplanned: the source is gone; use the chosen point (asks for confirmation).
         #[arg(long)]
         unplanned: bool,
-        /// The point: `latest` (default), `latest-app-consistent`, or a point's name.
-        #[arg(long)]
+        /// The point: `latest` (default), `latest-app-consistent`, `not-after:TIME` (the newest
+        /// point at or before an RFC 3339 time, such as not-after:2026-12-06T20:00:00Z), or a
+        /// point's name.
+        #[arg(long, value_parser = lifeboat_standalone::cli::point_arg)]
         point: Option<String>,
     },
     /// Remove a VM's test failover disks.

@@ -72,9 +72,11 @@ enum RecoverCommand {
     Failover {
         /// The VM: NAME or NAMESPACE/NAME.
         vm: String,
-        /// The point: `latest` (default), `latest-app-consistent`, or a point's name.
+        /// The point: `latest` (default), `latest-app-consistent`, `not-after:TIME` (the newest
+        /// point at or before an RFC 3339 time, such as not-after:2026-12-06T20:00:00Z), or a
+        /// point's name.
         #[arg(long, default_value = "latest")]
-        point: String,
+        point: lifeboat_core::PointChoice,
         /// The folder the disks are written to (`<vm>-recovered-<disk>.img`, or `.qcow2`).
         #[arg(long, value_name = "DIR", required_unless_present = "into_blobs")]
         to: Option<PathBuf>,
@@ -134,11 +136,7 @@ pub async fn recover(args: RecoverArgs) -> Result<ExitCode> {
             into_blobs,
         } => {
             let key = vm_key(&vm)?;
-            let choice = match point.as_str() {
-                "latest" => PointChoice::Latest,
-                "latest-app-consistent" => PointChoice::LatestAppConsistent,
-                name => PointChoice::Named(name.to_owned()),
-            };
+            let choice = lifeboat_engine::jobs::engine_point(Some(&point));
             match (to, into_blobs, &args.store.azure) {
                 (Some(to), _, _) => {
                     failover(store.as_ref(), &key, &choice, Output { dir: &to, format }).await

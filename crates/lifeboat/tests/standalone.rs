@@ -403,6 +403,59 @@ fn the_site_is_lost_and_the_local_store_alone_recovers_the_vm() {
     )
     .unwrap_err();
     assert!(err.contains("has no point \"p-9\""), "{err}");
+    // A point by time: the newest at or before it; none before the first; a bad time is
+    // named with the argument.
+    let err = recover(
+        &with(&[
+            "failover",
+            "web-01",
+            "--point",
+            "not-after:1999-01-01T00:00:00Z",
+            "--to",
+            to_arg,
+        ]),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("has no point at or before 1999-01-01T00:00:00Z"),
+        "{err}"
+    );
+    let err = recover(
+        &with(&[
+            "failover",
+            "web-01",
+            "--point",
+            "not-after:soon",
+            "--to",
+            to_arg,
+        ]),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("--point") && err.contains("\"soon\" is not an RFC 3339 time"),
+        "{err}"
+    );
+    let by_time = work.join("recovered by time");
+    let out = recover(
+        &with(&[
+            "failover",
+            "web-01",
+            "--point",
+            "not-after:2100-01-01T00:00:00Z",
+            "--to",
+            by_time.to_str().unwrap(),
+        ]),
+        &[],
+    )
+    .unwrap();
+    assert!(out.contains("digest verified"), "{out}");
+    assert_same(
+        "the disk recovered by time",
+        &std::fs::read(by_time.join("web-01-recovered-root.img")).unwrap(),
+        &source,
+    );
 
     // A replica damaged after the point: the failover refuses it and leaves no disk behind.
     let image = to.join("web-01-recovered-root.img");

@@ -26,6 +26,8 @@ pub enum PointChoice {
     LatestAppConsistent,
     /// A point by id.
     Named(String),
+    /// The newest point cut at or before this time (Unix milliseconds).
+    NotAfter(u64),
 }
 
 impl std::fmt::Display for PointChoice {
@@ -34,6 +36,13 @@ impl std::fmt::Display for PointChoice {
             PointChoice::Latest => f.write_str("latest point"),
             PointChoice::LatestAppConsistent => f.write_str("app-consistent point"),
             PointChoice::Named(id) => write!(f, "point {id:?}"),
+            PointChoice::NotAfter(ms) => write!(
+                f,
+                "point at or before {}",
+                lifeboat_core::format_rfc3339(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(*ms)
+                )
+            ),
         }
     }
 }
@@ -119,6 +128,7 @@ pub async fn choose_point(
         PointChoice::Latest => manifest.latest(),
         PointChoice::LatestAppConsistent => manifest.latest_app_consistent(),
         PointChoice::Named(id) => manifest.point(id),
+        PointChoice::NotAfter(ms) => manifest.latest_not_after(*ms),
     };
     point.cloned().ok_or_else(|| EngineError::NotReady {
         what: format!(
