@@ -84,6 +84,36 @@ async fn a_point_recovers_into_new_page_blobs_that_are_fixed_vhds() {
     assert!(blob[at_point.len()..MIB as usize].iter().all(|b| *b == 0));
     let footer = vhd::parse_footer(&blob[data_size..]).expect("a valid VHD footer");
     assert_eq!(footer.disk_type, vhd::DISK_TYPE_FIXED);
+    // What a managed disk's source must be (`az disk create --source URL`): a fixed VHD whose
+    // size is a whole number of MiB. QEMU's own VHD reader (qemu-utils) agrees that it is
+    // one, of that size, holding the point's data.
+    assert_eq!(
+        data_size as u64 % MIB,
+        0,
+        "a managed disk's size is whole MiB"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (image, expected) = (dir.path().join("root.vhd"), dir.path().join("root.raw"));
+    std::fs::write(&image, &blob).expect("write the blob");
+    let mut raw = at_point.to_vec();
+    raw.resize(data_size, 0);
+    std::fs::write(&expected, &raw).expect("write the expected data");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "vpc"])
+        .arg(&image)
+        .output()
+        .expect("run qemu-img info");
+    assert!(info.status.success(), "{info:?}");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("qemu-img's JSON");
+    assert_eq!(info["format"], "vpc", "{info}");
+    assert_eq!(info["virtual-size"], data_size as u64, "{info}");
+    let compared = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "vpc", "-F", "raw"])
+        .arg(&image)
+        .arg(&expected)
+        .status()
+        .expect("run qemu-img compare");
+    assert!(compared.success(), "QEMU reads other data from the VHD");
     store.delete_vm(&vm).await.expect("delete the replica");
     assert!(
         store
