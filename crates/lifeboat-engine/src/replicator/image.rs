@@ -332,8 +332,13 @@ impl Image {
                 path.display()
             ),
         })?;
+        let bitmap_context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut contexts = vec![lifeboat_nbd::BASE_ALLOCATION.to_owned()];
+        contexts.extend(bitmap_context.clone());
+        // NB: qemu-nbd binds its socket (the file appears) before it listens: a connection
+        // made in between is refused, and is tried again (seen in CI).
         let started = std::time::Instant::now();
-        while !socket.exists() {
+        let client = loop {
             if let Ok(Some(status)) = server.try_wait() {
                 let mut message = String::new();
                 if let Some(mut stderr) = server.stderr.take() {
@@ -357,16 +362,25 @@ impl Image {
                     ),
                 });
             }
+            if socket.exists() {
+                match lifeboat_nbd::NbdClient::connect_unix(&socket, "disk", &contexts, NBD_TIMEOUT)
+                    .await
+                {
+                    Ok(client) => break client,
+                    Err(lifeboat_nbd::NbdError::Connect { source, .. })
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => {
+                        return Err(EngineError::NotReady {
+                            what: format!(
+                                "NBD connection to qemu-nbd serving {}: {e}",
+                                path.display()
+                            ),
+                        });
+                    }
+                }
+            }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        let bitmap_context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
-        let mut contexts = vec![lifeboat_nbd::BASE_ALLOCATION.to_owned()];
-        contexts.extend(bitmap_context.clone());
-        let client = lifeboat_nbd::NbdClient::connect_unix(&socket, "disk", &contexts, NBD_TIMEOUT)
-            .await
-            .map_err(|e| EngineError::NotReady {
-                what: format!("NBD connection to qemu-nbd serving {}: {e}", path.display()),
-            })?;
+        };
         Ok(Image::Nbd(Box::new(Served {
             path: path.to_owned(),
             socket,
