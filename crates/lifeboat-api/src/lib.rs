@@ -1,11 +1,14 @@
-//! Lifeboat's Kubernetes API: the `ReplicationPolicy`, `ProtectedVM` and `ReplicationJob`
-//! custom resources (group `lifeboat.io`, version `v1alpha1`), their generated
+//! Lifeboat's Kubernetes API: the `ReplicationPolicy`, `ProtectedVM`, `ReplicationJob` and
+//! `RecoveryPlan` custom resources (group `lifeboat.io`, version `v1alpha1`), their generated
 //! CustomResourceDefinitions, and the checks that a manifest must pass before it is applied.
 //!
 //! ```text
 //!  ReplicationPolicy (rpol) <--policyRef--  ProtectedVM (pvm)  <--vmRef--  ReplicationJob (rjob)
 //!     how often, where, how fast             one VM, its disks,             one operation, run by
 //!                                            requests, status               the agent on one node
+//!                                                  ^
+//!                                    RecoveryPlan (rplan): groups of VMs by name, in order,
+//!                                    hooks and gates between them
 //! ```
 //!
 //! Validation lives in the CRD schema (enums, ranges, required fields, CEL rules), so that
@@ -16,12 +19,14 @@ pub mod common;
 pub mod contract;
 pub mod job;
 pub mod manifest;
+pub mod plan;
 pub mod policy;
 pub mod protected_vm;
 pub mod schema_check;
 
 pub use common::{ErrorClass, ErrorStatus, Health, RecoveryPointKind, RecoveryPointSelector};
 pub use job::{JobPhase, JobType, ReplicationJob, ReplicationJobSpec, ReplicationJobStatus};
+pub use plan::{RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus};
 pub use policy::{
     CopyFrequency, RecoveryNodes, ReplicationPolicy, ReplicationPolicySpec, ReplicationPolicyStatus,
 };
@@ -43,6 +48,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         ReplicationPolicy::crd(),
         ProtectedVM::crd(),
         ReplicationJob::crd(),
+        RecoveryPlan::crd(),
     ]
 }
 

@@ -18,7 +18,7 @@ use serde_json::Value;
 use std::fmt;
 
 use crate::schema_check::{self, FieldError, FieldErrorKind};
-use crate::{ProtectedVM, ReplicationJob, ReplicationPolicy};
+use crate::{ProtectedVM, RecoveryPlan, ReplicationJob, ReplicationPolicy};
 
 /// A Lifeboat resource read from a manifest.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +30,8 @@ pub enum Resource {
     Vm(ProtectedVM),
     /// A `ReplicationJob`.
     Job(ReplicationJob),
+    /// A `RecoveryPlan`.
+    Plan(RecoveryPlan),
 }
 
 impl Resource {
@@ -39,6 +41,7 @@ impl Resource {
             Self::Policy(_) => "ReplicationPolicy",
             Self::Vm(_) => "ProtectedVM",
             Self::Job(_) => "ReplicationJob",
+            Self::Plan(_) => "RecoveryPlan",
         }
     }
 
@@ -48,6 +51,7 @@ impl Resource {
             Self::Policy(r) => &r.metadata,
             Self::Vm(r) => &r.metadata,
             Self::Job(r) => &r.metadata,
+            Self::Plan(r) => &r.metadata,
         };
         meta.name.as_deref().unwrap_or_default()
     }
@@ -117,6 +121,7 @@ fn crd_for(kind: &str) -> Option<CustomResourceDefinition> {
         "ReplicationPolicy" => Some(ReplicationPolicy::crd()),
         "ProtectedVM" => Some(ProtectedVM::crd()),
         "ReplicationJob" => Some(ReplicationJob::crd()),
+        "RecoveryPlan" => Some(RecoveryPlan::crd()),
         _ => None,
     }
 }
@@ -192,7 +197,7 @@ fn parse_value(
         .unwrap_or_default();
     let Some(crd) = crd_for(kind) else {
         return Err(not_lifeboat(format!(
-            "kind {kind:?} is not a Lifeboat resource (ReplicationPolicy, ProtectedVM, ReplicationJob)"
+            "kind {kind:?} is not a Lifeboat resource (ReplicationPolicy, ProtectedVM, ReplicationJob, RecoveryPlan)"
         )));
     };
     let expected_version = format!("{}/{}", crate::GROUP, crate::VERSION);
@@ -250,6 +255,7 @@ fn parse_value(
     let typed = match kind {
         "ReplicationPolicy" => serde_json::from_value(defaulted).map(Resource::Policy),
         "ProtectedVM" => serde_json::from_value(defaulted).map(Resource::Vm),
+        "RecoveryPlan" => serde_json::from_value(defaulted).map(Resource::Plan),
         _ => serde_json::from_value(defaulted).map(Resource::Job),
     };
     typed.map_err(|e| invalid(vec![e.to_string()]))

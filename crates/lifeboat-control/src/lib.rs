@@ -12,6 +12,7 @@
 //! Nothing here talks to a server: the writers live with their transports.
 
 pub mod mapping;
+pub mod plan;
 pub mod reconcile;
 
 pub use reconcile::{Carried, Created, JobNameTaken, VmPass, VmWriter, job_object, reconcile_vm};

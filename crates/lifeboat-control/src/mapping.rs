@@ -193,7 +193,8 @@ fn api_failover_type(k: FailoverKind) -> FailoverType {
     }
 }
 
-fn point(s: &RecoveryPointSelector) -> PointChoice {
+/// The point choice an API selector makes.
+pub fn point(s: &RecoveryPointSelector) -> PointChoice {
     match s.kind {
         RecoveryPointKind::Latest => PointChoice::Latest,
         RecoveryPointKind::LatestProcessed => PointChoice::LatestProcessed,

@@ -1,0 +1,526 @@
+//! Running a `RecoveryPlan`: which request a plan has pending, and the run itself, step by
+//! step, over a [`PlanDriver`] (the standalone daemon's drives the embedded store and runs
+//! commands).
+//!
+//! ```text
+//!  test failover, failover:  for each group in order:
+//!                              gate (waits for `proceed`) -> before hooks -> VMs in parallel
+//!                              -> after hooks
+//!  cleanup:                  each group's VMs in parallel, the groups in reverse order
+//!  commit:                   each group's VMs in parallel, the groups in order
+//! ```
+//!
+//! Every step done is saved in `status.completedSteps` before the next starts, so that a run
+//! stopped by a failure (or by the process that ran it going away) resumes where it stopped
+//! and does not run a hook or fail a VM over twice.
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use lifeboat_api::common::RecoveryPointSelector;
+use lifeboat_api::plan::{
+    PlanAction, PlanFailure, PlanGroup, PlanHook, PlanPhase, PlanVmStatus, RecoveryPlanSpec,
+    RecoveryPlanStatus, VmOutcome,
+};
+use lifeboat_api::protected_vm::{FailoverType, ProtectedVMStatus};
+
+use crate::mapping::api_time;
+
+/// What a plan's VM is asked to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VmRequest {
+    /// Test failover to the plan's point rule.
+    TestFailover(RecoveryPointSelector),
+    /// Remove the test failover.
+    Cleanup,
+    /// Fail over, planned or not, to the plan's point rule.
+    Failover {
+        /// Planned: ship what is pending, stop the source, take the latest point.
+        planned: bool,
+        /// The point rule (unplanned).
+        point: RecoveryPointSelector,
+    },
+    /// Commit the failover.
+    Commit,
+}
+
+/// A run the plan asks for: its action, token, and the point rule of its VMs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Run {
+    /// What each VM is asked.
+    pub request: VmRequest,
+    /// The request's token.
+    pub token: String,
+    /// A retry of the failed run (this is the retry's token, the run keeps its own).
+    pub retry: Option<String>,
+}
+
+impl Run {
+    /// The action, as status says it.
+    pub fn action(&self) -> PlanAction {
+        match self.request {
+            VmRequest::TestFailover(_) => PlanAction::TestFailover,
+            VmRequest::Cleanup => PlanAction::CleanupTestFailover,
+            VmRequest::Failover { planned: true, .. } => PlanAction::PlannedFailover,
+            VmRequest::Failover { planned: false, .. } => PlanAction::UnplannedFailover,
+            VmRequest::Commit => PlanAction::Commit,
+        }
+    }
+
+    /// Whether groups have gates and hooks in this run (test failover and failover do).
+    fn ordered_with_hooks(&self) -> bool {
+        matches!(
+            self.request,
+            VmRequest::TestFailover(_) | VmRequest::Failover { .. }
+        )
+    }
+}
+
+/// The request of `spec` not yet handled, if any, as a run; a failed run is not started
+/// again with its own token (a `retry` does that).
+pub fn pending(spec: &RecoveryPlanSpec, status: Option<&RecoveryPlanStatus>) -> Option<Run> {
+    let status = status.cloned().unwrap_or_default();
+    let requests = spec.requests.clone().unwrap_or_default();
+    let handled = &status.handled_requests;
+    let new = |token: Option<&String>, done: &Option<String>| -> Option<String> {
+        token
+            .filter(|t| {
+                Some(*t) != done.as_ref()
+                    && !(status.phase == PlanPhase::Failed && status.token.as_ref() == Some(*t))
+            })
+            .cloned()
+    };
+    if let Some(retry) = requests.retry.as_ref()
+        && Some(retry) != handled.retry.as_ref()
+        && status.phase == PlanPhase::Failed
+        && let (Some(action), Some(token)) = (status.action, status.token.clone())
+    {
+        let request = match action {
+            PlanAction::TestFailover => VmRequest::TestFailover(
+                requests
+                    .test_failover
+                    .map(|r| r.recovery_point)
+                    .unwrap_or_default(),
+            ),
+            PlanAction::CleanupTestFailover => VmRequest::Cleanup,
+            PlanAction::PlannedFailover | PlanAction::UnplannedFailover => VmRequest::Failover {
+                planned: action == PlanAction::PlannedFailover,
+                point: requests
+                    .failover
+                    .and_then(|r| r.recovery_point)
+                    .unwrap_or_default(),
+            },
+            PlanAction::Commit => VmRequest::Commit,
+        };
+        return Some(Run {
+            request,
+            token,
+            retry: Some(retry.clone()),
+        });
+    }
+    let run = |request, token| Run {
+        request,
+        token,
+        retry: None,
+    };
+    if let Some(r) = &requests.failover
+        && let Some(token) = new(Some(&r.token), &handled.failover)
+    {
+        let request = VmRequest::Failover {
+            planned: r.failover_type == FailoverType::Planned,
+            point: r.recovery_point.clone().unwrap_or_default(),
+        };
+        return Some(run(request, token));
+    }
+    if let Some(r) = &requests.test_failover
+        && let Some(token) = new(Some(&r.token), &handled.test_failover)
+    {
+        return Some(run(
+            VmRequest::TestFailover(r.recovery_point.clone()),
+            token,
+        ));
+    }
+    if let Some(token) = new(
+        requests.cleanup_test_failover.as_ref(),
+        &handled.cleanup_test_failover,
+    ) {
+        return Some(run(VmRequest::Cleanup, token));
+    }
+    if let Some(token) = new(requests.commit.as_ref(), &handled.commit) {
+        return Some(run(VmRequest::Commit, token));
+    }
+    None
+}
+
+/// What carries a run out: the requests to VMs, the hooks, the plan's spec as it now is,
+/// and its status.
+#[async_trait]
+pub trait PlanDriver: Send + Sync {
+    /// Ask the VM `name` (in the plan's namespace) for `request` and wait until it is handled;
+    /// the VM's status as it then is.
+    async fn vm(&self, name: &str, request: &VmRequest) -> Result<ProtectedVMStatus, String>;
+    /// Run `hook` with `env` added to its environment, to its end.
+    async fn hook(&self, hook: &PlanHook, env: &[(String, String)]) -> Result<(), String>;
+    /// The plan's spec now (a gate waits for a `proceed` request in it).
+    async fn spec(&self) -> RecoveryPlanSpec;
+    /// Save the plan's status.
+    async fn save(&self, status: &RecoveryPlanStatus) -> Result<(), String>;
+}
+
+/// How often a gate looks for its `proceed` request.
+const GATE_POLL: Duration = Duration::from_millis(250);
+
+/// To the microsecond (the VMs of a group are told apart by their times in a test).
+fn micro(t: SystemTime) -> MicroTime {
+    MicroTime(Timestamp::try_from(t).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// A name as a part of an environment variable's: upper case, `_` for anything else.
+pub fn env_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The plan's run, with its status as it goes.
+struct Runner<'a> {
+    driver: &'a dyn PlanDriver,
+    name: String,
+    namespace: String,
+    run: Run,
+    status: RecoveryPlanStatus,
+}
+
+/// A step failed: its id, and why.
+type StepError = (String, String);
+
+/// The `Succeeded` condition for the status's phase.
+fn set_succeeded(status: &mut RecoveryPlanStatus, now: SystemTime) {
+    use lifeboat_core::conditions::{ConditionStatus, set_condition};
+    let (value, message) = match status.phase {
+        PlanPhase::Succeeded => (ConditionStatus::True, "the last run finished".to_owned()),
+        PlanPhase::Failed => (
+            ConditionStatus::False,
+            status
+                .failure
+                .as_ref()
+                .map(|f| format!("{}: {}", f.step, f.message))
+                .unwrap_or_default(),
+        ),
+        _ => (
+            ConditionStatus::Unknown,
+            status.progression.clone().unwrap_or_default(),
+        ),
+    };
+    let mut conditions = crate::mapping::conditions(&status.conditions);
+    let reason = format!("{:?}", status.phase);
+    set_condition(
+        &mut conditions,
+        "Succeeded",
+        value,
+        &reason,
+        &message,
+        None,
+        now,
+    );
+    status.conditions = crate::mapping::api_conditions(&conditions);
+}
+
+impl Runner<'_> {
+    async fn save(&mut self) {
+        set_succeeded(
+            &mut self.status,
+            crate::mapping::whole_seconds(SystemTime::now()),
+        );
+        if let Err(e) = self.driver.save(&self.status).await {
+            tracing::warn!(plan = %self.name, "save the plan's status: {e}");
+        }
+    }
+
+    fn done(&self, step: &str) -> bool {
+        self.status.completed_steps.iter().any(|s| s == step)
+    }
+
+    async fn complete(&mut self, step: String) {
+        self.status.completed_steps.push(step);
+        self.save().await;
+    }
+
+    async fn at(&mut self, progression: String, phase: PlanPhase) {
+        self.status.progression = Some(progression);
+        self.status.phase = phase;
+        self.save().await;
+    }
+
+    fn env(&self, group: &PlanGroup, stage: &str) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("LIFEBOAT_PLAN".to_owned(), self.name.clone()),
+            ("LIFEBOAT_NAMESPACE".to_owned(), self.namespace.clone()),
+            (
+                "LIFEBOAT_ACTION".to_owned(),
+                format!("{:?}", self.run.action()),
+            ),
+            ("LIFEBOAT_TOKEN".to_owned(), self.run.token.clone()),
+            ("LIFEBOAT_GROUP".to_owned(), group.name.clone()),
+            ("LIFEBOAT_STAGE".to_owned(), stage.to_owned()),
+            ("LIFEBOAT_VMS".to_owned(), group.vms.join(" ")),
+            (
+                "LIFEBOAT_RESULTS".to_owned(),
+                serde_json::to_string(&self.status.vms).unwrap_or_default(),
+            ),
+        ];
+        for vm in &self.status.vms {
+            for disk in &vm.disks {
+                env.push((
+                    format!(
+                        "LIFEBOAT_DISK_{}_{}",
+                        env_name(&vm.name),
+                        env_name(&disk.name)
+                    ),
+                    disk.location.clone(),
+                ));
+            }
+        }
+        env
+    }
+
+    async fn hooks(&mut self, group: &PlanGroup, stage: &str) -> Result<(), StepError> {
+        let hooks = if stage == "before" {
+            &group.before
+        } else {
+            &group.after
+        };
+        for hook in hooks {
+            let step = format!("{}/{stage}/{}", group.name, hook.name);
+            if self.done(&step) {
+                continue;
+            }
+            self.at(
+                format!("{}: {stage} hook {}", group.name, hook.name),
+                PlanPhase::Running,
+            )
+            .await;
+            let env = self.env(group, stage);
+            self.driver
+                .hook(hook, &env)
+                .await
+                .map_err(|e| (step.clone(), format!("hook {}: {e}", hook.name)))?;
+            self.complete(step).await;
+        }
+        Ok(())
+    }
+
+    async fn gate(&mut self, group: &PlanGroup) -> Result<(), StepError> {
+        let Some(gate) = &group.gate else {
+            return Ok(());
+        };
+        let step = format!("{}/gate", group.name);
+        if self.done(&step) {
+            return Ok(());
+        }
+        self.at(
+            format!("{}: waiting at the gate: {}", group.name, gate.message),
+            PlanPhase::WaitingForGate,
+        )
+        .await;
+        loop {
+            let proceed = self.driver.spec().await.requests.and_then(|r| r.proceed);
+            if let Some(token) = proceed
+                && Some(&token) != self.status.handled_requests.proceed.as_ref()
+            {
+                self.status.handled_requests.proceed = Some(token);
+                self.status.phase = PlanPhase::Running;
+                self.complete(step).await;
+                return Ok(());
+            }
+            tokio::time::sleep(GATE_POLL).await;
+        }
+    }
+
+    /// The VMs of `group` in parallel; every one ends (done or failed) before the first
+    /// failure is returned.
+    async fn vms(&mut self, group: &PlanGroup) -> Result<(), StepError> {
+        let todo: Vec<String> = group
+            .vms
+            .iter()
+            .filter(|vm| !self.done(&format!("{}/vm/{vm}", group.name)))
+            .cloned()
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        self.status.progression = Some(format!("{}: {} VM(s)", group.name, todo.len()));
+        self.status.phase = PlanPhase::Running;
+        let started = SystemTime::now();
+        for vm in self
+            .status
+            .vms
+            .iter_mut()
+            .filter(|v| todo.contains(&v.name))
+        {
+            vm.outcome = VmOutcome::Running;
+            vm.message = None;
+            vm.start_time = Some(micro(started));
+            vm.completion_time = None;
+        }
+        self.save().await;
+        let request = self.run.request.clone();
+        let driver = self.driver;
+        let outcomes = futures::future::join_all(todo.iter().map(|name| {
+            let request = request.clone();
+            async move {
+                let result = driver.vm(name, &request).await;
+                (name.clone(), result, SystemTime::now())
+            }
+        }))
+        .await;
+        let mut first_failure = None;
+        for (name, result, ended) in outcomes {
+            let step = format!("{}/vm/{name}", group.name);
+            let Some(entry) = self.status.vms.iter_mut().find(|v| v.name == name) else {
+                continue;
+            };
+            entry.completion_time = Some(micro(ended));
+            match result {
+                Ok(status) => {
+                    entry.outcome = VmOutcome::Succeeded;
+                    let result = match request {
+                        VmRequest::TestFailover(_) => status.test_failover,
+                        VmRequest::Failover { .. } | VmRequest::Commit => status.failover,
+                        VmRequest::Cleanup => None,
+                    };
+                    entry.recovery_point = result
+                        .as_ref()
+                        .and_then(|r| r.recovery_point.as_ref())
+                        .map(|p| p.name.clone());
+                    entry.disks = result.map(|r| r.disks).unwrap_or_default();
+                    self.status.completed_steps.push(step);
+                }
+                Err(message) => {
+                    entry.outcome = VmOutcome::Failed;
+                    entry.message = Some(message.clone());
+                    first_failure.get_or_insert((step, format!("ProtectedVM {name}: {message}")));
+                }
+            }
+        }
+        self.save().await;
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    async fn group(&mut self, group: &PlanGroup) -> Result<(), StepError> {
+        if self.run.ordered_with_hooks() {
+            self.gate(group).await?;
+            self.hooks(group, "before").await?;
+            self.vms(group).await?;
+            self.hooks(group, "after").await
+        } else {
+            self.vms(group).await
+        }
+    }
+}
+
+/// The VMs of a run, each pending, in the plan's order.
+fn fresh_vms(spec: &RecoveryPlanSpec) -> Vec<PlanVmStatus> {
+    spec.groups
+        .iter()
+        .flat_map(|g| {
+            g.vms.iter().map(|vm| PlanVmStatus {
+                name: vm.clone(),
+                group: g.name.clone(),
+                ..PlanVmStatus::default()
+            })
+        })
+        .collect()
+}
+
+/// Carry `run` out on the plan `namespace/name` as `spec` has it, from its status `previous`
+/// (a retry resumes from the steps it has done). Returns the final status, saved.
+pub async fn run(
+    driver: &dyn PlanDriver,
+    namespace: &str,
+    name: &str,
+    spec: &RecoveryPlanSpec,
+    previous: Option<RecoveryPlanStatus>,
+    run: Run,
+) -> RecoveryPlanStatus {
+    let mut status = previous.unwrap_or_default();
+    let now = SystemTime::now();
+    let started = match (&run.retry, &status.start_time) {
+        (Some(_), Some(first)) => crate::mapping::system_time(first),
+        _ => now,
+    };
+    if let Some(retry) = &run.retry {
+        status.handled_requests.retry = Some(retry.clone());
+        status.failure = None;
+    } else {
+        status.completed_steps.clear();
+        status.vms = fresh_vms(spec);
+        status.start_time = Some(api_time(now));
+        status.failure = None;
+    }
+    status.action = Some(run.action());
+    status.token = Some(run.token.clone());
+    status.completion_time = None;
+    status.recovery_time_seconds = None;
+    status.phase = PlanPhase::Running;
+    let mut runner = Runner {
+        driver,
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        run,
+        status,
+    };
+    runner.save().await;
+    let mut groups: Vec<&PlanGroup> = spec.groups.iter().collect();
+    if runner.run.request == VmRequest::Cleanup {
+        groups.reverse();
+    }
+    let mut outcome = Ok(());
+    for group in groups {
+        outcome = runner.group(group).await;
+        if outcome.is_err() {
+            break;
+        }
+    }
+    let ended = SystemTime::now();
+    let status = &mut runner.status;
+    status.completion_time = Some(api_time(ended));
+    match outcome {
+        Ok(()) => {
+            status.phase = PlanPhase::Succeeded;
+            status.progression = Some("done".to_owned());
+            status.recovery_time_seconds = Some(
+                ended
+                    .duration_since(started)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
+            let token = Some(runner.run.token.clone());
+            let handled = &mut status.handled_requests;
+            match runner.run.request {
+                VmRequest::TestFailover(_) => handled.test_failover = token,
+                VmRequest::Cleanup => handled.cleanup_test_failover = token,
+                VmRequest::Failover { .. } => handled.failover = token,
+                VmRequest::Commit => handled.commit = token,
+            }
+        }
+        Err((step, message)) => {
+            status.phase = PlanPhase::Failed;
+            status.progression = Some(format!("failed at {step}"));
+            status.failure = Some(PlanFailure { step, message });
+        }
+    }
+    runner.save().await;
+    runner.status
+}
+
+#[cfg(test)]
+mod tests;
