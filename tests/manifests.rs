@@ -55,7 +55,7 @@ fn examples_cover_both_targets_and_both_hypervisors() {
                     qemu |= vm.spec.hypervisor.qemu.is_some();
                     hyperv |= vm.spec.hypervisor.hyperv.is_some();
                 }
-                Resource::Job(_) => {}
+                Resource::Job(_) | Resource::Plan(_) => {}
             }
         }
     }

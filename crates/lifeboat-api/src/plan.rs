@@ -1,12 +1,11 @@
 //! `RecoveryPlan` (short name `rplan`): many ProtectedVMs recovered together, in order.
 //!
-//! The spec lists groups of VMs. A run (test failover, failover) takes the groups one after
-//! the other: a group's optional manual gate waits for a `proceed` request, its `before` hooks
-//! run, its VMs fail over in parallel, its `after` hooks run. Cleanup and commit take every VM
-//! of every group, group by group (cleanup in reverse), without hooks or gates. Requests are
-//! tokens, as on a ProtectedVM: a new token asks once, `status.handledRequests` echoes it once
-//! the run is done. A step that fails stops the run with its reason; a `retry` request resumes
-//! it at that step, without redoing the steps done.
+//! The spec lists groups of VMs. A run takes the groups one after the other (cleanup in
+//! reverse order): a group's optional manual gate waits for a `proceed` request (test failover
+//! and failover only), its `before` hooks run, its VMs are asked in parallel, its `after`
+//! hooks run. Requests are tokens, as on a ProtectedVM: a new token asks once,
+//! `status.handledRequests` echoes it once the run is done. A step that fails stops the run
+//! with its reason; a `retry` request resumes it at that step, without redoing the steps done.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::CustomResource;
@@ -92,11 +91,11 @@ pub struct PlanGroup {
     /// `spec.requests.proceed` token it has not seen arrives (`lifeboat plan proceed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<PlanGate>,
-    /// Hooks run, one after the other, before the group's VMs fail over.
+    /// Hooks run, one after the other, before the group's VMs are asked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub before: Vec<PlanHook>,
-    /// Hooks run, one after the other, after every VM of the group failed over.
+    /// Hooks run, one after the other, once every VM of the group is done.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub after: Vec<PlanHook>,
@@ -115,9 +114,12 @@ pub struct PlanGate {
 ///
 /// The environment holds `LIFEBOAT_PLAN`, `LIFEBOAT_NAMESPACE`, `LIFEBOAT_ACTION`,
 /// `LIFEBOAT_TOKEN`, `LIFEBOAT_GROUP`, `LIFEBOAT_STAGE` (`before` or `after`),
-/// `LIFEBOAT_VMS` (the group's VMs), `LIFEBOAT_DISK_<VM>_<DISK>` (where each disk of each VM
-/// recovered so far is, names upper-cased with `_` for other characters) and
-/// `LIFEBOAT_RESULTS` (the per-VM outcomes so far, as JSON).
+/// `LIFEBOAT_VMS` (the group's VMs), `LIFEBOAT_DISKS_<VM>` (one `disk=location` line per disk
+/// of each VM recovered so far), `LIFEBOAT_DISK_<VM>_<DISK>` (one disk's location; names
+/// upper-cased, `_` for other characters) and `LIFEBOAT_RESULTS` (the per-VM outcomes so far,
+/// as JSON). Hooks run for every action (`LIFEBOAT_ACTION`: TestFailover,
+/// CleanupTestFailover, PlannedFailover, UnplannedFailover, Commit), so that what a hook
+/// starts at a test failover it can stop at the cleanup.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PlanHook {

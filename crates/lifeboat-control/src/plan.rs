@@ -3,16 +3,16 @@
 //! commands).
 //!
 //! ```text
-//!  test failover, failover:  for each group in order:
-//!                              gate (waits for `proceed`) -> before hooks -> VMs in parallel
-//!                              -> after hooks
-//!  cleanup:                  each group's VMs in parallel, the groups in reverse order
-//!  commit:                   each group's VMs in parallel, the groups in order
+//!  every action:   for each group, in order (cleanup: in reverse order):
+//!                    gate (test failover and failover only: waits for `proceed`)
+//!                    -> before hooks -> the group's VMs in parallel -> after hooks
 //! ```
 //!
-//! Every step done is saved in `status.completedSteps` before the next starts, so that a run
-//! stopped by a failure (or by the process that ran it going away) resumes where it stopped
-//! and does not run a hook or fail a VM over twice.
+//! Hooks run for every action, with the action in `LIFEBOAT_ACTION`, so that a hook that
+//! started something for a test failover stops it at its cleanup. Every step done is saved in
+//! `status.completedSteps` before the next starts, so that a run stopped by a failure (or by
+//! the process that ran it going away) resumes where it stopped and does not run a hook or
+//! fail a VM over twice.
 
 use std::time::{Duration, SystemTime};
 
@@ -69,8 +69,9 @@ impl Run {
         }
     }
 
-    /// Whether groups have gates and hooks in this run (test failover and failover do).
-    fn ordered_with_hooks(&self) -> bool {
+    /// Whether the groups' gates hold this run (test failover and failover; not cleanup or
+    /// commit, which undo or seal what a gated run did).
+    fn gated(&self) -> bool {
         matches!(
             self.request,
             VmRequest::TestFailover(_) | VmRequest::Failover { .. }
@@ -277,7 +278,16 @@ impl Runner<'_> {
                 serde_json::to_string(&self.status.vms).unwrap_or_default(),
             ),
         ];
-        for vm in &self.status.vms {
+        for vm in self.status.vms.iter().filter(|v| !v.disks.is_empty()) {
+            let lines: Vec<String> = vm
+                .disks
+                .iter()
+                .map(|d| format!("{}={}", d.name, d.location))
+                .collect();
+            env.push((
+                format!("LIFEBOAT_DISKS_{}", env_name(&vm.name)),
+                lines.join("\n"),
+            ));
             for disk in &vm.disks {
                 env.push((
                     format!(
@@ -416,14 +426,12 @@ impl Runner<'_> {
     }
 
     async fn group(&mut self, group: &PlanGroup) -> Result<(), StepError> {
-        if self.run.ordered_with_hooks() {
+        if self.run.gated() {
             self.gate(group).await?;
-            self.hooks(group, "before").await?;
-            self.vms(group).await?;
-            self.hooks(group, "after").await
-        } else {
-            self.vms(group).await
         }
+        self.hooks(group, "before").await?;
+        self.vms(group).await?;
+        self.hooks(group, "after").await
     }
 }
 
@@ -442,7 +450,8 @@ fn fresh_vms(spec: &RecoveryPlanSpec) -> Vec<PlanVmStatus> {
 }
 
 /// Carry `run` out on the plan `namespace/name` as `spec` has it, from its status `previous`
-/// (a retry resumes from the steps it has done). Returns the final status, saved.
+/// (a retry, or a run whose process stopped mid-run, resumes from the steps it has done).
+/// Returns the final status, saved.
 pub async fn run(
     driver: &dyn PlanDriver,
     namespace: &str,
@@ -453,12 +462,20 @@ pub async fn run(
 ) -> RecoveryPlanStatus {
     let mut status = previous.unwrap_or_default();
     let now = SystemTime::now();
-    let started = match (&run.retry, &status.start_time) {
-        (Some(_), Some(first)) => crate::mapping::system_time(first),
+    // NB: a run found running is one whose process stopped mid-run: it goes on from its
+    // steps done, as a retry does.
+    let resumed = run.retry.is_some()
+        || (matches!(status.phase, PlanPhase::Running | PlanPhase::WaitingForGate)
+            && status.token.as_ref() == Some(&run.token)
+            && status.action == Some(run.action()));
+    let started = match (resumed, &status.start_time) {
+        (true, Some(first)) => crate::mapping::system_time(first),
         _ => now,
     };
-    if let Some(retry) = &run.retry {
-        status.handled_requests.retry = Some(retry.clone());
+    if resumed {
+        if let Some(retry) = &run.retry {
+            status.handled_requests.retry = Some(retry.clone());
+        }
         status.failure = None;
     } else {
         status.completed_steps.clear();
@@ -523,4 +540,5 @@ pub async fn run(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is the test failure report
 mod tests;

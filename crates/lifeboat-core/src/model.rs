@@ -218,6 +218,7 @@ impl std::str::FromStr for PointChoice {
         Ok(match s {
             "" => return Err("the point is empty: give latest, latest-app-consistent, not-after:TIME or a point's name".to_owned()),
             "latest" => PointChoice::Latest,
+            "latest-processed" => PointChoice::LatestProcessed,
             "latest-app-consistent" => PointChoice::LatestAppConsistent,
             _ => match s.strip_prefix("not-after:") {
                 Some(time) => PointChoice::NotAfter(parse_unix_ms(time).map_err(|e| {
@@ -226,6 +227,22 @@ impl std::str::FromStr for PointChoice {
                 None => PointChoice::Named(s.to_owned()),
             },
         })
+    }
+}
+
+impl PointChoice {
+    /// The choice as `--point` takes it (what [`FromStr`](std::str::FromStr) reads back).
+    pub fn arg(&self) -> String {
+        match self {
+            PointChoice::Latest => "latest".to_owned(),
+            PointChoice::LatestProcessed => "latest-processed".to_owned(),
+            PointChoice::LatestAppConsistent => "latest-app-consistent".to_owned(),
+            PointChoice::Named(name) => name.clone(),
+            PointChoice::NotAfter(ms) => format!(
+                "not-after:{}",
+                crate::rpo::format_rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(*ms))
+            ),
+        }
     }
 }
 
@@ -322,6 +339,19 @@ pub struct PolicySettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_point_choice_reads_back_from_its_argument() {
+        for choice in [
+            PointChoice::Latest,
+            PointChoice::LatestProcessed,
+            PointChoice::LatestAppConsistent,
+            PointChoice::Named("20261206T200000.000Z-c7".to_owned()),
+            PointChoice::NotAfter(1_796_587_200_000),
+        ] {
+            assert_eq!(choice.arg().parse(), Ok(choice.clone()), "{}", choice.arg());
+        }
+    }
 
     #[test]
     fn point_choices_parse_from_their_words_and_a_bad_time_is_named() {

@@ -2,6 +2,8 @@
 //! table, recovery points, and requests (resync, failover, cleanup, commit) written for the
 //! daemon and waited on, telling a progress display (the binary's) about the job.
 
+pub mod plan;
+
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -621,7 +623,7 @@ pub async fn wait(
     action: &Action,
     token: &str,
     timeout: Duration,
-    progress: &mut dyn Progress,
+    progress: &mut (dyn Progress + Send),
 ) -> Result<ProtectedVM, WaitError> {
     let result = wait_inner(resources, namespace, name, action, token, timeout, progress).await;
     progress.finish();
@@ -635,7 +637,7 @@ async fn wait_inner(
     action: &Action,
     token: &str,
     timeout: Duration,
-    progress: &mut dyn Progress,
+    progress: &mut (dyn Progress + Send),
 ) -> Result<ProtectedVM, WaitError> {
     let started = Instant::now();
     loop {

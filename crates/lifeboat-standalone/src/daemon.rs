@@ -10,6 +10,7 @@
 //!                 ├─ job to create ──> db ──> node: claim, run_job on the VM's worker, job status
 //!                 └─ status (operator's fields) ──> db
 //!   per VM:     worker.tick (cycles) ──> facts ──> status.agent
+//!   plans:      crate::plans (a run per plan with a request pending, as a task)
 //! ```
 //!
 //! The decisions, the carry-out path (`reconcile_vm`), the job kinds, the engine and the
@@ -40,6 +41,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::db::{Db, StateLock};
 use crate::folder::{Folder, Key};
+use crate::plans::Plans;
 use crate::requests;
 
 /// The db's kinds.
@@ -213,6 +215,7 @@ pub struct Daemon {
     db: Db,
     stores: StoreCache,
     slots: BTreeMap<Key, Slot>,
+    plans: Plans,
     /// Errors already logged, so that a standing problem is logged once.
     reported: Mutex<BTreeMap<Key, String>>,
     _lock: StateLock,
@@ -250,6 +253,7 @@ impl Daemon {
             folder,
             stores: StoreCache::default(),
             slots: BTreeMap::new(),
+            plans: Plans::default(),
             reported: Mutex::default(),
             options,
             _lock: lock,
@@ -283,6 +287,7 @@ impl Daemon {
                 job.abort();
             }
         }
+        self.plans.abort();
         Ok(())
     }
 
@@ -318,6 +323,12 @@ impl Daemon {
                 self.node(&key, &vm, policy, now).await?;
             }
         }
+        self.plans.step(
+            &self.options.state_dir,
+            &self.options.manifests,
+            &self.folder.plans(),
+            now,
+        )?;
         Ok(())
     }
 

@@ -1,13 +1,13 @@
 //! The manifests folder: every `*.yaml`/`*.yml` file in it, read the way `kubectl apply -f DIR`
-//! would take them (ReplicationPolicy, ProtectedVM, and Secret for storage credentials), and
-//! read again when a file changes. A file that does not pass keeps its last good content and
-//! its error, naming the file and the field, is reported until it is fixed.
+//! would take them (ReplicationPolicy, ProtectedVM, RecoveryPlan, and Secret for storage
+//! credentials), and read again when a file changes. A file that does not pass keeps its last
+//! good content and its error, naming the file and the field, is reported until it is fixed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use lifeboat_api::manifest::{self, Resource};
-use lifeboat_api::{ProtectedVM, ReplicationPolicy};
+use lifeboat_api::{ProtectedVM, RecoveryPlan, ReplicationPolicy};
 use serde_json::Value;
 
 /// A Secret from the folder: its string data by key.
@@ -23,6 +23,7 @@ struct FileContent {
     text: String,
     policies: Vec<ReplicationPolicy>,
     vms: Vec<ProtectedVM>,
+    plans: Vec<RecoveryPlan>,
     secrets: Vec<(String, String, SecretData)>,
     error: Option<String>,
 }
@@ -159,6 +160,7 @@ impl Folder {
                 Ok((resources, secrets)) => {
                     entry.policies.clear();
                     entry.vms.clear();
+                    entry.plans.clear();
                     for resource in resources {
                         match resource {
                             Resource::Policy(p) => {
@@ -166,6 +168,9 @@ impl Folder {
                             }
                             Resource::Vm(v) => {
                                 entry.vms.push(namespaced(v, &self.default_namespace))
+                            }
+                            Resource::Plan(p) => {
+                                entry.plans.push(namespaced(p, &self.default_namespace))
                             }
                             Resource::Job(_) => {}
                         }
@@ -207,6 +212,15 @@ impl Folder {
             .values()
             .flat_map(|f| f.vms.iter())
             .map(|v| (key_of(v), v.clone()))
+            .collect()
+    }
+
+    /// The recovery plans, by key.
+    pub fn plans(&self) -> BTreeMap<Key, RecoveryPlan> {
+        self.files
+            .values()
+            .flat_map(|f| f.plans.iter())
+            .map(|p| (key_of(p), p.clone()))
             .collect()
     }
 

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod daemon;
 pub mod db;
 pub mod folder;
+pub mod plans;
 pub mod requests;
 
 pub use daemon::{Daemon, DaemonError, Options};

@@ -1,6 +1,6 @@
 //! The standalone subcommands: the daemon, and the operator's everyday tools, against its
 //! state folder or a cluster (`status`, `jobs`, `points`, `resync`, `failover`, `cleanup`,
-//! `commit`, `retry`, `version`).
+//! `commit`, `retry`, `plan`, `version`).
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
@@ -125,7 +125,7 @@ impl Target {
 
     /// The standalone state folder. The default one must exist: else neither mode has
     /// anything to act on (one given may not exist yet: the daemon creates it).
-    fn folder<'a>(&self, dir: &'a std::path::Path) -> Result<&'a std::path::Path> {
+    pub(crate) fn folder<'a>(&self, dir: &'a std::path::Path) -> Result<&'a std::path::Path> {
         if self.state_dir.is_none() && !dir.is_dir() {
             bail!(
                 "no standalone state folder at {} and no kubeconfig found: give --state-dir DIR (standalone), or --kubeconfig PATH / KUBECONFIG (cluster)",
@@ -140,7 +140,7 @@ impl Target {
     }
 
     /// The namespace asked for, else `default_namespace`.
-    fn namespace_or(&self, default_namespace: &str) -> String {
+    pub(crate) fn namespace_or(&self, default_namespace: &str) -> String {
         self.namespace
             .clone()
             .unwrap_or_else(|| default_namespace.to_owned())
@@ -227,6 +227,10 @@ pub enum Tool {
     /// non-recoverable error, say).
     #[command(after_help = exit::HELP)]
     Retry(RequestArgs),
+    /// Recovery plans: many VMs recovered in order, group by group, with hooks and manual
+    /// gates (test-failover, failover, cleanup, commit, proceed, retry, status).
+    #[command(subcommand)]
+    Plan(crate::plan::PlanCommand),
     /// This client's version and, on a cluster, the operator's.
     Version {
         #[command(flatten)]
@@ -348,6 +352,7 @@ pub async fn tool(tool: Tool) -> Result<ExitCode> {
         Tool::Reprotect(request) => ask(request, Action::Reprotect).await,
         Tool::Failback(request) => ask(request, Action::Failback).await,
         Tool::Retry(request) => ask(request, Action::Retry).await,
+        Tool::Plan(command) => crate::plan::plan(command).await,
         Tool::Version { target } => version(&target).await,
     }
 }

@@ -10,12 +10,15 @@
 //! lifeboat status | jobs | points | resync | failover | cleanup | commit | retry | version
 //!                             the everyday tools (a cluster when a kubeconfig is found, else
 //!                             a standalone state folder; also as `kubectl lifeboat`)
+//! lifeboat plan ACTION PLAN   run a RecoveryPlan: test-failover, failover, cleanup, commit,
+//!                             proceed (past a gate), retry (from the failed step), status
 //! lifeboat completion SHELL   shell completions (bash, zsh, fish, ...)
 //! ```
 
 mod cluster_cli;
 mod exit;
 mod local;
+mod plan;
 mod recover;
 mod ui;
 

@@ -194,6 +194,10 @@ async fn a_hook_sees_the_disks_of_the_vms_recovered_before_it() {
         Some("/failover/db-01-root.img")
     );
     assert_eq!(
+        get("LIFEBOAT_DISKS_DB_01").as_deref(),
+        Some("root=/failover/db-01-root.img")
+    );
+    assert_eq!(
         get("LIFEBOAT_DISK_APP_01_ROOT"),
         None,
         "app-01 is not recovered yet"
@@ -320,19 +324,28 @@ async fn a_gate_waits_for_a_proceed_token_it_has_not_seen() {
 }
 
 #[tokio::test]
-async fn cleanup_takes_the_groups_in_reverse_without_hooks() {
+async fn cleanup_takes_the_groups_in_reverse_past_the_gates() {
     let driver = RecordingDriver::default();
     let cleanup = Run {
         request: VmRequest::Cleanup,
         token: "c1".into(),
         retry: None,
     };
-    let status = run(&driver, "ns", "plan", &three_groups(), None, cleanup).await;
+    let mut spec = three_groups();
+    spec.groups[1].gate = Some(PlanGate {
+        message: "never passed".into(),
+    });
+    let status = run(&driver, "ns", "plan", &spec, None, cleanup).await;
     assert_eq!(status.phase, PlanPhase::Succeeded);
     let names = driver.names();
-    assert!(names.iter().all(|n| n.starts_with("vm ")), "{names:?}");
     let at = |n: &str| names.iter().position(|c| c == n).unwrap();
-    assert!(at("vm web-01") < at("vm app-01") && at("vm app-01") < at("vm db-01"));
+    assert!(at("vm web-01") < at("hook migrate") && at("hook migrate") < at("vm app-01"));
+    assert!(at("vm app-01") < at("vm db-01") && at("vm db-01") < at("hook check-db"));
+    let envs = driver.hook_env.lock().unwrap().clone();
+    assert!(
+        envs[0].contains(&("LIFEBOAT_ACTION".into(), "CleanupTestFailover".into())),
+        "{envs:?}"
+    );
     assert_eq!(status.action, Some(PlanAction::CleanupTestFailover));
 }
 

@@ -1,0 +1,341 @@
+//! Recovery plans in standalone mode: the daemon keeps each plan of the folder in the
+//! embedded store (its spec with the command line's requests on top, and its status), and
+//! runs the request a plan has pending as a task of its own, so that replication goes on
+//! while a plan waits at a gate or runs a long hook.
+//!
+//! ```text
+//!  every tick, per plan:  folder spec + <state>/plan-requests ──> db (spec, generation)
+//!                         pending request? ──> task: lifeboat_control::plan::run over
+//!                                                    DaemonDriver
+//!                         task running?    ──> the spec sent to it (a gate's `proceed`)
+//!  DaemonDriver: a VM's request written as `lifeboat failover` writes it, and waited on;
+//!                a hook run as a process in the manifests folder; status into the db
+//! ```
+//!
+//! The task alone writes a running plan's record. A daemon that stops mid-run finds the run
+//! in the store when it starts again and resumes it at the step it was at (a VM whose request
+//! was out is asked again).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use lifeboat_api::plan::{
+    PlanHook, PlanRequests, RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus,
+};
+use lifeboat_api::protected_vm::ProtectedVMStatus;
+use lifeboat_control::mapping::{api_time, point};
+use lifeboat_control::plan::{self, PlanDriver, VmRequest};
+use tokio::sync::watch;
+
+use crate::cli::{self, Action, Embedded, NoProgress};
+use crate::db::{Db, DbError};
+use crate::folder::Key;
+use crate::requests;
+
+/// The db's kind of plans.
+pub const PLAN_KIND: &str = "RecoveryPlan";
+
+/// How long a plan waits for one VM's request to be handled (a failover of a large disk).
+const VM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// The lines of a failed hook's output kept in its error.
+const OUTPUT_LINES: usize = 5;
+
+/// A plan's run in progress.
+struct Running {
+    spec: watch::Sender<RecoveryPlanSpec>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The plans' runs.
+#[derive(Default)]
+pub struct Plans {
+    running: BTreeMap<Key, Running>,
+}
+
+impl std::fmt::Debug for Plans {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plans")
+            .field("running", &self.running.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Plans {
+    /// One pass: bring the db's plans in step with the folder's, start the runs asked for,
+    /// tell the running ones their spec.
+    ///
+    /// # Errors
+    ///
+    /// The embedded store failed.
+    pub fn step(
+        &mut self,
+        state_dir: &Path,
+        manifests_dir: &Path,
+        manifests: &BTreeMap<Key, RecoveryPlan>,
+        now: SystemTime,
+    ) -> Result<(), DbError> {
+        let db = Db::new(state_dir);
+        self.running.retain(|_, run| !run.task.is_finished());
+        for (key, manifest) in manifests {
+            let mut spec = manifest.spec.clone();
+            spec.requests = requests::merged_plan(
+                spec.requests.take(),
+                requests::read::<PlanRequests>(state_dir, &key.0, &key.1),
+            );
+            if let Some(run) = self.running.get(key) {
+                run.spec.send_replace(spec);
+                continue;
+            }
+            let stored: Option<RecoveryPlan> = db.get(PLAN_KIND, &key.0, &key.1)?;
+            let plan = match stored {
+                None => {
+                    let mut plan = manifest.clone();
+                    plan.spec = spec;
+                    plan.metadata.generation = Some(1);
+                    plan.metadata.creation_timestamp = Some(api_time(now));
+                    plan
+                }
+                Some(mut plan) => {
+                    if plan.spec != spec {
+                        plan.spec = spec;
+                        plan.metadata.generation = Some(plan.metadata.generation.unwrap_or(0) + 1);
+                    }
+                    plan.metadata.labels.clone_from(&manifest.metadata.labels);
+                    plan
+                }
+            };
+            db.put(PLAN_KIND, &key.0, &key.1, &plan)?;
+            let Some(run) = plan::pending(&plan.spec, plan.status.as_ref()) else {
+                continue;
+            };
+            tracing::info!(plan = %format!("{}/{}", key.0, key.1), action = ?run.action(), token = %run.token, "recovery plan run starts");
+            let (sender, receiver) = watch::channel(plan.spec.clone());
+            let driver = DaemonDriver {
+                state_dir: state_dir.to_owned(),
+                manifests_dir: manifests_dir.to_owned(),
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                spec: receiver,
+            };
+            let task = tokio::spawn(async move {
+                let (namespace, name) = (driver.namespace.clone(), driver.name.clone());
+                let status =
+                    plan::run(&driver, &namespace, &name, &plan.spec, plan.status, run).await;
+                tracing::info!(plan = %format!("{namespace}/{name}"), phase = ?status.phase, failure = ?status.failure, "recovery plan run ended");
+            });
+            self.running
+                .insert(key.clone(), Running { spec: sender, task });
+        }
+        for stored in db.list::<RecoveryPlan>(PLAN_KIND)? {
+            let key = crate::folder::key_of(&stored);
+            if !manifests.contains_key(&key) {
+                if let Some(run) = self.running.remove(&key) {
+                    run.task.abort();
+                }
+                db.delete(PLAN_KIND, &key.0, &key.1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop every run (the daemon stops; each resumes when it starts again).
+    pub fn abort(&mut self) {
+        for (_, run) in std::mem::take(&mut self.running) {
+            run.task.abort();
+        }
+    }
+}
+
+/// The standalone [`PlanDriver`]: VMs through the request files and the embedded store,
+/// hooks as processes.
+struct DaemonDriver {
+    state_dir: PathBuf,
+    manifests_dir: PathBuf,
+    namespace: String,
+    name: String,
+    spec: watch::Receiver<RecoveryPlanSpec>,
+}
+
+/// The command line's action for a plan's VM request.
+fn action(request: &VmRequest) -> Action {
+    let named = |selector| Some(point(selector).arg());
+    match request {
+        VmRequest::TestFailover(selector) => Action::TestFailover(named(selector)),
+        VmRequest::Cleanup => Action::Cleanup,
+        VmRequest::Failover { planned, point } => Action::Failover {
+            planned: *planned,
+            point: (!planned).then(|| named(point)).flatten(),
+        },
+        VmRequest::Commit => Action::Commit,
+    }
+}
+
+#[async_trait]
+impl PlanDriver for DaemonDriver {
+    async fn vm(&self, name: &str, request: &VmRequest) -> Result<ProtectedVMStatus, String> {
+        let action = action(request);
+        let token = cli::request(&self.state_dir, &self.namespace, name, &action)?;
+        let vm = cli::wait(
+            &Embedded(Db::new(&self.state_dir)),
+            &self.namespace,
+            name,
+            &action,
+            &token,
+            VM_TIMEOUT,
+            &mut NoProgress,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(vm.status.unwrap_or_default())
+    }
+
+    async fn hook(&self, hook: &PlanHook, env: &[(String, String)]) -> Result<(), String> {
+        run_hook(&self.manifests_dir, hook, env).await
+    }
+
+    async fn spec(&self) -> RecoveryPlanSpec {
+        self.spec.borrow().clone()
+    }
+
+    async fn save(&self, status: &RecoveryPlanStatus) -> Result<(), String> {
+        let db = Db::new(&self.state_dir);
+        let Some(mut plan) = db
+            .get::<RecoveryPlan>(PLAN_KIND, &self.namespace, &self.name)
+            .map_err(|e| e.to_string())?
+        else {
+            return Err(format!(
+                "RecoveryPlan {}/{} is gone from the store",
+                self.namespace, self.name
+            ));
+        };
+        plan.status = Some(status.clone());
+        db.put(PLAN_KIND, &self.namespace, &self.name, &plan)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Run a hook in `dir` with `env`, to its end or its timeout (then it is killed). Its output
+/// goes to the log; a failure's message ends with its last lines of standard error.
+async fn run_hook(dir: &Path, hook: &PlanHook, env: &[(String, String)]) -> Result<(), String> {
+    let Some((program, args)) = hook.command.split_first() else {
+        return Err("its command is empty".into());
+    };
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {program:?} (in {}): {e}", dir.display()))?;
+    let limit = Duration::from_secs(u64::from(hook.timeout_seconds));
+    let output = match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(output) => output.map_err(|e| format!("wait for {program:?}: {e}"))?,
+        Err(_) => {
+            return Err(format!(
+                "killed after its timeout of {}s",
+                hook.timeout_seconds
+            ));
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in stdout.lines().chain(stderr.lines()) {
+        tracing::info!(hook = %hook.name, "{line}");
+    }
+    if output.status.success() {
+        return Ok(());
+    }
+    let tail: Vec<&str> = stderr.lines().rev().take(OUTPUT_LINES).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    Err(if tail.is_empty() {
+        format!("{program} {}", output.status)
+    } else {
+        format!("{program} {}: {}", output.status, tail.join(" / "))
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is the test failure report
+mod tests {
+    use super::*;
+
+    fn hook(command: &[&str], timeout_seconds: u32) -> PlanHook {
+        PlanHook {
+            name: "h".into(),
+            command: command.iter().map(|s| (*s).to_owned()).collect(),
+            timeout_seconds,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hook_runs_in_the_folder_with_its_environment() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let env = [("LIFEBOAT_GROUP".to_owned(), "db".to_owned())];
+        let h = hook(&["sh", "-c", "echo \"$LIFEBOAT_GROUP\" > seen"], 10);
+        assert_eq!(run_hook(dir.path(), &h, &env).await, Ok(()));
+        let seen = std::fs::read_to_string(dir.path().join("seen")).unwrap_or_default();
+        assert_eq!(seen, "db\n");
+    }
+
+    #[tokio::test]
+    async fn a_failed_hook_says_its_status_and_last_words() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let h = hook(
+            &["sh", "-c", "echo one >&2; echo 'no database' >&2; exit 3"],
+            10,
+        );
+        let error = run_hook(dir.path(), &h, &[]).await.unwrap_err();
+        assert!(error.contains("exit status: 3"), "{error}");
+        assert!(error.ends_with("one / no database"), "{error}");
+        let missing = hook(&["./no-such-script"], 10);
+        let error = run_hook(dir.path(), &missing, &[]).await.unwrap_err();
+        assert!(
+            error.contains("cannot start \"./no-such-script\""),
+            "{error}"
+        );
+        let slow = hook(&["sleep", "30"], 1);
+        let error = run_hook(dir.path(), &slow, &[]).await.unwrap_err();
+        assert_eq!(error, "killed after its timeout of 1s");
+    }
+
+    #[test]
+    fn a_plan_point_rule_becomes_the_vm_request_the_cli_writes() {
+        use lifeboat_api::common::{RecoveryPointKind, RecoveryPointSelector};
+        let latest_app = RecoveryPointSelector {
+            kind: RecoveryPointKind::LatestAppConsistent,
+            ..Default::default()
+        };
+        assert_eq!(
+            action(&VmRequest::TestFailover(latest_app.clone())),
+            Action::TestFailover(Some("latest-app-consistent".into()))
+        );
+        let not_after = RecoveryPointSelector {
+            kind: RecoveryPointKind::NotAfter,
+            time: Some(api_time(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_500_800),
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            action(&VmRequest::TestFailover(not_after)),
+            Action::TestFailover(Some("not-after:2026-12-05T20:00:00Z".into()))
+        );
+        assert_eq!(
+            action(&VmRequest::Failover {
+                planned: true,
+                point: latest_app
+            }),
+            Action::Failover {
+                planned: true,
+                point: None
+            }
+        );
+    }
+}
