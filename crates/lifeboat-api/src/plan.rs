@@ -85,7 +85,9 @@ pub struct PlanGroup {
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// The ProtectedVMs of the group, by name, in the plan's namespace.
-    #[schemars(length(min = 1, max = 50), extend("x-kubernetes-list-type" = "set"))]
+    // NB: bounded (10 groups of 50 names of 63 characters), so that the API server's estimate
+    // of the one-group-per-VM rule's cost stays within its budget.
+    #[schemars(length(min = 1, max = 50), inner(length(min = 1, max = 63)), extend("x-kubernetes-list-type" = "set"))]
     pub vms: Vec<String>,
     /// Wait for a person before the group starts: the run stops at the gate until a
     /// `spec.requests.proceed` token it has not seen arrives (`lifeboat plan proceed`).
