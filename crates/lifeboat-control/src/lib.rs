@@ -14,5 +14,6 @@
 pub mod mapping;
 pub mod plan;
 pub mod reconcile;
+pub mod requests;
 
 pub use reconcile::{Carried, Created, JobNameTaken, VmPass, VmWriter, job_object, reconcile_vm};

@@ -27,6 +27,7 @@ use lifeboat_api::plan::{
 use lifeboat_api::protected_vm::{FailoverType, ProtectedVMStatus};
 
 use crate::mapping::api_time;
+use crate::requests::Action;
 
 /// What a plan's VM is asked to do.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,6 +45,22 @@ pub enum VmRequest {
     },
     /// Commit the failover.
     Commit,
+}
+
+impl VmRequest {
+    /// The VM's action for this request, as `lifeboat failover` and friends ask it.
+    pub fn action(&self) -> Action {
+        let rule = |selector| Some(crate::mapping::point(selector).arg());
+        match self {
+            VmRequest::TestFailover(selector) => Action::TestFailover(rule(selector)),
+            VmRequest::Cleanup => Action::Cleanup,
+            VmRequest::Failover { planned, point } => Action::Failover {
+                planned: *planned,
+                point: (!planned).then(|| rule(point)).flatten(),
+            },
+            VmRequest::Commit => Action::Commit,
+        }
+    }
 }
 
 /// A run the plan asks for: its action, token, and the point rule of its VMs.

@@ -26,11 +26,11 @@ use lifeboat_api::plan::{
     PlanHook, PlanRequests, RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus,
 };
 use lifeboat_api::protected_vm::ProtectedVMStatus;
-use lifeboat_control::mapping::{api_time, point};
+use lifeboat_control::mapping::api_time;
 use lifeboat_control::plan::{self, PlanDriver, VmRequest};
 use tokio::sync::watch;
 
-use crate::cli::{self, Action, Embedded, NoProgress};
+use crate::cli::{self, Embedded, NoProgress};
 use crate::db::{Db, DbError};
 use crate::folder::Key;
 use crate::requests;
@@ -160,24 +160,10 @@ struct DaemonDriver {
     spec: watch::Receiver<RecoveryPlanSpec>,
 }
 
-/// The command line's action for a plan's VM request.
-fn action(request: &VmRequest) -> Action {
-    let named = |selector| Some(point(selector).arg());
-    match request {
-        VmRequest::TestFailover(selector) => Action::TestFailover(named(selector)),
-        VmRequest::Cleanup => Action::Cleanup,
-        VmRequest::Failover { planned, point } => Action::Failover {
-            planned: *planned,
-            point: (!planned).then(|| named(point)).flatten(),
-        },
-        VmRequest::Commit => Action::Commit,
-    }
-}
-
 #[async_trait]
 impl PlanDriver for DaemonDriver {
     async fn vm(&self, name: &str, request: &VmRequest) -> Result<ProtectedVMStatus, String> {
-        let action = action(request);
+        let action = request.action();
         let token = cli::request(&self.state_dir, &self.namespace, name, &action)?;
         let vm = cli::wait(
             &Embedded(Db::new(&self.state_dir)),
@@ -303,39 +289,5 @@ mod tests {
         let slow = hook(&["sleep", "30"], 1);
         let error = run_hook(dir.path(), &slow, &[]).await.unwrap_err();
         assert_eq!(error, "killed after its timeout of 1s");
-    }
-
-    #[test]
-    fn a_plan_point_rule_becomes_the_vm_request_the_cli_writes() {
-        use lifeboat_api::common::{RecoveryPointKind, RecoveryPointSelector};
-        let latest_app = RecoveryPointSelector {
-            kind: RecoveryPointKind::LatestAppConsistent,
-            ..Default::default()
-        };
-        assert_eq!(
-            action(&VmRequest::TestFailover(latest_app.clone())),
-            Action::TestFailover(Some("latest-app-consistent".into()))
-        );
-        let not_after = RecoveryPointSelector {
-            kind: RecoveryPointKind::NotAfter,
-            time: Some(api_time(
-                SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_500_800),
-            )),
-            ..Default::default()
-        };
-        assert_eq!(
-            action(&VmRequest::TestFailover(not_after)),
-            Action::TestFailover(Some("not-after:2026-12-05T20:00:00Z".into()))
-        );
-        assert_eq!(
-            action(&VmRequest::Failover {
-                planned: true,
-                point: latest_app
-            }),
-            Action::Failover {
-                planned: true,
-                point: None
-            }
-        );
     }
 }

@@ -353,3 +353,38 @@ async fn cleanup_takes_the_groups_in_reverse_past_the_gates() {
 fn env_names_are_upper_case_with_underscores() {
     assert_eq!(env_name("db-01.a"), "DB_01_A");
 }
+
+#[test]
+fn a_plan_point_rule_becomes_the_vm_action_the_cli_asks() {
+    use lifeboat_api::common::RecoveryPointKind;
+    let latest_app = RecoveryPointSelector {
+        kind: RecoveryPointKind::LatestAppConsistent,
+        ..Default::default()
+    };
+    assert_eq!(
+        VmRequest::TestFailover(latest_app.clone()).action(),
+        Action::TestFailover(Some("latest-app-consistent".into()))
+    );
+    let not_after = RecoveryPointSelector {
+        kind: RecoveryPointKind::NotAfter,
+        time: Some(api_time(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_500_800),
+        )),
+        ..Default::default()
+    };
+    assert_eq!(
+        VmRequest::TestFailover(not_after).action(),
+        Action::TestFailover(Some("not-after:2026-12-05T20:00:00Z".into()))
+    );
+    let planned = VmRequest::Failover {
+        planned: true,
+        point: latest_app,
+    };
+    assert_eq!(
+        planned.action(),
+        Action::Failover {
+            planned: true,
+            point: None
+        }
+    );
+}
