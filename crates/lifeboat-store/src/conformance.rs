@@ -132,6 +132,14 @@ fn assert_not_found<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &st
 /// Every check, each on a VM of its own in namespace `ns`.
 pub(crate) async fn run_all(store: &dyn ReplicaStore, ns: &str) {
     ok(store.check_writable().await, "check_writable");
+    // The VMs of one agent check the store at once.
+    for (i, result) in futures::future::join_all((0..16).map(|_| store.check_writable()))
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        ok(result, &format!("check_writable {i} of 16 at once"));
+    }
     disks_and_limits(
         store,
         &VmKey::new(ns, "limits").unwrap_or_else(|e| panic!("{e}")),

@@ -33,11 +33,14 @@ impl ReplicaStore for AzureStore {
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {
+        // NB: one probe blob per call: the VMs of one agent check the store at once.
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let name = format!(".lifeboat-probe/{nanos:x}");
+        let name = format!(".lifeboat-probe/{nanos:x}-{n}");
         self.put_small_blob(
             &name,
             Bytes::from_static(b"lifeboat"),

@@ -252,9 +252,12 @@ impl ReplicaStore for LocalStore {
                 what: format!("{}: opened read-only", self.describe()),
             });
         }
+        // NB: one probe file per call: the VMs of one agent check the store at once.
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
-            let probe = root.join(format!(".lifeboat-probe-{}", std::process::id()));
+            let probe = root.join(format!(".lifeboat-probe-{}-{n}", std::process::id()));
             write_atomic(&probe, b"probe")?;
             remove_if_exists(&probe, "remove probe file")
         })
