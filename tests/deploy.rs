@@ -502,6 +502,26 @@ async fn rbac_scenario(watch_namespace: Option<&str>) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
+    // A recovery plan's test failover of web, whose hook Job never finishes (no Job
+    // controller here): the operator asks the VM, waits on it, makes the Job, reads it, and
+    // deletes it when its timeout passes.
+    let plan = object!(
+        lifeboat_api::RecoveryPlan,
+        json!({
+            "apiVersion": "lifeboat.io/v1alpha1", "kind": "RecoveryPlan",
+            "metadata": {"name": "drill"},
+            "spec": {"groups": [{"name": "web", "vms": ["web"], "after": [{
+                "name": "slow", "timeoutSeconds": 1,
+                "job": {"template": {"spec": {"restartPolicy": "Never",
+                    "containers": [{"name": "hook", "image": "registry.example/hook:1"}]}}}}]}],
+                     "requests": {"testFailover": {"token": "t1"}}}
+        })
+    );
+    Api::<lifeboat_api::RecoveryPlan>::namespaced(admin.clone(), VMS)
+        .create(&PostParams::default(), &plan)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
     // Every grant used, or a minute gone.
     let all_grants: Vec<(&String, &Vec<Grant>)> = [&operator_user, &agent_user]
         .map(|u| (u, &grants[u]))

@@ -1,6 +1,6 @@
 //! A small Kubernetes API server for tests: a TEST FIXTURE, never shipped, and not a
-//! Kubernetes. It serves the few resources Lifeboat uses (its three custom resources, Leases,
-//! Events) over plain HTTP on a loopback port, with the semantics the controllers depend on:
+//! Kubernetes. It serves the few resources Lifeboat uses (its four custom resources, Leases,
+//! Events, Jobs) over plain HTTP on a loopback port, with the semantics the controllers depend on:
 //!
 //! | request | semantics kept |
 //! |---|---|
@@ -47,7 +47,7 @@ struct Kind {
     status_subresource: bool,
 }
 
-const KINDS: [Kind; 8] = [
+const KINDS: [Kind; 10] = [
     Kind {
         group: "lifeboat.io",
         version: "v1alpha1",
@@ -67,6 +67,20 @@ const KINDS: [Kind; 8] = [
         version: "v1alpha1",
         plural: "replicationjobs",
         kind: "ReplicationJob",
+        status_subresource: true,
+    },
+    Kind {
+        group: "lifeboat.io",
+        version: "v1alpha1",
+        plural: "recoveryplans",
+        kind: "RecoveryPlan",
+        status_subresource: true,
+    },
+    Kind {
+        group: "batch",
+        version: "v1",
+        plural: "jobs",
+        kind: "Job",
         status_subresource: true,
     },
     Kind {

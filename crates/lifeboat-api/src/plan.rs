@@ -112,7 +112,8 @@ pub struct PlanGate {
     pub message: String,
 }
 
-/// A hook: a command run with the plan's results in its environment.
+/// A hook: a command (standalone) or a Kubernetes Job (on a cluster) run with the plan's
+/// results in its environment.
 ///
 /// The environment holds `LIFEBOAT_PLAN`, `LIFEBOAT_NAMESPACE`, `LIFEBOAT_ACTION`,
 /// `LIFEBOAT_TOKEN`, `LIFEBOAT_GROUP`, `LIFEBOAT_STAGE` (`before` or `after`),
@@ -124,18 +125,37 @@ pub struct PlanGate {
 /// starts at a test failover it can stop at the cleanup.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(has(self.command) && size(self.command) > 0) || has(self.job)",
+     "message": "a hook needs a command (standalone), a job (on a cluster), or both"}
+]))]
 pub struct PlanHook {
     /// The hook's name, in progress and errors.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
-    /// The program and its arguments (no shell: name `sh -c` for one). Run in the manifests
-    /// folder in standalone mode.
-    #[schemars(length(min = 1, max = 64))]
+    /// Standalone: the program and its arguments (no shell: name `sh -c` for one), run in the
+    /// manifests folder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub command: Vec<String>,
-    /// How long the hook may run before it is killed and counted as failed.
+    /// On a cluster: the Job the operator creates for the hook in the plan's namespace, as a
+    /// batch/v1 JobSpec (its `template` at least). The environment above is added to each of
+    /// its containers; the hook succeeds when the Job completes and fails when it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub job: Option<serde_json::Value>,
+    /// How long the hook may run before it is stopped and counted as failed.
     #[serde(default = "default_hook_timeout")]
     #[schemars(range(min = 1, max = 86400))]
     pub timeout_seconds: u32,
+}
+
+/// An object the API server keeps as it is given (a JobSpec, checked when the Job is made).
+fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
 }
 
 fn default_hook_timeout() -> u32 {

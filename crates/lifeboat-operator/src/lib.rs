@@ -1,5 +1,6 @@
-//! The operator: kube-rs controllers for `ReplicationPolicy`, `ProtectedVM` and
-//! `ReplicationJob`, thin shells around the decisions of `lifeboat-core`.
+//! The operator: kube-rs controllers for `ReplicationPolicy`, `ProtectedVM`,
+//! `ReplicationJob` and `RecoveryPlan`, thin shells around the decisions of `lifeboat-core`
+//! (and the plan runs of `lifeboat-control`).
 //!
 //! ```text
 //!            watch (shared caches, managedFields dropped)
@@ -7,7 +8,9 @@
 //!  ReplicationJob ────┤    (owns jobs; watches policies: a policy    │
 //!  ReplicationPolicy ─┤     change re-decides every VM using it)     ├──> API server
 //!  agent Leases ──────┘──> policy controller ──> status, finalizer ──┤
-//!                      └─> job controller ──> deletes old jobs ──────┘
+//!                      └─> job controller ──> deletes old jobs ──────┤
+//!  RecoveryPlan ──────────> plan controller ──> runs: VM requests, ───┘
+//!                           hook Jobs, status
 //!  /metrics /healthz /readyz ── hyper ── Metrics (+ per-VM series read from the VM cache)
 //!  leader election ── Lease: only the leader runs the controllers
 //! ```
@@ -23,6 +26,7 @@ pub mod job;
 pub mod leader;
 
 pub mod metrics;
+pub mod plan;
 pub mod policy;
 pub mod probe;
 pub mod vm;
@@ -44,7 +48,7 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use lifeboat_api::contract::{HEARTBEAT_LABEL, HEARTBEAT_LABEL_VALUE};
-use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
+use lifeboat_api::{ProtectedVM, RecoveryPlan, ReplicationJob, ReplicationPolicy};
 use lifeboat_core::{Clock, SystemClock};
 
 pub use context::{Context, Settings, Stores};
@@ -420,6 +424,17 @@ impl Operator {
                 .run(job::reconcile, job::error_policy, Arc::clone(&ctx))
                 .for_each(log_reconcile(job::CONTROLLER));
 
+        // NB: its own watch, not a shared cache: nothing else reads plans.
+        let plan_controller = Controller::new(self.api::<RecoveryPlan>(), wc.clone())
+            .with_config(controller::Config::default().concurrency(config.concurrency))
+            .graceful_shutdown_on(shutdown.clone())
+            .run(
+                plan::reconcile,
+                plan::error_policy,
+                Arc::new(plan::PlanContext::new(self.client.clone())),
+            )
+            .for_each(log_reconcile(plan::CONTROLLER));
+
         let readiness = async move {
             let synced = future::join5(
                 vm_reader.wait_until_ready(),
@@ -437,7 +452,12 @@ impl Operator {
         };
         let cluster_feeds = future::join(lease_feed, node_feed);
         let feeds = future::join5(vm_feed, job_feed, policy_feed, cluster_feeds, readiness);
-        let controllers = future::join3(vm_controller, policy_controller, job_controller);
+        let controllers = future::join4(
+            vm_controller,
+            policy_controller,
+            job_controller,
+            plan_controller,
+        );
         futures::pin_mut!(feeds, controllers);
         // NB: the feeds never end by themselves; the controllers end at shutdown.
         future::select(feeds, controllers).await;

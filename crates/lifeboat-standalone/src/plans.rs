@@ -208,7 +208,10 @@ impl PlanDriver for DaemonDriver {
 /// goes to the log; a failure's message ends with its last lines of standard error.
 async fn run_hook(dir: &Path, hook: &PlanHook, env: &[(String, String)]) -> Result<(), String> {
     let Some((program, args)) = hook.command.split_first() else {
-        return Err("its command is empty".into());
+        return Err(
+            "it has no command: standalone mode runs a hook's command (its job is for a cluster)"
+                .into(),
+        );
     };
     let child = tokio::process::Command::new(program)
         .args(args)
@@ -257,6 +260,7 @@ mod tests {
             name: "h".into(),
             command: command.iter().map(|s| (*s).to_owned()).collect(),
             timeout_seconds,
+            job: None,
         }
     }
 

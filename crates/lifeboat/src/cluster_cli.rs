@@ -10,8 +10,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use std::path::Path;
 
+use lifeboat_api::plan::{PlanRequests, RecoveryPlan};
 use lifeboat_api::protected_vm::Requests;
 use lifeboat_api::{ProtectedVM, ReplicationJob};
+use lifeboat_standalone::cli::plan::{self as cli_plan, PlanAsk, PlanSource};
 use lifeboat_standalone::cli::{self, Action, Resources};
 
 use crate::exit::Exit;
@@ -78,6 +80,44 @@ impl Cluster {
             .get_opt(name)
             .await
             .map_err(|e| Exit::api(format!("get ReplicationPolicy {namespace}/{name}: {e}")))
+    }
+
+    /// The recovery plans of `namespace`, by name.
+    ///
+    /// # Errors
+    ///
+    /// The API server refused the list.
+    pub async fn plans(&self, namespace: &str) -> Result<Vec<RecoveryPlan>> {
+        let api: Api<RecoveryPlan> = Api::namespaced(self.client.clone(), namespace);
+        let mut plans = api
+            .list(&ListParams::default())
+            .await
+            .context("list RecoveryPlans")?
+            .items;
+        plans.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        Ok(plans)
+    }
+
+    /// Ask `ask` of a plan: its `spec.requests` field set with a fresh token (checked first,
+    /// as standalone does); returns the token.
+    ///
+    /// # Errors
+    ///
+    /// The plan cannot be read or patched, or cannot be asked that now.
+    pub async fn plan_request(&self, namespace: &str, name: &str, ask: &PlanAsk) -> Result<String> {
+        let plan = PlanSource::plan(self, namespace, name)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        cli_plan::check(&plan, ask).map_err(anyhow::Error::msg)?;
+        let token = cli::new_token();
+        let mut requests = PlanRequests::default();
+        cli_plan::apply(&mut requests, ask, &token);
+        let patch = serde_json::json!({ "spec": { "requests": requests } });
+        let api: Api<RecoveryPlan> = Api::namespaced(self.client.clone(), namespace);
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("set spec.requests of RecoveryPlan {namespace}/{name}"))?;
+        Ok(token)
     }
 
     /// The ProtectedVMs of `namespace`, or of every namespace, by namespace and name.
@@ -204,6 +244,17 @@ impl Resources for Cluster {
         api.get_opt(name)
             .await
             .map_err(|e| format!("get ReplicationJob {namespace}/{name}: {e}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl PlanSource for Cluster {
+    async fn plan(&self, namespace: &str, name: &str) -> Result<RecoveryPlan, String> {
+        let api: Api<RecoveryPlan> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name)
+            .await
+            .map_err(|e| format!("get RecoveryPlan {namespace}/{name}: {e}"))?
+            .ok_or_else(|| format!("no RecoveryPlan {namespace}/{name}"))
     }
 }
 

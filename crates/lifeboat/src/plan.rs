@@ -1,7 +1,7 @@
 //! `lifeboat plan`: run a RecoveryPlan (test failover, failover, cleanup, commit), let it past
-//! a gate, retry it from its failed step, show the plans and their VMs. Standalone mode: the
-//! daemon runs the plan; this writes the request and follows the run, a line per step and
-//! per VM.
+//! a gate, retry it from its failed step, show the plans and their VMs. The standalone daemon
+//! (or, on a cluster, the operator) runs the plan; this writes the request (a request file,
+//! or the plan's `spec.requests`) and follows the run, a line per step and per VM.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -10,9 +10,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use lifeboat_api::plan::{PlanPhase, RecoveryPlan, VmOutcome};
-use lifeboat_standalone::cli::plan::{self as cli_plan, PlanAsk};
+use lifeboat_standalone::cli::plan::{self as cli_plan, PlanAsk, PlanSource};
 use lifeboat_standalone::cli::{self, WaitError, words};
 
+use crate::cluster_cli::Cluster;
 use crate::exit::{self, Exit};
 use crate::local::{Mode, Target};
 use crate::ui::{self, Format, OutputArgs};
@@ -101,7 +102,7 @@ pub async fn plan(command: PlanCommand) -> Result<ExitCode> {
             plan,
             target,
             output,
-        } => return status(&target, &output, plan.as_deref()),
+        } => return status(&target, &output, plan.as_deref()).await,
         PlanCommand::TestFailover { request, point } => (request, PlanAsk::TestFailover(point)),
         PlanCommand::Failover {
             request,
@@ -122,23 +123,77 @@ pub async fn plan(command: PlanCommand) -> Result<ExitCode> {
     ask_plan(request, ask).await
 }
 
-/// The state folder of standalone mode; plans are not run on a cluster yet.
-fn folder(target: &Target) -> Result<std::path::PathBuf> {
-    match target.mode() {
-        Mode::Standalone(dir) => Ok(target.folder(&dir)?.to_owned()),
-        Mode::Cluster => Err(Exit::with(
-            exit::USAGE,
-            "recovery plans run in standalone mode (give --standalone or --state-dir DIR); the operator does not run RecoveryPlans yet",
-        )),
+/// Where a plan is asked and read: a standalone state folder, or a cluster.
+enum Place {
+    Folder(cli_plan::StateFolder),
+    Cluster(Cluster),
+}
+
+impl Place {
+    async fn of(target: &Target) -> Result<(Place, String)> {
+        Ok(match target.mode() {
+            Mode::Standalone(dir) => (
+                Place::Folder(cli_plan::StateFolder(target.folder(&dir)?.to_owned())),
+                target.namespace_or("default"),
+            ),
+            Mode::Cluster => {
+                let cluster =
+                    Cluster::connect(target.kubeconfig.as_deref(), target.context.as_deref())
+                        .await?;
+                let ns = target.namespace_or(&cluster.namespace);
+                (Place::Cluster(cluster), ns)
+            }
+        })
+    }
+
+    fn source(&self) -> &dyn PlanSource {
+        match self {
+            Place::Folder(folder) => folder,
+            Place::Cluster(cluster) => cluster,
+        }
+    }
+
+    async fn plans(&self, namespace: &str) -> Result<Vec<RecoveryPlan>> {
+        match self {
+            Place::Folder(cli_plan::StateFolder(dir)) => {
+                let mut plans = cli_plan::plans(dir).map_err(anyhow::Error::msg)?;
+                plans.retain(|p| p.metadata.namespace.as_deref() == Some(namespace));
+                Ok(plans)
+            }
+            Place::Cluster(cluster) => cluster.plans(namespace).await,
+        }
+    }
+
+    async fn request(&self, namespace: &str, name: &str, ask: &PlanAsk) -> Result<String> {
+        match self {
+            Place::Folder(cli_plan::StateFolder(dir)) => {
+                cli_plan::request(dir, namespace, name, ask).map_err(anyhow::Error::msg)
+            }
+            Place::Cluster(cluster) => cluster.plan_request(namespace, name, ask).await,
+        }
+    }
+
+    /// Where nothing was found, for an empty listing.
+    fn scope(&self, namespace: &str) -> String {
+        match self {
+            Place::Folder(cli_plan::StateFolder(dir)) => format!(
+                "in namespace {namespace} of {} (is `lifeboat standalone` running on it?)",
+                dir.display()
+            ),
+            Place::Cluster(_) => format!("in namespace {namespace}"),
+        }
     }
 }
 
-fn status(target: &Target, output: &OutputArgs, name: Option<&str>) -> Result<ExitCode> {
-    let dir = folder(target)?;
-    let ns = target.namespace_or("default");
+async fn status(target: &Target, output: &OutputArgs, name: Option<&str>) -> Result<ExitCode> {
+    let (place, ns) = Place::of(target).await?;
     if let Some(name) = name {
         let (ns, name) = cli::parse_vm(name, &ns);
-        let plan = cli_plan::plan(&dir, &ns, &name).map_err(anyhow::Error::msg)?;
+        let plan = place
+            .source()
+            .plan(&ns, &name)
+            .await
+            .map_err(anyhow::Error::msg)?;
         match output.format() {
             Format::Json | Format::Yaml => output.print_object(&plan)?,
             Format::Name => println!("{PLAN_RESOURCE}/{name}"),
@@ -156,8 +211,7 @@ fn status(target: &Target, output: &OutputArgs, name: Option<&str>) -> Result<Ex
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut plans = cli_plan::plans(&dir).map_err(anyhow::Error::msg)?;
-    plans.retain(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()));
+    let plans = place.plans(&ns).await?;
     match output.format() {
         Format::Json | Format::Yaml => output.print_list(&plans)?,
         Format::Name => {
@@ -168,10 +222,9 @@ fn status(target: &Target, output: &OutputArgs, name: Option<&str>) -> Result<Ex
                 );
             }
         }
-        Format::Table | Format::Wide if plans.is_empty() => eprintln!(
-            "No RecoveryPlan in namespace {ns} of {} (is `lifeboat standalone` running on it?)",
-            dir.display()
-        ),
+        Format::Table | Format::Wide if plans.is_empty() => {
+            eprintln!("No RecoveryPlan {}", place.scope(&ns))
+        }
         Format::Table | Format::Wide => {
             print!("{}", cli_plan::plans_table(&plans, SystemTime::now()))
         }
@@ -255,10 +308,10 @@ impl Narrator {
 }
 
 async fn ask_plan(request: PlanArgs, ask: PlanAsk) -> Result<ExitCode> {
-    let dir = folder(&request.target)?;
-    let (ns, name) = cli::parse_vm(&request.plan, &request.target.namespace_or("default"));
+    let (place, ns) = Place::of(&request.target).await?;
+    let (ns, name) = cli::parse_vm(&request.plan, &ns);
     confirm(&request, &ask, &ns, &name)?;
-    let token = cli_plan::request(&dir, &ns, &name, &ask).map_err(anyhow::Error::msg)?;
+    let token = place.request(&ns, &name, &ask).await?;
     if request.no_wait {
         match request.output.format() {
             Format::Name => println!("{PLAN_RESOURCE}/{name}"),
@@ -279,7 +332,7 @@ async fn ask_plan(request: PlanArgs, ask: PlanAsk) -> Result<ExitCode> {
         }
     };
     let plan = cli_plan::wait(
-        &dir,
+        place.source(),
         &ns,
         &name,
         &ask,
@@ -292,6 +345,7 @@ async fn ask_plan(request: PlanArgs, ask: PlanAsk) -> Result<ExitCode> {
         let code = match &error {
             WaitError::Failed(_) => exit::JOB_FAILED,
             WaitError::Timeout(_) => exit::TIMEOUT,
+            WaitError::Source(_) if matches!(place, Place::Cluster(_)) => exit::API,
             WaitError::Source(_) => exit::ERROR,
         };
         Exit::with(code, format!("the {ask} of the plan {ns}/{name}: {error}"))

@@ -93,6 +93,7 @@ fn hook(name: &str) -> PlanHook {
         name: name.into(),
         command: vec!["true".into()],
         timeout_seconds: 600,
+        job: None,
     }
 }
 

@@ -226,15 +226,34 @@ pub fn outcome(plan: &RecoveryPlan, ask: &PlanAsk, token: &str) -> Option<Result
     }
 }
 
-/// Wait until the daemon is done with `token` for `ask` on the plan, calling `changed` with
-/// the plan each time its status changes. Returns the plan as it then is.
+/// Where [`wait`] reads the plan from: the embedded store, or the API server.
+#[async_trait::async_trait]
+pub trait PlanSource: Send + Sync {
+    /// The plan (an error when there is none).
+    async fn plan(&self, namespace: &str, name: &str) -> Result<RecoveryPlan, String>;
+}
+
+/// The standalone daemon's state folder as a [`PlanSource`].
+#[derive(Debug)]
+pub struct StateFolder(pub std::path::PathBuf);
+
+#[async_trait::async_trait]
+impl PlanSource for StateFolder {
+    async fn plan(&self, namespace: &str, name: &str) -> Result<RecoveryPlan, String> {
+        plan(&self.0, namespace, name)
+    }
+}
+
+/// Wait until the daemon (or the operator) is done with `token` for `ask` on the plan,
+/// calling `changed` with the plan each time its status changes. Returns the plan as it then
+/// is.
 ///
 /// # Errors
 ///
 /// The run stopped at a failed step (the message names it), the wait timed out, or the plan
 /// could not be read.
 pub async fn wait(
-    state_dir: &Path,
+    source: &dyn PlanSource,
     namespace: &str,
     name: &str,
     ask: &PlanAsk,
@@ -245,7 +264,10 @@ pub async fn wait(
     let started = Instant::now();
     let mut last = None;
     loop {
-        let plan = plan(state_dir, namespace, name).map_err(WaitError::Source)?;
+        let plan = source
+            .plan(namespace, name)
+            .await
+            .map_err(WaitError::Source)?;
         if last.as_ref() != Some(&plan.status) {
             changed(&plan);
             last = Some(plan.status.clone());
