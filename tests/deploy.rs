@@ -632,6 +632,8 @@ fn the_dashboard_and_the_alerts_query_metrics_that_exist() {
     // NB: the per-VM series are read from the VM cache at scrape time: give it one.
     let (store, _writer) = reflector::store::<ProtectedVM>();
     operator.watch_vms(store);
+    let (plans, _plan_writer) = reflector::store::<lifeboat_api::RecoveryPlan>();
+    operator.watch_plans(plans);
     // NB: a family shows in a scrape once it has a series: one of each.
     {
         let _timer = operator.reconcile("ProtectedVM");

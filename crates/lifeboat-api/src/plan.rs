@@ -56,6 +56,20 @@ use crate::protected_vm::{FailoverType, MaterialisedDisk};
         description = "Seconds from the request to the end of the last step"
     ),
     printcolumn(
+        name = "Last Drill",
+        type_ = "boolean",
+        json_path = ".status.lastDrill.succeeded",
+        priority = 1,
+        description = "Whether the last drill succeeded"
+    ),
+    printcolumn(
+        name = "Next Drill",
+        type_ = "date",
+        json_path = ".status.nextDrillTime",
+        priority = 1,
+        description = "When the next drill is due"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -72,9 +86,43 @@ pub struct RecoveryPlanSpec {
     /// The groups, in the order they are recovered.
     #[schemars(length(min = 1, max = 10))]
     pub groups: Vec<PlanGroup>,
+    /// Test the plan on a schedule: a drill is a test failover of every VM (gates passed by
+    /// themselves, hooks run), each disk verified against its point's digests, then the
+    /// cleanup, replication going on throughout. The last drill is in `status.lastDrill`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<PlanDrill>,
     /// Actions asked for by token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<PlanRequests>,
+}
+
+/// A plan's drill schedule.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanDrill {
+    /// Hours between drills; the first comes one interval after the plan was created.
+    #[schemars(range(min = 1, max = 8760))]
+    pub interval_hours: u32,
+}
+
+/// How the last drill went.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrillStatus {
+    /// When it started.
+    pub start_time: Time,
+    /// When it ended (its cleanup included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Whether every VM recovered, verified, and was cleaned up.
+    pub succeeded: bool,
+    /// Seconds from its start to the end of its test failover's last step (the recovery time
+    /// the plan would take).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_time_seconds: Option<f64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One group: VMs recovered in parallel, with what runs around them.
@@ -257,6 +305,8 @@ pub enum PlanAction {
     UnplannedFailover,
     /// Commit the failovers.
     Commit,
+    /// A scheduled drill: test failover, verification, cleanup.
+    Drill,
 }
 
 /// How one VM of a run went.
@@ -298,6 +348,9 @@ pub struct PlanVmStatus {
     /// Where its recovered disks are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<MaterialisedDisk>,
+    /// Whether every recovered disk was read back equal to its point's digests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
 }
 
 /// The step a run stopped at, and why.
@@ -369,6 +422,12 @@ pub struct RecoveryPlanStatus {
     /// The step the run stopped at, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<PlanFailure>,
+    /// The last drill (`spec.drill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drill: Option<DrillStatus>,
+    /// When the next drill is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_drill_time: Option<Time>,
     /// The tokens of the requests handled.
     #[serde(default)]
     pub handled_requests: PlanHandledRequests,

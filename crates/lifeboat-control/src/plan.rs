@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use lifeboat_api::common::RecoveryPointSelector;
 use lifeboat_api::plan::{
-    PlanAction, PlanFailure, PlanGroup, PlanHook, PlanPhase, PlanVmStatus, RecoveryPlanSpec,
-    RecoveryPlanStatus, VmOutcome,
+    DrillStatus, PlanAction, PlanFailure, PlanGroup, PlanHook, PlanPhase, PlanVmStatus,
+    RecoveryPlanSpec, RecoveryPlanStatus, VmOutcome,
 };
 use lifeboat_api::protected_vm::{FailoverType, ProtectedVMStatus};
 
@@ -72,11 +72,16 @@ pub struct Run {
     pub token: String,
     /// A retry of the failed run (this is the retry's token, the run keeps its own).
     pub retry: Option<String>,
+    /// A scheduled drill: the test failover (no gates), then its cleanup.
+    pub drill: bool,
 }
 
 impl Run {
     /// The action, as status says it.
     pub fn action(&self) -> PlanAction {
+        if self.drill {
+            return PlanAction::Drill;
+        }
         match self.request {
             VmRequest::TestFailover(_) => PlanAction::TestFailover,
             VmRequest::Cleanup => PlanAction::CleanupTestFailover,
@@ -96,10 +101,43 @@ impl Run {
     }
 }
 
-/// The request of `spec` not yet handled, if any, as a run; a failed run is not started
-/// again with its own token (a `retry` does that).
-pub fn pending(spec: &RecoveryPlanSpec, status: Option<&RecoveryPlanStatus>) -> Option<Run> {
+/// When the plan's next drill is due: one interval after the last drill started, or after
+/// the plan was `created`; none without `spec.drill`.
+pub fn next_drill(
+    spec: &RecoveryPlanSpec,
+    status: Option<&RecoveryPlanStatus>,
+    created: SystemTime,
+) -> Option<SystemTime> {
+    let interval = Duration::from_secs(u64::from(spec.drill.as_ref()?.interval_hours) * 3600);
+    let last = status
+        .and_then(|s| s.last_drill.as_ref())
+        .map_or(created, |d| crate::mapping::system_time(&d.start_time));
+    Some(last + interval)
+}
+
+/// The request of `spec` not yet handled, if any, as a run, else a drill that is due at
+/// `now`; a failed run is not started again with its own token (a `retry` does that).
+pub fn pending(
+    spec: &RecoveryPlanSpec,
+    status: Option<&RecoveryPlanStatus>,
+    created: SystemTime,
+    now: SystemTime,
+) -> Option<Run> {
+    let due = next_drill(spec, status, created);
     let status = status.cloned().unwrap_or_default();
+    let drill = |token: String, retry: Option<String>| Run {
+        request: VmRequest::TestFailover(RecoveryPointSelector::default()),
+        token,
+        retry,
+        drill: true,
+    };
+    let going = matches!(status.phase, PlanPhase::Running | PlanPhase::WaitingForGate);
+    if going
+        && status.action == Some(PlanAction::Drill)
+        && let Some(token) = &status.token
+    {
+        return Some(drill(token.clone(), None));
+    }
     let requests = spec.requests.clone().unwrap_or_default();
     let handled = &status.handled_requests;
     let new = |token: Option<&String>, done: &Option<String>| -> Option<String> {
@@ -115,8 +153,11 @@ pub fn pending(spec: &RecoveryPlanSpec, status: Option<&RecoveryPlanStatus>) -> 
         && status.phase == PlanPhase::Failed
         && let (Some(action), Some(token)) = (status.action, status.token.clone())
     {
+        if action == PlanAction::Drill {
+            return Some(drill(token, Some(retry.clone())));
+        }
         let request = match action {
-            PlanAction::TestFailover => VmRequest::TestFailover(
+            PlanAction::Drill | PlanAction::TestFailover => VmRequest::TestFailover(
                 requests
                     .test_failover
                     .map(|r| r.recovery_point)
@@ -136,12 +177,14 @@ pub fn pending(spec: &RecoveryPlanSpec, status: Option<&RecoveryPlanStatus>) -> 
             request,
             token,
             retry: Some(retry.clone()),
+            drill: false,
         });
     }
     let run = |request, token| Run {
         request,
         token,
         retry: None,
+        drill: false,
     };
     if let Some(r) = &requests.failover
         && let Some(token) = new(Some(&r.token), &handled.failover)
@@ -169,7 +212,16 @@ pub fn pending(spec: &RecoveryPlanSpec, status: Option<&RecoveryPlanStatus>) -> 
     if let Some(token) = new(requests.commit.as_ref(), &handled.commit) {
         return Some(run(VmRequest::Commit, token));
     }
-    None
+    match due {
+        Some(due) if now >= due && !going => {
+            let seconds = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            Some(drill(format!("drill-{seconds}"), None))
+        }
+        _ => None,
+    }
 }
 
 /// What carries a run out: the requests to VMs, the hooks, the plan's spec as it now is,
@@ -214,6 +266,10 @@ struct Runner<'a> {
     name: String,
     namespace: String,
     run: Run,
+    /// What the VMs are asked in this part of the run (a drill's second part: cleanup).
+    request: VmRequest,
+    /// Before step ids: `cleanup/` in a drill's second part.
+    prefix: &'static str,
     status: RecoveryPlanStatus,
 }
 
@@ -263,6 +319,19 @@ impl Runner<'_> {
         }
     }
 
+    /// The action this part of the run is to hooks: a drill tests failover, then cleans up.
+    fn action(&self) -> PlanAction {
+        match (self.run.drill, &self.request) {
+            (true, VmRequest::Cleanup) => PlanAction::CleanupTestFailover,
+            (true, _) => PlanAction::TestFailover,
+            (false, _) => self.run.action(),
+        }
+    }
+
+    fn step(&self, step: String) -> String {
+        format!("{}{step}", self.prefix)
+    }
+
     fn done(&self, step: &str) -> bool {
         self.status.completed_steps.iter().any(|s| s == step)
     }
@@ -282,9 +351,10 @@ impl Runner<'_> {
         let mut env = vec![
             ("LIFEBOAT_PLAN".to_owned(), self.name.clone()),
             ("LIFEBOAT_NAMESPACE".to_owned(), self.namespace.clone()),
+            ("LIFEBOAT_ACTION".to_owned(), format!("{:?}", self.action())),
             (
-                "LIFEBOAT_ACTION".to_owned(),
-                format!("{:?}", self.run.action()),
+                "LIFEBOAT_DRILL".to_owned(),
+                if self.run.drill { "1" } else { "0" }.to_owned(),
             ),
             ("LIFEBOAT_TOKEN".to_owned(), self.run.token.clone()),
             ("LIFEBOAT_GROUP".to_owned(), group.name.clone()),
@@ -326,7 +396,7 @@ impl Runner<'_> {
             &group.after
         };
         for hook in hooks {
-            let step = format!("{}/{stage}/{}", group.name, hook.name);
+            let step = self.step(format!("{}/{stage}/{}", group.name, hook.name));
             if self.done(&step) {
                 continue;
             }
@@ -349,7 +419,7 @@ impl Runner<'_> {
         let Some(gate) = &group.gate else {
             return Ok(());
         };
-        let step = format!("{}/gate", group.name);
+        let step = self.step(format!("{}/gate", group.name));
         if self.done(&step) {
             return Ok(());
         }
@@ -378,20 +448,27 @@ impl Runner<'_> {
         let todo: Vec<String> = group
             .vms
             .iter()
-            .filter(|vm| !self.done(&format!("{}/vm/{vm}", group.name)))
+            .filter(|vm| !self.done(&self.step(format!("{}/vm/{vm}", group.name))))
             .cloned()
             .collect();
         if todo.is_empty() {
             return Ok(());
         }
-        self.status.progression = Some(format!("{}: {} VM(s)", group.name, todo.len()));
+        let what = if self.prefix.is_empty() {
+            ""
+        } else {
+            "cleanup of "
+        };
+        self.status.progression = Some(format!("{}: {what}{} VM(s)", group.name, todo.len()));
         self.status.phase = PlanPhase::Running;
+        // NB: a drill's cleanup leaves the VMs' test failover outcomes in status.
+        let record = self.prefix.is_empty();
         let started = SystemTime::now();
         for vm in self
             .status
             .vms
             .iter_mut()
-            .filter(|v| todo.contains(&v.name))
+            .filter(|v| record && todo.contains(&v.name))
         {
             vm.outcome = VmOutcome::Running;
             vm.message = None;
@@ -399,7 +476,7 @@ impl Runner<'_> {
             vm.completion_time = None;
         }
         self.save().await;
-        let request = self.run.request.clone();
+        let request = self.request.clone();
         let driver = self.driver;
         let outcomes = futures::future::join_all(todo.iter().map(|name| {
             let request = request.clone();
@@ -411,7 +488,17 @@ impl Runner<'_> {
         .await;
         let mut first_failure = None;
         for (name, result, ended) in outcomes {
-            let step = format!("{}/vm/{name}", group.name);
+            let step = self.step(format!("{}/vm/{name}", group.name));
+            if !record {
+                match result {
+                    Ok(_) => self.status.completed_steps.push(step),
+                    Err(message) => {
+                        first_failure
+                            .get_or_insert((step, format!("ProtectedVM {name}: {message}")));
+                    }
+                }
+                continue;
+            }
             let Some(entry) = self.status.vms.iter_mut().find(|v| v.name == name) else {
                 continue;
             };
@@ -428,6 +515,7 @@ impl Runner<'_> {
                         .as_ref()
                         .and_then(|r| r.recovery_point.as_ref())
                         .map(|p| p.name.clone());
+                    entry.verified = result.as_ref().map(|r| r.verified);
                     entry.disks = result.map(|r| r.disks).unwrap_or_default();
                     self.status.completed_steps.push(step);
                 }
@@ -442,8 +530,20 @@ impl Runner<'_> {
         first_failure.map_or(Ok(()), Err)
     }
 
+    /// Every group, in order (a cleanup: in reverse), to the first failure.
+    async fn groups(&mut self, spec: &RecoveryPlanSpec) -> Result<(), StepError> {
+        let mut groups: Vec<&PlanGroup> = spec.groups.iter().collect();
+        if self.request == VmRequest::Cleanup {
+            groups.reverse();
+        }
+        for group in groups {
+            self.group(group).await?;
+        }
+        Ok(())
+    }
+
     async fn group(&mut self, group: &PlanGroup) -> Result<(), StepError> {
-        if self.run.gated() {
+        if self.run.gated() && !self.run.drill {
             self.gate(group).await?;
         }
         self.hooks(group, "before").await?;
@@ -509,20 +609,40 @@ pub async fn run(
         driver,
         name: name.to_owned(),
         namespace: namespace.to_owned(),
+        request: run.request.clone(),
+        prefix: "",
         run,
         status,
     };
     runner.save().await;
-    let mut groups: Vec<&PlanGroup> = spec.groups.iter().collect();
-    if runner.run.request == VmRequest::Cleanup {
-        groups.reverse();
-    }
-    let mut outcome = Ok(());
-    for group in groups {
-        outcome = runner.group(group).await;
-        if outcome.is_err() {
-            break;
-        }
+    let mut outcome = runner.groups(spec).await;
+    let ended = SystemTime::now();
+    let recovery_time = ended
+        .duration_since(started)
+        .unwrap_or_default()
+        .as_secs_f64();
+    if runner.run.drill {
+        outcome = outcome.and_then(|()| verified(&runner.status));
+        // NB: a drill cleans up whatever it made, whether or not it went well.
+        runner.request = VmRequest::Cleanup;
+        runner.prefix = "cleanup/";
+        let cleanup = runner.groups(spec).await;
+        let finished = SystemTime::now();
+        let succeeded = outcome.is_ok() && cleanup.is_ok();
+        let message = match (&outcome, &cleanup) {
+            (Err((step, why)), _) | (Ok(()), Err((step, why))) => Some(format!("{step}: {why}")),
+            (Ok(()), Ok(())) => None,
+        };
+        let status = &mut runner.status;
+        status.last_drill = Some(DrillStatus {
+            start_time: api_time(started),
+            completion_time: Some(api_time(finished)),
+            succeeded,
+            recovery_time_seconds: outcome.is_ok().then_some(recovery_time),
+            message,
+        });
+        status.next_drill_time = next_drill(spec, Some(status), started).map(api_time);
+        outcome = outcome.and(cleanup);
     }
     let ended = SystemTime::now();
     let status = &mut runner.status;
@@ -531,19 +651,15 @@ pub async fn run(
         Ok(()) => {
             status.phase = PlanPhase::Succeeded;
             status.progression = Some("done".to_owned());
-            status.recovery_time_seconds = Some(
-                ended
-                    .duration_since(started)
-                    .unwrap_or_default()
-                    .as_secs_f64(),
-            );
+            status.recovery_time_seconds = Some(recovery_time);
             let token = Some(runner.run.token.clone());
             let handled = &mut status.handled_requests;
-            match runner.run.request {
-                VmRequest::TestFailover(_) => handled.test_failover = token,
-                VmRequest::Cleanup => handled.cleanup_test_failover = token,
-                VmRequest::Failover { .. } => handled.failover = token,
-                VmRequest::Commit => handled.commit = token,
+            match (runner.run.drill, &runner.run.request) {
+                (true, _) => {}
+                (false, VmRequest::TestFailover(_)) => handled.test_failover = token,
+                (false, VmRequest::Cleanup) => handled.cleanup_test_failover = token,
+                (false, VmRequest::Failover { .. }) => handled.failover = token,
+                (false, VmRequest::Commit) => handled.commit = token,
             }
         }
         Err((step, message)) => {
@@ -554,6 +670,24 @@ pub async fn run(
     }
     runner.save().await;
     runner.status
+}
+
+/// Every VM of the run recovered with its disks read back equal to its point's digests.
+fn verified(status: &RecoveryPlanStatus) -> Result<(), StepError> {
+    match status
+        .vms
+        .iter()
+        .find(|v| v.outcome != VmOutcome::Succeeded || v.verified != Some(true))
+    {
+        None => Ok(()),
+        Some(vm) => Err((
+            "verify".to_owned(),
+            format!(
+                "ProtectedVM {}: its test failover was not verified against its point's digests",
+                vm.name
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]

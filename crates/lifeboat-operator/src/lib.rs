@@ -425,7 +425,9 @@ impl Operator {
                 .for_each(log_reconcile(job::CONTROLLER));
 
         // NB: its own watch, not a shared cache: nothing else reads plans.
-        let plan_controller = Controller::new(self.api::<RecoveryPlan>(), wc.clone())
+        let plan_controller = Controller::new(self.api::<RecoveryPlan>(), wc.clone());
+        self.metrics.watch_plans(plan_controller.store());
+        let plan_controller = plan_controller
             .with_config(controller::Config::default().concurrency(config.concurrency))
             .graceful_shutdown_on(shutdown.clone())
             .run(

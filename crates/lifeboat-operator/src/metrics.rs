@@ -23,6 +23,7 @@
 //! | `lifeboat_vm_health` (1 for the VM's state, 0 for the others) | namespace, vm, state: Normal, Warning, Critical |
 //! | `lifeboat_vm_health_reason` (1) | namespace, vm, reason (e.g. `AgentLost`, `RpoOverThreshold`) |
 //! | `lifeboat_vm_cycles_total` | namespace, vm, outcome: succeeded, failed |
+//! | `lifeboat_plan_drill_last_success`, `lifeboat_plan_drill_last_timestamp_seconds`, `lifeboat_plan_drill_recovery_seconds` (once a drill ran), `lifeboat_plan_drill_next_timestamp_seconds` | namespace, plan (a RecoveryPlan with `spec.drill`) |
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
-use lifeboat_api::{Health, ProtectedVM, ProtectionPhase};
+use lifeboat_api::{Health, ProtectedVM, ProtectionPhase, RecoveryPlan};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -104,6 +105,7 @@ pub struct Metrics {
     leader: Gauge,
     missed: Arc<Mutex<HashMap<(String, String), Missed>>>,
     vms: Arc<OnceLock<Store<ProtectedVM>>>,
+    plans: Arc<OnceLock<Store<RecoveryPlan>>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -193,6 +195,10 @@ impl Metrics {
             "1 while this replica leads (or leader election is off)",
             leader.clone(),
         );
+        let plans = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(PlanCollector {
+            plans: Arc::clone(&plans),
+        }));
         let missed = Arc::new(Mutex::new(HashMap::new()));
         let vms = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(VmCollector {
@@ -211,12 +217,18 @@ impl Metrics {
             leader,
             missed,
             vms,
+            plans,
         }
     }
 
     /// Read per-VM metrics from this cache from now on.
     pub fn watch_vms(&self, store: Store<ProtectedVM>) {
         let _ = self.vms.set(store);
+    }
+
+    /// Read the per-plan drill series from this cache (the plan controller's).
+    pub fn watch_plans(&self, store: Store<RecoveryPlan>) {
+        let _ = self.plans.set(store);
     }
 
     /// A reconcile of `controller` starts; it is counted and timed when the guard drops.
@@ -503,6 +515,82 @@ impl Collector for VmCollector {
     }
 }
 
+/// Per-plan drill metrics, read from the plan cache at scrape time.
+struct PlanCollector {
+    plans: Arc<OnceLock<Store<RecoveryPlan>>>,
+}
+
+impl fmt::Debug for PlanCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PlanCollector").finish_non_exhaustive()
+    }
+}
+
+/// One per-plan series: name, help, and the value of a drilled plan (none: no sample).
+type PlanSeries = (&'static str, &'static str, fn(&RecoveryPlan) -> Option<f64>);
+
+fn unix_seconds(time: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> f64 {
+    time.0.as_millisecond() as f64 / 1000.0
+}
+
+fn last_drill(plan: &RecoveryPlan) -> Option<&lifeboat_api::plan::DrillStatus> {
+    plan.status.as_ref()?.last_drill.as_ref()
+}
+
+const PLAN_SERIES: [PlanSeries; 4] = [
+    (
+        "plan_drill_last_success",
+        "1 when the plan's last drill recovered, verified and cleaned up every VM, else 0",
+        |p| last_drill(p).map(|d| f64::from(u8::from(d.succeeded))),
+    ),
+    (
+        "plan_drill_last_timestamp_seconds",
+        "When the plan's last drill started (Unix seconds)",
+        |p| last_drill(p).map(|d| unix_seconds(&d.start_time)),
+    ),
+    (
+        "plan_drill_recovery_seconds",
+        "The recovery time the plan's last successful drill measured",
+        |p| last_drill(p).and_then(|d| d.recovery_time_seconds),
+    ),
+    (
+        "plan_drill_next_timestamp_seconds",
+        "When the plan's next drill is due (Unix seconds)",
+        |p| {
+            let created = p.metadata.creation_timestamp.as_ref()?;
+            let created = lifeboat_control::mapping::system_time(created);
+            let due = lifeboat_control::plan::next_drill(&p.spec, p.status.as_ref(), created)?;
+            Some(
+                due.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            )
+        },
+    ),
+];
+
+impl Collector for PlanCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(store) = self.plans.get() else {
+            return Ok(());
+        };
+        let plans = store.state();
+        for (name, help, value) in PLAN_SERIES {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for plan in plans.iter().filter(|p| p.spec.drill.is_some()) {
+                if let Some(v) = value(plan) {
+                    let labels = [
+                        ("namespace", plan.namespace().unwrap_or_default()),
+                        ("plan", plan.name_any()),
+                    ];
+                    ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl lifeboat_http::MetricsText for Metrics {
     fn encode(&self) -> Result<String, fmt::Error> {
         Metrics::encode(self)
@@ -551,6 +639,44 @@ mod tests {
             "{text}"
         );
         assert_eq!(metrics.status_writes("ProtectedVM"), 1);
+    }
+
+    #[test]
+    fn a_drilled_plan_exports_its_last_and_next_drill() {
+        let metrics = Metrics::new();
+        let (store, mut writer) = kube::runtime::reflector::store::<RecoveryPlan>();
+        let plan = |name: &str, drill: bool| -> RecoveryPlan {
+            let mut spec = serde_json::json!({"groups": [{"name": "db", "vms": ["db-01"]}]});
+            if drill {
+                spec["drill"] = serde_json::json!({"intervalHours": 24});
+            }
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "lifeboat.io/v1alpha1", "kind": "RecoveryPlan",
+                "metadata": {"name": name, "namespace": "prod",
+                             "creationTimestamp": "2026-12-01T00:00:00Z"},
+                "spec": spec,
+                "status": {"lastDrill": {"startTime": "2026-12-02T00:00:00Z", "succeeded": false,
+                                         "message": "verify: ProtectedVM db-01: not verified"},
+                           "nextDrillTime": "2026-12-03T00:00:00Z"}
+            }))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        writer.apply_watcher_event(&Event::Apply(plan("three-tier", true)));
+        writer.apply_watcher_event(&Event::Apply(plan("undrilled", false)));
+        metrics.watch_plans(store);
+        let text = metrics.encode().unwrap_or_default();
+        for line in [
+            "lifeboat_plan_drill_last_success{namespace=\"prod\",plan=\"three-tier\"} 0",
+            "lifeboat_plan_drill_last_timestamp_seconds{namespace=\"prod\",plan=\"three-tier\"} 1796169600",
+            "lifeboat_plan_drill_next_timestamp_seconds{namespace=\"prod\",plan=\"three-tier\"} 1796256000",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("undrilled"), "{text}");
+        assert!(
+            !text.contains("lifeboat_plan_drill_recovery_seconds{"),
+            "{text}"
+        );
     }
 
     #[test]

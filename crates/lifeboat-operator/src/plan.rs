@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use k8s_openapi::api::batch::v1::Job;
@@ -30,6 +30,7 @@ use lifeboat_api::contract::OPERATOR_FIELD_MANAGER;
 use lifeboat_api::plan::{PlanHook, RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus};
 use lifeboat_api::protected_vm::{ProtectedVMStatus, Requests};
 use lifeboat_api::{ProtectedVM, ReplicationJob};
+use lifeboat_control::mapping::system_time;
 use lifeboat_control::plan::{self, PlanDriver, VmRequest};
 use lifeboat_control::requests::{self, NoProgress, Resources};
 use serde_json::{Value, json};
@@ -113,8 +114,24 @@ pub async fn reconcile(plan: Arc<RecoveryPlan>, ctx: Arc<PlanContext>) -> Result
         // NB: looked at again after the run, in case a request came while it ended.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let Some(run) = plan::pending(&plan.spec, plan.status.as_ref()) else {
-        return Ok(Action::await_change());
+    let now = SystemTime::now();
+    let created = plan
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map_or(now, system_time);
+    let Some(run) = plan::pending(&plan.spec, plan.status.as_ref(), created, now) else {
+        // NB: back when the next drill is due (or in an hour, whichever comes first).
+        return Ok(
+            match plan::next_drill(&plan.spec, plan.status.as_ref(), created) {
+                Some(due) => Action::requeue(
+                    due.duration_since(now)
+                        .unwrap_or_default()
+                        .clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+                ),
+                None => Action::await_change(),
+            },
+        );
     };
     tracing::info!(plan = %format!("{namespace}/{name}"), action = ?run.action(), token = %run.token, "recovery plan run starts");
     let (sender, receiver) = watch::channel(plan.spec.clone());

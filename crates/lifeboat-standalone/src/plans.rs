@@ -26,7 +26,7 @@ use lifeboat_api::plan::{
     PlanHook, PlanRequests, RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus,
 };
 use lifeboat_api::protected_vm::ProtectedVMStatus;
-use lifeboat_control::mapping::api_time;
+use lifeboat_control::mapping::{api_time, system_time};
 use lifeboat_control::plan::{self, PlanDriver, VmRequest};
 use tokio::sync::watch;
 
@@ -109,7 +109,12 @@ impl Plans {
                 }
             };
             db.put(PLAN_KIND, &key.0, &key.1, &plan)?;
-            let Some(run) = plan::pending(&plan.spec, plan.status.as_ref()) else {
+            let created = plan
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(now, system_time);
+            let Some(run) = plan::pending(&plan.spec, plan.status.as_ref(), created, now) else {
                 continue;
             };
             tracing::info!(plan = %format!("{}/{}", key.0, key.1), action = ?run.action(), token = %run.token, "recovery plan run starts");

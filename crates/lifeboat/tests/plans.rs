@@ -8,7 +8,9 @@
 //! in order and the VMs of a group together (their times in status); the hooks saw the
 //! plan's environment, and the example hook (examples/hooks/serve-with-qemu.sh) served every
 //! recovered disk with qemu-storage-daemon, read back here over NBD. The cleanup removes it
-//! all: the disks, and the servers the hook started.
+//! all: the disks, and the servers the hook started. Then a drill schedule: a day later (the
+//! plan's stored record made older while the daemon is down) the drill runs by itself, past
+//! the gate, verifies every VM and cleans up.
 
 // A failed unwrap is the test failure report.
 #![allow(clippy::unwrap_used)]
@@ -140,7 +142,7 @@ fn read_export(socket: &Path, out: &Path) -> Vec<u8> {
 }
 
 #[test]
-fn a_plan_of_three_groups_tests_failover_in_order_with_gate_hooks_and_retry() {
+fn a_plan_of_three_groups_tests_failover_in_order_with_gate_hooks_retry_and_drills() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path();
     let served = work.join("served");
@@ -156,7 +158,7 @@ fn a_plan_of_three_groups_tests_failover_in_order_with_gate_hooks_and_retry() {
         })
         .collect();
     write_manifests(work, &qsds, &served);
-    let _daemon = Daemon::start(work);
+    let mut daemon = Daemon::start(work);
     wait_until(work, "every VM protected with a point", 180, || {
         VMS.iter().all(|(_, vm)| points_of(work, vm) >= 1)
     });
@@ -315,4 +317,61 @@ fn a_plan_of_three_groups_tests_failover_in_order_with_gate_hooks_and_retry() {
             && table.contains("CleanupTestFailover"),
         "{table}"
     );
+
+    // A drill every 24 hours. A day passes: the daemon stops, the plan's record is made a
+    // day and an hour old, the daemon starts again. The drill runs by itself, past the gate:
+    // every VM recovered and verified, the hooks run, then everything cleaned up.
+    let manifest = work.join("manifests/plan.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace(
+            "spec:\n  groups:",
+            "spec:\n  drill: {intervalHours: 24}\n  groups:",
+        ),
+    )
+    .unwrap();
+    wait_until(work, "the drill schedule read", 30, || {
+        plan(work).spec.drill.is_some()
+    });
+    daemon.kill9();
+    let record = state.join("db/RecoveryPlan/default/three-tier.json");
+    let mut stored: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let day_ago = SystemTime::now() - Duration::from_secs(25 * 3600);
+    stored["metadata"]["creationTimestamp"] = Value::String(lifeboat_core::rpo::format_rfc3339(
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                day_ago
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+            ),
+    ));
+    std::fs::write(&record, serde_json::to_vec(&stored).unwrap()).unwrap();
+    let _daemon = Daemon::start(work);
+    wait_until(work, "the drill", 180, || {
+        plan(work)
+            .status
+            .is_some_and(|s| s.last_drill.is_some() && s.phase != PlanPhase::Running)
+    });
+    let drilled = plan(work).status.unwrap();
+    let last = drilled.last_drill.clone().unwrap();
+    assert!(last.succeeded, "{last:?}");
+    assert_eq!(drilled.action, Some(lifeboat_api::plan::PlanAction::Drill));
+    assert!(
+        drilled.vms.iter().all(|v| v.verified == Some(true)),
+        "{:?}",
+        drilled.vms
+    );
+    for (_, vm) in VMS {
+        let location = &outcome(&drilled, vm).disks[0].location;
+        assert!(!Path::new(location).exists(), "the drill left {location}");
+        assert!(!served.join(format!("{vm}-root.sock")).exists());
+    }
+    let drill_env =
+        std::fs::read_to_string(work.join("manifests/hooks/CleanupTestFailover-db-after.env"))
+            .unwrap();
+    assert!(drill_env.contains("LIFEBOAT_DRILL=1"), "{drill_env}");
+    let wide = lifeboat(work, &["plan", "status", "three-tier"]);
+    assert!(wide.contains("Drill"), "{wide}");
 }

@@ -18,6 +18,7 @@ struct RecordingDriver {
     spec: Mutex<RecoveryPlanSpec>,
     saved: Mutex<Vec<RecoveryPlanStatus>>,
     hook_env: Mutex<Vec<Vec<(String, String)>>>,
+    unverified: Mutex<Vec<String>>,
 }
 
 const VM_DELAY: Duration = Duration::from_millis(100);
@@ -40,6 +41,7 @@ impl PlanDriver for RecordingDriver {
                 name: "root".into(),
                 location: format!("/failover/{name}-root.img"),
             }],
+            verified: !self.unverified.lock().unwrap().contains(&name.to_owned()),
             ..FailoverResult::default()
         };
         Ok(ProtectedVMStatus {
@@ -118,6 +120,7 @@ fn three_groups() -> RecoveryPlanSpec {
                 ..PlanGroup::default()
             },
         ],
+        drill: None,
         requests: None,
     }
 }
@@ -127,6 +130,7 @@ fn test_failover(token: &str) -> Run {
         request: VmRequest::TestFailover(RecoveryPointSelector::default()),
         token: token.into(),
         retry: None,
+        drill: false,
     }
 }
 
@@ -241,9 +245,12 @@ async fn a_failing_hook_stops_the_run_and_a_retry_resumes_there() {
         }),
         ..Default::default()
     });
-    assert_eq!(pending(&spec, Some(&failed)), None);
+    assert_eq!(
+        pending(&spec, Some(&failed), SystemTime::now(), SystemTime::now()),
+        None
+    );
     spec.requests.as_mut().unwrap().retry = Some("r1".into());
-    let retry = pending(&spec, Some(&failed)).unwrap();
+    let retry = pending(&spec, Some(&failed), SystemTime::now(), SystemTime::now()).unwrap();
     assert_eq!(
         (retry.token.as_str(), retry.retry.as_deref()),
         ("t1", Some("r1"))
@@ -262,7 +269,10 @@ async fn a_failing_hook_stops_the_run_and_a_retry_resumes_there() {
     assert_eq!(names[0], "hook migrate");
     assert_eq!(done.handled_requests.retry.as_deref(), Some("r1"));
     assert_eq!(done.handled_requests.test_failover.as_deref(), Some("t1"));
-    assert_eq!(pending(&spec, Some(&done)), None);
+    assert_eq!(
+        pending(&spec, Some(&done), SystemTime::now(), SystemTime::now()),
+        None
+    );
 }
 
 #[tokio::test]
@@ -331,6 +341,7 @@ async fn cleanup_takes_the_groups_in_reverse_past_the_gates() {
         request: VmRequest::Cleanup,
         token: "c1".into(),
         retry: None,
+        drill: false,
     };
     let mut spec = three_groups();
     spec.groups[1].gate = Some(PlanGate {
@@ -388,4 +399,128 @@ fn a_plan_point_rule_becomes_the_vm_action_the_cli_asks() {
             point: None
         }
     );
+}
+
+fn drilled() -> RecoveryPlanSpec {
+    let mut spec = three_groups();
+    spec.drill = Some(lifeboat_api::plan::PlanDrill { interval_hours: 24 });
+    spec.groups[1].gate = Some(PlanGate {
+        message: "nobody is there at night".into(),
+    });
+    spec
+}
+
+#[test]
+fn a_drill_is_due_one_interval_after_creation_then_after_the_last_one() {
+    let spec = drilled();
+    let created = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let hour = Duration::from_secs(3600);
+    assert_eq!(pending(&spec, None, created, created + 23 * hour), None);
+    let due = pending(&spec, None, created, created + 25 * hour).unwrap();
+    assert!(due.drill && due.token.starts_with("drill-"), "{due:?}");
+    let last = RecoveryPlanStatus {
+        phase: PlanPhase::Succeeded,
+        last_drill: Some(lifeboat_api::plan::DrillStatus {
+            start_time: api_time(created + 25 * hour),
+            completion_time: None,
+            succeeded: true,
+            recovery_time_seconds: Some(1.0),
+            message: None,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        pending(&spec, Some(&last), created, created + 48 * hour),
+        None
+    );
+    assert!(pending(&spec, Some(&last), created, created + 50 * hour).is_some());
+    // A request asked for comes before a drill that is due; none without a schedule.
+    assert_eq!(
+        pending(&three_groups(), None, created, created + 1000 * hour),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_drill_tests_failover_past_the_gates_verifies_then_cleans_up() {
+    let driver = RecordingDriver::default();
+    let spec = drilled();
+    let created = SystemTime::now() - Duration::from_secs(25 * 3600);
+    let drill = pending(&spec, None, created, SystemTime::now()).unwrap();
+    let status = run(&driver, "ns", "plan", &spec, None, drill).await;
+    assert_eq!(status.phase, PlanPhase::Succeeded, "{status:#?}");
+    assert_eq!(status.action, Some(PlanAction::Drill));
+    let last = status.last_drill.clone().unwrap();
+    assert!(
+        last.succeeded && last.recovery_time_seconds.is_some(),
+        "{last:?}"
+    );
+    let next = crate::mapping::system_time(status.next_drill_time.as_ref().unwrap());
+    let start = crate::mapping::system_time(&last.start_time);
+    assert_eq!(
+        next.duration_since(start).unwrap(),
+        Duration::from_secs(24 * 3600)
+    );
+    // Test failover in order, then the cleanup in reverse; the VMs' outcomes are the test's.
+    let names = driver.names();
+    let vm_calls: Vec<&String> = names.iter().filter(|n| n.starts_with("vm ")).collect();
+    assert_eq!(vm_calls.len(), 10, "{names:?}");
+    let at = |n: &str| names.iter().rposition(|c| c == n).unwrap();
+    assert!(
+        at("vm web-01") < at("vm db-01"),
+        "the cleanup is not in reverse: {names:?}"
+    );
+    assert!(status.vms.iter().all(|v| v.verified == Some(true)));
+    assert_eq!(status.handled_requests, Default::default());
+    let envs = driver.hook_env.lock().unwrap().clone();
+    let actions: Vec<String> = envs
+        .iter()
+        .map(|e| {
+            e.iter()
+                .find(|(k, _)| k == "LIFEBOAT_ACTION")
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "TestFailover",
+            "TestFailover",
+            "CleanupTestFailover",
+            "CleanupTestFailover"
+        ]
+    );
+    assert!(
+        envs.iter()
+            .all(|e| e.contains(&("LIFEBOAT_DRILL".into(), "1".into())))
+    );
+}
+
+#[tokio::test]
+async fn a_drill_that_is_not_verified_fails_and_still_cleans_up() {
+    let driver = RecordingDriver::default();
+    driver.unverified.lock().unwrap().push("app-02".into());
+    let spec = drilled();
+    let created = SystemTime::now() - Duration::from_secs(25 * 3600);
+    let drill = pending(&spec, None, created, SystemTime::now()).unwrap();
+    let status = run(&driver, "ns", "plan", &spec, None, drill).await;
+    assert_eq!(status.phase, PlanPhase::Failed);
+    let last = status.last_drill.unwrap();
+    assert!(!last.succeeded);
+    assert!(
+        last.message
+            .as_deref()
+            .unwrap()
+            .contains("app-02: its test failover was not verified"),
+        "{last:?}"
+    );
+    let cleanups = driver
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("vm "))
+        .count();
+    assert_eq!(cleanups, 10, "every VM tested and cleaned up");
+    assert!(status.next_drill_time.is_some());
 }
