@@ -37,8 +37,8 @@ pub struct DaemonState {
 /// `lifeboat standalone`.
 #[derive(Args, Debug)]
 pub struct StandaloneArgs {
-    /// The folder of ReplicationPolicy, ProtectedVM (and Secret) manifests, read again when a
-    /// file changes.
+    /// The folder of ReplicationPolicy, ProtectedVM, RecoveryPlan (and Secret) manifests,
+    /// read again when a file changes.
     #[arg(long, short = 'f')]
     pub manifests: PathBuf,
     /// Where (test) failover disks are written. Default: `<state-dir>/failover`.

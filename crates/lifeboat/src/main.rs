@@ -49,8 +49,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check ReplicationPolicy, ProtectedVM and ReplicationJob manifests against the CRD schemas
-    /// (types, enums, ranges, required and unknown fields, CEL rules), without a cluster.
+    /// Check ReplicationPolicy, ProtectedVM, ReplicationJob and RecoveryPlan manifests against
+    /// the CRD schemas (types, enums, ranges, required and unknown fields, CEL rules), without a
+    /// cluster.
     Validate {
         /// Manifest files (YAML, one or more documents each).
         #[arg(required = true)]
