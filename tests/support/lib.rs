@@ -51,3 +51,43 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A plan run's VMs, from its status: each group's VMs started once the group before it had
+/// ended, and the VMs of a group together (each asked before any of the others was done).
+///
+/// # Panics
+///
+/// When a VM has no times in `status`, or the run broke either rule.
+pub fn assert_groups_in_order_and_together(
+    status: &lifeboat_api::plan::RecoveryPlanStatus,
+    groups: &[&[&str]],
+) {
+    let span = |vm: &str| {
+        let v = status
+            .vms
+            .iter()
+            .find(|v| v.name == vm)
+            .unwrap_or_else(|| panic!("no VM {vm} in the plan's status"));
+        match (&v.start_time, &v.completion_time) {
+            (Some(start), Some(end)) => (start.0, end.0),
+            _ => panic!("{vm} has no start or completion time: {v:?}"),
+        }
+    };
+    let ends = |group: &[&str]| group.iter().map(|v| span(v).1).collect::<Vec<_>>();
+    let starts = |group: &[&str]| group.iter().map(|v| span(v).0).collect::<Vec<_>>();
+    for pair in groups.windows(2) {
+        let ended = ends(pair[0]).into_iter().max();
+        let started = starts(pair[1]).into_iter().min();
+        assert!(
+            ended <= started,
+            "{:?} started before {:?} ended",
+            pair[1],
+            pair[0]
+        );
+    }
+    for group in groups.iter().filter(|g| g.len() > 1) {
+        let last_start = starts(group).into_iter().max();
+        let first_end = ends(group).into_iter().min();
+        assert!(last_start < first_end, "{group:?} ran one after the other");
+    }
+}

@@ -239,6 +239,109 @@ pub trait PlanDriver: Send + Sync {
     async fn save(&self, status: &RecoveryPlanStatus) -> Result<(), String>;
 }
 
+/// The runs going on, by plan (namespace, name): each a task of its own, told the plan's spec
+/// as it changes (a gate waits for its `proceed` request in it). Every run is aborted when
+/// this is dropped (the daemon stops, the operator loses leadership); each resumes at its
+/// steps done under the next process.
+#[derive(Default)]
+pub struct Runs {
+    running: std::collections::BTreeMap<(String, String), Running>,
+}
+
+struct Running {
+    spec: tokio::sync::watch::Sender<RecoveryPlanSpec>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Runs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runs")
+            .field("running", &self.running.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Runs {
+    /// Tell the run of the plan `key` its spec; false when none is going on (a finished one
+    /// is forgotten).
+    pub fn tell(&mut self, key: &(String, String), spec: &RecoveryPlanSpec) -> bool {
+        self.running.retain(|_, run| !run.task.is_finished());
+        match self.running.get(key) {
+            Some(run) => {
+                run.spec.send_replace(spec.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Start `run` of the plan `key` from its `spec` and `status`, over the driver
+    /// `driver_for` makes from the spec's receiver.
+    pub fn start<D: PlanDriver + 'static>(
+        &mut self,
+        key: (String, String),
+        spec: RecoveryPlanSpec,
+        status: Option<RecoveryPlanStatus>,
+        run: Run,
+        driver_for: impl FnOnce(tokio::sync::watch::Receiver<RecoveryPlanSpec>) -> D,
+    ) {
+        let (namespace, name) = key.clone();
+        tracing::info!(plan = %format!("{namespace}/{name}"), action = ?run.action(), token = %run.token, "recovery plan run starts");
+        let (sender, receiver) = tokio::sync::watch::channel(spec.clone());
+        let driver = driver_for(receiver);
+        let task = tokio::spawn(async move {
+            let status = self::run(&driver, &namespace, &name, &spec, status, run).await;
+            tracing::info!(plan = %format!("{namespace}/{name}"), phase = ?status.phase, failure = ?status.failure, "recovery plan run ended");
+        });
+        self.running.insert(key, Running { spec: sender, task });
+    }
+
+    /// Stop the run of the plan `key` (the plan is gone).
+    pub fn stop(&mut self, key: &(String, String)) {
+        if let Some(run) = self.running.remove(key) {
+            run.task.abort();
+        }
+    }
+}
+
+impl Drop for Runs {
+    fn drop(&mut self) {
+        for (_, run) in std::mem::take(&mut self.running) {
+            run.task.abort();
+        }
+    }
+}
+
+/// How long a plan waits for one VM's request to be handled (a failover of a large disk).
+pub const VM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Wait, for at most [`VM_TIMEOUT`], until `resources` say the VM handled `token` for
+/// `action` (a driver's [`PlanDriver::vm`], once it asked); the VM's status then.
+///
+/// # Errors
+///
+/// The VM's job failed (its reason), the wait timed out, or the VM could not be read.
+pub async fn wait_for_vm(
+    resources: &dyn crate::requests::Resources,
+    namespace: &str,
+    name: &str,
+    action: &Action,
+    token: &str,
+) -> Result<ProtectedVMStatus, String> {
+    let vm = crate::requests::wait(
+        resources,
+        namespace,
+        name,
+        action,
+        token,
+        VM_TIMEOUT,
+        &mut crate::requests::NoProgress,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(vm.status.unwrap_or_default())
+}
+
 /// How often a gate looks for its `proceed` request.
 const GATE_POLL: Duration = Duration::from_millis(250);
 

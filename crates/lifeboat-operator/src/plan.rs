@@ -16,7 +16,6 @@
 //! steps done; a hook's Job is named after its step and token, so that a resumed run waits on
 //! the Job it made before instead of making another.
 
-use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -32,7 +31,7 @@ use lifeboat_api::protected_vm::{ProtectedVMStatus, Requests};
 use lifeboat_api::{ProtectedVM, ReplicationJob};
 use lifeboat_control::mapping::system_time;
 use lifeboat_control::plan::{self, PlanDriver, VmRequest};
-use lifeboat_control::requests::{self, NoProgress, Resources};
+use lifeboat_control::requests::{self, Resources};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -41,27 +40,26 @@ use crate::Error;
 /// The controller's name, in logs.
 pub const CONTROLLER: &str = "RecoveryPlan";
 
-/// How long a plan waits for one VM's request to be handled (a failover of a large disk).
-const VM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-
 /// How often a hook's Job is looked at.
 const JOB_POLL: Duration = Duration::from_secs(1);
 
 /// The label naming the plan on its hooks' Jobs.
 pub const PLAN_LABEL: &str = "lifeboat.io/plan";
 
-/// A run going on.
-struct Running {
-    spec: watch::Sender<RecoveryPlanSpec>,
-    task: tokio::task::JoinHandle<()>,
-}
-
 /// What the plan controller's reconciles share: the client and the runs going on (aborted
 /// when the controller stops, at shutdown or when leadership is lost; each resumes under the
 /// next leader).
 pub struct PlanContext {
     client: Client,
-    runs: Mutex<HashMap<(String, String), Running>>,
+    runs: Mutex<plan::Runs>,
+}
+
+impl std::fmt::Debug for PlanContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlanContext")
+            .field("runs", &self.runs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PlanContext {
@@ -70,24 +68,6 @@ impl PlanContext {
         PlanContext {
             client,
             runs: Mutex::default(),
-        }
-    }
-}
-
-impl std::fmt::Debug for PlanContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
-        f.debug_struct("PlanContext")
-            .field("runs", &runs.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for PlanContext {
-    fn drop(&mut self) {
-        let runs = self.runs.get_mut().unwrap_or_else(PoisonError::into_inner);
-        for (_, run) in runs.drain() {
-            run.task.abort();
         }
     }
 }
@@ -102,15 +82,11 @@ pub async fn reconcile(plan: Arc<RecoveryPlan>, ctx: Arc<PlanContext>) -> Result
     let name = plan.name_any();
     let key = (namespace.clone(), name.clone());
     let mut runs = ctx.runs.lock().unwrap_or_else(PoisonError::into_inner);
-    runs.retain(|_, run| !run.task.is_finished());
     if plan.meta().deletion_timestamp.is_some() {
-        if let Some(run) = runs.remove(&key) {
-            run.task.abort();
-        }
+        runs.stop(&key);
         return Ok(Action::await_change());
     }
-    if let Some(run) = runs.get(&key) {
-        run.spec.send_replace(plan.spec.clone());
+    if runs.tell(&key, &plan.spec) {
         // NB: looked at again after the run, in case a request came while it ended.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
@@ -133,26 +109,14 @@ pub async fn reconcile(plan: Arc<RecoveryPlan>, ctx: Arc<PlanContext>) -> Result
             },
         );
     };
-    tracing::info!(plan = %format!("{namespace}/{name}"), action = ?run.action(), token = %run.token, "recovery plan run starts");
-    let (sender, receiver) = watch::channel(plan.spec.clone());
-    let driver = KubeDriver {
-        client: ctx.client.clone(),
-        plan: plan.as_ref().clone(),
-        spec: receiver,
-    };
-    let task = tokio::spawn(async move {
-        let status = plan::run(
-            &driver,
-            &namespace,
-            &name,
-            &driver.plan.spec,
-            driver.plan.status.clone(),
-            run,
-        )
-        .await;
-        tracing::info!(plan = %format!("{namespace}/{name}"), phase = ?status.phase, failure = ?status.failure, "recovery plan run ended");
+    let (client, object) = (ctx.client.clone(), plan.as_ref().clone());
+    runs.start(key, plan.spec.clone(), plan.status.clone(), run, |spec| {
+        KubeDriver {
+            client,
+            plan: object,
+            spec,
+        }
     });
-    runs.insert(key, Running { spec: sender, task });
     Ok(Action::requeue(Duration::from_secs(5)))
 }
 
@@ -310,18 +274,14 @@ impl PlanDriver for KubeDriver {
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|e| format!("set spec.requests of ProtectedVM {namespace}/{name}: {e}"))?;
-        let vm = requests::wait(
+        plan::wait_for_vm(
             &ApiResources(self.client.clone()),
             &namespace,
             name,
             &action,
             &token,
-            VM_TIMEOUT,
-            &mut NoProgress,
         )
         .await
-        .map_err(|e| e.to_string())?;
-        Ok(vm.status.unwrap_or_default())
     }
 
     async fn hook(&self, hook: &PlanHook, env: &[(String, String)]) -> Result<(), String> {

@@ -30,7 +30,7 @@ use lifeboat_control::mapping::{api_time, system_time};
 use lifeboat_control::plan::{self, PlanDriver, VmRequest};
 use tokio::sync::watch;
 
-use crate::cli::{self, Embedded, NoProgress};
+use crate::cli::{self, Embedded};
 use crate::db::{Db, DbError};
 use crate::folder::Key;
 use crate::requests;
@@ -38,30 +38,13 @@ use crate::requests;
 /// The db's kind of plans.
 pub const PLAN_KIND: &str = "RecoveryPlan";
 
-/// How long a plan waits for one VM's request to be handled (a failover of a large disk).
-const VM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-
 /// The lines of a failed hook's output kept in its error.
 const OUTPUT_LINES: usize = 5;
 
-/// A plan's run in progress.
-struct Running {
-    spec: watch::Sender<RecoveryPlanSpec>,
-    task: tokio::task::JoinHandle<()>,
-}
-
 /// The plans' runs.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Plans {
-    running: BTreeMap<Key, Running>,
-}
-
-impl std::fmt::Debug for Plans {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plans")
-            .field("running", &self.running.keys().collect::<Vec<_>>())
-            .finish()
-    }
+    runs: plan::Runs,
 }
 
 impl Plans {
@@ -79,19 +62,17 @@ impl Plans {
         now: SystemTime,
     ) -> Result<(), DbError> {
         let db = Db::new(state_dir);
-        self.running.retain(|_, run| !run.task.is_finished());
         for (key, manifest) in manifests {
             let mut spec = manifest.spec.clone();
             spec.requests = requests::merged_plan(
                 spec.requests.take(),
                 requests::read::<PlanRequests>(state_dir, &key.0, &key.1),
             );
-            if let Some(run) = self.running.get(key) {
-                run.spec.send_replace(spec);
+            if self.runs.tell(key, &spec) {
                 continue;
             }
             let stored: Option<RecoveryPlan> = db.get(PLAN_KIND, &key.0, &key.1)?;
-            let plan = match stored {
+            let plan = match stored.clone() {
                 None => {
                     let mut plan = manifest.clone();
                     plan.spec = spec;
@@ -108,7 +89,9 @@ impl Plans {
                     plan
                 }
             };
-            db.put(PLAN_KIND, &key.0, &key.1, &plan)?;
+            if stored.as_ref() != Some(&plan) {
+                db.put(PLAN_KIND, &key.0, &key.1, &plan)?;
+            }
             let created = plan
                 .metadata
                 .creation_timestamp
@@ -117,30 +100,20 @@ impl Plans {
             let Some(run) = plan::pending(&plan.spec, plan.status.as_ref(), created, now) else {
                 continue;
             };
-            tracing::info!(plan = %format!("{}/{}", key.0, key.1), action = ?run.action(), token = %run.token, "recovery plan run starts");
-            let (sender, receiver) = watch::channel(plan.spec.clone());
-            let driver = DaemonDriver {
+            let driver_for = |spec| DaemonDriver {
                 state_dir: state_dir.to_owned(),
                 manifests_dir: manifests_dir.to_owned(),
                 namespace: key.0.clone(),
                 name: key.1.clone(),
-                spec: receiver,
+                spec,
             };
-            let task = tokio::spawn(async move {
-                let (namespace, name) = (driver.namespace.clone(), driver.name.clone());
-                let status =
-                    plan::run(&driver, &namespace, &name, &plan.spec, plan.status, run).await;
-                tracing::info!(plan = %format!("{namespace}/{name}"), phase = ?status.phase, failure = ?status.failure, "recovery plan run ended");
-            });
-            self.running
-                .insert(key.clone(), Running { spec: sender, task });
+            self.runs
+                .start(key.clone(), plan.spec, plan.status, run, driver_for);
         }
         for stored in db.list::<RecoveryPlan>(PLAN_KIND)? {
             let key = crate::folder::key_of(&stored);
             if !manifests.contains_key(&key) {
-                if let Some(run) = self.running.remove(&key) {
-                    run.task.abort();
-                }
+                self.runs.stop(&key);
                 db.delete(PLAN_KIND, &key.0, &key.1)?;
             }
         }
@@ -149,9 +122,7 @@ impl Plans {
 
     /// Stop every run (the daemon stops; each resumes when it starts again).
     pub fn abort(&mut self) {
-        for (_, run) in std::mem::take(&mut self.running) {
-            run.task.abort();
-        }
+        self.runs = plan::Runs::default();
     }
 }
 
@@ -170,18 +141,14 @@ impl PlanDriver for DaemonDriver {
     async fn vm(&self, name: &str, request: &VmRequest) -> Result<ProtectedVMStatus, String> {
         let action = request.action();
         let token = cli::request(&self.state_dir, &self.namespace, name, &action)?;
-        let vm = cli::wait(
+        plan::wait_for_vm(
             &Embedded(Db::new(&self.state_dir)),
             &self.namespace,
             name,
             &action,
             &token,
-            VM_TIMEOUT,
-            &mut NoProgress,
         )
         .await
-        .map_err(|e| e.to_string())?;
-        Ok(vm.status.unwrap_or_default())
     }
 
     async fn hook(&self, hook: &PlanHook, env: &[(String, String)]) -> Result<(), String> {

@@ -256,30 +256,10 @@ fn a_plan_of_three_groups_tests_failover_in_order_with_gate_hooks_retry_and_dril
     }
 
     // Groups in order; the VMs of a group together (each asked before the other was done).
-    let span = |vm: &str| {
-        let v = outcome(&done, vm);
-        (v.start_time.unwrap().0, v.completion_time.unwrap().0)
-    };
-    let groups = [
-        vec!["db-01"],
-        vec!["app-01", "app-02"],
-        vec!["web-01", "web-02"],
-    ];
-    for pair in groups.windows(2) {
-        let ended = pair[0].iter().map(|v| span(v).1).max().unwrap();
-        let started = pair[1].iter().map(|v| span(v).0).min().unwrap();
-        assert!(
-            ended <= started,
-            "{:?} started before {:?} ended",
-            pair[1],
-            pair[0]
-        );
-    }
-    for group in &groups[1..] {
-        let last_start = group.iter().map(|v| span(v).0).max().unwrap();
-        let first_end = group.iter().map(|v| span(v).1).min().unwrap();
-        assert!(last_start < first_end, "{group:?} ran one after the other");
-    }
+    lifeboat_tests::assert_groups_in_order_and_together(
+        &done,
+        &[&["db-01"], &["app-01", "app-02"], &["web-01", "web-02"]],
+    );
 
     // The cleanup removes what the test failover made: the disks, the hook's servers.
     let pids: Vec<String> = VMS
