@@ -683,8 +683,9 @@ pub async fn run(
     let mut status = previous.unwrap_or_default();
     let now = SystemTime::now();
     // NB: a run found running is one whose process stopped mid-run: it goes on from its
-    // steps done, as a retry does.
-    let resumed = run.retry.is_some()
+    // steps done, as a retry does. A drill retried is a new drill (the failed one cleaned
+    // up after itself: its steps done prove nothing any more).
+    let resumed = (run.retry.is_some() && !run.drill)
         || (matches!(status.phase, PlanPhase::Running | PlanPhase::WaitingForGate)
             && status.token.as_ref() == Some(&run.token)
             && status.action == Some(run.action()));
@@ -692,10 +693,10 @@ pub async fn run(
         (true, Some(first)) => crate::mapping::system_time(first),
         _ => now,
     };
+    if let Some(retry) = &run.retry {
+        status.handled_requests.retry = Some(retry.clone());
+    }
     if resumed {
-        if let Some(retry) = &run.retry {
-            status.handled_requests.retry = Some(retry.clone());
-        }
         status.failure = None;
     } else {
         status.completed_steps.clear();

@@ -524,3 +524,36 @@ async fn a_drill_that_is_not_verified_fails_and_still_cleans_up() {
     assert_eq!(cleanups, 10, "every VM tested and cleaned up");
     assert!(status.next_drill_time.is_some());
 }
+
+#[tokio::test]
+async fn a_failed_drill_retried_is_a_whole_new_drill() {
+    let driver = RecordingDriver::default();
+    driver.unverified.lock().unwrap().push("app-02".into());
+    let mut spec = drilled();
+    let created = SystemTime::now() - Duration::from_secs(25 * 3600);
+    let drill = pending(&spec, None, created, SystemTime::now()).unwrap();
+    let failed = run(&driver, "ns", "plan", &spec, None, drill).await;
+    assert_eq!(failed.phase, PlanPhase::Failed);
+    driver.unverified.lock().unwrap().clear();
+    driver.calls.lock().unwrap().clear();
+    spec.requests = Some(PlanRequests {
+        retry: Some("r1".into()),
+        ..Default::default()
+    });
+    let retry = pending(&spec, Some(&failed), created, SystemTime::now()).unwrap();
+    assert!(retry.drill, "{retry:?}");
+    let done = run(&driver, "ns", "plan", &spec, Some(failed), retry).await;
+    assert_eq!(done.phase, PlanPhase::Succeeded, "{done:#?}");
+    assert!(done.last_drill.as_ref().unwrap().succeeded);
+    let vm_calls = driver
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("vm "))
+        .count();
+    assert_eq!(vm_calls, 10, "every VM tested and cleaned up again");
+    assert_eq!(done.handled_requests.retry.as_deref(), Some("r1"));
+    assert_eq!(
+        pending(&spec, Some(&done), created, SystemTime::now()),
+        None
+    );
+}
