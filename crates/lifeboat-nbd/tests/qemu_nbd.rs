@@ -13,7 +13,8 @@ use lifeboat_nbd::{BASE_ALLOCATION, NBD_STATE_HOLE, NbdClient, NbdError};
 const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `qemu-nbd` serving `image` on `socket` as export `disk`; it exits when its client leaves.
+/// `qemu-nbd` serving `image` on `socket` as export `disk` (its socket file made: see
+/// [`connect`]); it exits when its client leaves.
 fn serve(image: &Path, socket: &Path, read_only: bool) -> Child {
     let mut cmd = Command::new("qemu-nbd");
     cmd.args(["-f", "qcow2", "-x", "disk", "-k"])
@@ -32,6 +33,27 @@ fn serve(image: &Path, socket: &Path, read_only: bool) -> Child {
     let _ = child.kill();
     let _ = child.wait();
     panic!("qemu-nbd never listened on {}", socket.display());
+}
+
+/// A client of the export `disk` on `socket`, asking for `contexts`. NB: qemu-nbd creates
+/// its socket file when it binds, before it listens: a connection in between is refused, and
+/// tried again (a probe connection would do no good: qemu-nbd exits when its client leaves).
+async fn connect(socket: &Path, contexts: &[String]) -> NbdClient {
+    for _ in 0..500 {
+        match NbdClient::connect_unix(socket, "disk", contexts, TIMEOUT).await {
+            Ok(client) => return client,
+            Err(NbdError::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("connect to {}: {e}", socket.display()),
+        }
+    }
+    panic!(
+        "qemu-nbd never accepted a connection on {}",
+        socket.display()
+    );
 }
 
 /// A new empty 64 MiB qcow2 image `disk.qcow2` in `dir`.
@@ -60,10 +82,7 @@ async fn writes_land_in_the_image_and_read_back_and_a_read_only_export_refuses_t
     let expected = dir.path().join("expected.raw");
     let socket = dir.path().join("nbd.sock");
     let mut server = serve(&image, &socket, false);
-    let mut client =
-        NbdClient::connect_unix(&socket, "disk", &[BASE_ALLOCATION.to_owned()], TIMEOUT)
-            .await
-            .unwrap();
+    let mut client = connect(&socket, &[BASE_ALLOCATION.to_owned()]).await;
     assert!(client.is_writable());
     // One write larger than the server's largest request (it is split), one small one at an
     // odd place, and the raw image that should result.
@@ -112,9 +131,7 @@ async fn writes_land_in_the_image_and_read_back_and_a_read_only_export_refuses_t
 
     std::fs::remove_file(&socket).ok();
     let mut server = serve(&image, &socket, true);
-    let mut client = NbdClient::connect_unix(&socket, "disk", &[], TIMEOUT)
-        .await
-        .unwrap();
+    let mut client = connect(&socket, &[]).await;
     assert!(!client.is_writable());
     let refused = client.write(0, Bytes::from(vec![1; 512])).await;
     assert!(
@@ -131,9 +148,7 @@ async fn scattered_pieces_go_out_together_and_each_lands_where_it_was_asked() {
     let image = new_qcow2(dir.path());
     let socket = dir.path().join("nbd.sock");
     let mut server = serve(&image, &socket, false);
-    let mut client = NbdClient::connect_unix(&socket, "disk", &[], TIMEOUT)
-        .await
-        .unwrap();
+    let mut client = connect(&socket, &[]).await;
     // 300 scattered 64 KiB blocks (more than one window in flight), one piece larger than
     // the server's largest request, and a zero-length one.
     let mut writes: Vec<(u64, Bytes)> = (0..300u64)
