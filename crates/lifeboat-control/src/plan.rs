@@ -92,12 +92,13 @@ impl Run {
     }
 
     /// Whether the groups' gates hold this run (test failover and failover; not cleanup or
-    /// commit, which undo or seal what a gated run did).
+    /// commit, which undo or seal what a gated run did, nor a drill, which nobody attends).
     fn gated(&self) -> bool {
-        matches!(
-            self.request,
-            VmRequest::TestFailover(_) | VmRequest::Failover { .. }
-        )
+        !self.drill
+            && matches!(
+                self.request,
+                VmRequest::TestFailover(_) | VmRequest::Failover { .. }
+            )
     }
 }
 
@@ -153,11 +154,9 @@ pub fn pending(
         && status.phase == PlanPhase::Failed
         && let (Some(action), Some(token)) = (status.action, status.token.clone())
     {
-        if action == PlanAction::Drill {
-            return Some(drill(token, Some(retry.clone())));
-        }
         let request = match action {
-            PlanAction::Drill | PlanAction::TestFailover => VmRequest::TestFailover(
+            PlanAction::Drill => return Some(drill(token, Some(retry.clone()))),
+            PlanAction::TestFailover => VmRequest::TestFailover(
                 requests
                     .test_failover
                     .map(|r| r.recovery_point)
@@ -371,8 +370,6 @@ struct Runner<'a> {
     run: Run,
     /// What the VMs are asked in this part of the run (a drill's second part: cleanup).
     request: VmRequest,
-    /// Before step ids: `cleanup/` in a drill's second part.
-    prefix: &'static str,
     status: RecoveryPlanStatus,
 }
 
@@ -431,8 +428,18 @@ impl Runner<'_> {
         }
     }
 
+    /// In a drill's second part, its cleanup: its steps are named `cleanup/...`, and the
+    /// VMs' outcomes in status stay the test failover's.
+    fn drill_cleanup(&self) -> bool {
+        self.run.drill && self.request == VmRequest::Cleanup
+    }
+
     fn step(&self, step: String) -> String {
-        format!("{}{step}", self.prefix)
+        if self.drill_cleanup() {
+            format!("cleanup/{step}")
+        } else {
+            step
+        }
     }
 
     fn done(&self, step: &str) -> bool {
@@ -557,15 +564,10 @@ impl Runner<'_> {
         if todo.is_empty() {
             return Ok(());
         }
-        let what = if self.prefix.is_empty() {
-            ""
-        } else {
-            "cleanup of "
-        };
+        let record = !self.drill_cleanup();
+        let what = if record { "" } else { "cleanup of " };
         self.status.progression = Some(format!("{}: {what}{} VM(s)", group.name, todo.len()));
         self.status.phase = PlanPhase::Running;
-        // NB: a drill's cleanup leaves the VMs' test failover outcomes in status.
-        let record = self.prefix.is_empty();
         let started = SystemTime::now();
         for vm in self
             .status
@@ -646,7 +648,7 @@ impl Runner<'_> {
     }
 
     async fn group(&mut self, group: &PlanGroup) -> Result<(), StepError> {
-        if self.run.gated() && !self.run.drill {
+        if self.run.gated() {
             self.gate(group).await?;
         }
         self.hooks(group, "before").await?;
@@ -714,7 +716,6 @@ pub async fn run(
         name: name.to_owned(),
         namespace: namespace.to_owned(),
         request: run.request.clone(),
-        prefix: "",
         run,
         status,
     };
@@ -729,7 +730,6 @@ pub async fn run(
         outcome = outcome.and_then(|()| verified(&runner.status));
         // NB: a drill cleans up whatever it made, whether or not it went well.
         runner.request = VmRequest::Cleanup;
-        runner.prefix = "cleanup/";
         let cleanup = runner.groups(spec).await;
         let finished = SystemTime::now();
         let succeeded = outcome.is_ok() && cleanup.is_ok();
