@@ -197,31 +197,31 @@ impl Folder {
             .collect()
     }
 
-    /// The policies, by key.
-    pub fn policies(&self) -> BTreeMap<Key, ReplicationPolicy> {
+    /// The resources of one kind (`of` picks them from a file's content), by key.
+    fn keyed<T: kube::Resource + Clone>(
+        &self,
+        of: impl Fn(&FileContent) -> &[T],
+    ) -> BTreeMap<Key, T> {
         self.files
             .values()
-            .flat_map(|f| f.policies.iter())
-            .map(|p| (key_of(p), p.clone()))
+            .flat_map(|f| of(f).iter())
+            .map(|r| (key_of(r), r.clone()))
             .collect()
+    }
+
+    /// The policies, by key.
+    pub fn policies(&self) -> BTreeMap<Key, ReplicationPolicy> {
+        self.keyed(|f| &f.policies)
     }
 
     /// The VMs, by key.
     pub fn vms(&self) -> BTreeMap<Key, ProtectedVM> {
-        self.files
-            .values()
-            .flat_map(|f| f.vms.iter())
-            .map(|v| (key_of(v), v.clone()))
-            .collect()
+        self.keyed(|f| &f.vms)
     }
 
     /// The recovery plans, by key.
     pub fn plans(&self) -> BTreeMap<Key, RecoveryPlan> {
-        self.files
-            .values()
-            .flat_map(|f| f.plans.iter())
-            .map(|p| (key_of(p), p.clone()))
-            .collect()
+        self.keyed(|f| &f.plans)
     }
 
     /// A Secret's value.
