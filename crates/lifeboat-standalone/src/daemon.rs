@@ -208,6 +208,44 @@ struct Slot {
     job: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The embedded store's record of a resource of the manifests folder, as the API server
+/// keeps one: the first time, the manifest with `spec` (its requests merged), generation 1,
+/// created `now`, a uid of its own; after, the `stored` record with `spec` and a new
+/// generation when the spec changed, and the manifest's labels.
+pub(crate) fn record<K: kube::Resource + Clone, S: PartialEq>(
+    stored: Option<K>,
+    manifest: &K,
+    spec: S,
+    spec_of: impl Fn(&mut K) -> &mut S,
+    now: SystemTime,
+) -> K {
+    match stored {
+        None => {
+            let mut fresh = manifest.clone();
+            *spec_of(&mut fresh) = spec;
+            let meta = fresh.meta_mut();
+            meta.generation = Some(1);
+            meta.creation_timestamp = Some(api_time(now));
+            // NB: unique to this incarnation, as the API server makes it: jobs are adopted by
+            // owner uid, and a VM re-created under the same name must not adopt its
+            // predecessor's finished jobs.
+            meta.uid = Some(format!("standalone-{}", uuid::Uuid::new_v4()));
+            fresh
+        }
+        Some(mut kept) => {
+            if *spec_of(&mut kept) != spec {
+                *spec_of(&mut kept) = spec;
+                let meta = kept.meta_mut();
+                meta.generation = Some(meta.generation.unwrap_or(0) + 1);
+            }
+            let meta = kept.meta_mut();
+            meta.deletion_timestamp = None;
+            meta.labels.clone_from(&manifest.meta().labels);
+            kept
+        }
+    }
+}
+
 /// The daemon.
 pub struct Daemon {
     options: Options,
@@ -347,28 +385,7 @@ impl Daemon {
                 spec.requests.take(),
                 requests::read(&self.options.state_dir, &key.0, &key.1),
             );
-            let vm = match stored {
-                None => {
-                    let mut vm = manifest.clone();
-                    vm.spec = spec;
-                    vm.metadata.generation = Some(1);
-                    vm.metadata.creation_timestamp = Some(api_time(now));
-                    // NB: unique to this incarnation of the VM, as the API server makes it: jobs are
-                    // adopted by owner uid, and a VM re-created under the same name must not
-                    // adopt its predecessor's finished jobs.
-                    vm.metadata.uid = Some(format!("standalone-{}", uuid::Uuid::new_v4()));
-                    vm
-                }
-                Some(mut vm) => {
-                    if vm.spec != spec {
-                        vm.spec = spec;
-                        vm.metadata.generation = Some(vm.metadata.generation.unwrap_or(0) + 1);
-                    }
-                    vm.metadata.deletion_timestamp = None;
-                    vm.metadata.labels.clone_from(&manifest.metadata.labels);
-                    vm
-                }
-            };
+            let vm = record(stored, manifest, spec, |vm| &mut vm.spec, now);
             self.db.put(VM_KIND, &key.0, &key.1, &vm)?;
             out.insert(key.clone(), vm);
         }

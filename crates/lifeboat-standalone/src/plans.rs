@@ -26,11 +26,12 @@ use lifeboat_api::plan::{
     PlanHook, PlanRequests, RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus,
 };
 use lifeboat_api::protected_vm::ProtectedVMStatus;
-use lifeboat_control::mapping::{api_time, system_time};
+use lifeboat_control::mapping::system_time;
 use lifeboat_control::plan::{self, PlanDriver, VmRequest};
 use tokio::sync::watch;
 
 use crate::cli::{self, Embedded};
+use crate::daemon::record;
 use crate::db::{Db, DbError};
 use crate::folder::Key;
 use crate::requests;
@@ -72,23 +73,7 @@ impl Plans {
                 continue;
             }
             let stored: Option<RecoveryPlan> = db.get(PLAN_KIND, &key.0, &key.1)?;
-            let plan = match stored.clone() {
-                None => {
-                    let mut plan = manifest.clone();
-                    plan.spec = spec;
-                    plan.metadata.generation = Some(1);
-                    plan.metadata.creation_timestamp = Some(api_time(now));
-                    plan
-                }
-                Some(mut plan) => {
-                    if plan.spec != spec {
-                        plan.spec = spec;
-                        plan.metadata.generation = Some(plan.metadata.generation.unwrap_or(0) + 1);
-                    }
-                    plan.metadata.labels.clone_from(&manifest.metadata.labels);
-                    plan
-                }
-            };
+            let plan = record(stored.clone(), manifest, spec, |p| &mut p.spec, now);
             if stored.as_ref() != Some(&plan) {
                 db.put(PLAN_KIND, &key.0, &key.1, &plan)?;
             }
