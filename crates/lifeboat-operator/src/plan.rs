@@ -133,8 +133,38 @@ struct KubeDriver {
     spec: watch::Receiver<RecoveryPlanSpec>,
 }
 
-/// The API server as the [`Resources`] a VM's request is waited on in.
-struct ApiResources(Client);
+/// The API server as the [`Resources`] a VM's request is waited on in (by the plans' runs
+/// and by `lifeboat failover --cluster` and friends).
+#[derive(Clone)]
+pub struct ApiResources(pub Client);
+
+impl std::fmt::Debug for ApiResources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiResources").finish_non_exhaustive()
+    }
+}
+
+/// Ask `action` of the ProtectedVM `namespace/name`: its `spec.requests` field set with a
+/// fresh token by merge patch, as a GitOps change would; the token.
+///
+/// # Errors
+///
+/// The API server refused the patch.
+pub async fn ask_vm(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    action: &requests::Action,
+) -> Result<String, kube::Error> {
+    let token = requests::new_token();
+    let mut asked = Requests::default();
+    requests::apply_request(&mut asked, action, &token);
+    let patch = json!({ "spec": { "requests": asked } });
+    Api::<ProtectedVM>::namespaced(client.clone(), namespace)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(token)
+}
 
 #[async_trait]
 impl Resources for ApiResources {
@@ -267,11 +297,7 @@ impl PlanDriver for KubeDriver {
             .map_err(|e| format!("get ProtectedVM {namespace}/{name}: {e}"))?
             .ok_or_else(|| format!("no ProtectedVM {namespace}/{name}"))?;
         requests::check_action(&vm, &action)?;
-        let token = requests::new_token();
-        let mut asked = Requests::default();
-        requests::apply_request(&mut asked, &action, &token);
-        let patch = json!({ "spec": { "requests": asked } });
-        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        let token = ask_vm(&self.client, &namespace, name, &action)
             .await
             .map_err(|e| format!("set spec.requests of ProtectedVM {namespace}/{name}: {e}"))?;
         plan::wait_for_vm(

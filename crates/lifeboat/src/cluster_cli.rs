@@ -11,10 +11,10 @@ use kube::{Client, Config};
 use std::path::Path;
 
 use lifeboat_api::plan::{PlanRequests, RecoveryPlan};
-use lifeboat_api::protected_vm::Requests;
 use lifeboat_api::{ProtectedVM, ReplicationJob};
+use lifeboat_operator::plan::ApiResources;
 use lifeboat_standalone::cli::plan::{self as cli_plan, PlanAsk, PlanSource};
-use lifeboat_standalone::cli::{self, Action, Resources};
+use lifeboat_standalone::cli::{self, Action};
 
 use crate::exit::Exit;
 
@@ -173,14 +173,9 @@ impl Cluster {
                 .with_context(|| format!("read ProtectedVM {namespace}/{name}"))?;
             cli::check_action(&vm, action).map_err(anyhow::Error::msg)?;
         }
-        let token = cli::new_token();
-        let mut requests = Requests::default();
-        cli::apply_request(&mut requests, action, &token);
-        let patch = serde_json::json!({ "spec": { "requests": requests } });
-        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        lifeboat_operator::plan::ask_vm(&self.client, namespace, name, action)
             .await
-            .with_context(|| format!("set spec.requests of ProtectedVM {namespace}/{name}"))?;
-        Ok(token)
+            .with_context(|| format!("set spec.requests of ProtectedVM {namespace}/{name}"))
     }
 
     /// The operator's version: the `app.kubernetes.io/version` label of the chart's operator
@@ -230,20 +225,10 @@ impl Cluster {
     }
 }
 
-#[async_trait::async_trait]
-impl Resources for Cluster {
-    async fn vm(&self, namespace: &str, name: &str) -> Result<Option<ProtectedVM>, String> {
-        let api: Api<ProtectedVM> = Api::namespaced(self.client.clone(), namespace);
-        api.get_opt(name)
-            .await
-            .map_err(|e| format!("get ProtectedVM {namespace}/{name}: {e}"))
-    }
-
-    async fn job(&self, namespace: &str, name: &str) -> Result<Option<ReplicationJob>, String> {
-        let api: Api<ReplicationJob> = Api::namespaced(self.client.clone(), namespace);
-        api.get_opt(name)
-            .await
-            .map_err(|e| format!("get ReplicationJob {namespace}/{name}: {e}"))
+impl Cluster {
+    /// The cluster as the [`cli::Resources`] a request is waited on in.
+    pub fn resources(&self) -> ApiResources {
+        ApiResources(self.client.clone())
     }
 }
 

@@ -468,7 +468,7 @@ async fn points(target: &Target, output: &OutputArgs, vm: &str) -> Result<ExitCo
         Mode::Cluster => {
             let cluster = target.connect().await?;
             let (ns, name) = cli::parse_vm(vm, &target.namespace_or(&cluster.namespace));
-            let found = cli::Resources::vm(&cluster, &ns, &name)
+            let found = cli::Resources::vm(&cluster.resources(), &ns, &name)
                 .await
                 .map_err(Exit::api)?;
             let Some(found) = found else {
@@ -580,7 +580,7 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
                 );
                 confirm(&request, &action, &ns, &name)?;
                 let token = cluster.request(&ns, &name, &action).await?;
-                (Box::new(cluster), ns, name, token)
+                (Box::new(cluster.resources()), ns, name, token)
             }
             Mode::Standalone(dir) => {
                 let (ns, name) =
