@@ -298,9 +298,10 @@ fn a_plan_of_three_groups_tests_failover_in_order_with_gate_hooks_retry_and_dril
         "{table}"
     );
 
-    // A drill every 24 hours. A day passes: the daemon stops, the plan's record is made a
-    // day and an hour old, the daemon starts again. The drill runs by itself, past the gate:
-    // every VM recovered and verified, the hooks run, then everything cleaned up.
+    // A drill every 24 hours. A day passes: the daemon is killed (SIGKILL: not a crash test,
+    // the page cache is kept), the plan's stored record is made a day and an hour old, the
+    // daemon starts again. The drill runs by itself, past the gate: every VM recovered and
+    // verified, the hooks run, then everything cleaned up.
     let manifest = work.join("manifests/plan.yaml");
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(
