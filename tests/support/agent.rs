@@ -336,6 +336,7 @@ impl Worker {
                             }],
                             verified: true,
                             node: Some(self.node.clone()),
+                            recovered_vm: None,
                         });
                     json!({"status": {
                         "phase": "Succeeded", "completionTime": finished,

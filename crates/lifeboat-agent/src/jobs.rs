@@ -139,6 +139,7 @@ pub fn failover_result(report: &FailoverReport) -> FailoverResult {
             .collect(),
         verified: true,
         node: None,
+        recovered_vm: None,
     }
 }
 

@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod plan;
 pub mod policy;
 pub mod protected_vm;
+pub mod recovered;
 pub mod schema_check;
 
 pub use common::{ErrorClass, ErrorStatus, Health, RecoveryPointKind, RecoveryPointSelector};

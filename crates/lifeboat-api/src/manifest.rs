@@ -258,7 +258,19 @@ fn parse_value(
         "RecoveryPlan" => serde_json::from_value(defaulted).map(Resource::Plan),
         _ => serde_json::from_value(defaulted).map(Resource::Job),
     };
-    typed.map_err(|e| invalid(vec![e.to_string()]))
+    let typed = typed.map_err(|e| invalid(vec![e.to_string()]))?;
+    // NB: beyond what a schema can say: a recovery template must parse (the API server cannot
+    // check it; the operator reports a bad one at failover).
+    if let Resource::Vm(vm) = &typed
+        && let Some(template) = vm
+            .spec
+            .recovered_vm
+            .as_ref()
+            .and_then(|r| r.template.as_deref())
+    {
+        crate::recovered::check(template).map_err(|problem| invalid(vec![problem]))?;
+    }
+    Ok(typed)
 }
 
 /// The fields of `metadata` a manifest may carry.

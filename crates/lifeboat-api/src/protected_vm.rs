@@ -150,6 +150,10 @@ pub struct ProtectedVMSpec {
     /// what re-protect replicates from, back into the same replica, and what a failback stops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_site: Option<RecoverySiteSpec>,
+    /// The VM a failover or a test failover brings up on the disks it wrote: its definition,
+    /// rendered from a template, and a hook that gets the disks' locations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_vm: Option<RecoveredVmSpec>,
     /// Actions asked for by setting a new token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<Requests>,
@@ -187,6 +191,57 @@ pub struct RecoverySiteSpec {
     /// so that re-protect sends those blocks without reading the rest of the disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_format: Option<RecoveryDiskFormat>,
+}
+
+/// The VM a (test) failover brings up on the disks it wrote.
+///
+/// After the disks are written and verified, the `template` is rendered with the disks'
+/// locations and the settings below, and placed: on a cluster, applied as the Kubernetes
+/// object it describes (a KubeVirt VirtualMachine, ...; the operator needs the rights to
+/// create it, see the chart's `recoveredVmKinds`); standalone, and on a cluster when it is not
+/// a Kubernetes object (a libvirt domain XML), written as a file beside the disks. Then the
+/// `hook` runs, with the environment of a plan's hook for this one VM (`LIFEBOAT_VMS`,
+/// `LIFEBOAT_DISKS_<VM>`, `LIFEBOAT_DISK_<VM>_<DISK>`, `LIFEBOAT_ACTION`, ...) and
+/// `LIFEBOAT_RECOVERED_NAME`, `LIFEBOAT_NETWORK`, `LIFEBOAT_DEFINITION` (where the rendered
+/// template went). At the cleanup of a test failover, the hook runs again
+/// (`LIFEBOAT_ACTION=CleanupTestFailover`) and the rendered definition is removed, before the
+/// disks are.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.template) || has(self.hook)",
+     "message": "a recoveredVm needs a template, a hook, or both"}
+]))]
+pub struct RecoveredVmSpec {
+    /// The recovered VM's name (a Kubernetes object's, a domain's). Absent: the ProtectedVM's
+    /// name; a test failover's gets `-test` after it, as Azure Site Recovery's does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 58))]
+    pub name: Option<String>,
+    /// The network the recovered VM joins after a failover (a Multus network attachment, a
+    /// libvirt network, a bridge: the template says how it is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub network: Option<String>,
+    /// The network of a test failover's VM: an isolated one, so that it cannot reach the
+    /// production VM's peers. Absent: `network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub test_network: Option<String>,
+    /// The recovered VM's definition as a MiniJinja (Jinja2) template. It sees `name`,
+    /// `network`, `namespace`, `vm` (the ProtectedVM's name), `vmName` (its name on the
+    /// hypervisor), `action` (`Failover` or
+    /// `TestFailover`), `test` (true for a test failover), `node` (where the disks are),
+    /// `recoveryPoint` (`name`, `time`), `disks` (a list of `name`, `location`, `format`) and
+    /// `disk` (the same, by disk name: `disk.root.location`). Write `{{ "{{" }}` for a literal
+    /// `{{`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub template: Option<String>,
+    /// Run after the template is placed (and at the cleanup of a test failover); a failed hook
+    /// is reported in status, the disks stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<crate::plan::PlanHook>,
 }
 
 /// The format of the disks a failover writes.
@@ -576,6 +631,35 @@ pub struct FailoverResult {
     /// a recovery node when the VM's agent was lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The VM brought up on the disks (`spec.recoveredVm`): its definition and its hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_vm: Option<RecoveredVm>,
+}
+
+/// The VM a (test) failover brought up on its disks (written by the operator, or the
+/// standalone daemon).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveredVm {
+    /// Its name.
+    pub name: String,
+    /// Where its rendered definition went: `<apiVersion> <kind> <namespace>/<name>` for an
+    /// object applied on the cluster, else the file's path on `node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
+    /// Whether the definition was placed and the hook succeeded.
+    #[serde(default)]
+    pub succeeded: bool,
+    /// What failed (rendering, placing, the hook), or what the hook's undo at cleanup said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it was brought up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+    /// Its definition was removed and its hook undone (the cleanup of a test failover is
+    /// under way).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 /// One materialised disk.

@@ -14,6 +14,7 @@
 pub mod mapping;
 pub mod plan;
 pub mod reconcile;
+pub mod recovery;
 pub mod requests;
 
 pub use reconcile::{Carried, Created, JobNameTaken, VmPass, VmWriter, job_object, reconcile_vm};

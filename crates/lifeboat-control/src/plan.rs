@@ -475,26 +475,8 @@ impl Runner<'_> {
                 serde_json::to_string(&self.status.vms).unwrap_or_default(),
             ),
         ];
-        for vm in self.status.vms.iter().filter(|v| !v.disks.is_empty()) {
-            let lines: Vec<String> = vm
-                .disks
-                .iter()
-                .map(|d| format!("{}={}", d.name, d.location))
-                .collect();
-            env.push((
-                format!("LIFEBOAT_DISKS_{}", env_name(&vm.name)),
-                lines.join("\n"),
-            ));
-            for disk in &vm.disks {
-                env.push((
-                    format!(
-                        "LIFEBOAT_DISK_{}_{}",
-                        env_name(&vm.name),
-                        env_name(&disk.name)
-                    ),
-                    disk.location.clone(),
-                ));
-            }
+        for vm in &self.status.vms {
+            env.extend(crate::recovery::disk_env(&vm.name, &vm.disks));
         }
         env
     }

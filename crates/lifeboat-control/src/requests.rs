@@ -211,6 +211,32 @@ pub fn handled(vm: &ProtectedVM, action: &Action) -> Option<String> {
     }
 }
 
+/// Where the recovered VM (`spec.recoveredVm`) of a handled request is.
+enum Recovered<'a> {
+    /// The VM has none, or the action brings none up.
+    NotAsked,
+    /// Not recorded yet.
+    Coming,
+    /// Brought up, or failed to.
+    Up(&'a lifeboat_api::protected_vm::RecoveredVm),
+}
+
+fn recovered_vm<'a>(vm: &'a ProtectedVM, action: &Action) -> Recovered<'a> {
+    if vm.spec.recovered_vm.is_none() {
+        return Recovered::NotAsked;
+    }
+    let status = vm.status.as_ref();
+    let result = match action {
+        Action::TestFailover(_) => status.and_then(|s| s.test_failover.as_ref()),
+        Action::Failover { .. } => status.and_then(|s| s.failover.as_ref()),
+        _ => return Recovered::NotAsked,
+    };
+    match result.and_then(|r| r.recovered_vm.as_ref()) {
+        Some(up) => Recovered::Up(up),
+        None => Recovered::Coming,
+    }
+}
+
 /// Why [`wait`] gave up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitError {
@@ -320,7 +346,18 @@ async fn wait_inner(
             )));
         }
         if handled(&vm, action).as_deref() == Some(token) {
-            return Ok(vm);
+            match recovered_vm(&vm, action) {
+                Recovered::NotAsked => return Ok(vm),
+                Recovered::Up(up) if up.succeeded => return Ok(vm),
+                Recovered::Up(up) => {
+                    return Err(WaitError::Failed(format!(
+                        "the disks are written, but the recovered VM {} did not come up: {}",
+                        up.name,
+                        up.message.as_deref().unwrap_or("no reason given")
+                    )));
+                }
+                Recovered::Coming => {}
+            }
         }
         if started.elapsed() > timeout {
             return Err(WaitError::Timeout(format!(

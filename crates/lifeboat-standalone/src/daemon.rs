@@ -10,6 +10,7 @@
 //!                 ├─ job to create ──> db ──> node: claim, run_job on the VM's worker, job status
 //!                 └─ status (operator's fields) ──> db
 //!   per VM:     worker.tick (cycles) ──> facts ──> status.agent
+//!   per VM:     crate::recovered (its recovered VM brought up or down, as a task)
 //!   plans:      crate::plans (a run per plan with a request pending, as a task)
 //! ```
 //!
@@ -42,6 +43,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use crate::db::{Db, StateLock};
 use crate::folder::{Folder, Key};
 use crate::plans::Plans;
+use crate::recovered::Recoveries;
 use crate::requests;
 
 /// The db's kinds.
@@ -254,6 +256,7 @@ pub struct Daemon {
     stores: StoreCache,
     slots: BTreeMap<Key, Slot>,
     plans: Plans,
+    recoveries: Recoveries,
     /// Errors already logged, so that a standing problem is logged once.
     reported: Mutex<BTreeMap<Key, String>>,
     _lock: StateLock,
@@ -292,6 +295,7 @@ impl Daemon {
             stores: StoreCache::default(),
             slots: BTreeMap::new(),
             plans: Plans::default(),
+            recoveries: Recoveries::default(),
             reported: Mutex::default(),
             options,
             _lock: lock,
@@ -326,6 +330,7 @@ impl Daemon {
             }
         }
         self.plans.abort();
+        self.recoveries.abort();
         Ok(())
     }
 
@@ -354,8 +359,19 @@ impl Daemon {
         let manifests = self.folder.vms();
         let vms = self.sync_vms(&manifests, now)?;
         self.decide_policies(&policies, &vms, now)?;
-        for (key, vm) in vms {
+        for (key, mut vm) in vms {
             let policy = policies.get(&(key.0.clone(), vm.spec.policy_ref.name.clone()));
+            let manifests = &self.options.manifests;
+            if self
+                .recoveries
+                .step(&self.db, &key, &mut vm, manifests, now)
+                .await?
+            {
+                // NB: its recovered VM comes up or goes down: the VM's decisions wait, its
+                // cycles go on.
+                self.node(&key, &vm, policy, now).await?;
+                continue;
+            }
             let vm = self.decide(&key, vm, policy, now).await?;
             if let Some(vm) = vm {
                 self.node(&key, &vm, policy, now).await?;

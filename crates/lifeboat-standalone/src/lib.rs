@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod db;
 pub mod folder;
 pub mod plans;
+pub mod recovered;
 pub mod requests;
 
 pub use daemon::{Daemon, DaemonError, Options};

@@ -163,7 +163,11 @@ impl PlanDriver for DaemonDriver {
 
 /// Run a hook in `dir` with `env`, to its end or its timeout (then it is killed). Its output
 /// goes to the log; a failure's message ends with its last lines of standard error.
-async fn run_hook(dir: &Path, hook: &PlanHook, env: &[(String, String)]) -> Result<(), String> {
+pub(crate) async fn run_hook(
+    dir: &Path,
+    hook: &PlanHook,
+    env: &[(String, String)],
+) -> Result<(), String> {
     let Some((program, args)) = hook.command.split_first() else {
         return Err(
             "it has no command: standalone mode runs a hook's command (its job is for a cluster)"

@@ -657,6 +657,15 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
         for disk in result.disks {
             println!("  disk {}: {}", disk.name, disk.location);
         }
+        if let Some(up) = result.recovered_vm {
+            println!(
+                "recovered VM {}: {}",
+                up.name,
+                up.definition
+                    .as_deref()
+                    .unwrap_or("no definition (spec.recoveredVm has no template)")
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,277 @@
+//! The VM a (test) failover brings up on the disks it wrote (`spec.recoveredVm`), and its
+//! removal at the cleanup of a test failover: one code path for the operator and the
+//! standalone daemon, over a [`RecoveryDriver`] (the Kubernetes API and Jobs; files and
+//! processes).
+//!
+//! ```text
+//!  (test) failover job done, status.testFailover / failover without recoveredVm
+//!     └─ BringUp: render the template ─> place it ─> hook ─> recoveredVm {definition, succeeded}
+//!  cleanup requested, recoveredVm not removed
+//!     └─ TakeDown: hook (CleanupTestFailover) ─> remove the definition ─> recoveredVm.removed
+//!                  then the cleanup job removes the disks
+//! ```
+//!
+//! What was done is recorded in the VM's status before anything else happens to it, so that a
+//! restart neither brings a VM up twice nor skips its removal. A VM's request is handled for a
+//! waiter (the CLI, a plan) only once its recovered VM is recorded ([`crate::requests::wait`]).
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use kube::ResourceExt;
+use lifeboat_api::plan::PlanHook;
+use lifeboat_api::protected_vm::{
+    FailoverResult, FailoverType, MaterialisedDisk, ProtectionPhase, RecoveredVm,
+};
+use lifeboat_api::recovered::{self, Rendered};
+use lifeboat_api::{ProtectedVM, ProtectedVMStatus};
+
+use crate::mapping::api_time;
+use crate::plan::env_name;
+
+/// What a VM's recovered VM needs now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// Bring it up on the disks of the test failover (`test`) or of the failover.
+    BringUp {
+        /// A test failover's.
+        test: bool,
+    },
+    /// The cleanup of the test failover is asked for: take its VM down first.
+    TakeDown,
+}
+
+/// Carries the work out where the VM lives.
+#[async_trait]
+pub trait RecoveryDriver: Send + Sync {
+    /// Place the rendered definition (apply the object, write the file); where it went.
+    async fn place(
+        &self,
+        vm: &ProtectedVM,
+        result: &FailoverResult,
+        rendered: &Rendered,
+    ) -> Result<String, String>;
+    /// Remove what [`RecoveryDriver::place`] placed at `definition`; gone already is not an
+    /// error.
+    async fn remove(&self, vm: &ProtectedVM, definition: &str) -> Result<(), String>;
+    /// Run the VM's hook with `env` added to its environment, to its end.
+    async fn hook(
+        &self,
+        vm: &ProtectedVM,
+        hook: &PlanHook,
+        env: &[(String, String)],
+    ) -> Result<(), String>;
+}
+
+/// What the VM needs now, if anything.
+pub fn pending(vm: &ProtectedVM) -> Option<Work> {
+    vm.spec.recovered_vm.as_ref()?;
+    let status = vm.status.as_ref()?;
+    let requests = vm.spec.requests.clone().unwrap_or_default();
+    let cleanup_asked = requests
+        .cleanup_test_failover
+        .as_ref()
+        .is_some_and(|t| Some(t) != status.handled_requests.cleanup_test_failover.as_ref());
+    if let Some(test) = &status.test_failover {
+        match &test.recovered_vm {
+            Some(up) if cleanup_asked && !up.removed => return Some(Work::TakeDown),
+            None if !cleanup_asked => return Some(Work::BringUp { test: true }),
+            _ => {}
+        }
+    }
+    let failed_over = matches!(
+        status.phase,
+        ProtectionPhase::FailedOver | ProtectionPhase::FailoverCommitted
+    );
+    (failed_over
+        && status
+            .failover
+            .as_ref()
+            .is_some_and(|f| f.recovered_vm.is_none()))
+    .then_some(Work::BringUp { test: false })
+}
+
+/// The environment of the VM's hook: a plan hook's for this one VM (`LIFEBOAT_VMS`,
+/// `LIFEBOAT_DISKS_<VM>`, `LIFEBOAT_DISK_<VM>_<DISK>`, ...) and the recovered VM's settings.
+pub fn hook_env(
+    vm: &ProtectedVM,
+    result: &FailoverResult,
+    action: &str,
+    recovered: &RecoveredVm,
+    network: Option<&str>,
+) -> Vec<(String, String)> {
+    let name = vm.name_any();
+    let requests = vm.spec.requests.clone().unwrap_or_default();
+    let token = if action == "CleanupTestFailover" {
+        requests.cleanup_test_failover
+    } else if action == "TestFailover" {
+        requests.test_failover.map(|r| r.token)
+    } else {
+        requests.failover.map(|r| r.token)
+    };
+    let mut env = vec![
+        (
+            "LIFEBOAT_NAMESPACE".to_owned(),
+            vm.namespace().unwrap_or_default(),
+        ),
+        ("LIFEBOAT_VM".to_owned(), name.clone()),
+        ("LIFEBOAT_VMS".to_owned(), name.clone()),
+        ("LIFEBOAT_ACTION".to_owned(), action.to_owned()),
+        ("LIFEBOAT_TOKEN".to_owned(), token.unwrap_or_default()),
+        ("LIFEBOAT_RECOVERED_NAME".to_owned(), recovered.name.clone()),
+        (
+            "LIFEBOAT_NETWORK".to_owned(),
+            network.unwrap_or_default().to_owned(),
+        ),
+        (
+            "LIFEBOAT_DEFINITION".to_owned(),
+            recovered.definition.clone().unwrap_or_default(),
+        ),
+        (
+            "LIFEBOAT_NODE".to_owned(),
+            result
+                .node
+                .clone()
+                .unwrap_or_else(|| vm.spec.node_name.clone()),
+        ),
+    ];
+    env.extend(disk_env(&name, &result.disks));
+    env
+}
+
+/// `LIFEBOAT_DISKS_<VM>` (one `disk=location` line per disk) and `LIFEBOAT_DISK_<VM>_<DISK>`
+/// (one disk's location), names upper-cased with `_` for other characters.
+pub fn disk_env(vm: &str, disks: &[MaterialisedDisk]) -> Vec<(String, String)> {
+    if disks.is_empty() {
+        return Vec::new();
+    }
+    let lines: Vec<String> = disks
+        .iter()
+        .map(|d| format!("{}={}", d.name, d.location))
+        .collect();
+    let mut env = vec![(format!("LIFEBOAT_DISKS_{}", env_name(vm)), lines.join("\n"))];
+    env.extend(disks.iter().map(|disk| {
+        (
+            format!("LIFEBOAT_DISK_{}_{}", env_name(vm), env_name(&disk.name)),
+            disk.location.clone(),
+        )
+    }));
+    env
+}
+
+/// The words a plan's hook gets for the failover that made `vm`'s result.
+fn failover_action(vm: &ProtectedVM) -> &'static str {
+    let planned = vm
+        .spec
+        .requests
+        .as_ref()
+        .and_then(|r| r.failover.as_ref())
+        .is_some_and(|f| f.failover_type == FailoverType::Planned);
+    if planned {
+        "PlannedFailover"
+    } else {
+        "UnplannedFailover"
+    }
+}
+
+/// Carry `work` out; the result's new `recoveredVm`, for [`record`]. `None` when the result
+/// it is about is gone.
+pub async fn carry_out(
+    driver: &dyn RecoveryDriver,
+    vm: &ProtectedVM,
+    work: Work,
+    now: SystemTime,
+) -> Option<RecoveredVm> {
+    let status = vm.status.as_ref()?;
+    let spec = vm.spec.recovered_vm.as_ref()?;
+    let qualified = format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any());
+    match work {
+        Work::BringUp { test } => {
+            let result = if test {
+                status.test_failover.as_ref()?
+            } else {
+                status.failover.as_ref()?
+            };
+            let mut up = RecoveredVm {
+                name: recovered::recovered_name(vm, test),
+                time: Some(api_time(now)),
+                ..RecoveredVm::default()
+            };
+            let failed = |mut up: RecoveredVm, message: String| {
+                tracing::warn!(vm = %qualified, recovered = %up.name, "the recovered VM did not come up: {message}");
+                up.message = Some(message);
+                up
+            };
+            let network = recovered::recovered_network(vm, test);
+            if spec.template.is_some() {
+                let rendered = match recovered::render(vm, result, test) {
+                    Ok(rendered) => rendered,
+                    Err(why) => return Some(failed(up, why)),
+                };
+                match driver.place(vm, result, &rendered).await {
+                    Ok(at) => up.definition = Some(at),
+                    Err(why) => {
+                        return Some(failed(up, format!("place its definition: {why}")));
+                    }
+                }
+            }
+            if let Some(hook) = &spec.hook {
+                let action = if test {
+                    "TestFailover"
+                } else {
+                    failover_action(vm)
+                };
+                let env = hook_env(vm, result, action, &up, network.as_deref());
+                if let Err(why) = driver.hook(vm, hook, &env).await {
+                    return Some(failed(up, format!("hook {}: {why}", hook.name)));
+                }
+            }
+            tracing::info!(vm = %qualified, recovered = %up.name, definition = ?up.definition, "the recovered VM is up");
+            up.succeeded = true;
+            Some(up)
+        }
+        Work::TakeDown => {
+            let result = status.test_failover.as_ref()?;
+            let mut down = result.recovered_vm.clone()?;
+            let mut problems = Vec::new();
+            if let Some(hook) = &spec.hook {
+                let network = recovered::recovered_network(vm, true);
+                let env = hook_env(vm, result, "CleanupTestFailover", &down, network.as_deref());
+                if let Err(why) = driver.hook(vm, hook, &env).await {
+                    problems.push(format!("hook {}: {why}", hook.name));
+                }
+            }
+            if let Some(definition) = &down.definition
+                && let Err(why) = driver.remove(vm, definition).await
+            {
+                problems.push(format!("remove {definition}: {why}"));
+            }
+            // NB: the cleanup goes on whatever the undo said (a hook that cannot stop what
+            // it started must not keep the test failover's disks forever); what failed is
+            // said in the log and in the status until the cleanup ends.
+            if problems.is_empty() {
+                tracing::info!(vm = %qualified, recovered = %down.name, "the test failover's VM is taken down");
+            } else {
+                tracing::warn!(vm = %qualified, recovered = %down.name, "taking the test failover's VM down: {}", problems.join("; "));
+                down.message = Some(format!("at cleanup: {}", problems.join("; ")));
+            }
+            down.removed = true;
+            Some(down)
+        }
+    }
+}
+
+/// Write what [`carry_out`] did into the VM's status (the result it was about).
+pub fn record(status: &mut ProtectedVMStatus, work: Work, recovered: RecoveredVm) {
+    let result = match work {
+        Work::BringUp { test: false } => status.failover.as_mut(),
+        Work::BringUp { test: true } | Work::TakeDown => status.test_failover.as_mut(),
+    };
+    if let Some(result) = result {
+        result.recovered_vm = Some(recovered);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is the test failure report
+mod tests;
