@@ -416,7 +416,14 @@ async fn rbac_scenario(watch_namespace: Option<&str>) {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    for vm in [vm("web", "local", &qsd), vm("db", "azure", &qsd)] {
+    // web brings up a recovered VM at its test failovers: a KubeVirt VirtualMachine first,
+    // then (the template changed to a libvirt domain) a ConfigMap holding the text.
+    let mut web = vm("web", "local", &qsd);
+    web.spec.recovered_vm = Some(object!(
+        lifeboat_api::protected_vm::RecoveredVmSpec,
+        json!({"template": "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: '{{ name }}'}\nspec: {disk: '{{ disk.os.location }}'}\n"})
+    ));
+    for vm in [web, vm("db", "azure", &qsd)] {
         vms.create(&PostParams::default(), &vm)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -521,6 +528,76 @@ async fn rbac_scenario(watch_namespace: Option<&str>) {
         .create(&PostParams::default(), &plan)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+
+    // The plan's test failover (its own token) brought web's VirtualMachine up; a cleanup
+    // deletes it. Then
+    // a test failover and a cleanup of a ConfigMap.
+    let recovered = |token: Option<&'static str>| {
+        let vms = vms.clone();
+        move || {
+            let vms = vms.clone();
+            async move {
+                let vm = vms.get_opt("web").await.ok().flatten()?;
+                let status = vm.status?;
+                let up = status.test_failover?.recovered_vm?;
+                let handled = status.handled_requests.test_failover;
+                token
+                    .is_none_or(|t| handled.as_deref() == Some(t))
+                    .then_some(up)
+            }
+        }
+    };
+    let cleaned = |token: &'static str| {
+        let vms = vms.clone();
+        move || {
+            let vms = vms.clone();
+            async move {
+                let vm = vms.get_opt("web").await.ok().flatten()?;
+                let status = vm.status?;
+                (status.handled_requests.cleanup_test_failover.as_deref() == Some(token)
+                    && status.test_failover.is_none())
+                .then_some(())
+            }
+        }
+    };
+    let ask_web = |patch: Value| {
+        let vms = vms.clone();
+        async move {
+            vms.patch(
+                "web",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    };
+    let up = eventually(60, "web's VirtualMachine", recovered(None)).await;
+    eventually(60, "the plan stopped at its hook", || {
+        let plans = Api::<lifeboat_api::RecoveryPlan>::namespaced(admin.clone(), VMS);
+        async move {
+            let plan = plans.get_opt("drill").await.ok().flatten()?;
+            (plan.status?.phase == lifeboat_api::plan::PlanPhase::Failed).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        up.definition.as_deref(),
+        Some(format!("kubevirt.io/v1 VirtualMachine {VMS}/web-test").as_str())
+    );
+    ask_web(json!({"spec": {"requests": {"cleanupTestFailover": "c1"}}})).await;
+    eventually(60, "web's first cleanup", cleaned("c1")).await;
+    ask_web(json!({"spec": {
+        "recoveredVm": {"template": "<domain><name>{{ name }}</name></domain>"},
+        "requests": {"testFailover": {"token": "t2"}}}}))
+    .await;
+    let up = eventually(60, "web's ConfigMap", recovered(Some("t2"))).await;
+    assert_eq!(
+        up.definition.as_deref(),
+        Some(format!("v1 ConfigMap {VMS}/web-test").as_str())
+    );
+    ask_web(json!({"spec": {"requests": {"cleanupTestFailover": "c2"}}})).await;
+    eventually(60, "web's second cleanup", cleaned("c2")).await;
 
     // Every grant used, or a minute gone.
     let all_grants: Vec<(&String, &Vec<Grant>)> = [&operator_user, &agent_user]

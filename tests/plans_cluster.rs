@@ -9,9 +9,10 @@
 //! Job, served the recovered disks, read back here over NBD. The cleanup removes the disks
 //! and stops what the hook started.
 //!
-//! No Job controller or kubelet can run here: `LocalJobRunner` is a TEST DOUBLE of them,
-//! which runs a Job's first container's command as a local process with the Job's
-//! environment and writes the Job's Complete or Failed condition, as the Job controller would.
+//! No Job controller or kubelet can run here: `LocalJobRunner` (tests/support/jobs.rs) is a
+//! TEST DOUBLE of them, which runs a Job's first container's command as a local process with
+//! the Job's environment and writes the Job's Complete or Failed condition, as the Job
+//! controller would.
 //!
 //! ```text
 //!  test ──plan, VMs, requests──> TestApiServer <── operator (plan runs, VM jobs, hook Jobs)
@@ -21,20 +22,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use lifeboat_agent::cluster::{Agent, AgentOptions, Timing};
 use lifeboat_api::plan::{PlanPhase, RecoveryPlan, RecoveryPlanStatus, VmOutcome};
 use lifeboat_api::{ProtectedVM, ProtectionPhase};
 use lifeboat_operator::{Config, Operator};
 use lifeboat_qemu::testing::{Qsd, assert_same};
 use lifeboat_tests::apiserver::TestApiServer;
+use lifeboat_tests::jobs::LocalJobRunner;
 use serde_json::{Value, json};
 
 const NS: &str = "plans";
@@ -56,90 +56,6 @@ fn example_hook() -> PathBuf {
         .join("../examples/hooks/serve-with-qemu.sh")
         .canonicalize()
         .unwrap()
-}
-
-/// A TEST DOUBLE of the Job controller and the kubelet: each Job of the namespace without a
-/// finished condition has its first container's command run here, once, in `dir`, with the
-/// container's environment; the Job then gets Complete, or Failed with the command's last
-/// line of standard error as its message. The Jobs it ran, by name, in order.
-struct LocalJobRunner {
-    ran: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for LocalJobRunner {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl LocalJobRunner {
-    fn start(client: Client, dir: PathBuf) -> LocalJobRunner {
-        let ran = Arc::new(Mutex::new(Vec::new()));
-        let record = Arc::clone(&ran);
-        let task = tokio::spawn(async move {
-            let jobs: Api<Job> = Api::namespaced(client, NS);
-            let mut seen = BTreeSet::new();
-            loop {
-                for job in jobs.list(&ListParams::default()).await.unwrap().items {
-                    let uid = job.uid().unwrap_or_default();
-                    if !seen.insert(uid) {
-                        continue;
-                    }
-                    let container = json!(job.spec.as_ref().unwrap().template)
-                        .pointer("/spec/containers/0")
-                        .cloned()
-                        .unwrap();
-                    let argv: Vec<String> = container["command"]
-                        .as_array()
-                        .into_iter()
-                        .chain(container["args"].as_array())
-                        .flatten()
-                        .map(|v| v.as_str().unwrap().to_owned())
-                        .collect();
-                    let env: Vec<(String, String)> = container["env"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|e| {
-                            (
-                                e["name"].as_str().unwrap().to_owned(),
-                                e["value"].as_str().unwrap_or_default().to_owned(),
-                            )
-                        })
-                        .collect();
-                    let out = tokio::process::Command::new(&argv[0])
-                        .args(&argv[1..])
-                        .envs(env)
-                        .current_dir(&dir)
-                        .output()
-                        .await
-                        .unwrap();
-                    record.lock().unwrap().push(job.name_any());
-                    let condition = if out.status.success() {
-                        json!({"type": "Complete", "status": "True"})
-                    } else {
-                        let stderr = String::from_utf8_lossy(&out.stderr);
-                        json!({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                               "message": stderr.lines().last().unwrap_or_default()})
-                    };
-                    jobs.patch_status(
-                        &job.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"status": {"conditions": [condition]}})),
-                    )
-                    .await
-                    .unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-        LocalJobRunner { ran, task }
-    }
-
-    fn ran(&self) -> Vec<String> {
-        self.ran.lock().unwrap().clone()
-    }
 }
 
 /// A hook's JobSpec running `command` (the image is the cluster's business; the double
@@ -238,7 +154,7 @@ async fn the_operator_runs_a_plan_of_three_groups_with_hook_jobs_a_gate_and_a_re
     let _agent = tokio::spawn(agent.run(futures::future::pending()));
     let hooks_dir = work.join("hooks");
     std::fs::create_dir_all(&hooks_dir).unwrap();
-    let runner = LocalJobRunner::start(client.clone(), hooks_dir.clone());
+    let runner = LocalJobRunner::start(client.clone(), NS, hooks_dir.clone());
 
     let policies: Api<lifeboat_api::ReplicationPolicy> = Api::namespaced(client.clone(), NS);
     policies

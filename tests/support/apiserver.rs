@@ -47,7 +47,7 @@ struct Kind {
     status_subresource: bool,
 }
 
-const KINDS: [Kind; 10] = [
+const KINDS: [Kind; 12] = [
     Kind {
         group: "lifeboat.io",
         version: "v1alpha1",
@@ -117,6 +117,21 @@ const KINDS: [Kind; 10] = [
         plural: "nodes",
         kind: "Node",
         status_subresource: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        kind: "ConfigMap",
+        status_subresource: false,
+    },
+    // A recovered VM's definition applied from a template (examples/recovered-vm-kubevirt.yaml).
+    Kind {
+        group: "kubevirt.io",
+        version: "v1",
+        plural: "virtualmachines",
+        kind: "VirtualMachine",
+        status_subresource: true,
     },
 ];
 

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod jobs;
 pub mod requests;
 
 use std::path::{Path, PathBuf};

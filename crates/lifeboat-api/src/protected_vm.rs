@@ -233,8 +233,8 @@ pub struct RecoveredVmSpec {
     /// hypervisor), `action` (`Failover` or
     /// `TestFailover`), `test` (true for a test failover), `node` (where the disks are),
     /// `recoveryPoint` (`name`, `time`), `disks` (a list of `name`, `location`, `format`) and
-    /// `disk` (the same, by disk name: `disk.root.location`). Write `{{ "{{" }}` for a literal
-    /// `{{`.
+    /// `disk` (the same, by disk name: `disk.root.location`). A value it uses that is not
+    /// there fails the render, naming it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 65536))]
     pub template: Option<String>,

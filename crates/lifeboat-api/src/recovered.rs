@@ -26,6 +26,8 @@ pub struct Rendered {
     pub name: String,
     /// The network it joins, if one is set.
     pub network: Option<String>,
+    /// For a test failover (removed at its cleanup).
+    pub test: bool,
     /// The rendered text.
     pub text: String,
     /// The text as a Kubernetes object, when it is one (a mapping with `apiVersion`, `kind` and
@@ -172,6 +174,7 @@ pub fn render(vm: &ProtectedVM, result: &FailoverResult, test: bool) -> Result<R
         object: kubernetes_object(&text),
         name,
         network,
+        test,
         text,
     })
 }

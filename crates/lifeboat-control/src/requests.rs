@@ -231,9 +231,13 @@ fn recovered_vm<'a>(vm: &'a ProtectedVM, action: &Action) -> Recovered<'a> {
         Action::Failover { .. } => status.and_then(|s| s.failover.as_ref()),
         _ => return Recovered::NotAsked,
     };
-    match result.and_then(|r| r.recovered_vm.as_ref()) {
-        Some(up) => Recovered::Up(up),
-        None => Recovered::Coming,
+    match result {
+        Some(result) => match &result.recovered_vm {
+            Some(up) => Recovered::Up(up),
+            None => Recovered::Coming,
+        },
+        // NB: handled, and cleaned up (or failed back) since: nothing more to wait for.
+        None => Recovered::NotAsked,
     }
 }
 

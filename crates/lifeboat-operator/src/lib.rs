@@ -22,6 +22,7 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod finalizer;
+pub mod hook;
 pub mod job;
 pub mod leader;
 
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod plan;
 pub mod policy;
 pub mod probe;
+pub mod recovered;
 pub mod vm;
 
 use std::collections::HashMap;

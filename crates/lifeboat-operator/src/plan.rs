@@ -16,13 +16,11 @@
 //! steps done; a hook's Job is named after its step and token, so that a resumed run waits on
 //! the Job it made before instead of making another.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use k8s_openapi::api::batch::v1::Job;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use lifeboat_api::contract::OPERATOR_FIELD_MANAGER;
@@ -32,16 +30,14 @@ use lifeboat_api::{ProtectedVM, ReplicationJob};
 use lifeboat_control::mapping::system_time;
 use lifeboat_control::plan::{self, PlanDriver, VmRequest};
 use lifeboat_control::requests::{self, Resources};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
 
 use crate::Error;
+use crate::hook::{self, HookJob};
 
 /// The controller's name, in logs.
 pub const CONTROLLER: &str = "RecoveryPlan";
-
-/// How often a hook's Job is looked at.
-const JOB_POLL: Duration = Duration::from_secs(1);
 
 /// The label naming the plan on its hooks' Jobs.
 pub const PLAN_LABEL: &str = "lifeboat.io/plan";
@@ -188,101 +184,32 @@ impl KubeDriver {
         self.plan.namespace().unwrap_or_default()
     }
 
-    /// The name of a hook's Job: the plan's, then a hash of the hook's step and the run's
-    /// token (the same for a resumed run, new for the next run).
-    fn job_name(&self, hook: &PlanHook, env: &[(String, String)]) -> String {
+    /// Where a hook's Job goes: named after the plan, the run's token and the hook's step
+    /// (the same for a resumed run, new for the next run), owned by the plan.
+    fn hook_job(&self, hook: &PlanHook, env: &[(String, String)]) -> Result<HookJob, String> {
         let value = |key: &str| {
             env.iter()
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.as_str())
                 .unwrap_or_default()
         };
-        let mut hasher = DefaultHasher::new();
-        (
+        let what = (
             value("LIFEBOAT_TOKEN"),
             value("LIFEBOAT_ACTION"),
             value("LIFEBOAT_GROUP"),
             value("LIFEBOAT_STAGE"),
             &hook.name,
-        )
-            .hash(&mut hasher);
-        let plan = self.plan.name_any();
-        let prefix: String = plan.chars().take(40).collect();
-        format!(
-            "{}-hook-{:012x}",
-            prefix.trim_end_matches('-'),
-            hasher.finish() & 0xffff_ffff_ffff
-        )
+        );
+        Ok(HookJob {
+            namespace: self.namespace(),
+            name: hook::job_name(&self.plan.name_any(), what),
+            owner: self
+                .plan
+                .controller_owner_ref(&())
+                .ok_or("the plan has no uid")?,
+            labels: [(PLAN_LABEL.to_owned(), self.plan.name_any())].into(),
+        })
     }
-
-    /// The hook's Job: its JobSpec with the environment added to every container, owned by
-    /// the plan, bounded by the hook's timeout.
-    fn job(&self, hook: &PlanHook, name: &str, env: &[(String, String)]) -> Result<Job, String> {
-        let mut spec = hook.job.clone().unwrap_or(Value::Null);
-        let Some(object) = spec.as_object_mut() else {
-            return Err("its job is not a JobSpec object".into());
-        };
-        object
-            .entry("activeDeadlineSeconds")
-            .or_insert(json!(hook.timeout_seconds));
-        object.entry("backoffLimit").or_insert(json!(0));
-        let containers = spec
-            .pointer_mut("/template/spec/containers")
-            .and_then(Value::as_array_mut)
-            .ok_or("its job has no template.spec.containers")?;
-        let vars: Vec<Value> = env
-            .iter()
-            .map(|(k, v)| json!({"name": k, "value": v}))
-            .collect();
-        for container in containers {
-            let Some(container) = container.as_object_mut() else {
-                continue;
-            };
-            let list = container.entry("env").or_insert(json!([]));
-            if let Some(list) = list.as_array_mut() {
-                list.extend(vars.iter().cloned());
-            }
-        }
-        let owner = self
-            .plan
-            .controller_owner_ref(&())
-            .ok_or("the plan has no uid")?;
-        let job = json!({
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {
-                "name": name,
-                "namespace": self.namespace(),
-                "labels": {
-                    PLAN_LABEL: self.plan.name_any(),
-                    "app.kubernetes.io/managed-by": "lifeboat",
-                },
-                "ownerReferences": [owner],
-            },
-            "spec": spec,
-        });
-        serde_json::from_value(job).map_err(|e| format!("its job is not a valid JobSpec: {e}"))
-    }
-}
-
-/// A finished Job's outcome: `Some(Ok)` complete, `Some(Err)` failed (its reason).
-fn job_outcome(job: &Job) -> Option<Result<(), String>> {
-    let conditions = job.status.as_ref()?.conditions.as_ref()?;
-    let done = |kind: &str| {
-        conditions
-            .iter()
-            .find(|c| c.type_ == kind && c.status == "True")
-    };
-    if done("Complete").is_some() {
-        return Some(Ok(()));
-    }
-    done("Failed").map(|c| {
-        Err(format!(
-            "{}: {}",
-            c.reason.as_deref().unwrap_or("Failed"),
-            c.message.as_deref().unwrap_or("no message")
-        ))
-    })
 }
 
 #[async_trait]
@@ -311,61 +238,7 @@ impl PlanDriver for KubeDriver {
     }
 
     async fn hook(&self, hook: &PlanHook, env: &[(String, String)]) -> Result<(), String> {
-        if hook.job.is_none() {
-            return Err(
-                "it has no job: on a cluster a hook runs as a Kubernetes Job (its command is for standalone mode)"
-                    .into(),
-            );
-        }
-        let namespace = self.namespace();
-        let api: Api<Job> = Api::namespaced(self.client.clone(), &namespace);
-        let name = self.job_name(hook, env);
-        // NB: a Job of this step that failed before is a retry's to replace; one going on or
-        // done is a resumed run's to wait on.
-        if let Some(old) = api.get_opt(&name).await.map_err(|e| e.to_string())?
-            && matches!(job_outcome(&old), Some(Err(_)))
-        {
-            let background = DeleteParams::background();
-            api.delete(&name, &background)
-                .await
-                .map_err(|e| format!("delete the failed Job {namespace}/{name}: {e}"))?;
-            while api
-                .get_opt(&name)
-                .await
-                .map_err(|e| e.to_string())?
-                .is_some()
-            {
-                tokio::time::sleep(JOB_POLL).await;
-            }
-        }
-        let job = self.job(hook, &name, env)?;
-        match api.create(&PostParams::default(), &job).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(format!("create the Job {namespace}/{name}: {e}")),
-        }
-        let limit = Duration::from_secs(u64::from(hook.timeout_seconds));
-        let started = Instant::now();
-        loop {
-            let job = api
-                .get_opt(&name)
-                .await
-                .map_err(|e| format!("get the Job {namespace}/{name}: {e}"))?
-                .ok_or_else(|| format!("the Job {namespace}/{name} was deleted"))?;
-            match job_outcome(&job) {
-                Some(Ok(())) => return Ok(()),
-                Some(Err(why)) => return Err(format!("the Job {namespace}/{name} failed: {why}")),
-                None => {}
-            }
-            if started.elapsed() > limit {
-                let _ = api.delete(&name, &DeleteParams::background()).await;
-                return Err(format!(
-                    "the Job {namespace}/{name} did not finish within its timeout of {}s",
-                    hook.timeout_seconds
-                ));
-            }
-            tokio::time::sleep(JOB_POLL).await;
-        }
+        hook::run(&self.client, &self.hook_job(hook, env)?, hook, env).await
     }
 
     async fn spec(&self) -> RecoveryPlanSpec {

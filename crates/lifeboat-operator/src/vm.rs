@@ -5,6 +5,8 @@
 //! ```text
 //!  finalizer? ──no──> add it (the patch comes back as a watch event)
 //!     │yes
+//!  recovered VM to bring up or take down? ──> lifeboat_control::recovery over KubeRecovery
+//!     │no                                      (applied object, hook Job), status, requeue
 //!  lifeboat_control::reconcile_vm over KubeWriter (the same pass the standalone daemon runs):
 //!  decide(spec, status, policy, job, agent report, heartbeat, now)
 //!     │
@@ -35,12 +37,14 @@ use lifeboat_api::contract::{OPERATOR_FIELD_MANAGER, VM_FINALIZER};
 use lifeboat_api::job::ReplicationJobStatus;
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus, ReplicationJob};
 use lifeboat_control::mapping::whole_seconds;
+use lifeboat_control::recovery;
 use lifeboat_control::{Created, JobNameTaken, VmPass, VmWriter, reconcile_vm};
 use lifeboat_core::vm::Notice;
 use serde_json::json;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::recovered::KubeRecovery;
 use crate::{events, finalizer};
 
 /// The controller's name in metrics and logs.
@@ -276,6 +280,26 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
         jobs: Api::namespaced(ctx.client.clone(), &ns),
         vms,
     };
+    if let Some(work) = recovery::pending(&vm) {
+        // NB: before the pass, and the pass waits for it: a cleanup must not remove the disks
+        // under the recovered VM, nor a new job change the result being brought up. A hook's
+        // Job holds this VM's reconcile (not the others') for as long as it runs.
+        let driver = KubeRecovery {
+            client: ctx.client.clone(),
+        };
+        let now = whole_seconds(ctx.clock.now());
+        if let Some(recovered) = recovery::carry_out(&driver, &vm, work, now).await {
+            let mut status = ProtectedVMStatus {
+                agent: None,
+                ..vm.status.clone().unwrap_or_default()
+            };
+            recovery::record(&mut status, work, recovered);
+            writer.write_status(&vm, &status).await?;
+            ctx.metrics.status_written(CONTROLLER);
+            ctx.last_writes.remember(key, &status);
+        }
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let carried = reconcile_vm(
         &writer,
         VmPass {
