@@ -167,7 +167,8 @@ pub struct PlanGate {
 /// `LIFEBOAT_TOKEN`, `LIFEBOAT_GROUP`, `LIFEBOAT_STAGE` (`before` or `after`),
 /// `LIFEBOAT_VMS` (the group's VMs), `LIFEBOAT_DISKS_<VM>` (one `disk=location` line per disk
 /// of each VM recovered so far), `LIFEBOAT_DISK_<VM>_<DISK>` (one disk's location; names
-/// upper-cased, `_` for other characters) and `LIFEBOAT_RESULTS` (the per-VM outcomes so far,
+/// upper-cased, `_` for other characters), `LIFEBOAT_RECOVERED_<VM>` (where the definition of
+/// the VM brought up on them went, for a VM with a `recoveredVm`) and `LIFEBOAT_RESULTS` (the per-VM outcomes so far,
 /// as JSON). Hooks run for every action (`LIFEBOAT_ACTION`: TestFailover,
 /// CleanupTestFailover, PlannedFailover, UnplannedFailover, Commit), so that what a hook
 /// starts at a test failover it can stop at the cleanup.
@@ -351,6 +352,10 @@ pub struct PlanVmStatus {
     /// Whether every recovered disk was read back equal to its point's digests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
+    /// The VM brought up on its disks (its `spec.recoveredVm`): where its definition went, or
+    /// its name when it has no template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_vm: Option<String>,
 }
 
 /// The step a run stopped at, and why.

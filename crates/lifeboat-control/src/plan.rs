@@ -477,6 +477,12 @@ impl Runner<'_> {
         ];
         for vm in &self.status.vms {
             env.extend(crate::recovery::disk_env(&vm.name, &vm.disks));
+            if let Some(definition) = &vm.recovered_vm {
+                env.push((
+                    format!("LIFEBOAT_RECOVERED_{}", env_name(&vm.name)),
+                    definition.clone(),
+                ));
+            }
         }
         env
     }
@@ -603,6 +609,10 @@ impl Runner<'_> {
                         .and_then(|r| r.recovery_point.as_ref())
                         .map(|p| p.name.clone());
                     entry.verified = result.as_ref().map(|r| r.verified);
+                    entry.recovered_vm = result
+                        .as_ref()
+                        .and_then(|r| r.recovered_vm.as_ref())
+                        .map(|up| up.definition.clone().unwrap_or_else(|| up.name.clone()));
                     entry.disks = result.map(|r| r.disks).unwrap_or_default();
                     self.status.completed_steps.push(step);
                 }

@@ -42,6 +42,13 @@ impl PlanDriver for RecordingDriver {
                 location: format!("/failover/{name}-root.img"),
             }],
             verified: !self.unverified.lock().unwrap().contains(&name.to_owned()),
+            // db-01 has a recoveredVm; the others none.
+            recovered_vm: (name == "db-01").then(|| lifeboat_api::protected_vm::RecoveredVm {
+                name: "db-01-test".into(),
+                definition: Some("/failover/db-01-test.xml".into()),
+                succeeded: true,
+                ..Default::default()
+            }),
             ..FailoverResult::default()
         };
         Ok(ProtectedVMStatus {
@@ -206,6 +213,10 @@ async fn a_hook_sees_the_disks_of_the_vms_recovered_before_it() {
         get("LIFEBOAT_DISK_APP_01_ROOT"),
         None,
         "app-01 is not recovered yet"
+    );
+    assert_eq!(
+        get("LIFEBOAT_RECOVERED_DB_01").as_deref(),
+        Some("/failover/db-01-test.xml")
     );
 }
 
