@@ -660,6 +660,10 @@ pub struct RecoveredVm {
     /// under way).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
+    /// The `retry` request token there was when it was brought up: a new one brings up again
+    /// a VM that did not come up (after the template or the hook was fixed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_token: Option<RequestToken>,
 }
 
 /// One materialised disk.

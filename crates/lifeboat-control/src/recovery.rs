@@ -63,7 +63,8 @@ pub trait RecoveryDriver: Send + Sync {
     ) -> Result<(), String>;
 }
 
-/// What the VM needs now, if anything.
+/// What the VM needs now, if anything: a result without its recovered VM brings it up, and
+/// so does a new `retry` token for one that did not come up.
 pub fn pending(vm: &ProtectedVM) -> Option<Work> {
     vm.spec.recovered_vm.as_ref()?;
     let status = vm.status.as_ref()?;
@@ -72,10 +73,19 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
         .cleanup_test_failover
         .as_ref()
         .is_some_and(|t| Some(t) != status.handled_requests.cleanup_test_failover.as_ref());
+    let needed = |result: &FailoverResult| match &result.recovered_vm {
+        None => true,
+        Some(up) => {
+            !up.succeeded
+                && !up.removed
+                && requests.retry.is_some()
+                && requests.retry != up.retry_token
+        }
+    };
     if let Some(test) = &status.test_failover {
         match &test.recovered_vm {
             Some(up) if cleanup_asked && !up.removed => return Some(Work::TakeDown),
-            None if !cleanup_asked => return Some(Work::BringUp { test: true }),
+            _ if !cleanup_asked && needed(test) => return Some(Work::BringUp { test: true }),
             _ => {}
         }
     }
@@ -83,12 +93,8 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
         status.phase,
         ProtectionPhase::FailedOver | ProtectionPhase::FailoverCommitted
     );
-    (failed_over
-        && status
-            .failover
-            .as_ref()
-            .is_some_and(|f| f.recovered_vm.is_none()))
-    .then_some(Work::BringUp { test: false })
+    (failed_over && status.failover.as_ref().is_some_and(needed))
+        .then_some(Work::BringUp { test: false })
 }
 
 /// The environment of the VM's hook: a plan hook's for this one VM (`LIFEBOAT_VMS`,
@@ -195,6 +201,7 @@ pub async fn carry_out(
             let mut up = RecoveredVm {
                 name: recovered::recovered_name(vm, test),
                 time: Some(api_time(now)),
+                retry_token: vm.spec.requests.as_ref().and_then(|r| r.retry.clone()),
                 ..RecoveredVm::default()
             };
             let failed = |mut up: RecoveredVm, message: String| {

@@ -202,6 +202,35 @@ async fn a_failed_hook_is_the_recovered_vms_failure_and_the_cleanup_still_goes_o
     .unwrap();
     assert!(!up.succeeded);
     assert_eq!(up.message.as_deref(), Some("hook serve: exit status: 3"));
+    // Recorded, it waits: for a new retry token, and only once per token.
+    let mut retried = vm.clone();
+    record(
+        retried.status.as_mut().unwrap(),
+        Work::BringUp { test: true },
+        up.clone(),
+    );
+    assert_eq!(pending(&retried), None);
+    retried.spec.requests.as_mut().unwrap().retry = Some("r1".into());
+    assert_eq!(pending(&retried), Some(Work::BringUp { test: true }));
+    let again = carry_out(
+        &driver,
+        &retried,
+        Work::BringUp { test: true },
+        SystemTime::UNIX_EPOCH,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.retry_token.as_deref(), Some("r1"));
+    record(
+        retried.status.as_mut().unwrap(),
+        Work::BringUp { test: true },
+        again,
+    );
+    assert_eq!(
+        pending(&retried),
+        None,
+        "the same token does not bring it up twice"
+    );
     // The definition it placed is still removed at the cleanup.
     let mut vm = vm;
     record(
