@@ -28,17 +28,15 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use lifeboat_agent::cluster::{Agent, AgentOptions, Timing};
 use lifeboat_api::plan::{PlanPhase, RecoveryPlan, RecoveryPlanStatus, VmOutcome};
 use lifeboat_api::{ProtectedVM, ProtectionPhase};
-use lifeboat_operator::{Config, Operator};
-use lifeboat_qemu::testing::{Qsd, assert_same};
+use lifeboat_qemu::testing::{Qsd, assert_same, read_export};
 use lifeboat_tests::apiserver::TestApiServer;
 use lifeboat_tests::jobs::LocalJobRunner;
+use lifeboat_tests::site::{Site, local_policy};
 use serde_json::{Value, json};
 
 const NS: &str = "plans";
-const LEASES: &str = "lifeboat-system";
 const NODE: &str = "node-1";
 const MIB: u64 = 1024 * 1024;
 
@@ -131,45 +129,12 @@ async fn the_operator_runs_a_plan_of_three_groups_with_hook_jobs_a_gate_and_a_re
 
     let server = TestApiServer::start().await;
     let client = server.client(NS);
-    let operator = Operator::new(
-        client.clone(),
-        Config {
-            namespace: Some(NS.into()),
-            lease_namespace: LEASES.into(),
-            ..Config::default()
-        },
-    );
-    let _operator = tokio::spawn(operator.run(futures::future::pending()));
-    let mut options = AgentOptions::new(NODE);
-    options.namespace = Some(NS.into());
-    options.lease_namespace = LEASES.into();
-    options.state_dir = work.join("state");
-    options.failover_dir = work.join("failover");
-    options.health_addr = None;
-    options.timing = Timing {
-        tick: Duration::from_millis(100),
-        ..Timing::default()
-    };
-    let agent = Agent::new(client.clone(), options).unwrap();
-    let _agent = tokio::spawn(agent.run(futures::future::pending()));
+    let _site = Site::start(&client, NS, NODE, work);
     let hooks_dir = work.join("hooks");
     std::fs::create_dir_all(&hooks_dir).unwrap();
     let runner = LocalJobRunner::start(client.clone(), NS, hooks_dir.clone());
 
-    let policies: Api<lifeboat_api::ReplicationPolicy> = Api::namespaced(client.clone(), NS);
-    policies
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
-                "metadata": {"name": "fast"},
-                "spec": {"copyFrequency": "30s",
-                         "target": {"local": {"path": work.join("replicas").display().to_string(), "shared": true}}}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    local_policy(&client, NS, "fast", &work.join("replicas")).await;
     let vms: Api<ProtectedVM> = Api::namespaced(client.clone(), NS);
     for ((_, vm), qsd) in VMS.iter().zip(&qsds) {
         let manifest = json!({
@@ -303,20 +268,8 @@ async fn the_operator_runs_a_plan_of_three_groups_with_hook_jobs_a_gate_and_a_re
         let disk = std::fs::read(&result.disks[0].location).unwrap();
         assert_same(&format!("{vm} recovered"), &disk, &sources[i]);
         let socket = served.join(format!("{vm}-root.sock"));
-        let out = work.join(format!("{vm}.read"));
-        let read = tokio::process::Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "raw"])
-            .arg(format!("nbd+unix:///root?socket={}", socket.display()))
-            .arg(&out)
-            .status()
-            .await
-            .unwrap();
-        assert!(read.success());
-        assert_same(
-            &format!("{vm} served by the hook"),
-            &std::fs::read(&out).unwrap(),
-            &sources[i],
-        );
+        let read = read_export(&socket, "root", &work.join(format!("{vm}.read")));
+        assert_same(&format!("{vm} served by the hook"), &read, &sources[i]);
     }
     lifeboat_tests::assert_groups_in_order_and_together(
         &done,

@@ -24,34 +24,21 @@ use std::time::Duration;
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
-use lifeboat_agent::cluster::{Agent, AgentOptions, Timing};
 use lifeboat_api::protected_vm::FailoverResult;
 use lifeboat_api::{ProtectedVM, ProtectionPhase};
 use lifeboat_control::requests::{self, Action, NoProgress};
 use lifeboat_operator::plan::{ApiResources, ask_vm};
-use lifeboat_operator::{Config, Operator};
-use lifeboat_qemu::testing::{Qsd, assert_same};
+use lifeboat_qemu::testing::{Qsd, assert_same, read_export};
 use lifeboat_tests::apiserver::TestApiServer;
 use lifeboat_tests::jobs::LocalJobRunner;
+use lifeboat_tests::site::{Site, local_policy};
 use lifeboat_tests::workspace_root;
 use serde_json::{Value, json};
 
 /// The example's namespace and node.
 const NS: &str = "lifeboat";
 const NODE: &str = "kvm-node-3";
-const LEASES: &str = "lifeboat-system";
 const MIB: u64 = 1024 * 1024;
-
-fn read_export(socket: &Path, export: &str, out: &Path) -> Vec<u8> {
-    let status = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "raw"])
-        .arg(format!("nbd+unix:///{export}?socket={}", socket.display()))
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "read {}", socket.display());
-    std::fs::read(out).unwrap()
-}
 
 /// Ask `action` of app-01 and wait until it is handled (its recovered VM up).
 async fn ask(client: &Client, action: Action) -> ProtectedVM {
@@ -116,45 +103,12 @@ async fn a_test_failover_applies_the_kubevirt_example_and_its_cleanup_deletes_it
 
     let server = TestApiServer::start().await;
     let client = server.client(NS);
-    let operator = Operator::new(
-        client.clone(),
-        Config {
-            namespace: Some(NS.into()),
-            lease_namespace: LEASES.into(),
-            ..Config::default()
-        },
-    );
-    let _operator = tokio::spawn(operator.run(futures::future::pending()));
-    let mut options = AgentOptions::new(NODE);
-    options.namespace = Some(NS.into());
-    options.lease_namespace = LEASES.into();
-    options.state_dir = work.join("state");
-    options.failover_dir = work.join("failover");
-    options.health_addr = None;
-    options.timing = Timing {
-        tick: Duration::from_millis(100),
-        ..Timing::default()
-    };
-    let agent = Agent::new(client.clone(), options).unwrap();
-    let _agent = tokio::spawn(agent.run(futures::future::pending()));
+    let _site = Site::start(&client, NS, NODE, work);
     let hooks_dir = work.join("hooks");
     std::fs::create_dir_all(&hooks_dir).unwrap();
     let runner = LocalJobRunner::start(client.clone(), NS, hooks_dir);
 
-    let policies: Api<lifeboat_api::ReplicationPolicy> = Api::namespaced(client.clone(), NS);
-    policies
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "lifeboat.io/v1alpha1", "kind": "ReplicationPolicy",
-                "metadata": {"name": "local-5m"},
-                "spec": {"copyFrequency": "30s",
-                         "target": {"local": {"path": work.join("replicas").display().to_string(), "shared": true}}}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    local_policy(&client, NS, "local-5m", &work.join("replicas")).await;
     let example =
         std::fs::read_to_string(workspace_root().join("examples/recovered-vm-kubevirt.yaml"))
             .unwrap()

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod jobs;
 pub mod requests;
+pub mod site;
 
 use std::path::{Path, PathBuf};
 

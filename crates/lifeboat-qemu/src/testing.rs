@@ -420,6 +420,25 @@ impl Drop for Qsd {
     }
 }
 
+/// Read the NBD export `export` served on the unix socket `socket` (by a hook's
+/// qemu-storage-daemon, say) into `out`, with qemu-img; its bytes.
+pub fn read_export(socket: &Path, export: &str, out: &Path) -> Vec<u8> {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("nbd+unix:///{export}?socket={}", socket.display()),
+            &out.display().to_string(),
+        ],
+    );
+    std::fs::read(out).unwrap_or_else(|e| panic!("read {}: {e}", out.display()))
+}
+
 /// Compare two disk images, naming the first differing byte.
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: sizes differ");

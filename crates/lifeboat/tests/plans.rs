@@ -19,11 +19,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{Daemon, LIFEBOAT, lifeboat};
+use common::{Daemon, LIFEBOAT, lifeboat, wait_until};
 use lifeboat_api::plan::{PlanPhase, RecoveryPlan, VmOutcome};
-use lifeboat_qemu::testing::{Qsd, assert_same};
+use lifeboat_qemu::testing::{Qsd, assert_same, read_export};
 use serde_json::Value;
 
 const MIB: u64 = 1024 * 1024;
@@ -114,31 +114,6 @@ fn plan(work: &Path) -> RecoveryPlan {
         &["plan", "status", "three-tier", "-o", "json"],
     ))
     .unwrap()
-}
-
-fn wait_until(work: &Path, what: &str, seconds: u64, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !check() {
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(work.join("daemon.log")).unwrap_or_default();
-            panic!(
-                "timed out waiting for {what}\nlog tail:\n{}",
-                log.lines().rev().take(40).collect::<Vec<_>>().join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn read_export(socket: &Path, out: &Path) -> Vec<u8> {
-    let status = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "raw"])
-        .arg(format!("nbd+unix:///root?socket={}", socket.display()))
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "read {}", socket.display());
-    std::fs::read(out).unwrap()
 }
 
 #[test]
@@ -251,7 +226,7 @@ fn a_plan_of_three_groups_tests_failover_in_order_with_gate_hooks_retry_and_dril
         assert_same(&format!("{vm} recovered at T"), &disk, &at_t[i]);
         // And the example hook serves it over NBD.
         let socket = served.join(format!("{vm}-root.sock"));
-        let read = read_export(&socket, &work.join(format!("{vm}.read")));
+        let read = read_export(&socket, "root", &work.join(format!("{vm}.read")));
         assert_same(&format!("{vm} served by the hook"), &read, &at_t[i]);
     }
 

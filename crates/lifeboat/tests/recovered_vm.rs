@@ -16,12 +16,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use common::{Daemon, lifeboat};
+use common::{Daemon, lifeboat, wait_until};
 use lifeboat_api::ProtectedVM;
 use lifeboat_api::protected_vm::FailoverResult;
-use lifeboat_qemu::testing::{Qsd, assert_same};
+use lifeboat_qemu::testing::{Qsd, assert_same, read_export};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -67,31 +66,6 @@ fn try_vm(work: &Path) -> Option<ProtectedVM> {
 
 fn vm(work: &Path) -> ProtectedVM {
     try_vm(work).unwrap()
-}
-
-fn wait_until(work: &Path, what: &str, seconds: u64, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !check() {
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(work.join("daemon.log")).unwrap_or_default();
-            panic!(
-                "timed out waiting for {what}\nlog tail:\n{}",
-                log.lines().rev().take(40).collect::<Vec<_>>().join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn read_export(socket: &Path, export: &str, out: &Path) -> Vec<u8> {
-    let status = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "raw"])
-        .arg(format!("nbd+unix:///{export}?socket={}", socket.display()))
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "read {}", socket.display());
-    std::fs::read(out).unwrap()
 }
 
 /// The rendered domain: well-formed XML (Python's parser says so), its text.

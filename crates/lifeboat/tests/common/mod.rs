@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub const LIFEBOAT: &str = env!("CARGO_BIN_EXE_lifeboat");
 
@@ -64,4 +65,21 @@ pub fn lifeboat(work: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// Wait until `check` holds, for at most `seconds`; else fail with `what` and the tail of
+/// the daemon's log.
+#[allow(dead_code)] // not every test binary that shares this module waits
+pub fn wait_until(work: &Path, what: &str, seconds: u64, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !check() {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(work.join("daemon.log")).unwrap_or_default();
+            panic!(
+                "timed out waiting for {what}\nlog tail:\n{}",
+                log.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
