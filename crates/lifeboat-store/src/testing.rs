@@ -43,10 +43,26 @@ fn azurite_main() -> PathBuf {
     main
 }
 
-/// A free loopback TCP port.
+/// A free loopback TCP port, never one this process handed out before.
+///
+/// NB: the port is free when it is returned, and is taken by the service it is for a moment
+/// later; the kernel may hand the same port to the next `bind(0)` in between. Two services of
+/// one test binary started at once (tests run in parallel) must not get the same port: the
+/// second would fail to listen while the first answered its readiness check, and its test
+/// would talk to the first, until that one is killed.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("local addr").port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 impl Azurite {
@@ -105,9 +121,15 @@ impl Azurite {
             port,
             https: tls.is_some(),
         };
+        let mut azurite = azurite;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = azurite.child.try_wait() {
+                panic!(
+                    "Azurite exited before it listened on port {port} ({status}): is the port taken? AZURITE_DEBUG_LOG=FILE keeps its log"
+                );
+            }
             assert!(
                 Instant::now() < deadline,
                 "Azurite did not listen on port {port} within 30 s"
