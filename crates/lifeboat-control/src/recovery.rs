@@ -25,6 +25,7 @@ use lifeboat_api::protected_vm::{
 };
 use lifeboat_api::recovered::{self, Rendered};
 use lifeboat_api::{ProtectedVM, ProtectedVMStatus};
+use lifeboat_core::vm::{Notice, reasons};
 
 use crate::mapping::api_time;
 use crate::plan::env_name;
@@ -265,6 +266,44 @@ pub async fn carry_out(
             down.removed = true;
             Some(down)
         }
+    }
+}
+
+/// What people are told of what [`carry_out`] did (an Event on a cluster).
+pub fn notice(work: Work, recovered: &RecoveredVm) -> Notice {
+    let at = recovered
+        .definition
+        .as_deref()
+        .map(|d| format!(" ({d})"))
+        .unwrap_or_default();
+    let (warning, reason, note) = match work {
+        Work::TakeDown => (
+            recovered.message.is_some(),
+            reasons::RECOVERED_VM_REMOVED,
+            match &recovered.message {
+                Some(why) => format!("recovered VM {}{at} taken down, {why}", recovered.name),
+                None => format!("recovered VM {}{at} taken down", recovered.name),
+            },
+        ),
+        Work::BringUp { .. } if recovered.succeeded => (
+            false,
+            reasons::RECOVERED_VM_UP,
+            format!("recovered VM {}{at} is up", recovered.name),
+        ),
+        Work::BringUp { .. } => (
+            true,
+            reasons::RECOVERED_VM_FAILED,
+            format!(
+                "recovered VM {} did not come up: {} (a new retry token tries again)",
+                recovered.name,
+                recovered.message.as_deref().unwrap_or("no reason given")
+            ),
+        ),
+    };
+    Notice {
+        warning,
+        reason,
+        note,
     }
 }
 

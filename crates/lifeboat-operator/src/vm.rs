@@ -293,8 +293,10 @@ pub async fn reconcile(vm: Arc<ProtectedVM>, ctx: Arc<Context>) -> Result<Action
                 agent: None,
                 ..vm.status.clone().unwrap_or_default()
             };
+            let notice = recovery::notice(work, &recovered);
             recovery::record(&mut status, work, recovered);
             writer.write_status(&vm, &status).await?;
+            writer.publish(&vm, &[notice], None).await;
             ctx.metrics.status_written(CONTROLLER);
             ctx.last_writes.remember(key, &status);
         }

@@ -122,6 +122,15 @@ async fn a_test_failover_places_the_definition_then_runs_the_hook_with_the_disks
     );
     assert!(up.succeeded, "{up:?}");
     assert_eq!(up.name, "db-test");
+    let told = notice(Work::BringUp { test: true }, &up);
+    assert_eq!(
+        (told.reason, told.warning),
+        (reasons::RECOVERED_VM_UP, false)
+    );
+    assert_eq!(
+        told.note,
+        "recovered VM db-test (/failover/db-test.xml) is up"
+    );
     assert_eq!(up.definition.as_deref(), Some("/failover/db-test.xml"));
     let env = driver.envs.lock().unwrap()[0].clone();
     let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
@@ -202,6 +211,12 @@ async fn a_failed_hook_is_the_recovered_vms_failure_and_the_cleanup_still_goes_o
     .unwrap();
     assert!(!up.succeeded);
     assert_eq!(up.message.as_deref(), Some("hook serve: exit status: 3"));
+    let told = notice(Work::BringUp { test: true }, &up);
+    assert_eq!(
+        (told.reason, told.warning),
+        (reasons::RECOVERED_VM_FAILED, true)
+    );
+    assert!(told.note.contains("exit status: 3"), "{}", told.note);
     // Recorded, it waits: for a new retry token, and only once per token.
     let mut retried = vm.clone();
     record(

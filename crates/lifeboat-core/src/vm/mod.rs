@@ -91,6 +91,12 @@ pub mod reasons {
     pub const HEALTH_WARNING: &str = "HealthWarning";
     /// Health turned Critical.
     pub const HEALTH_CRITICAL: &str = "HealthCritical";
+    /// The VM a (test) failover brings up on its disks came up.
+    pub const RECOVERED_VM_UP: &str = "RecoveredVmUp";
+    /// It did not: its template, its placement or its hook failed.
+    pub const RECOVERED_VM_FAILED: &str = "RecoveredVmFailed";
+    /// A test failover's VM was taken down before its cleanup.
+    pub const RECOVERED_VM_REMOVED: &str = "RecoveredVmRemoved";
 }
 
 /// A test failover request.
