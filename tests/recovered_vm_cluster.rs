@@ -154,6 +154,23 @@ async fn a_test_failover_applies_the_kubevirt_example_and_its_cleanup_deletes_it
         object["metadata"]["labels"]["lifeboat.io/action"],
         "TestFailover"
     );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let told: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("app-01"))
+        .filter_map(|e| {
+            e.note
+                .filter(|_| e.reason.as_deref() == Some("RecoveredVmUp"))
+        })
+        .collect();
+    assert_eq!(
+        told,
+        ["recovered VM app-01-test (kubevirt.io/v1 VirtualMachine lifeboat/app-01-test) is up"]
+    );
     assert_eq!(runner.ran().len(), 1, "{:?}", runner.ran());
     assert!(
         runner.ran()[0].starts_with("app-01-hook-"),
