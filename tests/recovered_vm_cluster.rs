@@ -28,7 +28,7 @@ use lifeboat_api::protected_vm::FailoverResult;
 use lifeboat_api::{ProtectedVM, ProtectionPhase};
 use lifeboat_control::requests::{self, Action, NoProgress};
 use lifeboat_operator::plan::{ApiResources, ask_vm};
-use lifeboat_qemu::testing::{Qsd, assert_same, read_export};
+use lifeboat_qemu::testing::{Qsd, assert_served};
 use lifeboat_tests::apiserver::TestApiServer;
 use lifeboat_tests::jobs::LocalJobRunner;
 use lifeboat_tests::site::{Site, local_policy};
@@ -179,16 +179,9 @@ async fn a_test_failover_applies_the_kubevirt_example_and_its_cleanup_deletes_it
     );
     for (disk, want) in test.disks.iter().zip(&sources) {
         let socket = served.join(format!("app-01-{}.sock", disk.name));
-        let read = read_export(
-            &socket,
-            &disk.name,
-            &work.join(format!("{}.read", disk.name)),
-        );
-        assert_same(
-            &format!("disk {} served by the hook Job", disk.name),
-            &read,
-            want,
-        );
+        let scratch = work.join(format!("{}.read", disk.name));
+        let what = format!("disk {} served by the hook Job", disk.name);
+        assert_served(&what, &socket, &disk.name, want, &scratch);
     }
 
     // The cleanup: the VirtualMachine deleted and the servers stopped, then the disks gone.

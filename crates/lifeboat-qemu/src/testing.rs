@@ -439,6 +439,11 @@ pub fn read_export(socket: &Path, export: &str, out: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap_or_else(|e| panic!("read {}: {e}", out.display()))
 }
 
+/// Assert that the export `export` on `socket` holds `want` (read into `scratch`).
+pub fn assert_served(what: &str, socket: &Path, export: &str, want: &[u8], scratch: &Path) {
+    assert_same(what, &read_export(socket, export, scratch), want);
+}
+
 /// Compare two disk images, naming the first differing byte.
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: sizes differ");

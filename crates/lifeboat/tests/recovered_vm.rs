@@ -20,7 +20,7 @@ use std::process::Command;
 use common::{Daemon, lifeboat, wait_until};
 use lifeboat_api::ProtectedVM;
 use lifeboat_api::protected_vm::FailoverResult;
-use lifeboat_qemu::testing::{Qsd, assert_same, read_export};
+use lifeboat_qemu::testing::{Qsd, assert_served};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -136,16 +136,9 @@ fn a_test_failover_brings_up_the_example_vm_and_its_cleanup_takes_it_down() {
             text.contains(&format!("socket='{}'", socket.display())),
             "{text}"
         );
-        let read = read_export(
-            &socket,
-            &disk.name,
-            &work.join(format!("{}.read", disk.name)),
-        );
-        assert_same(
-            &format!("disk {} served by the hook", disk.name),
-            &read,
-            want,
-        );
+        let scratch = work.join(format!("{}.read", disk.name));
+        let what = format!("disk {} served by the hook", disk.name);
+        assert_served(&what, &socket, &disk.name, want, &scratch);
     }
 
     // The cleanup stops the servers and removes the domain with the disks.
@@ -180,12 +173,9 @@ fn a_test_failover_brings_up_the_example_vm_and_its_cleanup_takes_it_down() {
     assert!(text.contains("action='Failover'"), "{text}");
     for (disk, want) in failover.disks.iter().zip(&source) {
         let socket = served.join(format!("shop-01-{}.sock", disk.name));
-        let read = read_export(
-            &socket,
-            &disk.name,
-            &work.join(format!("{}.failover", disk.name)),
-        );
-        assert_same(&format!("failed-over disk {}", disk.name), &read, want);
+        let scratch = work.join(format!("{}.failover", disk.name));
+        let what = format!("failed-over disk {}", disk.name);
+        assert_served(&what, &socket, &disk.name, want, &scratch);
     }
     let _ = Command::new("sh")
         .arg("-c")

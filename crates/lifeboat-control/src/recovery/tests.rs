@@ -98,6 +98,18 @@ fn test_failed_over(mut vm: ProtectedVM) -> ProtectedVM {
     vm
 }
 
+/// Bring up a test failover's VM.
+async fn bring_up(driver: &RecordingDriver, vm: &ProtectedVM) -> RecoveredVm {
+    carry_out(
+        driver,
+        vm,
+        Work::BringUp { test: true },
+        SystemTime::UNIX_EPOCH,
+    )
+    .await
+    .unwrap()
+}
+
 const BOTH: &str = r#"{name: db, testNetwork: lab, template: "<domain>{{ name }} {{ network }} {{ disk.root.location }}</domain>", hook: {name: serve, command: [serve.sh]}}"#;
 
 #[tokio::test]
@@ -105,14 +117,7 @@ async fn a_test_failover_places_the_definition_then_runs_the_hook_with_the_disks
     let vm = test_failed_over(vm(BOTH));
     assert_eq!(pending(&vm), Some(Work::BringUp { test: true }));
     let driver = RecordingDriver::default();
-    let up = carry_out(
-        &driver,
-        &vm,
-        Work::BringUp { test: true },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let up = bring_up(&driver, &vm).await;
     assert_eq!(
         *driver.calls.lock().unwrap(),
         [
@@ -177,14 +182,7 @@ async fn a_template_that_names_a_missing_disk_fails_before_anything_is_placed() 
         r#"{template: "{{ disk.data.location }}", hook: {name: serve, command: [serve.sh]}}"#,
     ));
     let driver = RecordingDriver::default();
-    let up = carry_out(
-        &driver,
-        &vm,
-        Work::BringUp { test: true },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let up = bring_up(&driver, &vm).await;
     assert!(!up.succeeded);
     let message = up.message.unwrap_or_default();
     assert!(
@@ -201,14 +199,7 @@ async fn a_failed_hook_is_the_recovered_vms_failure_and_the_cleanup_still_goes_o
         failing_hook: true,
         ..RecordingDriver::default()
     };
-    let up = carry_out(
-        &driver,
-        &vm,
-        Work::BringUp { test: true },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let up = bring_up(&driver, &vm).await;
     assert!(!up.succeeded);
     assert_eq!(up.message.as_deref(), Some("hook serve: exit status: 3"));
     let told = notice(Work::BringUp { test: true }, &up);
@@ -227,14 +218,7 @@ async fn a_failed_hook_is_the_recovered_vms_failure_and_the_cleanup_still_goes_o
     assert_eq!(pending(&retried), None);
     retried.spec.requests.as_mut().unwrap().retry = Some("r1".into());
     assert_eq!(pending(&retried), Some(Work::BringUp { test: true }));
-    let again = carry_out(
-        &driver,
-        &retried,
-        Work::BringUp { test: true },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let again = bring_up(&driver, &retried).await;
     assert_eq!(again.retry_token.as_deref(), Some("r1"));
     record(
         retried.status.as_mut().unwrap(),
