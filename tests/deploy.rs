@@ -44,7 +44,7 @@ use lifeboat_api::{ProtectedVM, ProtectionPhase, ReplicationJob, ReplicationPoli
 use lifeboat_operator::{Config, Operator};
 use lifeboat_tests::apiserver::TestApiServer;
 use lifeboat_tests::requests::ApiRequest;
-use lifeboat_tests::{eventually, workspace_root};
+use lifeboat_tests::{eventually, eventually_or_explain, workspace_root};
 use serde_json::{Value, json};
 
 /// The release's namespace: the Leases live there.
@@ -572,32 +572,52 @@ async fn rbac_scenario(watch_namespace: Option<&str>) {
             .unwrap_or_else(|e| panic!("{e}"));
         }
     };
-    let up = eventually(60, "web's VirtualMachine", recovered(None)).await;
-    eventually(60, "the plan stopped at its hook", || {
+    // NB: what web and the plan were doing, should a wait below run out of time.
+    let explain = || {
+        let (vms, admin) = (vms.clone(), admin.clone());
+        move || async move {
+            let web = vms
+                .get_opt("web")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|vm| vm.status);
+            let plans = Api::<lifeboat_api::RecoveryPlan>::namespaced(admin, VMS);
+            let plan = plans
+                .get_opt("drill")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| p.status);
+            format!("web's status: {web:?}\nthe plan's status: {plan:?}")
+        }
+    };
+    let up = eventually_or_explain(60, "web's VirtualMachine", recovered(None), explain()).await;
+    let stopped = || {
         let plans = Api::<lifeboat_api::RecoveryPlan>::namespaced(admin.clone(), VMS);
         async move {
             let plan = plans.get_opt("drill").await.ok().flatten()?;
             (plan.status?.phase == lifeboat_api::plan::PlanPhase::Failed).then_some(())
         }
-    })
-    .await;
+    };
+    eventually_or_explain(60, "the plan stopped at its hook", stopped, explain()).await;
     assert_eq!(
         up.definition.as_deref(),
         Some(format!("kubevirt.io/v1 VirtualMachine {VMS}/web-test").as_str())
     );
     ask_web(json!({"spec": {"requests": {"cleanupTestFailover": "c1"}}})).await;
-    eventually(60, "web's first cleanup", cleaned("c1")).await;
+    eventually_or_explain(60, "web's first cleanup", cleaned("c1"), explain()).await;
     ask_web(json!({"spec": {
         "recoveredVm": {"template": "<domain><name>{{ name }}</name></domain>"},
         "requests": {"testFailover": {"token": "t2"}}}}))
     .await;
-    let up = eventually(60, "web's ConfigMap", recovered(Some("t2"))).await;
+    let up = eventually_or_explain(60, "web's ConfigMap", recovered(Some("t2")), explain()).await;
     assert_eq!(
         up.definition.as_deref(),
         Some(format!("v1 ConfigMap {VMS}/web-test").as_str())
     );
     ask_web(json!({"spec": {"requests": {"cleanupTestFailover": "c2"}}})).await;
-    eventually(60, "web's second cleanup", cleaned("c2")).await;
+    eventually_or_explain(60, "web's second cleanup", cleaned("c2"), explain()).await;
 
     // Every grant used, or a minute gone.
     let all_grants: Vec<(&String, &Vec<Grant>)> = [&operator_user, &agent_user]

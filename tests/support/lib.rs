@@ -54,6 +54,34 @@ where
     }
 }
 
+/// As [`eventually`], and when time runs out, the panic message has what `explain` says of
+/// the state things were left in.
+///
+/// # Panics
+///
+/// When time runs out, with `what` and the explanation in the message.
+pub async fn eventually_or_explain<T, F, Fut, E, EFut>(
+    seconds: u64,
+    what: &str,
+    check: F,
+    explain: E,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+    E: FnOnce() -> EFut,
+    EFut: std::future::Future<Output = String>,
+{
+    let limit = std::time::Duration::from_secs(seconds);
+    match tokio::time::timeout(limit, eventually(seconds + 1, what, check)).await {
+        Ok(value) => value,
+        Err(_) => panic!(
+            "timed out after {seconds}s waiting for {what}; {}",
+            explain().await
+        ),
+    }
+}
+
 /// A plan run's VMs, from its status: each group's VMs started once the group before it had
 /// ended, and the VMs of a group together (each asked before any of the others was done).
 ///
@@ -91,5 +119,20 @@ pub fn assert_groups_in_order_and_together(
         let last_start = starts(group).into_iter().max();
         let first_end = ends(group).into_iter().min();
         assert!(last_start < first_end, "{group:?} ran one after the other");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    #[should_panic(expected = "waiting for nothing; it was left like this")]
+    async fn a_wait_that_runs_out_says_what_explain_says() {
+        super::eventually_or_explain(
+            1,
+            "nothing",
+            || async { None::<()> },
+            || async { "it was left like this".to_owned() },
+        )
+        .await;
     }
 }
