@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use kube::ResourceExt;
-use lifeboat_api::plan::PlanHook;
+use lifeboat_api::plan::{PlanAction, PlanHook};
 use lifeboat_api::protected_vm::{
     FailoverResult, FailoverType, MaterialisedDisk, ProtectionPhase, RecoveredVm,
 };
@@ -98,23 +98,21 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
         .then_some(Work::BringUp { test: false })
 }
 
-/// The environment of the VM's hook: a plan hook's for this one VM (`LIFEBOAT_VMS`,
-/// `LIFEBOAT_DISKS_<VM>`, `LIFEBOAT_DISK_<VM>_<DISK>`, ...) and the recovered VM's settings.
+/// The environment of the VM's hook for `action`: a plan hook's for this one VM
+/// (`LIFEBOAT_VMS`, `LIFEBOAT_DISKS_<VM>`, `LIFEBOAT_DISK_<VM>_<DISK>`, ...) and the recovered
+/// VM's settings (a test failover's network for a test failover and its cleanup).
 pub fn hook_env(
     vm: &ProtectedVM,
     result: &FailoverResult,
-    action: &str,
+    action: PlanAction,
     recovered: &RecoveredVm,
-    network: Option<&str>,
 ) -> Vec<(String, String)> {
     let name = vm.name_any();
     let requests = vm.spec.requests.clone().unwrap_or_default();
-    let token = if action == "CleanupTestFailover" {
-        requests.cleanup_test_failover
-    } else if action == "TestFailover" {
-        requests.test_failover.map(|r| r.token)
-    } else {
-        requests.failover.map(|r| r.token)
+    let (token, test) = match action {
+        PlanAction::CleanupTestFailover => (requests.cleanup_test_failover, true),
+        PlanAction::TestFailover => (requests.test_failover.map(|r| r.token), true),
+        _ => (requests.failover.map(|r| r.token), false),
     };
     let mut env = vec![
         (
@@ -123,12 +121,12 @@ pub fn hook_env(
         ),
         ("LIFEBOAT_VM".to_owned(), name.clone()),
         ("LIFEBOAT_VMS".to_owned(), name.clone()),
-        ("LIFEBOAT_ACTION".to_owned(), action.to_owned()),
+        ("LIFEBOAT_ACTION".to_owned(), format!("{action:?}")),
         ("LIFEBOAT_TOKEN".to_owned(), token.unwrap_or_default()),
         ("LIFEBOAT_RECOVERED_NAME".to_owned(), recovered.name.clone()),
         (
             "LIFEBOAT_NETWORK".to_owned(),
-            network.unwrap_or_default().to_owned(),
+            recovered::recovered_network(vm, test).unwrap_or_default(),
         ),
         (
             "LIFEBOAT_DEFINITION".to_owned(),
@@ -166,8 +164,8 @@ pub fn disk_env(vm: &str, disks: &[MaterialisedDisk]) -> Vec<(String, String)> {
     env
 }
 
-/// The words a plan's hook gets for the failover that made `vm`'s result.
-fn failover_action(vm: &ProtectedVM) -> &'static str {
+/// The action, in a plan's words, of the failover that made `vm`'s result.
+fn failover_action(vm: &ProtectedVM) -> PlanAction {
     let planned = vm
         .spec
         .requests
@@ -175,9 +173,9 @@ fn failover_action(vm: &ProtectedVM) -> &'static str {
         .and_then(|r| r.failover.as_ref())
         .is_some_and(|f| f.failover_type == FailoverType::Planned);
     if planned {
-        "PlannedFailover"
+        PlanAction::PlannedFailover
     } else {
-        "UnplannedFailover"
+        PlanAction::UnplannedFailover
     }
 }
 
@@ -210,7 +208,6 @@ pub async fn carry_out(
                 up.message = Some(message);
                 up
             };
-            let network = recovered::recovered_network(vm, test);
             if spec.template.is_some() {
                 let rendered = match recovered::render(vm, result, test) {
                     Ok(rendered) => rendered,
@@ -225,11 +222,11 @@ pub async fn carry_out(
             }
             if let Some(hook) = &spec.hook {
                 let action = if test {
-                    "TestFailover"
+                    PlanAction::TestFailover
                 } else {
                     failover_action(vm)
                 };
-                let env = hook_env(vm, result, action, &up, network.as_deref());
+                let env = hook_env(vm, result, action, &up);
                 if let Err(why) = driver.hook(vm, hook, &env).await {
                     return Some(failed(up, format!("hook {}: {why}", hook.name)));
                 }
@@ -243,8 +240,7 @@ pub async fn carry_out(
             let mut down = result.recovered_vm.clone()?;
             let mut problems = Vec::new();
             if let Some(hook) = &spec.hook {
-                let network = recovered::recovered_network(vm, true);
-                let env = hook_env(vm, result, "CleanupTestFailover", &down, network.as_deref());
+                let env = hook_env(vm, result, PlanAction::CleanupTestFailover, &down);
                 if let Err(why) = driver.hook(vm, hook, &env).await {
                     problems.push(format!("hook {}: {why}", hook.name));
                 }
