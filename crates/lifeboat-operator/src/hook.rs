@@ -47,6 +47,13 @@ pub fn job_name(prefix: &str, what: impl Hash) -> String {
     )
 }
 
+/// The value of `key` in a hook's environment (empty when it has none).
+pub fn env_value<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map_or("", |(_, v)| v.as_str())
+}
+
 /// The hook's Job: its JobSpec with `env` added to every container.
 fn job_object(at: &HookJob, hook: &PlanHook, env: &[(String, String)]) -> Result<Job, String> {
     let mut spec = hook.job.clone().unwrap_or(Value::Null);

@@ -187,12 +187,7 @@ impl KubeDriver {
     /// Where a hook's Job goes: named after the plan, the run's token and the hook's step
     /// (the same for a resumed run, new for the next run), owned by the plan.
     fn hook_job(&self, hook: &PlanHook, env: &[(String, String)]) -> Result<HookJob, String> {
-        let value = |key: &str| {
-            env.iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-                .unwrap_or_default()
-        };
+        let value = |key: &str| hook::env_value(env, key);
         let what = (
             value("LIFEBOAT_TOKEN"),
             value("LIFEBOAT_ACTION"),

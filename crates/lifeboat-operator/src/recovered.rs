@@ -146,12 +146,7 @@ impl RecoveryDriver for KubeRecovery {
         hook: &PlanHook,
         env: &[(String, String)],
     ) -> Result<(), String> {
-        let value = |key: &str| {
-            env.iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-                .unwrap_or_default()
-        };
+        let value = |key: &str| hook::env_value(env, key);
         let name = vm.name_any();
         let at = HookJob {
             namespace: vm.namespace().unwrap_or_default(),
