@@ -530,8 +530,7 @@ async fn rbac_scenario(watch_namespace: Option<&str>) {
         .unwrap_or_else(|e| panic!("{e}"));
 
     // The plan's test failover (its own token) brought web's VirtualMachine up; a cleanup
-    // deletes it. Then
-    // a test failover and a cleanup of a ConfigMap.
+    // deletes it. Then a test failover and a cleanup of a ConfigMap.
     let recovered = |token: Option<&'static str>| {
         let vms = vms.clone();
         move || {
