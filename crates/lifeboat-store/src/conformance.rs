@@ -418,6 +418,33 @@ async fn points_are_immutable(store: &dyn ReplicaStore, vm: &VmKey) {
             .await,
         "write_many",
     );
+    // A batch of pieces that do not overlap (a store may write them at once): scattered,
+    // and 512-byte pieces sharing granules B still reads from the live file.
+    let disjoint: [(usize, Vec<u8>); 5] = [
+        (256 * 1024 + 512, pattern(20, 512)),
+        (256 * 1024 + 1536, pattern(21, 1024)),
+        (320 * 1024, pattern(22, 64 * 1024)),
+        (MIB as usize + 64 * 1024, pattern(23, 4096)),
+        (256 * 1024 + 3584, pattern(24, 512)),
+    ];
+    if let Some(root) = model.disks.get_mut("root") {
+        for (offset, data) in &disjoint {
+            root[*offset..*offset + data.len()].copy_from_slice(data);
+        }
+    }
+    ok(
+        store
+            .write_many(
+                vm,
+                "root",
+                disjoint
+                    .iter()
+                    .map(|(offset, data)| (*offset as u64, page_aligned(data)))
+                    .collect(),
+            )
+            .await,
+        "write_many of disjoint pieces",
+    );
     assert_invalid(
         store
             .write_many(vm, "root", vec![(2 * MIB, page_aligned(&[1; 4096]))])

@@ -4,20 +4,25 @@
 //! overwrite the live file; reads at a point take each granule from the first segment, from
 //! the point's own onwards, that holds it, and from the live file otherwise.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::ops::Range;
+use std::ops::{Range, RangeBounds};
 use std::path::PathBuf;
 
 use super::Access;
-use super::io::{PositionalIo, create_dir_durable, direct_aligned, open_direct, sync_folder};
+use super::io::{
+    PositionalIo, create_dir_durable, direct_aligned, on_threads, open_direct, sync_folder,
+};
 use super::undo::{GRANULE_BYTES, Segment};
 #[cfg(doc)]
 use crate::ReplicaStore;
 use crate::StoreError;
 
-/// The most the pre-images of a write are read from the live file at once.
+/// The most the pre-images of a write are read from the live file in one request.
 const PRESERVE_READ_BYTES: u64 = 1024 * 1024;
+
+/// The most pre-images read (and held in memory) before they are appended to their segment.
+const PRESERVE_ROUND_BYTES: u64 = 16 * 1024 * 1024;
 
 /// One replica disk: its live file and its undo segments by point sequence number.
 #[derive(Debug)]
@@ -29,7 +34,14 @@ pub(super) struct Disk {
     pub(super) direct: Option<File>,
     pub(super) size_bytes: u64,
     pub(super) undo_dir: PathBuf,
+    /// The segments opened so far (indexed, their torn tails cut).
     pub(super) segments: BTreeMap<u64, Segment>,
+    /// The segments on disk that a writing store has not opened yet: it opens each when
+    /// first needed ([`Disk::open_segments`]), because opening reads and checks every record,
+    /// and the points of a long history would cost a read of all their pre-images before
+    /// the VM's first operation. A read-only store opens them all at its load.
+    pub(super) unopened: BTreeSet<u64>,
+    access: Access,
 }
 
 impl Disk {
@@ -68,6 +80,8 @@ impl Disk {
             size_bytes,
             undo_dir,
             segments: BTreeMap::new(),
+            unopened: BTreeSet::new(),
+            access,
         })
     }
 
@@ -75,7 +89,27 @@ impl Disk {
         self.undo_dir.join(format!("{seq:012}.undo"))
     }
 
+    /// Open the segments in `seqs` that are on disk and not open yet (a torn record at
+    /// the end cut off, as [`Segment::open`] does).
+    pub(super) fn open_segments(&mut self, seqs: impl RangeBounds<u64>) -> Result<(), StoreError> {
+        let due: Vec<u64> = self.unopened.range(seqs).copied().collect();
+        for seq in due {
+            let segment = Segment::open(self.segment_path(seq), self.access)?;
+            self.unopened.remove(&seq);
+            self.segments.insert(seq, segment);
+        }
+        Ok(())
+    }
+
+    /// Forget segment `seq` (its file is being removed).
+    pub(super) fn drop_segment(&mut self, seq: u64) {
+        self.segments.remove(&seq);
+        self.unopened.remove(&seq);
+    }
+
+    /// Segment `seq`, opened, or created when there is none.
     pub(super) fn segment(&mut self, seq: u64) -> Result<&mut Segment, StoreError> {
+        self.open_segments(seq..=seq)?;
         if !self.segments.contains_key(&seq) {
             create_dir_durable(&self.undo_dir, "create undo folder")?;
             let path = self.segment_path(seq);
@@ -128,40 +162,68 @@ impl Disk {
         Ok(())
     }
 
-    /// Save the pre-images of the granules in `range` that point `seq` (of size
-    /// `point_size_bytes`) still reads from the live file, without syncing them: the caller
-    /// syncs the segment (it is marked [`Segment::unsynced`]) before overwriting the range.
+    /// Save the pre-images of the granules in `ranges` (sorted, not overlapping) that point
+    /// `seq` (of size `point_size_bytes`) still reads from the live file, without syncing
+    /// them: the caller syncs the segment (it is marked [`Segment::unsynced`]) before
+    /// overwriting the ranges.
     ///
-    /// Runs of granules are read from the live file at once (up to [`PRESERVE_READ_BYTES`]):
-    /// the live file was written with direct I/O and is mostly not in the page cache, so a
-    /// read per granule would cost the device a request per 4 KiB.
+    /// Runs of granules are read from the live file at once (up to [`PRESERVE_READ_BYTES`]),
+    /// several runs at a time ([`on_threads`]), up to [`PRESERVE_ROUND_BYTES`] of them before
+    /// they are appended: the live file was written with direct I/O and is mostly not in the
+    /// page cache, so a read per granule, or one read at a time, would cost the device a
+    /// request, or a round trip, per piece.
     pub(super) fn preserve_unsynced(
         &mut self,
         seq: u64,
         point_size_bytes: u64,
-        range: Range<u64>,
+        ranges: &[Range<u64>],
     ) -> Result<(), StoreError> {
-        let end = range.end.min(point_size_bytes);
-        let mut granule = range.start / GRANULE_BYTES * GRANULE_BYTES;
-        let mut old = Vec::new();
-        while granule < end {
-            if self.segment(seq)?.index.contains_key(&granule) {
-                granule += GRANULE_BYTES;
-                continue;
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        let mut round_bytes = 0;
+        // NB: two ranges can share a granule (writes are 512-byte aligned): it is saved once.
+        let mut planned_to = 0;
+        for range in ranges {
+            let end = range.end.min(point_size_bytes);
+            let mut granule = (range.start / GRANULE_BYTES * GRANULE_BYTES).max(planned_to);
+            while granule < end {
+                if self.segment(seq)?.index.contains_key(&granule) {
+                    granule += GRANULE_BYTES;
+                    continue;
+                }
+                // The run of granules from here that the segment lacks.
+                let mut run_end = granule;
+                while run_end < end
+                    && run_end - granule < PRESERVE_READ_BYTES
+                    && !self.segment(seq)?.index.contains_key(&run_end)
+                {
+                    run_end += GRANULE_BYTES;
+                }
+                let run_end = run_end.min(point_size_bytes);
+                round_bytes += run_end - granule;
+                runs.push(granule..run_end);
+                if round_bytes >= PRESERVE_ROUND_BYTES {
+                    self.save_pre_images(seq, &runs)?;
+                    runs.clear();
+                    round_bytes = 0;
+                }
+                granule = run_end;
             }
-            // The run of granules from here that the segment lacks.
-            let mut run_end = granule;
-            while run_end < end
-                && run_end - granule < PRESERVE_READ_BYTES
-                && !self.segment(seq)?.index.contains_key(&run_end)
-            {
-                run_end += GRANULE_BYTES;
-            }
-            let run_end = run_end.min(point_size_bytes);
-            old.resize((run_end - granule) as usize, 0);
-            self.read_live(granule, &mut old)?;
-            self.segment(seq)?.append_run(granule, &old)?;
-            granule = run_end;
+            planned_to = planned_to.max(granule);
+        }
+        self.save_pre_images(seq, &runs)
+    }
+
+    /// Read `runs` of the live file, several at a time, and append them to segment `seq` in
+    /// order.
+    fn save_pre_images(&mut self, seq: u64, runs: &[Range<u64>]) -> Result<(), StoreError> {
+        let images = on_threads(runs, |run| {
+            let mut old = vec![0; (run.end - run.start) as usize];
+            self.read_live(run.start, &mut old)?;
+            Ok(old)
+        })?;
+        let segment = self.segment(seq)?;
+        for (run, old) in runs.iter().zip(&images) {
+            segment.append_run(run.start, old)?;
         }
         Ok(())
     }
@@ -178,6 +240,7 @@ impl Disk {
         // Where the run of granules no segment holds (read from the live file, in one read
         // when the run ends) began.
         let mut live_from: Option<usize> = None;
+        self.open_segments(from_seq..)?;
         while pos < buf.len() {
             let at = offset + pos as u64;
             let granule = at / GRANULE_BYTES * GRANULE_BYTES;

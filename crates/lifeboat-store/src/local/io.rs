@@ -46,6 +46,59 @@ pub fn data_ranges(file: &File, size: u64) -> std::io::Result<Vec<std::ops::Rang
     }
 }
 
+/// How many requests the local store has in flight at once when it reads the pre-images of
+/// a batch of writes ([`super::disk::Disk::preserve_unsynced`]) and when it writes the batch:
+/// a thread each. Virtual and solid-state disks serve several requests at a time; one at a
+/// time, a batch of scattered 64 KiB writes (a cycle's, a re-protect's) waits a round trip to
+/// the device for each of its reads and writes.
+pub(super) const IO_DEPTH: usize = 8;
+
+/// `f` applied to every item of `items`, on up to [`IO_DEPTH`] threads at once (each takes a
+/// run of neighbouring items, so each thread's requests stay in order on the device); in this
+/// thread for a single item. The results in the order of `items`, or the first error.
+///
+/// # Errors
+///
+/// The first error of `f`, in the order of `items`; the other threads' work is done first.
+pub(super) fn on_threads<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R, StoreError> + Sync,
+) -> Result<Vec<R>, StoreError> {
+    if items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let per_thread = items.len().div_ceil(IO_DEPTH.min(items.len()));
+    let f = &f;
+    let parts: Vec<Result<Vec<R>, StoreError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(per_thread)
+            .map(|part| {
+                let work = move || part.iter().map(f).collect::<Result<Vec<R>, StoreError>>();
+                // NB: a thread that cannot be started (a process at its limit) does its part
+                // in this one, after the others have started.
+                std::thread::Builder::new()
+                    .name("lifeboat-store-io".into())
+                    .spawn_scoped(scope, work)
+                    .map_err(|_| work)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| match handle {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(work) => work(),
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
 /// [`files::write_atomic`], its failure as a store error.
 pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     files::write_atomic(path, bytes).map_err(|e| StoreError::io(e.action, e.path)(e.source))

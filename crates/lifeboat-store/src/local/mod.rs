@@ -32,6 +32,12 @@
 //! the fsync that makes it durable (see `docs/benchmarks.md`, "Agent: initial replication").
 //! The kernel keeps the two handles coherent; the flush's fsync covers both.
 //!
+//! A batch of writes ([`ReplicaStore::write_many`]: a cycle's, a resync's scattered blocks)
+//! keeps several requests in flight: its pre-images are read, and then its pieces written,
+//! on a few threads at once (`io::on_threads`), not one round trip to the device after
+//! another. The pre-images are all appended and synced before the first piece is written;
+//! pieces that overlap are written in order.
+//!
 //! # Guarantees
 //!
 //! - A pre-image is durable before the live granule is overwritten, so a crash at any moment
@@ -46,7 +52,8 @@
 //! - `vm.rs`: one VM's folder: its manifest, points and disks, loaded once and kept in step.
 //! - `disk.rs`: one replica disk: the live file, its pre-images, reads at a point.
 //! - `undo.rs`: the undo segment's on-disk record format, and its reader and writer.
-//! - `io.rs`: positional and direct I/O, hole punching, atomic replacement, on every platform.
+//! - `io.rs`: positional and direct I/O, several requests at once, hole punching, atomic
+//!   replacement, on every platform.
 
 mod disk;
 mod epoch;
@@ -227,6 +234,16 @@ impl LocalStore {
 /// their pre-images).
 const WRITE_BATCH_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Whether any two of `writes` touch the same byte.
+fn overlapping(writes: &[(u64, Bytes)]) -> bool {
+    let mut ranges: Vec<(u64, u64)> = writes
+        .iter()
+        .map(|(offset, data)| (*offset, offset + data.len() as u64))
+        .collect();
+    ranges.sort_unstable();
+    ranges.windows(2).any(|pair| pair[1].0 < pair[0].1)
+}
+
 /// Sort and merge ranges.
 fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.sort_by_key(|r| r.start);
@@ -388,8 +405,13 @@ impl ReplicaStore for LocalStore {
                     .map(|(offset, data)| *offset..offset + data.len() as u64),
             )?;
             let d = state.live_disk(&disk)?;
-            for (offset, data) in &writes {
-                d.write_live(data, *offset)?;
+            if overlapping(&writes) {
+                // NB: in order: a later write over an earlier one wins.
+                for (offset, data) in &writes {
+                    d.write_live(data, *offset)?;
+                }
+            } else {
+                io::on_threads(&writes, |(offset, data)| d.write_live(data, *offset))?;
             }
             Ok(())
         })
@@ -492,10 +514,10 @@ impl ReplicaStore for LocalStore {
                         state.not_found(format!("disk {disk:?} at recovery point {id} of VM {vm}"))
                     );
                 };
-                let d = state
-                    .disks
-                    .get(&disk)
-                    .ok_or_else(|| state.not_found(format!("replica file of disk {disk:?}")))?;
+                let Some(d) = state.disks.get_mut(&disk) else {
+                    return Err(state.not_found(format!("replica file of disk {disk:?}")));
+                };
+                d.open_segments(seq_of(&pd)..)?;
                 let mut ranges = d.live_data_ranges()?;
                 for segment in d.segments.range(seq_of(&pd)..).map(|(_, s)| s) {
                     ranges.extend(segment.index.iter().map(|(&g, &(_, len))| g..g + len));
@@ -603,6 +625,10 @@ impl ReplicaStore for LocalStore {
                 };
                 // The next older point reads through this segment for granules it does not
                 // hold itself: move those into its own segment first.
+                if let Some(older_seq) = older_seq {
+                    d.open_segments(older_seq..=older_seq)?;
+                    d.open_segments(seq..=seq)?;
+                }
                 if let (Some(older_seq), Some(segment)) = (older_seq, d.segments.get(&seq)) {
                     let moving: Vec<(u64, Vec<u8>)> = segment
                         .index
@@ -636,7 +662,7 @@ impl ReplicaStore for LocalStore {
             for pd in &doomed.disks {
                 let seq = seq_of(pd);
                 if let Some(d) = state.disks.get_mut(&pd.name) {
-                    d.segments.remove(&seq);
+                    d.drop_segment(seq);
                     remove_if_exists(&d.segment_path(seq), "remove undo segment")?;
                 }
                 let still_listed = state
@@ -673,6 +699,7 @@ impl ReplicaStore for LocalStore {
                         .map_err(StoreError::io("resize replica disk", &d.path))?;
                     d.size_bytes = pd.size_bytes;
                 }
+                d.open_segments(seq..=seq)?;
                 if let Some(segment) = d.segments.get(&seq) {
                     for &granule in segment.index.keys() {
                         if let Some(data) = segment.read_granule(granule)? {

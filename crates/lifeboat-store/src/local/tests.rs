@@ -3,7 +3,7 @@
 
 use super::undo::UNDO_HEADER_BYTES;
 use super::*;
-use crate::conformance;
+use crate::{MAX_WRITE_BYTES, conformance};
 use std::fs::OpenOptions;
 use std::io::Write;
 
@@ -254,16 +254,80 @@ async fn a_torn_tail_in_an_older_segment_is_cut_and_every_point_reads_back() {
     assert_eq!(len_of(&older), whole, "the torn record is cut off");
     drop(store);
 
-    // Damage before the last record's worth of the older segment is corruption.
+    // Damage before the last record's worth of the older segment is corruption, reported by
+    // every read that needs the segment (the older point's); the segment is opened when
+    // first needed, so the newer point, the live disk and the writes that go on do not stop.
     let mut bytes = std::fs::read(&older).unwrap_or_default();
     bytes[UNDO_HEADER_BYTES as usize + 10] ^= 0xFF;
     std::fs::write(&older, &bytes).unwrap_or_else(|e| panic!("{e}"));
     let store = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-    let error = store.manifest(&vm).await.err();
+    let manifest = ok(store.manifest(&vm).await, "manifest");
+    assert_eq!(manifest.map(|m| m.points.len()), Some(2));
+    let error = store
+        .read(&vm, "root", &At::Point(points[0].0.clone()), 0, 4096)
+        .await
+        .err();
     assert!(
         matches!(error, Some(StoreError::Corrupt { .. })),
         "{error:?}"
     );
+    conformance::assert_disk(
+        &store,
+        &vm,
+        "root",
+        &At::Point(points[1].0.clone()),
+        &points[1].1,
+    )
+    .await;
+    conformance::assert_disk(&store, &vm, "root", &At::Live, &live).await;
+}
+
+/// A batch of scattered writes larger than the pre-images one round reads
+/// (`PRESERVE_ROUND_BYTES`), written on several threads, with 512-byte pieces that share
+/// granules: the point keeps what it held, the live disk has every piece, also after the
+/// store is opened again (its segments opened when first read).
+#[tokio::test]
+async fn a_large_scattered_batch_keeps_the_point_whole() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let vm = VmKey::new("ns", "scattered").unwrap_or_else(|e| panic!("{e}"));
+    let size = 48 * MIB as usize;
+    let store = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    ok(store.create_disk(&vm, "root", size as u64).await, "create");
+    let mut model: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
+    for at in (0..size).step_by(MAX_WRITE_BYTES as usize) {
+        let data = conformance::page_aligned(&model[at..at + MAX_WRITE_BYTES as usize]);
+        ok(store.write(&vm, "root", at as u64, data).await, "fill");
+    }
+    let point = cut(&store, &vm, &model, 1_000).await;
+    let at_point = model.clone();
+    // Every other 64 KiB block (24 MiB of pre-images), and three pieces inside one granule
+    // of a block left alone.
+    let mut batch = Vec::new();
+    for (i, at) in (0..size).step_by(128 * 1024).enumerate() {
+        let data = vec![0xC0 ^ (i as u8); 64 * 1024];
+        model[at..at + data.len()].copy_from_slice(&data);
+        batch.push((at as u64, conformance::page_aligned(&data)));
+    }
+    for (at, len) in [
+        (65_536 + 512, 512),
+        (65_536 + 1536, 1024),
+        (65_536 + 3072, 512),
+    ] {
+        let data = vec![0x5A; len];
+        model[at..at + len].copy_from_slice(&data);
+        batch.push((at as u64, conformance::page_aligned(&data)));
+    }
+    ok(store.write_many(&vm, "root", batch).await, "write_many");
+    ok(store.flush(&vm).await, "flush");
+    conformance::assert_disk(&store, &vm, "root", &At::Point(point.clone()), &at_point).await;
+    conformance::assert_disk(&store, &vm, "root", &At::Live, &model).await;
+    drop(store);
+    let store = LocalStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    conformance::assert_disk(&store, &vm, "root", &At::Point(point.clone()), &at_point).await;
+    conformance::assert_disk(&store, &vm, "root", &At::Live, &model).await;
+    // Back to the point: the pre-images put every block back.
+    ok(store.revert_to_latest_point(&vm).await, "revert");
+    conformance::assert_disk(&store, &vm, "root", &At::Live, &at_point).await;
 }
 
 /// Issue 16, defect 4: a read-only open (`lifeboat points` beside the daemon) repairs

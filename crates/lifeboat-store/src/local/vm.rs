@@ -102,8 +102,9 @@ impl VmState {
     ///
     /// With [`Access::Write`], the VM's lock is taken first (when its folder exists; an error
     /// naming the lock file when another store holds it), then crash recovery runs: undo
-    /// segments of points the manifest no longer lists are removed, and torn records at the
-    /// end of segments cut off.
+    /// segments of points the manifest no longer lists are removed. The listed segments are
+    /// opened when first needed ([`Disk::open_segments`]), and a torn record at the end of
+    /// one is cut off then, before anything reads or appends to it.
     ///
     /// With [`Access::ReadOnly`] nothing is locked, created, removed, cut or written: the
     /// manifest and the segments it lists are read as they are (a torn tail is left, and the
@@ -200,6 +201,9 @@ impl VmState {
                     match seq {
                         // NB: any segment, not only the latest, can end in a torn record:
                         // deleting a point appends to the next older point's segment.
+                        Some(seq) if wanted.contains(&seq) && access == Access::Write => {
+                            disk.unopened.insert(seq);
+                        }
                         Some(seq) if wanted.contains(&seq) => {
                             let segment = Segment::open(path, access)?;
                             disk.segments.insert(seq, segment);
@@ -381,9 +385,11 @@ impl VmState {
             return Ok(());
         };
         let live = self.live_disk(disk)?;
-        for range in ranges {
-            live.preserve_unsynced(seq, size, range)?;
-        }
+        live.preserve_unsynced(
+            seq,
+            size,
+            &super::merge_ranges(ranges.into_iter().collect()),
+        )?;
         // NB: also when this call appended nothing: an earlier one that failed halfway may
         // have indexed records it never synced, and this write may overwrite their granules.
         let segment = live.segment(seq)?;
