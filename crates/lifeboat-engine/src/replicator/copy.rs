@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use lifeboat_blockmap::{BlockMap, HashAlgorithm, is_zero};
+use lifeboat_blockmap::{BlockMap, HashAlgorithm, digest_blocks, is_zero};
 use lifeboat_store::At;
 
 use super::maps::{self, TAG_COPY};
@@ -204,7 +204,11 @@ impl Replicator {
                     disk,
                     std::slice::from_ref(&range),
                     chunk,
-                    rewrite,
+                    if rewrite {
+                        Sending::AllRewritingZeros
+                    } else {
+                        Sending::All
+                    },
                     &mut map,
                     &mut uploader,
                     &mut report,
@@ -275,14 +279,24 @@ impl Replicator {
     ) -> Result<(), EngineError> {
         let block = u64::from(map.block_size_bytes());
         let ranges = maps::align(&view.changed_extents(disk).await?, block, end);
-        self.copy_ranges(view, disk, &ranges, chunk, true, map, uploader, report)
-            .await
+        self.copy_ranges(
+            view,
+            disk,
+            &ranges,
+            chunk,
+            Sending::AllRewritingZeros,
+            map,
+            uploader,
+            report,
+        )
+        .await
     }
 
     /// Copy `ranges` (whole blocks, sorted) of `disk` from the view, in batches of pieces
     /// of at most `chunk` ([`maps::read_batches`]: a large range a chunk at a time, scattered
-    /// blocks many to one pipelined read): runs of non-zero blocks are written, runs of zero
-    /// blocks skipped, or zeroed in the store when `rewrite` says stale data may be there.
+    /// blocks many to one pipelined read): the blocks `sending` picks are sent, runs of
+    /// non-zero blocks written, runs of zero blocks skipped, or zeroed in the store where
+    /// stale data may be there; `map` follows what was read.
     ///
     /// The read of the next batch is in flight while a batch is hashed and queued for the
     /// store: queueing waits for a free upload slot whenever the store falls behind, and the
@@ -294,29 +308,45 @@ impl Replicator {
         disk: &str,
         ranges: &[std::ops::Range<u64>],
         chunk: u64,
-        rewrite: bool,
+        sending: Sending,
         map: &mut BlockMap,
         uploader: &mut Uploader,
         report: &mut Report,
     ) -> Result<(), EngineError> {
         let block = map.block_size_bytes() as usize;
+        let map_error = |source| EngineError::BlockMap {
+            disk: disk.to_owned(),
+            source,
+        };
         let mut batches = maps::read_batches(ranges, chunk, chunk).into_iter();
         let mut current = read_batch(view, disk, batches.next()).await?;
         while let Some(batch) = current.take() {
             let process = async {
                 for ((offset, len), data) in batch {
                     report.bytes_read += len;
-                    map.update_range(offset, &data)
-                        .map_err(|source| EngineError::BlockMap {
-                            disk: disk.to_owned(),
-                            source,
-                        })?;
-                    for (run, zero) in zero_runs(&data, block) {
-                        let at = offset + run.start as u64;
-                        if !zero {
-                            uploader.write(disk, at, data.slice(run)).await?;
-                        } else if rewrite {
-                            uploader.zero(disk, at, run.len() as u64).await?;
+                    let runs = if sending == Sending::IfDiffers {
+                        let digests = digest_blocks(map.algorithm(), block as u32, &data, 1);
+                        let runs = differing_runs(map, offset, data.len(), &digests, block);
+                        for run in &runs {
+                            let first = run.start / block;
+                            let blocks = &digests[first..first + run.len().div_ceil(block)];
+                            map.set_digests(offset + run.start as u64, run.len() as u64, blocks)
+                                .map_err(map_error)?;
+                        }
+                        runs
+                    } else {
+                        map.update_range(offset, &data).map_err(map_error)?;
+                        std::iter::once(0..data.len()).collect()
+                    };
+                    for run in runs {
+                        for (piece, zero) in zero_runs(&data[run.clone()], block) {
+                            let piece = run.start + piece.start..run.start + piece.end;
+                            let at = offset + piece.start as u64;
+                            if !zero {
+                                uploader.write(disk, at, data.slice(piece)).await?;
+                            } else if sending != Sending::All {
+                                uploader.zero(disk, at, piece.len() as u64).await?;
+                            }
                         }
                     }
                 }
@@ -345,6 +375,44 @@ async fn read_batch(
     Ok(Some(batch.into_iter().zip(data).collect()))
 }
 
+/// Which of the blocks [`Replicator::copy_ranges`] reads it sends to the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Sending {
+    /// Every block; runs of zero blocks are skipped (the replica reads zeros there).
+    All,
+    /// Every block; runs of zero blocks are zeroed in the store (stale data may be there).
+    AllRewritingZeros,
+    /// Only the blocks whose digest differs from the map's (zero ones among them zeroed in
+    /// the store): a resync's candidate blocks compared and sent in the one read.
+    IfDiffers,
+}
+
+/// The byte ranges of a piece of `len` bytes at `offset` (whose blocks of `block` bytes have
+/// `digests`) that cover the maximal runs of blocks whose digest differs from `map`'s, in
+/// order (pure).
+fn differing_runs(
+    map: &BlockMap,
+    offset: u64,
+    len: usize,
+    digests: &[lifeboat_blockmap::BlockDigest],
+    block: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let block = block.max(1);
+    let first = offset / block as u64;
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, digest) in digests.iter().enumerate() {
+        if map.digest(first + i as u64) == Some(*digest) {
+            continue;
+        }
+        let (start, end) = (i * block, ((i + 1) * block).min(len));
+        match runs.last_mut() {
+            Some(run) if run.end == start => run.end = end,
+            _ => runs.push(start..end),
+        }
+    }
+    runs
+}
+
 /// `data` cut into maximal runs of whole `block`s (the last one may be short) that are all
 /// zeros or all not, in order: `(range, zero)`.
 fn zero_runs(data: &[u8], block: usize) -> Vec<(std::ops::Range<usize>, bool)> {
@@ -363,7 +431,33 @@ fn zero_runs(data: &[u8], block: usize) -> Vec<(std::ops::Range<usize>, bool)> {
 
 #[cfg(test)]
 mod tests {
-    use super::zero_runs;
+    use super::{differing_runs, zero_runs};
+    use lifeboat_blockmap::{BlockMap, HashAlgorithm, digest_blocks};
+
+    #[test]
+    fn differing_runs_cover_the_blocks_whose_digest_changed_and_merge_neighbours() {
+        const B: usize = 4096;
+        // A 10-block image whose last block is half a block.
+        let old: Vec<u8> = (0..9 * B + B / 2).map(|i| (i % 251) as u8 + 1).collect();
+        let mut map = BlockMap::new_zeroed(HashAlgorithm::default(), B as u32, old.len() as u64)
+            .unwrap_or_else(|e| panic!("{e}"));
+        map.update_range(0, &old).unwrap_or_else(|e| panic!("{e}"));
+        let mut new = old.clone();
+        new[2 * B + 1] ^= 0xFF; // block 2
+        new[3 * B + 5] ^= 0xFF; // block 3
+        new[7 * B..8 * B].fill(0); // block 7, now zeros
+        new[9 * B + 7] ^= 0xFF; // the short last block
+        // A piece of blocks 2..10.
+        let piece = &new[2 * B..];
+        let digests = digest_blocks(HashAlgorithm::default(), B as u32, piece, 1);
+        assert_eq!(
+            differing_runs(&map, 2 * B as u64, piece.len(), &digests, B),
+            vec![0..2 * B, 5 * B..6 * B, 7 * B..7 * B + B / 2]
+        );
+        // The same bytes again: nothing differs.
+        let same = digest_blocks(HashAlgorithm::default(), B as u32, &old[2 * B..], 1);
+        assert!(differing_runs(&map, 2 * B as u64, piece.len(), &same, B).is_empty());
+    }
 
     #[test]
     fn zero_runs_merge_neighbouring_blocks_of_a_kind() {

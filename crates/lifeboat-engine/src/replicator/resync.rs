@@ -10,28 +10,30 @@
 //!
 //! # Reading and hashing at once
 //!
-//! The source pass reads the view's allocated ranges through [`maps::hash_ranges`] in
-//! batches ([`maps::read_batches`]: a long range [`VIEW_CHUNK_BYTES`] at a time, scattered
-//! blocks many to one pipelined read): the next batch's read is in flight while the current
-//! one is hashed on a blocking thread, long pieces spread over the cores, so a resync costs
-//! about what reading the view costs. The blocks that differ are sent by the same overlapped reader as
-//! the initial copy ([`Replicator::copy_ranges`]). This is the only resync Lifeboat has: the
-//! agent's job, `lifeboat resync` and the `resync` benchmark all run it.
+//! A disk compared in full is read through [`maps::hash_ranges`] in batches
+//! ([`maps::read_batches`]: a long range [`VIEW_CHUNK_BYTES`] at a time, scattered blocks many
+//! to one pipelined read): the next batch's read is in flight while the current one is
+//! hashed on a blocking thread, long pieces spread over the cores, so a resync costs about
+//! what reading the view costs. The blocks that differ are then sent by the same overlapped
+//! reader as the initial copy ([`Replicator::copy_ranges`]), which also does the one-pass
+//! compare-and-send of a disk whose changed blocks are known (below). This is the only
+//! resync Lifeboat has: the agent's job, `lifeboat resync` and the `resync` benchmark all
+//! run it.
 //!
 //! # Only the disks that need it
 //!
 //! A resync due only to lost tracking, with nothing unshipped pending, compares in full only
 //! the disks whose tracking was lost (a raw disk after QEMU restarted, say). The others'
-//! changes since the latest point are all in the view's dirty bitmap: their source map is
-//! the stored map with just those blocks read and hashed again, so they cost what a cycle
-//! costs. The set is decided when the resync starts and kept in the state for a resumed
+//! changes since the latest point are all in the view's dirty bitmap: just those blocks are
+//! read, once, each compared with the stored map as it arrives and sent if it differs
+//! ([`Sending::IfDiffers`]), so they cost what a cycle costs. The set is decided when the resync starts and kept in the state for a resumed
 //! attempt, because a lost disk's new bitmap knows nothing of what was lost. Any other cause
 //! (logs over the threshold, a corrupt log, a request) compares every disk.
 //!
 //! A re-protect's resync goes further when its disks carry a seed bitmap (a qcow2 failover
 //! disk's, or one a planned failover left on the stopped source's disks): the view freezes it,
 //! and it names every block written since the point the replica was put back to, so only
-//! those blocks are read and compared ([`View::changed_since`]).
+//! those blocks are read, compared and sent, in the same one pass ([`View::changed_since`]).
 //!
 //! # Resuming
 //!
@@ -41,11 +43,13 @@
 //! view, rewrites the intent's ranges unconditionally, and plans again against the saved map:
 //! what was already sent matches and is not sent again.
 
+use std::ops::Range;
 use std::time::{Instant, SystemTime};
 
 use lifeboat_blockmap::{BlockMap, HashAlgorithm, RangeOp, plan_resync};
 use lifeboat_store::Consistency;
 
+use super::copy::Sending;
 use super::maps::{self, TAG_RESYNC};
 use super::upload::Uploader;
 use super::{Progress, ProgressSink, Replicator, Report, VIEW_CHUNK_BYTES, throughput, unix_ms};
@@ -78,19 +82,31 @@ pub(crate) fn disks_to_compare_in_full(
 /// The most ranges one checkpoint window of a resync declares (they go into the state file).
 const MAX_INTENT_RANGES: usize = 1024;
 
-/// How many of `planned` (at least one) the next checkpoint window takes: ranges until they
-/// hold `checkpoint_bytes`, at most [`MAX_INTENT_RANGES`] (pure). A window is counted in the
-/// bytes to write, not in the address space they span, so that blocks scattered over a large
-/// disk (a re-protect's, a tracked resync's) cost one checkpoint, not one per region they
-/// touch; a resumed resync sends the window's ranges again, only them.
-fn intent_window(planned: &[lifeboat_blockmap::PlannedRange], checkpoint_bytes: u64) -> usize {
+/// What a resync does with a range of its plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Read it and send it: its blocks differ from the map's (the source hashed in full).
+    Copy,
+    /// Make it read as zeros in the store: the source reads zeros there, the replica not.
+    Zero,
+    /// Read it and send the blocks whose digest differs from the map's: the blocks tracking
+    /// (or a seed bitmap) says were written, compared as they are read.
+    Compare,
+}
+
+/// How many ranges of lengths `lens` (at least one) the next checkpoint window takes: ranges
+/// until they hold `checkpoint_bytes`, at most [`MAX_INTENT_RANGES`] (pure). A window is
+/// counted in the bytes it may write, not in the address space they span, so that blocks
+/// scattered over a large disk (a re-protect's, a tracked resync's) cost one checkpoint, not
+/// one per region they touch; a resumed resync sends the window's ranges again, only them.
+fn intent_window(lens: impl IntoIterator<Item = u64>, checkpoint_bytes: u64) -> usize {
     let mut bytes = 0u64;
     let mut taken = 0;
-    for range in planned.iter().take(MAX_INTENT_RANGES) {
+    for len in lens.into_iter().take(MAX_INTENT_RANGES) {
         if taken > 0 && bytes >= checkpoint_bytes {
             break;
         }
-        bytes = bytes.saturating_add(range.len_bytes);
+        bytes = bytes.saturating_add(len);
         taken += 1;
     }
     taken
@@ -238,7 +254,7 @@ impl Replicator {
                     &disk,
                     &ranges,
                     chunk,
-                    true,
+                    Sending::AllRewritingZeros,
                     target,
                     &mut uploader,
                     &mut report,
@@ -297,80 +313,113 @@ impl Replicator {
                     .await?
                 }
             };
-            // Source map: read and hash what the view holds (unallocated space is zeros), or,
-            // where tracking vouches for every change since the map, only the changed blocks.
-            let (mut source, ranges) = if let Some(changed) = seeded {
-                tracing::info!(vm = %self.vm, disk, "re-protect: the disk's seed bitmap holds; comparing only the blocks written since the point");
-                (target.clone(), changed)
-            } else if incremental {
-                tracing::info!(vm = %self.vm, disk, "resync: tracking holds; comparing only the changed blocks");
-                let changed = view.changed_extents(disk).await?;
-                (target.clone(), changed)
+            // What to send. Where tracking (or a seed bitmap) vouches for every change since
+            // the map, the changed blocks are the candidates: each is read once, compared with
+            // the map and sent if it differs, in the same pass. Otherwise what the view holds
+            // is read and hashed (unallocated space is zeros), compared with the map, and the
+            // blocks that differ are read again to be sent.
+            let steps: Vec<(Range<u64>, Step)> = if incremental {
+                let changed = match seeded {
+                    Some(changed) => {
+                        tracing::info!(vm = %self.vm, disk, "re-protect: the disk's seed bitmap holds; comparing only the blocks written since the point");
+                        changed
+                    }
+                    None => {
+                        tracing::info!(vm = %self.vm, disk, "resync: tracking holds; comparing only the changed blocks");
+                        view.changed_extents(disk).await?
+                    }
+                };
+                report_progress(info.size_bytes);
+                maps::align(&changed, block, info.size_bytes)
+                    .into_iter()
+                    .map(|range| (range, Step::Compare))
+                    .collect()
             } else {
                 report.disks_compared_in_full.push(disk.to_owned());
-                let zeroed = BlockMap::new_zeroed(
+                let mut source = BlockMap::new_zeroed(
                     HashAlgorithm::default(),
                     self.settings.block_size_bytes,
                     info.size_bytes,
                 )
                 .map_err(map_error)?;
-                (zeroed, view.allocated_extents(disk).await?)
+                let ranges =
+                    maps::align(&view.allocated_extents(disk).await?, block, info.size_bytes);
+                report.bytes_read += maps::hash_ranges(
+                    &mut source,
+                    disk,
+                    &ranges,
+                    chunk,
+                    |pieces| async move { Ok(view.read_many(disk, &pieces).await?) },
+                    |hashed| report_progress(hashed.min(info.size_bytes)),
+                )
+                .await?;
+                let plan = plan_resync(&source, &target).map_err(map_error)?;
+                plan.ranges()
+                    .iter()
+                    .map(|planned| {
+                        let step = match planned.op {
+                            RangeOp::Copy => Step::Copy,
+                            RangeOp::Zero => Step::Zero,
+                        };
+                        (planned.offset_bytes..planned.end_bytes(), step)
+                    })
+                    .collect()
             };
-            let ranges = maps::align(&ranges, block, info.size_bytes);
-            report.bytes_read += maps::hash_ranges(
-                &mut source,
-                disk,
-                &ranges,
-                chunk,
-                |pieces| async move { Ok(view.read_many(disk, &pieces).await?) },
-                |hashed| report_progress(hashed.min(info.size_bytes)),
-            )
-            .await?;
-            let plan = plan_resync(&source, &target).map_err(map_error)?;
-            let planned_ranges = plan.ranges();
             let mut done = 0;
             let mut index = 0;
-            while index < planned_ranges.len() {
+            while index < steps.len() {
                 // Checkpoint: what is in flight lands, the map is saved, and the next window
                 // of the disk (its ranges to write) is declared before anything in it is
                 // written.
                 self.save_map_durably(&mut uploader, disk, TAG_RESYNC, &target)
                     .await?;
-                let window_end =
-                    index + intent_window(&planned_ranges[index..], self.settings.checkpoint_bytes);
-                let window = &planned_ranges[index..window_end];
-                let (first, last) = (&window[0], &window[window.len() - 1]);
-                self.state.resync_intent =
-                    Some((disk.to_owned(), first.offset_bytes, last.end_bytes()));
+                let window_end = index
+                    + intent_window(
+                        steps[index..]
+                            .iter()
+                            .map(|(range, _)| range.end - range.start),
+                        self.settings.checkpoint_bytes,
+                    );
+                let window = &steps[index..window_end];
+                let (first, last) = (&window[0].0, &window[window.len() - 1].0);
+                self.state.resync_intent = Some((disk.to_owned(), first.start, last.end));
                 self.state.resync_intent_ranges = window
                     .iter()
-                    .map(|r| (r.offset_bytes, r.end_bytes()))
+                    .map(|(range, _)| (range.start, range.end))
                     .collect();
                 self.save()?;
-                let mut copies = Vec::new();
-                for planned in window {
-                    let (start, end) = (planned.offset_bytes, planned.end_bytes());
-                    match planned.op {
-                        RangeOp::Copy => copies.push(start..end),
-                        // NB: before the window's copies are queued, which never overlap it.
-                        RangeOp::Zero => {
-                            uploader.zero(disk, start, end - start).await?;
-                            target.zero_range(start, end - start).map_err(map_error)?;
+                let (mut copies, mut compares) = (Vec::new(), Vec::new());
+                for (range, step) in window {
+                    match step {
+                        Step::Copy => copies.push(range.clone()),
+                        Step::Compare => compares.push(range.clone()),
+                        // NB: before the window's reads are queued, which never overlap it.
+                        Step::Zero => {
+                            let len = range.end - range.start;
+                            uploader.zero(disk, range.start, len).await?;
+                            target.zero_range(range.start, len).map_err(map_error)?;
                         }
                     }
-                    done += end - start;
+                    done += range.end - range.start;
                 }
-                self.copy_ranges(
-                    view,
-                    disk,
-                    &copies,
-                    chunk,
-                    true,
-                    &mut target,
-                    &mut uploader,
-                    &mut report,
-                )
-                .await?;
+                for (ranges, sending) in [
+                    (copies, Sending::AllRewritingZeros),
+                    (compares, Sending::IfDiffers),
+                ] {
+                    if !ranges.is_empty() {
+                        self.copy_ranges(
+                            view,
+                            disk,
+                            &ranges,
+                            chunk,
+                            sending,
+                            &mut target,
+                            &mut uploader,
+                            &mut report,
+                        )
+                        .await?;
+                    }
+                }
                 report_progress(info.size_bytes + done.min(info.size_bytes));
                 index = window_end;
             }
@@ -416,6 +465,9 @@ mod tests {
     #[test]
     fn a_checkpoint_window_counts_the_bytes_to_write_not_the_span() {
         use lifeboat_blockmap::PlannedRange;
+        fn lens(planned: &[PlannedRange]) -> impl Iterator<Item = u64> + '_ {
+            planned.iter().map(|r| r.len_bytes)
+        }
         let block = 65_536;
         // Scattered blocks far apart: one window holds them until it holds the bytes.
         let scattered: Vec<PlannedRange> = (0..100u64)
@@ -429,8 +481,8 @@ mod tests {
                 },
             })
             .collect();
-        assert_eq!(intent_window(&scattered, 10 * block), 10);
-        assert_eq!(intent_window(&scattered, 1000 * block), 100);
+        assert_eq!(intent_window(lens(&scattered), 10 * block), 10);
+        assert_eq!(intent_window(lens(&scattered), 1000 * block), 100);
         // A range larger than the window is a window alone; a window is never empty.
         let large = [
             PlannedRange {
@@ -444,8 +496,8 @@ mod tests {
                 op: RangeOp::Copy,
             },
         ];
-        assert_eq!(intent_window(&large, 10 * block), 1);
-        assert_eq!(intent_window(&large, 0), 1);
+        assert_eq!(intent_window(lens(&large), 10 * block), 1);
+        assert_eq!(intent_window(lens(&large), 0), 1);
         // The range count bound keeps the state file small.
         let tiny: Vec<PlannedRange> = (0..5000u64)
             .map(|i| PlannedRange {
@@ -454,7 +506,7 @@ mod tests {
                 op: RangeOp::Copy,
             })
             .collect();
-        assert_eq!(intent_window(&tiny, u64::MAX), MAX_INTENT_RANGES);
+        assert_eq!(intent_window(lens(&tiny), u64::MAX), MAX_INTENT_RANGES);
     }
 
     fn disks() -> Vec<DiskRef> {
