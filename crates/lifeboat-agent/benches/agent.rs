@@ -9,6 +9,7 @@
 //!                   [--rounds 3] [--depth 16] [--request-kib 64]
 //!         copy, recovery, recovery-azure, resync, roundtrip: [--image-mib 4096] [--runs 5]
 //!                   [--steps lifeboat,cp] [--warm] [--no-verify] [--python PATH]
+//!         roundtrip: [--formats raw,qcow2]
 //!         churn, churn-azure: [--churn-rates 50,100,150,200] [--churn-secs 180]
 //!                   [--churn-disk-mib 16384] [--churn-interval-secs 15]
 //!         [--keep]
@@ -120,8 +121,9 @@
 //!
 //! # `roundtrip`: re-protect and failback against a full copy
 //!
-//! Twice: on raw disks, then on qcow2 disks (the failover writes qcow2 with a seed bitmap, the
-//! planned failover marks A's disk, so re-protect and failback read only the changed blocks).
+//! Twice (or once, with `--formats raw` or `--formats qcow2`): on raw disks, then on qcow2
+//! disks (the failover writes qcow2 with a seed bitmap, the planned failover marks A's disk,
+//! so re-protect and failback read only the changed blocks).
 //! Per run, on the `--image-mib` half-data image: site A (QSD on a sparse copy) protected,
 //! its initial copy timed (the full copy of the disk the hops are measured against); 1 % of
 //! the 64 KiB blocks rewritten on A, a planned failover (A stopped, shipped, materialised);
@@ -200,6 +202,8 @@ struct Config {
     churn_secs: u64,
     churn_disk_mib: u64,
     churn_interval_secs: u64,
+    /// The disk formats of the `roundtrip` part: `raw`, `qcow2` or both.
+    formats: Vec<DiskFormat>,
 }
 
 /// The settings of a smoke run: what `cargo test --all-targets` gets (it runs this binary
@@ -238,6 +242,7 @@ fn smoke_config() -> Config {
         churn_secs: 3,
         churn_disk_mib: 256,
         churn_interval_secs: 1,
+        formats: vec![DiskFormat::Raw, DiskFormat::Qcow2],
     }
 }
 
@@ -269,6 +274,7 @@ fn config() -> Config {
         ("churn-secs", "180"),
         ("churn-disk-mib", "16384"),
         ("churn-interval-secs", "15"),
+        ("formats", "raw,qcow2"),
     ]
     .into_iter()
     .map(|(k, d)| (k, env(&k.to_uppercase().replace('-', "_"), d)))
@@ -332,6 +338,10 @@ fn config() -> Config {
         churn_secs: num("churn-secs").max(1),
         churn_disk_mib: num("churn-disk-mib"),
         churn_interval_secs: num("churn-interval-secs").max(1),
+        formats: get("formats")
+            .split(',')
+            .map(|f| f.parse().unwrap_or_else(|e| panic!("--formats {f}: {e}")))
+            .collect(),
     }
 }
 
@@ -2068,7 +2078,7 @@ async fn reprotect_hop(
 }
 
 async fn roundtrip_part(config: &Config) {
-    for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
+    for format in config.formats.clone() {
         roundtrip_runs(config, format).await;
     }
 }
