@@ -65,6 +65,8 @@ pub const BITMAP_PREFIX: &str = "lifeboat-";
 pub const FLEECE_NODE_PREFIX: &str = "lbf-";
 /// The prefix of backup job ids.
 pub const JOB_PREFIX: &str = "lbj-";
+/// The prefix of the jobs that format fleece overlays (`blockdev-create`).
+pub const CREATE_JOB_PREFIX: &str = "lbc-";
 /// The prefix of NBD export ids and names.
 pub const EXPORT_PREFIX: &str = "lbx-";
 /// The NBD meta context prefix of QEMU dirty bitmaps.
@@ -101,8 +103,6 @@ pub struct QemuOptions {
     pub guest_agent_timeout: Duration,
     /// The limit on each NBD reply.
     pub nbd_timeout: Duration,
-    /// The `qemu-img` that creates fleece overlays.
-    pub qemu_img: PathBuf,
 }
 
 impl Default for QemuOptions {
@@ -113,7 +113,6 @@ impl Default for QemuOptions {
             qmp_timeout: Duration::from_secs(30),
             guest_agent_timeout: Duration::from_secs(60),
             nbd_timeout: Duration::from_secs(60),
-            qemu_img: PathBuf::from("qemu-img"),
         }
     }
 }
@@ -569,6 +568,46 @@ impl Inner {
         tokio::fs::rename(&tmp, &path).await.map_err(fail)
     }
 
+    /// Wait for job `id` (one QEMU keeps until it is dismissed) to conclude, then dismiss it:
+    /// `Err` with QEMU's words when the job failed or did not conclude within the QMP timeout.
+    async fn wait_job_concluded(&self, id: &str) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.options.qmp_timeout;
+        // NB: formatting an empty overlay takes QEMU about a millisecond: ask again soon,
+        // then at the usual interval.
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let jobs = self
+                .qmp_raw("query-jobs", Value::Null)
+                .await
+                .map_err(|e| e.to_string())?;
+            let job = jobs
+                .as_array()
+                .and_then(|l| {
+                    l.iter()
+                        .find(|j| j.get("id").and_then(Value::as_str) == Some(id))
+                })
+                .cloned();
+            let Some(job) = job else {
+                return Err(format!("job {id} is gone before it concluded"));
+            };
+            if job.get("status").and_then(Value::as_str) == Some("concluded") {
+                let _ = self.qmp_raw("job-dismiss", json!({ "id": id })).await;
+                return match job.get("error").and_then(Value::as_str) {
+                    Some(error) => Err(error.to_owned()),
+                    None => Ok(()),
+                };
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "job {id} did not conclude within {:?}",
+                    self.options.qmp_timeout
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(POLL_INTERVAL);
+        }
+    }
+
     /// Poll until `present` says no, or give up after the QMP timeout.
     async fn wait_gone(&self, query: &str, key: &str, id: &str) -> Result<(), BackendError> {
         let deadline = tokio::time::Instant::now() + self.options.qmp_timeout;
@@ -660,6 +699,14 @@ impl Inner {
             tracing::warn!(vm = %self.vm, job = %id, "cancelling a leftover backup job of an earlier run");
             self.cancel_job(&id).await?;
         }
+        // A job that formatted an overlay and was not dismissed (a crash while waiting for
+        // it): concluded, or about to be; dismissing one still running fails, and it is
+        // dismissed at the next sweep.
+        let jobs = self.qmp("query-jobs", Value::Null, None).await?;
+        for id in ids_with_prefix(&jobs, "id", CREATE_JOB_PREFIX) {
+            tracing::warn!(vm = %self.vm, job = %id, "dismissing a leftover overlay job of an earlier run");
+            let _ = self.qmp_raw("job-dismiss", json!({ "id": id })).await;
+        }
         for node in self
             .nodes()
             .await?
@@ -692,8 +739,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Delete overlay files of this VM that no node uses (a crash between `qemu-img create`
-    /// and `blockdev-add`).
+    /// Delete overlay files of this VM that no node uses (a crash between the overlay's
+    /// creation and `blockdev-add`).
     async fn remove_stale_overlays(&self) -> Result<(), BackendError> {
         let prefix = format!("{}.{FLEECE_NODE_PREFIX}", file_stem(&self.vm));
         let mut dir = match tokio::fs::read_dir(&self.work_dir).await {

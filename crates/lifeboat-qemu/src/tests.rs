@@ -612,6 +612,55 @@ async fn a_crashed_agents_leftovers_are_swept_and_nothing_is_lost() {
     view.close(CloseView::Commit).await.unwrap();
 }
 
+/// A job that formats an overlay and fails is reported with QEMU's words and dismissed; one
+/// an earlier run left behind is dismissed by the next sweep.
+#[tokio::test]
+async fn a_failed_overlay_job_is_reported_and_dismissed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(tmp.path(), &[("disk0", 8 * MIB)]);
+    let hv = qsd.hypervisor();
+    let path = tmp.path().join("bad.qcow2");
+    std::fs::File::create(&path).unwrap();
+    let args = serde_json::json!({
+        "job-id": "lbc-bad",
+        "options": {
+            "driver": "qcow2",
+            "file": { "driver": "file", "filename": path },
+            "size": MIB,
+            "cluster-size": 1000,
+        },
+    });
+    hv.inner.qmp("blockdev-create", args, None).await.unwrap();
+    let why = hv.inner.wait_job_concluded("lbc-bad").await.unwrap_err();
+    assert!(why.to_lowercase().contains("cluster size"), "{why}");
+    let jobs = hv.inner.qmp("query-jobs", Value::Null, None).await.unwrap();
+    assert_eq!(jobs, serde_json::json!([]), "the job is dismissed");
+
+    let args = serde_json::json!({
+        "job-id": "lbc-left",
+        "options": {
+            "driver": "qcow2",
+            "file": { "driver": "file", "filename": path },
+            "size": MIB,
+        },
+    });
+    hv.inner.qmp("blockdev-create", args, None).await.unwrap();
+    for _ in 0..500 {
+        let jobs = hv.inner.qmp("query-jobs", Value::Null, None).await.unwrap();
+        if jobs[0]["status"] == "concluded" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    hv.start_tracking(&qsd.disk_refs()).await.unwrap();
+    let jobs = hv.inner.qmp("query-jobs", Value::Null, None).await.unwrap();
+    assert_eq!(
+        jobs,
+        serde_json::json!([]),
+        "the sweep dismissed the leftover job"
+    );
+}
+
 #[tokio::test]
 async fn a_failed_open_rolls_back_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -638,16 +687,17 @@ async fn a_failed_open_rolls_back_and_loses_nothing() {
         }
     };
     {
-        // Before QEMU is touched: the overlay cannot be created.
-        let hv = qsd.hypervisor_with(QemuOptions {
-            qemu_img: "false".into(),
-            ..QemuOptions::default()
-        });
+        // Before anything is made: an overlay's name is taken by something that is not an
+        // overlay (a folder), which the view does not remove.
+        let hv = qsd.hypervisor();
         hv.start_tracking(&disks).await.unwrap();
         qsd.guest("disk0", &["write -P 0x41 1M 64k"]).await;
+        let taken = hv.inner.fleece_path("lbf-1-1");
+        std::fs::create_dir_all(&taken).unwrap();
         let err = hv.open_view(&disks, 1, Quiesce::None).await.unwrap_err();
-        assert!(err.to_string().contains("fleece overlay"), "{err}");
+        assert!(err.to_string().contains("stale overlay"), "{err}");
         assert_eq!(leftovers(&hv).await, (0, 0, 2));
+        std::fs::remove_dir(&taken).unwrap();
         assert_eq!(
             bitmaps(&hv, "disk0").await,
             vec![("lifeboat-0".into(), true)]

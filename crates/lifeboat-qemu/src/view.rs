@@ -2,7 +2,7 @@
 //! copy-before-write backup job, exported read-only over NBD together with the frozen bitmap.
 //!
 //! ```text
-//!  open:   qemu-img create overlay ─> blockdev-add lbf ─> [fsfreeze] ─> transaction ─> [thaw]
+//!  open:   blockdev-create overlay ─> blockdev-add lbf ─> [fsfreeze] ─> transaction ─> [thaw]
 //!          ─> nbd-server-start (unless running) ─> block-export-add lbx (+ bitmap) ─> NBD connect
 //!  read:   NBD READ / BLOCK_STATUS(base:allocation | qemu:dirty-bitmap:lifeboat-p) on lbx
 //!  close:  NBD DISC ─> block-export-del ─> block-job-cancel ─> blockdev-del ─> rm overlay
@@ -17,7 +17,9 @@
 
 use super::nbd::{self, NbdClient, NbdError};
 use super::qmp::GuestAgent;
-use super::{DIRTY_BITMAP_CONTEXT_PREFIX, Inner, Resolved, bitmap_name, merge_and_remove};
+use super::{
+    CREATE_JOB_PREFIX, DIRTY_BITMAP_CONTEXT_PREFIX, Inner, Resolved, bitmap_name, merge_and_remove,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use lifeboat_engine::backend::{BackendError, CloseView, DiskInfo, Quiesce, View, merge_ranges};
@@ -262,29 +264,35 @@ impl QemuView {
                     format!("{}: {e}", inner.work_dir.display()),
                 )
             })?;
-        let out = tokio::process::Command::new(&inner.options.qemu_img)
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&p.fleece_path)
-            .arg(p.size_bytes.to_string())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| {
-                inner.permanent(
-                    "create the fleece overlay",
-                    format!("cannot run {}: {e}", inner.options.qemu_img.display()),
-                )
-            })?;
-        if !out.status.success() {
+        // NB: QEMU formats the overlay itself (a `blockdev-create` job), where a `qemu-img`
+        // process per disk and view cost a program start (tens of milliseconds when it is
+        // not in the page cache). Its `file` driver opens, never creates: the file first.
+        tokio::fs::File::create(&p.fleece_path).await.map_err(|e| {
+            inner.permanent(
+                "create the fleece overlay",
+                format!("{}: {e}", p.fleece_path.display()),
+            )
+        })?;
+        let job = format!("{CREATE_JOB_PREFIX}{}", p.fleece_node);
+        // NB: an earlier attempt at this view's cycle may have left its job concluded.
+        let _ = inner.qmp_raw("job-dismiss", json!({ "id": job })).await;
+        let args = json!({
+            "job-id": job,
+            "options": {
+                "driver": "qcow2",
+                "file": { "driver": "file", "filename": p.fleece_path },
+                "size": p.size_bytes,
+            },
+        });
+        inner.qmp("blockdev-create", args, p.ctx()).await?;
+        if let Err(why) = inner.wait_job_concluded(&job).await {
             return Err(inner.permanent(
                 "create the fleece overlay",
                 format!(
-                    "{} create {} for disk {:?} (node {:?}) failed: {}",
-                    inner.options.qemu_img.display(),
+                    "formatting {} for disk {:?} (node {:?}) failed: {why}",
                     p.fleece_path.display(),
                     p.disk,
-                    p.node,
-                    String::from_utf8_lossy(&out.stderr).trim()
+                    p.node
                 ),
             ));
         }
