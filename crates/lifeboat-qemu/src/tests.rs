@@ -621,30 +621,26 @@ async fn a_failed_overlay_job_is_reported_and_dismissed() {
     let hv = qsd.hypervisor();
     let path = tmp.path().join("bad.qcow2");
     std::fs::File::create(&path).unwrap();
-    let args = serde_json::json!({
-        "job-id": "lbc-bad",
-        "options": {
-            "driver": "qcow2",
-            "file": { "driver": "file", "filename": path },
-            "size": MIB,
-            "cluster-size": 1000,
-        },
-    });
-    hv.inner.qmp("blockdev-create", args, None).await.unwrap();
+    let create = |job: &str, cluster_size: u64| {
+        let args = serde_json::json!({
+            "job-id": job,
+            "options": {
+                "driver": "qcow2",
+                "file": { "driver": "file", "filename": path },
+                "size": MIB,
+                "cluster-size": cluster_size,
+            },
+        });
+        let hv = hv.inner.clone();
+        async move { hv.qmp("blockdev-create", args, None).await.unwrap() }
+    };
+    create("lbc-bad", 1000).await;
     let why = hv.inner.wait_job_concluded("lbc-bad").await.unwrap_err();
     assert!(why.to_lowercase().contains("cluster size"), "{why}");
     let jobs = hv.inner.qmp("query-jobs", Value::Null, None).await.unwrap();
     assert_eq!(jobs, serde_json::json!([]), "the job is dismissed");
 
-    let args = serde_json::json!({
-        "job-id": "lbc-left",
-        "options": {
-            "driver": "qcow2",
-            "file": { "driver": "file", "filename": path },
-            "size": MIB,
-        },
-    });
-    hv.inner.qmp("blockdev-create", args, None).await.unwrap();
+    create("lbc-left", 65_536).await;
     for _ in 0..500 {
         let jobs = hv.inner.qmp("query-jobs", Value::Null, None).await.unwrap();
         if jobs[0]["status"] == "concluded" {

@@ -327,6 +327,26 @@ async fn disks_and_limits(store: &dyn ReplicaStore, vm: &VmKey) {
     assert!(manifest.points.is_empty());
 }
 
+/// Write `batch` (offset, data) to disk `root` in one request, in the store and in `model`.
+async fn write_many(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    model: &mut Model,
+    batch: &[(usize, Vec<u8>)],
+    what: &str,
+) {
+    if let Some(root) = model.disks.get_mut("root") {
+        for (offset, data) in batch {
+            root[*offset..*offset + data.len()].copy_from_slice(data);
+        }
+    }
+    let writes = batch
+        .iter()
+        .map(|(offset, data)| (*offset as u64, page_aligned(data)))
+        .collect();
+    ok(store.write_many(vm, "root", writes).await, what);
+}
+
 async fn points_are_immutable(store: &dyn ReplicaStore, vm: &VmKey) {
     let mut model = Model::default();
     for (disk, size) in [("root", 2 * MIB), ("data", MIB)] {
@@ -400,24 +420,7 @@ async fn points_are_immutable(store: &dyn ReplicaStore, vm: &VmKey) {
         (MIB as usize - 4096, pattern(18, 8192)),
         (12 * 1024, pattern(19, 8192)),
     ];
-    if let Some(root) = model.disks.get_mut("root") {
-        for (offset, data) in &batch {
-            root[*offset..*offset + data.len()].copy_from_slice(data);
-        }
-    }
-    ok(
-        store
-            .write_many(
-                vm,
-                "root",
-                batch
-                    .iter()
-                    .map(|(offset, data)| (*offset as u64, page_aligned(data)))
-                    .collect(),
-            )
-            .await,
-        "write_many",
-    );
+    write_many(store, vm, &mut model, &batch, "write_many").await;
     // A batch of pieces that do not overlap (a store may write them at once): scattered,
     // and 512-byte pieces sharing granules B still reads from the live file.
     let disjoint: [(usize, Vec<u8>); 5] = [
@@ -427,24 +430,14 @@ async fn points_are_immutable(store: &dyn ReplicaStore, vm: &VmKey) {
         (MIB as usize + 64 * 1024, pattern(23, 4096)),
         (256 * 1024 + 3584, pattern(24, 512)),
     ];
-    if let Some(root) = model.disks.get_mut("root") {
-        for (offset, data) in &disjoint {
-            root[*offset..*offset + data.len()].copy_from_slice(data);
-        }
-    }
-    ok(
-        store
-            .write_many(
-                vm,
-                "root",
-                disjoint
-                    .iter()
-                    .map(|(offset, data)| (*offset as u64, page_aligned(data)))
-                    .collect(),
-            )
-            .await,
+    write_many(
+        store,
+        vm,
+        &mut model,
+        &disjoint,
         "write_many of disjoint pieces",
-    );
+    )
+    .await;
     assert_invalid(
         store
             .write_many(vm, "root", vec![(2 * MIB, page_aligned(&[1; 4096]))])
