@@ -58,6 +58,19 @@ pub const MAX_DISK_SIZE_BYTES: u64 = 8 * 1024 * 1024 * 1024 * 1024;
 /// local store does): 4096 covers 512-byte and 4K-native devices.
 pub const DIRECT_IO_ALIGN: usize = 4096;
 
+/// Sort ranges, drop the empty ones and merge those that overlap or touch (pure).
+pub(crate) fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for range in ranges.into_iter().filter(|r| r.start < r.end) {
+        match merged.last_mut() {
+            Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+            _ => merged.push(range),
+        }
+    }
+    merged
+}
+
 /// A zeroed buffer of `len` bytes that starts on a [`DIRECT_IO_ALIGN`] boundary, for data
 /// that goes to a store: the sender fills it, and whole pages of it at page offsets can be
 /// written without a copy into the page cache.

@@ -72,7 +72,6 @@ use pipeline::{Pipeline, Target, error_code};
 use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZero;
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -714,19 +713,6 @@ fn definition_blob(vm: &VmKey) -> String {
 /// `<namespace>/<vm>/maps/<disk>.map`.
 fn map_blob(vm: &VmKey, disk: &str) -> String {
     format!("{}/{}/maps/{disk}.map", vm.namespace(), vm.name())
-}
-
-/// Sort ranges and merge the overlapping or touching ones.
-fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    ranges.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
 }
 
 /// How long a revert waits for a copy from a snapshot that stays pending: then it fails,

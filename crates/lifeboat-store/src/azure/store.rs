@@ -5,13 +5,12 @@
 
 use super::pipeline::Target;
 use super::{
-    AzureStore, Condition, definition_blob, disk_blob, lock, manifest_blob, map_blob, merge_ranges,
-    vhd,
+    AzureStore, Condition, definition_blob, disk_blob, lock, manifest_blob, map_blob, vhd,
 };
 use crate::manifest::point_id;
 use crate::{
     At, Manifest, ManifestDisk, NewPoint, PointDisk, RecoveryPoint, ReplicaStore, StoreError,
-    VmKey, check_disk_name, check_disk_size, check_range,
+    VmKey, check_disk_name, check_disk_size, check_range, merge_ranges,
 };
 use async_trait::async_trait;
 use azure_storage_blob::models::{

@@ -6,6 +6,7 @@
 use super::pipeline::account_name_from_url;
 use super::*;
 use crate::conformance;
+use crate::merge_ranges;
 use crate::testing::{Azurite, DEV_ACCOUNT, DEV_KEY, free_port, shared_key_store, test_options};
 use crate::{At, NewPoint};
 use async_trait::async_trait;

@@ -75,6 +75,7 @@ use std::sync::{Arc, Mutex};
 use crate::manifest::{Manifest, PointDisk, RecoveryPoint, point_id};
 use crate::{
     At, NewPoint, ReplicaStore, StoreError, VmKey, check_disk_name, check_disk_size, check_range,
+    merge_ranges,
 };
 use disk::Disk;
 use io::{punch_hole, read_if_exists, remove_if_exists, write_atomic};
@@ -242,19 +243,6 @@ fn overlapping(writes: &[(u64, Bytes)]) -> bool {
         .collect();
     ranges.sort_unstable();
     ranges.windows(2).any(|pair| pair[1].0 < pair[0].1)
-}
-
-/// Sort and merge ranges.
-fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    ranges.sort_by_key(|r| r.start);
-    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-    for range in ranges.into_iter().filter(|r| r.start < r.end) {
-        match merged.last_mut() {
-            Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
-            _ => merged.push(range),
-        }
-    }
-    merged
 }
 
 #[async_trait]

@@ -14,8 +14,8 @@ use super::epoch;
 use super::io::{create_dir_durable, open_lock_file, sync_folder, write_atomic};
 use super::undo::Segment;
 use super::{Access, read_only_refusal};
-use crate::StoreError;
 use crate::manifest::{Manifest, PointDisk, RecoveryPoint};
+use crate::{StoreError, merge_ranges};
 
 /// The lock file of a VM's folder: held (`File::try_lock`, an exclusive `flock` on unix, a
 /// `LockFileEx` on Windows: both per open file, so two stores of one process exclude each
@@ -385,11 +385,7 @@ impl VmState {
             return Ok(());
         };
         let live = self.live_disk(disk)?;
-        live.preserve_unsynced(
-            seq,
-            size,
-            &super::merge_ranges(ranges.into_iter().collect()),
-        )?;
+        live.preserve_unsynced(seq, size, &merge_ranges(ranges.into_iter().collect()))?;
         // NB: also when this call appended nothing: an earlier one that failed halfway may
         // have indexed records it never synced, and this write may overwrite their granules.
         let segment = live.segment(seq)?;
