@@ -569,17 +569,24 @@ impl Inner {
     }
 
     /// Wait for job `id` (one QEMU keeps until it is dismissed) to conclude, then dismiss it:
-    /// `Err` with QEMU's words when the job failed or did not conclude within the QMP timeout.
-    async fn wait_job_concluded(&self, id: &str) -> Result<(), String> {
+    /// `Ok(None)` when it succeeded, `Ok(Some(why))` with QEMU's words when the job failed.
+    ///
+    /// # Errors
+    ///
+    /// QMP failures as [`QmpError::into_backend`] maps them (a timeout is transient), a job
+    /// that does not conclude within the QMP timeout (transient: slow storage under the work
+    /// directory, a busy QEMU), and one that is gone before it concluded (permanent).
+    async fn wait_job_concluded(
+        &self,
+        id: &str,
+        disk: Option<(&str, &str)>,
+    ) -> Result<Option<String>, BackendError> {
         let deadline = tokio::time::Instant::now() + self.options.qmp_timeout;
         // NB: formatting an empty overlay takes QEMU about a millisecond: ask again soon,
         // then at the usual interval.
         let mut pause = Duration::from_millis(1);
         loop {
-            let jobs = self
-                .qmp_raw("query-jobs", Value::Null)
-                .await
-                .map_err(|e| e.to_string())?;
+            let jobs = self.qmp("query-jobs", Value::Null, disk).await?;
             let job = jobs
                 .as_array()
                 .and_then(|l| {
@@ -588,20 +595,22 @@ impl Inner {
                 })
                 .cloned();
             let Some(job) = job else {
-                return Err(format!("job {id} is gone before it concluded"));
+                return Err(self.permanent(
+                    &format!("wait for job {id}"),
+                    "the job is gone before it concluded",
+                ));
             };
             if job.get("status").and_then(Value::as_str) == Some("concluded") {
                 let _ = self.qmp_raw("job-dismiss", json!({ "id": id })).await;
-                return match job.get("error").and_then(Value::as_str) {
-                    Some(error) => Err(error.to_owned()),
-                    None => Ok(()),
-                };
+                return Ok(job.get("error").and_then(Value::as_str).map(str::to_owned));
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "job {id} did not conclude within {:?}",
-                    self.options.qmp_timeout
-                ));
+                // NB: left to finish; the next sweep dismisses it once it has concluded.
+                return Err(BackendError::Transient {
+                    vm: self.vm.clone(),
+                    action: format!("wait for job {id}"),
+                    detail: format!("not concluded after {:?}", self.options.qmp_timeout),
+                });
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(POLL_INTERVAL);

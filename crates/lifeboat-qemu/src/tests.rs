@@ -635,10 +635,27 @@ async fn a_failed_overlay_job_is_reported_and_dismissed() {
         async move { hv.qmp("blockdev-create", args, None).await.unwrap() }
     };
     create("lbc-bad", 1000).await;
-    let why = hv.inner.wait_job_concluded("lbc-bad").await.unwrap_err();
+    let why = hv
+        .inner
+        .wait_job_concluded("lbc-bad", None)
+        .await
+        .unwrap()
+        .expect("the job failed");
     assert!(why.to_lowercase().contains("cluster size"), "{why}");
     let jobs = hv.inner.qmp("query-jobs", Value::Null, None).await.unwrap();
     assert_eq!(jobs, serde_json::json!([]), "the job is dismissed");
+    create("lbc-good", 65_536).await;
+    let done = hv.inner.wait_job_concluded("lbc-good", None).await.unwrap();
+    assert_eq!(done, None, "a job that succeeded");
+    let gone = hv
+        .inner
+        .wait_job_concluded("lbc-none", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&gone, BackendError::Permanent { detail, .. } if detail.contains("gone")),
+        "{gone:?}"
+    );
 
     create("lbc-left", 65_536).await;
     for _ in 0..500 {

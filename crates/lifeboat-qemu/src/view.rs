@@ -285,7 +285,7 @@ impl QemuView {
             },
         });
         inner.qmp("blockdev-create", args, p.ctx()).await?;
-        if let Err(why) = inner.wait_job_concluded(&job).await {
+        if let Some(why) = inner.wait_job_concluded(&job, p.ctx()).await? {
             return Err(inner.permanent(
                 "create the fleece overlay",
                 format!(
