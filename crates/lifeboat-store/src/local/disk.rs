@@ -178,6 +178,14 @@ impl Disk {
         point_size_bytes: u64,
         ranges: &[Range<u64>],
     ) -> Result<(), StoreError> {
+        // NB: opened (or created) once here, not at every granule below; preserve_many
+        // syncs it afterwards whatever this appends.
+        self.segment(seq)?;
+        let held = |disk: &Disk, granule: u64| {
+            disk.segments
+                .get(&seq)
+                .is_some_and(|s| s.index.contains_key(&granule))
+        };
         let mut runs: Vec<Range<u64>> = Vec::new();
         let mut round_bytes = 0;
         // NB: two ranges can share a granule (writes are 512-byte aligned): it is saved once.
@@ -186,7 +194,7 @@ impl Disk {
             let end = range.end.min(point_size_bytes);
             let mut granule = (range.start / GRANULE_BYTES * GRANULE_BYTES).max(planned_to);
             while granule < end {
-                if self.segment(seq)?.index.contains_key(&granule) {
+                if held(self, granule) {
                     granule += GRANULE_BYTES;
                     continue;
                 }
@@ -194,7 +202,7 @@ impl Disk {
                 let mut run_end = granule;
                 while run_end < end
                     && run_end - granule < PRESERVE_READ_BYTES
-                    && !self.segment(seq)?.index.contains_key(&run_end)
+                    && !held(self, run_end)
                 {
                     run_end += GRANULE_BYTES;
                 }
