@@ -273,9 +273,9 @@ impl QemuView {
                 format!("{}: {e}", p.fleece_path.display()),
             )
         })?;
+        // NB: a job an earlier attempt left (same cycle, same id) was dismissed by the sweep
+        // that opening a view starts with.
         let job = format!("{CREATE_JOB_PREFIX}{}", p.fleece_node);
-        // NB: an earlier attempt at this view's cycle may have left its job concluded.
-        let _ = inner.qmp_raw("job-dismiss", json!({ "id": job })).await;
         let args = json!({
             "job-id": job,
             "options": {
