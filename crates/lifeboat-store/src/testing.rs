@@ -116,12 +116,11 @@ impl Azurite {
             .stderr(Stdio::null())
             .spawn()
             .expect("start node (is Node.js installed?)");
-        let azurite = Azurite {
+        let mut azurite = Azurite {
             child,
             port,
             https: tls.is_some(),
         };
-        let mut azurite = azurite;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
