@@ -237,9 +237,10 @@ impl Disk {
     }
 
     /// Read at a point: `from_seq` is the point's own segment; later segments hold what it
-    /// saw of granules overwritten after later points.
+    /// saw of granules overwritten after later points. The segments from `from_seq` on must be
+    /// open ([`Disk::open_segments`]); it changes nothing, so several reads run at once.
     pub(super) fn read_at(
-        &mut self,
+        &self,
         from_seq: u64,
         offset: u64,
         buf: &mut [u8],
@@ -248,7 +249,6 @@ impl Disk {
         // Where the run of granules no segment holds (read from the live file, in one read
         // when the run ends) began.
         let mut live_from: Option<usize> = None;
-        self.open_segments(from_seq..)?;
         while pos < buf.len() {
             let at = offset + pos as u64;
             let granule = at / GRANULE_BYTES * GRANULE_BYTES;

@@ -36,7 +36,8 @@
 //! keeps several requests in flight: its pre-images are read, and then its pieces written,
 //! on a few threads at once (`io::on_threads`), not one round trip to the device after
 //! another. The pre-images are all appended and synced before the first piece is written;
-//! pieces that overlap are written in order.
+//! pieces that overlap are written in order. A batch of reads ([`ReplicaStore::read_many`]:
+//! a failover's or a failback's changed blocks) runs on those threads too.
 //!
 //! # Guarantees
 //!
@@ -448,16 +449,18 @@ impl ReplicaStore for LocalStore {
         let (disk, at, pieces) = (disk.to_owned(), at.clone(), pieces.to_vec());
         self.with_vm(vm, move |state| {
             let buffer = |len: u64| vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
-            let mut out = Vec::with_capacity(pieces.len());
             match &at {
                 At::Live => {
                     let d = state.live_disk(&disk)?;
-                    for (offset, len) in pieces {
+                    for &(offset, len) in &pieces {
                         check_range(&disk, offset, len, d.size_bytes, false)?;
+                    }
+                    let d = &*d;
+                    io::on_threads(&pieces, |&(offset, len)| {
                         let mut buf = buffer(len);
                         d.read_live(offset, &mut buf)?;
-                        out.push(Bytes::from(buf));
-                    }
+                        Ok(Bytes::from(buf))
+                    })
                 }
                 At::Point(id) => {
                     let vm = state.vm_name();
@@ -471,15 +474,18 @@ impl ReplicaStore for LocalStore {
                         path: disk.clone(),
                         detail: format!("recovery point {id} names disk {disk:?}, whose replica file is gone"),
                     })?;
-                    for (offset, len) in pieces {
+                    for &(offset, len) in &pieces {
                         check_range(&disk, offset, len, pd.size_bytes, false)?;
+                    }
+                    d.open_segments(seq..)?;
+                    let d = &*d;
+                    io::on_threads(&pieces, |&(offset, len)| {
                         let mut buf = buffer(len);
                         d.read_at(seq, offset, &mut buf)?;
-                        out.push(Bytes::from(buf));
-                    }
+                        Ok(Bytes::from(buf))
+                    })
                 }
             }
-            Ok(out)
         })
         .await
     }
