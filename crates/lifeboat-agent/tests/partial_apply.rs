@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
+use lifeboat_engine::replicator::PointChoice;
 use lifeboat_engine::state::EnginePhase;
 use lifeboat_engine::{Replicator, Settings};
 use lifeboat_store::local::LocalStore;
@@ -246,4 +247,91 @@ async fn a_corrupt_log_found_while_applying_puts_the_live_replica_back() {
         .await
         .unwrap_or_else(|e| panic!("resync: {e}"));
     rig.assert_replica_equals_source("after the resync").await;
+}
+
+/// A planned failover ships the stopped VM's last writes straight from its view to the store
+/// (no log, `Replicator::run_last_cycle`). The store goes down half way through them: the
+/// failover fails, recoverable, the VM is not failed over and the latest point is the old
+/// one, while the live replica is half applied. Asked again once the store is back, in the
+/// same process (`restart` false) or after the agent restarts (the engine opened again,
+/// which puts the live replica back to the latest point), the failover's point holds every
+/// write the guest made before the stop.
+async fn planned_failover_after_a_half_shipped_last_cycle(restart: bool) {
+    let mut rig = protected(&[("root", 32 * MIB)], 50).await;
+    let before = rig.latest().await;
+    rig.qsd.guest_write("root", 0, 6 * MIB, 0x41);
+    rig.qsd.guest_write("root", 12 * MIB, 64 * 1024, 0x42);
+    let source = rig.qsd.read_disk("root");
+    rig.store.writes_left.store(3, Ordering::SeqCst);
+    let error = rig
+        .engine
+        .fail_over_to_primary(true, &PointChoice::Latest, SystemTime::now())
+        .await
+        .expect_err("the store went down while shipping");
+    eprintln!("the planned failover failed half way: {error}");
+    assert!(error.is_recoverable(), "{error}");
+    assert!(
+        rig.engine.state().applying,
+        "the last writes were being shipped"
+    );
+    assert!(
+        rig.engine.state().pending.is_empty(),
+        "no log was written: the changes stay with the view"
+    );
+    assert_eq!(rig.engine.state().phase, EnginePhase::Protected);
+    rig.store.down.store(false, Ordering::SeqCst);
+    rig.store.writes_left.store(u64::MAX, Ordering::SeqCst);
+    assert_eq!(rig.latest().await, before, "no point was cut");
+    let live = rig.replica(&At::Live).await;
+    let half = live[..6 * MIB as usize]
+        .chunks(MIB as usize)
+        .filter(|c| c.iter().all(|&b| b == 0x41))
+        .count();
+    assert!(
+        half > 0 && half < 6,
+        "the live replica is half applied: {half} MiB"
+    );
+
+    if restart {
+        let dir = rig._dir.path().to_owned();
+        let settings = Settings {
+            upload_concurrency: 1,
+            ..settings()
+        };
+        rig.engine = open_engine(&rig.qsd, &dir, rig.store.clone(), settings).await;
+        support::assert_same(
+            "the live replica once the agent restarted",
+            &rig.replica(&At::Live).await,
+            &rig.replica(&At::Point(before.clone())).await,
+        );
+    }
+    let report = rig
+        .engine
+        .fail_over_to_primary(true, &PointChoice::Latest, SystemTime::now())
+        .await
+        .unwrap_or_else(|e| panic!("the planned failover asked again: {e}"));
+    assert_ne!(report.point.id, before);
+    assert_eq!(rig.latest().await, report.point.id);
+    assert_eq!(
+        rig.engine.state().phase,
+        EnginePhase::FailedOver {
+            point: report.point.id.clone()
+        }
+    );
+    assert!(!rig.engine.state().applying);
+    support::assert_same(
+        "the failover's point",
+        &rig.replica(&At::Point(report.point.id.clone())).await,
+        &source,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_whose_last_writes_half_shipped_loses_nothing_asked_again() {
+    planned_failover_after_a_half_shipped_last_cycle(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_whose_last_writes_half_shipped_loses_nothing_after_a_restart() {
+    planned_failover_after_a_half_shipped_last_cycle(true).await;
 }

@@ -8,6 +8,14 @@
 //!     └─> close(Abandon), always: the changes stay tracked for the next cycle        │
 //!  ship: applying=true ─> apply logs ─> flush ─> cut point ─> store maps ─> prune ─> drop logs
 //! ```
+//!
+//! The last cycle of a stopped VM (a planned failover's) writes no log: nothing writes to the
+//! disks any more, so its view stays open while the changes go straight to the store.
+//!
+//! ```text
+//!  open_view ─> applying=true ─> view to store ─> flush ─> cut point ─> save ─> close(Commit)
+//!     └─> on an error, close(Abandon): the changes stay tracked, the replica is applied again
+//! ```
 
 use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime};
@@ -20,7 +28,7 @@ use super::logs;
 use super::maps::{self, TAG_COPY, TAG_RESYNC};
 use super::upload::Uploader;
 use super::{Replicator, Report, unix_ms};
-use crate::backend::{CloseView, Quiesce, Tracking};
+use crate::backend::{CloseView, Quiesce, Tracking, View};
 use crate::error::EngineError;
 use crate::state::{EnginePhase, PendingCycle};
 
@@ -37,46 +45,25 @@ impl Replicator {
     /// Hypervisor, log or store failures. The logs already sealed stay pending and are
     /// shipped by the next cycle.
     pub async fn run_cycle(&mut self, now: SystemTime) -> Result<Report, EngineError> {
-        match &self.state.phase {
-            EnginePhase::Copied | EnginePhase::Protected => {}
-            EnginePhase::ResyncRequired { reason } => {
-                return Err(EngineError::NotReady {
-                    what: format!("VM {} needs a resync first ({reason})", self.vm),
-                });
-            }
-            other => {
-                return Err(EngineError::NotReady {
-                    what: format!("VM {} cannot replicate while {other:?}", self.vm),
-                });
-            }
-        }
         let started = Instant::now();
-        let mut report = Report::default();
-        let tracking = self.hypervisor.tracking(&self.disks).await?;
-        if let Some((disk, why)) = self.disks.iter().zip(&tracking).find_map(|(d, t)| match t {
-            Tracking::Lost(why) => Some((d.name.clone(), why.clone())),
-            Tracking::Absent => Some((d.name.clone(), "no change tracking on the disk".to_owned())),
-            Tracking::Active => None,
-        }) {
-            return self.resync_needed(
-                report,
-                &format!("{}: disk {disk:?}: {why}", super::resync::TRACKING_LOST),
-            );
+        let report = Report::default();
+        if let Some(reason) = self.tracking_lost().await? {
+            return self.resync_needed(report, &reason);
         }
-
         let time_unix_ms = unix_ms(now);
-        let quiesce = match (
-            self.settings.app_consistent_every,
-            self.state.last_app_consistent_unix_ms,
-        ) {
-            (Some(every), Some(last))
-                if time_unix_ms.saturating_sub(last) >= every.as_millis() as u64 =>
-            {
-                Quiesce::Application
-            }
-            (Some(_), None) => Quiesce::Application,
-            _ => Quiesce::None,
-        };
+        let quiesce = self.quiesce_at(time_unix_ms);
+        self.logged_cycle(report, started, time_unix_ms, quiesce)
+            .await
+    }
+
+    /// The cycle of [`Replicator::run_cycle`] once its checks passed: logs, then ship.
+    async fn logged_cycle(
+        &mut self,
+        mut report: Report,
+        started: Instant,
+        time_unix_ms: u64,
+        quiesce: Quiesce,
+    ) -> Result<Report, EngineError> {
         let cycle = self.next_cycle();
         self.save()?;
         let view = self
@@ -212,6 +199,197 @@ impl Replicator {
         self.drop_pending()
     }
 
+    /// What every cycle checks first: the phase allows one, and every disk's tracking holds;
+    /// the reason a resync is needed when a disk's does not.
+    async fn tracking_lost(&self) -> Result<Option<String>, EngineError> {
+        match &self.state.phase {
+            EnginePhase::Copied | EnginePhase::Protected => {}
+            EnginePhase::ResyncRequired { reason } => {
+                return Err(EngineError::NotReady {
+                    what: format!("VM {} needs a resync first ({reason})", self.vm),
+                });
+            }
+            other => {
+                return Err(EngineError::NotReady {
+                    what: format!("VM {} cannot replicate while {other:?}", self.vm),
+                });
+            }
+        }
+        let tracking = self.hypervisor.tracking(&self.disks).await?;
+        Ok(self
+            .disks
+            .iter()
+            .zip(&tracking)
+            .find_map(|(d, t)| match t {
+                Tracking::Lost(why) => Some((d.name.clone(), why.clone())),
+                Tracking::Absent => {
+                    Some((d.name.clone(), "no change tracking on the disk".to_owned()))
+                }
+                Tracking::Active => None,
+            })
+            .map(|(disk, why)| format!("{}: disk {disk:?}: {why}", super::resync::TRACKING_LOST)))
+    }
+
+    /// Whether a cycle at `time_unix_ms` quiesces the guest: the policy's app-consistent
+    /// frequency is due.
+    fn quiesce_at(&self, time_unix_ms: u64) -> Quiesce {
+        match (
+            self.settings.app_consistent_every,
+            self.state.last_app_consistent_unix_ms,
+        ) {
+            (Some(every), Some(last))
+                if time_unix_ms.saturating_sub(last) >= every.as_millis() as u64 =>
+            {
+                Quiesce::Application
+            }
+            (Some(_), None) => Quiesce::Application,
+            _ => Quiesce::None,
+        }
+    }
+
+    /// The last cycle of a VM its hypervisor has stopped (a planned failover's): as
+    /// [`Replicator::run_cycle`], but the frozen changes go straight from the view to the
+    /// store, not through a log. Nothing writes to the disks any more, so the view may stay
+    /// open for as long as shipping takes, and a log would only be written, synced and read
+    /// back. Cycles still pending (their logs written before the stop) ship first, through
+    /// [`Replicator::run_cycle`], with this one logged as well.
+    ///
+    /// Nothing is lost on a failure or a crash: the view is committed only once the point is
+    /// cut and saved (before, it is abandoned, or a crash leaves it open and the next view
+    /// folds its changes back), and the live replica is marked `applying` while it is ahead
+    /// of the latest point (put back to it at the next open, or simply written again: the
+    /// next attempt ships every block this one did, whole).
+    pub(super) async fn run_last_cycle(&mut self, now: SystemTime) -> Result<Report, EngineError> {
+        let started = Instant::now();
+        let report = Report::default();
+        if let Some(reason) = self.tracking_lost().await? {
+            return self.resync_needed(report, &reason);
+        }
+        let time_unix_ms = unix_ms(now);
+        let quiesce = self.quiesce_at(time_unix_ms);
+        if !self.state.pending.is_empty() {
+            return self
+                .logged_cycle(report, started, time_unix_ms, quiesce)
+                .await;
+        }
+        let cycle = self.next_cycle();
+        self.save()?;
+        let view = self
+            .hypervisor
+            .open_view(&self.disks, cycle, quiesce)
+            .await?;
+        match self
+            .ship_view(view.as_ref(), cycle, time_unix_ms, report)
+            .await
+        {
+            Ok(mut report) => {
+                if let Err(close) = view.close(CloseView::Commit).await {
+                    // NB: the point holds the changes; a view left open is cleaned up by the
+                    // next open_view, which folds them back: shipped twice, harmlessly.
+                    report
+                        .warnings
+                        .push(format!("closing the view of cycle {cycle}: {close}"));
+                }
+                report.duration = started.elapsed();
+                Ok(report)
+            }
+            Err(e) => {
+                if let Err(close) = view.close(CloseView::Abandon).await {
+                    tracing::warn!(vm = %self.vm, cycle, error = %close, "closing the view failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Ship what `view` froze straight to the store and cut cycle `cycle`'s point.
+    async fn ship_view(
+        &mut self,
+        view: &dyn View,
+        cycle: u64,
+        time_unix_ms: u64,
+        mut report: Report,
+    ) -> Result<Report, EngineError> {
+        let mut maps = self.current_maps().await?;
+        self.state.applying = true;
+        self.save()?;
+        let mut uploader = Uploader::new(
+            self.store.clone(),
+            self.vm.clone(),
+            self.throttle.clone(),
+            self.settings.upload_concurrency,
+        );
+        let mut shipped = Ok(());
+        for info in view.disks().to_vec() {
+            let Some(map) = maps.get_mut(&info.name) else {
+                shipped = Err(EngineError::NotReady {
+                    what: format!("disk {:?} has no replica in the store", info.name),
+                });
+                break;
+            };
+            match logs::ship_changes(
+                view,
+                &info.name,
+                info.size_bytes,
+                self.settings.block_size_bytes,
+                map,
+                &mut uploader,
+            )
+            .await
+            {
+                Ok(bytes) => report.bytes_read += bytes,
+                Err(e) => {
+                    shipped = Err(e);
+                    break;
+                }
+            }
+        }
+        let finished = uploader.finish().await;
+        shipped?;
+        finished?;
+        report.bytes_sent += uploader.bytes_sent;
+        let app_consistent = view.quiesced() == Quiesce::Application;
+        let point = self
+            .cut_cycle_point(&maps, time_unix_ms, cycle, app_consistent, &mut report)
+            .await?;
+        self.state.applying = false;
+        self.state.phase = EnginePhase::Protected;
+        self.save()?;
+        report.point = Some(point);
+        Ok(report)
+    }
+
+    /// Cut the point of cycle `cycle` (the live replica holds it, `maps` describe it) and
+    /// prune by retention; `last_app_consistent_unix_ms` follows an app-consistent one (the
+    /// caller saves the state).
+    async fn cut_cycle_point(
+        &mut self,
+        maps: &BTreeMap<String, BlockMap>,
+        time_unix_ms: u64,
+        cycle: u64,
+        app_consistent: bool,
+        report: &mut Report,
+    ) -> Result<lifeboat_store::RecoveryPoint, EngineError> {
+        let consistency = if app_consistent {
+            Consistency::AppConsistent
+        } else {
+            Consistency::CrashConsistent
+        };
+        let point = self
+            .cut_point_with_maps(maps, time_unix_ms, cycle, consistency)
+            .await?;
+        let now_ms = unix_ms(SystemTime::now()).max(time_unix_ms);
+        report.pruned.extend(
+            self.store
+                .prune(&self.vm, self.settings.retention.as_millis() as u64, now_ms)
+                .await?,
+        );
+        if app_consistent {
+            self.state.last_app_consistent_unix_ms = Some(time_unix_ms);
+        }
+        Ok(point)
+    }
+
     fn resync_needed(&mut self, mut report: Report, reason: &str) -> Result<Report, EngineError> {
         tracing::warn!(vm = %self.vm, reason, "resync required");
         self.set_phase(EnginePhase::ResyncRequired {
@@ -306,25 +484,17 @@ impl Replicator {
             applied?;
             finished?;
             report.bytes_sent += uploader.bytes_sent;
-            let consistency = if cycle.app_consistent {
-                Consistency::AppConsistent
-            } else {
-                Consistency::CrashConsistent
-            };
             let point = self
-                .cut_point_with_maps(&maps, cycle.time_unix_ms, cycle.cycle, consistency)
+                .cut_cycle_point(
+                    &maps,
+                    cycle.time_unix_ms,
+                    cycle.cycle,
+                    cycle.app_consistent,
+                    report,
+                )
                 .await?;
-            let now_ms = unix_ms(SystemTime::now()).max(cycle.time_unix_ms);
-            report.pruned.extend(
-                self.store
-                    .prune(&self.vm, self.settings.retention.as_millis() as u64, now_ms)
-                    .await?,
-            );
             self.state.pending.remove(0);
             self.state.applying = false;
-            if cycle.app_consistent {
-                self.state.last_app_consistent_unix_ms = Some(cycle.time_unix_ms);
-            }
             self.state.phase = EnginePhase::Protected;
             self.save()?;
             logs::delete_files(self.fs.as_ref(), &cycle.logs)?;

@@ -342,9 +342,9 @@ impl Replicator {
 
     /// Fail over. Planned: the source VM is stopped first ([`Hypervisor::stop_vm`]: its guest
     /// shut down, or paused after the policy's grace), then one last cycle ships everything
-    /// written up to the stop, and that newest point is used: nothing is lost, and the two
-    /// copies never run at once. Unplanned: the source is not touched; `choice` picks the
-    /// point.
+    /// written up to the stop (straight to the store, without a change log), and that newest
+    /// point is used: nothing is lost, and the two copies never run at once. Unplanned: the
+    /// source is not touched; `choice` picks the point.
     ///
     /// Idempotent: a VM the engine has failed over already (the agent stopped after the
     /// failover and before its job ended, and the job runs again) is reported failed over to
@@ -451,7 +451,7 @@ impl Replicator {
                 })?;
             tracing::info!(vm = %self.vm, how = %how, "the source VM is stopped for a planned failover");
             stopped = Some(how);
-            let report = self.run_cycle(now).await?;
+            let report = self.run_last_cycle(now).await?;
             if let Some(reason) = report.resync_required {
                 return Err(EngineError::NotReady {
                     what: format!(

@@ -11,6 +11,7 @@
 
 use bytes::Bytes;
 use std::io::BufWriter;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use lifeboat_blockmap::BlockMap;
@@ -70,24 +71,15 @@ pub(super) async fn write_log(
     let id = uuid::Uuid::new_v4();
     let mut writer =
         HrlWriter::create(BufWriter::new(file), &WriterOptions::new(id, t)).map_err(log_error)?;
-    let extents = align(
-        &view.changed_extents(disk).await?,
-        u64::from(block_size_bytes),
-        size_bytes,
-    );
-    let block = u64::from(block_size_bytes);
-    // Whole blocks per entry, so that applying can update the block map from the entry.
-    let piece = (LOG_WRITE_BYTES / block).max(1) * block;
+    let (extents, batches) = changed_batches(view, disk, size_bytes, block_size_bytes).await?;
     let mut bytes_read = 0;
-    // NB: scattered blocks are read many to one pipelined request batch; each extent is
-    // still its own transaction in the log.
+    // NB: each extent is its own transaction in the log.
     // NB: collected: an iterator with a closure over references, held across an await, would
     // make the cycle's future not Send.
     let ends: Vec<u64> = extents.iter().map(|e| e.end).collect();
     let mut ends = ends.into_iter().peekable();
-    for batch in read_batches(&extents, piece, READ_BATCH_BYTES) {
-        let data = view.read_many(disk, &batch).await?;
-        check_read(disk, &batch, &data)?;
+    for batch in batches {
+        let data = read_batch(view, disk, &batch).await?;
         for ((offset, len), data) in batch.into_iter().zip(data) {
             writer.write(offset, &data, t).map_err(log_error)?;
             bytes_read += len;
@@ -114,6 +106,61 @@ pub(super) async fn write_log(
         },
         bytes_read,
     ))
+}
+
+/// The changes `view` froze on `disk`, widened to whole blocks of `block_size_bytes`: the
+/// extents, and the batches of pieces to read them in (scattered blocks go many to one
+/// pipelined request; a piece is whole blocks, so that applying it can update the block map).
+async fn changed_batches(
+    view: &dyn View,
+    disk: &str,
+    size_bytes: u64,
+    block_size_bytes: u32,
+) -> Result<(Vec<Range<u64>>, Vec<Vec<(u64, u64)>>), EngineError> {
+    let block = u64::from(block_size_bytes);
+    let extents = align(&view.changed_extents(disk).await?, block, size_bytes);
+    let piece = (LOG_WRITE_BYTES / block).max(1) * block;
+    let batches = read_batches(&extents, piece, READ_BATCH_BYTES);
+    Ok((extents, batches))
+}
+
+/// Read one batch of [`changed_batches`] from the view, checked.
+async fn read_batch(
+    view: &dyn View,
+    disk: &str,
+    batch: &[(u64, u64)],
+) -> Result<Vec<Bytes>, EngineError> {
+    let data = view.read_many(disk, batch).await?;
+    check_read(disk, batch, &data)?;
+    Ok(data)
+}
+
+/// Send the changes `view` froze on `disk` straight to the store, without a log (a stopped
+/// VM's last cycle): whole blocks, `map` updated from each piece's data. The bytes read; the
+/// writes are queued on `uploader` (the caller waits for them).
+pub(super) async fn ship_changes(
+    view: &dyn View,
+    disk: &str,
+    size_bytes: u64,
+    block_size_bytes: u32,
+    map: &mut BlockMap,
+    uploader: &mut Uploader,
+) -> Result<u64, EngineError> {
+    let (_, batches) = changed_batches(view, disk, size_bytes, block_size_bytes).await?;
+    let mut bytes = 0;
+    for batch in batches {
+        let data = read_batch(view, disk, &batch).await?;
+        for ((offset, len), data) in batch.into_iter().zip(data) {
+            map.update_range(offset, &data)
+                .map_err(|source| EngineError::BlockMap {
+                    disk: disk.to_owned(),
+                    source,
+                })?;
+            bytes += len;
+            uploader.write(disk, offset, data).await?;
+        }
+    }
+    Ok(bytes)
 }
 
 /// Apply a sealed log to the replica disk and to its block map. Every entry's checksums are
