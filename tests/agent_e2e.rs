@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use lifeboat_agent::cluster::Metrics;
@@ -589,7 +589,8 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
                 "nodeName": "node-2",
                 "hypervisor": {"qemu": {"qmpSocket": b_dir.join("qmp.sock").display().to_string()}},
                 "disks": [{"name": "os", "path": b_dir.join("os.img").display().to_string(), "blockNode": "os"}]
-            }
+            },
+            "recoveredVm": {"name": "web-dr", "template": "<domain>{{ name }} {{ disk.os.location }}</domain>"}
         }
     }))
     .unwrap();
@@ -636,6 +637,20 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         &std::fs::read(&image).unwrap(),
         &a_before,
     );
+    // Its recovered VM's definition: a text template, kept in a ConfigMap of its name.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let definition = eventually(30, "the recovered VM's definition", || async {
+        config_maps.get_opt("web-dr").await.unwrap()
+    })
+    .await;
+    assert!(
+        definition
+            .data
+            .unwrap_or_default()
+            .values()
+            .any(|text| text.contains("<domain>web-dr ")),
+        "the rendered template"
+    );
 
     // The recovered VM on node-2, on the failover's disk; re-protect in reverse.
     std::fs::rename(&image, b_dir.join("os.img")).unwrap();
@@ -678,14 +693,34 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         json!({"failover": {"token": "f2", "type": "Planned"}}),
     )
     .await;
-    web_until(
+    let failed_back = web_until(
         &server,
         &vms,
         &jobs,
-        "FailedBack",
-        phase_is(ProtectionPhase::FailedBack),
+        "FailedBack, web-dr taken down",
+        |vm| {
+            vm.status.as_ref().is_some_and(|s| {
+                s.phase == ProtectionPhase::FailedBack
+                    && s.failover.as_ref().is_some_and(|f| {
+                        f.failback && f.recovered_vm.as_ref().is_some_and(|r| r.removed)
+                    })
+            })
+        },
     )
     .await;
+    let recovered = failed_back
+        .status
+        .unwrap()
+        .failover
+        .unwrap()
+        .recovered_vm
+        .unwrap();
+    assert_eq!(recovered.name, "web-dr");
+    assert!(recovered.message.is_none(), "{recovered:?}");
+    assert!(
+        config_maps.get_opt("web-dr").await.unwrap().is_none(),
+        "the failback deleted the recovered VM's definition"
+    );
     qsd_b.stop();
     assert_same(
         "A's disk after the failback",

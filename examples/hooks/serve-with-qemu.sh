@@ -3,7 +3,9 @@
 # over NBD on a unix socket, where a VM started on the recovered disks finds its storage
 # (`qemu-system-x86_64 -drive file=nbd+unix:///root?socket=DIR/web-01-root.sock`, or a
 # libvirt <disk type='network'> of protocol nbd). At the cleanup of a test failover it stops
-# them again, before the disks are removed.
+# them again, before the disks are removed, and so it does at a failback (LIFEBOAT_ACTION
+# Failback, as a ProtectedVM's recoveredVm hook: the recovered VM was stopped and its last
+# writes shipped; the VM runs at the primary site again).
 #
 #   serve-with-qemu.sh DIR     DIR: where the sockets and pid files go (created)
 #
@@ -18,7 +20,7 @@ mkdir -p "$dir"
 [ "$LIFEBOAT_ACTION" != Commit ] || exit 0
 
 for vm in $LIFEBOAT_VMS; do
-    if [ "$LIFEBOAT_ACTION" = CleanupTestFailover ]; then
+    if [ "$LIFEBOAT_ACTION" = CleanupTestFailover ] || [ "$LIFEBOAT_ACTION" = Failback ]; then
         for pid in "$dir/$vm"-*.pid; do
             [ -f "$pid" ] || continue
             kill "$(cat "$pid")" 2>/dev/null || true

@@ -336,7 +336,7 @@ impl Worker {
                             }],
                             verified: true,
                             node: Some(self.node.clone()),
-                            recovered_vm: None,
+                            ..FailoverResult::default()
                         });
                     json!({"status": {
                         "phase": "Succeeded", "completionTime": finished,

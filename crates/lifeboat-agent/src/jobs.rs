@@ -140,6 +140,8 @@ pub fn failover_result(report: &FailoverReport) -> FailoverResult {
         verified: true,
         node: None,
         recovered_vm: None,
+        // NB: the operator (or daemon) marks a failback's result, from the job it ran.
+        failback: false,
     }
 }
 

@@ -238,8 +238,9 @@ pub struct RecoveredVmSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 65536))]
     pub template: Option<String>,
-    /// Run after the template is placed (and at the cleanup of a test failover); a failed hook
-    /// is reported in status, the disks stay.
+    /// Run after the template is placed, and again before its definition is removed (at the
+    /// cleanup of a test failover, `LIFEBOAT_ACTION=CleanupTestFailover`, and at a failback,
+    /// `Failback`); a failed hook is reported in status, the disks stay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook: Option<crate::plan::PlanHook>,
 }
@@ -631,9 +632,15 @@ pub struct FailoverResult {
     /// a recovery node when the VM's agent was lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// The VM brought up on the disks (`spec.recoveredVm`): its definition and its hook.
+    /// The VM brought up on the disks (`spec.recoveredVm`): its definition and its hook. In
+    /// a failback's result: the failover's recovered VM, which the failback takes down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered_vm: Option<RecoveredVm>,
+    /// The result is a failback's (the VM returns to the primary site's original disks):
+    /// nothing is brought up, and the failover's recovered VM is taken down once the failback
+    /// has stopped it and shipped its last writes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub failback: bool,
 }
 
 /// The VM a (test) failover brought up on its disks (written by the operator, or the
@@ -657,7 +664,7 @@ pub struct RecoveredVm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,
     /// Its definition was removed and its hook undone (the cleanup of a test failover is
-    /// under way).
+    /// under way, or the VM failed back).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
     /// The `retry` request token there was when it was brought up: a new one brings up again

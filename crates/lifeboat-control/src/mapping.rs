@@ -25,7 +25,7 @@ use lifeboat_api::job::{
 use lifeboat_api::policy::{ResyncMode, TimeWindow, Weekday};
 use lifeboat_api::protected_vm::{
     AgentReport, FailoverResult, FailoverType, HandledRequests, JobReference, ProtectionState,
-    ReplicationDirection,
+    RecoveredVm, ReplicationDirection,
 };
 use lifeboat_api::{
     ProtectedVM, ProtectedVMStatus, ProtectionPhase, ReplicationJob, ReplicationPolicy,
@@ -492,6 +492,9 @@ pub struct Results<'a> {
     pub test_failover: Option<&'a FailoverResult>,
     /// The failover's, as the status had it.
     pub failover: Option<&'a FailoverResult>,
+    /// Some for a failback's result (copied from its jobs), holding the failover's recovered
+    /// VM if there was one: the failback keeps it in its result, to take it down.
+    pub failback_of: Option<Option<&'a RecoveredVm>>,
 }
 
 impl<'a> Results<'a> {
@@ -509,12 +512,16 @@ impl<'a> Results<'a> {
             test_failover: match change {
                 ResultChange::TestFailoverFromJob => from_job,
                 ResultChange::ClearTestFailover => None,
-                ResultChange::Keep | ResultChange::FailoverFromJob => old.test_failover.as_ref(),
+                ResultChange::Keep
+                | ResultChange::FailoverFromJob
+                | ResultChange::FailbackFromJob => old.test_failover.as_ref(),
             },
             failover: match change {
-                ResultChange::FailoverFromJob => from_job,
+                ResultChange::FailoverFromJob | ResultChange::FailbackFromJob => from_job,
                 _ => old.failover.as_ref(),
             },
+            failback_of: (change == ResultChange::FailbackFromJob)
+                .then(|| old.failover.as_ref().and_then(|f| f.recovered_vm.as_ref())),
         }
     }
 }
@@ -573,7 +580,13 @@ pub fn vm_status(
         test_failover: state
             .test_failover_exists
             .then(|| results.test_failover.cloned().unwrap_or_default()),
-        failover: results.failover.cloned(),
+        failover: results.failover.cloned().map(|mut result| {
+            if let Some(kept) = results.failback_of {
+                result.failback = true;
+                result.recovered_vm = kept.cloned();
+            }
+            result
+        }),
         conditions: api_conditions(&state.conditions),
         agent: None,
     }
@@ -664,6 +677,65 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// A failback's jobs replace the failover's result, keeping its recovered VM (stopped by
+    /// the failback, to be taken down) and marking the result a failback's; the next
+    /// failover's result keeps nothing of it.
+    #[test]
+    fn a_failbacks_result_keeps_the_failovers_recovered_vm() {
+        let up = RecoveredVm {
+            name: "db".into(),
+            definition: Some("/failover/db.xml".into()),
+            succeeded: true,
+            ..RecoveredVm::default()
+        };
+        let old = ProtectedVMStatus {
+            failover: Some(FailoverResult {
+                node: Some("node-a".into()),
+                recovered_vm: Some(up.clone()),
+                ..FailoverResult::default()
+            }),
+            ..ProtectedVMStatus::default()
+        };
+        let mut job = ReplicationJob::new(
+            "db-failover-7",
+            lifeboat_api::job::ReplicationJobSpec {
+                vm_ref: lifeboat_api::common::LocalObjectReference { name: "db".into() },
+                node_name: "node-b".into(),
+                job_type: lifeboat_api::job::JobType::Failover,
+                parameters: Default::default(),
+            },
+        );
+        job.status = Some(lifeboat_api::job::ReplicationJobStatus {
+            result: Some(FailoverResult {
+                node: Some("node-b".into()),
+                ..FailoverResult::default()
+            }),
+            ..Default::default()
+        });
+        let state = VmState::default();
+        let failover = |change, old: &ProtectedVMStatus| {
+            vm_status(&state, None, Results::after(change, Some(&job), old))
+                .failover
+                .unwrap_or_default()
+        };
+        let failback = failover(ResultChange::FailbackFromJob, &old);
+        assert!(failback.failback);
+        assert_eq!(failback.node.as_deref(), Some("node-b"), "the job's result");
+        assert_eq!(failback.recovered_vm.as_ref(), Some(&up));
+        let kept = ProtectedVMStatus {
+            failover: Some(failback.clone()),
+            ..ProtectedVMStatus::default()
+        };
+        assert_eq!(failover(ResultChange::Keep, &kept), failback);
+        assert_eq!(
+            failover(ResultChange::FailbackFromJob, &kept).recovered_vm,
+            Some(up),
+            "the Failback job's result keeps it too"
+        );
+        let next = failover(ResultChange::FailoverFromJob, &kept);
+        assert!(!next.failback && next.recovered_vm.is_none());
     }
 
     #[test]
@@ -820,6 +892,7 @@ mod tests {
                 Results {
                     test_failover: None,
                     failover: None,
+                    failback_of: None,
                 },
             );
             let json = serde_json::to_value(&status).unwrap_or_default();

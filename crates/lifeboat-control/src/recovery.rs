@@ -1,7 +1,7 @@
 //! The VM a (test) failover brings up on the disks it wrote (`spec.recoveredVm`), and its
-//! removal at the cleanup of a test failover: one code path for the operator and the
-//! standalone daemon, over a [`RecoveryDriver`] (the Kubernetes API and Jobs; files and
-//! processes).
+//! removal at the cleanup of a test failover or at a failback: one code path for the operator
+//! and the standalone daemon, over a [`RecoveryDriver`] (the Kubernetes API and Jobs; files
+//! and processes).
 //!
 //! ```text
 //!  (test) failover job done, status.testFailover / failover without recoveredVm
@@ -9,6 +9,10 @@
 //!  cleanup requested, recoveredVm not removed
 //!     └─ TakeDown: hook (CleanupTestFailover) ─> remove the definition ─> recoveredVm.removed
 //!                  then the cleanup job removes the disks
+//!  failback: its Failover job done (the recovered VM stopped, its last writes shipped), the
+//!  failover's recoveredVm kept in the failback's result (failover.failback), not removed
+//!     └─ TakeDown: hook (Failback) ─> remove the definition ─> recoveredVm.removed
+//!                  (nothing brings it up again, or runs it beside the VM back at the primary)
 //! ```
 //!
 //! What was done is recorded in the VM's status before anything else happens to it, so that a
@@ -38,8 +42,22 @@ pub enum Work {
         /// A test failover's.
         test: bool,
     },
-    /// The cleanup of the test failover is asked for: take its VM down first.
-    TakeDown,
+    /// Take the VM down: the test failover's (`test`) when its cleanup is asked for, before
+    /// the disks go; the failover's when the VM fails back, once the failback stopped it.
+    TakeDown {
+        /// The test failover's.
+        test: bool,
+    },
+}
+
+/// What a recovered VM's hook runs for (its `LIFEBOAT_ACTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookAction {
+    /// A plan's action: the (test) failover that brings the VM up, the cleanup that takes a
+    /// test failover's down.
+    Plan(PlanAction),
+    /// The failback that takes the failover's VM down (`Failback`).
+    Failback,
 }
 
 /// Carries the work out where the VM lives.
@@ -65,10 +83,21 @@ pub trait RecoveryDriver: Send + Sync {
 }
 
 /// What the VM needs now, if anything: a result without its recovered VM brings it up, and
-/// so does a new `retry` token for one that did not come up.
+/// so does a new `retry` token for one that did not come up; a failback's result takes the
+/// failover's down.
 pub fn pending(vm: &ProtectedVM) -> Option<Work> {
     vm.spec.recovered_vm.as_ref()?;
     let status = vm.status.as_ref()?;
+    let failback = status.failover.as_ref().is_some_and(|f| f.failback);
+    if failback
+        && status
+            .failover
+            .as_ref()
+            .and_then(|f| f.recovered_vm.as_ref())
+            .is_some_and(|up| !up.removed)
+    {
+        return Some(Work::TakeDown { test: false });
+    }
     let requests = vm.spec.requests.clone().unwrap_or_default();
     let cleanup_asked = requests
         .cleanup_test_failover
@@ -85,7 +114,7 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
     };
     if let Some(test) = &status.test_failover {
         match &test.recovered_vm {
-            Some(up) if cleanup_asked && !up.removed => return Some(Work::TakeDown),
+            Some(up) if cleanup_asked && !up.removed => return Some(Work::TakeDown { test: true }),
             _ if !cleanup_asked && needed(test) => return Some(Work::BringUp { test: true }),
             _ => {}
         }
@@ -94,7 +123,7 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
         status.phase,
         ProtectionPhase::FailedOver | ProtectionPhase::FailoverCommitted
     );
-    (failed_over && status.failover.as_ref().is_some_and(needed))
+    (failed_over && !failback && status.failover.as_ref().is_some_and(needed))
         .then_some(Work::BringUp { test: false })
 }
 
@@ -104,15 +133,21 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
 pub fn hook_env(
     vm: &ProtectedVM,
     result: &FailoverResult,
-    action: PlanAction,
+    action: HookAction,
     recovered: &RecoveredVm,
 ) -> Vec<(String, String)> {
     let name = vm.name_any();
     let requests = vm.spec.requests.clone().unwrap_or_default();
     let (token, test) = match action {
-        PlanAction::CleanupTestFailover => (requests.cleanup_test_failover, true),
-        PlanAction::TestFailover => (requests.test_failover.map(|r| r.token), true),
+        HookAction::Plan(PlanAction::CleanupTestFailover) => (requests.cleanup_test_failover, true),
+        HookAction::Plan(PlanAction::TestFailover) => {
+            (requests.test_failover.map(|r| r.token), true)
+        }
         _ => (requests.failover.map(|r| r.token), false),
+    };
+    let action = match action {
+        HookAction::Plan(action) => format!("{action:?}"),
+        HookAction::Failback => "Failback".to_owned(),
     };
     let mut env = vec![
         (
@@ -121,7 +156,7 @@ pub fn hook_env(
         ),
         ("LIFEBOAT_VM".to_owned(), name.clone()),
         ("LIFEBOAT_VMS".to_owned(), name.clone()),
-        ("LIFEBOAT_ACTION".to_owned(), format!("{action:?}")),
+        ("LIFEBOAT_ACTION".to_owned(), action),
         ("LIFEBOAT_TOKEN".to_owned(), token.unwrap_or_default()),
         ("LIFEBOAT_RECOVERED_NAME".to_owned(), recovered.name.clone()),
         (
@@ -226,7 +261,7 @@ pub async fn carry_out(
                 } else {
                     failover_action(vm)
                 };
-                let env = hook_env(vm, result, action, &up);
+                let env = hook_env(vm, result, HookAction::Plan(action), &up);
                 if let Err(why) = driver.hook(vm, hook, &env).await {
                     return Some(failed(up, format!("hook {}: {why}", hook.name)));
                 }
@@ -235,12 +270,24 @@ pub async fn carry_out(
             up.succeeded = true;
             Some(up)
         }
-        Work::TakeDown => {
-            let result = status.test_failover.as_ref()?;
+        Work::TakeDown { test } => {
+            let (result, action, what) = if test {
+                (
+                    status.test_failover.as_ref()?,
+                    HookAction::Plan(PlanAction::CleanupTestFailover),
+                    "the test failover's VM",
+                )
+            } else {
+                (
+                    status.failover.as_ref()?,
+                    HookAction::Failback,
+                    "the failover's VM (the VM failed back)",
+                )
+            };
             let mut down = result.recovered_vm.clone()?;
             let mut problems = Vec::new();
             if let Some(hook) = &spec.hook {
-                let env = hook_env(vm, result, PlanAction::CleanupTestFailover, &down);
+                let env = hook_env(vm, result, action, &down);
                 if let Err(why) = driver.hook(vm, hook, &env).await {
                     problems.push(format!("hook {}: {why}", hook.name));
                 }
@@ -251,13 +298,14 @@ pub async fn carry_out(
                 problems.push(format!("remove {definition}: {why}"));
             }
             // NB: the cleanup goes on whatever the undo said (a hook that cannot stop what
-            // it started must not keep the test failover's disks forever); what failed is
-            // said in the log and in the status until the cleanup ends.
+            // it started must not keep the test failover's disks forever, nor be run again
+            // at every pass); what failed is said in the log and in the status.
             if problems.is_empty() {
-                tracing::info!(vm = %qualified, recovered = %down.name, "the test failover's VM is taken down");
+                tracing::info!(vm = %qualified, recovered = %down.name, "{what} is taken down");
             } else {
-                tracing::warn!(vm = %qualified, recovered = %down.name, "taking the test failover's VM down: {}", problems.join("; "));
-                down.message = Some(format!("at cleanup: {}", problems.join("; ")));
+                tracing::warn!(vm = %qualified, recovered = %down.name, "taking {what} down: {}", problems.join("; "));
+                let when = if test { "at cleanup" } else { "at failback" };
+                down.message = Some(format!("{when}: {}", problems.join("; ")));
             }
             down.removed = true;
             Some(down)
@@ -273,14 +321,20 @@ pub fn notice(work: Work, recovered: &RecoveredVm) -> Notice {
         .map(|d| format!(" ({d})"))
         .unwrap_or_default();
     let (warning, reason, note) = match work {
-        Work::TakeDown => (
-            recovered.message.is_some(),
-            reasons::RECOVERED_VM_REMOVED,
-            match &recovered.message {
-                Some(why) => format!("recovered VM {}{at} taken down, {why}", recovered.name),
-                None => format!("recovered VM {}{at} taken down", recovered.name),
-            },
-        ),
+        Work::TakeDown { test } => {
+            let why = if test { "" } else { " (the VM failed back)" };
+            (
+                recovered.message.is_some(),
+                reasons::RECOVERED_VM_REMOVED,
+                match &recovered.message {
+                    Some(problem) => format!(
+                        "recovered VM {}{at} taken down{why}, {problem}",
+                        recovered.name
+                    ),
+                    None => format!("recovered VM {}{at} taken down{why}", recovered.name),
+                },
+            )
+        }
         Work::BringUp { .. } if recovered.succeeded => (
             false,
             reasons::RECOVERED_VM_UP,
@@ -306,8 +360,10 @@ pub fn notice(work: Work, recovered: &RecoveredVm) -> Notice {
 /// Write what [`carry_out`] did into the VM's status (the result it was about).
 pub fn record(status: &mut ProtectedVMStatus, work: Work, recovered: RecoveredVm) {
     let result = match work {
-        Work::BringUp { test: false } => status.failover.as_mut(),
-        Work::BringUp { test: true } | Work::TakeDown => status.test_failover.as_mut(),
+        Work::BringUp { test: false } | Work::TakeDown { test: false } => status.failover.as_mut(),
+        Work::BringUp { test: true } | Work::TakeDown { test: true } => {
+            status.test_failover.as_mut()
+        }
     };
     if let Some(result) = result {
         result.recovered_vm = Some(recovered);

@@ -232,6 +232,8 @@ fn recovered_vm<'a>(vm: &'a ProtectedVM, action: &Action) -> Recovered<'a> {
         _ => return Recovered::NotAsked,
     };
     match result {
+        // NB: a failback (a planned failover of a VM replicating in reverse) brings none up.
+        Some(result) if result.failback => Recovered::NotAsked,
         Some(result) => match &result.recovered_vm {
             Some(up) => Recovered::Up(up),
             None => Recovered::Coming,

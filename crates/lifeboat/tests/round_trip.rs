@@ -3,7 +3,9 @@
 //! Protect A, planned failover (A stopped first: every write made before it is in the failed-over
 //! disk), run the recovered VM B on that disk, `lifeboat reprotect` (B replicates in reverse),
 //! `lifeboat failback` (B stopped, A's original disk brought to B's last point), `lifeboat
-//! reprotect` again (A replicates forward). The daemon is killed with SIGKILL (a crash of the
+//! reprotect` again (A replicates forward). The failover brings the recovered VM's definition
+//! up beside its disk (`spec.recoveredVm`); the failback takes it down once B is stopped. The
+//! daemon is killed with SIGKILL (a crash of the
 //! process: the kernel keeps the page cache and every write it accepted) at a random moment of
 //! the re-protect and of the failback; each resumes, and the round trip still ends with every
 //! copy equal to its source byte for byte.
@@ -85,6 +87,9 @@ spec:
       qemu: {{qmpSocket: \"{}\"}}
     disks:
       - {{name: root, path: \"{}\", blockNode: root}}
+  recoveredVm:
+    name: web-01-dr
+    template: \"<domain><name>{{{{ name }}}}</name><disk>{{{{ disk.root.location }}}}</disk></domain>\"
 ",
             a.join("qmp.sock").display(),
             a.join("root.img").display(),
@@ -156,6 +161,18 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
     qsd_a.stop();
     let failed_over = work.join("failover").join("web-01-failover-root.img");
     assert_same("failover disk", &read_image(&failed_over), &want);
+    let s = status(work);
+    let definition = std::path::PathBuf::from(field(&s, "/status/failover/recoveredVm/definition"));
+    assert_eq!(
+        definition,
+        work.join("failover").join("web-01-dr.xml"),
+        "{s:#}"
+    );
+    assert!(
+        std::fs::read_to_string(&definition)
+            .unwrap()
+            .contains("<name>web-01-dr</name>")
+    );
 
     // B runs on the failover's disk and writes; re-protect (killed once on the way).
     std::fs::rename(&failed_over, b_dir.join("root.img")).unwrap();
@@ -187,9 +204,27 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
     qsd_b.guest_write("root", 10 * MIB, MIB, 0x72);
     let b_final = qsd_b.read_disk("root");
     let mut daemon = crash_during(work, &mut daemon, "failback", 1500);
+    assert!(
+        definition.exists(),
+        "the recovered VM runs until the failback"
+    );
     let s = wait_for(work, "the failback", 120, |s| {
         field(s, "/status/phase") == "FailedBack"
+            && s.pointer("/status/failover/recoveredVm/removed") == Some(&Value::Bool(true))
     });
+    assert_eq!(
+        s.pointer("/status/failover/failback"),
+        Some(&Value::Bool(true)),
+        "{s:#}"
+    );
+    assert_eq!(
+        field(&s, "/status/failover/recoveredVm/definition"),
+        definition.display().to_string()
+    );
+    assert!(
+        !definition.exists(),
+        "the failback took the recovered VM's definition down"
+    );
     assert_eq!(
         field(&s, "/status/failover/disks/0/location"),
         a_dir.join("root.img").display().to_string()

@@ -160,10 +160,15 @@ async fn a_test_failover_places_the_definition_then_runs_the_hook_with_the_disks
     record(status, Work::BringUp { test: true }, up);
     assert_eq!(pending(&vm), None);
     vm.spec.requests.as_mut().unwrap().cleanup_test_failover = Some("c1".into());
-    assert_eq!(pending(&vm), Some(Work::TakeDown));
-    let down = carry_out(&driver, &vm, Work::TakeDown, SystemTime::UNIX_EPOCH)
-        .await
-        .unwrap();
+    assert_eq!(pending(&vm), Some(Work::TakeDown { test: true }));
+    let down = carry_out(
+        &driver,
+        &vm,
+        Work::TakeDown { test: true },
+        SystemTime::UNIX_EPOCH,
+    )
+    .await
+    .unwrap();
     assert!(down.removed && down.message.is_none(), "{down:?}");
     assert_eq!(
         driver.calls.lock().unwrap()[2..],
@@ -172,7 +177,11 @@ async fn a_test_failover_places_the_definition_then_runs_the_hook_with_the_disks
     let env = driver.envs.lock().unwrap()[1].clone();
     assert!(env.contains(&("LIFEBOAT_ACTION".into(), "CleanupTestFailover".into())));
     assert!(env.contains(&("LIFEBOAT_TOKEN".into(), "c1".into())));
-    record(vm.status.as_mut().unwrap(), Work::TakeDown, down);
+    record(
+        vm.status.as_mut().unwrap(),
+        Work::TakeDown { test: true },
+        down,
+    );
     assert_eq!(pending(&vm), None);
 }
 
@@ -238,9 +247,14 @@ async fn a_failed_hook_is_the_recovered_vms_failure_and_the_cleanup_still_goes_o
         up,
     );
     vm.spec.requests.as_mut().unwrap().cleanup_test_failover = Some("c1".into());
-    let down = carry_out(&driver, &vm, Work::TakeDown, SystemTime::UNIX_EPOCH)
-        .await
-        .unwrap();
+    let down = carry_out(
+        &driver,
+        &vm,
+        Work::TakeDown { test: true },
+        SystemTime::UNIX_EPOCH,
+    )
+    .await
+    .unwrap();
     assert!(down.removed);
     assert_eq!(
         down.message.as_deref(),
@@ -277,4 +291,133 @@ fn a_failover_brings_up_the_vm_once_and_a_cleanup_before_it_came_up_skips_it() {
 
 fn status_of(vm: &mut ProtectedVM) -> &mut ProtectedVMStatus {
     vm.status.as_mut().unwrap()
+}
+
+/// The round trip of a recovered VM: a planned failover brings it up; while it is protected
+/// in reverse nothing touches it; the failback's first job stops it and its result keeps the
+/// record (as the status mapping writes it), which takes it down once, with the `Failback`
+/// action, and brings nothing up.
+#[tokio::test]
+async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
+    let driver = RecordingDriver::default();
+    let mut vm = vm(BOTH);
+    vm.spec.requests = Some(lifeboat_api::protected_vm::Requests {
+        failover: Some(lifeboat_api::protected_vm::FailoverRequest {
+            token: "f1".into(),
+            failover_type: FailoverType::Planned,
+            recovery_point: None,
+        }),
+        ..Default::default()
+    });
+    vm.status = Some(ProtectedVMStatus {
+        phase: ProtectionPhase::FailedOver,
+        failover: Some(FailoverResult {
+            disks: vec![MaterialisedDisk {
+                name: "root".into(),
+                location: "/failover/shop/db-01/root.img".into(),
+            }],
+            node: Some("node-b".into()),
+            ..FailoverResult::default()
+        }),
+        ..ProtectedVMStatus::default()
+    });
+    assert_eq!(pending(&vm), Some(Work::BringUp { test: false }));
+    let up = carry_out(
+        &driver,
+        &vm,
+        Work::BringUp { test: false },
+        SystemTime::UNIX_EPOCH,
+    )
+    .await
+    .unwrap();
+    assert!(up.succeeded, "{up:?}");
+    record(
+        status_of(&mut vm),
+        Work::BringUp { test: false },
+        up.clone(),
+    );
+    for phase in [ProtectionPhase::Reprotecting, ProtectionPhase::Protected] {
+        status_of(&mut vm).phase = phase;
+        assert_eq!(
+            pending(&vm),
+            None,
+            "{phase:?}: the recovered VM is the VM now"
+        );
+    }
+
+    // The failback's Failover job stopped it and shipped its last writes.
+    status_of(&mut vm).phase = ProtectionPhase::FailingBack;
+    status_of(&mut vm).failover = Some(FailoverResult {
+        node: Some("node-b".into()),
+        failback: true,
+        recovered_vm: Some(up.clone()),
+        ..FailoverResult::default()
+    });
+    assert_eq!(pending(&vm), Some(Work::TakeDown { test: false }));
+    let calls_before = driver.calls.lock().unwrap().len();
+    let down = carry_out(
+        &driver,
+        &vm,
+        Work::TakeDown { test: false },
+        SystemTime::UNIX_EPOCH,
+    )
+    .await
+    .unwrap();
+    assert!(down.removed && down.message.is_none(), "{down:?}");
+    assert_eq!(
+        driver.calls.lock().unwrap()[calls_before..],
+        [
+            "hook serve".to_owned(),
+            "remove /failover/db.xml".to_owned()
+        ]
+    );
+    let env = driver.envs.lock().unwrap().last().cloned().unwrap();
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(var("LIFEBOAT_ACTION"), "Failback");
+    assert_eq!(var("LIFEBOAT_RECOVERED_NAME"), "db");
+    assert_eq!(var("LIFEBOAT_DEFINITION"), "/failover/db.xml");
+    assert_eq!(var("LIFEBOAT_TOKEN"), "f1");
+    let said = notice(Work::TakeDown { test: false }, &down);
+    assert!(
+        !said.warning && said.note.contains("taken down (the VM failed back)"),
+        "{}",
+        said.note
+    );
+    record(status_of(&mut vm), Work::TakeDown { test: false }, down);
+    assert!(
+        status_of(&mut vm)
+            .failover
+            .as_ref()
+            .and_then(|f| f.recovered_vm.as_ref())
+            .is_some_and(|r| r.removed)
+    );
+    for phase in [ProtectionPhase::FailingBack, ProtectionPhase::FailedBack] {
+        status_of(&mut vm).phase = phase;
+        assert_eq!(pending(&vm), None, "{phase:?}: taken down once");
+    }
+}
+
+/// A failback's result, its recovered VM taken down, does not keep the next test failover's
+/// VM from coming up (nor is anything brought up for the failback itself).
+#[test]
+fn after_a_failback_a_test_failover_brings_its_vm_up() {
+    let mut vm = test_failed_over(vm(BOTH));
+    status_of(&mut vm).failover = Some(FailoverResult {
+        failback: true,
+        recovered_vm: Some(RecoveredVm {
+            name: "db".into(),
+            removed: true,
+            ..RecoveredVm::default()
+        }),
+        ..FailoverResult::default()
+    });
+    assert_eq!(pending(&vm), Some(Work::BringUp { test: true }));
+    status_of(&mut vm).test_failover = None;
+    status_of(&mut vm).phase = ProtectionPhase::FailedBack;
+    assert_eq!(pending(&vm), None);
 }

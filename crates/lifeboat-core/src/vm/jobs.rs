@@ -173,7 +173,7 @@ impl Pass<'_> {
             }
             // NB: a failback's first half: its point is in status from this pass on, and the
             // Failback job that writes the original disks with it follows in the next.
-            JobKind::Failover if to_primary => self.results = ResultChange::FailoverFromJob,
+            JobKind::Failover if to_primary => self.results = ResultChange::FailbackFromJob,
             JobKind::Failover => {
                 self.state.phase = Phase::FailedOver;
                 self.results = ResultChange::FailoverFromJob;
@@ -190,7 +190,7 @@ impl Pass<'_> {
             }
             JobKind::Failback => {
                 self.state.phase = Phase::FailedBack;
-                self.results = ResultChange::FailoverFromJob;
+                self.results = ResultChange::FailbackFromJob;
                 handled.failover = token;
             }
             JobKind::DisableProtection => self.state.phase = Phase::Disabled,

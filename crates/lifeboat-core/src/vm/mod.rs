@@ -375,6 +375,10 @@ pub enum ResultChange {
     ClearTestFailover,
     /// Copy the failover's result from the job that just succeeded.
     FailoverFromJob,
+    /// Copy a failback's result (its Failover job's, then its Failback job's) from the job
+    /// that just succeeded, keeping the recovered VM the failover brought up: the failback
+    /// has stopped it, and it is taken down.
+    FailbackFromJob,
 }
 
 /// A Kubernetes Event to publish about the VM.

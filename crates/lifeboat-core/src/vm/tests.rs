@@ -149,7 +149,9 @@ impl World {
     fn step(&mut self) -> VmDecision {
         let d = self.decide();
         match (d.results, self.result.take()) {
-            (ResultChange::FailoverFromJob, Some((_, disks))) => self.failover = disks,
+            (ResultChange::FailoverFromJob | ResultChange::FailbackFromJob, Some((_, disks))) => {
+                self.failover = disks
+            }
             (ResultChange::TestFailoverFromJob, Some((_, disks))) => self.test_failover = disks,
             (_, kept) => self.result = kept,
         }
