@@ -98,16 +98,11 @@ fn test_failed_over(mut vm: ProtectedVM) -> ProtectedVM {
     vm
 }
 
-/// Bring up a test failover's VM.
-async fn bring_up(driver: &RecordingDriver, vm: &ProtectedVM) -> RecoveredVm {
-    carry_out(
-        driver,
-        vm,
-        Work::BringUp { test: true },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap()
+/// Carry `work` out for `vm`: the recovered VM it is about, as recorded.
+async fn carry(driver: &RecordingDriver, vm: &ProtectedVM, work: Work) -> RecoveredVm {
+    carry_out(driver, vm, work, SystemTime::UNIX_EPOCH)
+        .await
+        .unwrap()
 }
 
 const BOTH: &str = r#"{name: db, testNetwork: lab, template: "<domain>{{ name }} {{ network }} {{ disk.root.location }}</domain>", hook: {name: serve, command: [serve.sh]}}"#;
@@ -117,7 +112,7 @@ async fn a_test_failover_places_the_definition_then_runs_the_hook_with_the_disks
     let vm = test_failed_over(vm(BOTH));
     assert_eq!(pending(&vm), Some(Work::BringUp { test: true }));
     let driver = RecordingDriver::default();
-    let up = bring_up(&driver, &vm).await;
+    let up = carry(&driver, &vm, Work::BringUp { test: true }).await;
     assert_eq!(
         *driver.calls.lock().unwrap(),
         [
@@ -161,14 +156,7 @@ async fn a_test_failover_places_the_definition_then_runs_the_hook_with_the_disks
     assert_eq!(pending(&vm), None);
     vm.spec.requests.as_mut().unwrap().cleanup_test_failover = Some("c1".into());
     assert_eq!(pending(&vm), Some(Work::TakeDown { test: true }));
-    let down = carry_out(
-        &driver,
-        &vm,
-        Work::TakeDown { test: true },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let down = carry(&driver, &vm, Work::TakeDown { test: true }).await;
     assert!(down.removed && down.message.is_none(), "{down:?}");
     assert_eq!(
         driver.calls.lock().unwrap()[2..],
@@ -191,7 +179,7 @@ async fn a_template_that_names_a_missing_disk_fails_before_anything_is_placed() 
         r#"{template: "{{ disk.data.location }}", hook: {name: serve, command: [serve.sh]}}"#,
     ));
     let driver = RecordingDriver::default();
-    let up = bring_up(&driver, &vm).await;
+    let up = carry(&driver, &vm, Work::BringUp { test: true }).await;
     assert!(!up.succeeded);
     let message = up.message.unwrap_or_default();
     assert!(
@@ -208,7 +196,7 @@ async fn a_failed_hook_is_the_recovered_vms_failure_and_the_cleanup_still_goes_o
         failing_hook: true,
         ..RecordingDriver::default()
     };
-    let up = bring_up(&driver, &vm).await;
+    let up = carry(&driver, &vm, Work::BringUp { test: true }).await;
     assert!(!up.succeeded);
     assert_eq!(up.message.as_deref(), Some("hook serve: exit status: 3"));
     let told = notice(Work::BringUp { test: true }, &up);
@@ -227,7 +215,7 @@ async fn a_failed_hook_is_the_recovered_vms_failure_and_the_cleanup_still_goes_o
     assert_eq!(pending(&retried), None);
     retried.spec.requests.as_mut().unwrap().retry = Some("r1".into());
     assert_eq!(pending(&retried), Some(Work::BringUp { test: true }));
-    let again = bring_up(&driver, &retried).await;
+    let again = carry(&driver, &retried, Work::BringUp { test: true }).await;
     assert_eq!(again.retry_token.as_deref(), Some("r1"));
     record(
         retried.status.as_mut().unwrap(),
@@ -247,14 +235,7 @@ async fn a_failed_hook_is_the_recovered_vms_failure_and_the_cleanup_still_goes_o
         up,
     );
     vm.spec.requests.as_mut().unwrap().cleanup_test_failover = Some("c1".into());
-    let down = carry_out(
-        &driver,
-        &vm,
-        Work::TakeDown { test: true },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let down = carry(&driver, &vm, Work::TakeDown { test: true }).await;
     assert!(down.removed);
     assert_eq!(
         down.message.as_deref(),
@@ -322,14 +303,7 @@ async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
         ..ProtectedVMStatus::default()
     });
     assert_eq!(pending(&vm), Some(Work::BringUp { test: false }));
-    let up = carry_out(
-        &driver,
-        &vm,
-        Work::BringUp { test: false },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let up = carry(&driver, &vm, Work::BringUp { test: false }).await;
     assert!(up.succeeded, "{up:?}");
     record(
         status_of(&mut vm),
@@ -355,14 +329,7 @@ async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
     });
     assert_eq!(pending(&vm), Some(Work::TakeDown { test: false }));
     let calls_before = driver.calls.lock().unwrap().len();
-    let down = carry_out(
-        &driver,
-        &vm,
-        Work::TakeDown { test: false },
-        SystemTime::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let down = carry(&driver, &vm, Work::TakeDown { test: false }).await;
     assert!(down.removed && down.message.is_none(), "{down:?}");
     assert_eq!(
         driver.calls.lock().unwrap()[calls_before..],

@@ -84,12 +84,7 @@ impl Replicator {
     ) -> Result<Report, EngineError> {
         let block = u64::from(self.settings.block_size_bytes);
         let chunk = (VIEW_CHUNK_BYTES / block).max(1) * block;
-        let mut uploader = Uploader::new(
-            self.store.clone(),
-            self.vm.clone(),
-            self.throttle.clone(),
-            self.settings.upload_concurrency,
-        );
+        let mut uploader = self.uploader();
         let mut report = Report::default();
         let disks = view.disks().to_vec();
         let start = resume.clone().unwrap_or_default();

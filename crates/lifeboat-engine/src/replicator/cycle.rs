@@ -26,7 +26,6 @@ use lifeboat_store::{At, Consistency};
 
 use super::logs;
 use super::maps::{self, TAG_COPY, TAG_RESYNC};
-use super::upload::Uploader;
 use super::{Replicator, Report, unix_ms};
 use crate::backend::{CloseView, Quiesce, Tracking, View};
 use crate::error::EngineError;
@@ -313,18 +312,11 @@ impl Replicator {
         let mut maps = self.current_maps().await?;
         self.state.applying = true;
         self.save()?;
-        let mut uploader = Uploader::new(
-            self.store.clone(),
-            self.vm.clone(),
-            self.throttle.clone(),
-            self.settings.upload_concurrency,
-        );
+        let mut uploader = self.uploader();
         let mut shipped = Ok(());
         for info in view.disks().to_vec() {
             let Some(map) = maps.get_mut(&info.name) else {
-                shipped = Err(EngineError::NotReady {
-                    what: format!("disk {:?} has no replica in the store", info.name),
-                });
+                shipped = Err(no_replica(&info.name));
                 break;
             };
             match logs::ship_changes(
@@ -461,18 +453,11 @@ impl Replicator {
         while let Some(cycle) = self.state.pending.first().cloned() {
             self.state.applying = true;
             self.save()?;
-            let mut uploader = Uploader::new(
-                self.store.clone(),
-                self.vm.clone(),
-                self.throttle.clone(),
-                self.settings.upload_concurrency,
-            );
+            let mut uploader = self.uploader();
             let mut applied = Ok(());
             for log in &cycle.logs {
                 let Some(map) = maps.get_mut(&log.disk) else {
-                    applied = Err(EngineError::NotReady {
-                        what: format!("disk {:?} has no replica in the store", log.disk),
-                    });
+                    applied = Err(no_replica(&log.disk));
                     break;
                 };
                 if let Err(e) = logs::apply_log(self.fs.as_ref(), log, map, &mut uploader).await {
@@ -501,5 +486,12 @@ impl Replicator {
             report.point = Some(point);
         }
         Ok(())
+    }
+}
+
+/// A disk a cycle changed that has no replica in the store.
+fn no_replica(disk: &str) -> EngineError {
+    EngineError::NotReady {
+        what: format!("disk {disk:?} has no replica in the store"),
     }
 }

@@ -409,6 +409,16 @@ impl Replicator {
         self.save()
     }
 
+    /// An uploader to the store with the policy's concurrency and this engine's throttle.
+    fn uploader(&self) -> upload::Uploader {
+        upload::Uploader::new(
+            self.store.clone(),
+            self.vm.clone(),
+            self.throttle.clone(),
+            self.settings.upload_concurrency,
+        )
+    }
+
     fn next_cycle(&mut self) -> u64 {
         self.state.last_cycle += 1;
         self.state.last_cycle

@@ -51,7 +51,6 @@ use lifeboat_store::Consistency;
 
 use super::copy::Sending;
 use super::maps::{self, TAG_RESYNC};
-use super::upload::Uploader;
 use super::{Progress, ProgressSink, Replicator, Report, VIEW_CHUNK_BYTES, throughput, unix_ms};
 use crate::backend::{CloseView, DiskRef, Quiesce, Tracking, View};
 use crate::error::EngineError;
@@ -220,12 +219,7 @@ impl Replicator {
         let block = u64::from(self.settings.block_size_bytes);
         let chunk = (VIEW_CHUNK_BYTES / block).max(1) * block;
         let mut report = Report::default();
-        let mut uploader = Uploader::new(
-            self.store.clone(),
-            self.vm.clone(),
-            self.throttle.clone(),
-            self.settings.upload_concurrency,
-        );
+        let mut uploader = self.uploader();
         if resuming && let Some((disk, start, end)) = self.state.resync_intent.clone() {
             // NB: the window in flight when an earlier attempt stopped may hold writes its
             // disk's saved map does not know: it is sent again first, whatever the map says,
