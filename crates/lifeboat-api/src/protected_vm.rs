@@ -633,12 +633,14 @@ pub struct FailoverResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// The VM brought up on the disks (`spec.recoveredVm`): its definition and its hook. In
-    /// a failback's result: the failover's recovered VM, which the failback takes down.
+    /// a failback's result: the failover's recovered VM, which a planned failback takes down
+    /// once it is done (it stopped that VM first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered_vm: Option<RecoveredVm>,
     /// The result is a failback's (the VM returns to the primary site's original disks):
-    /// nothing is brought up, and the failover's recovered VM is taken down once the failback
-    /// has stopped it and shipped its last writes.
+    /// nothing is brought up; once a planned failback is done (the recovered VM stopped, its
+    /// last writes on the original disks), the failover's recovered VM is taken down. An
+    /// unplanned one leaves it alone: its site may be lost, or it may still run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub failback: bool,
 }
@@ -667,10 +669,15 @@ pub struct RecoveredVm {
     /// under way, or the VM failed back).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
-    /// The `retry` request token there was when it was brought up: a new one brings up again
-    /// a VM that did not come up (after the template or the hook was fixed).
+    /// The `retry` request token there was when it was brought up (or when its removal at a
+    /// failback failed): a new one brings up again a VM that did not come up (after the
+    /// template or the hook was fixed), or tries its removal again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_token: Option<RequestToken>,
+    /// The node it was brought up for (where the failover's disks are): its hook's
+    /// `LIFEBOAT_NODE` when it is taken down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// One materialised disk.

@@ -609,8 +609,10 @@ impl Runner<'_> {
                         .and_then(|r| r.recovery_point.as_ref())
                         .map(|p| p.name.clone());
                     entry.verified = result.as_ref().map(|r| r.verified);
+                    // NB: a failback's result keeps the failover's VM, which it takes down.
                     entry.recovered_vm = result
                         .as_ref()
+                        .filter(|r| !r.failback)
                         .and_then(|r| r.recovered_vm.as_ref())
                         .map(|up| up.definition.clone().unwrap_or_else(|| up.name.clone()));
                     entry.disks = result.map(|r| r.disks).unwrap_or_default();

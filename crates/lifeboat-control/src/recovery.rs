@@ -9,10 +9,12 @@
 //!  cleanup requested, recoveredVm not removed
 //!     └─ TakeDown: hook (CleanupTestFailover) ─> remove the definition ─> recoveredVm.removed
 //!                  then the cleanup job removes the disks
-//!  failback: its Failover job done (the recovered VM stopped, its last writes shipped), the
-//!  failover's recoveredVm kept in the failback's result (failover.failback), not removed
+//!  planned failback done (FailedBack or later: the recovered VM was stopped, its last writes
+//!  are on the original disks), the failover's recoveredVm kept in the failback's result
+//!  (failover.failback), not removed
 //!     └─ TakeDown: hook (Failback) ─> remove the definition ─> recoveredVm.removed
-//!                  (nothing brings it up again, or runs it beside the VM back at the primary)
+//!                  (nothing brings it up again, or runs it beside the VM back at the primary;
+//!                  an unplanned failback leaves it: its site may be lost, or it may still run)
 //! ```
 //!
 //! What was done is recorded in the VM's status before anything else happens to it, so that a
@@ -89,7 +91,12 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
     vm.spec.recovered_vm.as_ref()?;
     let status = vm.status.as_ref()?;
     let failback = status.failover.as_ref().is_some_and(|f| f.failback);
+    // NB: once the failback is done (a Failback job that failed leaves the phase FailingBack:
+    // the VM may still have to go on at the recovery site), and only a planned one, which
+    // stopped the recovered VM.
     if failback
+        && status.phase != ProtectionPhase::FailingBack
+        && failover_action(vm) == PlanAction::PlannedFailover
         && status
             .failover
             .as_ref()
@@ -145,7 +152,7 @@ pub fn hook_env(
         }
         _ => (requests.failover.map(|r| r.token), false),
     };
-    let action = match action {
+    let action_name = match action {
         HookAction::Plan(action) => format!("{action:?}"),
         HookAction::Failback => "Failback".to_owned(),
     };
@@ -156,7 +163,7 @@ pub fn hook_env(
         ),
         ("LIFEBOAT_VM".to_owned(), name.clone()),
         ("LIFEBOAT_VMS".to_owned(), name.clone()),
-        ("LIFEBOAT_ACTION".to_owned(), action),
+        ("LIFEBOAT_ACTION".to_owned(), action_name),
         ("LIFEBOAT_TOKEN".to_owned(), token.unwrap_or_default()),
         ("LIFEBOAT_RECOVERED_NAME".to_owned(), recovered.name.clone()),
         (
@@ -169,13 +176,17 @@ pub fn hook_env(
         ),
         (
             "LIFEBOAT_NODE".to_owned(),
-            result
+            recovered
                 .node
                 .clone()
+                .or_else(|| result.node.clone())
                 .unwrap_or_else(|| vm.spec.node_name.clone()),
         ),
     ];
-    env.extend(disk_env(&name, &result.disks));
+    // NB: a failback's result names the original disks, not the recovered VM's.
+    if action != HookAction::Failback {
+        env.extend(disk_env(&name, &result.disks));
+    }
     env
 }
 
@@ -236,6 +247,7 @@ pub async fn carry_out(
                 name: recovered::recovered_name(vm, test),
                 time: Some(api_time(now)),
                 retry_token: vm.spec.requests.as_ref().and_then(|r| r.retry.clone()),
+                node: result.node.clone(),
                 ..RecoveredVm::default()
             };
             let failed = |mut up: RecoveredVm, message: String| {
@@ -283,6 +295,8 @@ pub async fn carry_out(
                     HookAction::Failback,
                     "the failover's VM (the VM failed back)",
                 )
+                // NB: a removal that fails is recorded too, with its reason (a warning Event):
+                // the definition is then left for the administrator to remove.
             };
             let mut down = result.recovered_vm.clone()?;
             let mut problems = Vec::new();

@@ -657,7 +657,7 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
         for disk in result.disks {
             println!("  disk {}: {}", disk.name, disk.location);
         }
-        if let Some(up) = result.recovered_vm {
+        if let Some(up) = result.recovered_vm.filter(|_| !result.failback) {
             println!(
                 "recovered VM {}: {}",
                 up.name,

@@ -203,11 +203,11 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
     // Fail back (killed once on the way): B stops, A's disk becomes B's, write for write.
     qsd_b.guest_write("root", 10 * MIB, MIB, 0x72);
     let b_final = qsd_b.read_disk("root");
-    let mut daemon = crash_during(work, &mut daemon, "failback", 1500);
     assert!(
         definition.exists(),
         "the recovered VM runs until the failback"
     );
+    let mut daemon = crash_during(work, &mut daemon, "failback", 1500);
     let s = wait_for(work, "the failback", 120, |s| {
         field(s, "/status/phase") == "FailedBack"
             && s.pointer("/status/failover/recoveredVm/removed") == Some(&Value::Bool(true))

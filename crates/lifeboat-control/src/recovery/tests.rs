@@ -275,9 +275,10 @@ fn status_of(vm: &mut ProtectedVM) -> &mut ProtectedVMStatus {
 }
 
 /// The round trip of a recovered VM: a planned failover brings it up; while it is protected
-/// in reverse nothing touches it; the failback's first job stops it and its result keeps the
-/// record (as the status mapping writes it), which takes it down once, with the `Failback`
-/// action, and brings nothing up.
+/// in reverse nothing touches it; the failback's results keep the record (as the status
+/// mapping writes them); once the planned failback is done, that takes it down once, with
+/// the `Failback` action and the node it was brought up for, and brings nothing up. An
+/// unplanned failback leaves it.
 #[tokio::test]
 async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
     let driver = RecordingDriver::default();
@@ -319,7 +320,8 @@ async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
         );
     }
 
-    // The failback's Failover job stopped it and shipped its last writes.
+    // The failback's Failover job stopped it and shipped its last writes; the Failback job
+    // writes the original disks on node-a.
     status_of(&mut vm).phase = ProtectionPhase::FailingBack;
     status_of(&mut vm).failover = Some(FailoverResult {
         node: Some("node-b".into()),
@@ -327,6 +329,28 @@ async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
         recovered_vm: Some(up.clone()),
         ..FailoverResult::default()
     });
+    assert_eq!(pending(&vm), None, "not before the failback is done");
+    status_of(&mut vm).phase = ProtectionPhase::FailedBack;
+    status_of(&mut vm).failover = Some(FailoverResult {
+        disks: vec![MaterialisedDisk {
+            name: "root".into(),
+            location: "/vms/db-01/root.img".into(),
+        }],
+        node: Some("node-a".into()),
+        failback: true,
+        recovered_vm: Some(up.clone()),
+        ..FailoverResult::default()
+    });
+    let mut unplanned = vm.clone();
+    if let Some(f) = unplanned
+        .spec
+        .requests
+        .as_mut()
+        .and_then(|r| r.failover.as_mut())
+    {
+        f.failover_type = FailoverType::Unplanned;
+    }
+    assert_eq!(pending(&unplanned), None, "an unplanned failback leaves it");
     assert_eq!(pending(&vm), Some(Work::TakeDown { test: false }));
     let calls_before = driver.calls.lock().unwrap().len();
     let down = carry(&driver, &vm, Work::TakeDown { test: false }).await;
@@ -349,6 +373,11 @@ async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
     assert_eq!(var("LIFEBOAT_RECOVERED_NAME"), "db");
     assert_eq!(var("LIFEBOAT_DEFINITION"), "/failover/db.xml");
     assert_eq!(var("LIFEBOAT_TOKEN"), "f1");
+    assert_eq!(var("LIFEBOAT_NODE"), "node-b", "where it was brought up");
+    assert!(
+        !env.iter().any(|(k, _)| k.starts_with("LIFEBOAT_DISK")),
+        "the original disks are not the recovered VM's: {env:?}"
+    );
     let said = notice(Work::TakeDown { test: false }, &down);
     assert!(
         !said.warning && said.note.contains("taken down (the VM failed back)"),
@@ -363,7 +392,7 @@ async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
             .and_then(|f| f.recovered_vm.as_ref())
             .is_some_and(|r| r.removed)
     );
-    for phase in [ProtectionPhase::FailingBack, ProtectionPhase::FailedBack] {
+    for phase in [ProtectionPhase::FailedBack, ProtectionPhase::Protected] {
         status_of(&mut vm).phase = phase;
         assert_eq!(pending(&vm), None, "{phase:?}: taken down once");
     }

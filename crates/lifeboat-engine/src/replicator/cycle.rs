@@ -250,8 +250,8 @@ impl Replicator {
     /// [`Replicator::run_cycle`], but the frozen changes go straight from the view to the
     /// store, not through a log. Nothing writes to the disks any more, so the view may stay
     /// open for as long as shipping takes, and a log would only be written, synced and read
-    /// back. Cycles still pending (their logs written before the stop) ship first, through
-    /// [`Replicator::run_cycle`], with this one logged as well.
+    /// back. Cycles still pending (their logs written before the stop) ship first, as
+    /// [`Replicator::run_cycle`] ships them, with this one logged as well.
     ///
     /// Nothing is lost on a failure or a crash: the view is committed only once the point is
     /// cut and saved (before, it is abandoned, or a crash leaves it open and the next view
