@@ -2,7 +2,8 @@
 //! machine, over the embedded store instead of an API server.
 //!
 //! ```text
-//!  every tick:
+//!  every tick, and at once when a job or a recovered VM's work ends or the command line
+//!  rings the doorbell (requests::ring, after it writes a request):
 //!   folder ──refresh──> policies, VMs (+ CLI requests) ──> db (spec, generation)
 //!   per policy: decide_policy ──> status
 //!   per VM:     lifeboat_control::reconcile_vm over DbWriter (the operator's pass):
@@ -203,6 +204,9 @@ impl VmWriter for DbWriter<'_> {
     }
 }
 
+/// How often the daemon looks at the doorbell between two ticks.
+const DOORBELL_POLL: Duration = Duration::from_millis(50);
+
 /// One VM's node side: its worker and the job it runs.
 struct Slot {
     worker: Arc<AsyncMutex<Worker>>,
@@ -257,6 +261,8 @@ pub struct Daemon {
     slots: BTreeMap<Key, Slot>,
     plans: Plans,
     recoveries: Recoveries,
+    /// Rung when a job or a recovery task ends: the next step need not wait for the tick.
+    wake: Arc<tokio::sync::Notify>,
     /// Errors already logged, so that a standing problem is logged once.
     reported: Mutex<BTreeMap<Key, String>>,
     _lock: StateLock,
@@ -296,6 +302,7 @@ impl Daemon {
             slots: BTreeMap::new(),
             plans: Plans::default(),
             recoveries: Recoveries::default(),
+            wake: Arc::default(),
             reported: Mutex::default(),
             options,
             _lock: lock,
@@ -317,11 +324,27 @@ impl Daemon {
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), DaemonError> {
         tokio::pin!(stop);
+        let doorbell = requests::doorbell(&self.options.state_dir);
+        let mut rung = requests::rung(&doorbell);
         loop {
             self.step().await?;
+            // NB: the doorbell is a file the command line touches; looking at it costs a
+            // stat, and answering a request at once spares its waiter the tick.
+            let bell = async {
+                loop {
+                    tokio::time::sleep(DOORBELL_POLL).await;
+                    let now = requests::rung(&doorbell);
+                    if now != rung {
+                        rung = now;
+                        break;
+                    }
+                }
+            };
             tokio::select! {
                 () = &mut stop => break,
                 () = tokio::time::sleep(self.options.tick) => {}
+                () = self.wake.notified() => {}
+                () = bell => {}
             }
         }
         for slot in self.slots.values_mut() {
@@ -364,7 +387,7 @@ impl Daemon {
             let manifests = &self.options.manifests;
             if self
                 .recoveries
-                .step(&self.db, &key, &mut vm, manifests, now)
+                .step(&self.db, &key, &mut vm, manifests, now, &self.wake)
                 .await?
             {
                 // NB: its recovered VM comes up or goes down: the VM's decisions wait, its
@@ -602,6 +625,7 @@ impl Daemon {
                         failover_format: config.failover_format,
                     },
                     now,
+                    Arc::clone(&self.wake),
                 ));
             }
         }
@@ -689,6 +713,7 @@ fn spawn_job(
     mut job: ReplicationJob,
     dirs: JobDirs,
     now: SystemTime,
+    wake: Arc<tokio::sync::Notify>,
 ) -> tokio::task::JoinHandle<()> {
     let ns = job.metadata.namespace.clone().unwrap_or_default();
     let name = job.metadata.name.clone().unwrap_or_default();
@@ -730,6 +755,7 @@ fn spawn_job(
         if let Err(e) = db.put(JOB_KIND, &ns, &name, &finished) {
             tracing::error!(job = %name, error = %e, "write the job's end");
         }
+        wake.notify_one();
     })
 }
 

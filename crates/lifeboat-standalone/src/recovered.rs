@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -55,6 +56,7 @@ impl Recoveries {
         vm: &mut ProtectedVM,
         manifests: &Path,
         now: SystemTime,
+        wake: &Arc<tokio::sync::Notify>,
     ) -> Result<bool, DbError> {
         if self.running.get(key).is_some_and(|r| !r.task.is_finished()) {
             return Ok(true);
@@ -76,7 +78,12 @@ impl Recoveries {
             manifests: manifests.to_owned(),
         };
         let vm = vm.clone();
-        let task = tokio::spawn(async move { recovery::carry_out(&driver, &vm, work, now).await });
+        let wake = Arc::clone(wake);
+        let task = tokio::spawn(async move {
+            let done = recovery::carry_out(&driver, &vm, work, now).await;
+            wake.notify_one();
+            done
+        });
         self.running.insert(key.clone(), Running { work, task });
         Ok(true)
     }

@@ -56,7 +56,35 @@ pub fn write<T: Kind>(
     let file = path::<T>(state_dir, namespace, name);
     let bytes = serde_json::to_vec_pretty(&requests).map_err(|e| e.to_string())?;
     lifeboat_store::files::write_atomic(&file, &bytes)
-        .map_err(|e| format!("{} {}: {}", e.action, e.path.display(), e.source))
+        .map_err(|e| format!("{} {}: {}", e.action, e.path.display(), e.source))?;
+    ring(state_dir);
+    Ok(())
+}
+
+/// The file the command line touches after it writes a request: the daemon looks at its
+/// modification time between ticks and answers at once.
+pub fn doorbell(state_dir: &Path) -> PathBuf {
+    state_dir.join("doorbell")
+}
+
+/// Ring the daemon's doorbell. A bell that cannot ring costs the request only the wait for
+/// the daemon's next tick.
+pub fn ring(state_dir: &Path) {
+    let bell = doorbell(state_dir);
+    // NB: a new text every time (the time and this process), so that two rings never read
+    // as one; a modification time can be too coarse to tell.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    if let Err(e) = std::fs::write(&bell, format!("{now} {}\n", std::process::id())) {
+        tracing::debug!(path = %bell.display(), error = %e, "ring the daemon's doorbell");
+    }
+}
+
+/// What the doorbell says now (compared with what it said before: rung in between).
+pub fn rung(bell: &Path) -> Option<String> {
+    std::fs::read_to_string(bell).ok()
 }
 
 /// The manifest's requests with the command line's on top.

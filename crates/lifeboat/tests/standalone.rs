@@ -121,6 +121,32 @@ fn failover_image(work: &Path, label: &str) -> PathBuf {
         .join(format!("web-01-{label}-root.img"))
 }
 
+/// The daemon answers at once, not at its next tick: a job that ends wakes it (the next job
+/// of protection is decided then), and so does the doorbell the command line rings after it
+/// writes a request. With a tick of ten minutes, protection and a test failover asked on the
+/// command line (which gives up after 60 s) both end within the test's bounds only if they
+/// do.
+#[test]
+fn the_daemon_answers_a_request_without_waiting_for_its_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let qsd = Qsd::start(work, &[("root", 8 * MIB)]);
+    qsd.guest_write("root", 0, MIB, 0x61);
+    write_manifests(work, &qsd);
+    let _daemon = Daemon::start_with(work, &["--tick-seconds", "600"]);
+    wait_for(work, "protection", 60, |s| phase(s) == "Protected");
+    let out = lifeboat(
+        work,
+        &["failover", "web-01", "--test", "--timeout-seconds", "60"],
+    );
+    assert!(out.contains("phase Protected"), "{out}");
+    assert_same(
+        "the test failover",
+        &std::fs::read(failover_image(work, "test")).unwrap(),
+        &qsd.read_disk("root"),
+    );
+}
+
 #[test]
 fn protect_cycle_resync_restart_failover_commit() {
     let dir = tempfile::tempdir().unwrap();

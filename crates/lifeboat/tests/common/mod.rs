@@ -15,6 +15,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(work: &Path) -> Daemon {
+        Daemon::start_with(work, &[])
+    }
+
+    /// [`Daemon::start`] with `extra` arguments.
+    pub fn start_with(work: &Path, extra: &[&str]) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -27,6 +32,7 @@ impl Daemon {
             .arg(work.join("state"))
             .arg("--failover-dir")
             .arg(work.join("failover"))
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
