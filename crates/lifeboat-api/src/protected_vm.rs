@@ -669,9 +669,8 @@ pub struct RecoveredVm {
     /// under way, or the VM failed back).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
-    /// The `retry` request token there was when it was brought up (or when its removal at a
-    /// failback failed): a new one brings up again a VM that did not come up (after the
-    /// template or the hook was fixed), or tries its removal again.
+    /// The `retry` request token there was when it was brought up: a new one brings up again
+    /// a VM that did not come up (after the template or the hook was fixed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_token: Option<RequestToken>,
     /// The node it was brought up for (where the failover's disks are): its hook's

@@ -45,7 +45,7 @@ pub enum Work {
         test: bool,
     },
     /// Take the VM down: the test failover's (`test`) when its cleanup is asked for, before
-    /// the disks go; the failover's when the VM fails back, once the failback stopped it.
+    /// the disks go; the failover's once a planned failback (which stopped it) is done.
     TakeDown {
         /// The test failover's.
         test: bool,
@@ -90,18 +90,14 @@ pub trait RecoveryDriver: Send + Sync {
 pub fn pending(vm: &ProtectedVM) -> Option<Work> {
     vm.spec.recovered_vm.as_ref()?;
     let status = vm.status.as_ref()?;
-    let failback = status.failover.as_ref().is_some_and(|f| f.failback);
+    let failback = status.failover.as_ref().filter(|f| f.failback);
     // NB: once the failback is done (a Failback job that failed leaves the phase FailingBack:
     // the VM may still have to go on at the recovery site), and only a planned one, which
     // stopped the recovered VM.
-    if failback
+    if let Some(failback) = failback
         && status.phase != ProtectionPhase::FailingBack
         && failover_action(vm) == PlanAction::PlannedFailover
-        && status
-            .failover
-            .as_ref()
-            .and_then(|f| f.recovered_vm.as_ref())
-            .is_some_and(|up| !up.removed)
+        && failback.recovered_vm.as_ref().is_some_and(|up| !up.removed)
     {
         return Some(Work::TakeDown { test: false });
     }
@@ -130,7 +126,7 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
         status.phase,
         ProtectionPhase::FailedOver | ProtectionPhase::FailoverCommitted
     );
-    (failed_over && !failback && status.failover.as_ref().is_some_and(needed))
+    (failed_over && failback.is_none() && status.failover.as_ref().is_some_and(needed))
         .then_some(Work::BringUp { test: false })
 }
 
@@ -295,8 +291,6 @@ pub async fn carry_out(
                     HookAction::Failback,
                     "the failover's VM (the VM failed back)",
                 )
-                // NB: a removal that fails is recorded too, with its reason (a warning Event):
-                // the definition is then left for the administrator to remove.
             };
             let mut down = result.recovered_vm.clone()?;
             let mut problems = Vec::new();
@@ -313,7 +307,8 @@ pub async fn carry_out(
             }
             // NB: the cleanup goes on whatever the undo said (a hook that cannot stop what
             // it started must not keep the test failover's disks forever, nor be run again
-            // at every pass); what failed is said in the log and in the status.
+            // at every pass); what failed is said in the log, in the status and in a warning
+            // Event, and a definition that could not be removed is left to the administrator.
             if problems.is_empty() {
                 tracing::info!(vm = %qualified, recovered = %down.name, "{what} is taken down");
             } else {

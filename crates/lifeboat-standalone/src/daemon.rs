@@ -328,8 +328,8 @@ impl Daemon {
         let mut rung = requests::rung(&doorbell);
         loop {
             self.step().await?;
-            // NB: the doorbell is a file the command line touches; looking at it costs a
-            // stat, and answering a request at once spares its waiter the tick.
+            // NB: the doorbell is a small file the command line rewrites; reading it costs
+            // little, and answering a request at once spares its waiter the tick.
             let bell = async {
                 loop {
                     tokio::time::sleep(DOORBELL_POLL).await;

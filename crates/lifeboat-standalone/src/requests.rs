@@ -61,8 +61,8 @@ pub fn write<T: Kind>(
     Ok(())
 }
 
-/// The file the command line touches after it writes a request: the daemon looks at its
-/// modification time between ticks and answers at once.
+/// The file the command line rewrites after it writes a request: the daemon reads it between
+/// ticks and answers at once when its text changed.
 pub fn doorbell(state_dir: &Path) -> PathBuf {
     state_dir.join("doorbell")
 }

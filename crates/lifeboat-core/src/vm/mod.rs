@@ -376,8 +376,8 @@ pub enum ResultChange {
     /// Copy the failover's result from the job that just succeeded.
     FailoverFromJob,
     /// Copy a failback's result (its Failover job's, then its Failback job's) from the job
-    /// that just succeeded, keeping the recovered VM the failover brought up: the failback
-    /// has stopped it, and it is taken down.
+    /// that just succeeded, keeping the recovered VM the failover brought up, which a planned
+    /// failback (it stopped that VM) takes down once it is done.
     FailbackFromJob,
 }
 

@@ -45,24 +45,12 @@ impl Replicator {
     /// shipped by the next cycle.
     pub async fn run_cycle(&mut self, now: SystemTime) -> Result<Report, EngineError> {
         let started = Instant::now();
-        let report = Report::default();
+        let mut report = Report::default();
         if let Some(reason) = self.tracking_lost().await? {
             return self.resync_needed(report, &reason);
         }
         let time_unix_ms = unix_ms(now);
         let quiesce = self.quiesce_at(time_unix_ms);
-        self.logged_cycle(report, started, time_unix_ms, quiesce)
-            .await
-    }
-
-    /// The cycle of [`Replicator::run_cycle`] once its checks passed: logs, then ship.
-    async fn logged_cycle(
-        &mut self,
-        mut report: Report,
-        started: Instant,
-        time_unix_ms: u64,
-        quiesce: Quiesce,
-    ) -> Result<Report, EngineError> {
         let cycle = self.next_cycle();
         self.save()?;
         let view = self
@@ -250,8 +238,8 @@ impl Replicator {
     /// [`Replicator::run_cycle`], but the frozen changes go straight from the view to the
     /// store, not through a log. Nothing writes to the disks any more, so the view may stay
     /// open for as long as shipping takes, and a log would only be written, synced and read
-    /// back. Cycles still pending (their logs written before the stop) ship first, as
-    /// [`Replicator::run_cycle`] ships them, with this one logged as well.
+    /// back. While cycles are still pending (their logs written before the stop), this is
+    /// [`Replicator::run_cycle`]: they ship first, and this one is logged as well.
     ///
     /// Nothing is lost on a failure or a crash: the view is committed only once the point is
     /// cut and saved (before, it is abandoned, or a crash leaves it open and the next view
@@ -259,6 +247,9 @@ impl Replicator {
     /// of the latest point (put back to it at the next open, or simply written again: the
     /// next attempt ships every block this one did, whole).
     pub(super) async fn run_last_cycle(&mut self, now: SystemTime) -> Result<Report, EngineError> {
+        if !self.state.pending.is_empty() {
+            return self.run_cycle(now).await;
+        }
         let started = Instant::now();
         let report = Report::default();
         if let Some(reason) = self.tracking_lost().await? {
@@ -266,11 +257,6 @@ impl Replicator {
         }
         let time_unix_ms = unix_ms(now);
         let quiesce = self.quiesce_at(time_unix_ms);
-        if !self.state.pending.is_empty() {
-            return self
-                .logged_cycle(report, started, time_unix_ms, quiesce)
-                .await;
-        }
         let cycle = self.next_cycle();
         self.save()?;
         let view = self
