@@ -685,7 +685,8 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         &qsd_b.read_disk("os"),
     );
 
-    // Fail back: node-2 stops B and ships; node-1 brings A's disk to that point.
+    // Fail back: node-1 brings A's disk to the newest point while B runs; node-2 stops B and
+    // ships; node-1 brings A's disk to that point.
     qsd_b.guest_write("os", 6 << 20, 512 << 10, 0x6b);
     let b_final = qsd_b.read_disk("os");
     ask(
@@ -717,6 +718,17 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         .unwrap();
     assert_eq!(recovered.name, "web-dr");
     assert!(recovered.message.is_none(), "{recovered:?}");
+    let all = jobs.list(&ListParams::default()).await.unwrap().items;
+    let ran_on = |kind: lifeboat_api::job::JobType,
+                  pick: fn(&lifeboat_api::job::JobParameters) -> bool| {
+        all.iter()
+            .find(|j| j.spec.job_type == kind && pick(&j.spec.parameters))
+            .map(|j| j.spec.node_name.as_str())
+    };
+    use lifeboat_api::job::JobType;
+    assert_eq!(ran_on(JobType::Failback, |p| p.presync), Some("node-1"));
+    assert_eq!(ran_on(JobType::Failover, |p| p.to_primary), Some("node-2"));
+    assert_eq!(ran_on(JobType::Failback, |p| !p.presync), Some("node-1"));
     assert!(
         config_maps.get_opt("web-dr").await.unwrap().is_none(),
         "the failback deleted the recovered VM's definition"

@@ -214,6 +214,23 @@ fn start_recovered(dir: &Path, failover: &JobResult) -> Qsd {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() {
+    planned_round_trip(false).await;
+}
+
+/// A's raw image written after the failback's first step (as if A's VM had been started by
+/// hand): its stamp no longer holds, so the failback's last step compares A's disk in full and
+/// overwrites that write too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_original_disk_written_after_the_failback_began_is_compared_in_full() {
+    planned_round_trip(true).await;
+}
+
+/// The block A's root image is written at, behind Lifeboat's back, in
+/// `a_raw_original_disk_written_after_the_failback_began_is_compared_in_full`: one that holds
+/// data at the point (A's first write), so that the failback reads it back from the store.
+const A_STRAY_BLOCK: u64 = 5;
+
+async fn planned_round_trip(a_written_after_first_step: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let dirs = job_dirs(tmp.path(), DiskFormat::Raw);
 
@@ -284,6 +301,53 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     let cycle = b.engine.run_cycle(SystemTime::now()).await.unwrap();
     assert!(cycle.point.is_some());
     b.qsd.guest_writes("root", &scattered(100, 2, 1, 0x23));
+
+    // Fail back, first step: A's original disks brought to the newest point while B runs on
+    // and holds the store (A's agent reads it: a read-only handle of the folder).
+    let reader: Arc<dyn ReplicaStore> =
+        Arc::new(LocalStore::open_read_only(tmp.path().join("store")).unwrap());
+    let mut a = open_site(&a_dir, qsd, reader, "node a").await;
+    let a_originals = original_disks(&a);
+    let presync = JobParams {
+        failover: Some(FailoverKind::Planned),
+        point: Some(CorePoint::Latest),
+        presync: true,
+        ..JobParams::default()
+    };
+    let a_dirs = JobDirs {
+        original_disks: a_originals.clone(),
+        ..dirs.clone()
+    };
+    let first = job(&mut a.engine, JobKind::Failback, presync, &a_dirs)
+        .await
+        .unwrap();
+    let shipped_before: Vec<Write> = b_writes
+        .iter()
+        .copied()
+        .chain(scattered(70, 3, 5, 0x22))
+        .collect();
+    assert_eq!(
+        first.failover.as_ref().unwrap().bytes_read,
+        block_bytes(&shipped_before),
+        "the first step writes the blocks B changed up to the newest point"
+    );
+    assert_eq!(first.point.as_ref().unwrap().id, cycle.point.unwrap().id);
+    // NB: the probe writes 4 KiB at offset 0 of B's root: one of B's last changes.
+    assert!(guest_can_write(&b.qsd, "root"), "B runs on");
+    let Site { qsd, engine, .. } = a;
+    drop(engine);
+    let mut stray = Vec::new();
+    if a_written_after_first_step {
+        use std::os::unix::fs::FileExt;
+        let root = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&a_originals[0].path)
+            .unwrap();
+        root.write_all_at(&[0x5a; 4096], A_STRAY_BLOCK * BLOCK)
+            .unwrap();
+        stray.push((A_STRAY_BLOCK * BLOCK, 4096, 0x5a));
+    }
+    b.qsd.guest_writes("data", &scattered(110, 2, 4, 0x24));
     let b_final = read_all(&b.qsd);
 
     // Fail back: B stopped and shipped, then A's original disks brought to the point.
@@ -304,16 +368,22 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
     let a_originals = original_disks(&a);
     let a_images: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
     let restored = fail_back_to(&mut a.engine, &q, a_originals, &dirs).await;
-    let all_b_writes: Vec<Write> = b_writes
-        .iter()
-        .copied()
-        .chain(scattered(70, 3, 5, 0x22))
-        .chain(scattered(100, 2, 1, 0x23))
+    let restored = restored.failover.as_ref().unwrap();
+    let last_b_writes: Vec<Write> = scattered(100, 2, 1, 0x23)
+        .into_iter()
+        .chain([(0, 4096, 0x77)])
+        .chain(scattered(110, 2, 4, 0x24))
+        .chain(stray)
         .collect();
     assert_eq!(
-        restored.failover.as_ref().unwrap().bytes_read,
-        block_bytes(&all_b_writes),
-        "failback writes exactly the blocks B changed"
+        restored.bytes_read,
+        block_bytes(&last_b_writes),
+        "the last step writes the blocks B changed since the first (and A's stray write)"
+    );
+    assert_eq!(
+        restored.compared_bytes > 0,
+        a_written_after_first_step,
+        "A's disk is read only when its stamp no longer holds"
     );
     let a_now = read_files(&a_images);
     for (disk, (got, want)) in DISKS.iter().zip(a_now.iter().zip(&b_final)) {

@@ -154,6 +154,11 @@ pub struct JobParameters {
     /// writes the original disks).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub to_primary: bool,
+    /// Failback: a planned failback's first step, run while the recovered VM still runs:
+    /// bring the original disks to the newest point, so that once the VM is stopped only its
+    /// last changes are written. `failoverType` and `recoveryPoint` carry the request's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub presync: bool,
 }
 
 /// Where a job is.

@@ -290,6 +290,7 @@ pub fn params(p: &JobParameters) -> JobParams {
         resync_reason: p.resync_reason.map(resync_reason),
         delete_replica: p.delete_replica,
         to_primary: p.to_primary,
+        presync: p.presync,
     }
 }
 
@@ -302,6 +303,7 @@ pub fn api_params(p: &JobParams) -> JobParameters {
         resync_reason: p.resync_reason.map(api_resync_reason),
         delete_replica: p.delete_replica,
         to_primary: p.to_primary,
+        presync: p.presync,
     }
 }
 

@@ -398,9 +398,13 @@ pub fn vm_verdicts(
             "Reprotecting",
             "delta replication starts when re-protect has sent the blocks that differ",
         ),
-        P::FailingBack | P::FailedBack => {
-            Verdict::no("FailedBack", "replication stops at failback")
-        }
+        // NB: a planned failback's first step runs while the recovered VM still replicates;
+        // the step that stops it follows.
+        P::FailingBack => Verdict::no(
+            "FailingBack",
+            "a failback runs: replication stops when it stops the recovered VM",
+        ),
+        P::FailedBack => Verdict::no("FailedBack", "replication stops at failback"),
         P::DisablingProtection | P::Disabled => {
             Verdict::no("ProtectionDisabled", "the VM is not protected")
         }

@@ -12,6 +12,7 @@
 //! | Failover | [`Replicator::failover`] (planned ships what is pending first) |
 //! | Commit | [`Replicator::commit`] |
 //! | Failover, a failback's first half | [`Replicator::fail_over_to_primary`] (no disks written) |
+//! | Failback, a planned failback's first step | [`Replicator::sync_original_disks`] (the recovered VM runs on) |
 //! | Failback | [`Replicator::fail_back`] the original disks ([`JobDirs::original_disks`]) |
 //! | Reprotect | [`Replicator::reprotect`] from the point the job names |
 //! | DisableProtection | [`Replicator::disable`] |
@@ -278,6 +279,13 @@ pub async fn run_job(
             let planned = params.failover == Some(FailoverKind::Planned);
             let report = engine
                 .fail_over_to_primary(planned, &engine_point(params.point.as_ref()), now)
+                .await?;
+            result.point = Some(report.point.clone());
+            result.failover = Some(report);
+        }
+        JobKind::Failback if params.presync => {
+            let report = engine
+                .sync_original_disks(&dirs.original_disks, progress)
                 .await?;
             result.point = Some(report.point.clone());
             result.failover = Some(report);

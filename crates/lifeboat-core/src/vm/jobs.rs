@@ -104,7 +104,6 @@ impl Pass<'_> {
                 .and_then(|(end, start)| end.duration_since(start).ok()),
         });
         record.state = facts.state;
-        let token = record.params.request_token.clone();
         if succeeded {
             record.error = None;
             self.notice(
@@ -112,7 +111,7 @@ impl Pass<'_> {
                 reasons::JOB_SUCCEEDED,
                 format!("{} job {} succeeded", kind.as_str(), record.name),
             );
-            self.job_succeeded(kind, token, record.params.to_primary, facts.completion_time);
+            self.job_succeeded(kind, &record.params, facts.completion_time);
         } else {
             let error = self.failure(record, facts);
             let next = match (error.class, error.next_retry_time) {
@@ -133,19 +132,14 @@ impl Pass<'_> {
                 ),
             );
             if error.class == ErrorClass::NonRecoverable {
-                self.request_failed_for_good(kind, token, record.params.to_primary, &error);
+                self.request_failed_for_good(kind, &record.params, &error);
             }
             record.error = Some(error);
         }
     }
 
-    fn job_succeeded(
-        &mut self,
-        kind: JobKind,
-        token: Option<String>,
-        to_primary: bool,
-        ended: Option<SystemTime>,
-    ) {
+    fn job_succeeded(&mut self, kind: JobKind, params: &JobParams, ended: Option<SystemTime>) {
+        let (token, to_primary) = (params.request_token.clone(), params.to_primary);
         let handled = &mut self.state.handled;
         match kind {
             JobKind::EnableProtection => self.state.phase = Phase::FinalizingProtection,
@@ -188,6 +182,8 @@ impl Pass<'_> {
                 self.state.last_resync = Some(ended.unwrap_or(self.now));
                 handled.reprotect = token;
             }
+            // NB: a planned failback's first step: its Failover job follows in the next pass.
+            JobKind::Failback if params.presync => {}
             JobKind::Failback => {
                 self.state.phase = Phase::FailedBack;
                 self.results = ResultChange::FailbackFromJob;
@@ -235,18 +231,19 @@ impl Pass<'_> {
     }
 
     /// A request whose job failed for good is over: echo its token.
-    fn request_failed_for_good(
-        &mut self,
-        kind: JobKind,
-        token: Option<String>,
-        to_primary: bool,
-        error: &ErrorReport,
-    ) {
+    fn request_failed_for_good(&mut self, kind: JobKind, params: &JobParams, error: &ErrorReport) {
+        let token = params.request_token.clone();
         let handled = &mut self.state.handled;
         match kind {
-            // NB: a failback that could not stop the recovered VM (or ship its changes): it
-            // keeps replicating, as a failover in that case does.
-            JobKind::Failover if to_primary => {
+            // NB: a failback that could not write the original disks while the recovered VM
+            // ran, or could not stop it (or ship its changes): it keeps replicating, as a
+            // failover in that case does.
+            JobKind::Failover if params.to_primary => {
+                self.state.phase = Phase::Protected;
+                handled.failover = token;
+                self.failover_outcome = Some(Verdict::no(&error.reason, error.message.clone()));
+            }
+            JobKind::Failback if params.presync => {
                 self.state.phase = Phase::Protected;
                 handled.failover = token;
                 self.failover_outcome = Some(Verdict::no(&error.reason, error.message.clone()));

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::model::{JobKind, JobParams, JobState, Phase, PointChoice, ResyncReason};
+use crate::model::{FailoverKind, JobKind, JobParams, JobState, Phase, PointChoice, ResyncReason};
 
 use super::Pass;
 use super::requests::Ask;
@@ -137,17 +137,38 @@ impl Pass<'_> {
         );
     }
 
-    /// A failback: its Failover job (stop, ship, point) then its Failback job (the primary
-    /// site's disks brought to that point), each retried as any job is.
+    /// A failback: a planned one's first Failback job (the primary site's disks brought to
+    /// the newest point while the recovered VM runs), its Failover job (stop, ship, point),
+    /// then its Failback job (the primary site's disks brought to that point), each retried as
+    /// any job is.
     fn failing_back(&mut self) {
         if self.retry_failed().is_some() {
             return;
         }
-        let Some(done) = self.state.job.clone().filter(|j| {
-            j.kind == JobKind::Failover && j.params.to_primary && j.state == JobState::Succeeded
-        }) else {
+        let Some(done) = self
+            .state
+            .job
+            .clone()
+            .filter(|j| j.state == JobState::Succeeded)
+        else {
             return;
         };
+        if done.kind == JobKind::Failback && done.params.presync {
+            // The original disks hold the newest point: now stop the recovered VM and ship.
+            self.start_job(
+                JobKind::Failover,
+                JobParams {
+                    presync: false,
+                    to_primary: true,
+                    ..done.params
+                },
+                1,
+            );
+            return;
+        }
+        if !(done.kind == JobKind::Failover && done.params.to_primary) {
+            return;
+        }
         // NB: the point its Failover job chose (the newest for a planned one; an unplanned
         // one may name an older point): nothing has cut a point since, the replica is fenced.
         self.start_job(
@@ -208,13 +229,21 @@ impl Pass<'_> {
                     "the VM has no recovery point yet",
                 );
             } else {
+                // NB: a planned failback first brings the original disks to the newest point
+                // while the recovered VM runs on; it is stopped only for its last changes.
+                let presync = self.state.reverse && ask.kind == FailoverKind::Planned;
                 self.start_request(
-                    JobKind::Failover,
+                    if presync {
+                        JobKind::Failback
+                    } else {
+                        JobKind::Failover
+                    },
                     JobParams {
                         request_token: Some(ask.token),
                         failover: Some(ask.kind),
                         point: Some(ask.point),
-                        to_primary: self.state.reverse,
+                        to_primary: self.state.reverse && !presync,
+                        presync,
                         ..JobParams::default()
                     },
                 );

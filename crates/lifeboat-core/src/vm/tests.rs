@@ -504,7 +504,9 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     w.run_current_job();
     assert_eq!(w.phase(), Phase::Protected);
 
-    // Fail back: stop and ship at the recovery site, then the original disks at the primary.
+    // Fail back: the original disks at the primary brought to the newest point while the
+    // recovered VM runs, then stop and ship at the recovery site, then the last changes onto
+    // the original disks.
     w.spec.requests.failover = Some(FailoverAsk {
         token: "f2".into(),
         kind: FailoverKind::Planned,
@@ -512,7 +514,19 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     });
     let d = w.step();
     let job = d.create_job.expect("present");
+    assert_eq!((job.kind, job.params.presync), (JobKind::Failback, true));
+    assert_eq!(job.node, None, "the primary site's node");
+    assert_eq!(w.phase(), Phase::FailingBack);
+    w.claim();
+    w.step();
+    w.end(Ok(()));
+    let d = w.step();
+    assert_eq!(w.phase(), Phase::FailingBack);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
+    let job = d.create_job.expect("present");
     assert_eq!((job.kind, job.params.to_primary), (JobKind::Failover, true));
+    assert!(!job.params.presync);
+    assert_eq!(job.params.failover, Some(FailoverKind::Planned));
     assert_eq!(job.node.as_deref(), Some("node-b"));
     assert_eq!(w.phase(), Phase::FailingBack);
     w.claim();
@@ -586,6 +600,69 @@ fn an_unplanned_failback_to_a_named_point_restores_that_point() {
         (job.kind, job.params.point),
         (JobKind::Failback, Some(older))
     );
+}
+
+/// A VM protected in reverse (failed over, re-protected from node-b), with a planned
+/// failback asked as `f2`: its first job created.
+fn failback_asked() -> World {
+    let mut w = World::protected();
+    w.spec.recovery_site = Some("node-b".into());
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.run_current_job();
+    w.spec.requests.reprotect = Some("r1".into());
+    w.step();
+    w.run_current_job();
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f2".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w
+}
+
+#[test]
+fn a_failback_whose_original_disks_cannot_be_written_leaves_the_recovered_vm_replicating() {
+    let mut w = failback_asked();
+    w.claim();
+    w.step();
+    w.end(Err(error(ErrorClass::NonRecoverable, "NotReady")));
+    let d = w.step();
+    assert!(d.create_job.is_none(), "{:?}", d.create_job);
+    assert_eq!((w.phase(), w.state.reverse), (Phase::Protected, true));
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f2"));
+    assert_eq!(
+        w.condition("FailedOver"),
+        (crate::ConditionStatus::False, "NotReady".into())
+    );
+}
+
+#[test]
+fn a_failback_first_step_that_failed_is_retried_before_the_recovered_vm_is_stopped() {
+    let mut w = failback_asked();
+    w.claim();
+    w.step();
+    w.end(Err(error(ErrorClass::Recoverable, "StoreUnavailable")));
+    w.step();
+    assert_eq!(w.phase(), Phase::FailingBack);
+    w.advance(Duration::from_secs(3600));
+    let d = w.step();
+    let job = d.create_job.expect("the retry");
+    assert_eq!(
+        (job.kind, job.params.presync, job.attempt),
+        (JobKind::Failback, true, 2)
+    );
+    w.claim();
+    w.step();
+    w.end(Ok(()));
+    let d = w.step();
+    let job = d.create_job.expect("the failover");
+    assert_eq!((job.kind, job.params.to_primary), (JobKind::Failover, true));
 }
 
 #[test]

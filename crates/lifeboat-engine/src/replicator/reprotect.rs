@@ -7,9 +7,12 @@
 //!  protect A→replica ── failover (point P) ──> B runs on P's disks
 //!  re-protect B:   fence, drop the points after P, live replica = P,
 //!                  resync B against P's block map: send the blocks B changed since P
-//!  fail back:      stop B, ship, point Q (fail_over_to_primary), then on A's site
-//!                  restore_onto(A's disks, Q): hash A's disks, write the blocks that differ
-//!                  from Q (B's writes, and whatever an unplanned failover lost at A)
+//!  fail back:      (planned) on A's site while B runs: sync_original_disks, A's disks
+//!                  brought to the newest point S (restore_onto, as below), their seed kept;
+//!                  stop B, ship, point Q (fail_over_to_primary), then on A's site
+//!                  restore_onto(A's disks, Q): from the seed, the blocks changed since S (or
+//!                  without one, hash A's disks), write the blocks that differ from Q (B's
+//!                  writes, and whatever an unplanned failover lost at A)
 //!  re-protect A:   as for B, from Q: A equals Q, so only what A wrote since is sent
 //! ```
 //!
@@ -198,6 +201,74 @@ pub struct SeedMaps {
     pub point: String,
     /// Each disk's block map at the point.
     pub maps: BTreeMap<String, BlockMap>,
+    /// The raw image files a failback's first step brought to the point, as they were when
+    /// it ended ([`FileStamp`]): one that still is has not been written since.
+    pub stamps: BTreeMap<String, FileStamp>,
+}
+
+/// What a raw image file's metadata said when a failback's first step had brought it to a
+/// point and flushed it: a write since changes its change time (and its modification time),
+/// which nothing but a clock set back can forge. Kept for regular files only: a block
+/// device's node says nothing about writes to the device.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileStamp {
+    /// The point the file was brought to.
+    pub point: String,
+    /// Its device and inode: the same file, not one put in its place.
+    pub device: u64,
+    /// See `device`.
+    pub inode: u64,
+    /// Its length.
+    pub len: u64,
+    /// Its modification time, in nanoseconds since the epoch.
+    pub modified_ns: i128,
+    /// Its change time (any write or metadata change), in nanoseconds since the epoch.
+    pub changed_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of the regular file at `path` as it is now, for `point`; None for anything
+    /// else (a block device, a file gone) and off Unix.
+    pub fn of(path: &Path, point: &str) -> Option<Self> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+            let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+            Some(Self {
+                point: point.to_owned(),
+                device: meta.dev(),
+                inode: meta.ino(),
+                len: meta.len(),
+                modified_ns: ns(meta.mtime(), meta.mtime_nsec()),
+                changed_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (path, point);
+            None
+        }
+    }
+}
+
+/// One disk's seed, as [`restore_disk`] uses it: the point the disk equals but for the blocks
+/// written since, its block map there, and (a raw image file) its stamp then.
+#[derive(Clone, Copy, Debug)]
+struct Seed<'a> {
+    point: &'a str,
+    map: &'a BlockMap,
+    stamp: Option<&'a FileStamp>,
+}
+
+impl SeedMaps {
+    fn seed(&self, disk: &str) -> Option<Seed<'_>> {
+        Some(Seed {
+            point: &self.point,
+            map: self.maps.get(disk)?,
+            stamp: self.stamps.get(disk).filter(|s| s.point == self.point),
+        })
+    }
 }
 
 impl Replicator {
@@ -209,6 +280,11 @@ impl Replicator {
     /// hypervisor to record the disks' writes from now on as writes since `point`, and keep
     /// each disk's block map at `point` in the state folder. Best effort: a failback without
     /// them compares the whole disks.
+    /// Where a failback's first step keeps disk `disk`'s seed (`ext`: `map` or `stamp`).
+    fn original_seed_path(&self, disk: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("original-{disk}.{ext}"))
+    }
+
     pub(crate) async fn keep_seed(&self, point: &str) {
         let marked = match self.hypervisor.mark_point(&self.disks, point).await {
             Ok(marked) => marked,
@@ -221,6 +297,14 @@ impl Replicator {
             tracing::info!(vm = %self.vm, point, "the disks keep no record of their writes across a restart (raw images): a failback will compare them in full");
             return;
         }
+        self.keep_point_maps(point, |disk| self.seed_map_path(disk))
+            .await;
+    }
+
+    /// Keep each disk's block map at `point` (the store's, when it describes the point) in
+    /// the state folder, at `path_of(disk)`. Best effort: a disk without one is compared in
+    /// full by the failback.
+    async fn keep_point_maps(&self, point: &str, path_of: impl Fn(&str) -> PathBuf) {
         let Ok(point_info) = choose_point(
             self.store.as_ref(),
             &self.vm,
@@ -243,7 +327,7 @@ impl Replicator {
             let kept = match map {
                 Ok(Some(map)) => self
                     .fs
-                    .write_atomic(&self.seed_map_path(&pd.name), &maps::encode(point, &map))
+                    .write_atomic(&path_of(&pd.name), &maps::encode(point, &map))
                     .map_err(|e| e.to_string()),
                 Ok(None) => Err("the stored block map does not describe the point".to_owned()),
                 Err(e) => Err(e.to_string()),
@@ -258,7 +342,7 @@ impl Replicator {
     fn seed_maps(&self, point: &str) -> SeedMaps {
         let mut seeds = SeedMaps {
             point: point.to_owned(),
-            maps: BTreeMap::new(),
+            ..SeedMaps::default()
         };
         for disk in self.disks.iter().map(|d| &d.name) {
             if let Ok(Some(bytes)) = self.fs.read(&self.seed_map_path(disk))
@@ -269,6 +353,92 @@ impl Replicator {
             }
         }
         seeds
+    }
+
+    /// The seed a failback's first step left (the point the original disks were brought to),
+    /// else the one this engine's planned failover left, if any.
+    fn failback_seeds(&self) -> Option<SeedMaps> {
+        let mut seeds: Option<SeedMaps> = None;
+        for disk in self.disks.iter().map(|d| &d.name) {
+            let Ok(Some(bytes)) = self.fs.read(&self.original_seed_path(disk, "map")) else {
+                continue;
+            };
+            let Some((tag, map)) = maps::decode(&bytes) else {
+                continue;
+            };
+            let seeds = seeds.get_or_insert_with(|| SeedMaps {
+                point: tag.clone(),
+                ..SeedMaps::default()
+            });
+            // NB: the disks of one step share its point; a disk kept for another is not used.
+            if tag != seeds.point {
+                continue;
+            }
+            seeds.maps.insert(disk.clone(), map);
+            if let Ok(Some(bytes)) = self.fs.read(&self.original_seed_path(disk, "stamp"))
+                && let Ok(stamp) = serde_json::from_slice::<FileStamp>(&bytes)
+            {
+                seeds.stamps.insert(disk.clone(), stamp);
+            }
+        }
+        seeds.or_else(|| match &self.state.phase {
+            EnginePhase::FailedOver { point } => Some(self.seed_maps(point)),
+            _ => None,
+        })
+    }
+
+    /// A planned failback's first step, while the recovered VM still runs and replicates:
+    /// bring the original disks `targets` to the newest point with [`restore_onto`] (seeded as
+    /// [`Replicator::fail_back`] is), then keep what they hold as the seed of the failback's
+    /// last step: each disk's block map at that point and, for a raw image file, its
+    /// [`FileStamp`] (a qcow2 image got its seed bitmap for the point). Once the VM is stopped
+    /// and its last changes shipped, `fail_back` writes only the blocks changed since, and
+    /// reads none of the disks: the VM is down for its last changes only, not for everything
+    /// it wrote since the failover (on a raw disk, not for a read of the whole disk either).
+    ///
+    /// Can run again: a seed that no longer holds (the disk written since) is not used.
+    ///
+    /// # Errors
+    ///
+    /// As [`restore_onto`].
+    pub async fn sync_original_disks(
+        &self,
+        targets: &[DiskRef],
+        progress: ProgressSink<'_>,
+    ) -> Result<FailoverReport, EngineError> {
+        let point = choose_point(self.store.as_ref(), &self.vm, &PointChoice::Latest).await?;
+        let seeds = self.failback_seeds();
+        let report = restore_onto(
+            self.store.as_ref(),
+            &self.vm,
+            &point.id,
+            targets,
+            seeds.as_ref(),
+            progress,
+        )
+        .await?;
+        // NB: the stamps first: a map without its stamp makes a raw disk compared in full,
+        // a stamp whose map names another point is not used.
+        for target in targets {
+            let path = self.original_seed_path(&target.name, "stamp");
+            let kept = match FileStamp::of(Path::new(&target.path), &point.id) {
+                Some(stamp) => serde_json::to_vec(&stamp)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        self.fs
+                            .write_atomic(&path, &bytes)
+                            .map_err(|e| e.to_string())
+                    }),
+                None => self.fs.remove(&path).map(|_| ()).map_err(|e| e.to_string()),
+            };
+            if let Err(why) = kept {
+                tracing::warn!(vm = %self.vm, disk = %target.name, why, "the original disk's stamp was not kept: the failback will compare it in full");
+            }
+        }
+        self.keep_point_maps(&point.id, |disk| self.original_seed_path(disk, "map"))
+            .await;
+        tracing::info!(vm = %self.vm, point = %point.id, written = report.bytes_read, "failback: the original disks hold the newest point; the recovered VM can be stopped");
+        Ok(report)
     }
 
     /// Fail back onto `targets`, the VM's original disks at this engine's site: bring them to
@@ -284,10 +454,7 @@ impl Replicator {
         targets: &[DiskRef],
         progress: ProgressSink<'_>,
     ) -> Result<FailoverReport, EngineError> {
-        let seeds = match &self.state.phase {
-            EnginePhase::FailedOver { point } => Some(self.seed_maps(point)),
-            _ => None,
-        };
+        let seeds = self.failback_seeds();
         let report = restore_onto(
             self.store.as_ref(),
             &self.vm,
@@ -299,6 +466,8 @@ impl Replicator {
         .await?;
         for disk in self.disks.iter().map(|d| &d.name) {
             let _ = self.fs.remove(&self.seed_map_path(disk));
+            let _ = self.fs.remove(&self.original_seed_path(disk, "map"));
+            let _ = self.fs.remove(&self.original_seed_path(disk, "stamp"));
         }
         Ok(report)
     }
@@ -308,9 +477,11 @@ impl Replicator {
 /// VM returns to) to `point_id` of `vm`, writing only the blocks that differ (the recovered
 /// VM's writes, and whatever an unplanned failover lost at this site):
 ///
-/// - a qcow2 disk with the seed of a planned failover (its seed bitmap, intact, and the block
-///   map `seeds` holds for it) is not read at all: the blocks its bitmap marks and the blocks
-///   whose hashes differ between the seed's point and `point_id` are written;
+/// - a disk with a seed (`seeds`: the block map at the point a planned failover, or a
+///   failback's first step, left it at) that still holds (a qcow2 image's seed bitmap,
+///   intact; a raw image file's [`FileStamp`], unchanged) is not read at all: the blocks its
+///   bitmap marks and the blocks whose hashes differ between the seed's point and `point_id`
+///   are written;
 /// - any other disk is hashed block by block and compared with the point's block map.
 ///
 /// A disk whose image is gone is created and filled: the one case that copies a whole disk.
@@ -353,7 +524,7 @@ pub async fn restore_onto(
                         pd.name
                     ),
                 })?;
-        let seed = seeds.and_then(|s| s.maps.get(&pd.name).map(|m| (s.point.as_str(), m)));
+        let seed = seeds.and_then(|s| s.seed(&pd.name));
         let (read, compared) = restore_disk(store, vm, &point, pd, target, seed, progress).await?;
         report.bytes_read += read;
         report.compared_bytes += compared;
@@ -551,10 +722,15 @@ async fn restore_disk(
     point: &lifeboat_store::RecoveryPoint,
     pd: &lifeboat_store::PointDisk,
     target: &DiskRef,
-    seed: Option<(&str, &BlockMap)>,
+    seed: Option<Seed<'_>>,
     progress: ProgressSink<'_>,
 ) -> Result<(u64, u64), EngineError> {
     let path = Path::new(&target.path);
+    // NB: before the image is opened (a short raw file grows): a raw file's stamp holds
+    // only while nothing has written it since the failback's first step.
+    let untouched = seed
+        .and_then(|s| s.stamp)
+        .is_some_and(|stamp| FileStamp::of(path, &stamp.point).as_ref() == Some(stamp));
     let map_error = |source| EngineError::BlockMap {
         disk: pd.name.clone(),
         source,
@@ -562,7 +738,7 @@ async fn restore_disk(
     let block_size = pd.digest.block_size_bytes;
     let block = u64::from(block_size);
     let size = pd.size_bytes;
-    let (image, qcow2) = open_original(path, &pd.name, size, seed.map(|(p, _)| p)).await?;
+    let (image, qcow2) = open_original(path, &pd.name, size, seed.map(|s| s.point)).await?;
     let started = Instant::now();
     // What the point holds: its stored map when it describes this point, else the point read
     // from the store.
@@ -590,11 +766,18 @@ async fn restore_disk(
             throughput_bytes_per_second: throughput(read, started),
         });
     };
-    let dirty = image.dirty_ranges(size).await?;
+    let dirty = match image.dirty_ranges(size).await? {
+        Some(dirty) => Some(dirty),
+        None if !qcow2 && untouched => Some(Vec::new()),
+        None => None,
+    };
     let seeded = match (dirty, seed) {
-        (Some(dirty), Some((from, map)))
-            if map.image_size_bytes() == size && map.block_size_bytes() == block_size =>
-        {
+        (
+            Some(dirty),
+            Some(Seed {
+                point: from, map, ..
+            }),
+        ) if map.image_size_bytes() == size && map.block_size_bytes() == block_size => {
             Some((from, map, dirty))
         }
         _ => None,
@@ -612,7 +795,7 @@ async fn restore_disk(
                 .map(|r| r.offset_bytes..r.end_bytes())
                 .collect();
             ranges.extend(maps::align(&dirty, block, size));
-            tracing::info!(vm = %vm, disk = %pd.name, from, "failback: the disk's seed bitmap holds; writing only the blocks either side changed");
+            tracing::info!(vm = %vm, disk = %pd.name, from, "failback: the disk's seed holds (its bitmap, or a raw file's stamp); writing only the blocks either side changed");
             let writes = union(ranges).into_iter().map(|r| (r, false)).collect();
             (map.clone(), writes)
         }
