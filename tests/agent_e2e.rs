@@ -685,8 +685,8 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         &qsd_b.read_disk("os"),
     );
 
-    // Fail back: node-1 brings A's disk to the newest point while B runs; node-2 stops B and
-    // ships; node-1 brings A's disk to that point.
+    // Fail back: node-2 cuts a fresh point of B and node-1 brings A's disk to it while B
+    // runs; node-2 stops B and ships; node-1 brings A's disk to that point.
     qsd_b.guest_write("os", 6 << 20, 512 << 10, 0x6b);
     let b_final = qsd_b.read_disk("os");
     ask(
@@ -726,8 +726,15 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
             .map(|j| j.spec.node_name.as_str())
     };
     use lifeboat_api::job::JobType;
+    assert_eq!(
+        ran_on(JobType::Failover, |p| p.to_primary && p.presync),
+        Some("node-2")
+    );
     assert_eq!(ran_on(JobType::Failback, |p| p.presync), Some("node-1"));
-    assert_eq!(ran_on(JobType::Failover, |p| p.to_primary), Some("node-2"));
+    assert_eq!(
+        ran_on(JobType::Failover, |p| p.to_primary && !p.presync),
+        Some("node-2")
+    );
     assert_eq!(ran_on(JobType::Failback, |p| !p.presync), Some("node-1"));
     assert!(
         config_maps.get_opt("web-dr").await.unwrap().is_none(),

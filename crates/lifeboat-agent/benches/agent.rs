@@ -2113,7 +2113,7 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
     );
     println!(
         "| run | full copy s (MB) | planned failover s | re-protect B s (MB sent / changed) | \
-         failback s: first step (B runs) + ship + last step (MB written / changed; MB read of A by each step) | re-protect A s (MB sent / changed) |"
+         failback s: while B runs (fresh point + A's disk) + **B down (stop, ship + A's disk)** (MB written on A / changed; MB read of A by each step) | re-protect A s (MB sent / changed) |"
     );
     println!("|---|---|---|---|---|---|");
     let mut rng = SplitMix(23);
@@ -2180,14 +2180,14 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         let full = started.elapsed().as_secs_f64();
         a.run_cycle(SystemTime::now()).await.unwrap();
         let mut pattern = (run_no as u8).wrapping_mul(40);
-        let mut rewrite = |socket: &Path| -> Vec<u64> {
+        let mut rewrite = |socket: &Path, count: u64| -> Vec<u64> {
             pattern = pattern % 250 + 1;
-            let offsets = changed_blocks(&mut rng, blocks, changed, false);
+            let offsets = changed_blocks(&mut rng, blocks, count, false);
             guest_writes(socket, offsets.clone(), pattern, None, 1);
             offsets
         };
         // 1 % on A, then a planned failover (A stopped, shipped, materialised).
-        rewrite(qsd_a.nbd.as_ref().unwrap());
+        rewrite(qsd_a.nbd.as_ref().unwrap(), changed);
         let (failover_s, failover) = timed_job(
             config,
             &mut a,
@@ -2206,7 +2206,7 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         std::fs::rename(&report.disks[0].path, &b_disk).unwrap();
         // B runs on the failover's disk; 1 % on B; re-protect B.
         let qsd_b = Qsd::start(&b_dir, &b_disk, true);
-        let b_first = rewrite(qsd_b.nbd.as_ref().unwrap());
+        let b_first = rewrite(qsd_b.nbd.as_ref().unwrap(), changed);
         let site_b = Site {
             qsd: &qsd_b,
             disk: &b_disk,
@@ -2222,27 +2222,38 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
             &dirs,
         )
         .await;
-        // 1 % more on B; fail back: A's disk brought to the newest point while B runs, B
-        // stopped and shipped, then A's disk brought to the final point.
-        let b_second = rewrite(qsd_b.nbd.as_ref().unwrap());
+        // 1 % more on B; fail back: while B runs, a cycle of B (a fresh point) and A's disk
+        // brought to that point; B writes 0.1 % more meanwhile; then B stopped and shipped,
+        // and A's disk brought to the final point.
+        let b_second = rewrite(qsd_b.nbd.as_ref().unwrap(), changed);
         let originals = lifeboat_engine::JobDirs {
             original_disks: qsd_b.disks(&a_disk),
             ..dirs.clone()
         };
-        let (presync_s, presynced) = timed_job(
+        let early = JobParams {
+            failover: Some(FailoverKind::Planned),
+            point: Some(Choice::Latest),
+            presync: true,
+            ..JobParams::default()
+        };
+        let (fresh_s, fresh) = timed_job(
             config,
-            &mut a,
-            JobKind::Failback,
+            &mut b,
+            JobKind::Failover,
             JobParams {
-                failover: Some(FailoverKind::Planned),
-                point: Some(Choice::Latest),
-                presync: true,
-                ..JobParams::default()
+                to_primary: true,
+                ..early.clone()
             },
-            &originals,
+            &dirs,
         )
         .await;
+        let (presync_s, presynced) =
+            timed_job(config, &mut a, JobKind::Failback, early, &originals).await;
         let presynced = presynced.failover.unwrap();
+        let b_during = rewrite(
+            qsd_b.nbd.as_ref().unwrap(),
+            (changed / 10).div_ceil(16) * 16,
+        );
         let (ship_s, shipped) = timed_job(
             config,
             &mut b,
@@ -2268,14 +2279,21 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
             &originals,
         )
         .await;
-        // NB: the first step moves B's first 1 %, the last one its second (a block in both
-        // changed twice: it is written twice).
+        // NB: the first steps move B's 2 % (the fresh point holds both), the last ones what B
+        // wrote meanwhile (a block written in both is written twice).
         let restored = restored.failover.unwrap();
+        let b_changed: std::collections::BTreeSet<u64> =
+            b_first.iter().chain(&b_second).copied().collect();
         let failback = Hop {
-            seconds: presync_s + ship_s + restore_s,
+            seconds: fresh_s + presync_s + ship_s + restore_s,
             bytes: presynced.bytes_read + restored.bytes_read,
-            changed: (b_first.len() + b_second.len()) as u64 * BLOCK,
+            changed: (b_changed.len() + b_during.len()) as u64 * BLOCK,
         };
+        assert_eq!(
+            fresh.report.bytes_sent,
+            b_second.len() as u64 * BLOCK,
+            "the fresh point's cycle sent other bytes than B's second 1 %"
+        );
         let down = (ship_s + restore_s) / full;
         qsd_b.stop();
         if config.verify {
@@ -2291,7 +2309,7 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         }
         // A runs again on its own disk; 1 % on A; re-protect A.
         let qsd_a = Qsd::start(&a_dir, &a_disk, true);
-        let a_changes = rewrite(qsd_a.nbd.as_ref().unwrap());
+        let a_changes = rewrite(qsd_a.nbd.as_ref().unwrap(), changed);
         drop(a);
         let site_a = Site {
             qsd: &qsd_a,
@@ -2319,7 +2337,7 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
             );
         }
         println!(
-            "| {run_no} | {full:.2} ({}) | {failover_s:.2} | {:.2} ({} / {}) | {presync_s:.2} + {ship_s:.2} + {restore_s:.2} ({} / {}; {} + {}) | {:.2} ({} / {}) |",
+            "| {run_no} | {full:.2} ({}) | {failover_s:.2} | {:.2} ({} / {}) | {fresh_s:.2} + {presync_s:.2} + **{ship_s:.2} + {restore_s:.2}** ({} / {}; {} + {}) | {:.2} ({} / {}) |",
             mb(copy.bytes_sent),
             reprotect_b.seconds,
             mb(reprotect_b.bytes),

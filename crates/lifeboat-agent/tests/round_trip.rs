@@ -302,36 +302,55 @@ async fn planned_round_trip(a_written_after_first_step: bool) {
     assert!(cycle.point.is_some());
     b.qsd.guest_writes("root", &scattered(100, 2, 1, 0x23));
 
-    // Fail back, first step: A's original disks brought to the newest point while B runs on
-    // and holds the store (A's agent reads it: a read-only handle of the folder).
-    let reader: Arc<dyn ReplicaStore> =
-        Arc::new(LocalStore::open_read_only(tmp.path().join("store")).unwrap());
-    let mut a = open_site(&a_dir, qsd, reader, "node a").await;
-    let a_originals = original_disks(&a);
-    let presync = JobParams {
+    // Fail back, first steps, while B runs on: a cycle of B cuts a fresh point (B's Failover
+    // job with `presync`), then A's original disks are brought to it (A's agent reads the
+    // store B holds: a read-only handle of the folder).
+    let early = JobParams {
         failover: Some(FailoverKind::Planned),
         point: Some(CorePoint::Latest),
         presync: true,
         ..JobParams::default()
     };
+    let fresh = job(
+        &mut b.engine,
+        JobKind::Failover,
+        JobParams {
+            to_primary: true,
+            ..early.clone()
+        },
+        &dirs,
+    )
+    .await
+    .unwrap();
+    let fresh = fresh.point.unwrap().id;
+    let reader: Arc<dyn ReplicaStore> =
+        Arc::new(LocalStore::open_read_only(tmp.path().join("store")).unwrap());
+    let mut a = open_site(&a_dir, qsd, reader, "node a").await;
+    let a_originals = original_disks(&a);
     let a_dirs = JobDirs {
         original_disks: a_originals.clone(),
         ..dirs.clone()
     };
-    let first = job(&mut a.engine, JobKind::Failback, presync, &a_dirs)
+    let first = job(&mut a.engine, JobKind::Failback, early, &a_dirs)
         .await
         .unwrap();
     let shipped_before: Vec<Write> = b_writes
         .iter()
         .copied()
         .chain(scattered(70, 3, 5, 0x22))
+        .chain(scattered(100, 2, 1, 0x23))
         .collect();
     assert_eq!(
         first.failover.as_ref().unwrap().bytes_read,
         block_bytes(&shipped_before),
-        "the first step writes the blocks B changed up to the newest point"
+        "the first step writes the blocks B changed up to the fresh point"
     );
-    assert_eq!(first.point.as_ref().unwrap().id, cycle.point.unwrap().id);
+    assert_eq!(first.point.as_ref().unwrap().id, fresh);
+    assert_eq!(
+        first.failover.as_ref().unwrap().compared_bytes,
+        0,
+        "A's raw images are unchanged since the planned failover stopped A (their stamps): not read"
+    );
     // NB: the probe writes 4 KiB at offset 0 of B's root: one of B's last changes.
     assert!(guest_can_write(&b.qsd, "root"), "B runs on");
     let Site { qsd, engine, .. } = a;
@@ -369,10 +388,9 @@ async fn planned_round_trip(a_written_after_first_step: bool) {
     let a_images: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
     let restored = fail_back_to(&mut a.engine, &q, a_originals, &dirs).await;
     let restored = restored.failover.as_ref().unwrap();
-    let last_b_writes: Vec<Write> = scattered(100, 2, 1, 0x23)
+    let last_b_writes: Vec<Write> = scattered(110, 2, 4, 0x24)
         .into_iter()
         .chain([(0, 4096, 0x77)])
-        .chain(scattered(110, 2, 4, 0x24))
         .chain(stray)
         .collect();
     assert_eq!(

@@ -154,9 +154,11 @@ pub struct JobParameters {
     /// writes the original disks).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub to_primary: bool,
-    /// Failback: a planned failback's first step, run while the recovered VM still runs:
-    /// bring the original disks to the newest point, so that once the VM is stopped only its
-    /// last changes are written. `failoverType` and `recoveryPoint` carry the request's.
+    /// A planned failback's first steps, run while the recovered VM still runs: a Failover
+    /// job (with `toPrimary`) ships its changes and cuts a fresh point without stopping it; a
+    /// Failback job brings the original disks to the newest point. Once the VM is stopped,
+    /// only its last changes are shipped and written. `failoverType` and `recoveryPoint`
+    /// carry the request's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub presync: bool,
 }

@@ -313,10 +313,11 @@ pub struct JobParams {
     /// Failover: a failback's first half (ship and cut the point, write no disks: the
     /// Failback job writes them at the primary site).
     pub to_primary: bool,
-    /// Failback: a planned failback's first step, while the recovered VM still runs: bring
-    /// the original disks to the newest point, so that once the VM is stopped only its last
-    /// changes are written ("synchronize data before failover"). `failover` and `point` carry
-    /// the request's, for the Failover job that follows.
+    /// A planned failback's first steps, while the recovered VM still runs ("synchronize
+    /// data before failover"): a Failover job (with `to_primary`) ships the running VM's
+    /// changes and cuts a fresh point; a Failback job brings the original disks to the
+    /// newest point. Once the VM is stopped, only its last changes are shipped and written.
+    /// `failover` and `point` carry the request's, for the jobs that follow.
     pub presync: bool,
 }
 

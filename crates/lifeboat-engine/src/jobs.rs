@@ -11,8 +11,9 @@
 //! | CleanupTestFailover | [`Replicator::remove_materialised`] of the `test` disks |
 //! | Failover | [`Replicator::failover`] (planned ships what is pending first) |
 //! | Commit | [`Replicator::commit`] |
+//! | Failover, a planned failback's first step | [`Replicator::ship_before_stop`] (a cycle of the running VM) |
 //! | Failover, a failback's first half | [`Replicator::fail_over_to_primary`] (no disks written) |
-//! | Failback, a planned failback's first step | [`Replicator::sync_original_disks`] (the recovered VM runs on) |
+//! | Failback, a planned failback's second step | [`Replicator::sync_original_disks`] (the recovered VM runs on) |
 //! | Failback | [`Replicator::fail_back`] the original disks ([`JobDirs::original_disks`]) |
 //! | Reprotect | [`Replicator::reprotect`] from the point the job names |
 //! | DisableProtection | [`Replicator::disable`] |
@@ -274,6 +275,10 @@ pub async fn run_job(
         JobKind::CleanupTestFailover => {
             let disks: Vec<String> = engine.disk_names();
             engine.remove_materialised(&dirs.failover_dir, "test", &disks)?;
+        }
+        JobKind::Failover if params.to_primary && params.presync => {
+            result.report = engine.ship_before_stop(now).await?;
+            result.point = result.report.point.clone();
         }
         JobKind::Failover if params.to_primary => {
             let planned = params.failover == Some(FailoverKind::Planned);

@@ -2,7 +2,7 @@
 //! daemon and the tools) on two real qemu-storage-daemon VMs and the local folder store.
 //! Protect A, planned failover (A stopped first: every write made before it is in the failed-over
 //! disk), run the recovered VM B on that disk, `lifeboat reprotect` (B replicates in reverse),
-//! `lifeboat failback` (A's original disk brought to the newest point while B runs, then B
+//! `lifeboat failback` (A's original disk brought to a fresh point while B runs, then B
 //! stopped and A's disk brought to B's last point), `lifeboat
 //! reprotect` again (A replicates forward). The failover brings the recovered VM's definition
 //! up beside its disk (`spec.recoveredVm`); the failback takes it down once B is stopped. The
@@ -230,8 +230,8 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
         field(&s, "/status/failover/disks/0/location"),
         a_dir.join("root.img").display().to_string()
     );
-    // The failback ran as three jobs: A's disk brought to the newest point while B ran, then
-    // B stopped and shipped, then A's disk brought to B's last point.
+    // The failback ran as four jobs: a fresh point of B and A's disk brought to it while B
+    // ran, then B stopped and shipped, then A's disk brought to B's last point.
     let jobs: Value = serde_json::from_str(&lifeboat(work, &["jobs", "web-01", "--json"])).unwrap();
     let succeeded = |kind: &str, flag: &str| {
         jobs.as_array().unwrap().iter().any(|j| {
@@ -240,6 +240,7 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
                 && field(j, "/status/phase") == "Succeeded"
         })
     };
+    assert!(succeeded("Failover", "presync"), "{jobs:#}");
     assert!(succeeded("Failback", "presync"), "{jobs:#}");
     assert!(succeeded("Failover", "toPrimary"), "{jobs:#}");
     let mut qsd_b = qsd_b;

@@ -165,6 +165,9 @@ impl Pass<'_> {
                     "the test failover's disks were removed",
                 ));
             }
+            // NB: a planned failback's first steps, while the recovered VM runs: the next
+            // job follows in the next pass.
+            JobKind::Failover | JobKind::Failback if params.presync => {}
             // NB: a failback's first half: its point is in status from this pass on, and the
             // Failback job that writes the original disks with it follows in the next.
             JobKind::Failover if to_primary => self.results = ResultChange::FailbackFromJob,
@@ -182,8 +185,6 @@ impl Pass<'_> {
                 self.state.last_resync = Some(ended.unwrap_or(self.now));
                 handled.reprotect = token;
             }
-            // NB: a planned failback's first step: its Failover job follows in the next pass.
-            JobKind::Failback if params.presync => {}
             JobKind::Failback => {
                 self.state.phase = Phase::FailedBack;
                 self.results = ResultChange::FailbackFromJob;

@@ -137,10 +137,11 @@ impl Pass<'_> {
         );
     }
 
-    /// A failback: a planned one's first Failback job (the primary site's disks brought to
-    /// the newest point while the recovered VM runs), its Failover job (stop, ship, point),
-    /// then its Failback job (the primary site's disks brought to that point), each retried as
-    /// any job is.
+    /// A failback: a planned one's first Failover job (a cycle of the running recovered VM: a
+    /// fresh point) and first Failback job (the primary site's disks brought to that point,
+    /// the recovered VM still running), then its Failover job (stop, ship, point), then its
+    /// Failback job (the primary site's disks brought to that point), each retried as any job
+    /// is.
     fn failing_back(&mut self) {
         if self.retry_failed().is_some() {
             return;
@@ -153,21 +154,34 @@ impl Pass<'_> {
         else {
             return;
         };
-        if done.kind == JobKind::Failback && done.params.presync {
-            // The original disks hold the newest point: now stop the recovered VM and ship.
-            self.start_job(
-                JobKind::Failover,
-                JobParams {
-                    presync: false,
-                    to_primary: true,
-                    ..done.params
-                },
-                1,
-            );
-            return;
-        }
-        if !(done.kind == JobKind::Failover && done.params.to_primary) {
-            return;
+        match (done.kind, done.params.presync) {
+            // The running VM's changes are in a fresh point: bring the original disks to it.
+            (JobKind::Failover, true) => {
+                self.start_job(
+                    JobKind::Failback,
+                    JobParams {
+                        to_primary: false,
+                        ..done.params
+                    },
+                    1,
+                );
+                return;
+            }
+            // The original disks hold that point: now stop the recovered VM and ship the rest.
+            (JobKind::Failback, true) => {
+                self.start_job(
+                    JobKind::Failover,
+                    JobParams {
+                        presync: false,
+                        to_primary: true,
+                        ..done.params
+                    },
+                    1,
+                );
+                return;
+            }
+            (JobKind::Failover, false) if done.params.to_primary => {}
+            _ => return,
         }
         // NB: the point its Failover job chose (the newest for a planned one; an unplanned
         // one may name an older point): nothing has cut a point since, the replica is fenced.
@@ -229,21 +243,16 @@ impl Pass<'_> {
                     "the VM has no recovery point yet",
                 );
             } else {
-                // NB: a planned failback first brings the original disks to the newest point
-                // while the recovered VM runs on; it is stopped only for its last changes.
-                let presync = self.state.reverse && ask.kind == FailoverKind::Planned;
+                // NB: a planned failback first ships and brings the original disks to a fresh
+                // point while the recovered VM runs on; it is stopped only for its last changes.
                 self.start_request(
-                    if presync {
-                        JobKind::Failback
-                    } else {
-                        JobKind::Failover
-                    },
+                    JobKind::Failover,
                     JobParams {
                         request_token: Some(ask.token),
                         failover: Some(ask.kind),
                         point: Some(ask.point),
-                        to_primary: self.state.reverse && !presync,
-                        presync,
+                        to_primary: self.state.reverse,
+                        presync: self.state.reverse && ask.kind == FailoverKind::Planned,
                         ..JobParams::default()
                     },
                 );

@@ -504,9 +504,9 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     w.run_current_job();
     assert_eq!(w.phase(), Phase::Protected);
 
-    // Fail back: the original disks at the primary brought to the newest point while the
-    // recovered VM runs, then stop and ship at the recovery site, then the last changes onto
-    // the original disks.
+    // Fail back: a fresh point of the running recovered VM, the original disks at the primary
+    // brought to it while the VM runs, then stop and ship at the recovery site, then the last
+    // changes onto the original disks.
     w.spec.requests.failover = Some(FailoverAsk {
         token: "f2".into(),
         kind: FailoverKind::Planned,
@@ -514,7 +514,24 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     });
     let d = w.step();
     let job = d.create_job.expect("present");
-    assert_eq!((job.kind, job.params.presync), (JobKind::Failback, true));
+    assert_eq!(
+        (job.kind, job.params.to_primary, job.params.presync),
+        (JobKind::Failover, true, true)
+    );
+    assert_eq!(job.node.as_deref(), Some("node-b"));
+    assert_eq!(w.phase(), Phase::FailingBack);
+    w.claim();
+    w.step();
+    w.end(Ok(()));
+    let d = w.step();
+    assert_eq!(w.phase(), Phase::FailingBack);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
+    assert_eq!(d.results, ResultChange::Keep, "no failback result yet");
+    let job = d.create_job.expect("present");
+    assert_eq!(
+        (job.kind, job.params.to_primary, job.params.presync),
+        (JobKind::Failback, false, true)
+    );
     assert_eq!(job.node, None, "the primary site's node");
     assert_eq!(w.phase(), Phase::FailingBack);
     w.claim();
@@ -623,6 +640,13 @@ fn failback_asked() -> World {
         point: PointChoice::Latest,
     });
     w.step();
+    // The fresh point of the running recovered VM; then the original disks' first step.
+    w.claim();
+    w.step();
+    w.end(Ok(()));
+    let d = w.step();
+    let job = d.create_job.expect("the failback's first step");
+    assert_eq!((job.kind, job.params.presync), (JobKind::Failback, true));
     w
 }
 

@@ -12,7 +12,7 @@ use lifeboat_store::{At, RecoveryPoint, ReplicaStore, VmKey};
 
 use super::image::{self, DiskFormat, Image, StoreSource, write_from_store};
 use super::maps;
-use super::{Progress, ProgressSink, Replicator, throughput};
+use super::{Progress, ProgressSink, Replicator, Report, throughput};
 use crate::backend::{Stopped, seed_bitmap_name};
 use crate::error::EngineError;
 use crate::state::EnginePhase;
@@ -419,6 +419,34 @@ impl Replicator {
             source_stopped: stopped.map(|s| s.to_string()),
             compared_bytes: 0,
         })
+    }
+
+    /// A planned failback's first step at the site it leaves: a cycle of the running VM,
+    /// nothing stopped or fenced, so that the original disks are brought to a fresh point
+    /// while the VM runs on, and the stop that follows ships only what it writes meanwhile.
+    /// The cycle's report; its point is the one it cut (the latest, if it cut none).
+    ///
+    /// # Errors
+    ///
+    /// A VM that needs a resync (a planned failback of it would be refused at its stop), and
+    /// the cycle's failures.
+    pub async fn ship_before_stop(&mut self, now: SystemTime) -> Result<Report, EngineError> {
+        let vm = self.vm.clone();
+        let needs_resync = |reason: &str| EngineError::NotReady {
+            what: format!("a planned failback of VM {vm} needs a resync first: {reason}"),
+        };
+        if let EnginePhase::ResyncRequired { reason } = &self.state.phase {
+            return Err(needs_resync(reason));
+        }
+        let mut report = self.run_cycle(now).await?;
+        if let Some(reason) = &report.resync_required {
+            return Err(needs_resync(reason));
+        }
+        if report.point.is_none() {
+            report.point =
+                Some(choose_point(self.store.as_ref(), &self.vm, &PointChoice::Latest).await?);
+        }
+        Ok(report)
     }
 
     /// Stop the source and ship what it wrote (planned), choose the point, and take the

@@ -276,29 +276,71 @@ impl Replicator {
         self.dir.join(format!("seed-{disk}.map"))
     }
 
-    /// After a planned failover to `point` (the source stopped, equal to the point): ask the
-    /// hypervisor to record the disks' writes from now on as writes since `point`, and keep
-    /// each disk's block map at `point` in the state folder. Best effort: a failback without
-    /// them compares the whole disks.
     /// Where a failback's first step keeps disk `disk`'s seed (`ext`: `map` or `stamp`).
     fn original_seed_path(&self, disk: &str, ext: &str) -> PathBuf {
         self.dir.join(format!("original-{disk}.{ext}"))
     }
 
+    /// Where a planned failover keeps disk `disk`'s stamp.
+    fn seed_stamp_path(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("seed-{disk}.stamp"))
+    }
+
+    /// After a planned failover to `point` (the source stopped, equal to the point): ask the
+    /// hypervisor to record the disks' writes from now on as writes since `point`, keep each
+    /// raw image file's [`FileStamp`] (a raw image cannot record its writes: an unchanged file
+    /// has none), and keep each disk's block map at `point` in the state folder. Best effort:
+    /// a failback without them compares the whole disks.
     pub(crate) async fn keep_seed(&self, point: &str) {
         let marked = match self.hypervisor.mark_point(&self.disks, point).await {
             Ok(marked) => marked,
             Err(e) => {
-                tracing::warn!(vm = %self.vm, point, error = %e, "the stopped disks cannot record their writes since the failover: a failback will compare them in full");
-                return;
+                tracing::warn!(vm = %self.vm, point, error = %e, "the stopped disks cannot record their writes since the failover");
+                false
             }
         };
-        if !marked {
-            tracing::info!(vm = %self.vm, point, "the disks keep no record of their writes across a restart (raw images): a failback will compare them in full");
+        let stamped = self.keep_stamps(&self.disks, point, |disk| self.seed_stamp_path(disk));
+        if !marked && stamped == 0 {
+            tracing::info!(vm = %self.vm, point, "the disks keep no record of their writes across a restart, and are not files: a failback will compare them in full");
             return;
         }
         self.keep_point_maps(point, |disk| self.seed_map_path(disk))
             .await;
+    }
+
+    /// Keep the [`FileStamp`] for `point` of each of `disks` that is a regular file at
+    /// `path_of(disk)` (and remove an older one of the others); how many were kept.
+    fn keep_stamps(
+        &self,
+        disks: &[DiskRef],
+        point: &str,
+        path_of: impl Fn(&str) -> PathBuf,
+    ) -> usize {
+        let mut kept = 0;
+        for disk in disks {
+            let path = path_of(&disk.name);
+            let done = match FileStamp::of(Path::new(&disk.path), point) {
+                Some(stamp) => serde_json::to_vec(&stamp)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        self.fs
+                            .write_atomic(&path, &bytes)
+                            .map_err(|e| e.to_string())
+                    })
+                    .map(|()| kept += 1),
+                None => self.fs.remove(&path).map(drop).map_err(|e| e.to_string()),
+            };
+            if let Err(why) = done {
+                tracing::warn!(vm = %self.vm, disk = %disk.name, why, "the disk's stamp was not kept: a failback will compare it in full");
+            }
+        }
+        kept
+    }
+
+    /// The stamp kept at `path`, if there is a readable one.
+    fn read_stamp(&self, path: &Path) -> Option<FileStamp> {
+        let bytes = self.fs.read(path).ok()??;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Keep each disk's block map at `point` (the store's, when it describes the point) in
@@ -350,6 +392,9 @@ impl Replicator {
                 && tag == point
             {
                 seeds.maps.insert(disk.clone(), map);
+                if let Some(stamp) = self.read_stamp(&self.seed_stamp_path(disk)) {
+                    seeds.stamps.insert(disk.clone(), stamp);
+                }
             }
         }
         seeds
@@ -375,9 +420,7 @@ impl Replicator {
                 continue;
             }
             seeds.maps.insert(disk.clone(), map);
-            if let Ok(Some(bytes)) = self.fs.read(&self.original_seed_path(disk, "stamp"))
-                && let Ok(stamp) = serde_json::from_slice::<FileStamp>(&bytes)
-            {
+            if let Some(stamp) = self.read_stamp(&self.original_seed_path(disk, "stamp")) {
                 seeds.stamps.insert(disk.clone(), stamp);
             }
         }
@@ -419,22 +462,9 @@ impl Replicator {
         .await?;
         // NB: the stamps first: a map without its stamp makes a raw disk compared in full,
         // a stamp whose map names another point is not used.
-        for target in targets {
-            let path = self.original_seed_path(&target.name, "stamp");
-            let kept = match FileStamp::of(Path::new(&target.path), &point.id) {
-                Some(stamp) => serde_json::to_vec(&stamp)
-                    .map_err(|e| e.to_string())
-                    .and_then(|bytes| {
-                        self.fs
-                            .write_atomic(&path, &bytes)
-                            .map_err(|e| e.to_string())
-                    }),
-                None => self.fs.remove(&path).map(|_| ()).map_err(|e| e.to_string()),
-            };
-            if let Err(why) = kept {
-                tracing::warn!(vm = %self.vm, disk = %target.name, why, "the original disk's stamp was not kept: the failback will compare it in full");
-            }
-        }
+        self.keep_stamps(targets, &point.id, |disk| {
+            self.original_seed_path(disk, "stamp")
+        });
         self.keep_point_maps(&point.id, |disk| self.original_seed_path(disk, "map"))
             .await;
         tracing::info!(vm = %self.vm, point = %point.id, written = report.bytes_read, "failback: the original disks hold the newest point; the recovered VM can be stopped");
@@ -466,6 +496,7 @@ impl Replicator {
         .await?;
         for disk in self.disks.iter().map(|d| &d.name) {
             let _ = self.fs.remove(&self.seed_map_path(disk));
+            let _ = self.fs.remove(&self.seed_stamp_path(disk));
             let _ = self.fs.remove(&self.original_seed_path(disk, "map"));
             let _ = self.fs.remove(&self.original_seed_path(disk, "stamp"));
         }
