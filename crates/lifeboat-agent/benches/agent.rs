@@ -128,10 +128,10 @@
 //! its initial copy timed (the full copy of the disk the hops are measured against); 1 % of
 //! the 64 KiB blocks rewritten on A, a planned failover (A stopped, shipped, materialised);
 //! site B (QSD on the failover's disk), 1 % rewritten, re-protect B timed; 1 % more on B, the
-//! failback timed in its three jobs (the first Failback job that brings A's disk to the newest
-//! point while B runs, the Failover job that stops and ships B, then the Failback job that
-//! brings A's disk to the final point: B is down for the last two); A again, 1 % rewritten,
-//! re-protect A timed. Every hop runs the job
+//! failback timed in its four jobs (while B runs: the Failover job that cuts a fresh point of
+//! it and the Failback job that brings A's disk to that point; 0.1 % more on B meanwhile; then
+//! the Failover job that stops and ships B and the Failback job that brings A's disk to the
+//! final point: B is down for those two); A again, 1 % rewritten, re-protect A timed. Every hop runs the job
 //! the agent runs (`lifeboat_engine::run_job`), the page cache dropped first, and asserts that
 //! the bytes it moved equal the blocks that changed since its seed.
 
