@@ -186,7 +186,8 @@ pub async fn run_job_on(
     let now = whole_seconds(SystemTime::now());
     if let Ok(result) = &outcome
         && result.point.is_some()
-        && matches!(kind, JobKind::FinalizeProtection | JobKind::Resynchronize)
+        && (matches!(kind, JobKind::FinalizeProtection | JobKind::Resynchronize)
+            || (kind == JobKind::Failover && params.to_primary && params.presync))
     {
         worker.record_shipped(now, &result.report);
     }

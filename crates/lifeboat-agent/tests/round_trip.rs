@@ -24,8 +24,10 @@ use lifeboat_engine::{EngineError, JobDirs, JobResult, Replicator, run_job};
 use lifeboat_qemu::testing::DiskSpec;
 use lifeboat_store::local::LocalStore;
 use lifeboat_store::{At, ReplicaStore};
+use std::sync::atomic::Ordering;
 use support::Qsd;
 use support::engine::{self, no_progress, settings};
+use support::faults::FaultInjectingStore;
 
 const MIB: u64 = 1024 * 1024;
 const BLOCK: u64 = 64 * 1024;
@@ -304,7 +306,8 @@ async fn planned_round_trip(a_written_after_first_step: bool) {
 
     // Fail back, first steps, while B runs on: a cycle of B cuts a fresh point (B's Failover
     // job with `presync`), then A's original disks are brought to it (A's agent reads the
-    // store B holds: a read-only handle of the folder).
+    // store B holds: a read-only handle of the folder, whose live block maps stop describing
+    // the fresh point once each disk's was read, as if B had cut the next one meanwhile).
     let early = JobParams {
         failover: Some(FailoverKind::Planned),
         point: Some(CorePoint::Latest),
@@ -323,8 +326,10 @@ async fn planned_round_trip(a_written_after_first_step: bool) {
     .await
     .unwrap();
     let fresh = fresh.point.unwrap().id;
-    let reader: Arc<dyn ReplicaStore> =
-        Arc::new(LocalStore::open_read_only(tmp.path().join("store")).unwrap());
+    let reader =
+        FaultInjectingStore::new(LocalStore::open_read_only(tmp.path().join("store")).unwrap());
+    reader.maps_left.store(DISKS.len() as u64, Ordering::SeqCst);
+    let reader: Arc<dyn ReplicaStore> = Arc::new(reader);
     let mut a = open_site(&a_dir, qsd, reader, "node a").await;
     let a_originals = original_disks(&a);
     let a_dirs = JobDirs {

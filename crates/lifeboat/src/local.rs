@@ -219,8 +219,10 @@ pub enum Tool {
     /// only the blocks that differ from the point it started from are sent.
     #[command(after_help = exit::HELP)]
     Reprotect(RequestArgs),
-    /// Fail back a VM that replicates in reverse: stop the recovered VM, ship what it wrote,
-    /// and bring the primary site's original disks to that point (only the blocks that differ).
+    /// Fail back a VM that replicates in reverse: while the recovered VM runs, cut a fresh
+    /// point of it and bring the primary site's original disks to it; then stop it, ship what
+    /// it wrote meanwhile, and bring the original disks to that last point (each time only the
+    /// blocks that differ).
     #[command(after_help = exit::HELP)]
     Failback(RequestArgs),
     /// Retry what failed now, instead of at the next retry time (after fixing the cause of a

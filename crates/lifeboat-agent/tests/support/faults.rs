@@ -19,12 +19,14 @@ use lifeboat_engine::backend::{
 use lifeboat_store::{At, Manifest, NewPoint, RecoveryPoint, ReplicaStore, StoreError, VmKey};
 
 /// A store that fails like an unreachable remote one while `down` is set, or after
-/// `writes_left` more writes.
+/// `writes_left` more writes; after `maps_left` more block maps read, it answers each with one
+/// that describes no point (as the live map does once the writer has cut a newer point).
 #[derive(Debug)]
 pub struct FaultInjectingStore<S> {
     pub inner: S,
     pub down: AtomicBool,
     pub writes_left: AtomicU64,
+    pub maps_left: AtomicU64,
 }
 
 impl<S> FaultInjectingStore<S> {
@@ -33,6 +35,7 @@ impl<S> FaultInjectingStore<S> {
             inner,
             down: AtomicBool::new(false),
             writes_left: AtomicU64::new(u64::MAX),
+            maps_left: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -165,6 +168,13 @@ impl<S: ReplicaStore> ReplicaStore for FaultInjectingStore<S> {
     }
     async fn block_map(&self, vm: &VmKey, disk: &str) -> Result<Option<Bytes>, StoreError> {
         self.check("get map")?;
+        let left = self.maps_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Ok(Some(Bytes::from_static(b"moved on")));
+        }
+        if left != u64::MAX {
+            self.maps_left.store(left - 1, Ordering::SeqCst);
+        }
         self.inner.block_map(vm, disk).await
     }
     async fn delete_vm(&self, vm: &VmKey) -> Result<(), StoreError> {

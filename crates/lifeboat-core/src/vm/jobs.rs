@@ -299,7 +299,7 @@ impl Pass<'_> {
                 Some(at) if at > self.now => RetryGate::At(at),
                 _ => RetryGate::Now,
             },
-            ErrorClass::NonRecoverable if self.spec_changed => RetryGate::Now,
+            ErrorClass::NonRecoverable if self.spec_changed && !answered(record) => RetryGate::Now,
             ErrorClass::NonRecoverable => RetryGate::Never,
         }
     }
@@ -489,4 +489,14 @@ impl Pass<'_> {
             self.start_job(kind, params, 1);
         }
     }
+}
+
+/// Whether a job that failed for good answered its request and left the VM replicating as it
+/// was: a failover, or a failback's steps up to and with the stop (the request is echoed as
+/// failed, the VM still runs). A spec change does not start it again (it would stop a VM
+/// whose user was told it stays up); only a `retry` token does.
+fn answered(record: &JobRecord) -> bool {
+    record.params.request_token.is_some()
+        && (record.kind == JobKind::Failover
+            || (record.kind == JobKind::Failback && record.params.presync))
 }

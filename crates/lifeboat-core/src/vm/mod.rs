@@ -13,7 +13,9 @@
 //!          └──── reprotect ───────────────┴──> Reprotecting ── Reprotect ok ──> Protected (reverse)
 //!                                                                                 │ failover
 //!   Protected (forward) <── Reprotect ok ── Reprotecting <── reprotect ── FailedBack <── FailingBack
-//!                                                     (Failover: stop, ship, point; Failback: disks) ┘
+//!          planned: Failover presync (a cycle, the VM runs), Failback presync (disks, the VM runs), ┘ │
+//!          then Failover (stop, ship, point), Failback (disks); unplanned: the last two only       │
+//!   a presync job or the Failover failed for good ──> Protected (reverse), the request answered ──┘
 //!
 //!  any phase ── protection Disabled or the VM deleted ──> DisablingProtection ──> Disabled
 //! ```

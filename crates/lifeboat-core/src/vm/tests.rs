@@ -667,6 +667,23 @@ fn a_failback_whose_original_disks_cannot_be_written_leaves_the_recovered_vm_rep
 }
 
 #[test]
+fn a_failback_that_failed_for_good_is_not_started_again_by_a_spec_change() {
+    let mut w = failback_asked();
+    w.claim();
+    w.step();
+    w.end(Err(error(ErrorClass::NonRecoverable, "NotReady")));
+    w.step();
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f2"));
+    // Someone edits the spec (asks for a resync): the resync runs, the failback does not.
+    w.spec.generation += 1;
+    w.spec.requests.resync = Some("s1".into());
+    let d = w.step();
+    let job = d.create_job.expect("the resync");
+    assert_eq!(job.kind, JobKind::Resynchronize, "{job:?}");
+    assert_eq!((w.phase(), w.state.reverse), (Phase::Resynchronizing, true));
+}
+
+#[test]
 fn a_failback_first_step_that_failed_is_retried_before_the_recovered_vm_is_stopped() {
     let mut w = failback_asked();
     w.claim();

@@ -201,14 +201,18 @@ pub struct SeedMaps {
     pub point: String,
     /// Each disk's block map at the point.
     pub maps: BTreeMap<String, BlockMap>,
-    /// The raw image files a failback's first step brought to the point, as they were when
-    /// it ended ([`FileStamp`]): one that still is has not been written since.
+    /// The raw image files' stamps when they were left at the point (by a planned failover
+    /// that stopped them, or a failback's first step that wrote them): one whose file still
+    /// matches has not been written since.
     pub stamps: BTreeMap<String, FileStamp>,
 }
 
-/// What a raw image file's metadata said when a failback's first step had brought it to a
-/// point and flushed it: a write since changes its change time (and its modification time),
-/// which nothing but a clock set back can forge. Kept for regular files only: a block
+/// What a raw image file's metadata said when it was left at a point (stopped by a planned
+/// failover, or written and flushed by a failback's first step): a write since changes its
+/// change time (and its modification time). Limits: a clock set back, or a write within the
+/// same timestamp tick as the stamp on a file system or kernel without fine-grained
+/// timestamps (Linux before 6.13 keeps them coarse, a few ms), can go unseen; a file moved
+/// to another device, or a reboot that renumbers it, only costs a full compare. Kept for regular files only: a block
 /// device's node says nothing about writes to the device.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileStamp {
@@ -316,25 +320,32 @@ impl Replicator {
         point: &str,
         path_of: impl Fn(&str) -> PathBuf,
     ) -> usize {
-        let mut kept = 0;
-        for disk in disks {
-            let path = path_of(&disk.name);
-            let done = match FileStamp::of(Path::new(&disk.path), point) {
-                Some(stamp) => serde_json::to_vec(&stamp)
-                    .map_err(|e| e.to_string())
-                    .and_then(|bytes| {
-                        self.fs
-                            .write_atomic(&path, &bytes)
-                            .map_err(|e| e.to_string())
-                    })
-                    .map(|()| kept += 1),
-                None => self.fs.remove(&path).map(drop).map_err(|e| e.to_string()),
-            };
-            if let Err(why) = done {
-                tracing::warn!(vm = %self.vm, disk = %disk.name, why, "the disk's stamp was not kept: a failback will compare it in full");
-            }
+        disks
+            .iter()
+            .filter(|disk| {
+                let stamp = FileStamp::of(Path::new(&disk.path), point);
+                self.store_stamp(&disk.name, &path_of(&disk.name), stamp.as_ref())
+            })
+            .count()
+    }
+
+    /// Write `stamp` of disk `disk` at `path`, or remove the one there when there is none;
+    /// whether one is kept. Best effort: a disk without one is compared in full.
+    fn store_stamp(&self, disk: &str, path: &Path, stamp: Option<&FileStamp>) -> bool {
+        let done = match stamp {
+            Some(stamp) => serde_json::to_vec(stamp)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    self.fs
+                        .write_atomic(path, &bytes)
+                        .map_err(|e| e.to_string())
+                }),
+            None => self.fs.remove(path).map(drop).map_err(|e| e.to_string()),
+        };
+        if let Err(why) = &done {
+            tracing::warn!(vm = %self.vm, disk, why, "the disk's stamp was not kept: a failback will compare it in full");
         }
-        kept
+        done.is_ok() && stamp.is_some()
     }
 
     /// The stamp kept at `path`, if there is a readable one.
@@ -451,7 +462,7 @@ impl Replicator {
     ) -> Result<FailoverReport, EngineError> {
         let point = choose_point(self.store.as_ref(), &self.vm, &PointChoice::Latest).await?;
         let seeds = self.failback_seeds();
-        let report = restore_onto(
+        let (report, restored) = restore_disks(
             self.store.as_ref(),
             &self.vm,
             &point.id,
@@ -461,12 +472,30 @@ impl Replicator {
         )
         .await?;
         // NB: the stamps first: a map without its stamp makes a raw disk compared in full,
-        // a stamp whose map names another point is not used.
-        self.keep_stamps(targets, &point.id, |disk| {
-            self.original_seed_path(disk, "stamp")
-        });
-        self.keep_point_maps(&point.id, |disk| self.original_seed_path(disk, "map"))
-            .await;
+        // a stamp whose map names another point is not used. A file written since its own
+        // flush (its stamp then is not its stamp now) keeps none.
+        for target in targets {
+            let stamp = restored
+                .get(&target.name)
+                .and_then(|disk| disk.stamp.as_ref())
+                .filter(|&then| {
+                    FileStamp::of(Path::new(&target.path), &point.id).as_ref() == Some(then)
+                });
+            self.store_stamp(
+                &target.name,
+                &self.original_seed_path(&target.name, "stamp"),
+                stamp,
+            );
+        }
+        for (disk, restored) in &restored {
+            let path = self.original_seed_path(disk, "map");
+            if let Err(e) = self
+                .fs
+                .write_atomic(&path, &maps::encode(&point.id, &restored.map))
+            {
+                tracing::warn!(vm = %self.vm, disk, error = %e, "no block map kept for the failback: it will compare this disk in full");
+            }
+        }
         tracing::info!(vm = %self.vm, point = %point.id, written = report.bytes_read, "failback: the original disks hold the newest point; the recovered VM can be stopped");
         Ok(report)
     }
@@ -521,7 +550,10 @@ impl Replicator {
 /// writes after the failback.
 ///
 /// Needs only the store and the images: the agent of the site the VM returns to runs it (the
-/// Failback job), with the source VM stopped.
+/// Failback jobs: a planned failback's first while the recovered VM still runs, the last once
+/// it is stopped). Nothing else may write the images meanwhile: one held open is refused.
+/// Without a seed the disks' hashes are compared with the point's digest; with one, the
+/// block map the disk is known to have (the seed's, with the blocks written) is.
 ///
 /// # Errors
 ///
@@ -536,6 +568,42 @@ pub async fn restore_onto(
     seeds: Option<&SeedMaps>,
     progress: ProgressSink<'_>,
 ) -> Result<FailoverReport, EngineError> {
+    restore_disks(store, vm, point_id, targets, seeds, progress)
+        .await
+        .map(|(report, _)| report)
+}
+
+/// One original disk to bring to a point: the point's disk, the original, and what the point
+/// holds on it (its block map).
+#[derive(Debug)]
+struct DiskWork<'a> {
+    pd: &'a lifeboat_store::PointDisk,
+    target: &'a DiskRef,
+    want: BlockMap,
+}
+
+/// What [`restore_disk`] left on one original disk.
+#[derive(Debug)]
+struct RestoredDisk {
+    /// Bytes read from the store and written.
+    read: u64,
+    /// Bytes of the disk read to compare it.
+    compared: u64,
+    /// The disk's block map now, checked against the point's digest: the seed of a later step.
+    map: BlockMap,
+    /// A raw image file's [`FileStamp`], taken right after its flush.
+    stamp: Option<FileStamp>,
+}
+
+/// [`restore_onto`], with what each disk holds now, by name.
+async fn restore_disks(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    point_id: &str,
+    targets: &[DiskRef],
+    seeds: Option<&SeedMaps>,
+    progress: ProgressSink<'_>,
+) -> Result<(FailoverReport, BTreeMap<String, RestoredDisk>), EngineError> {
     let point = choose_point(store, vm, &PointChoice::Named(point_id.to_owned())).await?;
     let mut report = FailoverReport {
         point: point.clone(),
@@ -544,6 +612,10 @@ pub async fn restore_onto(
         source_stopped: None,
         compared_bytes: 0,
     };
+    // NB: every disk's target and map before any is written: the store's live map describes
+    // only the newest point, and a failback's first step runs while the recovered VM may cut
+    // the next one.
+    let mut work = Vec::new();
     for pd in &point.disks {
         let target =
             targets
@@ -555,17 +627,49 @@ pub async fn restore_onto(
                         pd.name
                     ),
                 })?;
+        let want = point_map(store, vm, &point, pd).await?;
+        work.push(DiskWork { pd, target, want });
+    }
+    let mut restored = BTreeMap::new();
+    for disk in work {
+        let (pd, target) = (disk.pd, disk.target);
         let seed = seeds.and_then(|s| s.seed(&pd.name));
-        let (read, compared) = restore_disk(store, vm, &point, pd, target, seed, progress).await?;
-        report.bytes_read += read;
-        report.compared_bytes += compared;
+        let disk = restore_disk(store, vm, &point, disk, seed, progress).await?;
+        report.bytes_read += disk.read;
+        report.compared_bytes += disk.compared;
         report.disks.push(MaterialisedDisk {
             name: pd.name.clone(),
             path: target.path.clone().into(),
             size_bytes: pd.size_bytes,
         });
+        restored.insert(pd.name.clone(), disk);
     }
-    Ok(report)
+    Ok((report, restored))
+}
+
+/// What `point` holds on disk `pd`: the store's block map when it describes the point, else
+/// the point read from the store and hashed.
+async fn point_map(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    point: &lifeboat_store::RecoveryPoint,
+    pd: &lifeboat_store::PointDisk,
+) -> Result<BlockMap, EngineError> {
+    let (size, block_size) = (pd.size_bytes, pd.digest.block_size_bytes);
+    match maps::load_trusted(store, vm, &pd.name, size, block_size, &[&point.id]).await? {
+        Some(map) => Ok(map),
+        None => {
+            maps::hash_replica(
+                store,
+                vm,
+                &pd.name,
+                &At::Point(point.id.clone()),
+                size,
+                block_size,
+            )
+            .await
+        }
+    }
 }
 
 /// The format of an image whose first bytes are `head`, when it is one whose data is not laid
@@ -751,11 +855,11 @@ async fn restore_disk(
     store: &dyn ReplicaStore,
     vm: &VmKey,
     point: &lifeboat_store::RecoveryPoint,
-    pd: &lifeboat_store::PointDisk,
-    target: &DiskRef,
+    disk: DiskWork<'_>,
     seed: Option<Seed<'_>>,
     progress: ProgressSink<'_>,
-) -> Result<(u64, u64), EngineError> {
+) -> Result<RestoredDisk, EngineError> {
+    let DiskWork { pd, target, want } = disk;
     let path = Path::new(&target.path);
     // NB: before the image is opened (a short raw file grows): a raw file's stamp holds
     // only while nothing has written it since the failback's first step.
@@ -771,23 +875,6 @@ async fn restore_disk(
     let size = pd.size_bytes;
     let (image, qcow2) = open_original(path, &pd.name, size, seed.map(|s| s.point)).await?;
     let started = Instant::now();
-    // What the point holds: its stored map when it describes this point, else the point read
-    // from the store.
-    let want = match maps::load_trusted(store, vm, &pd.name, size, block_size, &[&point.id]).await?
-    {
-        Some(map) => map,
-        None => {
-            maps::hash_replica(
-                store,
-                vm,
-                &pd.name,
-                &At::Point(point.id.clone()),
-                size,
-                block_size,
-            )
-            .await?
-        }
-    };
     let report = |done: u64, read: u64| {
         progress(&Progress {
             operation: "Failback",
@@ -866,6 +953,12 @@ async fn restore_disk(
     })
     .await?;
     image.finish().await?;
+    // NB: right after the flush, before anything else can write the file.
+    let stamp = if qcow2 {
+        None
+    } else {
+        FileStamp::of(path, &point.id)
+    };
     report(size, read);
     verify_digest(&have, point, pd, |got| {
         format!("the original disk reads as {got} after the failback")
@@ -874,7 +967,12 @@ async fn restore_disk(
         reseed(path, &point.id).await?;
     }
     tracing::info!(vm = %vm, disk = %pd.name, path = %path.display(), written = read, compared, "original disk brought to the point");
-    Ok((read, compared))
+    Ok(RestoredDisk {
+        read,
+        compared,
+        map: have,
+        stamp,
+    })
 }
 
 #[cfg(test)]
