@@ -294,11 +294,12 @@ impl World {
         }
     }
 
-    fn run_current_job(&mut self) {
+    /// The current job claimed, run and succeeded: the decision that took its end in.
+    fn run_current_job(&mut self) -> VmDecision {
         self.claim();
         self.step();
         self.end(Ok(()));
-        self.step();
+        self.step()
     }
 
     fn cycle(&mut self) {
@@ -309,6 +310,23 @@ impl World {
         agent.last_successful_cycle = Some(now);
         agent.latest_point = Some(now);
         agent.last_error = None;
+    }
+
+    /// Failed over (planned, `f1`) and re-protected (`r1`) from node-b: protected in reverse.
+    fn protected_in_reverse() -> Self {
+        let mut w = Self::protected();
+        w.spec.recovery_site = Some("node-b".into());
+        w.spec.requests.failover = Some(FailoverAsk {
+            token: "f1".into(),
+            kind: FailoverKind::Planned,
+            point: PointChoice::Latest,
+        });
+        w.step();
+        w.run_current_job();
+        w.spec.requests.reprotect = Some("r1".into());
+        w.step();
+        w.run_current_job();
+        w
     }
 
     fn protected() -> Self {
@@ -520,10 +538,7 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     );
     assert_eq!(job.node.as_deref(), Some("node-b"));
     assert_eq!(w.phase(), Phase::FailingBack);
-    w.claim();
-    w.step();
-    w.end(Ok(()));
-    let d = w.step();
+    let d = w.run_current_job();
     assert_eq!(w.phase(), Phase::FailingBack);
     assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
     assert_eq!(d.results, ResultChange::Keep, "no failback result yet");
@@ -534,10 +549,7 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     );
     assert_eq!(job.node, None, "the primary site's node");
     assert_eq!(w.phase(), Phase::FailingBack);
-    w.claim();
-    w.step();
-    w.end(Ok(()));
-    let d = w.step();
+    let d = w.run_current_job();
     assert_eq!(w.phase(), Phase::FailingBack);
     assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
     let job = d.create_job.expect("present");
@@ -546,10 +558,7 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     assert_eq!(job.params.failover, Some(FailoverKind::Planned));
     assert_eq!(job.node.as_deref(), Some("node-b"));
     assert_eq!(w.phase(), Phase::FailingBack);
-    w.claim();
-    w.step();
-    w.end(Ok(()));
-    let d = w.step();
+    let d = w.run_current_job();
     assert_eq!(w.phase(), Phase::FailingBack);
     assert_eq!(
         w.state.handled.failover.as_deref(),
@@ -582,18 +591,7 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
 
 #[test]
 fn an_unplanned_failback_to_a_named_point_restores_that_point() {
-    let mut w = World::protected();
-    w.spec.recovery_site = Some("node-b".into());
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
-    w.step();
-    w.run_current_job();
-    w.spec.requests.reprotect = Some("r1".into());
-    w.step();
-    w.run_current_job();
+    let mut w = World::protected_in_reverse();
     assert_eq!((w.phase(), w.state.reverse), (Phase::Protected, true));
     let older = PointChoice::Named("before-the-ransomware".into());
     w.spec.requests.failover = Some(FailoverAsk {
@@ -608,10 +606,7 @@ fn an_unplanned_failback_to_a_named_point_restores_that_point() {
         Some("node-b"),
         "not store-only: {job:?}"
     );
-    w.claim();
-    w.step();
-    w.end(Ok(()));
-    let d = w.step();
+    let d = w.run_current_job();
     let job = d.create_job.expect("the failback");
     assert_eq!(
         (job.kind, job.params.point),
@@ -622,18 +617,7 @@ fn an_unplanned_failback_to_a_named_point_restores_that_point() {
 /// A VM protected in reverse (failed over, re-protected from node-b), with a planned
 /// failback asked as `f2`: its first job created.
 fn failback_asked() -> World {
-    let mut w = World::protected();
-    w.spec.recovery_site = Some("node-b".into());
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
-    w.step();
-    w.run_current_job();
-    w.spec.requests.reprotect = Some("r1".into());
-    w.step();
-    w.run_current_job();
+    let mut w = World::protected_in_reverse();
     w.spec.requests.failover = Some(FailoverAsk {
         token: "f2".into(),
         kind: FailoverKind::Planned,
@@ -641,10 +625,7 @@ fn failback_asked() -> World {
     });
     w.step();
     // The fresh point of the running recovered VM; then the original disks' first step.
-    w.claim();
-    w.step();
-    w.end(Ok(()));
-    let d = w.step();
+    let d = w.run_current_job();
     let job = d.create_job.expect("the failback's first step");
     assert_eq!((job.kind, job.params.presync), (JobKind::Failback, true));
     w
@@ -698,10 +679,7 @@ fn a_failback_first_step_that_failed_is_retried_before_the_recovered_vm_is_stopp
         (job.kind, job.params.presync, job.attempt),
         (JobKind::Failback, true, 2)
     );
-    w.claim();
-    w.step();
-    w.end(Ok(()));
-    let d = w.step();
+    let d = w.run_current_job();
     let job = d.create_job.expect("the failover");
     assert_eq!((job.kind, job.params.to_primary), (JobKind::Failover, true));
 }
