@@ -180,6 +180,9 @@ pub struct VmConditionFacts<'a> {
     pub waiting: Option<(&'a str, &'a str)>,
     /// The current job: its kind and state.
     pub current_job: Option<(JobKind, JobState)>,
+    /// The current job is one of a planned failback's first steps, which run while the
+    /// recovered VM still replicates.
+    pub failback_presync: bool,
     /// The error of the current operation, while it stands.
     pub job_error: Option<&'a ErrorReport>,
     /// The agent's last cycle error, while it stands (while the VM is Protected).
@@ -367,23 +370,26 @@ pub fn vm_verdicts(
             Verdict::no("ProtectionDisabled", "the VM is not protected")
         }
     };
-    let replicating = match phase {
-        P::Protected => match (facts.agent_silent, facts.resync_required, facts.cycle_error) {
-            (Some(silent), _, _) => Verdict {
-                status: ConditionStatus::Unknown,
-                reason: silent.to_owned(),
-                message: "the node's agent has not reported lately".into(),
-            },
-            (None, Some(reason), _) => Verdict::no(
-                "ResyncRequired",
-                format!("delta replication stopped: {}", reason.as_str()),
-            ),
-            (None, None, Some(e)) => Verdict::no(&e.reason, e.message.clone()),
-            (None, None, None) => Verdict::yes(
-                "DeltaReplication",
-                "changes are shipped every copy interval",
-            ),
+    let delta = || match (facts.agent_silent, facts.resync_required, facts.cycle_error) {
+        (Some(silent), _, _) => Verdict {
+            status: ConditionStatus::Unknown,
+            reason: silent.to_owned(),
+            message: "the node's agent has not reported lately".into(),
         },
+        (None, Some(reason), _) => Verdict::no(
+            "ResyncRequired",
+            format!("delta replication stopped: {}", reason.as_str()),
+        ),
+        (None, None, Some(e)) => Verdict::no(&e.reason, e.message.clone()),
+        (None, None, None) => Verdict::yes(
+            "DeltaReplication",
+            "changes are shipped every copy interval",
+        ),
+    };
+    let replicating = match phase {
+        P::Protected => delta(),
+        // NB: a planned failback's first steps run while the recovered VM still replicates.
+        P::FailingBack if facts.failback_presync => delta(),
         P::Resynchronizing => Verdict::no("Resynchronizing", "a resynchronization runs"),
         P::Pending | P::EnablingProtection | P::InitialReplication | P::FinalizingProtection => {
             Verdict::no(
@@ -398,11 +404,9 @@ pub fn vm_verdicts(
             "Reprotecting",
             "delta replication starts when re-protect has sent the blocks that differ",
         ),
-        // NB: a planned failback's first step runs while the recovered VM still replicates;
-        // the step that stops it follows.
         P::FailingBack => Verdict::no(
             "FailingBack",
-            "a failback runs: replication stops when it stops the recovered VM",
+            "the failback stopped the recovered VM: replication stops",
         ),
         P::FailedBack => Verdict::no("FailedBack", "replication stops at failback"),
         P::DisablingProtection | P::Disabled => {
@@ -645,6 +649,7 @@ mod verdict_tests {
             phase,
             waiting: None,
             current_job: None,
+            failback_presync: false,
             job_error: None,
             cycle_error: None,
             agent_error: None,
@@ -931,6 +936,19 @@ mod verdict_tests {
         assert_eq!(
             reasons(&resync)[3],
             ("LogThresholdReached".into(), ConditionStatus::True)
+        );
+        // A failback: replicating until the step that stops the recovered VM.
+        let early = VmConditionFacts {
+            failback_presync: true,
+            ..facts(Phase::FailingBack)
+        };
+        assert_eq!(
+            reasons(&early)[2],
+            ("DeltaReplication".into(), ConditionStatus::True)
+        );
+        assert_eq!(
+            reasons(&facts(Phase::FailingBack))[2],
+            ("FailingBack".into(), ConditionStatus::False)
         );
     }
 

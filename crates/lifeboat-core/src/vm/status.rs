@@ -140,6 +140,7 @@ impl Pass<'_> {
             phase,
             waiting,
             current_job: record.as_ref().map(|j| (j.kind, j.state)),
+            failback_presync: record.as_ref().is_some_and(|j| j.params.presync),
             job_error: job_error.as_ref(),
             cycle_error: cycle_error.as_ref(),
             agent_error: agent.and_then(|a| a.last_error.as_ref()),
