@@ -494,9 +494,11 @@ pub struct Results<'a> {
     pub test_failover: Option<&'a FailoverResult>,
     /// The failover's, as the status had it.
     pub failover: Option<&'a FailoverResult>,
-    /// Some for a failback's result (copied from its jobs), holding the failover's recovered
-    /// VM if there was one: the failback keeps it in its result, to take it down.
-    pub failback_of: Option<Option<&'a RecoveredVm>>,
+    /// Whether `failover` is a failback's result (copied from its jobs).
+    pub failback: bool,
+    /// A failback's: the failover's recovered VM, if there was one, which the failback keeps
+    /// in its result to take it down.
+    pub kept_vm: Option<&'a RecoveredVm>,
 }
 
 impl<'a> Results<'a> {
@@ -522,8 +524,10 @@ impl<'a> Results<'a> {
                 ResultChange::FailoverFromJob | ResultChange::FailbackFromJob => from_job,
                 _ => old.failover.as_ref(),
             },
-            failback_of: (change == ResultChange::FailbackFromJob)
-                .then(|| old.failover.as_ref().and_then(|f| f.recovered_vm.as_ref())),
+            failback: change == ResultChange::FailbackFromJob,
+            kept_vm: (change == ResultChange::FailbackFromJob)
+                .then(|| old.failover.as_ref().and_then(|f| f.recovered_vm.as_ref()))
+                .flatten(),
         }
     }
 }
@@ -583,9 +587,9 @@ pub fn vm_status(
             .test_failover_exists
             .then(|| results.test_failover.cloned().unwrap_or_default()),
         failover: results.failover.cloned().map(|mut result| {
-            if let Some(kept) = results.failback_of {
+            if results.failback {
                 result.failback = true;
-                result.recovered_vm = kept.cloned();
+                result.recovered_vm = results.kept_vm.cloned();
             }
             result
         }),
@@ -894,7 +898,8 @@ mod tests {
                 Results {
                     test_failover: None,
                     failover: None,
-                    failback_of: None,
+                    failback: false,
+                    kept_vm: None,
                 },
             );
             let json = serde_json::to_value(&status).unwrap_or_default();
