@@ -2160,6 +2160,7 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
             failover_dir: dir.join("failover"),
             original_disks: Vec::new(),
             failover_format: format,
+            seed_dir: None,
         };
         // Site A protected: the initial copy is the full copy the hops are measured against.
         let qsd_a = Qsd::start(&a_dir, &a_disk, true);

@@ -45,6 +45,7 @@ async fn store_outage_backs_off_on_the_asr_schedule_then_recovers() {
         failover_dir: dir.path().join("failover"),
         original_disks: Vec::new(),
         failover_format: Default::default(),
+        seed_dir: None,
     };
     let t0 = SystemTime::now();
     qsd.guest_write("root", 0, MIB, 0x51);

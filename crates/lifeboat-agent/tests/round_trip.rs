@@ -117,6 +117,7 @@ fn job_dirs(tmp: &Path, format: DiskFormat) -> JobDirs {
         failover_dir: tmp.join("failover"),
         original_disks: Vec::new(),
         failover_format: format,
+        seed_dir: None,
     }
 }
 
@@ -216,7 +217,15 @@ fn start_recovered(dir: &Path, failover: &JobResult) -> Qsd {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() {
-    planned_round_trip(false).await;
+    planned_round_trip(false, false).await;
+}
+
+/// The failback's Failback jobs run on B's engine, as the standalone daemon runs every job of
+/// a VM on the engine of the site it replicates from, with A's state folder as `seed_dir`:
+/// the planned failover's seed of A's disks is found there, and neither job reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_run_by_the_recovered_vms_engine_uses_the_original_disks_seed() {
+    planned_round_trip(false, true).await;
 }
 
 /// A's raw image written after the failback's first step (as if A's VM had been started by
@@ -224,7 +233,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
 /// overwrites that write too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_original_disk_written_after_the_failback_began_is_compared_in_full() {
-    planned_round_trip(true).await;
+    planned_round_trip(true, false).await;
 }
 
 /// The block A's root image is written at, behind Lifeboat's back, in
@@ -232,7 +241,7 @@ async fn a_raw_original_disk_written_after_the_failback_began_is_compared_in_ful
 /// data at the point (A's first write), so that the failback reads it back from the store.
 const A_STRAY_BLOCK: u64 = 5;
 
-async fn planned_round_trip(a_written_after_first_step: bool) {
+async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let dirs = job_dirs(tmp.path(), DiskFormat::Raw);
 
@@ -326,19 +335,26 @@ async fn planned_round_trip(a_written_after_first_step: bool) {
     .await
     .unwrap();
     let fresh = fresh.point.unwrap().id;
-    let reader =
-        FaultInjectingStore::new(LocalStore::open_read_only(tmp.path().join("store")).unwrap());
-    reader.maps_left.store(DISKS.len() as u64, Ordering::SeqCst);
-    let reader: Arc<dyn ReplicaStore> = Arc::new(reader);
-    let mut a = open_site(&a_dir, qsd, reader, "node a").await;
-    let a_originals = original_disks(&a);
+    let a_originals = engine::disks(&qsd);
     let a_dirs = JobDirs {
         original_disks: a_originals.clone(),
+        seed_dir: on_b.then(|| a_dir.join("agent")),
         ..dirs.clone()
     };
-    let first = job(&mut a.engine, JobKind::Failback, early, &a_dirs)
-        .await
-        .unwrap();
+    let (first, qsd) = if on_b {
+        let first = job(&mut b.engine, JobKind::Failback, early, &a_dirs).await;
+        (first.unwrap(), qsd)
+    } else {
+        let reader =
+            FaultInjectingStore::new(LocalStore::open_read_only(tmp.path().join("store")).unwrap());
+        reader.maps_left.store(DISKS.len() as u64, Ordering::SeqCst);
+        let reader: Arc<dyn ReplicaStore> = Arc::new(reader);
+        let mut a = open_site(&a_dir, qsd, reader, "node a").await;
+        let first = job(&mut a.engine, JobKind::Failback, early, &a_dirs).await;
+        let Site { qsd, engine, .. } = a;
+        drop(engine);
+        (first.unwrap(), qsd)
+    };
     let shipped_before: Vec<Write> = b_writes
         .iter()
         .copied()
@@ -358,8 +374,6 @@ async fn planned_round_trip(a_written_after_first_step: bool) {
     );
     // NB: the probe writes 4 KiB at offset 0 of B's root: one of B's last changes.
     assert!(guest_can_write(&b.qsd, "root"), "B runs on");
-    let Site { qsd, engine, .. } = a;
-    drop(engine);
     let mut stray = Vec::new();
     if a_written_after_first_step {
         use std::os::unix::fs::FileExt;
@@ -381,6 +395,12 @@ async fn planned_round_trip(a_written_after_first_step: bool) {
     for disk in DISKS {
         assert!(!guest_can_write(&b.qsd, disk), "B can still write {disk}");
     }
+    let a_images: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
+    let on_b_restored = if on_b {
+        Some(fail_back_to(&mut b.engine, &q, a_originals.clone(), &a_dirs).await)
+    } else {
+        None
+    };
     let Site {
         qsd: mut qsd_b,
         engine,
@@ -389,9 +409,10 @@ async fn planned_round_trip(a_written_after_first_step: bool) {
     drop(engine);
     // A's agent is back (A's VM is not running yet: its disks are brought to the point first).
     let mut a = open_site(&a_dir, qsd, store_taking_over(tmp.path()).await, "node a").await;
-    let a_originals = original_disks(&a);
-    let a_images: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
-    let restored = fail_back_to(&mut a.engine, &q, a_originals, &dirs).await;
+    let restored = match on_b_restored {
+        Some(restored) => restored,
+        None => fail_back_to(&mut a.engine, &q, a_originals, &dirs).await,
+    };
     let restored = restored.failover.as_ref().unwrap();
     let last_b_writes: Vec<Write> = scattered(110, 2, 4, 0x24)
         .into_iter()

@@ -94,6 +94,10 @@ pub struct JobDirs {
     pub original_disks: Vec<crate::backend::DiskRef>,
     /// The format (test) failover disks are written in (`spec.recoverySite.diskFormat`).
     pub failover_format: DiskFormat,
+    /// The state folder of the original disks' site, where the Failback jobs find and keep
+    /// their seed, when the engine that runs them is another site's (standalone mode runs
+    /// every job on the engine of the site the VM replicates from); None: the engine's own.
+    pub seed_dir: Option<PathBuf>,
 }
 
 impl JobDirs {
@@ -290,7 +294,7 @@ pub async fn run_job(
         }
         JobKind::Failback if params.presync => {
             let report = engine
-                .sync_original_disks(&dirs.original_disks, progress)
+                .sync_original_disks(&dirs.original_disks, dirs.seed_dir.as_deref(), progress)
                 .await?;
             result.point = Some(report.point.clone());
             result.failover = Some(report);
@@ -306,7 +310,12 @@ pub async fn run_job(
             .await?;
             let point = chosen.id.as_str();
             let report = engine
-                .fail_back(point, &dirs.original_disks, progress)
+                .fail_back(
+                    point,
+                    &dirs.original_disks,
+                    dirs.seed_dir.as_deref(),
+                    progress,
+                )
                 .await?;
             result.point = Some(report.point.clone());
             result.failover = Some(report);

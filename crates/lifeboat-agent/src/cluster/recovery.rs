@@ -147,6 +147,7 @@ async fn run_from_store(shared: &Shared, job: &ReplicationJob) -> Result<JobResu
         failover_dir: shared.failover_dir.clone(),
         original_disks: Vec::new(),
         failover_format: crate::config::failover_format(&vm),
+        seed_dir: None,
     };
     run_store_job(
         store.as_ref(),

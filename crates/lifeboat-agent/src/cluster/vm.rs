@@ -554,6 +554,7 @@ impl VmTask {
             failover_dir: self.shared.failover_dir.clone(),
             original_disks: slot.config.original_disks.clone(),
             failover_format: slot.config.failover_format,
+            seed_dir: None,
         };
         let upload = Arc::clone(slot.worker.engine().throttle());
         let config = slot.config.clone();

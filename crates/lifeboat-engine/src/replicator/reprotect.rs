@@ -275,19 +275,20 @@ impl SeedMaps {
     }
 }
 
+/// A seed file of disk `disk` in the state folder `dir`: `which` is `seed` (a planned
+/// failover's, of the disks it stopped) or `original` (a failback's first step's, of the
+/// original disks it wrote); `ext` is `map` or `stamp`.
+fn seed_file(dir: &Path, which: &str, disk: &str, ext: &str) -> PathBuf {
+    dir.join(format!("{which}-{disk}.{ext}"))
+}
+
 impl Replicator {
     fn seed_map_path(&self, disk: &str) -> PathBuf {
-        self.dir.join(format!("seed-{disk}.map"))
+        seed_file(&self.dir, "seed", disk, "map")
     }
 
-    /// Where a failback's first step keeps disk `disk`'s seed (`ext`: `map` or `stamp`).
-    fn original_seed_path(&self, disk: &str, ext: &str) -> PathBuf {
-        self.dir.join(format!("original-{disk}.{ext}"))
-    }
-
-    /// Where a planned failover keeps disk `disk`'s stamp.
     fn seed_stamp_path(&self, disk: &str) -> PathBuf {
-        self.dir.join(format!("seed-{disk}.stamp"))
+        seed_file(&self.dir, "seed", disk, "stamp")
     }
 
     /// After a planned failover to `point` (the source stopped, equal to the point): ask the
@@ -391,53 +392,41 @@ impl Replicator {
         }
     }
 
-    /// The seed maps a planned failover to `point` kept, for the disks that have one.
-    fn seed_maps(&self, point: &str) -> SeedMaps {
-        let mut seeds = SeedMaps {
-            point: point.to_owned(),
-            ..SeedMaps::default()
-        };
-        for disk in self.disks.iter().map(|d| &d.name) {
-            if let Ok(Some(bytes)) = self.fs.read(&self.seed_map_path(disk))
-                && let Some((tag, map)) = maps::decode(&bytes)
-                && tag == point
-            {
-                seeds.maps.insert(disk.clone(), map);
-                if let Some(stamp) = self.read_stamp(&self.seed_stamp_path(disk)) {
-                    seeds.stamps.insert(disk.clone(), stamp);
+    /// The seed of the original disks `disks` kept in the state folder `dir`: the one a
+    /// failback's first step left (the point it brought them to), else the one a planned
+    /// failover left when it stopped them, if any. Each names its point in its maps; a disk's
+    /// map is used only with the seed that still holds on the disk (a qcow2 image's bitmap for
+    /// that point, a raw file's stamp for it), so an old seed costs a compare, never a wrong
+    /// block.
+    fn failback_seeds<'d>(
+        &self,
+        dir: &Path,
+        disks: impl Iterator<Item = &'d str> + Clone,
+    ) -> Option<SeedMaps> {
+        ["original", "seed"].into_iter().find_map(|which| {
+            let mut seeds: Option<SeedMaps> = None;
+            for disk in disks.clone() {
+                let Ok(Some(bytes)) = self.fs.read(&seed_file(dir, which, disk, "map")) else {
+                    continue;
+                };
+                let Some((tag, map)) = maps::decode(&bytes) else {
+                    continue;
+                };
+                let seeds = seeds.get_or_insert_with(|| SeedMaps {
+                    point: tag.clone(),
+                    ..SeedMaps::default()
+                });
+                // NB: the disks of one step share its point; a disk kept for another is not
+                // used.
+                if tag != seeds.point {
+                    continue;
+                }
+                seeds.maps.insert(disk.to_owned(), map);
+                if let Some(stamp) = self.read_stamp(&seed_file(dir, which, disk, "stamp")) {
+                    seeds.stamps.insert(disk.to_owned(), stamp);
                 }
             }
-        }
-        seeds
-    }
-
-    /// The seed a failback's first step left (the point the original disks were brought to),
-    /// else the one this engine's planned failover left, if any.
-    fn failback_seeds(&self) -> Option<SeedMaps> {
-        let mut seeds: Option<SeedMaps> = None;
-        for disk in self.disks.iter().map(|d| &d.name) {
-            let Ok(Some(bytes)) = self.fs.read(&self.original_seed_path(disk, "map")) else {
-                continue;
-            };
-            let Some((tag, map)) = maps::decode(&bytes) else {
-                continue;
-            };
-            let seeds = seeds.get_or_insert_with(|| SeedMaps {
-                point: tag.clone(),
-                ..SeedMaps::default()
-            });
-            // NB: the disks of one step share its point; a disk kept for another is not used.
-            if tag != seeds.point {
-                continue;
-            }
-            seeds.maps.insert(disk.clone(), map);
-            if let Some(stamp) = self.read_stamp(&self.original_seed_path(disk, "stamp")) {
-                seeds.stamps.insert(disk.clone(), stamp);
-            }
-        }
-        seeds.or_else(|| match &self.state.phase {
-            EnginePhase::FailedOver { point } => Some(self.seed_maps(point)),
-            _ => None,
+            seeds
         })
     }
 
@@ -450,6 +439,9 @@ impl Replicator {
     /// reads none of the disks: the VM is down for its last changes only, not for everything
     /// it wrote since the failover (on a raw disk, not for a read of the whole disk either).
     ///
+    /// The seeds are read from and kept in `seed_dir` (the state folder of the original
+    /// disks' site), by default this engine's.
+    ///
     /// Can run again: a seed that no longer holds (the disk written since) is not used.
     ///
     /// # Errors
@@ -458,10 +450,12 @@ impl Replicator {
     pub async fn sync_original_disks(
         &self,
         targets: &[DiskRef],
+        seed_dir: Option<&Path>,
         progress: ProgressSink<'_>,
     ) -> Result<FailoverReport, EngineError> {
+        let dir = seed_dir.unwrap_or(&self.dir);
         let point = choose_point(self.store.as_ref(), &self.vm, &PointChoice::Latest).await?;
-        let seeds = self.failback_seeds();
+        let seeds = self.failback_seeds(dir, targets.iter().map(|t| t.name.as_str()));
         let (report, restored) = restore_disks(
             self.store.as_ref(),
             &self.vm,
@@ -481,14 +475,11 @@ impl Replicator {
                 .filter(|&then| {
                     FileStamp::of(Path::new(&target.path), &point.id).as_ref() == Some(then)
                 });
-            self.store_stamp(
-                &target.name,
-                &self.original_seed_path(&target.name, "stamp"),
-                stamp,
-            );
+            let path = seed_file(dir, "original", &target.name, "stamp");
+            self.store_stamp(&target.name, &path, stamp);
         }
         for (disk, restored) in &restored {
-            let path = self.original_seed_path(disk, "map");
+            let path = seed_file(dir, "original", disk, "map");
             if let Err(e) = self
                 .fs
                 .write_atomic(&path, &maps::encode(&point.id, &restored.map))
@@ -500,9 +491,10 @@ impl Replicator {
         Ok(report)
     }
 
-    /// Fail back onto `targets`, the VM's original disks at this engine's site: bring them to
-    /// `point_id` with [`restore_onto`], using the seed this engine's planned failover left
-    /// ([`SeedMaps`]) when it has one, then forget that seed.
+    /// Fail back onto `targets`, the VM's original disks: bring them to `point_id` with
+    /// [`restore_onto`], using the seed kept in `seed_dir` (the state folder of their site, by
+    /// default this engine's: see [`Replicator::sync_original_disks`]) when there is one, then
+    /// forget the seeds.
     ///
     /// # Errors
     ///
@@ -511,9 +503,11 @@ impl Replicator {
         &self,
         point_id: &str,
         targets: &[DiskRef],
+        seed_dir: Option<&Path>,
         progress: ProgressSink<'_>,
     ) -> Result<FailoverReport, EngineError> {
-        let seeds = self.failback_seeds();
+        let dir = seed_dir.unwrap_or(&self.dir);
+        let seeds = self.failback_seeds(dir, targets.iter().map(|t| t.name.as_str()));
         let report = restore_onto(
             self.store.as_ref(),
             &self.vm,
@@ -523,11 +517,18 @@ impl Replicator {
             progress,
         )
         .await?;
-        for disk in self.disks.iter().map(|d| &d.name) {
-            let _ = self.fs.remove(&self.seed_map_path(disk));
-            let _ = self.fs.remove(&self.seed_stamp_path(disk));
-            let _ = self.fs.remove(&self.original_seed_path(disk, "map"));
-            let _ = self.fs.remove(&self.original_seed_path(disk, "stamp"));
+        let names = targets.iter().map(|t| t.name.as_str());
+        for disk in names.chain(self.disks.iter().map(|d| d.name.as_str())) {
+            for folder in [dir, self.dir.as_path()] {
+                for (which, ext) in [
+                    ("seed", "map"),
+                    ("seed", "stamp"),
+                    ("original", "map"),
+                    ("original", "stamp"),
+                ] {
+                    let _ = self.fs.remove(&seed_file(folder, which, disk, ext));
+                }
+            }
         }
         Ok(report)
     }
