@@ -119,6 +119,15 @@ impl VmConfig {
         let mbps = if working { work } else { off };
         mbps.map(|m| u64::from(m) * 1_000_000 / 8)
     }
+
+    /// Where a failback's Failback jobs find and keep the original disks' seed when this
+    /// site's engine runs them: for the recovered VM's engine (standalone mode, or one node
+    /// that hosts both sites), the primary site's state folder under `state_dir`; for the
+    /// primary's own engine, its own folder (None).
+    pub fn seed_dir(&self, state_dir: &Path) -> Option<PathBuf> {
+        (self.site == Site::Recovery)
+            .then(|| crate::vm_worker::vm_state_dir(state_dir, &self.key, Site::Primary))
+    }
 }
 
 /// The engine's configuration for `vm` under `policy`.
@@ -376,6 +385,36 @@ mod tests {
         assert_eq!(
             config(None).upload_limit_bytes_per_second(monday_10),
             Some(10_000_000)
+        );
+    }
+
+    #[test]
+    fn the_recovered_vms_engine_keeps_the_original_disks_seed_in_the_primarys_folder() {
+        let state = Path::new("/var/lib/lifeboat");
+        assert_eq!(
+            config(None).seed_dir(state),
+            None,
+            "the primary's own folder"
+        );
+        let recovered = VmConfig {
+            site: Site::Recovery,
+            ..config(None)
+        };
+        assert_eq!(
+            recovered.seed_dir(state),
+            Some(crate::vm_worker::vm_state_dir(
+                state,
+                &recovered.key,
+                Site::Primary
+            ))
+        );
+        assert_ne!(
+            recovered.seed_dir(state),
+            Some(crate::vm_worker::vm_state_dir(
+                state,
+                &recovered.key,
+                Site::Recovery
+            ))
         );
     }
 }

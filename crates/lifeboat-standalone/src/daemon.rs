@@ -25,9 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use lifeboat_agent::config::{Site, VmConfig, vm_config};
+use lifeboat_agent::config::{VmConfig, vm_config};
 use lifeboat_agent::report::same_but_time;
-use lifeboat_agent::vm_worker::{ProgressThrottle, open_worker, run_job_on, vm_state_dir};
+use lifeboat_agent::vm_worker::{ProgressThrottle, open_worker, run_job_on};
 use lifeboat_agent::{SecretSource, StoreCache, agent_report, jobs};
 use lifeboat_api::common::SecretKeyReference;
 use lifeboat_api::job::JobPhase;
@@ -623,11 +623,9 @@ impl Daemon {
                         failover_dir: self.options.failover_dir.clone(),
                         original_disks: config.original_disks.clone(),
                         failover_format: config.failover_format,
-                        // NB: a failback's jobs run on the recovered VM's engine here; the
-                        // original disks' seed is in the primary site's state folder.
-                        seed_dir: (config.site == Site::Recovery).then(|| {
-                            vm_state_dir(&self.options.state_dir, &config.key, Site::Primary)
-                        }),
+                        // NB: of the engine that runs the job: a failback's jobs run on the
+                        // recovered VM's here.
+                        seed_dir: slot.config.seed_dir(&self.options.state_dir),
                     },
                     now,
                     Arc::clone(&self.wake),

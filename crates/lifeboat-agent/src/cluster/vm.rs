@@ -554,7 +554,7 @@ impl VmTask {
             failover_dir: self.shared.failover_dir.clone(),
             original_disks: slot.config.original_disks.clone(),
             failover_format: slot.config.failover_format,
-            seed_dir: None,
+            seed_dir: slot.config.seed_dir(&self.shared.state_dir),
         };
         let upload = Arc::clone(slot.worker.engine().throttle());
         let config = slot.config.clone();

@@ -396,8 +396,9 @@ impl Replicator {
     /// failback's first step left (the point it brought them to), else the one a planned
     /// failover left when it stopped them, if any. Each names its point in its maps; a disk's
     /// map is used only with the seed that still holds on the disk (a qcow2 image's bitmap for
-    /// that point, a raw file's stamp for it), so an old seed costs a compare, never a wrong
-    /// block.
+    /// that point, a raw file's stamp for it, which names its inode), so an old seed costs a
+    /// compare. Not caught: a qcow2 image of another disk of the VM put in this one's place
+    /// (`spec.disks` paths swapped) that carries a bitmap for the same point.
     fn failback_seeds<'d>(
         &self,
         dir: &Path,
