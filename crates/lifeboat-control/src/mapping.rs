@@ -512,6 +512,7 @@ impl<'a> Results<'a> {
         let from_job = job
             .and_then(|j| j.status.as_ref())
             .and_then(|s| s.result.as_ref());
+        let failback = change == ResultChange::FailbackFromJob;
         Self {
             test_failover: match change {
                 ResultChange::TestFailoverFromJob => from_job,
@@ -524,10 +525,12 @@ impl<'a> Results<'a> {
                 ResultChange::FailoverFromJob | ResultChange::FailbackFromJob => from_job,
                 _ => old.failover.as_ref(),
             },
-            failback: change == ResultChange::FailbackFromJob,
-            kept_vm: (change == ResultChange::FailbackFromJob)
-                .then(|| old.failover.as_ref().and_then(|f| f.recovered_vm.as_ref()))
-                .flatten(),
+            failback,
+            kept_vm: old
+                .failover
+                .as_ref()
+                .and_then(|f| f.recovered_vm.as_ref())
+                .filter(|_| failback),
         }
     }
 }

@@ -212,8 +212,8 @@ pub struct SeedMaps {
 /// change time (and its modification time). Limits: a clock set back, or a write within the
 /// same timestamp tick as the stamp on a file system or kernel without fine-grained
 /// timestamps (Linux before 6.13 keeps them coarse, a few ms), can go unseen; a file moved
-/// to another device, or a reboot that renumbers it, only costs a full compare. Kept for regular files only: a block
-/// device's node says nothing about writes to the device.
+/// to another device, or a reboot that renumbers it, only costs a full compare. Kept for
+/// regular files only: a block device's node says nothing about writes to the device.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileStamp {
     /// The point the file was brought to.
@@ -283,14 +283,6 @@ fn seed_file(dir: &Path, which: &str, disk: &str, ext: &str) -> PathBuf {
 }
 
 impl Replicator {
-    fn seed_map_path(&self, disk: &str) -> PathBuf {
-        seed_file(&self.dir, "seed", disk, "map")
-    }
-
-    fn seed_stamp_path(&self, disk: &str) -> PathBuf {
-        seed_file(&self.dir, "seed", disk, "stamp")
-    }
-
     /// After a planned failover to `point` (the source stopped, equal to the point): ask the
     /// hypervisor to record the disks' writes from now on as writes since `point`, keep each
     /// raw image file's [`FileStamp`] (a raw image cannot record its writes: an unchanged file
@@ -304,12 +296,14 @@ impl Replicator {
                 false
             }
         };
-        let stamped = self.keep_stamps(&self.disks, point, |disk| self.seed_stamp_path(disk));
+        let stamped = self.keep_stamps(&self.disks, point, |disk| {
+            seed_file(&self.dir, "seed", disk, "stamp")
+        });
         if !marked && stamped == 0 {
             tracing::info!(vm = %self.vm, point, "the disks keep no record of their writes across a restart, and are not files: a failback will compare them in full");
             return;
         }
-        self.keep_point_maps(point, |disk| self.seed_map_path(disk))
+        self.keep_point_maps(point, |disk| seed_file(&self.dir, "seed", disk, "map"))
             .await;
     }
 
@@ -321,13 +315,11 @@ impl Replicator {
         point: &str,
         path_of: impl Fn(&str) -> PathBuf,
     ) -> usize {
-        disks
-            .iter()
-            .filter(|disk| {
-                let stamp = FileStamp::of(Path::new(&disk.path), point);
-                self.store_stamp(&disk.name, &path_of(&disk.name), stamp.as_ref())
-            })
-            .count()
+        let kept = disks.iter().map(|disk| {
+            let stamp = FileStamp::of(Path::new(&disk.path), point);
+            self.store_stamp(&disk.name, &path_of(&disk.name), stamp.as_ref())
+        });
+        kept.filter(|&kept| kept).count()
     }
 
     /// Write `stamp` of disk `disk` at `path`, or remove the one there when there is none;
