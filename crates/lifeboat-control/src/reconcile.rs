@@ -203,6 +203,7 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
         job: &observation,
         // NB: the agent that replicates the VM: the recovery site's in reverse.
         heartbeat: (pass.heartbeat)(vm.active_node()),
+        primary_heartbeat: (pass.heartbeat)(&vm.spec.node_name),
         job_heartbeat: job
             .as_ref()
             .and_then(|j| (pass.heartbeat)(&j.spec.node_name)),

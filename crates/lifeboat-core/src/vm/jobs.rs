@@ -20,10 +20,22 @@ pub fn store_only(kind: JobKind, params: &JobParams) -> bool {
     match kind {
         JobKind::TestFailover | JobKind::CleanupTestFailover | JobKind::Commit => true,
         // NB: a failback's Failover runs on the recovery site's node, which holds the engine
-        // that replicates (and whose epoch it ends), unplanned or not.
+        // that replicates (and whose epoch it ends), unplanned or not; an unplanned one goes
+        // to the primary site's node, from the store, when that agent is lost
+        // (`unplanned_failback`).
         JobKind::Failover => params.failover == Some(FailoverKind::Unplanned) && !params.to_primary,
         _ => false,
     }
+}
+
+/// Whether a job is an unplanned failback's Failover: it only chooses the point and fences
+/// the replica, which the store alone can do, so that the primary site's agent runs it when
+/// the recovered VM's node is lost (a planned one stops the recovered VM: it needs that node).
+pub fn unplanned_failback(kind: JobKind, params: &JobParams) -> bool {
+    kind == JobKind::Failover
+        && params.to_primary
+        && !params.presync
+        && params.failover == Some(FailoverKind::Unplanned)
 }
 
 /// Whether an agent whose last heartbeat is `beat` counts as alive at `now`.
@@ -215,8 +227,8 @@ impl Pass<'_> {
         // an agent that asks for an immediate retry must not make the operator hot-loop.
         // NB: a store-only job taken from a lost agent runs again at once, on a live one.
         if error.reason == AGENT_LOST
-            && store_only(record.kind, &record.params)
-            && self.live_recovery_node().is_some()
+            && (store_only(record.kind, &record.params) && self.live_recovery_node().is_some()
+                || self.failback_goes_home(record.kind, &record.params))
         {
             error.next_retry_time = Some(failed_at);
             return error;
@@ -342,6 +354,17 @@ impl Pass<'_> {
             },
         );
         let node = self.place(kind, &params);
+        if node.is_none() && self.failback_goes_home(kind, &params) {
+            self.notice(
+                true,
+                reasons::JOB_RELOCATED,
+                format!(
+                    "{} job {name} goes to the primary site's node: the recovered VM's agent has been silent for over {}s (the failback chooses its point from the store)",
+                    kind.as_str(),
+                    super::JOB_AGENT_LOST.as_secs()
+                ),
+            );
+        }
         if let Some(node) = &node {
             let why = match self.disks_elsewhere(kind) {
                 Some((disks, _)) if disks == node => "it holds the disks the job is about".into(),
@@ -401,6 +424,7 @@ impl Pass<'_> {
             // NB: an unclaimed job is taken only when it has somewhere better to go.
             JobState::Pending => {
                 store_only(record.kind, &record.params) && self.live_recovery_node().is_some()
+                    || self.failback_goes_home(record.kind, &record.params)
             }
             JobState::Succeeded | JobState::Failed => false,
         };
@@ -422,6 +446,15 @@ impl Pass<'_> {
             }),
             ..facts.clone()
         })
+    }
+
+    /// Whether a failback's unplanned Failover runs at the primary site, from the store: the
+    /// recovered VM's agent (the one that replicates in reverse) is lost, the primary's lives.
+    pub(super) fn failback_goes_home(&self, kind: JobKind, params: &JobParams) -> bool {
+        self.state.reverse
+            && unplanned_failback(kind, params)
+            && !alive(self.input.heartbeat, self.now)
+            && alive(self.input.primary_heartbeat, self.now)
     }
 
     /// The first recovery node whose agent is alive.
@@ -455,6 +488,7 @@ impl Pass<'_> {
         if self.state.reverse
             && kind != JobKind::Failback
             && !store_only(kind, params)
+            && !self.failback_goes_home(kind, params)
             && let Some(node) = &self.input.spec.recovery_site
         {
             return Some(node.clone());

@@ -54,7 +54,7 @@ mod disable;
 mod jobs;
 mod protection;
 
-pub use jobs::store_only;
+pub use jobs::{store_only, unplanned_failback};
 mod requests;
 mod status;
 
@@ -83,9 +83,11 @@ pub mod reasons {
     pub const JOB_FAILED: &str = "JobFailed";
     /// A request cannot be honoured in the VM's state.
     pub const REQUEST_REJECTED: &str = "RequestRejected";
-    /// An unclaimed job was withdrawn (protection is being disabled).
+    /// An unclaimed job was withdrawn (protection is being disabled, or a planned failover
+    /// stranded on a lost node gives way to an unplanned one).
     pub const JOB_WITHDRAWN: &str = "JobWithdrawn";
-    /// A store-only job goes to a recovery node: the VM's agent is lost.
+    /// A store-only job goes to a recovery node (the VM's agent is lost), or an unplanned
+    /// failback's Failover to the primary site's node (the recovered VM's agent is lost).
     pub const JOB_RELOCATED: &str = "JobRelocated";
     /// Health turned Normal.
     pub const HEALTH_NORMAL: &str = "HealthNormal";
@@ -311,8 +313,12 @@ pub struct VmInput<'a> {
     pub agent: Option<&'a AgentFacts>,
     /// The current job.
     pub job: &'a JobObservation,
-    /// The last heartbeat of the node's agent (its Lease), if it ever had one.
+    /// The last heartbeat of the agent that replicates the VM (its Lease), if it ever had
+    /// one: the primary site's node's, or in reverse the recovery site's.
     pub heartbeat: Option<SystemTime>,
+    /// The last heartbeat of the primary site's agent (`spec.nodeName`): the same as
+    /// `heartbeat` unless the VM replicates in reverse.
+    pub primary_heartbeat: Option<SystemTime>,
     /// The last heartbeat of the agent on the current job's node (when it is not the VM's).
     pub job_heartbeat: Option<SystemTime>,
     /// The VM's recovery nodes, in order of preference, with their agents' last heartbeats.

@@ -119,12 +119,24 @@ impl World {
             policy: self.policy.as_ref(),
             agent: self.agent.as_ref(),
             job: &self.observation(),
-            heartbeat: self.heartbeat,
+            heartbeat: self.replicating_beat(),
+            primary_heartbeat: self.heartbeat,
             job_heartbeat: self.job_heartbeat(),
             recovery: &self.recovery,
             failover: failover.as_ref(),
             test_failover: test_failover.as_ref(),
         })
+    }
+
+    /// The heartbeat of the agent that replicates the VM: in reverse, the recovery site's
+    /// node's when it is one of `recovery`, else (and forward) the VM's own.
+    fn replicating_beat(&self) -> Option<SystemTime> {
+        match &self.spec.recovery_site {
+            Some(site) if self.state.reverse && self.recovery.iter().any(|(n, _)| n == site) => {
+                self.beat_of(Some(site))
+            }
+            _ => self.heartbeat,
+        }
     }
 
     /// The heartbeat of the current job's node's agent.
@@ -614,6 +626,114 @@ fn an_unplanned_failback_to_a_named_point_restores_that_point() {
     );
 }
 
+/// A VM protected in reverse whose recovered VM's node (node-b) has just been lost: its
+/// agent's last heartbeat is `JOB_AGENT_LOST` old, the primary site's agent lives.
+fn reverse_with_node_b_lost(w: &mut World) {
+    let died = w.now;
+    w.advance(JOB_AGENT_LOST);
+    w.recovery = vec![("node-b".into(), Some(died))];
+}
+
+fn unplanned(token: &str) -> Option<FailoverAsk> {
+    Some(FailoverAsk {
+        token: token.into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    })
+}
+
+#[test]
+fn with_the_recovered_vms_node_lost_an_unplanned_failback_runs_at_the_primary_site() {
+    let mut w = World::protected_in_reverse();
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    reverse_with_node_b_lost(&mut w);
+    w.spec.requests.failover = unplanned("f2");
+    let d = w.step();
+    let job = d.create_job.expect("the failback's failover");
+    assert_eq!(
+        (job.kind, job.params.to_primary, job.node.as_deref()),
+        (JobKind::Failover, true, None),
+        "at the primary site's node: {job:?}"
+    );
+    assert!(
+        d.notices
+            .iter()
+            .any(|n| n.reason == "JobRelocated" && n.note.contains("primary site")),
+        "{:?}",
+        d.notices
+    );
+    let d = w.run_current_job();
+    let job = d.create_job.expect("the failback");
+    assert_eq!((job.kind, job.node.as_deref()), (JobKind::Failback, None));
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedBack);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f2"));
+
+    // While node-b's agent lives, the same request runs there (its engine replicates).
+    let mut w = World::protected_in_reverse();
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    w.spec.requests.failover = unplanned("f2");
+    let job = w.step().create_job.expect("the failback's failover");
+    assert_eq!(job.node.as_deref(), Some("node-b"));
+    // Node-b dies before its agent claims it: it goes home, at once.
+    reverse_with_node_b_lost(&mut w);
+    let d = w.step();
+    let job = d.create_job.expect("taken from the lost agent");
+    assert_eq!(
+        (job.kind, job.attempt, job.node.as_deref()),
+        (JobKind::Failover, 2, None)
+    );
+    assert!(w.notices().contains(&"JobFailed"), "{:?}", w.notices());
+    // And with every agent silent, it is not taken from one to the other.
+    w.now += JOB_AGENT_LOST;
+    assert!(w.step().create_job.is_none());
+}
+
+#[test]
+fn a_planned_failback_stranded_on_a_lost_node_gives_way_to_an_unplanned_one() {
+    let mut w = failback_asked();
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    // The original disks' first step done, the recovered VM's stop waits for node-b.
+    let d = w.run_current_job();
+    let stop = d.create_job.expect("the stop");
+    assert_eq!(
+        (stop.kind, stop.params.to_primary, stop.node.as_deref()),
+        (JobKind::Failover, true, Some("node-b"))
+    );
+    reverse_with_node_b_lost(&mut w);
+    // A planned step is never taken from its node: it waits.
+    assert!(w.step().create_job.is_none());
+    assert_eq!(w.phase(), Phase::FailingBack);
+    // Until an unplanned failback is asked: the unclaimed step is withdrawn and the
+    // unplanned one runs at the primary site.
+    w.spec.requests.failover = unplanned("f3");
+    let d = w.step();
+    assert_eq!(d.delete_job.as_deref(), Some(stop.name.as_str()));
+    let job = d.create_job.expect("the unplanned failback's failover");
+    assert_eq!(
+        (job.kind, job.params.failover, job.node.as_deref()),
+        (JobKind::Failover, Some(FailoverKind::Unplanned), None)
+    );
+    assert!(w.notices().contains(&"JobWithdrawn"), "{:?}", w.notices());
+    w.run_current_job();
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedBack);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f3"));
+
+    // A planned step whose agent lives is not withdrawn: the unplanned request waits.
+    let mut w = World::protected_in_reverse();
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f2".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.spec.requests.failover = unplanned("f3");
+    let d = w.step();
+    assert!(d.create_job.is_none() && d.delete_job.is_none(), "{d:?}");
+}
+
 /// A VM protected in reverse (failed over, re-protected from node-b), with a planned
 /// failback asked as `f2`: its first job created.
 fn failback_asked() -> World {
@@ -976,6 +1096,25 @@ fn a_store_only_job_left_by_a_lost_recovery_agent_moves_on_and_others_stay_home(
     w.recovery[1].1 = Some(w.now);
     assert!(w.step().create_job.is_none());
     assert_eq!(w.current().1, JobKind::Failover);
+    // An unplanned failover asked now replaces it: withdrawn, the new one on node-c.
+    let planned = w.current().0;
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f2".into(),
+        kind: FailoverKind::Unplanned,
+        point: PointChoice::Latest,
+    });
+    let d = w.step();
+    assert_eq!(d.delete_job.as_deref(), Some(planned.as_str()));
+    let job = d
+        .create_job
+        .unwrap_or_else(|| panic!("the unplanned failover"));
+    assert_eq!(
+        (job.kind, job.node.as_deref()),
+        (JobKind::Failover, Some("node-c"))
+    );
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedOver);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f2"));
 }
 
 #[test]
