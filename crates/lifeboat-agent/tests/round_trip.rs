@@ -750,6 +750,94 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     .await;
 }
 
+/// The recovered VM's node is lost for good while B replicates in reverse: the unplanned
+/// failback's Failover runs at the primary site from the store, as A's agent runs it when
+/// the operator sends it there. A's own engine refuses it: it failed over to the old point on
+/// the way out, and answering with that point would bring A's disks back to it, losing all
+/// that B shipped. A's disks end at B's last shipped point; the replica's new epoch is A's
+/// (B's engine, should its node come back, is fenced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_recovered_vms_node_lost_the_failback_runs_at_the_primary_site_from_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = job_dirs(tmp.path(), DiskFormat::Raw);
+    let a_dir = tmp.path().join("site-a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let qsd_a = Qsd::start_with(&a_dir, &raw_disks());
+    qsd_a.guest_writes("root", &[(0, MIB, 0x51)]);
+    let mut a = open_site(&a_dir, qsd_a, store_at(tmp.path()), "node a").await;
+    engine::protect(&mut a.engine).await;
+    let failover = planned_failover(&mut a.engine, false, &dirs).await.unwrap();
+    let p = failover.point.as_ref().unwrap().id.clone();
+    let Site {
+        mut qsd, engine, ..
+    } = a;
+    qsd.stop();
+    drop(engine);
+
+    // B runs and replicates in reverse, ships a cycle, writes more; then its node is lost.
+    let b_dir = tmp.path().join("site-b");
+    let qsd_b = start_recovered(&b_dir, &failover);
+    qsd_b.guest_writes("root", &scattered(2, 6, 7, 0x52));
+    let mut b = open_site(&b_dir, qsd_b, store_taking_over(tmp.path()).await, "node b").await;
+    reprotect_from(&mut b.engine, &p, &dirs).await;
+    b.qsd.guest_writes("data", &scattered(70, 3, 5, 0x53));
+    let cycle = b.engine.run_cycle(SystemTime::now()).await.unwrap();
+    let q = cycle.point.unwrap().id;
+    let shipped = read_all(&b.qsd);
+    b.qsd.guest_writes("root", &scattered(100, 2, 1, 0x54));
+    let Site {
+        qsd: mut qsd_b,
+        engine,
+        ..
+    } = b;
+    qsd_b.kill();
+    drop(engine);
+
+    // A's agent. Its engine says no; the store path chooses B's last point and fences B out.
+    qsd.start_again();
+    let mut a = open_site(&a_dir, qsd, store_taking_over(tmp.path()).await, "node a").await;
+    a.qsd.kill();
+    let unplanned = JobParams {
+        failover: Some(FailoverKind::Unplanned),
+        point: Some(CorePoint::Latest),
+        to_primary: true,
+        ..JobParams::default()
+    };
+    let refused = job(&mut a.engine, JobKind::Failover, unplanned.clone(), &dirs).await;
+    assert!(
+        matches!(&refused, Err(EngineError::NotReady { what }) if what.contains("does not replicate it")),
+        "{refused:?}"
+    );
+    let chosen = lifeboat_engine::run_store_job(
+        a.engine.store().as_ref(),
+        &engine::vm(),
+        JobKind::Failover,
+        &unplanned,
+        &dirs,
+        "node a",
+        SystemTime::now(),
+        &no_progress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        chosen.point.as_ref().map(|p| p.id.as_str()),
+        Some(q.as_str())
+    );
+    assert!(
+        chosen.failover.as_ref().unwrap().disks.is_empty(),
+        "no disk written"
+    );
+    let epoch = a.engine.store().epoch(&engine::vm()).await.unwrap();
+    assert_eq!(epoch.holder, "node a");
+    let a_originals = original_disks(&a);
+    fail_back_to(&mut a.engine, &q, a_originals.clone(), &dirs).await;
+    let paths: Vec<PathBuf> = a_originals.iter().map(|d| PathBuf::from(&d.path)).collect();
+    for (disk, (got, want)) in DISKS.iter().zip(read_files(&paths).iter().zip(&shipped)) {
+        support::assert_same(&format!("A's disk {disk}"), got, want);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_failover_whose_source_cannot_be_stopped_fails_and_protection_goes_on() {
     let tmp = tempfile::tempdir().unwrap();

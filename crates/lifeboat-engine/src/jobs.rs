@@ -31,7 +31,8 @@ use lifeboat_store::RecoveryPoint;
 use crate::error::EngineError;
 use crate::replicator::{
     DiskFormat, FailoverReport, Output, PointChoice, ProgressSink, Replicator, Report,
-    choose_point, commit_in_store, fail_over_from_store, materialise_point, remove_disk_images,
+    choose_point, commit_in_store, fail_back_from_store, fail_over_from_store, materialise_point,
+    remove_disk_images,
 };
 use crate::state::{DiskRecord, EnginePhase};
 
@@ -124,11 +125,13 @@ pub fn engine_point(choice: Option<&lifeboat_core::PointChoice>) -> PointChoice 
 }
 
 /// Run a job that needs nothing but the store (`lifeboat_core::vm::jobs::store_only`: a test
-/// failover, an unplanned failover, the cleanup and the commit that follow them) on an agent
-/// that is not the VM's own (that one is lost, or fenced by a failover elsewhere). The
-/// failover moves the replica to a new epoch taken by `holder`, fencing the VM's agent; the
-/// commit deletes every point but the one its job names; the cleanup removes the test disks
-/// in this node's folder and says which it did not find here.
+/// failover, an unplanned failover, the cleanup and the commit that follow them; and an
+/// unplanned failback's Failover, `lifeboat_core::vm::unplanned_failback`, when the
+/// recovered VM's node is lost) on an agent that is not the one replicating the VM (that one
+/// is lost, or fenced by a failover elsewhere). A failover moves the replica to a new epoch
+/// taken by `holder`, fencing the VM's agent; the commit deletes every point but the one its
+/// job names; the cleanup removes the test disks in this node's folder and says which it did
+/// not find here.
 ///
 /// # Errors
 ///
@@ -178,6 +181,11 @@ pub async fn run_store_job(
         JobKind::TestFailover => {
             let point = choose_point(store, vm, &choice).await?;
             materialise_point(store, vm, point, dirs.output(), "test", progress).await?
+        }
+        // NB: an unplanned failback whose recovered VM's node is lost: the point and the
+        // fence, from the store (the original disks are written by the Failback job next).
+        JobKind::Failover if lifeboat_core::vm::unplanned_failback(kind, params) => {
+            fail_back_from_store(store, vm, &choice, holder, now).await?
         }
         JobKind::Failover if params.failover == Some(FailoverKind::Unplanned) => {
             fail_over_from_store(store, vm, &choice, holder, now, dirs.output(), progress)

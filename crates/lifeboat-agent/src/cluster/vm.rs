@@ -23,7 +23,7 @@ use lifeboat_api::policy::ReplicaTarget;
 use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
 use lifeboat_control::mapping::whole_seconds;
 use lifeboat_engine::replicator::Progress;
-use lifeboat_engine::{EngineError, JobDirs, JobResult};
+use lifeboat_engine::{EngineError, JobDirs, JobResult, run_store_job};
 use lifeboat_store::ReplicaStore;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::api::Claim;
 use super::error::{ClusterError, is_conflict, is_not_found};
 use super::{Backoff, Shared, Stop};
-use crate::config::{VmConfig, vm_config_on};
+use crate::config::{Site, VmConfig, vm_config_on};
 use crate::jobs;
 use crate::report::{ReportGate, agent_report};
 use crate::vm_worker::{OpenError, ProgressThrottle, open_worker, run_job_on};
@@ -558,8 +558,32 @@ impl VmTask {
         };
         let upload = Arc::clone(slot.worker.engine().throttle());
         let config = slot.config.clone();
+        let (job_kind, params) = jobs::job_kind_params(&claimed);
+        // NB: an unplanned failback sent to the primary site because the recovered VM's node
+        // is lost: this site's engine does not replicate the VM (it failed over on the way
+        // out), so the point is chosen and the replica fenced from the store alone.
+        let from_store = config.site == Site::Primary
+            && lifeboat_core::vm::unplanned_failback(job_kind, &params);
+        let holder = format!("node {}", self.shared.node);
         let end = {
-            let run = run_job_on(&mut slot.worker, &claimed, &dirs, &sink);
+            let run = async {
+                if from_store {
+                    let engine = slot.worker.engine();
+                    run_store_job(
+                        engine.store().as_ref(),
+                        engine.vm(),
+                        job_kind,
+                        &params,
+                        &dirs,
+                        &holder,
+                        SystemTime::now(),
+                        &sink,
+                    )
+                    .await
+                } else {
+                    run_job_on(&mut slot.worker, &claimed, &dirs, &sink).await
+                }
+            };
             tokio::pin!(run);
             let mut check = tokio::time::interval(self.shared.timing.tick);
             let deadline = stop.after(self.shared.timing.shutdown_grace);

@@ -162,6 +162,33 @@ pub async fn fail_over_from_store(
     Ok((epoch, report))
 }
 
+/// The first half of an unplanned failback from the store alone, run by the primary site's
+/// agent when the recovered VM's node is lost: choose the point (before the fence, as
+/// [`Replicator::fail_over_to_primary`] does) and take the replica for `holder`'s new
+/// epoch, fencing the lost agent should it come back. No disk is written: the Failback job
+/// that follows brings the original disks to the point.
+///
+/// # Errors
+///
+/// No such point, or store failures.
+pub async fn fail_back_from_store(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+    choice: &PointChoice,
+    holder: &str,
+    now: SystemTime,
+) -> Result<FailoverReport, EngineError> {
+    let point = choose_point(store, vm, choice).await?;
+    store.fence(vm, holder, super::unix_ms(now)).await?;
+    Ok(FailoverReport {
+        point,
+        disks: Vec::new(),
+        bytes_read: 0,
+        source_stopped: None,
+        compared_bytes: 0,
+    })
+}
+
 /// Materialise `point` of `vm` as image files `<vm>-<label>-<disk>.<img|qcow2>` in `out`,
 /// verified against the manifest's digests. Files of a failed attempt are removed. A qcow2
 /// image gets an enabled persistent bitmap named [`seed_bitmap_name`] of the point, added
@@ -400,6 +427,18 @@ impl Replicator {
     ) -> Result<FailoverReport, EngineError> {
         let (point, stopped) = match &self.state.phase {
             EnginePhase::FailedOver { point } => {
+                // NB: a retry of this engine's own failback (it fenced the replica at its
+                // epoch); the primary site's engine, failed over since the way out, must not
+                // answer with the point it failed over to then.
+                let epoch = self.store.epoch(&self.vm).await?;
+                if epoch.number != self.state.epoch {
+                    return Err(EngineError::NotReady {
+                        what: format!(
+                            "VM {} failed over from this site at epoch {}, and the replica is at epoch {} ({}): this site does not replicate it, so it cannot fail it back",
+                            self.vm, self.state.epoch, epoch.number, epoch.holder
+                        ),
+                    });
+                }
                 let done = PointChoice::Named(point.clone());
                 (
                     choose_point(self.store.as_ref(), &self.vm, &done).await?,
