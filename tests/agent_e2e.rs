@@ -43,12 +43,20 @@ type OperatorTask = tokio::task::JoinHandle<lifeboat_operator::Result<()>>;
 type AgentTask = tokio::task::JoinHandle<Result<(), lifeboat_agent::cluster::ClusterError>>;
 
 fn run_operator(client: &Client) -> (Stopper, OperatorTask) {
+    run_operator_on(client, Arc::new(lifeboat_core::SystemClock))
+}
+
+/// The operator, reading the time from `clock`.
+fn run_operator_on(
+    client: &Client,
+    clock: Arc<dyn lifeboat_core::Clock>,
+) -> (Stopper, OperatorTask) {
     let config = Config {
         namespace: Some(NS.into()),
         lease_namespace: LEASES.into(),
         ..Config::default()
     };
-    let operator = Operator::new(client.clone(), config);
+    let operator = Operator::new(client.clone(), config).with_clock(clock);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(operator.run(async move {
         let _ = stopped.await;
@@ -516,11 +524,34 @@ async fn newest_point_disk(azurite: &Azurite, size: u64) -> Vec<u8> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
+/// The size of the two-node tests' disk.
+const SIZE: u64 = 8 << 20;
+
+/// Two nodes' agents, the operator and Azurite, and VM `web` protected in reverse: failed
+/// over (planned) from node-1 (A), its recovered VM B running on node-2 on the failover's
+/// disk and re-protected there. Every hop so far is checked on the way.
+struct InReverse {
+    dir: tempfile::TempDir,
+    qsd_a: Qsd,
+    qsd_b: Qsd,
+    azurite: Azurite,
+    server: TestApiServer,
+    client: Client,
+    vms: Api<ProtectedVM>,
+    jobs: Api<ReplicationJob>,
+    operator: (Stopper, OperatorTask),
+    agent_a: (Stopper, AgentTask),
+    agent_b: (Stopper, AgentTask),
+}
+
+/// [`InReverse`], the operator reading the time from `clock`, the agents renewing their
+/// Leases every `heartbeat`.
+async fn protected_in_reverse(
+    clock: Arc<dyn lifeboat_core::Clock>,
+    heartbeat: Duration,
+) -> InReverse {
     use lifeboat_api::protected_vm::ReplicationDirection;
     use lifeboat_qemu::testing::{DiskSpec, assert_same};
-    const SIZE: u64 = 8 << 20;
     lifeboat_http::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let (a_dir, b_dir) = (dir.path().join("node-1"), dir.path().join("node-2"));
@@ -554,9 +585,10 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         )
         .await
         .unwrap();
-    let (stop_operator, operator) = run_operator(&client);
+    let operator = run_operator_on(&client, clock);
     let timing = || Timing {
         tick: Duration::from_millis(100),
+        heartbeat,
         max_backoff: Duration::from_secs(1),
         ..Timing::default()
     };
@@ -654,7 +686,7 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
 
     // The recovered VM on node-2, on the failover's disk; re-protect in reverse.
     std::fs::rename(&image, b_dir.join("os.img")).unwrap();
-    let mut qsd_b = Qsd::start_with(&b_dir, &[DiskSpec::raw_file("os", SIZE)]);
+    let qsd_b = Qsd::start_with(&b_dir, &[DiskSpec::raw_file("os", SIZE)]);
     qsd_b.guest_write("os", 1 << 20, 256 << 10, 0x6a);
     ask(&vms, json!({"reprotect": "r1"})).await;
     let reverse = web_until(&server, &vms, &jobs, "Protected in reverse", |vm| {
@@ -683,6 +715,46 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         "the replica after re-protect",
         &newest_point_disk(&azurite, SIZE).await,
         &qsd_b.read_disk("os"),
+    );
+    InReverse {
+        dir,
+        qsd_a,
+        qsd_b,
+        azurite,
+        server,
+        client,
+        vms,
+        jobs,
+        operator,
+        agent_a: (stop_a, agent_a),
+        agent_b: (stop_b, agent_b),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
+    use lifeboat_api::protected_vm::ReplicationDirection;
+    use lifeboat_qemu::testing::assert_same;
+    let InReverse {
+        dir,
+        mut qsd_a,
+        mut qsd_b,
+        azurite,
+        server,
+        client,
+        vms,
+        jobs,
+        operator: (stop_operator, operator),
+        agent_a: (stop_a, agent_a),
+        agent_b: (stop_b, agent_b),
+    } = protected_in_reverse(
+        Arc::new(lifeboat_core::SystemClock),
+        Duration::from_secs(10),
+    )
+    .await;
+    let (a_dir, config_maps) = (
+        dir.path().join("node-1"),
+        Api::<ConfigMap>::namespaced(client.clone(), NS),
     );
 
     // Fail back: node-2 cuts a fresh point of B and node-1 brings A's disk to it while B
@@ -766,5 +838,129 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
 
     stop_agent_cleanly(stop_a, agent_a, 30).await;
     stop_agent_cleanly(stop_b, agent_b, 30).await;
+    stop_operator_within_10s(stop_operator, operator).await;
+}
+
+/// The recovered VM's node is lost for good while the VM replicates in reverse. A planned
+/// failback asked then waits for that node (it must stop the recovered VM there); an
+/// unplanned one asked since withdraws it and runs at the primary site: node-1's agent
+/// chooses the replica's newest point from the store and fences it, then brings A's disk to
+/// that point, B's writes included (A's own engine, which failed over on the way out, would
+/// have answered with that old point). Time is not waited out: the operator's clock jumps
+/// ten minutes (the one stand-in), node-1's agent beats on and is seen at the new time,
+/// node-2's last heartbeat ages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_recovered_vms_node_lost_for_good_an_unplanned_failback_runs_at_the_primary_site()
+{
+    use lifeboat_api::job::JobType;
+    use lifeboat_api::protected_vm::ReplicationDirection;
+    use lifeboat_qemu::testing::assert_same;
+    let clock = lifeboat_core::JumpingClock::default();
+    let InReverse {
+        dir,
+        mut qsd_a,
+        mut qsd_b,
+        azurite,
+        server,
+        vms,
+        jobs,
+        operator: (stop_operator, operator),
+        agent_a: (stop_a, agent_a),
+        agent_b: (_stop_b, agent_b),
+        ..
+    } = protected_in_reverse(Arc::new(clock.clone()), Duration::from_secs(1)).await;
+
+    // Node-2 is lost: its agent first (no cycle ships what B writes next), then B itself.
+    let shipped = qsd_b.read_disk("os");
+    agent_b.abort();
+    let _ = agent_b.await;
+    qsd_b.guest_write("os", 6 << 20, 512 << 10, 0x6c);
+    qsd_b.kill();
+
+    // A planned failback needs node-2: its first job waits there, unclaimed.
+    ask(
+        &vms,
+        json!({"failover": {"token": "f2", "type": "Planned"}}),
+    )
+    .await;
+    let stranded = eventually(30, "the planned failback's first job", || {
+        let jobs = jobs.clone();
+        async move {
+            jobs.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|j| j.spec.job_type == JobType::Failover && j.spec.parameters.presync)
+        }
+    })
+    .await;
+    assert_eq!(stranded.spec.node_name, "node-2");
+    clock.jump(Duration::from_secs(600));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The unplanned failback: node-1 does it all.
+    ask(
+        &vms,
+        json!({"failover": {"token": "f3", "type": "Unplanned"}}),
+    )
+    .await;
+    let failed_back = web_until(&server, &vms, &jobs, "FailedBack by f3", |vm| {
+        vm.status.as_ref().is_some_and(|s| {
+            s.phase == ProtectionPhase::FailedBack
+                && s.handled_requests.failover.as_deref() == Some("f3")
+        })
+    })
+    .await;
+    let status = failed_back.status.as_ref().unwrap();
+    assert!(status.failover.as_ref().is_some_and(|f| f.failback));
+    let all = jobs.list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        all.iter().all(|j| j.name_any() != stranded.name_any()),
+        "the planned failback's job was withdrawn"
+    );
+    let unplanned = all
+        .iter()
+        .find(|j| j.spec.job_type == JobType::Failover && j.spec.parameters.to_primary)
+        .unwrap();
+    assert_eq!(unplanned.spec.node_name, "node-1");
+    let failback = all
+        .iter()
+        .find(|j| j.spec.job_type == JobType::Failback)
+        .unwrap();
+    assert_eq!(failback.spec.node_name, "node-1");
+    let a_disk = std::fs::read(dir.path().join("node-1").join("os.img")).unwrap();
+    assert_same("A's disk after the failback", &a_disk, &shipped);
+    assert_same(
+        "A's disk against the replica's newest point",
+        &a_disk,
+        &newest_point_disk(&azurite, SIZE).await,
+    );
+    let store = shared_key_store(&azurite, "replicas", test_options(1)).await;
+    let epoch = lifeboat_store::ReplicaStore::epoch(
+        &store,
+        &lifeboat_store::VmKey::new(NS, "web").unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(epoch.holder, "node node-1");
+
+    // A again; re-protect forward on node-1: nothing lost, nothing to send but what differs.
+    qsd_a.start_again();
+    ask(&vms, json!({"reprotect": "r2"})).await;
+    web_until(&server, &vms, &jobs, "Protected forward", |vm| {
+        vm.status.as_ref().is_some_and(|s| {
+            s.phase == ProtectionPhase::Protected
+                && s.direction == ReplicationDirection::Forward
+                && s.handled_requests.reprotect.as_deref() == Some("r2")
+        })
+    })
+    .await;
+    assert_same(
+        "the replica forward again",
+        &newest_point_disk(&azurite, SIZE).await,
+        &qsd_a.read_disk("os"),
+    );
+    stop_agent_cleanly(stop_a, agent_a, 30).await;
     stop_operator_within_10s(stop_operator, operator).await;
 }

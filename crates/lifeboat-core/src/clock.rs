@@ -50,6 +50,25 @@ impl Clock for ManualClock {
     }
 }
 
+/// The system's clock moved forward by every [`JumpingClock::jump`]: for tests where real
+/// processes keep real time (an agent renewing its Lease) while the one reading this clock
+/// sees hours go by. Clones share the jumps.
+#[derive(Clone, Debug, Default)]
+pub struct JumpingClock(Arc<Mutex<Duration>>);
+
+impl JumpingClock {
+    /// Move the clock forward by `by`, for good.
+    pub fn jump(&self, by: Duration) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) += by;
+    }
+}
+
+impl Clock for JumpingClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

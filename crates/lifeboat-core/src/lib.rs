@@ -31,7 +31,7 @@ pub mod rpo;
 pub mod vm;
 pub mod window;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, JumpingClock, ManualClock, SystemClock};
 pub use conditions::{ConditionStatus, ObservedCondition, set_condition};
 pub use health::{Health, HealthDecision, HealthInputs, decide_health};
 pub use model::{

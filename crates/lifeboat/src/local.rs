@@ -222,7 +222,8 @@ pub enum Tool {
     /// Fail back a VM that replicates in reverse: while the recovered VM runs, cut a fresh
     /// point of it and bring the primary site's original disks to it; then stop it, ship what
     /// it wrote meanwhile, and bring the original disks to that last point (each time only the
-    /// blocks that differ).
+    /// blocks that differ). The recovered VM's node lost for good: `lifeboat failover VM
+    /// --unplanned` fails it back from the store's latest point, at the primary site.
     #[command(after_help = exit::HELP)]
     Failback(RequestArgs),
     /// Retry what failed now, instead of at the next retry time (after fixing the cause of a

@@ -284,24 +284,6 @@ async fn setup(client: &Client, qsd: &Qsd, target: serde_json::Value, recovery: 
         .unwrap();
 }
 
-/// The operator's clock: the system's, moved forward by what the test says. A jump stands
-/// for time going by: the agents that beat go on beating (the operator sees their new
-/// records at the new time), a dead one's last record ages by the jump.
-#[derive(Debug, Clone, Default)]
-struct JumpingClock(std::sync::Arc<std::sync::Mutex<Duration>>);
-
-impl JumpingClock {
-    fn jump(&self, by: Duration) {
-        *self.0.lock().unwrap() += by;
-    }
-}
-
-impl lifeboat_core::Clock for JumpingClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now() + *self.0.lock().unwrap()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vms_node_is_lost_its_recovery_node_fails_it_over_and_the_old_agent_is_fenced() {
     let tmp = tempfile::tempdir().unwrap();
@@ -333,7 +315,9 @@ async fn site_loss(work: &Path, replica: &Replica, loss: Loss, recovery: Recover
     let client = server.client(NS);
     let kubeconfig = work.join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
-    let clock = JumpingClock::default();
+    // NB: a jump stands for time going by: the agents that beat go on beating (the operator
+    // sees their new records at the new time), a dead one's last record ages by the jump.
+    let clock = lifeboat_core::JumpingClock::default();
     let operator = lifeboat_operator::Operator::new(
         client.clone(),
         lifeboat_operator::Config {
