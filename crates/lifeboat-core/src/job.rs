@@ -15,27 +15,33 @@ pub enum JobFate {
     Active,
     /// It ended: keep it until then.
     KeepUntil(SystemTime),
+    /// It ended long enough ago, but its VM has not taken its end in yet (the VM's status
+    /// still names it as its current job, unfinished): keep it until the VM has, or the VM
+    /// would find it gone and take it for lost (`JobDeleted`, a retry much later).
+    AwaitVm,
     /// It ended long enough ago: delete it.
     Delete,
 }
 
 /// Decide what happens to a job in `state` that ended at `completed` (or, when that is not
-/// known, was created at `created`).
+/// known, was created at `created`); `vm_follows`: its VM's status names it as its current
+/// job, not finished yet.
 pub fn job_fate(
     state: JobState,
     completed: Option<SystemTime>,
     created: SystemTime,
     now: SystemTime,
     retention: Duration,
+    vm_follows: bool,
 ) -> JobFate {
     if !state.is_finished() {
         return JobFate::Active;
     }
     let until = completed.unwrap_or(created) + retention;
-    if until <= now {
-        JobFate::Delete
-    } else {
-        JobFate::KeepUntil(until)
+    match (until <= now, vm_follows) {
+        (false, _) => JobFate::KeepUntil(until),
+        (true, true) => JobFate::AwaitVm,
+        (true, false) => JobFate::Delete,
     }
 }
 
@@ -48,21 +54,26 @@ mod tests {
         let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
         let keep = Duration::from_secs(100);
         assert_eq!(
-            job_fate(JobState::Running, None, t(0), t(1000), keep),
+            job_fate(JobState::Running, None, t(0), t(1000), keep, false),
             JobFate::Active
         );
         assert_eq!(
-            job_fate(JobState::Succeeded, Some(t(50)), t(0), t(100), keep),
+            job_fate(JobState::Succeeded, Some(t(50)), t(0), t(100), keep, false),
             JobFate::KeepUntil(t(150))
         );
         assert_eq!(
-            job_fate(JobState::Failed, Some(t(50)), t(0), t(150), keep),
+            job_fate(JobState::Failed, Some(t(50)), t(0), t(150), keep, false),
             JobFate::Delete
         );
         assert_eq!(
-            job_fate(JobState::Failed, None, t(0), t(99), keep),
+            job_fate(JobState::Failed, None, t(0), t(99), keep, false),
             JobFate::KeepUntil(t(100)),
             "the creation time stands in for a missing completion time"
+        );
+        assert_eq!(
+            job_fate(JobState::Failed, Some(t(50)), t(0), t(150), keep, true),
+            JobFate::AwaitVm,
+            "past its retention, kept while its VM has not taken its end in"
         );
     }
 }

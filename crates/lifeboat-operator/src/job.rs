@@ -7,6 +7,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use lifeboat_api::ReplicationJob;
 use lifeboat_core::job::{JobFate, job_fate};
 use lifeboat_core::vm::MAX_REQUEUE;
@@ -18,6 +19,9 @@ use lifeboat_control::mapping::{self, whole_seconds};
 
 /// The controller's name in metrics and logs.
 pub const CONTROLLER: &str = "ReplicationJob";
+
+/// How soon to look again at a job past its retention whose VM has not taken its end in.
+const AWAIT_VM: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Reconcile one ReplicationJob.
 ///
@@ -33,15 +37,28 @@ pub async fn reconcile(job: Arc<ReplicationJob>, ctx: Arc<Context>) -> Result<Ac
         .creation_timestamp
         .as_ref()
         .map_or(now, mapping::system_time);
+    let ns = job.namespace().unwrap_or_default();
+    let vm = ctx
+        .stores
+        .vms
+        .get(&ObjectRef::new(&job.spec.vm_ref.name).within(&ns));
+    let vm_follows = vm
+        .as_ref()
+        .and_then(|vm| vm.status.as_ref()?.current_job.as_ref())
+        .is_some_and(|current| {
+            current.name == job.name_any() && !mapping::job_state(current.phase).is_finished()
+        });
     let fate = job_fate(
         mapping::job_state(status.phase),
         status.completion_time.as_ref().map(mapping::system_time),
         created,
         now,
         ctx.settings.job_retention,
+        vm_follows,
     );
     match fate {
         JobFate::Active => Ok(Action::requeue(MAX_REQUEUE)),
+        JobFate::AwaitVm => Ok(Action::requeue(AWAIT_VM)),
         JobFate::KeepUntil(until) => Ok(Action::requeue(
             until
                 .duration_since(now)
@@ -49,7 +66,6 @@ pub async fn reconcile(job: Arc<ReplicationJob>, ctx: Arc<Context>) -> Result<Ac
                 .min(MAX_REQUEUE * 6),
         )),
         JobFate::Delete => {
-            let ns = job.namespace().unwrap_or_default();
             let api: Api<ReplicationJob> = Api::namespaced(ctx.client.clone(), &ns);
             match api
                 .delete(&job.name_any(), &DeleteParams::background())
