@@ -524,6 +524,32 @@ async fn newest_point_disk(azurite: &Azurite, size: u64) -> Vec<u8> {
     out
 }
 
+/// Re-protect `web` forward (request `r2`), A's VM in `qsd_a` running again: wait for it,
+/// and check the replica's newest point is A's disk.
+async fn reprotect_forward(
+    server: &TestApiServer,
+    vms: &Api<ProtectedVM>,
+    jobs: &Api<ReplicationJob>,
+    azurite: &Azurite,
+    qsd_a: &Qsd,
+) {
+    use lifeboat_api::protected_vm::ReplicationDirection;
+    ask(vms, json!({"reprotect": "r2"})).await;
+    web_until(server, vms, jobs, "Protected forward", |vm| {
+        vm.status.as_ref().is_some_and(|s| {
+            s.phase == ProtectionPhase::Protected
+                && s.direction == ReplicationDirection::Forward
+                && s.handled_requests.reprotect.as_deref() == Some("r2")
+        })
+    })
+    .await;
+    lifeboat_qemu::testing::assert_same(
+        "the replica forward again",
+        &newest_point_disk(azurite, SIZE).await,
+        &qsd_a.read_disk("os"),
+    );
+}
+
 /// The size of the two-node tests' disk.
 const SIZE: u64 = 8 << 20;
 
@@ -733,7 +759,6 @@ async fn protected_in_reverse(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
-    use lifeboat_api::protected_vm::ReplicationDirection;
     use lifeboat_qemu::testing::assert_same;
     let InReverse {
         dir,
@@ -821,20 +846,7 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
 
     // A again; re-protect forward on node-1.
     qsd_a.start_again();
-    ask(&vms, json!({"reprotect": "r2"})).await;
-    web_until(&server, &vms, &jobs, "Protected forward", |vm| {
-        vm.status.as_ref().is_some_and(|s| {
-            s.phase == ProtectionPhase::Protected
-                && s.direction == ReplicationDirection::Forward
-                && s.handled_requests.reprotect.as_deref() == Some("r2")
-        })
-    })
-    .await;
-    assert_same(
-        "the replica forward again",
-        &newest_point_disk(&azurite, SIZE).await,
-        &qsd_a.read_disk("os"),
-    );
+    reprotect_forward(&server, &vms, &jobs, &azurite, &qsd_a).await;
 
     stop_agent_cleanly(stop_a, agent_a, 30).await;
     stop_agent_cleanly(stop_b, agent_b, 30).await;
@@ -853,7 +865,6 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
 async fn with_the_recovered_vms_node_lost_for_good_an_unplanned_failback_runs_at_the_primary_site()
 {
     use lifeboat_api::job::JobType;
-    use lifeboat_api::protected_vm::ReplicationDirection;
     use lifeboat_qemu::testing::assert_same;
     let clock = lifeboat_core::JumpingClock::default();
     let InReverse {
@@ -945,22 +956,9 @@ async fn with_the_recovered_vms_node_lost_for_good_an_unplanned_failback_runs_at
     .unwrap();
     assert_eq!(epoch.holder, "node node-1");
 
-    // A again; re-protect forward on node-1: nothing lost, nothing to send but what differs.
+    // A again; re-protect forward on node-1.
     qsd_a.start_again();
-    ask(&vms, json!({"reprotect": "r2"})).await;
-    web_until(&server, &vms, &jobs, "Protected forward", |vm| {
-        vm.status.as_ref().is_some_and(|s| {
-            s.phase == ProtectionPhase::Protected
-                && s.direction == ReplicationDirection::Forward
-                && s.handled_requests.reprotect.as_deref() == Some("r2")
-        })
-    })
-    .await;
-    assert_same(
-        "the replica forward again",
-        &newest_point_disk(&azurite, SIZE).await,
-        &qsd_a.read_disk("os"),
-    );
+    reprotect_forward(&server, &vms, &jobs, &azurite, &qsd_a).await;
     stop_agent_cleanly(stop_a, agent_a, 30).await;
     stop_operator_within_10s(stop_operator, operator).await;
 }
