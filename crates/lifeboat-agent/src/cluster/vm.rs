@@ -606,6 +606,13 @@ impl VmTask {
                 }
             }
         };
+        // NB: the fence from the store took the replica's new epoch on this engine's store
+        // handle too; this engine is not the one that replicates (it may be a stale
+        // Protected one, left by an unplanned failover on the way out): no cycle of it may
+        // write under that epoch. A re-protect here makes it the replicating one again.
+        if from_store {
+            self.fenced = true;
+        }
         drop(sink);
         if let Err(error) = writer.await {
             tracing::warn!(job = %name, %error, "the progress writer ended abnormally");

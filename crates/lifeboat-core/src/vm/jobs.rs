@@ -451,9 +451,15 @@ impl Pass<'_> {
     /// Whether a failback's unplanned Failover runs at the primary site, from the store: the
     /// recovered VM's agent (the one that replicates in reverse) is lost, the primary's lives.
     pub(super) fn failback_goes_home(&self, kind: JobKind, params: &JobParams) -> bool {
+        // NB: lost as a job is taken from its agent: a Lease last renewed that long ago (an
+        // agent that never had one is not known to be lost).
+        let lost = self
+            .input
+            .heartbeat
+            .is_some_and(|beat| !alive(Some(beat), self.now));
         self.state.reverse
             && unplanned_failback(kind, params)
-            && !alive(self.input.heartbeat, self.now)
+            && lost
             && alive(self.input.primary_heartbeat, self.now)
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use crate::model::{FailoverKind, JobKind, JobParams, JobState, Phase, PointChoice, ResyncReason};
 
 use super::requests::Ask;
-use super::{JobRecord, Pass, reasons};
+use super::{FailoverAsk, JobRecord, Pass, reasons};
 
 /// How often to look again while the policy is missing or not usable.
 const POLICY_RECHECK: Duration = Duration::from_secs(60);
@@ -18,7 +18,7 @@ impl Pass<'_> {
         if matches!(self.state.phase, Phase::Disabled) {
             self.state.phase = Phase::Pending;
         }
-        self.withdraw_stranded_failover();
+        self.unplanned_takes_over();
         if !self.idle() {
             // One job at a time: requests wait.
             return;
@@ -106,49 +106,64 @@ impl Pass<'_> {
         }
     }
 
-    /// A planned failover (or failback) step that no agent claimed, its node's agent lost,
-    /// gives way to an unplanned failover asked since: it did nothing yet, so it is withdrawn
-    /// and the unplanned one starts in this pass. A node lost for good does not hold the VM's
-    /// recovery: the unplanned one needs only the store (and the primary site, for a
-    /// failback). The planned request is left unanswered: the new one replaces it.
-    fn withdraw_stranded_failover(&mut self) {
+    /// A planned failover (or failback) step that cannot go on gives way to an unplanned
+    /// failover asked since, which starts in this pass: one that failed (its retry would wait
+    /// out the backoff, for a node that may be gone for good), or one that no agent claimed
+    /// while its node's agent has been silent for `JOB_AGENT_LOST` (it did nothing yet: it is
+    /// withdrawn). One still running is left to end, or to be taken from its lost agent. The
+    /// unplanned one needs only the store (and the primary site, for a failback); the planned
+    /// request is left unanswered: the new one replaces it.
+    fn unplanned_takes_over(&mut self) {
         let Some(record) = self.state.job.clone() else {
             return;
         };
-        let planned_step = record.state == JobState::Pending
-            && record.kind == JobKind::Failover
-            && record.params.failover == Some(FailoverKind::Planned);
-        let lost = self
-            .input
-            .job_heartbeat
-            .and_then(|beat| self.now.duration_since(beat).ok())
-            .filter(|silence| *silence >= super::JOB_AGENT_LOST);
-        let (true, Some(silence), Some(ask)) = (planned_step, lost, self.ask_failover()) else {
+        let replaced = |ask: &FailoverAsk| {
+            ask.kind == FailoverKind::Unplanned
+                && record.params.request_token.as_deref() != Some(ask.token.as_str())
+        };
+        let Some(ask) = self.ask_failover().filter(replaced) else {
             return;
         };
-        if ask.kind != FailoverKind::Unplanned
-            || record.params.request_token.as_deref() == Some(ask.token.as_str())
+        // NB: only when the unplanned one starts in this pass: a withdrawn step is never
+        // retried for a request that was rejected.
+        if record.kind != JobKind::Failover
+            || record.params.failover != Some(FailoverKind::Planned)
+            || !self.has_recovery_point()
         {
             return;
         }
-        self.delete = Some(record.name.clone());
-        self.notice(
-            true,
-            reasons::JOB_WITHDRAWN,
-            format!(
-                "{} job {} withdrawn: no agent claimed it, its node's agent has been silent for {}s, and an unplanned {} was asked ({})",
-                record.kind.as_str(),
-                record.name,
-                silence.as_secs(),
-                if self.state.reverse { "failback" } else { "failover" },
-                ask.token
-            ),
-        );
-        self.state.job = Some(JobRecord {
-            state: JobState::Failed,
-            error: None,
-            ..record
-        });
+        match record.state {
+            JobState::Failed => {}
+            JobState::Pending => {
+                let Some(silence) = self
+                    .input
+                    .job_heartbeat
+                    .and_then(|beat| self.now.duration_since(beat).ok())
+                    .filter(|silence| *silence >= super::JOB_AGENT_LOST)
+                else {
+                    return;
+                };
+                self.delete = Some(record.name.clone());
+                self.notice(
+                    true,
+                    reasons::JOB_WITHDRAWN,
+                    format!(
+                        "{} job {} withdrawn: no agent claimed it, its node's agent has been silent for {}s, and an unplanned {} was asked ({})",
+                        record.kind.as_str(),
+                        record.name,
+                        silence.as_secs(),
+                        if self.state.reverse { "failback" } else { "failover" },
+                        ask.token
+                    ),
+                );
+                self.state.job = Some(JobRecord {
+                    state: JobState::Failed,
+                    error: None,
+                    ..record
+                });
+            }
+            JobState::Running | JobState::WaitingForInput | JobState::Succeeded => return,
+        }
         if matches!(self.state.phase, Phase::FailingOver | Phase::FailingBack) {
             self.state.phase = Phase::Protected;
         }

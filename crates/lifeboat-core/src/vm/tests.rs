@@ -734,6 +734,56 @@ fn a_planned_failback_stranded_on_a_lost_node_gives_way_to_an_unplanned_one() {
     assert!(d.create_job.is_none() && d.delete_job.is_none(), "{d:?}");
 }
 
+#[test]
+fn a_planned_failback_step_taken_from_a_lost_agent_gives_way_at_once_to_an_unplanned_one() {
+    let mut w = failback_asked();
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    w.run_current_job();
+    // Node-b's agent claims the stop, then its node dies: the step is taken from it, and its
+    // retry (on node-b: it must stop the recovered VM there) waits for the backoff.
+    w.claim();
+    w.step();
+    reverse_with_node_b_lost(&mut w);
+    assert!(w.step().create_job.is_none());
+    assert_eq!(
+        w.state.job.as_ref().map(|j| j.state),
+        Some(JobState::Failed)
+    );
+    // An unplanned failback asked now does not wait for it.
+    w.spec.requests.failover = unplanned("f3");
+    let d = w.step();
+    let job = d.create_job.expect("the unplanned failback's failover");
+    assert_eq!(
+        (job.kind, job.params.failover, job.node.as_deref()),
+        (JobKind::Failover, Some(FailoverKind::Unplanned), None)
+    );
+    w.run_current_job();
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedBack);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f3"));
+}
+
+#[test]
+fn a_stranded_planned_step_is_not_withdrawn_for_an_unplanned_request_that_cannot_start() {
+    let mut w = World::protected_in_reverse();
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f2".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    reverse_with_node_b_lost(&mut w);
+    // No recovery point known: the unplanned request would be rejected, so the planned
+    // step stays (withdrawn, it would be retried for a request nobody makes any more).
+    if let Some(agent) = w.agent.as_mut() {
+        agent.latest_point = None;
+    }
+    w.spec.requests.failover = unplanned("f3");
+    let d = w.step();
+    assert!(d.create_job.is_none() && d.delete_job.is_none(), "{d:?}");
+}
+
 /// A VM protected in reverse (failed over, re-protected from node-b), with a planned
 /// failback asked as `f2`: its first job created.
 fn failback_asked() -> World {

@@ -163,10 +163,12 @@ pub async fn fail_over_from_store(
 }
 
 /// The first half of an unplanned failback from the store alone, run by the primary site's
-/// agent when the recovered VM's node is lost: choose the point (before the fence, as
-/// [`Replicator::fail_over_to_primary`] does) and take the replica for `holder`'s new
-/// epoch, fencing the lost agent should it come back. No disk is written: the Failback job
-/// that follows brings the original disks to the point.
+/// agent when the recovered VM's node is lost: take the replica for `holder`'s new epoch,
+/// fencing the lost agent should it come back, and choose the point. The latest is chosen
+/// after the fence, so that the Failback job that follows (it resolves the same choice)
+/// finds the same point even if the lost agent, only cut off, cut one more; a named or dated
+/// point is chosen first, so that a point that does not exist fences nothing. No disk is
+/// written: the Failback job brings the original disks to the point.
 ///
 /// # Errors
 ///
@@ -178,8 +180,17 @@ pub async fn fail_back_from_store(
     holder: &str,
     now: SystemTime,
 ) -> Result<FailoverReport, EngineError> {
-    let point = choose_point(store, vm, choice).await?;
+    let latest = matches!(choice, PointChoice::Latest);
+    let chosen = if latest {
+        None
+    } else {
+        Some(choose_point(store, vm, choice).await?)
+    };
     store.fence(vm, holder, super::unix_ms(now)).await?;
+    let point = match chosen {
+        Some(point) => point,
+        None => choose_point(store, vm, choice).await?,
+    };
     Ok(FailoverReport {
         point,
         disks: Vec::new(),
