@@ -14,7 +14,8 @@
 //!  (failover.failback), not removed
 //!     └─ TakeDown: hook (Failback) ─> remove the definition ─> recoveredVm.removed
 //!                  (nothing brings it up again, or runs it beside the VM back at the primary;
-//!                  an unplanned failback leaves it: its site may be lost, or it may still run)
+//!                  an unplanned failback leaves it: its site may be lost, or it may still run;
+//!                  one whose hook or removal failed is taken down again on a new retry token)
 //! ```
 //!
 //! What was done is recorded in the VM's status before anything else happens to it, so that a
@@ -94,14 +95,26 @@ pub fn pending(vm: &ProtectedVM) -> Option<Work> {
     // NB: once the failback is done (a Failback job that failed leaves the phase FailingBack:
     // the VM may still have to go on at the recovery site), and only a planned one, which
     // stopped the recovered VM.
+    let requests = vm.spec.requests.clone().unwrap_or_default();
+    // NB: a take-down that went wrong (its hook failed, or the definition could not be
+    // removed: the recovered VM could be started again beside the VM) is tried again on a
+    // new `retry` token, not at every pass.
+    let take_down_again = |down: &RecoveredVm| {
+        down.removed
+            && down.message.is_some()
+            && requests.retry.is_some()
+            && requests.retry != down.retry_token
+    };
     if let Some(failback) = failback
         && status.phase != ProtectionPhase::FailingBack
         && failover_action(vm) == PlanAction::PlannedFailover
-        && failback.recovered_vm.as_ref().is_some_and(|up| !up.removed)
+        && failback
+            .recovered_vm
+            .as_ref()
+            .is_some_and(|up| !up.removed || take_down_again(up))
     {
         return Some(Work::TakeDown { test: false });
     }
-    let requests = vm.spec.requests.clone().unwrap_or_default();
     let cleanup_asked = requests
         .cleanup_test_failover
         .as_ref()
@@ -311,12 +324,14 @@ pub async fn carry_out(
             // Event, and a definition that could not be removed is left to the administrator.
             if problems.is_empty() {
                 tracing::info!(vm = %qualified, recovered = %down.name, "{what} is taken down");
+                down.message = None;
             } else {
                 tracing::warn!(vm = %qualified, recovered = %down.name, "taking {what} down: {}", problems.join("; "));
                 let when = if test { "at cleanup" } else { "at failback" };
                 down.message = Some(format!("{when}: {}", problems.join("; ")));
             }
             down.removed = true;
+            down.retry_token = vm.spec.requests.as_ref().and_then(|r| r.retry.clone());
             Some(down)
         }
     }
@@ -336,8 +351,12 @@ pub fn notice(work: Work, recovered: &RecoveredVm) -> Notice {
                 recovered.message.is_some(),
                 reasons::RECOVERED_VM_REMOVED,
                 match &recovered.message {
-                    Some(problem) => format!(
+                    Some(problem) if test => format!(
                         "recovered VM {}{at} taken down{why}, {problem}",
+                        recovered.name
+                    ),
+                    Some(problem) => format!(
+                        "recovered VM {}{at} taken down{why}, {problem} (a new retry token tries again)",
                         recovered.name
                     ),
                     None => format!("recovered VM {}{at} taken down{why}", recovered.name),

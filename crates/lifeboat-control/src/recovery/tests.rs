@@ -15,6 +15,8 @@ struct RecordingDriver {
     calls: Mutex<Vec<String>>,
     envs: Mutex<Vec<Vec<(String, String)>>>,
     failing_hook: bool,
+    /// Whether `remove` fails (an API server that refuses, a file that cannot be deleted).
+    failing_remove: Mutex<bool>,
 }
 
 #[async_trait]
@@ -37,7 +39,11 @@ impl RecoveryDriver for RecordingDriver {
             .lock()
             .unwrap()
             .push(format!("remove {definition}"));
-        Ok(())
+        if *self.failing_remove.lock().unwrap() {
+            Err("forbidden".into())
+        } else {
+            Ok(())
+        }
     }
 
     async fn hook(
@@ -396,6 +402,74 @@ async fn a_failback_takes_the_failovers_vm_down_once_and_brings_nothing_up() {
         status_of(&mut vm).phase = phase;
         assert_eq!(pending(&vm), None, "{phase:?}: taken down once");
     }
+}
+
+/// A failback whose take-down could not remove the recovered VM's definition says so and
+/// tries again on a new `retry` token, not at every pass.
+#[tokio::test]
+async fn a_failed_take_down_at_failback_is_tried_again_on_a_new_retry_token() {
+    let driver = RecordingDriver::default();
+    let mut vm = vm(BOTH);
+    vm.spec.requests = Some(lifeboat_api::protected_vm::Requests {
+        failover: Some(lifeboat_api::protected_vm::FailoverRequest {
+            token: "f2".into(),
+            failover_type: FailoverType::Planned,
+            recovery_point: None,
+        }),
+        ..Default::default()
+    });
+    let up = RecoveredVm {
+        name: "db".into(),
+        definition: Some("/failover/db.xml".into()),
+        succeeded: true,
+        ..RecoveredVm::default()
+    };
+    vm.status = Some(ProtectedVMStatus {
+        phase: ProtectionPhase::FailedBack,
+        failover: Some(FailoverResult {
+            node: Some("node-a".into()),
+            failback: true,
+            recovered_vm: Some(up),
+            ..FailoverResult::default()
+        }),
+        ..ProtectedVMStatus::default()
+    });
+    *driver.failing_remove.lock().unwrap() = true;
+    assert_eq!(pending(&vm), Some(Work::TakeDown { test: false }));
+    let down = carry(&driver, &vm, Work::TakeDown { test: false }).await;
+    assert_eq!(
+        down.message.as_deref(),
+        Some("at failback: remove /failover/db.xml: forbidden")
+    );
+    let said = notice(Work::TakeDown { test: false }, &down);
+    assert!(
+        said.warning && said.note.contains("a new retry token tries again"),
+        "{}",
+        said.note
+    );
+    record(status_of(&mut vm), Work::TakeDown { test: false }, down);
+    assert_eq!(pending(&vm), None, "not at every pass");
+
+    // The administrator fixes the permission and asks for a retry: taken down, once.
+    *driver.failing_remove.lock().unwrap() = false;
+    if let Some(requests) = vm.spec.requests.as_mut() {
+        requests.retry = Some("r1".into());
+    }
+    assert_eq!(pending(&vm), Some(Work::TakeDown { test: false }));
+    let down = carry(&driver, &vm, Work::TakeDown { test: false }).await;
+    assert!(down.removed && down.message.is_none(), "{down:?}");
+    record(status_of(&mut vm), Work::TakeDown { test: false }, down);
+    assert_eq!(pending(&vm), None);
+    assert_eq!(
+        driver
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("remove"))
+            .count(),
+        2
+    );
 }
 
 /// A failback's result, its recovered VM taken down, does not keep the next test failover's
