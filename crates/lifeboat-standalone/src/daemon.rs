@@ -539,9 +539,19 @@ impl Daemon {
             );
             self.slots.remove(key);
         }
-        if self.slots.get(key).is_some_and(|slot| {
-            slot.config.site != config.site && slot.job.as_ref().is_none_or(|j| j.is_finished())
-        }) {
+        // NB: a job that ended is let go before the site is looked at, not after: a job
+        // ending between the two would otherwise leave the old site's engine to start the
+        // next job (on the wrong site's disks).
+        if let Some(slot) = self.slots.get_mut(key)
+            && slot.job.as_ref().is_some_and(|j| j.is_finished())
+        {
+            slot.job = None;
+        }
+        if self
+            .slots
+            .get(key)
+            .is_some_and(|slot| slot.config.site != config.site && slot.job.is_none())
+        {
             // NB: re-protect turned the VM's direction: the other site's VM replicates now,
             // with its own engine state.
             tracing::info!(
@@ -585,10 +595,10 @@ impl Daemon {
         let Some(slot) = self.slots.get_mut(key) else {
             return Ok(());
         };
-        if slot.job.as_ref().is_some_and(|j| j.is_finished()) {
-            slot.job = None;
-        }
+        // NB: the same site's settings and disks only: the other site's engine is opened
+        // once the job that holds this one ends (above).
         if slot.config != config
+            && slot.config.site == config.site
             && let Ok(mut worker) = slot.worker.try_lock()
         {
             worker.engine_mut().set_settings(config.settings.clone());
