@@ -16,13 +16,18 @@
 //!          planned: Failover presync (a cycle, the VM runs), Failback presync (disks, the VM runs), ┘ │
 //!          then Failover (stop, ship, point), Failback (disks); unplanned: the last two only       │
 //!   a presync job or the Failover failed for good ──> Protected (reverse), the request answered ──┘
+//!   (an unplanned one's Failover runs at the primary site, from the store, when the recovered
+//!   VM's agent is lost; an unplanned request replaces a planned step that failed, or that
+//!   waits unclaimed on a lost agent: withdrawn)
 //!
 //!  any phase ── protection Disabled or the VM deleted ──> DisablingProtection ──> Disabled
 //! ```
 //!
 //! # Guarantees
 //!
-//! - At most one job per VM runs at a time; a request waits while another job runs.
+//! - At most one job per VM runs at a time; a request waits while another job runs (one
+//!   exception: an unplanned failover asked while a planned failover's or failback's step
+//!   waits, unclaimed, on an agent lost for `JOB_AGENT_LOST` withdraws that step).
 //! - A failed job is retried only at its retry time (the later of what the agent asked and
 //!   the ASR backoff of [`crate::retry::next_retry`]), never sooner, unless someone sets a new
 //!   `retry` token; a non-recoverable failure is retried only after the spec changes or a
