@@ -41,9 +41,15 @@ pub enum Action {
     Commit,
     /// Re-protect after a failover (in reverse, from `spec.recoverySite`) or a failback.
     Reprotect,
-    /// Fail back: a planned failover of a VM that replicates in reverse, onto the primary
-    /// site's original disks.
-    Failback,
+    /// Fail back: a failover of a VM that replicates in reverse, onto the primary site's
+    /// original disks; planned (the recovered VM stopped first, nothing lost), or not (its
+    /// site lost: from a point of the replica, run at the primary site).
+    Failback {
+        /// Planned.
+        planned: bool,
+        /// A named point (unplanned only).
+        point: Option<String>,
+    },
     /// Retry what failed, now, instead of at the next retry time (or at all, after a
     /// non-recoverable error the administrator has fixed).
     Retry,
@@ -65,7 +71,11 @@ impl std::fmt::Display for Action {
             Action::Cleanup => f.write_str("test failover cleanup"),
             Action::Commit => f.write_str("failover commit"),
             Action::Reprotect => f.write_str("re-protect"),
-            Action::Failback => f.write_str("failback"),
+            Action::Failback { planned: true, .. } => f.write_str("failback"),
+            Action::Failback {
+                planned: false,
+                point,
+            } => write!(f, "unplanned failback to {}", to(point)),
             Action::Retry => f.write_str("retry"),
         }
     }
@@ -134,11 +144,15 @@ pub fn apply_request(requests: &mut Requests, action: &Action, token: &str) {
         Action::Cleanup => requests.cleanup_test_failover = Some(token),
         Action::Commit => requests.commit = Some(token),
         Action::Reprotect => requests.reprotect = Some(token),
-        Action::Failback => {
+        Action::Failback { planned, point } => {
             requests.failover = Some(FailoverRequest {
                 token,
-                failover_type: FailoverType::Planned,
-                recovery_point: None,
+                failover_type: if *planned {
+                    FailoverType::Planned
+                } else {
+                    FailoverType::Unplanned
+                },
+                recovery_point: (!*planned).then(|| selector(point)),
             });
         }
         Action::Retry => requests.retry = Some(token),
@@ -162,12 +176,23 @@ pub fn check_action(vm: &ProtectedVM, action: &Action) -> Result<(), String> {
     );
     let phase = words(&status.phase);
     match action {
-        Action::Failback if status.direction != ReplicationDirection::Reverse => Err(format!(
-            "{who} replicates forward, from its primary site: a failback returns a VM that was              failed over and re-protected in reverse (`lifeboat failover` fails it over)"
-        )),
-        Action::Failback if status.phase != P::Protected => Err(format!(
+        Action::Failback { .. } if status.direction != ReplicationDirection::Reverse => {
+            Err(format!(
+                "{who} replicates forward, from its primary site: a failback returns a VM that was              failed over and re-protected in reverse (`lifeboat failover` fails it over)"
+            ))
+        }
+        Action::Failback { planned: true, .. } if status.phase != P::Protected => Err(format!(
             "{who} is {phase}: a failback needs it protected in reverse"
         )),
+        // NB: an unplanned one may also replace a planned one that cannot go on (its step
+        // failed, or waits on the recovered VM's lost node).
+        Action::Failback { planned: false, .. }
+            if !matches!(status.phase, P::Protected | P::FailingBack) =>
+        {
+            Err(format!(
+                "{who} is {phase}: an unplanned failback needs it protected in reverse, or failing back"
+            ))
+        }
         Action::Reprotect => match status.phase {
             P::FailedOver | P::FailoverCommitted if vm.spec.recovery_site.is_none() => {
                 Err(format!(
@@ -206,7 +231,7 @@ pub fn handled(vm: &ProtectedVM, action: &Action) -> Option<String> {
         Action::Cleanup => h.cleanup_test_failover,
         Action::Commit => h.commit,
         Action::Reprotect => h.reprotect,
-        Action::Failback => h.failover,
+        Action::Failback { .. } => h.failover,
         Action::Retry => h.retry,
     }
 }

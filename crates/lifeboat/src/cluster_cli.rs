@@ -166,7 +166,7 @@ impl Cluster {
     /// The patch was refused (RBAC, validation, a missing VM).
     pub async fn request(&self, namespace: &str, name: &str, action: &Action) -> Result<String> {
         let api: Api<ProtectedVM> = Api::namespaced(self.client.clone(), namespace);
-        if matches!(action, Action::Reprotect | Action::Failback) {
+        if matches!(action, Action::Reprotect | Action::Failback { .. }) {
             let vm = api
                 .get(name)
                 .await

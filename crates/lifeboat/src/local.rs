@@ -222,10 +222,22 @@ pub enum Tool {
     /// Fail back a VM that replicates in reverse: while the recovered VM runs, cut a fresh
     /// point of it and bring the primary site's original disks to it; then stop it, ship what
     /// it wrote meanwhile, and bring the original disks to that last point (each time only the
-    /// blocks that differ). The recovered VM's node lost for good: `lifeboat failover VM
-    /// --unplanned` fails it back from the store's latest point, at the primary site.
+    /// blocks that differ). `--unplanned`, the recovered VM's site lost: from a point of the
+    /// replica, run at the primary site (asks for confirmation).
     #[command(after_help = exit::HELP)]
-    Failback(RequestArgs),
+    Failback {
+        #[command(flatten)]
+        request: RequestArgs,
+        /// Unplanned: the recovered VM's site is gone; bring the original disks to the chosen
+        /// point, run by the primary site's agent. Replaces a planned failback that waits for
+        /// the lost node.
+        #[arg(long)]
+        unplanned: bool,
+        /// The point of an unplanned failback: `latest` (default), `latest-app-consistent`,
+        /// `not-after:TIME`, or a point's name.
+        #[arg(long, requires = "unplanned", value_parser = lifeboat_standalone::cli::point_arg)]
+        point: Option<String>,
+    },
     /// Retry what failed now, instead of at the next retry time (after fixing the cause of a
     /// non-recoverable error, say).
     #[command(after_help = exit::HELP)]
@@ -353,7 +365,17 @@ pub async fn tool(tool: Tool) -> Result<ExitCode> {
         Tool::Cleanup(request) => ask(request, Action::Cleanup).await,
         Tool::Commit(request) => ask(request, Action::Commit).await,
         Tool::Reprotect(request) => ask(request, Action::Reprotect).await,
-        Tool::Failback(request) => ask(request, Action::Failback).await,
+        Tool::Failback {
+            request,
+            unplanned,
+            point,
+        } => {
+            let action = Action::Failback {
+                planned: !unplanned,
+                point,
+            };
+            ask(request, action).await
+        }
         Tool::Retry(request) => ask(request, Action::Retry).await,
         Tool::Plan(command) => crate::plan::plan(command).await,
         Tool::Version { target } => version(&target).await,
@@ -560,13 +582,15 @@ fn confirm(request: &RequestArgs, action: &Action, ns: &str, name: &str) -> Resu
             ),
             request.yes,
         ),
-        Action::Failover { planned: false, .. } => ui::confirm(
-            &format!("{action} of {ns}/{name}"),
-            &format!(
-                "Run the {action} of {ns}/{name}? What was written after that point is not on the replica."
-            ),
-            request.yes,
-        ),
+        Action::Failover { planned: false, .. } | Action::Failback { planned: false, .. } => {
+            ui::confirm(
+                &format!("{action} of {ns}/{name}"),
+                &format!(
+                    "Run the {action} of {ns}/{name}? What was written after that point is not on the replica."
+                ),
+                request.yes,
+            )
+        }
         _ => Ok(()),
     }
 }
@@ -640,7 +664,7 @@ async fn ask(request: RequestArgs, action: Action) -> Result<ExitCode> {
     }
     let result = match action {
         Action::TestFailover(_) => status.test_failover,
-        Action::Failover { .. } | Action::Failback => status.failover,
+        Action::Failover { .. } | Action::Failback { .. } => status.failover,
         _ => None,
     };
     println!(

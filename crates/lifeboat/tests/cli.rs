@@ -760,4 +760,54 @@ async fn reprotect_and_failback_on_a_cluster_ask_when_they_apply_and_say_why_not
         failover.failover_type,
         lifeboat_api::protected_vm::FailoverType::Planned
     );
+
+    // The recovered VM's node lost while that failback waits for it: an unplanned one
+    // replaces it, from a point of the replica (after a confirmation).
+    s.vm_status(
+        "team-a",
+        "web-01",
+        json!({"phase": "FailingBack", "direction": "Reverse"}),
+    )
+    .await;
+    let out = s.run(&["failback", "web-01", "--no-wait"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs it protected in reverse"),
+        "a planned one is refused while one runs: {}",
+        show(&out)
+    );
+    let out = s
+        .ok(&[
+            "failback",
+            "web-01",
+            "--unplanned",
+            "--point",
+            "latest",
+            "--yes",
+            "--no-wait",
+        ])
+        .await;
+    assert!(
+        out.starts_with("requested the unplanned failback to the latest point of team-a/web-01"),
+        "{out}"
+    );
+    let failover = vms
+        .get("web-01")
+        .await
+        .unwrap()
+        .spec
+        .requests
+        .unwrap()
+        .failover
+        .unwrap();
+    assert_eq!(
+        failover.failover_type,
+        lifeboat_api::protected_vm::FailoverType::Unplanned
+    );
+    let out = s.run(&["failback", "web-01", "--point", "latest"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--point needs --unplanned: {}",
+        show(&out)
+    );
 }
