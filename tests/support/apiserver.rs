@@ -10,7 +10,7 @@
 //! | put, merge patch, JSON patch | resourceVersion preconditions (409 `Conflict`), generation bumped on spec changes only |
 //! | server-side apply | per field manager ownership: fields a manager stops applying are removed, conflicts without `force` are 409 |
 //! | status subresource | `/status` writes change status only; the main endpoint ignores status |
-//! | delete | finalizers hold an object with a deletionTimestamp; owner references cascade |
+//! | delete | finalizers hold an object with a deletionTimestamp; owner references cascade; DeleteOptions' `preconditions.resourceVersion` (409 `Conflict`) |
 //!
 //! What it leaves out: authentication, admission and schema validation (the CRD schema is
 //! checked offline by `lifeboat validate` and the manifest tests), strategic merge (treated as
@@ -884,7 +884,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
                 })
             }
         }
-        (&Method::DELETE, Some(name)) => delete(state, &target, name),
+        (&Method::DELETE, Some(name)) => delete(state, &target, name, parsed.as_ref()),
         _ => Outcome::Fail(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
@@ -1292,12 +1292,23 @@ fn cascade(inner: &mut Inner, events: &broadcast::Sender<Arc<WatchEvent>>, owner
     }
 }
 
-fn delete(state: &State, target: &Target, name: &str) -> Outcome {
+fn delete(state: &State, target: &Target, name: &str, options: Option<&Value>) -> Outcome {
     let key = key_of(target, name);
     let mut inner = state.lock();
     let Some(mut stored) = inner.objects.get(&key).cloned() else {
         return not_found(target, name);
     };
+    // DeleteOptions' preconditions: the object as it was at that resourceVersion only.
+    let wanted = options.and_then(|o| o.pointer("/preconditions/resourceVersion"));
+    if let Some(wanted) = wanted.filter(|v| !v.is_null())
+        && stored.object.pointer("/metadata/resourceVersion") != Some(wanted)
+    {
+        return Outcome::Fail(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!("Precondition failed: resourceVersion {wanted} does not match"),
+        );
+    }
     let events = state.events.clone();
     let has_finalizers = stored
         .object

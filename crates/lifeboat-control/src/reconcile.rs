@@ -80,15 +80,24 @@ pub trait VmWriter: Send + Sync {
         job: &ReplicationJob,
     ) -> Result<Created, Self::Error>;
 
-    /// Delete the job of this name; a job gone already is not an error.
-    async fn delete_job(&self, vm: &ProtectedVM, name: &str) -> Result<(), Self::Error>;
+    /// Delete the job of this name (an unclaimed one withdrawn); a job gone already is not an
+    /// error. With `version`, only over that resourceVersion: an agent that claimed the job
+    /// since keeps it, and the write fails (the next pass decides again).
+    async fn delete_job(
+        &self,
+        vm: &ProtectedVM,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(), Self::Error>;
 
     /// Mark the job Failed with `status` (the operator takes it from a lost agent); a job gone
-    /// already is not an error.
+    /// already is not an error. With `version`, only over that resourceVersion: a job its
+    /// agent ended since keeps its end.
     async fn fail_job(
         &self,
         vm: &ProtectedVM,
         name: &str,
+        version: Option<&str>,
         status: &ReplicationJobStatus,
     ) -> Result<(), Self::Error>;
 
@@ -216,11 +225,21 @@ pub async fn reconcile_vm<W: VmWriter>(writer: &W, pass: VmPass<'_>) -> Result<C
         && held.name_any() == *name
     {
         writer
-            .fail_job(vm, name, &taken_from_lost_agent(held, error, pass.now))
+            .fail_job(
+                vm,
+                name,
+                held.resource_version().as_deref(),
+                &taken_from_lost_agent(held, error, pass.now),
+            )
             .await?;
     }
     if let Some(withdrawn) = &decision.delete_job {
-        writer.delete_job(vm, withdrawn).await?;
+        // NB: over the version the decision saw the job Pending in.
+        let seen = job
+            .as_deref()
+            .filter(|j| j.name_any() == *withdrawn)
+            .and_then(ResourceExt::resource_version);
+        writer.delete_job(vm, withdrawn, seen.as_deref()).await?;
     }
     if let Some(new) = &decision.create_job {
         let (name, sequence) = create_job(writer, vm, new).await?;

@@ -173,8 +173,15 @@ impl VmWriter for KubeWriter<'_> {
         }
     }
 
-    async fn delete_job(&self, _vm: &ProtectedVM, name: &str) -> Result<()> {
-        match self.jobs.delete(name, &DeleteParams::default()).await {
+    async fn delete_job(&self, _vm: &ProtectedVM, name: &str, version: Option<&str>) -> Result<()> {
+        let params = DeleteParams {
+            preconditions: version.map(|v| kube::api::Preconditions {
+                resource_version: Some(v.to_owned()),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match self.jobs.delete(name, &params).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
             Err(source) => Err(Error::DeleteJob {
@@ -188,9 +195,13 @@ impl VmWriter for KubeWriter<'_> {
         &self,
         _vm: &ProtectedVM,
         name: &str,
+        version: Option<&str>,
         status: &ReplicationJobStatus,
     ) -> Result<()> {
-        let body = json!({ "status": status });
+        let body = match version {
+            Some(version) => json!({ "metadata": {"resourceVersion": version}, "status": status }),
+            None => json!({ "status": status }),
+        };
         match self
             .jobs
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))

@@ -152,7 +152,14 @@ impl VmWriter for DbWriter<'_> {
         Ok(Created::New)
     }
 
-    async fn delete_job(&self, vm: &ProtectedVM, name: &str) -> Result<(), DaemonError> {
+    // NB: the folder keeps no resourceVersion; the daemon decides and starts its jobs in one
+    // loop, so the version guard has nothing to guard here.
+    async fn delete_job(
+        &self,
+        vm: &ProtectedVM,
+        name: &str,
+        _version: Option<&str>,
+    ) -> Result<(), DaemonError> {
         let (ns, _) = crate::folder::key_of(vm);
         Ok(self.db.delete(JOB_KIND, &ns, name)?)
     }
@@ -161,6 +168,7 @@ impl VmWriter for DbWriter<'_> {
         &self,
         vm: &ProtectedVM,
         name: &str,
+        _version: Option<&str>,
         status: &lifeboat_api::job::ReplicationJobStatus,
     ) -> Result<(), DaemonError> {
         let (ns, _) = crate::folder::key_of(vm);

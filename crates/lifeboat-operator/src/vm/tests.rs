@@ -229,6 +229,15 @@ async fn a_new_vm_gets_its_finalizer_first_guarded_by_its_version() {
 
 /// Reconcile a VM with no status: returns the status the operator applied.
 async fn enable(ctx: &Arc<Context>, api: &mut Verifier, events: &mut Vec<String>) -> Value {
+    enable_with_job(ctx, api, events).await.0
+}
+
+/// [`enable`], with the job it created as the API server stored it.
+async fn enable_with_job(
+    ctx: &Arc<Context>,
+    api: &mut Verifier,
+    events: &mut Vec<String>,
+) -> (Value, Value) {
     let run = tokio::spawn(reconcile(Arc::new(vm(json!({}))), Arc::clone(ctx)));
     let create = api.next(events).await;
     assert_eq!(create.method, Method::POST);
@@ -277,7 +286,39 @@ async fn enable(ctx: &Arc<Context>, api: &mut Verifier, events: &mut Vec<String>
         action != Action::await_change(),
         "a protected VM is looked at again"
     );
-    body["status"].clone()
+    (body["status"].clone(), job)
+}
+
+#[tokio::test]
+async fn an_unclaimed_job_is_withdrawn_over_the_version_it_was_seen_in() {
+    let (ctx, mut api) = context(vec![]);
+    let mut events = Vec::new();
+    let (status, mut job) = enable_with_job(&ctx, &mut api, &mut events).await;
+    job["metadata"]["resourceVersion"] = json!("5");
+    let job: ReplicationJob = serde_json::from_value(job).unwrap_or_else(|e| panic!("{e}"));
+    let (ctx, mut api) = context(vec![job]);
+    // Protection disabled while the job waits, unclaimed: it is withdrawn, but only as it
+    // was seen (an agent that claimed it since keeps it: the delete is refused).
+    let disabled = vm(json!({"status": status, "spec": {"protection": "Disabled"},
+                             "metadata": {"resourceVersion": "8"}}));
+    let run = tokio::spawn(reconcile(Arc::new(disabled), Arc::clone(&ctx)));
+    let delete = api.next(&mut events).await;
+    assert_eq!(delete.method, Method::DELETE);
+    assert_eq!(
+        path(&delete.uri),
+        "/apis/lifeboat.io/v1alpha1/namespaces/ns/replicationjobs/web-enable-1"
+    );
+    assert_eq!(delete.body["preconditions"]["resourceVersion"], "5");
+    delete.answer(
+        StatusCode::CONFLICT,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "Conflict", "code": 409, "message": "Precondition failed"}),
+    );
+    assert!(
+        run.await.is_ok_and(|r| r.is_err()),
+        "the pass fails and writes nothing more; the next one decides again"
+    );
+    api.done(&mut events).await;
 }
 
 #[tokio::test]
