@@ -747,17 +747,12 @@ async fn reprotect_and_failback_on_a_cluster_ask_when_they_apply_and_say_why_not
         "{wide}"
     );
     s.ok(&["failback", "web-01", "--no-wait"]).await;
-    let failover = vms
-        .get("web-01")
-        .await
-        .unwrap()
-        .spec
-        .requests
-        .unwrap()
-        .failover
-        .unwrap();
+    let requested = || async {
+        let vm = vms.get("web-01").await.unwrap();
+        vm.spec.requests.unwrap().failover.unwrap().failover_type
+    };
     assert_eq!(
-        failover.failover_type,
+        requested().await,
         lifeboat_api::protected_vm::FailoverType::Planned
     );
 
@@ -790,17 +785,8 @@ async fn reprotect_and_failback_on_a_cluster_ask_when_they_apply_and_say_why_not
         out.starts_with("requested the unplanned failback to the latest point of team-a/web-01"),
         "{out}"
     );
-    let failover = vms
-        .get("web-01")
-        .await
-        .unwrap()
-        .spec
-        .requests
-        .unwrap()
-        .failover
-        .unwrap();
     assert_eq!(
-        failover.failover_type,
+        requested().await,
         lifeboat_api::protected_vm::FailoverType::Unplanned
     );
     let out = s.run(&["failback", "web-01", "--point", "latest"]).await;
