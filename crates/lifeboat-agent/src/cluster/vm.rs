@@ -608,9 +608,12 @@ impl VmTask {
         };
         // NB: the fence from the store took the replica's new epoch on this engine's store
         // handle too; this engine is not the one that replicates (it may be a stale
-        // Protected one, left by an unplanned failover on the way out): no cycle of it may
-        // write under that epoch. A re-protect here makes it the replicating one again.
+        // Protected one, left by an unplanned failover on the way out): the handle goes back
+        // to the engine's own epoch, which the store refuses, and no cycle of it runs. A
+        // re-protect here makes it the replicating one again.
         if from_store {
+            let engine = slot.worker.engine();
+            engine.store().hold_epoch(engine.vm(), engine.state().epoch);
             self.fenced = true;
         }
         drop(sink);
