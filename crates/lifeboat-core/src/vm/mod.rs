@@ -17,8 +17,8 @@
 //!          then Failover (stop, ship, point), Failback (disks); unplanned: the last two only       │
 //!   a presync job or the Failover failed for good ──> Protected (reverse), the request answered ──┘
 //!   (an unplanned one's Failover runs at the primary site, from the store, when the recovered
-//!   VM's agent is lost; an unplanned request replaces a planned step that failed, or that
-//!   waits unclaimed on a lost agent: withdrawn)
+//!   VM's agent is lost; an unplanned request replaces a planned step or a re-protect that
+//!   failed, or that waits unclaimed on a lost agent: withdrawn)
 //!
 //!  any phase ── protection Disabled or the VM deleted ──> DisablingProtection ──> Disabled
 //! ```
@@ -26,8 +26,8 @@
 //! # Guarantees
 //!
 //! - At most one job per VM runs at a time; a request waits while another job runs (one
-//!   exception: an unplanned failover asked while a planned failover's or failback's step
-//!   waits, unclaimed, on an agent lost for `JOB_AGENT_LOST` withdraws that step).
+//!   exception: an unplanned failover asked while a planned failover's or failback's step, or
+//!   a re-protect, waits unclaimed on an agent lost for `JOB_AGENT_LOST` withdraws it).
 //! - A failed job is retried only at its retry time (the later of what the agent asked and
 //!   the ASR backoff of [`crate::retry::next_retry`]), never sooner, unless someone sets a new
 //!   `retry` token; a non-recoverable failure is retried only after the spec changes or a

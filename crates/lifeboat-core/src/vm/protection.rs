@@ -106,13 +106,14 @@ impl Pass<'_> {
         }
     }
 
-    /// A planned failover (or failback) step that cannot go on gives way to an unplanned
-    /// failover asked since, which starts in this pass: one that failed (its retry would wait
-    /// out the backoff, for a node that may be gone for good), or one that no agent claimed
-    /// while its node's agent has been silent for `JOB_AGENT_LOST` (it did nothing yet: it is
-    /// withdrawn). One still running is left to end, or to be taken from its lost agent. The
-    /// unplanned one needs only the store (and the primary site, for a failback); the planned
-    /// request is left unanswered: the new one replaces it.
+    /// A planned failover (or failback) step, or a re-protect, that cannot go on gives way to
+    /// an unplanned failover asked since, which starts in this pass: one that failed (its
+    /// retry would wait out the backoff, for a node that may be gone for good), or one that no
+    /// agent claimed while its node's agent has been silent for `JOB_AGENT_LOST` (it did
+    /// nothing yet: it is withdrawn). One still running is left to end, or to be taken from
+    /// its lost agent. The unplanned one needs only the store (and the primary site, for a
+    /// failback); a planned failover's request is left unanswered (the new one replaces it), a
+    /// re-protect's is answered.
     fn unplanned_takes_over(&mut self) {
         let Some(record) = self.state.job.clone() else {
             return;
@@ -124,12 +125,17 @@ impl Pass<'_> {
         let Some(ask) = self.ask_failover().filter(replaced) else {
             return;
         };
+        // NB: a re-protect too: one that cannot go on (its node lost) would hold the VM away
+        // from a site that still has its disks; the unplanned failover (a failback, in
+        // reverse) starts from the replica's points instead.
+        let replaceable = match record.kind {
+            JobKind::Failover => record.params.failover == Some(FailoverKind::Planned),
+            JobKind::Reprotect => true,
+            _ => false,
+        };
         // NB: only when the unplanned one starts in this pass: a withdrawn step is never
         // retried for a request that was rejected.
-        if record.kind != JobKind::Failover
-            || record.params.failover != Some(FailoverKind::Planned)
-            || !self.has_recovery_point()
-        {
+        if !replaceable || !self.has_recovery_point() {
             return;
         }
         match record.state {
@@ -159,12 +165,19 @@ impl Pass<'_> {
                 self.state.job = Some(JobRecord {
                     state: JobState::Failed,
                     error: None,
-                    ..record
+                    ..record.clone()
                 });
             }
             JobState::Running | JobState::WaitingForInput | JobState::Succeeded => return,
         }
-        if matches!(self.state.phase, Phase::FailingOver | Phase::FailingBack) {
+        if record.kind == JobKind::Reprotect {
+            // NB: its request ends here, given up for the failover.
+            self.state.handled.reprotect = record.params.request_token.clone();
+        }
+        if matches!(
+            self.state.phase,
+            Phase::FailingOver | Phase::FailingBack | Phase::Reprotecting
+        ) {
             self.state.phase = Phase::Protected;
         }
     }

@@ -763,6 +763,53 @@ fn a_planned_failback_step_taken_from_a_lost_agent_gives_way_at_once_to_an_unpla
     assert_eq!(w.state.handled.failover.as_deref(), Some("f3"));
 }
 
+/// The recovered VM's node dies while it is re-protected in reverse: the re-protect, taken
+/// from the lost agent, would be retried there for ever; an unplanned failback asked now
+/// replaces it and brings the VM home from the replica's points.
+#[test]
+fn a_reprotect_stranded_on_a_lost_node_gives_way_to_an_unplanned_failback() {
+    let mut w = World::protected();
+    w.spec.recovery_site = Some("node-b".into());
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    w.spec.requests.failover = Some(FailoverAsk {
+        token: "f1".into(),
+        kind: FailoverKind::Planned,
+        point: PointChoice::Latest,
+    });
+    w.step();
+    w.run_current_job();
+    w.spec.requests.reprotect = Some("r1".into());
+    let job = w.step().create_job.expect("the re-protect");
+    assert_eq!(
+        (job.kind, job.node.as_deref()),
+        (JobKind::Reprotect, Some("node-b"))
+    );
+    w.claim();
+    w.step();
+    reverse_with_node_b_lost(&mut w);
+    assert!(
+        w.step().create_job.is_none(),
+        "its retry waits for the backoff"
+    );
+    assert_eq!(w.phase(), Phase::Reprotecting);
+    w.spec.requests.failover = unplanned("f2");
+    let d = w.step();
+    let job = d.create_job.expect("the unplanned failback's failover");
+    assert_eq!(
+        (job.kind, job.params.to_primary, job.node.as_deref()),
+        (JobKind::Failover, true, None)
+    );
+    assert_eq!(
+        w.state.handled.reprotect.as_deref(),
+        Some("r1"),
+        "the re-protect's request is answered"
+    );
+    w.run_current_job();
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedBack);
+    assert_eq!(w.state.handled.failover.as_deref(), Some("f2"));
+}
+
 #[test]
 fn a_stranded_planned_step_is_not_withdrawn_for_an_unplanned_request_that_cannot_start() {
     let mut w = World::protected_in_reverse();
