@@ -184,13 +184,16 @@ pub fn check_action(vm: &ProtectedVM, action: &Action) -> Result<(), String> {
         Action::Failback { planned: true, .. } if status.phase != P::Protected => Err(format!(
             "{who} is {phase}: a failback needs it protected in reverse"
         )),
-        // NB: an unplanned one may also replace a planned one that cannot go on (its step
-        // failed, or waits on the recovered VM's lost node).
+        // NB: an unplanned one may also replace a planned one, or a re-protect, that cannot go
+        // on (its job failed, or waits on the recovered VM's lost node).
         Action::Failback { planned: false, .. }
-            if !matches!(status.phase, P::Protected | P::FailingBack) =>
+            if !matches!(
+                status.phase,
+                P::Protected | P::FailingBack | P::Reprotecting
+            ) =>
         {
             Err(format!(
-                "{who} is {phase}: an unplanned failback needs it protected in reverse, or failing back"
+                "{who} is {phase}: an unplanned failback needs it protected in reverse, failing back, or re-protecting"
             ))
         }
         Action::Reprotect => match status.phase {
