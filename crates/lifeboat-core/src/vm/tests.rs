@@ -328,11 +328,7 @@ impl World {
     fn protected_in_reverse() -> Self {
         let mut w = Self::protected();
         w.spec.recovery_site = Some("node-b".into());
-        w.spec.requests.failover = Some(FailoverAsk {
-            token: "f1".into(),
-            kind: FailoverKind::Planned,
-            point: PointChoice::Latest,
-        });
+        w.spec.requests.failover = planned("f1");
         w.step();
         w.run_current_job();
         w.spec.requests.reprotect = Some("r1".into());
@@ -448,11 +444,7 @@ fn the_whole_life_cycle() {
     assert!(!w.state.test_failover_exists);
 
     // Planned failover, then commit.
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f1");
     let d = w.step();
     assert_eq!(
         d.create_job.map(|j| j.params.failover),
@@ -492,11 +484,7 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     assert!(w.state.job.as_ref().is_some_and(|j| j.state.is_finished()));
 
     // Fail over (planned), then re-protect: refused until the recovery site is named.
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f1");
     w.step();
     w.run_current_job();
     assert_eq!(w.phase(), Phase::FailedOver);
@@ -537,11 +525,7 @@ fn failover_reprotect_failback_reprotect_is_one_cycle_of_jobs_and_tokens() {
     // Fail back: a fresh point of the running recovered VM, the original disks at the primary
     // brought to it while the VM runs, then stop and ship at the recovery site, then the last
     // changes onto the original disks.
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f2".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f2");
     let d = w.step();
     let job = d.create_job.expect("present");
     assert_eq!(
@@ -634,12 +618,30 @@ fn reverse_with_node_b_lost(w: &mut World) {
     w.recovery = vec![("node-b".into(), Some(died))];
 }
 
-fn unplanned(token: &str) -> Option<FailoverAsk> {
+/// A failover (or failback) request of `kind` to the latest point.
+fn failover_ask(token: &str, kind: FailoverKind) -> Option<FailoverAsk> {
     Some(FailoverAsk {
         token: token.into(),
-        kind: FailoverKind::Unplanned,
+        kind,
         point: PointChoice::Latest,
     })
+}
+
+fn planned(token: &str) -> Option<FailoverAsk> {
+    failover_ask(token, FailoverKind::Planned)
+}
+
+fn unplanned(token: &str) -> Option<FailoverAsk> {
+    failover_ask(token, FailoverKind::Unplanned)
+}
+
+/// Run the failback's last two jobs (its Failover, its Failback): the VM is home, `token`
+/// answered.
+fn failed_back_by(w: &mut World, token: &str) {
+    w.run_current_job();
+    w.run_current_job();
+    assert_eq!(w.phase(), Phase::FailedBack);
+    assert_eq!(w.state.handled.failover.as_deref(), Some(token));
 }
 
 #[test]
@@ -715,19 +717,12 @@ fn a_planned_failback_stranded_on_a_lost_node_gives_way_to_an_unplanned_one() {
         (JobKind::Failover, Some(FailoverKind::Unplanned), None)
     );
     assert!(w.notices().contains(&"JobWithdrawn"), "{:?}", w.notices());
-    w.run_current_job();
-    w.run_current_job();
-    assert_eq!(w.phase(), Phase::FailedBack);
-    assert_eq!(w.state.handled.failover.as_deref(), Some("f3"));
+    failed_back_by(&mut w, "f3");
 
     // A planned step whose agent lives is not withdrawn: the unplanned request waits.
     let mut w = World::protected_in_reverse();
     w.recovery = vec![("node-b".into(), Some(w.now))];
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f2".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f2");
     w.step();
     w.spec.requests.failover = unplanned("f3");
     let d = w.step();
@@ -757,10 +752,7 @@ fn a_planned_failback_step_taken_from_a_lost_agent_gives_way_at_once_to_an_unpla
         (job.kind, job.params.failover, job.node.as_deref()),
         (JobKind::Failover, Some(FailoverKind::Unplanned), None)
     );
-    w.run_current_job();
-    w.run_current_job();
-    assert_eq!(w.phase(), Phase::FailedBack);
-    assert_eq!(w.state.handled.failover.as_deref(), Some("f3"));
+    failed_back_by(&mut w, "f3");
 }
 
 /// The recovered VM's node dies while it is re-protected in reverse: the re-protect, taken
@@ -771,11 +763,7 @@ fn a_reprotect_stranded_on_a_lost_node_gives_way_to_an_unplanned_failback() {
     let mut w = World::protected();
     w.spec.recovery_site = Some("node-b".into());
     w.recovery = vec![("node-b".into(), Some(w.now))];
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f1");
     w.step();
     w.run_current_job();
     w.spec.requests.reprotect = Some("r1".into());
@@ -804,21 +792,14 @@ fn a_reprotect_stranded_on_a_lost_node_gives_way_to_an_unplanned_failback() {
         Some("r1"),
         "the re-protect's request is answered"
     );
-    w.run_current_job();
-    w.run_current_job();
-    assert_eq!(w.phase(), Phase::FailedBack);
-    assert_eq!(w.state.handled.failover.as_deref(), Some("f2"));
+    failed_back_by(&mut w, "f2");
 }
 
 #[test]
 fn a_stranded_planned_step_is_not_withdrawn_for_an_unplanned_request_that_cannot_start() {
     let mut w = World::protected_in_reverse();
     w.recovery = vec![("node-b".into(), Some(w.now))];
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f2".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f2");
     w.step();
     reverse_with_node_b_lost(&mut w);
     // No recovery point known: the unplanned request would be rejected, so the planned
@@ -835,11 +816,7 @@ fn a_stranded_planned_step_is_not_withdrawn_for_an_unplanned_request_that_cannot
 /// failback asked as `f2`: its first job created.
 fn failback_asked() -> World {
     let mut w = World::protected_in_reverse();
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f2".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f2");
     w.step();
     // The fresh point of the running recovered VM; then the original disks' first step.
     let d = w.run_current_job();
@@ -904,11 +881,7 @@ fn a_failback_first_step_that_failed_is_retried_before_the_recovered_vm_is_stopp
 #[test]
 fn a_planned_failover_that_cannot_stop_the_source_fails_and_protection_goes_on() {
     let mut w = World::protected();
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f1");
     w.step();
     w.claim();
     w.step();
@@ -1044,11 +1017,7 @@ fn a_non_recoverable_failure_waits_for_a_change_or_a_retry_request() {
 #[test]
 fn a_recoverable_failover_failure_is_retried_at_the_backoff_with_the_next_attempt() {
     let mut w = World::protected();
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Unplanned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = unplanned("f1");
     let d = w.step();
     assert_eq!(
         d.create_job.map(|j| (j.kind, j.attempt)),
@@ -1112,11 +1081,7 @@ fn an_unplanned_failover_goes_to_a_recovery_node_and_never_waits_behind_a_lost_a
     let died = w.now;
     w.now += JOB_AGENT_LOST - Duration::from_secs(1);
     w.recovery[0].1 = Some(w.now);
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Unplanned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = unplanned("f1");
     assert!(
         w.step().create_job.is_none(),
         "a second short of the bound it waits"
@@ -1178,11 +1143,7 @@ fn a_store_only_job_left_by_a_lost_recovery_agent_moves_on_and_others_stay_home(
     w.run_current_job();
     assert_eq!(w.state.handled.test_failover.as_deref(), Some("t1"));
     // A planned failover needs the source: it stays with the VM's node, however silent.
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Planned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = planned("f1");
     let job = w
         .step()
         .create_job
@@ -1195,11 +1156,7 @@ fn a_store_only_job_left_by_a_lost_recovery_agent_moves_on_and_others_stay_home(
     assert_eq!(w.current().1, JobKind::Failover);
     // An unplanned failover asked now replaces it: withdrawn, the new one on node-c.
     let planned = w.current().0;
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f2".into(),
-        kind: FailoverKind::Unplanned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = unplanned("f2");
     let d = w.step();
     assert_eq!(d.delete_job.as_deref(), Some(planned.as_str()));
     let job = d
@@ -1236,11 +1193,7 @@ fn commit_and_cleanup_follow_the_disks_they_are_about() {
         .unwrap_or_else(|| panic!("a test failover"));
     assert_eq!(job.node.as_deref(), Some("node-b"));
     w.run_current_job();
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Unplanned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = unplanned("f1");
     let job = w.step().create_job.unwrap_or_else(|| panic!("a failover"));
     assert_eq!(job.node.as_deref(), Some("node-b"));
     w.run_current_job();
@@ -1292,11 +1245,7 @@ fn a_commit_waits_for_the_node_with_the_disks_when_no_agent_can_take_it() {
     w.recovery = vec![("node-b".into(), Some(w.now))];
     w.now += JOB_AGENT_LOST;
     w.recovery[0].1 = Some(w.now);
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Unplanned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = unplanned("f1");
     w.step();
     w.run_current_job();
     // Every agent is silent now: the commit waits on node-b, not at the fenced VM's node.
@@ -1306,11 +1255,7 @@ fn a_commit_waits_for_the_node_with_the_disks_when_no_agent_can_take_it() {
     assert_eq!(job.node.as_deref(), Some("node-b"));
     // And a commit of a failover made at home stays at home while the VM's agent lives.
     let mut w = World::protected();
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Unplanned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = unplanned("f1");
     w.step();
     w.run_current_job();
     w.spec.requests.commit = Some("k1".into());
@@ -1322,11 +1267,7 @@ fn a_commit_waits_for_the_node_with_the_disks_when_no_agent_can_take_it() {
 fn requests_that_cannot_run_are_rejected_and_echoed() {
     let mut w = World::new();
     w.policy = None; // stuck in Pending
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Unplanned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = unplanned("f1");
     w.spec.requests.commit = Some("k1".into());
     let d = w.step();
     assert_eq!(w.state.handled.failover.as_deref(), Some("f1"));
@@ -1377,11 +1318,7 @@ fn requests_wait_while_a_job_runs() {
     w.spec.requests.resync = Some("r1".into());
     w.step();
     let resync = w.claim();
-    w.spec.requests.failover = Some(FailoverAsk {
-        token: "f1".into(),
-        kind: FailoverKind::Unplanned,
-        point: PointChoice::Latest,
-    });
+    w.spec.requests.failover = unplanned("f1");
     assert!(w.step().create_job.is_none(), "one job at a time");
     assert_eq!(w.state.handled.failover, None);
     w.end(Ok(()));
