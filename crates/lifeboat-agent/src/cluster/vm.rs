@@ -564,7 +564,6 @@ impl VmTask {
         // out), so the point is chosen and the replica fenced from the store alone.
         let from_store = config.site == Site::Primary
             && lifeboat_core::vm::unplanned_failback(job_kind, &params);
-        let holder = format!("node {}", self.shared.node);
         let end = {
             let run = async {
                 if from_store {
@@ -575,7 +574,8 @@ impl VmTask {
                         job_kind,
                         &params,
                         &dirs,
-                        &holder,
+                        // NB: the identity this agent's engines write under.
+                        &config.writer,
                         SystemTime::now(),
                         &sink,
                     )

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::model::{JobKind, JobParams, JobState, Phase};
 
-use super::{JobRecord, Pass, reasons};
+use super::Pass;
 
 /// How often to look again while disabling waits for a running job.
 const DISABLE_RECHECK: Duration = Duration::from_secs(30);
@@ -31,22 +31,8 @@ impl Pass<'_> {
                 return;
             }
             // NB: an unclaimed job did nothing yet: withdraw it instead of waiting for it.
-            self.delete = Some(record.name.clone());
-            self.notice(
-                false,
-                reasons::JOB_WITHDRAWN,
-                format!(
-                    "{} job {} withdrawn: protection is being disabled",
-                    record.kind.as_str(),
-                    record.name
-                ),
-            );
             let nothing_on_node = record.kind == JobKind::EnableProtection && record.attempt == 1;
-            self.state.job = Some(JobRecord {
-                state: JobState::Failed,
-                error: None,
-                ..record
-            });
+            self.withdraw(record, false, "protection is being disabled");
             if nothing_on_node {
                 self.state.phase = Phase::Disabled;
             }

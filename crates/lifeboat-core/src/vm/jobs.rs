@@ -43,6 +43,13 @@ fn alive(beat: Option<SystemTime>, now: SystemTime) -> bool {
     beat.is_some_and(|b| now.duration_since(b).unwrap_or_default() < super::JOB_AGENT_LOST)
 }
 
+/// How long an agent whose last heartbeat is `beat` has been silent at `now`, when that is
+/// long enough to count it as lost; an agent that never had a heartbeat is not known to be.
+pub(super) fn lost_for(beat: Option<SystemTime>, now: SystemTime) -> Option<std::time::Duration> {
+    beat.and_then(|b| now.duration_since(b).ok())
+        .filter(|silence| *silence >= super::JOB_AGENT_LOST)
+}
+
 /// When a failed operation may run again.
 enum RetryGate {
     Now,
@@ -414,11 +421,7 @@ impl Pass<'_> {
     /// elsewhere or later and no request waits behind it.
     fn lost_agent(&self, facts: &JobFacts) -> Option<JobFacts> {
         let record = self.state.job.as_ref()?;
-        let silent = |beat: Option<SystemTime>| {
-            beat.and_then(|b| self.now.duration_since(b).ok())
-                .filter(|s| *s >= super::JOB_AGENT_LOST)
-        };
-        let silence = silent(self.input.job_heartbeat)?;
+        let silence = lost_for(self.input.job_heartbeat, self.now)?;
         let taken = match facts.state {
             JobState::Running | JobState::WaitingForInput => true,
             // NB: an unclaimed job is taken only when it has somewhere better to go.
@@ -451,16 +454,31 @@ impl Pass<'_> {
     /// Whether a failback's unplanned Failover runs at the primary site, from the store: the
     /// recovered VM's agent (the one that replicates in reverse) is lost, the primary's lives.
     pub(super) fn failback_goes_home(&self, kind: JobKind, params: &JobParams) -> bool {
-        // NB: lost as a job is taken from its agent: a Lease last renewed that long ago (an
-        // agent that never had one is not known to be lost).
-        let lost = self
-            .input
-            .heartbeat
-            .is_some_and(|beat| !alive(Some(beat), self.now));
+        // NB: lost as a job is taken from its agent.
         self.state.reverse
             && unplanned_failback(kind, params)
-            && lost
+            && lost_for(self.input.heartbeat, self.now).is_some()
             && alive(self.input.primary_heartbeat, self.now)
+    }
+
+    /// Withdraw the unclaimed job `record` (it did nothing yet): delete it, say `why` (a
+    /// warning, or not), and keep it as ended without an error.
+    pub(super) fn withdraw(&mut self, record: JobRecord, warning: bool, why: &str) {
+        self.delete = Some(record.name.clone());
+        self.notice(
+            warning,
+            reasons::JOB_WITHDRAWN,
+            format!(
+                "{} job {} withdrawn: {why}",
+                record.kind.as_str(),
+                record.name
+            ),
+        );
+        self.state.job = Some(JobRecord {
+            state: JobState::Failed,
+            error: None,
+            ..record
+        });
     }
 
     /// The first recovery node whose agent is alive.

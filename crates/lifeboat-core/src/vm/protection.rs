@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use crate::model::{FailoverKind, JobKind, JobParams, JobState, Phase, PointChoice, ResyncReason};
 
 use super::requests::Ask;
-use super::{FailoverAsk, JobRecord, Pass, reasons};
+use super::{FailoverAsk, Pass};
 
 /// How often to look again while the policy is missing or not usable.
 const POLICY_RECHECK: Duration = Duration::from_secs(60);
@@ -141,32 +141,21 @@ impl Pass<'_> {
         match record.state {
             JobState::Failed => {}
             JobState::Pending => {
-                let Some(silence) = self
-                    .input
-                    .job_heartbeat
-                    .and_then(|beat| self.now.duration_since(beat).ok())
-                    .filter(|silence| *silence >= super::JOB_AGENT_LOST)
+                let Some(silence) = super::jobs::lost_for(self.input.job_heartbeat, self.now)
                 else {
                     return;
                 };
-                self.delete = Some(record.name.clone());
-                self.notice(
-                    true,
-                    reasons::JOB_WITHDRAWN,
-                    format!(
-                        "{} job {} withdrawn: no agent claimed it, its node's agent has been silent for {}s, and an unplanned {} was asked ({})",
-                        record.kind.as_str(),
-                        record.name,
-                        silence.as_secs(),
-                        if self.state.reverse { "failback" } else { "failover" },
-                        ask.token
-                    ),
+                let why = format!(
+                    "no agent claimed it, its node's agent has been silent for {}s, and an unplanned {} was asked ({})",
+                    silence.as_secs(),
+                    if self.state.reverse {
+                        "failback"
+                    } else {
+                        "failover"
+                    },
+                    ask.token
                 );
-                self.state.job = Some(JobRecord {
-                    state: JobState::Failed,
-                    error: None,
-                    ..record.clone()
-                });
+                self.withdraw(record.clone(), true, &why);
             }
             JobState::Running | JobState::WaitingForInput | JobState::Succeeded => return,
         }
