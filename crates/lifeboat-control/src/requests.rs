@@ -130,7 +130,8 @@ pub fn apply_request(requests: &mut Requests, action: &Action, token: &str) {
                 recovery_point: selector(point),
             });
         }
-        Action::Failover { planned, point } => {
+        // NB: a failback is a failover request of a VM that replicates in reverse.
+        Action::Failover { planned, point } | Action::Failback { planned, point } => {
             requests.failover = Some(FailoverRequest {
                 token,
                 failover_type: if *planned {
@@ -144,17 +145,6 @@ pub fn apply_request(requests: &mut Requests, action: &Action, token: &str) {
         Action::Cleanup => requests.cleanup_test_failover = Some(token),
         Action::Commit => requests.commit = Some(token),
         Action::Reprotect => requests.reprotect = Some(token),
-        Action::Failback { planned, point } => {
-            requests.failover = Some(FailoverRequest {
-                token,
-                failover_type: if *planned {
-                    FailoverType::Planned
-                } else {
-                    FailoverType::Unplanned
-                },
-                recovery_point: (!*planned).then(|| selector(point)),
-            });
-        }
         Action::Retry => requests.retry = Some(token),
     }
 }
