@@ -860,7 +860,10 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
 /// that point, B's writes included (A's own engine, which failed over on the way out, would
 /// have answered with that old point). Time is not waited out: the operator's clock jumps
 /// ten minutes (the one stand-in), node-1's agent beats on and is seen at the new time,
-/// node-2's last heartbeat ages.
+/// node-2's last heartbeat ages. What the loss simulates: node-2's agent task is aborted (its
+/// Lease is left as last renewed, as a dead node leaves it) and its VM's daemon killed with
+/// SIGKILL; nothing of node-2 is read again, so the test claims nothing about what a crash
+/// or a power cut keeps there, only that nothing it never shipped reaches A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_recovered_vms_node_lost_for_good_an_unplanned_failback_runs_at_the_primary_site()
 {

@@ -790,6 +790,8 @@ async fn with_the_recovered_vms_node_lost_the_failback_runs_at_the_primary_site_
         engine,
         ..
     } = b;
+    // NB: the node's loss: its daemon killed (SIGKILL) and its engine dropped; nothing of B
+    // is read again, so no claim rests on what a crash or power cut keeps there.
     qsd_b.kill();
     drop(engine);
 
