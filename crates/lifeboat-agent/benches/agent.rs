@@ -466,9 +466,10 @@ struct Qsd {
 }
 
 impl Qsd {
-    /// `image` is raw if its name ends in `.raw`, qcow2 otherwise.
+    /// `image` is raw if its name ends in `.raw` or `.img` (a raw failover's), qcow2
+    /// otherwise.
     fn start(dir: &Path, image: &Path, guest_export: bool) -> Qsd {
-        let format = if image.extension().is_some_and(|e| e == "raw") {
+        let format = if image.extension().is_some_and(|e| e == "raw" || e == "img") {
             "raw"
         } else {
             "qcow2"
@@ -2013,6 +2014,9 @@ struct Hop {
     bytes: u64,
     /// The blocks that changed since the hop's seed, in bytes: what it must move at least.
     changed: u64,
+    /// Bytes of the running side's disk read (re-protect): the whole disk's data when it is
+    /// compared in full, the changed blocks when a seed names them.
+    read: u64,
 }
 
 /// Run one job of the agent's on `engine`, timed after the page cache is dropped.
@@ -2075,6 +2079,7 @@ async fn reprotect_hop(
         seconds,
         bytes: result.report.bytes_sent,
         changed,
+        read: result.report.bytes_read,
     };
     (engine, hop)
 }
@@ -2112,8 +2117,8 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         mb(changed * BLOCK)
     );
     println!(
-        "| run | full copy s (MB) | planned failover s | re-protect B s (MB sent / changed) | \
-         failback s: while B runs (fresh point + A's disk) + **B down (stop, ship + A's disk)** (MB written on A / changed; MB read of A by each step) | re-protect A s (MB sent / changed) |"
+        "| run | full copy s (MB) | planned failover s | re-protect B s (MB sent / changed; MB read) | \
+         failback s: while B runs (fresh point + A's disk) + **B down (stop, ship + A's disk)** (MB written on A / changed; MB read of A by each step) | re-protect A s (MB sent / changed; MB read) |"
     );
     println!("|---|---|---|---|---|---|");
     let mut rng = SplitMix(23);
@@ -2133,7 +2138,6 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
             "qcow2"
         };
         let a_disk = a_dir.join(format!("disk.{ext}"));
-        let b_disk = b_dir.join(format!("disk.{ext}"));
         let source = dir.join("source.raw");
         let (source, a_path) = (source.to_str().unwrap(), a_disk.to_str().unwrap());
         match format {
@@ -2204,8 +2208,9 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         let report = failover.failover.unwrap();
         let p = report.point.id.clone();
         qsd_a.stop();
-        std::fs::rename(&report.disks[0].path, &b_disk).unwrap();
-        // B runs on the failover's disk; 1 % on B; re-protect B.
+        // B runs on the failover's disk where it was written (with its twin, on a file system
+        // that clones); 1 % on B; re-protect B.
+        let b_disk = report.disks[0].path.clone();
         let qsd_b = Qsd::start(&b_dir, &b_disk, true);
         let b_first = rewrite(qsd_b.nbd.as_ref().unwrap(), changed);
         let site_b = Site {
@@ -2289,6 +2294,7 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
             seconds: fresh_s + presync_s + ship_s + restore_s,
             bytes: presynced.bytes_read + restored.bytes_read,
             changed: (b_changed.len() + b_during.len()) as u64 * BLOCK,
+            read: presynced.compared_bytes + restored.compared_bytes,
         };
         assert_eq!(
             fresh.report.bytes_sent,
@@ -2338,11 +2344,12 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
             );
         }
         println!(
-            "| {run_no} | {full:.2} ({}) | {failover_s:.2} | {:.2} ({} / {}) | {fresh_s:.2} + {presync_s:.2} + **{ship_s:.2} + {restore_s:.2}** ({} / {}; {} + {}) | {:.2} ({} / {}) |",
+            "| {run_no} | {full:.2} ({}) | {failover_s:.2} | {:.2} ({} / {}; {}) | {fresh_s:.2} + {presync_s:.2} + **{ship_s:.2} + {restore_s:.2}** ({} / {}; {} + {}) | {:.2} ({} / {}; {}) |",
             mb(copy.bytes_sent),
             reprotect_b.seconds,
             mb(reprotect_b.bytes),
             mb(reprotect_b.changed),
+            mb(reprotect_b.read),
             mb(failback.bytes),
             mb(failback.changed),
             mb(presynced.compared_bytes),
@@ -2350,6 +2357,7 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
             reprotect_a.seconds,
             mb(reprotect_a.bytes),
             mb(reprotect_a.changed),
+            mb(reprotect_a.read),
         );
         ratios.push((
             reprotect_b.seconds / full,

@@ -541,3 +541,79 @@ async fn the_file_node_under_a_qcow2_image_is_refused_with_the_node_to_use() {
     assert_persistent(&infos, "root");
     assert_eq!(rig.tracking().await, vec![Tracking::Active]);
 }
+
+/// The contract of a raw image's reflinked twin (`lifeboat_engine::twin`) on a file system
+/// that clones (XFS, loop-mounted): every write made since the twin is named, a buffered one
+/// still in the page cache, a hole punched and a write into a hole among them; what nobody
+/// wrote is not.
+#[test]
+fn a_raw_images_twin_names_every_write_since_it_was_made() {
+    use lifeboat_engine::twin;
+    use std::os::unix::fs::FileExt;
+    let folder = match lifeboat_qemu::testing::ReflinkFolder::mount(512 * MIB) {
+        Ok(folder) => folder,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED a_raw_images_twin_names_every_write_since_it_was_made: no XFS folder \
+                 here ({why})"
+            );
+            return;
+        }
+    };
+    let image = folder.path.join("vm-failover-root.img");
+    let file = std::fs::File::create(&image).unwrap();
+    file.set_len(16 * MIB).unwrap();
+    // Data in 0..8 MiB, a hole after it.
+    let data: Vec<u8> = (0..8 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+    file.write_all_at(&data, 0).unwrap();
+    file.sync_all().unwrap();
+    assert!(twin::make(&image, "p1").unwrap(), "XFS clones the image");
+    assert_eq!(twin::changed_since(&image, "p1").unwrap(), Some(Vec::new()));
+    assert_eq!(
+        twin::changed_since(&image, "p0").unwrap(),
+        None,
+        "no twin for p0"
+    );
+
+    // Buffered, unflushed writes: one across a page boundary in the data, one into the hole.
+    file.write_all_at(&[0xaa; 4096], MIB + 100).unwrap();
+    file.write_all_at(&[0xbb; 8192], 12 * MIB).unwrap();
+    let page = 4096;
+    let changed = twin::changed_since(&image, "p1").unwrap().unwrap();
+    let named = |start: u64, end: u64, changed: &[std::ops::Range<u64>]| {
+        changed.iter().any(|c| c.start <= start && end <= c.end)
+    };
+    assert!(
+        named(MIB, MIB + 2 * page, &changed) && named(12 * MIB, 12 * MIB + 8192, &changed),
+        "the writes still in the page cache are named: {changed:?}"
+    );
+    // A hole punched where the twin has data.
+    let punched = std::process::Command::new("fallocate")
+        .args(["--punch-hole", "--offset", "5242880", "--length", "65536"])
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(punched.success());
+    let changed = twin::changed_since(&image, "p1").unwrap().unwrap();
+    let written = [
+        MIB..MIB + 2 * page,
+        5 * MIB..5 * MIB + 64 * KIB,
+        12 * MIB..12 * MIB + 8192,
+    ];
+    for w in &written {
+        assert!(
+            named(w.start, w.end, &changed),
+            "the write {w:?} is named: {changed:?}"
+        );
+    }
+    let named: u64 = changed.iter().map(|c| c.end - c.start).sum();
+    assert!(
+        named <= 3 * BLOCK,
+        "nothing but the writes is named ({named} bytes): {changed:?}"
+    );
+    // A second twin replaces the first.
+    assert!(twin::make(&image, "p2").unwrap());
+    assert_eq!(twin::changed_since(&image, "p2").unwrap(), Some(Vec::new()));
+    assert_eq!(twin::changed_since(&image, "p1").unwrap(), None);
+    assert_eq!(twin::remove_all(&image).unwrap(), 1);
+}

@@ -21,7 +21,7 @@ use lifeboat_engine::backend::DiskRef;
 use lifeboat_engine::replicator::DiskFormat;
 use lifeboat_engine::state::EnginePhase;
 use lifeboat_engine::{EngineError, JobDirs, JobResult, Replicator, run_job};
-use lifeboat_qemu::testing::DiskSpec;
+use lifeboat_qemu::testing::{DiskSpec, ReflinkFolder};
 use lifeboat_store::local::LocalStore;
 use lifeboat_store::{At, ReplicaStore};
 use std::sync::atomic::Ordering;
@@ -205,19 +205,61 @@ fn guest_can_write(qsd: &Qsd, disk: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Move the failover's images to where the recovered VM's daemon serves them (the user runs
-/// the recovered VM on them) and start it.
-fn start_recovered(dir: &Path, failover: &JobResult) -> Qsd {
+/// Start the recovered VM's daemon (its sockets in `dir`) on the failover's images: where
+/// they were written (`in_place`, as a user runs the recovered VM on the failover's output),
+/// or moved into `dir` first.
+fn start_recovered(dir: &Path, failover: &JobResult, in_place: bool) -> Qsd {
     std::fs::create_dir_all(dir).unwrap();
-    for disk in &failover.failover.as_ref().unwrap().disks {
+    let disks = &failover.failover.as_ref().unwrap().disks;
+    if in_place {
+        let specs: Vec<DiskSpec> = disks
+            .iter()
+            .map(|d| DiskSpec::raw_file_at(&d.name, &d.path))
+            .collect();
+        return Qsd::start_with(dir, &specs);
+    }
+    for disk in disks {
         std::fs::rename(&disk.path, dir.join(format!("{}.img", disk.name))).unwrap();
     }
     Qsd::start_with(dir, &raw_disks())
 }
 
+/// The reflinked twins (`lifeboat_engine::twin`) in the folders of `images`.
+fn twins_beside(images: &[PathBuf]) -> Vec<String> {
+    let folders: BTreeSet<&Path> = images.iter().filter_map(|i| i.parent()).collect();
+    let mut twins: Vec<String> = folders
+        .into_iter()
+        .flat_map(|f| std::fs::read_dir(f).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".lifeboat-since-"))
+        .collect();
+    twins.sort();
+    twins
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() {
-    planned_round_trip(false, false).await;
+    planned_round_trip(false, false, None).await;
+}
+
+/// On a file system that clones files (XFS, loop-mounted), the failover leaves a reflinked
+/// twin beside each raw image it writes, and the failback beside each of A's: each re-protect
+/// then reads only the blocks written since its point, found from the two files' extent
+/// maps, not the whole disk; the twins go when it ends, and the round trip still ends byte
+/// for byte equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_file_system_that_clones_each_raw_re_protect_reads_only_the_changed_blocks() {
+    let folder = match ReflinkFolder::mount(512 * MIB) {
+        Ok(folder) => folder,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED on_a_file_system_that_clones_each_raw_re_protect_reads_only_the_changed_blocks: \
+                 no XFS folder here ({why})"
+            );
+            return;
+        }
+    };
+    planned_round_trip(false, false, Some(&folder.path)).await;
 }
 
 /// The failback's Failback jobs run on B's engine, as the standalone daemon runs every job of
@@ -225,7 +267,7 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
 /// the planned failover's seed of A's disks is found there, and neither job reads them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failback_run_by_the_recovered_vms_engine_uses_the_original_disks_seed() {
-    planned_round_trip(false, true).await;
+    planned_round_trip(false, true, None).await;
 }
 
 /// A's raw image written after the failback's first step (as if A's VM had been started by
@@ -233,7 +275,7 @@ async fn a_failback_run_by_the_recovered_vms_engine_uses_the_original_disks_seed
 /// overwrites that write too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_original_disk_written_after_the_failback_began_is_compared_in_full() {
-    planned_round_trip(true, false).await;
+    planned_round_trip(true, false, None).await;
 }
 
 /// The block A's root image is written at, behind Lifeboat's back, in
@@ -241,8 +283,13 @@ async fn a_raw_original_disk_written_after_the_failback_began_is_compared_in_ful
 /// data at the point (A's first write), so that the failback reads it back from the store.
 const A_STRAY_BLOCK: u64 = 5;
 
-async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool) {
-    let tmp = tempfile::tempdir().unwrap();
+/// The planned round trip on raw images; `clones`: its folders on a file system that clones
+/// files (the recovered VM runs on the failover's images where they were written).
+async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones: Option<&Path>) {
+    let tmp = match clones {
+        Some(folder) => tempfile::tempdir_in(folder).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     let dirs = job_dirs(tmp.path(), DiskFormat::Raw);
 
     // Protect A; a cycle ships some writes; more writes come after it, unshipped.
@@ -291,16 +338,38 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool) {
 
     // B runs on the failover's disks and writes; re-protect sends only what B changed.
     let b_dir = tmp.path().join("site-b");
-    let qsd_b = start_recovered(&b_dir, &failover);
+    let qsd_b = start_recovered(&b_dir, &failover, clones.is_some());
     let b_writes: Vec<Write> = scattered(2, 6, 7, 0x21);
     qsd_b.guest_writes("root", &b_writes);
     let mut b = open_site(&b_dir, qsd_b, store_taking_over(tmp.path()).await, "node b").await;
+    if clones.is_some() {
+        assert_eq!(
+            twins_beside(&images).len(),
+            DISKS.len(),
+            "a twin per failover image"
+        );
+    }
     let reprotect = reprotect_from(&mut b.engine, &p, &dirs).await;
     assert_eq!(
         reprotect.report.bytes_sent,
         block_bytes(&b_writes),
         "re-protect sends exactly the blocks B changed since the failover"
     );
+    if clones.is_some() {
+        let report = &reprotect.report;
+        assert!(
+            report.disks_compared_in_full.is_empty() && report.bytes_read == block_bytes(&b_writes),
+            "the twins name B's writes: only those blocks are read ({} bytes read, {} changed): \
+             {report:?}",
+            report.bytes_read,
+            block_bytes(&b_writes),
+        );
+        assert_eq!(
+            twins_beside(&images),
+            Vec::<String>::new(),
+            "the re-protect removes its twins"
+        );
+    }
     assert_eq!(b.engine.state().phase, EnginePhase::Protected);
     let q1 = reprotect.point.as_ref().unwrap().id.clone();
     let b_store = b.engine.store().clone();
@@ -437,12 +506,34 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool) {
     qsd_b.stop();
 
     // A runs again on its own disks; re-protect forward sends nothing (A equals the point).
+    if clones.is_some() {
+        assert_eq!(
+            twins_beside(&a_images).len(),
+            DISKS.len(),
+            "a twin per original image"
+        );
+    }
     a.qsd.start_again();
+    let a_writes: Vec<Write> = scattered(30, 3, 2, 0x30);
+    a.qsd.guest_writes("data", &a_writes);
     let forward = reprotect_from(&mut a.engine, &q, &dirs).await;
     assert_eq!(
-        forward.report.bytes_sent, 0,
-        "A equals the failback's point"
+        forward.report.bytes_sent,
+        block_bytes(&a_writes),
+        "A equals the failback's point but for what it wrote since"
     );
+    if clones.is_some() {
+        let report = &forward.report;
+        assert!(
+            report.disks_compared_in_full.is_empty() && report.bytes_read == block_bytes(&a_writes),
+            "the twins name A's writes since the failback: only those blocks are read: {report:?}",
+        );
+        assert_eq!(
+            twins_beside(&a_images),
+            Vec::<String>::new(),
+            "the re-protect removes its twins"
+        );
+    }
     a.qsd.guest_writes("root", &scattered(9, 2, 2, 0x31));
     a.engine.run_cycle(SystemTime::now()).await.unwrap();
     let store = a.engine.store().clone();
@@ -684,7 +775,7 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     .unwrap();
     let p = failover.point.as_ref().unwrap().id.clone();
     let b_dir = tmp.path().join("site-b");
-    let qsd_b = start_recovered(&b_dir, &failover);
+    let qsd_b = start_recovered(&b_dir, &failover, false);
     let b_writes = scattered(10, 5, 2, 0x43);
     qsd_b.guest_writes("data", &b_writes);
     let mut b = open_site(&b_dir, qsd_b, b_store, "node b").await;
@@ -776,7 +867,7 @@ async fn with_the_recovered_vms_node_lost_the_failback_runs_at_the_primary_site_
 
     // B runs and replicates in reverse, ships a cycle, writes more; then its node is lost.
     let b_dir = tmp.path().join("site-b");
-    let qsd_b = start_recovered(&b_dir, &failover);
+    let qsd_b = start_recovered(&b_dir, &failover, false);
     qsd_b.guest_writes("root", &scattered(2, 6, 7, 0x52));
     let mut b = open_site(&b_dir, qsd_b, store_taking_over(tmp.path()).await, "node b").await;
     reprotect_from(&mut b.engine, &p, &dirs).await;

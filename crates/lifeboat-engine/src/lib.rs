@@ -19,6 +19,7 @@ pub mod replicator;
 pub mod space;
 pub mod state;
 pub mod throttle;
+pub mod twin;
 pub mod worker;
 
 pub use error::EngineError;

@@ -396,6 +396,9 @@ struct Resolved {
     seed: Option<String>,
     /// Every seed bitmap of the node, trusted or not.
     seeds: Vec<String>,
+    /// The host file of a raw node (a `raw` format node or a `file` node, named by a plain
+    /// file name): where a reflinked twin ([`lifeboat_engine::twin`]) may record its writes.
+    raw_file: Option<PathBuf>,
 }
 
 impl Resolved {
@@ -512,6 +515,12 @@ impl Inner {
                         .filter(|b| b.name.starts_with(SEED_BITMAP_PREFIX))
                         .map(|b| b.name.clone())
                         .collect(),
+                    // NB: a `json:` name means options beyond the file (an offset, say):
+                    // the file's offsets may not be the guest's.
+                    raw_file: (matches!(info.driver.as_str(), "raw" | "file")
+                        && !info.filename.is_empty()
+                        && !info.filename.starts_with("json:"))
+                    .then(|| PathBuf::from(&info.filename)),
                 })
             })
             .collect()

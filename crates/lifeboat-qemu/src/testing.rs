@@ -19,6 +19,9 @@ pub enum DiskFormat {
     Qcow2,
     /// `<dir>/<name>.img`: node `<name>` (driver `raw`) over `<name>-file` (`file`).
     RawFile,
+    /// A raw image file at the path given (a failover's output, served where it was written),
+    /// with the nodes of [`DiskFormat::RawFile`].
+    RawFileAt(PathBuf),
     /// A block device: node `<name>` (driver `host_device`), no format node above it.
     Device(PathBuf),
 }
@@ -51,6 +54,19 @@ impl DiskSpec {
         }
     }
 
+    /// The raw image file at `path` (which must exist), served in place.
+    pub fn raw_file_at(name: &str, path: impl Into<PathBuf>) -> DiskSpec {
+        let path = path.into();
+        let size = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("cannot inspect {}: {e}", path.display()))
+            .len();
+        DiskSpec {
+            name: name.to_owned(),
+            size,
+            format: DiskFormat::RawFileAt(path),
+        }
+    }
+
     /// The block device `device` (a loop device, say), its size as the kernel reports it.
     pub fn device(name: &str, device: impl Into<PathBuf>) -> DiskSpec {
         let device = device.into();
@@ -69,7 +85,7 @@ impl DiskSpec {
         match &self.format {
             DiskFormat::Qcow2 => dir.join(format!("{}.qcow2", self.name)),
             DiskFormat::RawFile => dir.join(format!("{}.img", self.name)),
-            DiskFormat::Device(device) => device.clone(),
+            DiskFormat::RawFileAt(path) | DiskFormat::Device(path) => path.clone(),
         }
     }
 
@@ -77,7 +93,7 @@ impl DiskSpec {
     pub fn driver(&self) -> &'static str {
         match self.format {
             DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::RawFile => "raw",
+            DiskFormat::RawFile | DiskFormat::RawFileAt(_) => "raw",
             DiskFormat::Device(_) => "host_device",
         }
     }
@@ -112,7 +128,7 @@ impl DiskSpec {
         let name = &self.name;
         let image = self.image(dir);
         match self.format {
-            DiskFormat::Qcow2 | DiskFormat::RawFile => vec![
+            DiskFormat::Qcow2 | DiskFormat::RawFile | DiskFormat::RawFileAt(_) => vec![
                 format!(
                     "driver=file,node-name={name}-file,filename={}",
                     image.display()
@@ -276,7 +292,7 @@ impl Qsd {
         let spec = self.spec(disk);
         if self.child.is_none() {
             return match spec.format {
-                DiskFormat::RawFile | DiskFormat::Device(_) => {
+                DiskFormat::RawFile | DiskFormat::RawFileAt(_) | DiskFormat::Device(_) => {
                     let mut bytes = std::fs::read(spec.image(&self.dir)).unwrap_or_else(|e| {
                         panic!("read {}: {e}", spec.image(&self.dir).display())
                     });
@@ -410,6 +426,82 @@ impl Drop for LoopDevice {
                 String::from_utf8_lossy(&o.stderr).trim()
             ),
             Err(e) => eprintln!("cannot run losetup -d {}: {e}", self.device.display()),
+        }
+    }
+}
+
+/// A folder on a file system that clones files (XFS with reflink, on a loop-mounted sparse
+/// image in a temporary folder; root only), unmounted on drop: where a raw image gets its
+/// reflinked twin (`lifeboat_engine::twin`).
+#[derive(Debug)]
+pub struct ReflinkFolder {
+    /// The mounted folder.
+    pub path: PathBuf,
+    // NB: after `path` is unmounted, the image's folder goes.
+    _image: tempfile::TempDir,
+}
+
+impl ReflinkFolder {
+    /// Make and mount one of `size_bytes` (XFS needs 300 MiB at least); why not, when that
+    /// cannot be done here (not root, no `mkfs.xfs` from Debian's xfsprogs, no loop devices).
+    pub fn mount(size_bytes: u64) -> Result<ReflinkFolder, String> {
+        let image = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let file = image.path().join("xfs.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size_bytes))
+            .map_err(|e| format!("cannot create {}: {e}", file.display()))?;
+        let path = image.path().join("mnt");
+        std::fs::create_dir(&path).map_err(|e| e.to_string())?;
+        let step = |program: &str, args: &[&std::ffi::OsStr]| {
+            let output = Command::new(program)
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run {program}: {e}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{program} failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        };
+        step(
+            "mkfs.xfs",
+            &[
+                "-q".as_ref(),
+                "-m".as_ref(),
+                "reflink=1".as_ref(),
+                file.as_os_str(),
+            ],
+        )?;
+        step(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                file.as_os_str(),
+                path.as_os_str(),
+            ],
+        )?;
+        Ok(ReflinkFolder {
+            path,
+            _image: image,
+        })
+    }
+}
+
+impl Drop for ReflinkFolder {
+    fn drop(&mut self) {
+        // NB: lazy: a daemon of a failed test may still hold a file there.
+        match Command::new("umount").arg("-l").arg(&self.path).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "umount {} failed: {}",
+                self.path.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("cannot run umount {}: {e}", self.path.display()),
         }
     }
 }

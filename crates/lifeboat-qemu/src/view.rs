@@ -13,7 +13,9 @@
 //! A disk with a recording seed bitmap (`lifeboat-since-<point>`: a failover's qcow2 output,
 //! or a stopped source a planned failover marked) has it disabled in the same transaction and
 //! exported beside the frozen bitmap, so that a re-protect from that point reads only the
-//! blocks written since ([`View::changed_since`]); the view removes it when it closes.
+//! blocks written since ([`View::changed_since`]); the view removes it when it closes. A raw
+//! disk has no bitmap to keep across a restart: its file's reflinked twin, when the failover
+//! left one ([`lifeboat_engine::twin`]), names those blocks instead.
 
 use super::nbd::{self, NbdClient, NbdError};
 use super::qmp::GuestAgent;
@@ -49,6 +51,8 @@ pub(super) struct ViewDisk {
     /// The seed bitmap ([`lifeboat_engine::backend::seed_bitmap_name`]) this view froze and
     /// exports: the disk's writes from its point until the view. Removed when the view closes.
     pub(super) seed: Option<String>,
+    /// The host file of a raw disk, whose reflinked twin may name its writes since a point.
+    raw_file: Option<PathBuf>,
     conn: tokio::sync::Mutex<Option<NbdClient>>,
 }
 
@@ -86,6 +90,7 @@ impl ViewDisk {
             job,
             export,
             seed: r.seed.clone(),
+            raw_file: r.raw_file.clone(),
             conn: tokio::sync::Mutex::new(None),
         }
     }
@@ -571,14 +576,39 @@ impl View for QemuView {
     ) -> Result<Option<Vec<Range<u64>>>, BackendError> {
         let p = self.part(disk)?;
         let wanted = lifeboat_engine::backend::seed_bitmap_name(point);
-        let Some(context) = p
+        if let Some(context) = p
             .seed_context()
             .filter(|_| p.seed.as_ref() == Some(&wanted))
-        else {
+        {
+            let extents = self.block_status(p, &context).await?;
+            return Ok(Some(ViewDisk::dirty(extents)));
+        }
+        let Some(file) = p.raw_file.clone() else {
             return Ok(None);
         };
-        let extents = self.block_status(p, &context).await?;
-        Ok(Some(ViewDisk::dirty(extents)))
+        // NB: after the view froze the disk: every write before it has reached the file, and
+        // its space is given when the twin's map is read (the page cache written back first).
+        // A raw node whose file is not the disk's size has an offset or a size of its own:
+        // not compared.
+        let (size, point) = (p.size_bytes, point.to_owned());
+        let found = tokio::task::spawn_blocking(move || {
+            if std::fs::metadata(&file).map(|m| m.len()).ok() != Some(size) {
+                return Ok(None);
+            }
+            lifeboat_engine::twin::changed_since(&file, &point)
+        })
+        .await
+        .map_err(|e| {
+            self.inner
+                .permanent("read the raw image's twin", e.to_string())
+        })?;
+        match found {
+            Ok(changed) => Ok(changed),
+            Err(e) => {
+                tracing::warn!(vm = %self.inner.vm, disk, error = %e, "the raw image's twin cannot be compared: the disk is compared in full");
+                Ok(None)
+            }
+        }
     }
 
     async fn allocated_extents(&self, disk: &str) -> Result<Vec<Range<u64>>, BackendError> {

@@ -16,6 +16,7 @@ use super::{Progress, ProgressSink, Replicator, Report, throughput};
 use crate::backend::{Stopped, seed_bitmap_name};
 use crate::error::EngineError;
 use crate::state::EnginePhase;
+use crate::twin;
 
 /// Which recovery point to materialise.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +74,10 @@ pub struct FailoverReport {
     /// for a disk whose seed held: see [`super::restore_onto`]).
     pub compared_bytes: u64,
 }
+
+/// The label of a failover's disks (`<vm>-failover-<disk>`): the recovered VM's, which a
+/// re-protect can start from.
+pub const FAILOVER_LABEL: &str = "failover";
 
 /// The file a disk of a failover named `label` is materialised in, in `format`.
 pub fn disk_image_path(
@@ -158,7 +163,7 @@ pub async fn fail_over_from_store(
 ) -> Result<(lifeboat_store::Epoch, FailoverReport), EngineError> {
     let point = choose_point(store, vm, choice).await?;
     let epoch = store.fence(vm, holder, super::unix_ms(now)).await?;
-    let report = materialise_point(store, vm, point, out, "failover", progress).await?;
+    let report = materialise_point(store, vm, point, out, FAILOVER_LABEL, progress).await?;
     Ok((epoch, report))
 }
 
@@ -203,7 +208,9 @@ pub async fn fail_back_from_store(
 /// Materialise `point` of `vm` as image files `<vm>-<label>-<disk>.<img|qcow2>` in `out`,
 /// verified against the manifest's digests. Files of a failed attempt are removed. A qcow2
 /// image gets an enabled persistent bitmap named [`seed_bitmap_name`] of the point, added
-/// after its data: the VM that runs on it records its writes since the point there.
+/// after its data: the VM that runs on it records its writes since the point there. A raw
+/// image of a failover (`label` [`FAILOVER_LABEL`]) gets a reflinked [`twin`] of the point
+/// instead, where its file system clones files.
 ///
 /// It needs nothing but the store: no state folder, no hypervisor, no source host. The
 /// agent's failover runs it, and so does a recovery from the store alone.
@@ -223,9 +230,12 @@ pub async fn materialise_point(
     std::fs::create_dir_all(dir).map_err(EngineError::state("create failover folder", dir))?;
     let mut disks = Vec::new();
     let mut bytes_read = 0;
+    // NB: the disks a re-protect can start from (a failover's) keep a record of the writes
+    // the recovered VM makes on them; a test failover's, removed at its cleanup, do not.
+    let seeded = label == FAILOVER_LABEL;
     for pd in &point.disks {
         let path = disk_image_path(dir, vm.name(), label, &pd.name, out.format);
-        match materialise_disk(store, vm, &point, pd, &path, out.format, progress).await {
+        match materialise_disk(store, vm, &point, pd, &path, out.format, seeded, progress).await {
             Ok(read) => {
                 bytes_read += read;
                 disks.push(MaterialisedDisk {
@@ -237,6 +247,7 @@ pub async fn materialise_point(
             Err(e) => {
                 for disk in disks.iter().map(|d| &d.path).chain(std::iter::once(&path)) {
                     let _ = std::fs::remove_file(disk);
+                    let _ = twin::remove_all(disk);
                 }
                 return Err(e);
             }
@@ -251,6 +262,7 @@ pub async fn materialise_point(
     })
 }
 
+#[allow(clippy::too_many_arguments)] // NB: one disk of materialise_point's loop.
 async fn materialise_disk(
     store: &dyn ReplicaStore,
     vm: &VmKey,
@@ -258,6 +270,7 @@ async fn materialise_disk(
     pd: &lifeboat_store::PointDisk,
     path: &Path,
     format: DiskFormat,
+    seeded: bool,
     progress: ProgressSink<'_>,
 ) -> Result<u64, EngineError> {
     let map_error = |source| EngineError::BlockMap {
@@ -314,10 +327,27 @@ async fn materialise_disk(
     .await?;
     image.finish().await?;
     verify_digest(&map, point, pd, |got| format!("the replica reads as {got}"))?;
-    if format == DiskFormat::Qcow2 {
-        image::add_bitmap(path, &seed_bitmap_name(&point.id)).await?;
+    match format {
+        DiskFormat::Qcow2 => image::add_bitmap(path, &seed_bitmap_name(&point.id)).await?,
+        DiskFormat::Raw if seeded => keep_twin(path, &pd.name, &point.id),
+        DiskFormat::Raw => {}
     }
     Ok(read)
+}
+
+/// Keep a [`twin`] of the raw image at `path` (disk `disk`), equal to `point` and flushed:
+/// the record of its writes since, for the re-protect that starts from `point`. Best effort:
+/// without one the re-protect compares the whole disk.
+pub(super) fn keep_twin(path: &Path, disk: &str, point: &str) {
+    match twin::make(path, point) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!(disk, path = %path.display(), "the raw image's file system cannot clone it: a re-protect from this point compares the whole disk");
+        }
+        Err(e) => {
+            tracing::warn!(disk, path = %path.display(), error = %e, "the raw image's twin was not made: a re-protect from this point compares the whole disk");
+        }
+    }
 }
 
 /// Check that `map`, what was written for disk `pd` of `point`, has the digest the manifest
@@ -405,7 +435,7 @@ impl Replicator {
     ) -> Result<FailoverReport, EngineError> {
         if let EnginePhase::FailedOver { point } = &self.state.phase {
             let done = PointChoice::Named(point.clone());
-            return self.materialise(&done, out, "failover", progress).await;
+            return self.materialise(&done, out, FAILOVER_LABEL, progress).await;
         }
         let (point, stopped) = self.take_point(planned, choice, now).await?;
         let mut report = materialise_point(
@@ -413,7 +443,7 @@ impl Replicator {
             &self.vm,
             point,
             out,
-            "failover",
+            FAILOVER_LABEL,
             progress,
         )
         .await?;
@@ -647,6 +677,7 @@ pub fn remove_disk_images(
         let mut found = false;
         for format in DiskFormat::ALL {
             let path = disk_image_path(dir, vm, label, disk, format);
+            twin::remove_all(&path).map_err(EngineError::state("remove the twin of", &path))?;
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(EngineError::state("remove failover disk", path)(e)),

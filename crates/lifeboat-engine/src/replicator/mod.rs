@@ -515,6 +515,7 @@ impl Replicator {
         };
         self.save()?;
         logs::delete_files(self.fs.as_ref(), &logs)?;
+        self.drop_twins();
         if delete_replica {
             match self.store.delete_vm(&self.vm).await {
                 Ok(()) => {}
@@ -526,6 +527,17 @@ impl Replicator {
             }
         }
         Ok(left)
+    }
+
+    /// Remove the reflinked twins ([`crate::twin`]) of the VM's raw disks: nothing reads them
+    /// once the re-protect that started from their point ended, or protection is disabled,
+    /// and each keeps the point's copy of every block the VM rewrote. Best effort.
+    pub(crate) fn drop_twins(&self) {
+        for disk in &self.disks {
+            if let Err(e) = crate::twin::remove_all(Path::new(&disk.path)) {
+                tracing::warn!(vm = %self.vm, disk = %disk.name, error = %e, "a twin of the raw image was not removed: it keeps the space of the blocks rewritten since its point");
+            }
+        }
     }
 
     /// Mark the VM for resync (on request, or when the caller found a reason).

@@ -36,7 +36,9 @@ use lifeboat_blockmap::{BlockMap, HashAlgorithm, RangeOp, plan_resync};
 use lifeboat_store::local::PositionalIo;
 use lifeboat_store::{At, ReplicaStore, VmKey};
 
-use super::failover::{FailoverReport, MaterialisedDisk, PointChoice, choose_point, verify_digest};
+use super::failover::{
+    FailoverReport, MaterialisedDisk, PointChoice, choose_point, keep_twin, verify_digest,
+};
 use super::image::{self, Image, StoreSource, write_from_store};
 use super::{Progress, ProgressSink, Replicator, Report, maps, throughput, unix_ms};
 use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, merge_ranges, seed_bitmap_name};
@@ -540,7 +542,8 @@ impl Replicator {
 ///
 /// A disk whose image is gone is created and filled: the one case that copies a whole disk.
 /// Every disk's map is checked against the point's digest at the end, and a qcow2 disk gets a
-/// new seed bitmap for the point, so that the re-protect that follows sends only what the VM
+/// new seed bitmap for the point (a raw image file, a reflinked [`crate::twin`] where its file
+/// system clones files), so that the re-protect that follows reads and sends only what the VM
 /// writes after the failback.
 ///
 /// Needs only the store and the images: the agent of the site the VM returns to runs it (the
@@ -959,6 +962,8 @@ async fn restore_disk(
     })?;
     if qcow2 {
         reseed(path, &point.id).await?;
+    } else {
+        keep_twin(path, &pd.name, &point.id);
     }
     tracing::info!(vm = %vm, disk = %pd.name, path = %path.display(), written = read, compared, "original disk brought to the point");
     Ok(RestoredDisk {

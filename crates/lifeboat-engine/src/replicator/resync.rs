@@ -31,9 +31,11 @@
 //! (logs over the threshold, a corrupt log, a request) compares every disk.
 //!
 //! A re-protect's resync goes further when its disks carry a seed bitmap (a qcow2 failover
-//! disk's, or one a planned failover left on the stopped source's disks): the view freezes it,
+//! disk's, or one a planned failover left on the stopped source's disks) or, raw, a reflinked
+//! twin of the point ([`crate::twin`]: a failover's or a failback's): the view freezes it,
 //! and it names every block written since the point the replica was put back to, so only
 //! those blocks are read, compared and sent, in the same one pass ([`View::changed_since`]).
+//! The twins go when the re-protect ends.
 //!
 //! # Resuming
 //!
@@ -315,7 +317,7 @@ impl Replicator {
             let steps: Vec<(Range<u64>, Step)> = if incremental {
                 let changed = match seeded {
                     Some(changed) => {
-                        tracing::info!(vm = %self.vm, disk, "re-protect: the disk's seed bitmap holds; comparing only the blocks written since the point");
+                        tracing::info!(vm = %self.vm, disk, "re-protect: the disk's record of its writes since the point holds (a seed bitmap, or a raw file's twin); comparing only those blocks");
                         changed
                     }
                     None => {
@@ -444,10 +446,16 @@ impl Replicator {
             )
             .await?;
         report.point = Some(point);
+        let reprotected = super::reprotect::reprotecting_from(&self.state.phase).is_some();
         self.state.resync_cycle = None;
         self.state.resync_full_disks = None;
         self.state.phase = EnginePhase::Protected;
         self.save()?;
+        if reprotected {
+            // NB: a raw disk's twin held the point the re-protect started from; tracking
+            // records the writes from here on.
+            self.drop_twins();
+        }
         Ok(report)
     }
 }
