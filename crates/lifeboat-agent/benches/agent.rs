@@ -2141,7 +2141,12 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         let source = dir.join("source.raw");
         let (source, a_path) = (source.to_str().unwrap(), a_disk.to_str().unwrap());
         match format {
-            DiskFormat::Raw => run("cp", &["--sparse=always", source, a_path]),
+            // NB: a copy of its own, not sharing the built image's space (cp clones by
+            // default where the file system can): A's writes are not copy-on-write.
+            DiskFormat::Raw => run(
+                "cp",
+                &["--sparse=always", "--reflink=never", source, a_path],
+            ),
             DiskFormat::Qcow2 => run(
                 "qemu-img",
                 &[

@@ -278,6 +278,24 @@ async fn a_raw_original_disk_written_after_the_failback_began_is_compared_in_ful
     planned_round_trip(true, false, None).await;
 }
 
+/// As `a_raw_original_disk_written_after_the_failback_began_is_compared_in_full`, on a file
+/// system that clones files: A's twin (of the point the failback's first step brought it to)
+/// names the stray write, so the last step overwrites it without reading A's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_file_system_that_clones_a_write_behind_lifeboats_back_is_named_by_the_twin() {
+    let folder = match ReflinkFolder::mount(512 * MIB) {
+        Ok(folder) => folder,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED on_a_file_system_that_clones_a_write_behind_lifeboats_back_is_named_by_the_twin: \
+                 no XFS folder here ({why})"
+            );
+            return;
+        }
+    };
+    planned_round_trip(true, false, Some(&folder.path)).await;
+}
+
 /// The block A's root image is written at, behind Lifeboat's back, in
 /// `a_raw_original_disk_written_after_the_failback_began_is_compared_in_full`: one that holds
 /// data at the point (A's first write), so that the failback reads it back from the store.
@@ -329,6 +347,17 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
     for (disk, (got, want)) in DISKS.iter().zip(failed_over.iter().zip(&before)) {
         support::assert_same(&format!("failover disk {disk}"), got, want);
     }
+    if clones.is_some() {
+        let a_images: Vec<PathBuf> = engine::disks(&a.qsd)
+            .iter()
+            .map(|d| d.path.clone().into())
+            .collect();
+        assert_eq!(
+            twins_beside(&a_images).len(),
+            DISKS.len(),
+            "the planned failover leaves a twin of each of A's stopped raw images"
+        );
+    }
     // Site A goes down (its agent too: the local store admits one writer process).
     let Site {
         mut qsd, engine, ..
@@ -348,6 +377,32 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
             DISKS.len(),
             "a twin per failover image"
         );
+        // A failover run again while B runs on its disks refuses, and removes nothing.
+        let reader = LocalStore::open_read_only(tmp.path().join("store")).unwrap();
+        let point = reader
+            .manifest(&engine::vm())
+            .await
+            .unwrap()
+            .unwrap()
+            .point(&p)
+            .unwrap()
+            .clone();
+        let again = lifeboat_engine::replicator::materialise_point(
+            &reader,
+            &engine::vm(),
+            point,
+            lifeboat_engine::replicator::Output::raw(&dirs.failover_dir),
+            lifeboat_engine::replicator::FAILOVER_LABEL,
+            &no_progress,
+        )
+        .await;
+        let refused = again.map(drop).unwrap_err().to_string();
+        assert!(refused.contains("is open by process"), "{refused}");
+        assert!(
+            images.iter().all(|i| i.exists()),
+            "B's disks are still there"
+        );
+        assert_eq!(twins_beside(&images).len(), DISKS.len());
     }
     let reprotect = reprotect_from(&mut b.engine, &p, &dirs).await;
     assert_eq!(
@@ -495,8 +550,9 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
     );
     assert_eq!(
         restored.compared_bytes > 0,
-        a_written_after_first_step,
-        "A's disk is read only when its stamp no longer holds"
+        a_written_after_first_step && clones.is_none(),
+        "A's disk is read only when its stamp no longer holds (its twin, where it has one, \
+         names the write instead)"
     );
     let a_now = read_files(&a_images);
     for (disk, (got, want)) in DISKS.iter().zip(a_now.iter().zip(&b_final)) {

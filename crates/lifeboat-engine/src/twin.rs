@@ -29,10 +29,12 @@
 //!
 //! # Assumptions
 //!
-//! The image's page cache is written back before its map is read (`FIEMAP_FLAG_SYNC`): a
-//! write that QEMU completed into the page cache has its new space then. Only regular files
-//! on a file system that clones (XFS with reflink, btrfs, bcachefs, OCFS2, NFS 4.2 servers
-//! that do): elsewhere there is no twin, and a re-protect compares the whole disk, as before.
+//! The image's page cache is written back before its map is read (`fdatasync`, which waits
+//! for the writeback and so for the file system's copy-on-write remap): a write that QEMU
+//! completed into the page cache has its new space then. Only regular files
+//! on a file system that clones and maps extents (XFS with reflink, btrfs, bcachefs, OCFS2):
+//! elsewhere there is no twin (or, on an NFS mount that clones, one that is never read), and
+//! a re-protect compares the whole disk, as before.
 //!
 //! # Caveats
 //!
@@ -46,6 +48,9 @@ use std::path::{Path, PathBuf};
 
 /// How a twin's file name starts after the image's name: `.<image>.lifeboat-since-<point>`.
 const TWIN_INFIX: &str = ".lifeboat-since-";
+
+/// How the name of a twin being made ends, until it is whole.
+const CLONING: &str = ".cloning";
 
 /// One extent of a file's map, as `FIEMAP` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,9 +95,29 @@ pub fn make(image: &Path, point: &str) -> io::Result<bool> {
     Ok(made)
 }
 
+/// The points the image at `image` has twins for (usually none or one).
+///
+/// # Errors
+///
+/// The image's folder cannot be read.
+pub fn points(image: &Path) -> io::Result<Vec<String>> {
+    let mut points = Vec::new();
+    for_each_twin(image, |point, _| {
+        if !point.ends_with(CLONING) {
+            points.push(point.to_owned());
+        }
+        Ok(())
+    })?;
+    Ok(points)
+}
+
 /// The ranges of the image at `image` written since its twin for `point` was made: sorted,
 /// disjoint, in bytes. None when there is no such twin, it is not on the image's file system
 /// or not of its length, or extent maps cannot be read here.
+///
+/// Only what reached the file by the time of the call is named, and a range the image wrote
+/// and then punched back to a hole the twin has too reads as unchanged: a caller whose image
+/// is still being written adds the writes made from before the call on (a VM's dirty bitmap).
 ///
 /// # Errors
 ///
@@ -108,10 +133,10 @@ pub fn changed_since(image: &Path, point: &str) -> io::Result<Option<Vec<Range<u
     {
         return Ok(None);
     }
-    let Some(live_map) = extents(image)? else {
+    let Some(live_map) = extents(image, true)? else {
         return Ok(None);
     };
-    let Some(twin_map) = extents(&twin)? else {
+    let Some(twin_map) = extents(&twin, false)? else {
         return Ok(None);
     };
     Ok(Some(changed(&live_map, &twin_map, live.len())))
@@ -129,9 +154,30 @@ pub fn remove_all(image: &Path) -> io::Result<usize> {
 
 /// Remove the image's twins but the one for `keep`; how many.
 fn remove_others(image: &Path, keep: Option<&str>) -> io::Result<usize> {
+    let mut removed = 0;
+    for_each_twin(image, |point, path| {
+        if Some(point) == keep {
+            return Ok(());
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    })?;
+    Ok(removed)
+}
+
+/// Call `each(point, path)` for every twin of the image at `image` (and a clone left half
+/// made, whose "point" ends in `.cloning`).
+fn for_each_twin(
+    image: &Path,
+    mut each: impl FnMut(&str, &Path) -> io::Result<()>,
+) -> io::Result<()> {
     let (Some(dir), Some(name)) = (image.parent(), image.file_name().and_then(|n| n.to_str()))
     else {
-        return Ok(0);
+        return Ok(());
     };
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
@@ -141,26 +187,17 @@ fn remove_others(image: &Path, keep: Option<&str>) -> io::Result<usize> {
     let prefix = format!(".{name}{TWIN_INFIX}");
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let mut removed = 0;
     for entry in entries {
         let entry = entry?;
         let file_name = entry.file_name();
-        let Some(point) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
-            continue;
-        };
-        if Some(point) == keep {
-            continue;
-        }
-        match std::fs::remove_file(entry.path()) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        if let Some(point) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) {
+            each(point, &entry.path())?;
         }
     }
-    Ok(removed)
+    Ok(())
 }
 
 /// The ranges of a file of `len` bytes whose map `live` differs from `twin`'s (both sorted by
@@ -237,7 +274,7 @@ fn same_device(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
 fn clone_file(from: &Path, to: &Path) -> io::Result<bool> {
     let source = std::fs::File::open(from)?;
     let mut temporary = to.as_os_str().to_owned();
-    temporary.push(".cloning");
+    temporary.push(CLONING);
     let temporary = PathBuf::from(temporary);
     let target = std::fs::File::create(&temporary)?;
     if let Err(e) = rustix::fs::ioctl_ficlone(&target, &source) {
@@ -262,12 +299,17 @@ fn clone_file(_: &Path, _: &Path) -> io::Result<bool> {
     Ok(false)
 }
 
-/// The extent map of the file at `path`, its page cache written back first; None where maps
-/// cannot be read (off Linux, or a file system without `FIEMAP`).
+/// The extent map of the file at `path` (`sync`: its page cache written back first, and
+/// every copy-on-write remap that ends); None where maps cannot be read (off Linux, or a file
+/// system without `FIEMAP`).
 #[cfg(target_os = "linux")]
-fn extents(path: &Path) -> io::Result<Option<Vec<Extent>>> {
+fn extents(path: &Path, sync: bool) -> io::Result<Option<Vec<Extent>>> {
     use fiemap::{FiemapExtentFlags as F, FiemapFlags};
     let file = std::fs::File::open(path)?;
+    // NB: once, not with FIEMAP_FLAG_SYNC, which the crate sends with every batch of 8.
+    if sync {
+        file.sync_data()?;
+    }
     let elsewhere = F::UNKNOWN
         | F::DELALLOC
         | F::ENCODED
@@ -276,7 +318,7 @@ fn extents(path: &Path) -> io::Result<Option<Vec<Extent>>> {
         | F::DATA_INLINE
         | F::DATA_TAIL;
     let mut out = Vec::new();
-    for extent in fiemap::Fiemap::with_flags(&file, FiemapFlags::SYNC) {
+    for extent in fiemap::Fiemap::with_flags(&file, FiemapFlags::empty()) {
         let extent = match extent {
             Ok(extent) => extent,
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) => {
@@ -296,7 +338,7 @@ fn extents(path: &Path) -> io::Result<Option<Vec<Extent>>> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn extents(_: &Path) -> io::Result<Option<Vec<Extent>>> {
+fn extents(_: &Path, _: bool) -> io::Result<Option<Vec<Extent>>> {
     Ok(None)
 }
 

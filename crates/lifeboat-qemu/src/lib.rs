@@ -412,6 +412,38 @@ impl Resolved {
     }
 }
 
+/// For each point the raw file of `r` has a reflinked twin of ([`lifeboat_engine::twin`]), the
+/// ranges written since; none for a disk that is not a raw file of the disk's size (a raw node
+/// with an offset or a size of its own: its file's offsets are not the guest's), and none
+/// (compared in full) when a map cannot be read.
+async fn twin_changes(inner: &Inner, r: &Resolved) -> Vec<(String, Vec<std::ops::Range<u64>>)> {
+    let Some(file) = r.raw_file.clone() else {
+        return Vec::new();
+    };
+    let size = r.size_bytes;
+    let found = tokio::task::spawn_blocking(move || {
+        use lifeboat_engine::twin;
+        if std::fs::metadata(&file).map(|m| m.len()).ok() != Some(size) {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for point in twin::points(&file)? {
+            if let Some(changed) = twin::changed_since(&file, &point)? {
+                found.push((point, changed));
+            }
+        }
+        Ok::<_, std::io::Error>(found)
+    })
+    .await;
+    let why = match found {
+        Ok(Ok(found)) => return found,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(vm = %inner.vm, disk = %r.disk, error = %why, "the raw image's twin cannot be compared: a re-protect compares the disk in full");
+    Vec::new()
+}
+
 impl Inner {
     /// Run a QMP command; map its failure to the backend's error.
     async fn qmp(
@@ -1021,7 +1053,7 @@ impl Hypervisor for QemuHypervisor {
                 ));
             }
             let fleece_node = format!("{FLEECE_NODE_PREFIX}{cycle}-{i}");
-            parts.push(ViewDisk::new(
+            let mut part = ViewDisk::new(
                 r,
                 active,
                 cycle,
@@ -1029,7 +1061,11 @@ impl Hypervisor for QemuHypervisor {
                 fleece_node,
                 format!("{JOB_PREFIX}{cycle}-{i}"),
                 format!("{EXPORT_PREFIX}{cycle}-{i}"),
-            ));
+            );
+            // NB: before the cut, with the bitmap it freezes recording already: see
+            // `ViewDisk::twin_changes`.
+            part.twin_changes = twin_changes(inner, r).await;
+            parts.push(part);
         }
         inner.set_open_cycle(Some(cycle));
         let mut view = QemuView::new(Arc::clone(inner), cycle, parts);

@@ -15,7 +15,8 @@
 //! exported beside the frozen bitmap, so that a re-protect from that point reads only the
 //! blocks written since ([`View::changed_since`]); the view removes it when it closes. A raw
 //! disk has no bitmap to keep across a restart: its file's reflinked twin, when the failover
-//! left one ([`lifeboat_engine::twin`]), names those blocks instead.
+//! left one ([`lifeboat_engine::twin`]), names those blocks instead, read just before the cut
+//! while the disk's dirty bitmap records, and joined with the blocks the bitmap froze.
 
 use super::nbd::{self, NbdClient, NbdError};
 use super::qmp::GuestAgent;
@@ -51,8 +52,10 @@ pub(super) struct ViewDisk {
     /// The seed bitmap ([`lifeboat_engine::backend::seed_bitmap_name`]) this view froze and
     /// exports: the disk's writes from its point until the view. Removed when the view closes.
     pub(super) seed: Option<String>,
-    /// The host file of a raw disk, whose reflinked twin may name its writes since a point.
-    raw_file: Option<PathBuf>,
+    /// For each point the raw file has a reflinked twin of: the ranges written since, as its
+    /// extent maps said just before this view froze the bitmap (which recorded from before
+    /// then).
+    pub(super) twin_changes: Vec<(String, Vec<Range<u64>>)>,
     conn: tokio::sync::Mutex<Option<NbdClient>>,
 }
 
@@ -90,7 +93,7 @@ impl ViewDisk {
             job,
             export,
             seed: r.seed.clone(),
-            raw_file: r.raw_file.clone(),
+            twin_changes: Vec::new(),
             conn: tokio::sync::Mutex::new(None),
         }
     }
@@ -583,32 +586,18 @@ impl View for QemuView {
             let extents = self.block_status(p, &context).await?;
             return Ok(Some(ViewDisk::dirty(extents)));
         }
-        let Some(file) = p.raw_file.clone() else {
+        let Some((_, since_twin)) = p.twin_changes.iter().find(|(at, _)| at == point) else {
             return Ok(None);
         };
-        // NB: after the view froze the disk: every write before it has reached the file, and
-        // its space is given when the twin's map is read (the page cache written back first).
-        // A raw node whose file is not the disk's size has an offset or a size of its own:
-        // not compared.
-        let (size, point) = (p.size_bytes, point.to_owned());
-        let found = tokio::task::spawn_blocking(move || {
-            if std::fs::metadata(&file).map(|m| m.len()).ok() != Some(size) {
-                return Ok(None);
-            }
-            lifeboat_engine::twin::changed_since(&file, &point)
-        })
-        .await
-        .map_err(|e| {
-            self.inner
-                .permanent("read the raw image's twin", e.to_string())
-        })?;
-        match found {
-            Ok(changed) => Ok(changed),
-            Err(e) => {
-                tracing::warn!(vm = %self.inner.vm, disk, error = %e, "the raw image's twin cannot be compared: the disk is compared in full");
-                Ok(None)
-            }
-        }
+        // NB: the twin's ranges were read before the cut, while the frozen bitmap recorded:
+        // what the guest wrote after they were read (a range written before and punched back
+        // to a hole after, say) is in the bitmap.
+        let mut changed = since_twin.clone();
+        changed.extend(ViewDisk::dirty(
+            self.block_status(p, &p.bitmap_context()).await?,
+        ));
+        changed.sort_by_key(|r| r.start);
+        Ok(Some(merge_ranges(changed)))
     }
 
     async fn allocated_extents(&self, disk: &str) -> Result<Vec<Range<u64>>, BackendError> {

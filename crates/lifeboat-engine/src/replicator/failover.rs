@@ -233,6 +233,23 @@ pub async fn materialise_point(
     // NB: the disks a re-protect can start from (a failover's) keep a record of the writes
     // the recovered VM makes on them; a test failover's, removed at its cleanup, do not.
     let seeded = label == FAILOVER_LABEL;
+    // NB: before any file is written (a failed attempt removes its files): a failover run
+    // again once its VM was started on its disks would rewrite them under the VM, and its
+    // twin would vouch for a file the VM no longer has open.
+    for pd in &point.disks {
+        let path = disk_image_path(dir, vm.name(), label, &pd.name, out.format);
+        if let Some((pid, program)) = super::reprotect::held_open_by(&path) {
+            return Err(EngineError::NotReady {
+                what: format!(
+                    "disk {:?}: {} is open by process {pid} ({program}): a failover writes its \
+                     disks before a VM runs on them, never under one (stop it, or fail over to \
+                     another folder)",
+                    pd.name,
+                    path.display()
+                ),
+            });
+        }
+    }
     for pd in &point.disks {
         let path = disk_image_path(dir, vm.name(), label, &pd.name, out.format);
         match materialise_disk(store, vm, &point, pd, &path, out.format, seeded, progress).await {

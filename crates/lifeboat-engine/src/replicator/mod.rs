@@ -34,9 +34,9 @@ mod resync;
 mod upload;
 
 pub use failover::{
-    FailoverReport, MaterialisedDisk, Output, PointChoice, choose_point, commit_in_store,
-    disk_image_path, fail_back_from_store, fail_over_from_store, materialise_point,
-    remove_disk_images,
+    FAILOVER_LABEL, FailoverReport, MaterialisedDisk, Output, PointChoice, choose_point,
+    commit_in_store, disk_image_path, fail_back_from_store, fail_over_from_store,
+    materialise_point, remove_disk_images,
 };
 pub use image::DiskFormat;
 pub use reprotect::{SeedMaps, restore_onto};

@@ -44,6 +44,7 @@ use super::{Progress, ProgressSink, Replicator, Report, maps, throughput, unix_m
 use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, merge_ranges, seed_bitmap_name};
 use crate::error::EngineError;
 use crate::state::{AgentState, DiskRecord, EnginePhase};
+use crate::twin;
 
 /// How the phase of a re-protect's resync starts its reason.
 pub(crate) const REPROTECT: &str = "Reprotect";
@@ -288,8 +289,9 @@ impl Replicator {
     /// After a planned failover to `point` (the source stopped, equal to the point): ask the
     /// hypervisor to record the disks' writes from now on as writes since `point`, keep each
     /// raw image file's [`FileStamp`] (a raw image cannot record its writes: an unchanged file
-    /// has none), and keep each disk's block map at `point` in the state folder. Best effort:
-    /// a failback without them compares the whole disks.
+    /// has none) and, where its file system clones files, its reflinked [`twin`] (which names
+    /// every write since), and keep each disk's block map at `point` in the state folder. Best
+    /// effort: a failback without them compares the whole disks.
     pub(crate) async fn keep_seed(&self, point: &str) {
         let marked = match self.hypervisor.mark_point(&self.disks, point).await {
             Ok(marked) => marked,
@@ -301,6 +303,12 @@ impl Replicator {
         let stamped = self.keep_stamps(&self.disks, point, |disk| {
             seed_file(&self.dir, "seed", disk, "stamp")
         });
+        for disk in &self.disks {
+            let path = Path::new(&disk.path);
+            if is_raw_image_file(path) {
+                keep_twin(path, &disk.name, point);
+            }
+        }
         if !marked && stamped == 0 {
             tracing::info!(vm = %self.vm, point, "the disks keep no record of their writes across a restart, and are not files: a failback will compare them in full");
             return;
@@ -669,6 +677,17 @@ async fn point_map(
     }
 }
 
+/// Whether `path` is a regular file of raw data (not a qcow2, VHDX, dynamic VHD or VMDK
+/// image): one whose offsets are the disk's, which a [`twin`] can describe.
+fn is_raw_image_file(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut head = [0u8; 8];
+    file.metadata().is_ok_and(|m| m.is_file())
+        && (file.read_exact_at(&mut head, 0).is_err() || image_format(&head).is_none())
+}
+
 /// The format of an image whose first bytes are `head`, when it is one whose data is not laid
 /// out raw; None for raw data (and a fixed VHD, raw data with a footer at its end).
 fn image_format(head: &[u8; 8]) -> Option<&'static str> {
@@ -686,7 +705,7 @@ fn image_format(head: &[u8; 8]) -> Option<&'static str> {
 /// a hypervisor still holding the original disk (a QEMU paused by the failover, say) would
 /// run on, or resume, over blocks rewritten under it. Linux only; elsewhere, and for processes
 /// this agent may not inspect, nothing is found.
-fn held_open_by(path: &Path) -> Option<(u32, String)> {
+pub(super) fn held_open_by(path: &Path) -> Option<(u32, String)> {
     #[cfg(target_os = "linux")]
     {
         let target = std::fs::canonicalize(path).ok()?;
@@ -871,6 +890,15 @@ async fn restore_disk(
     let block = u64::from(block_size);
     let size = pd.size_bytes;
     let (image, qcow2) = open_original(path, &pd.name, size, seed.map(|s| s.point)).await?;
+    // NB: a raw file's twin of the seed's point names what was written since, whoever wrote
+    // it: stronger than its stamp, which only says nothing was (within a timestamp tick).
+    let since_twin = match seed {
+        Some(seed) if !qcow2 => twin::changed_since(path, seed.point).unwrap_or_else(|e| {
+            tracing::warn!(vm = %vm, disk = %pd.name, error = %e, "the raw image's twin cannot be compared: its stamp, or a compare, decides");
+            None
+        }),
+        _ => None,
+    };
     let started = Instant::now();
     let report = |done: u64, read: u64| {
         progress(&Progress {
@@ -881,8 +909,10 @@ async fn restore_disk(
             throughput_bytes_per_second: throughput(read, started),
         });
     };
+    let by_twin = since_twin.is_some();
     let dirty = match image.dirty_ranges(size).await? {
         Some(dirty) => Some(dirty),
+        None if by_twin => since_twin,
         None if !qcow2 && untouched => Some(Vec::new()),
         None => None,
     };
@@ -897,6 +927,9 @@ async fn restore_disk(
         }
         _ => None,
     };
+    // NB: a twin of the disk vouches for what it holds: not made for content only a stamp
+    // vouched for (a write it missed would then never be compared again).
+    let by_stamp_only = seeded.is_some() && !qcow2 && !by_twin;
     // The disk's map as it will be, and what to write: (range, whether it is zeros).
     let mut compared = 0;
     let (mut have, writes): (BlockMap, Vec<(Range<u64>, bool)>) = match seeded {
@@ -962,6 +995,10 @@ async fn restore_disk(
     })?;
     if qcow2 {
         reseed(path, &point.id).await?;
+    } else if by_stamp_only {
+        if let Err(e) = twin::remove_all(path) {
+            tracing::warn!(vm = %vm, disk = %pd.name, error = %e, "an older twin of the raw image was not removed");
+        }
     } else {
         keep_twin(path, &pd.name, &point.id);
     }
