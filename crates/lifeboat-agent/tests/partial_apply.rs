@@ -250,7 +250,7 @@ async fn a_corrupt_log_found_while_applying_puts_the_live_replica_back() {
 }
 
 /// A planned failover ships the stopped VM's last writes straight from its view to the store
-/// (no log, `Replicator::run_last_cycle`). The store goes down half way through them: the
+/// (no log, `Replicator::run_direct_cycle`). The store goes down half way through them: the
 /// failover fails, recoverable, the VM is not failed over and the latest point is the old
 /// one, while the live replica is half applied. Asked again once the store is back, in the
 /// same process (`restart` false) or after the agent restarts (the engine opened again,
@@ -334,4 +334,69 @@ async fn a_planned_failover_whose_last_writes_half_shipped_loses_nothing_asked_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_failover_whose_last_writes_half_shipped_loses_nothing_after_a_restart() {
     planned_failover_after_a_half_shipped_last_cycle(true).await;
+}
+
+/// A planned failback's fresh point is shipped straight from the running VM's view (no log,
+/// `Replicator::ship_before_stop`). The store goes down half way through: the step fails,
+/// recoverable, with no point cut and no log written, the live replica half applied; the
+/// guest writes on (over some of those blocks and elsewhere). Asked again once the store is
+/// back (in the same process, or after the agent restarts), the fresh point equals the disk:
+/// the abandoned view's changes came back into tracking, none was lost.
+async fn fresh_point_after_a_half_shipped_running_cycle(restart: bool) {
+    let mut rig = protected(&[("root", 32 * MIB)], 50).await;
+    let before = rig.latest().await;
+    rig.qsd.guest_write("root", 0, 6 * MIB, 0x41);
+    rig.store.writes_left.store(3, Ordering::SeqCst);
+    let error = rig
+        .engine
+        .ship_before_stop(SystemTime::now())
+        .await
+        .expect_err("the store went down while shipping");
+    assert!(error.is_recoverable(), "{error}");
+    assert!(
+        rig.engine.state().applying,
+        "the changes were being shipped"
+    );
+    assert!(
+        rig.engine.state().pending.is_empty(),
+        "no log was written: the changes stay with tracking"
+    );
+    rig.store.down.store(false, Ordering::SeqCst);
+    rig.store.writes_left.store(u64::MAX, Ordering::SeqCst);
+    assert_eq!(rig.latest().await, before, "no point was cut");
+    // The VM runs on: it rewrites part of what was half shipped, and writes elsewhere.
+    rig.qsd.guest_write("root", 2 * MIB, MIB, 0x43);
+    rig.qsd.guest_write("root", 16 * MIB, 64 * 1024, 0x44);
+    if restart {
+        let dir = rig._dir.path().to_owned();
+        let settings = Settings {
+            upload_concurrency: 1,
+            ..settings()
+        };
+        rig.engine = open_engine(&rig.qsd, &dir, rig.store.clone(), settings).await;
+    }
+    let report = rig
+        .engine
+        .ship_before_stop(SystemTime::now())
+        .await
+        .unwrap_or_else(|e| panic!("the failback's first step asked again: {e}"));
+    let point = report.point.expect("a fresh point").id;
+    assert_ne!(point, before);
+    assert!(!rig.engine.state().applying);
+    assert_eq!(rig.engine.state().phase, EnginePhase::Protected);
+    support::assert_same(
+        "the fresh point",
+        &rig.replica(&At::Point(point)).await,
+        &rig.qsd.read_disk("root"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_point_half_shipped_from_the_running_vm_loses_nothing_asked_again() {
+    fresh_point_after_a_half_shipped_running_cycle(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_point_half_shipped_from_the_running_vm_loses_nothing_after_a_restart() {
+    fresh_point_after_a_half_shipped_running_cycle(true).await;
 }

@@ -234,19 +234,26 @@ impl Replicator {
         }
     }
 
-    /// The last cycle of a VM its hypervisor has stopped (a planned failover's): as
-    /// [`Replicator::run_cycle`], but the frozen changes go straight from the view to the
-    /// store, not through a log. Nothing writes to the disks any more, so the view may stay
-    /// open for as long as shipping takes, and a log would only be written, synced and read
-    /// back. While cycles are still pending (their logs written before the stop), this is
-    /// [`Replicator::run_cycle`]: they ship first, and this one is logged as well.
+    /// A cycle shipped straight from its view: as [`Replicator::run_cycle`], but the frozen
+    /// changes go from the view to the store, not through a log that would only be written,
+    /// synced and read back. For the cycles that need the store now and are not run again on
+    /// a schedule: the last one of a VM its hypervisor stopped (a planned failover's; nothing
+    /// writes to the disks any more), and the one a planned failback runs before the stop (a
+    /// fresh point of the running VM: what the guest writes while the view is open is copied
+    /// into the view's overlay first, as in any cycle; the view stays open for as long as
+    /// shipping takes, a fraction of a second for a copy interval's changes). While cycles
+    /// are still pending (their logs written before), this is [`Replicator::run_cycle`]: they
+    /// ship first, and this one is logged as well.
     ///
     /// Nothing is lost on a failure or a crash: the view is committed only once the point is
     /// cut and saved (before, it is abandoned, or a crash leaves it open and the next view
     /// folds its changes back), and the live replica is marked `applying` while it is ahead
     /// of the latest point (put back to it at the next open, or simply written again: the
     /// next attempt ships every block this one did, whole).
-    pub(super) async fn run_last_cycle(&mut self, now: SystemTime) -> Result<Report, EngineError> {
+    pub(super) async fn run_direct_cycle(
+        &mut self,
+        now: SystemTime,
+    ) -> Result<Report, EngineError> {
         if !self.state.pending.is_empty() {
             return self.run_cycle(now).await;
         }

@@ -519,8 +519,9 @@ impl Replicator {
     }
 
     /// A planned failback's first step at the site it leaves: a cycle of the running VM,
-    /// nothing stopped or fenced, so that the original disks are brought to a fresh point
-    /// while the VM runs on, and the stop that follows ships only what it writes meanwhile.
+    /// shipped straight from its view ([`Replicator::run_direct_cycle`]), nothing stopped or
+    /// fenced, so that the original disks are brought to a fresh point while the VM runs on,
+    /// and the stop that follows ships only what it writes meanwhile.
     /// The cycle's report; its point is the one it cut (the latest, if it cut none).
     ///
     /// # Errors
@@ -535,7 +536,7 @@ impl Replicator {
         if let EnginePhase::ResyncRequired { reason } = &self.state.phase {
             return Err(needs_resync(reason));
         }
-        let mut report = self.run_cycle(now).await?;
+        let mut report = self.run_direct_cycle(now).await?;
         if let Some(reason) = &report.resync_required {
             return Err(needs_resync(reason));
         }
@@ -576,7 +577,7 @@ impl Replicator {
                 })?;
             tracing::info!(vm = %self.vm, how = %how, "the source VM is stopped for a planned failover");
             stopped = Some(how);
-            let report = self.run_last_cycle(now).await?;
+            let report = self.run_direct_cycle(now).await?;
             if let Some(reason) = report.resync_required {
                 return Err(EngineError::NotReady {
                     what: format!(
