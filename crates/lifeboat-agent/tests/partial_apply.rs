@@ -75,6 +75,35 @@ async fn protected(disks: &[(&str, u64)], threshold_percent: u32) -> Rig {
 }
 
 impl Rig {
+    /// After a cycle shipped straight from its view (no log) failed with `error` as the store
+    /// went down half way: the failure is recoverable, the live replica marked as being
+    /// written, no log kept, no point cut after `before`. The store is then back.
+    async fn half_shipped_straight(&self, error: &lifeboat_engine::EngineError, before: &str) {
+        eprintln!("the cycle failed half way: {error}");
+        assert!(error.is_recoverable(), "{error}");
+        assert!(
+            self.engine.state().applying,
+            "the changes were being shipped"
+        );
+        assert!(
+            self.engine.state().pending.is_empty(),
+            "no log was written: the changes stay with the view"
+        );
+        self.store.down.store(false, Ordering::SeqCst);
+        self.store.writes_left.store(u64::MAX, Ordering::SeqCst);
+        assert_eq!(self.latest().await, before, "no point was cut");
+    }
+
+    /// The agent restarts: the engine is opened again on the same folder and store.
+    async fn restart(&mut self) {
+        let dir = self._dir.path().to_owned();
+        let settings = Settings {
+            upload_concurrency: 1,
+            ..settings()
+        };
+        self.engine = open_engine(&self.qsd, &dir, self.store.clone(), settings).await;
+    }
+
     async fn latest(&self) -> String {
         let manifest = self.store.manifest(&self.vm).await.unwrap().unwrap();
         manifest.latest().unwrap().id.clone()
@@ -268,20 +297,8 @@ async fn planned_failover_after_a_half_shipped_last_cycle(restart: bool) {
         .fail_over_to_primary(true, &PointChoice::Latest, SystemTime::now())
         .await
         .expect_err("the store went down while shipping");
-    eprintln!("the planned failover failed half way: {error}");
-    assert!(error.is_recoverable(), "{error}");
-    assert!(
-        rig.engine.state().applying,
-        "the last writes were being shipped"
-    );
-    assert!(
-        rig.engine.state().pending.is_empty(),
-        "no log was written: the changes stay with the view"
-    );
     assert_eq!(rig.engine.state().phase, EnginePhase::Protected);
-    rig.store.down.store(false, Ordering::SeqCst);
-    rig.store.writes_left.store(u64::MAX, Ordering::SeqCst);
-    assert_eq!(rig.latest().await, before, "no point was cut");
+    rig.half_shipped_straight(&error, &before).await;
     let live = rig.replica(&At::Live).await;
     let half = live[..6 * MIB as usize]
         .chunks(MIB as usize)
@@ -293,12 +310,7 @@ async fn planned_failover_after_a_half_shipped_last_cycle(restart: bool) {
     );
 
     if restart {
-        let dir = rig._dir.path().to_owned();
-        let settings = Settings {
-            upload_concurrency: 1,
-            ..settings()
-        };
-        rig.engine = open_engine(&rig.qsd, &dir, rig.store.clone(), settings).await;
+        rig.restart().await;
         support::assert_same(
             "the live replica once the agent restarted",
             &rig.replica(&At::Live).await,
@@ -352,28 +364,12 @@ async fn fresh_point_after_a_half_shipped_running_cycle(restart: bool) {
         .ship_before_stop(SystemTime::now())
         .await
         .expect_err("the store went down while shipping");
-    assert!(error.is_recoverable(), "{error}");
-    assert!(
-        rig.engine.state().applying,
-        "the changes were being shipped"
-    );
-    assert!(
-        rig.engine.state().pending.is_empty(),
-        "no log was written: the changes stay with tracking"
-    );
-    rig.store.down.store(false, Ordering::SeqCst);
-    rig.store.writes_left.store(u64::MAX, Ordering::SeqCst);
-    assert_eq!(rig.latest().await, before, "no point was cut");
+    rig.half_shipped_straight(&error, &before).await;
     // The VM runs on: it rewrites part of what was half shipped, and writes elsewhere.
     rig.qsd.guest_write("root", 2 * MIB, MIB, 0x43);
     rig.qsd.guest_write("root", 16 * MIB, 64 * 1024, 0x44);
     if restart {
-        let dir = rig._dir.path().to_owned();
-        let settings = Settings {
-            upload_concurrency: 1,
-            ..settings()
-        };
-        rig.engine = open_engine(&rig.qsd, &dir, rig.store.clone(), settings).await;
+        rig.restart().await;
     }
     let report = rig
         .engine

@@ -249,17 +249,22 @@ async fn a_planned_round_trip_loses_nothing_and_sends_only_the_changed_blocks() 
 /// for byte equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_file_system_that_clones_each_raw_re_protect_reads_only_the_changed_blocks() {
-    let folder = match ReflinkFolder::mount(512 * MIB) {
-        Ok(folder) => folder,
-        Err(why) => {
-            eprintln!(
-                "SKIPPED on_a_file_system_that_clones_each_raw_re_protect_reads_only_the_changed_blocks: \
-                 no XFS folder here ({why})"
-            );
-            return;
+    planned_round_trip_on_xfs(
+        "on_a_file_system_that_clones_each_raw_re_protect_reads_only_the_changed_blocks",
+        false,
+    )
+    .await;
+}
+
+/// [`planned_round_trip`] in a loop-mounted XFS folder (root and xfsprogs), or the test
+/// `test` says why it was skipped.
+async fn planned_round_trip_on_xfs(test: &str, a_written_after_first_step: bool) {
+    match ReflinkFolder::mount(512 * MIB) {
+        Ok(folder) => {
+            planned_round_trip(a_written_after_first_step, false, Some(&folder.path)).await;
         }
-    };
-    planned_round_trip(false, false, Some(&folder.path)).await;
+        Err(why) => eprintln!("SKIPPED {test}: no XFS folder here ({why})"),
+    }
 }
 
 /// The failback's Failback jobs run on B's engine, as the standalone daemon runs every job of
@@ -283,17 +288,11 @@ async fn a_raw_original_disk_written_after_the_failback_began_is_compared_in_ful
 /// names the stray write, so the last step overwrites it without reading A's disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_file_system_that_clones_a_write_behind_lifeboats_back_is_named_by_the_twin() {
-    let folder = match ReflinkFolder::mount(512 * MIB) {
-        Ok(folder) => folder,
-        Err(why) => {
-            eprintln!(
-                "SKIPPED on_a_file_system_that_clones_a_write_behind_lifeboats_back_is_named_by_the_twin: \
-                 no XFS folder here ({why})"
-            );
-            return;
-        }
-    };
-    planned_round_trip(true, false, Some(&folder.path)).await;
+    planned_round_trip_on_xfs(
+        "on_a_file_system_that_clones_a_write_behind_lifeboats_back_is_named_by_the_twin",
+        true,
+    )
+    .await;
 }
 
 /// The block A's root image is written at, behind Lifeboat's back, in
