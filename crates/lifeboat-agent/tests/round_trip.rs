@@ -563,6 +563,11 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
     // A runs again on its own disks; re-protect forward sends nothing (A equals the point).
     if clones.is_some() {
         assert_eq!(
+            twins_beside(&images),
+            Vec::<String>::new(),
+            "the failback's stop leaves no twin beside B's disks: nothing returns to them"
+        );
+        assert_eq!(
             twins_beside(&a_images).len(),
             DISKS.len(),
             "a twin per original image"

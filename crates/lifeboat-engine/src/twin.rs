@@ -40,7 +40,9 @@
 //!
 //! The twin keeps the point's copy of every block the VM rewrites, until the re-protect
 //! that uses it ends (or the VM's protection is disabled): up to the disk's allocated size,
-//! as a snapshot would. Linux only (ReFS block cloning on Windows is not used).
+//! as a snapshot would; an image removed by hand leaves its twins, holding all of the
+//! point's data, unless they are removed with it. Linux only (ReFS block cloning on Windows
+//! is not used).
 
 use std::io;
 use std::ops::Range;

@@ -241,7 +241,10 @@ impl Replicator {
     /// writes to the disks any more), and the one a planned failback runs before the stop (a
     /// fresh point of the running VM: what the guest writes while the view is open is copied
     /// into the view's overlay first, as in any cycle; the view stays open for as long as
-    /// shipping takes, a fraction of a second for a copy interval's changes). While cycles
+    /// shipping takes, a fraction of a second for a copy interval's changes to a local store,
+    /// as long as the store takes otherwise, the guest's writes paying the copy meanwhile;
+    /// a store that fails ends it, the view abandoned, and the failback's step is retried).
+    /// While cycles
     /// are still pending (their logs written before), this is [`Replicator::run_cycle`]: they
     /// ship first, and this one is logged as well.
     ///

@@ -346,7 +346,11 @@ async fn materialise_disk(
     verify_digest(&map, point, pd, |got| format!("the replica reads as {got}"))?;
     match format {
         DiskFormat::Qcow2 => image::add_bitmap(path, &seed_bitmap_name(&point.id)).await?,
-        DiskFormat::Raw if seeded => keep_twin(path, &pd.name, &point.id),
+        // NB: a VM started on the image while it was written (past the check before it)
+        // would have its writes vouched for as the point's.
+        DiskFormat::Raw if seeded && super::reprotect::held_open_by(path).is_none() => {
+            keep_twin(path, &pd.name, &point.id);
+        }
         DiskFormat::Raw => {}
     }
     Ok(read)
@@ -455,6 +459,12 @@ impl Replicator {
             return self.materialise(&done, out, FAILOVER_LABEL, progress).await;
         }
         let (point, stopped) = self.take_point(planned, choice, now).await?;
+        if stopped.is_some() {
+            // NB: now, while the stopped disks still equal the point: the failover's own disks
+            // take long to write, and a VM started again meanwhile would write into the twins.
+            // (Not at a failback's stop: nothing returns to the recovered VM's disks.)
+            self.keep_twins(&point.id);
+        }
         let mut report = materialise_point(
             self.store.as_ref(),
             &self.vm,

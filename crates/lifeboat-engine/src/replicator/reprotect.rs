@@ -289,9 +289,9 @@ impl Replicator {
     /// After a planned failover to `point` (the source stopped, equal to the point): ask the
     /// hypervisor to record the disks' writes from now on as writes since `point`, keep each
     /// raw image file's [`FileStamp`] (a raw image cannot record its writes: an unchanged file
-    /// has none) and, where its file system clones files, its reflinked [`twin`] (which names
-    /// every write since), and keep each disk's block map at `point` in the state folder. Best
-    /// effort: a failback without them compares the whole disks.
+    /// has none; its reflinked twin, [`Replicator::keep_twins`], was made at the stop), and
+    /// keep each disk's block map at `point` in the state folder. Best effort: a failback
+    /// without them compares the whole disks.
     pub(crate) async fn keep_seed(&self, point: &str) {
         let marked = match self.hypervisor.mark_point(&self.disks, point).await {
             Ok(marked) => marked,
@@ -303,18 +303,25 @@ impl Replicator {
         let stamped = self.keep_stamps(&self.disks, point, |disk| {
             seed_file(&self.dir, "seed", disk, "stamp")
         });
-        for disk in &self.disks {
-            let path = Path::new(&disk.path);
-            if is_raw_image_file(path) {
-                keep_twin(path, &disk.name, point);
-            }
-        }
         if !marked && stamped == 0 {
             tracing::info!(vm = %self.vm, point, "the disks keep no record of their writes across a restart, and are not files: a failback will compare them in full");
             return;
         }
         self.keep_point_maps(point, |disk| seed_file(&self.dir, "seed", disk, "map"))
             .await;
+    }
+
+    /// Right after a planned failover stopped the VM and chose `point` (its disks equal it):
+    /// keep a reflinked [`twin`] of each raw image file, where its file system clones files,
+    /// which names every write made to it since, for the failback that returns to it. Best
+    /// effort, as [`Replicator::keep_seed`].
+    pub(crate) fn keep_twins(&self, point: &str) {
+        for disk in &self.disks {
+            let path = Path::new(&disk.path);
+            if is_raw_image_file(path) {
+                keep_twin(path, &disk.name, point);
+            }
+        }
     }
 
     /// Keep the [`FileStamp`] for `point` of each of `disks` that is a regular file at
@@ -684,8 +691,13 @@ fn is_raw_image_file(path: &Path) -> bool {
         return false;
     };
     let mut head = [0u8; 8];
+    // NB: unsure is not raw (a twin of another format's file would be read as guest offsets);
+    // only a file too short to have a header is.
     file.metadata().is_ok_and(|m| m.is_file())
-        && (file.read_exact_at(&mut head, 0).is_err() || image_format(&head).is_none())
+        && match file.read_exact_at(&mut head, 0) {
+            Ok(()) => image_format(&head).is_none(),
+            Err(e) => e.kind() == std::io::ErrorKind::UnexpectedEof,
+        }
 }
 
 /// The format of an image whose first bytes are `head`, when it is one whose data is not laid
