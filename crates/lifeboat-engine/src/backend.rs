@@ -228,6 +228,13 @@ pub fn seed_bitmap_name(point: &str) -> String {
 /// The prefix of [`seed_bitmap_name`]s.
 pub const SEED_BITMAP_PREFIX: &str = "lifeboat-since-";
 
+/// Merge touching or overlapping ranges of a list in any order: [`merge_ranges`], sorted
+/// first (ranges joined from several sources).
+pub fn union_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    merge_ranges(ranges)
+}
+
 /// Merge touching or overlapping ranges of a list sorted by start (a view's extents, a
 /// disk's changed ranges).
 pub fn merge_ranges(sorted: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<u64>> {

@@ -209,8 +209,7 @@ pub fn changed(live: &[Extent], twin: &[Extent], len: u64) -> Vec<Range<u64>> {
     let clip = |e: &Extent| e.logical.min(len)..e.logical.saturating_add(e.len).min(len);
     let mut mapped: Vec<Range<u64>> = live.iter().chain(twin).map(clip).collect();
     mapped.retain(|r| !r.is_empty());
-    mapped.sort_by_key(|r| r.start);
-    let mapped = crate::backend::merge_ranges(mapped);
+    let mapped = crate::backend::union_ranges(mapped);
     // What both map to the same place: the overlaps of the two sorted lists, walked together.
     let mut same: Vec<Range<u64>> = Vec::new();
     let (mut i, mut j) = (0, 0);

@@ -679,15 +679,14 @@ impl HyperVHost for FakeHyperVHost {
             return Err(invalid(codes::ERROR_VHD_INVALID_CHANGE_TRACKING_ID));
         }
         let upto = frozen.as_ref().map_or(u64::MAX, |f| f.generation);
-        let mut ranges: Vec<Range<u64>> = d
+        let ranges: Vec<Range<u64>> = d
             .writes
             .iter()
             .filter(|(g, _)| *g > since && *g <= upto)
             .map(|(_, r)| r.start.max(range.start)..r.end.min(range.end))
             .filter(|r| !r.is_empty())
             .collect();
-        ranges.sort_by_key(|r| r.start);
-        Ok(lifeboat_engine::backend::merge_ranges(ranges))
+        Ok(lifeboat_engine::backend::union_ranges(ranges))
     }
 
     fn read_file_at(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>, HostError> {

@@ -25,7 +25,9 @@ use super::{
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use lifeboat_engine::backend::{BackendError, CloseView, DiskInfo, Quiesce, View, merge_ranges};
+use lifeboat_engine::backend::{
+    BackendError, CloseView, DiskInfo, Quiesce, View, merge_ranges, union_ranges,
+};
 use serde_json::{Value, json};
 use std::fmt;
 use std::ops::Range;
@@ -596,8 +598,7 @@ impl View for QemuView {
         changed.extend(ViewDisk::dirty(
             self.block_status(p, &p.bitmap_context()).await?,
         ));
-        changed.sort_by_key(|r| r.start);
-        Ok(Some(merge_ranges(changed)))
+        Ok(Some(union_ranges(changed)))
     }
 
     async fn allocated_extents(&self, disk: &str) -> Result<Vec<Range<u64>>, BackendError> {

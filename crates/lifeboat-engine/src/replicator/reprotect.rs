@@ -41,7 +41,7 @@ use super::failover::{
 };
 use super::image::{self, Image, StoreSource, write_from_store};
 use super::{Progress, ProgressSink, Replicator, Report, maps, throughput, unix_ms};
-use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, merge_ranges, seed_bitmap_name};
+use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, seed_bitmap_name, union_ranges};
 use crate::error::EngineError;
 use crate::state::{AgentState, DiskRecord, EnginePhase};
 use crate::twin;
@@ -873,12 +873,6 @@ async fn reseed(path: &Path, point: &str) -> Result<(), EngineError> {
     image::add_bitmap(path, &seed_bitmap_name(point)).await
 }
 
-/// Merge touching or overlapping ranges (sorted first).
-fn union(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    ranges.sort_by_key(|r| r.start);
-    merge_ranges(ranges)
-}
-
 async fn restore_disk(
     store: &dyn ReplicaStore,
     vm: &VmKey,
@@ -956,7 +950,10 @@ async fn restore_disk(
                 .collect();
             ranges.extend(maps::align(&dirty, block, size));
             tracing::info!(vm = %vm, disk = %pd.name, from, "failback: the disk's seed holds (its bitmap, or a raw file's stamp); writing only the blocks either side changed");
-            let writes = union(ranges).into_iter().map(|r| (r, false)).collect();
+            let writes = union_ranges(ranges)
+                .into_iter()
+                .map(|r| (r, false))
+                .collect();
             (map.clone(), writes)
         }
         None => {
@@ -1116,9 +1113,9 @@ mod tests {
     #[test]
     fn union_merges_touching_and_overlapping_ranges() {
         assert_eq!(
-            union(vec![8..12, 0..4, 4..6, 10..16, 20..21]),
+            union_ranges(vec![8..12, 0..4, 4..6, 10..16, 20..21]),
             [0..6, 8..16, 20..21]
         );
-        assert!(union(Vec::new()).is_empty());
+        assert!(union_ranges(Vec::new()).is_empty());
     }
 }
