@@ -300,6 +300,37 @@ async fn on_a_file_system_that_clones_a_write_behind_lifeboats_back_is_named_by_
 /// data at the point (A's first write), so that the failback reads it back from the store.
 const A_STRAY_BLOCK: u64 = 5;
 
+/// A re-protect sent exactly the blocks `writes` (`what`) touched; with the twins beside
+/// `twinned` images (a file system that clones), it read only those blocks, compared no disk
+/// in full, and removed the twins.
+fn assert_reprotected(
+    result: &JobResult,
+    writes: &[Write],
+    twinned: Option<&[PathBuf]>,
+    what: &str,
+) {
+    let report = &result.report;
+    assert_eq!(
+        report.bytes_sent,
+        block_bytes(writes),
+        "re-protect sends exactly the blocks of {what}"
+    );
+    if let Some(images) = twinned {
+        assert!(
+            report.disks_compared_in_full.is_empty() && report.bytes_read == block_bytes(writes),
+            "the twins name {what}: only those blocks are read ({} bytes read, {} changed): \
+             {report:?}",
+            report.bytes_read,
+            block_bytes(writes),
+        );
+        assert_eq!(
+            twins_beside(images),
+            Vec::<String>::new(),
+            "the re-protect removes its twins"
+        );
+    }
+}
+
 /// The planned round trip on raw images; `clones`: its folders on a file system that clones
 /// files (the recovered VM runs on the failover's images where they were written).
 async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones: Option<&Path>) {
@@ -404,26 +435,12 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
         assert_eq!(twins_beside(&images).len(), DISKS.len());
     }
     let reprotect = reprotect_from(&mut b.engine, &p, &dirs).await;
-    assert_eq!(
-        reprotect.report.bytes_sent,
-        block_bytes(&b_writes),
-        "re-protect sends exactly the blocks B changed since the failover"
+    assert_reprotected(
+        &reprotect,
+        &b_writes,
+        clones.is_some().then_some(images.as_slice()),
+        "B's writes since the failover",
     );
-    if clones.is_some() {
-        let report = &reprotect.report;
-        assert!(
-            report.disks_compared_in_full.is_empty() && report.bytes_read == block_bytes(&b_writes),
-            "the twins name B's writes: only those blocks are read ({} bytes read, {} changed): \
-             {report:?}",
-            report.bytes_read,
-            block_bytes(&b_writes),
-        );
-        assert_eq!(
-            twins_beside(&images),
-            Vec::<String>::new(),
-            "the re-protect removes its twins"
-        );
-    }
     assert_eq!(b.engine.state().phase, EnginePhase::Protected);
     let q1 = reprotect.point.as_ref().unwrap().id.clone();
     let b_store = b.engine.store().clone();
@@ -577,23 +594,12 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
     let a_writes: Vec<Write> = scattered(30, 3, 2, 0x30);
     a.qsd.guest_writes("data", &a_writes);
     let forward = reprotect_from(&mut a.engine, &q, &dirs).await;
-    assert_eq!(
-        forward.report.bytes_sent,
-        block_bytes(&a_writes),
-        "A equals the failback's point but for what it wrote since"
+    assert_reprotected(
+        &forward,
+        &a_writes,
+        clones.is_some().then_some(a_images.as_slice()),
+        "A's writes since the failback",
     );
-    if clones.is_some() {
-        let report = &forward.report;
-        assert!(
-            report.disks_compared_in_full.is_empty() && report.bytes_read == block_bytes(&a_writes),
-            "the twins name A's writes since the failback: only those blocks are read: {report:?}",
-        );
-        assert_eq!(
-            twins_beside(&a_images),
-            Vec::<String>::new(),
-            "the re-protect removes its twins"
-        );
-    }
     a.qsd.guest_writes("root", &scattered(9, 2, 2, 0x31));
     a.engine.run_cycle(SystemTime::now()).await.unwrap();
     let store = a.engine.store().clone();
