@@ -353,7 +353,10 @@ async fn a_planned_failover_whose_last_writes_half_shipped_loses_nothing_after_a
 /// recoverable, with no point cut and no log written, the live replica half applied; the
 /// guest writes on (over some of those blocks and elsewhere). Asked again once the store is
 /// back (in the same process, or after the agent restarts), the fresh point equals the disk:
-/// the abandoned view's changes came back into tracking, none was lost.
+/// the abandoned view's changes came back into tracking, none was lost. What is simulated is
+/// a store outage, not a crash: the restart opens the engine again in this process after the
+/// failed step ended cleanly (QEMU and the page cache untouched); nothing is claimed about a
+/// SIGKILL mid-ship or a power cut.
 async fn fresh_point_after_a_half_shipped_running_cycle(restart: bool) {
     let mut rig = protected(&[("root", 32 * MIB)], 50).await;
     let before = rig.latest().await;
