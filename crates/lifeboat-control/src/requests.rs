@@ -168,7 +168,7 @@ pub fn check_action(vm: &ProtectedVM, action: &Action) -> Result<(), String> {
     match action {
         Action::Failback { .. } if status.direction != ReplicationDirection::Reverse => {
             Err(format!(
-                "{who} replicates forward, from its primary site: a failback returns a VM that was              failed over and re-protected in reverse (`lifeboat failover` fails it over)"
+                "{who} replicates forward, from its primary site: a failback returns a VM that was failed over and re-protected in reverse (`lifeboat failover` fails it over)"
             ))
         }
         Action::Failback { planned: true, .. } if status.phase != P::Protected => Err(format!(
@@ -189,7 +189,7 @@ pub fn check_action(vm: &ProtectedVM, action: &Action) -> Result<(), String> {
         Action::Reprotect => match status.phase {
             P::FailedOver | P::FailoverCommitted if vm.spec.recovery_site.is_none() => {
                 Err(format!(
-                    "{who} has no spec.recoverySite: say where the recovered VM runs (its node,                  hypervisor and disks) before re-protecting it"
+                    "{who} has no spec.recoverySite: say where the recovered VM runs (its node, hypervisor and disks) before re-protecting it"
                 ))
             }
             P::FailedOver | P::FailoverCommitted | P::FailedBack => Ok(()),
