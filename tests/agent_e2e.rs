@@ -759,6 +759,7 @@ async fn protected_in_reverse(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
+    use lifeboat_control::mapping::system_time;
     use lifeboat_qemu::testing::assert_same;
     let InReverse {
         dir,
@@ -782,10 +783,40 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         Api::<ConfigMap>::namespaced(client.clone(), NS),
     );
 
-    // Fail back: node-2 cuts a fresh point of B and node-1 brings A's disk to it while B
-    // runs; node-2 stops B and ships; node-1 brings A's disk to that point.
+    // While B runs, node-1 keeps A's disk in step with B's points: once a point cut after
+    // this write is on it, A's disk is B's.
     qsd_b.guest_write("os", 6 << 20, 512 << 10, 0x6b);
+    let written = std::time::SystemTime::now();
     let b_final = qsd_b.read_disk("os");
+    let latest = |vm: &ProtectedVM| {
+        let status = vm.status.as_ref()?;
+        status
+            .recovery_points
+            .latest
+            .as_ref()
+            .map(|p| system_time(&p.time))
+    };
+    let cut = web_until(&server, &vms, &jobs, "a point after B's write", |vm| {
+        latest(vm).is_some_and(|t| t > written)
+    })
+    .await;
+    let cut = latest(&cut).unwrap();
+    let in_step = web_until(&server, &vms, &jobs, "A's disk kept in step", |vm| {
+        vm.status
+            .as_ref()
+            .and_then(|s| s.original_disks_in_step_time.as_ref())
+            .is_some_and(|t| system_time(t) > cut)
+    })
+    .await;
+    assert_eq!(in_step.status.unwrap().phase, ProtectionPhase::Protected);
+    assert_same(
+        "A's disk kept in step while B runs",
+        &std::fs::read(a_dir.join("os.img")).unwrap(),
+        &b_final,
+    );
+
+    // Fail back: A's disk being in step, no fresh point first: node-2 stops B and ships;
+    // node-1 brings A's disk to that point.
     ask(
         &vms,
         json!({"failover": {"token": "f2", "type": "Planned"}}),
@@ -825,9 +856,15 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
     use lifeboat_api::job::JobType;
     assert_eq!(
         ran_on(JobType::Failover, |p| p.to_primary && p.presync),
-        Some("node-2")
+        None,
+        "no fresh point: A's disk was in step"
     );
-    assert_eq!(ran_on(JobType::Failback, |p| p.presync), Some("node-1"));
+    assert_eq!(
+        ran_on(JobType::Failback, |p| p.presync
+            && p.request_token.is_none()),
+        Some("node-1"),
+        "A's disk kept in step on its node"
+    );
     assert_eq!(
         ran_on(JobType::Failover, |p| p.to_primary && !p.presync),
         Some("node-2")
@@ -891,7 +928,7 @@ async fn with_the_recovered_vms_node_lost_for_good_an_unplanned_failback_runs_at
     qsd_b.guest_write("os", 6 << 20, 512 << 10, 0x6c);
     qsd_b.kill();
 
-    // A planned failback needs node-2: its first job waits there, unclaimed.
+    // A planned failback needs node-2 (to stop B): its first job waits there, unclaimed.
     ask(
         &vms,
         json!({"failover": {"token": "f2", "type": "Planned"}}),
@@ -905,7 +942,7 @@ async fn with_the_recovered_vms_node_lost_for_good_an_unplanned_failback_runs_at
                 .ok()?
                 .items
                 .into_iter()
-                .find(|j| j.spec.job_type == JobType::Failover && j.spec.parameters.presync)
+                .find(|j| j.spec.job_type == JobType::Failover && j.spec.parameters.to_primary)
         }
     })
     .await;

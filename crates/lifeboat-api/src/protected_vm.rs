@@ -759,6 +759,12 @@ pub struct ProtectedVMStatus {
     /// ask for one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_resync_time: Option<Time>,
+    /// Replicating in reverse: the original disks at the primary site hold every recovery
+    /// point cut before this time. Lifeboat keeps them in step with the points (a Failback
+    /// job with `presync` and no request), so that a planned failback has only the changes
+    /// made since to move, with the recovered VM stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_disks_in_step_time: Option<Time>,
     /// The disks of the current test failover, if one exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_failover: Option<FailoverResult>,

@@ -420,6 +420,7 @@ pub fn vm_state(status: Option<&ProtectedVMStatus>) -> VmState {
             error: j.last_error.as_ref().map(error_report),
         }),
         last_resync: s.last_resync_time.as_ref().map(system_time),
+        original_in_step: s.original_disks_in_step_time.as_ref().map(system_time),
         test_failover_exists: s.test_failover.is_some(),
         reverse: s.direction == ReplicationDirection::Reverse,
         conditions: conditions(&s.conditions),
@@ -585,6 +586,7 @@ pub fn vm_status(
             last_error: j.error.as_ref().map(error_status),
         }),
         last_resync_time: state.last_resync.map(api_time),
+        original_disks_in_step_time: state.original_in_step.map(api_time),
         // NB: the core only knows whether a test failover exists; its disks come from the job.
         test_failover: state
             .test_failover_exists
@@ -896,7 +898,14 @@ mod tests {
             failover: None,
             test_failover: None,
         });
-        for state in [&first.state, &failed.state] {
+        // And one replicating in reverse, its original disks kept in step.
+        let in_step = VmState {
+            reverse: true,
+            last_resync: Some(at(900)),
+            original_in_step: Some(at(1200)),
+            ..failed.state.clone()
+        };
+        for state in [&first.state, &failed.state, &in_step] {
             let status = vm_status(
                 state,
                 None,

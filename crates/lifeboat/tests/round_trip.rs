@@ -2,8 +2,8 @@
 //! daemon and the tools) on two real qemu-storage-daemon VMs and the local folder store.
 //! Protect A, planned failover (A stopped first: every write made before it is in the failed-over
 //! disk), run the recovered VM B on that disk, `lifeboat reprotect` (B replicates in reverse),
-//! `lifeboat failback` (A's original disk brought to a fresh point while B runs, then B
-//! stopped and A's disk brought to B's last point), `lifeboat
+//! A's original disk kept in step with B's points while B runs, `lifeboat failback` (B
+//! stopped and A's disk brought to B's last point: no fresh point first), `lifeboat
 //! reprotect` again (A replicates forward). The failover brings the recovered VM's definition
 //! up beside its disk (`spec.recoveredVm`); the failback takes it down once B is stopped. The
 //! daemon is killed with SIGKILL (a crash of the
@@ -125,6 +125,12 @@ fn crash_during(work: &Path, daemon: &mut Daemon, action: &str, max_ms: u64) -> 
     daemon
 }
 
+/// `at`, to the second, as status writes times.
+fn whole_seconds(at: SystemTime) -> String {
+    let secs = at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    lifeboat_core::rpo::format_rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// The recovery points in the store, by name, oldest first.
 fn store_points(work: &Path) -> Vec<String> {
     lifeboat(work, &["points", "web-01", "-o", "name"])
@@ -201,9 +207,39 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
     );
     lifeboat(work, &["cleanup", "web-01"]);
 
-    // Fail back (killed once on the way): B stops, A's disk becomes B's, write for write.
+    // While B runs, A's disk is kept in step with B's points: once a point cut after this
+    // write has reached it (two new points, then a job started after the second), A's disk is
+    // B's, before any failback.
+    let before = store_points(work);
     qsd_b.guest_write("root", 10 * MIB, MIB, 0x72);
     let b_final = qsd_b.read_disk("root");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while store_points(work)
+        .iter()
+        .filter(|p| !before.contains(p))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no reverse cycles after {before:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let cut = whole_seconds(SystemTime::now());
+    let s = wait_for(work, "A's disk kept in step", 120, |s| {
+        s.pointer("/status/originalDisksInStepTime")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t > cut.as_str())
+    });
+    assert_eq!(field(&s, "/status/phase"), "Protected", "{s:#}");
+    assert_same(
+        "A's disk kept in step while B runs",
+        &read_image(&a_dir.join("root.img")),
+        &b_final,
+    );
+
+    // Fail back (killed once on the way): B stops, A's disk becomes B's, write for write.
     assert!(
         definition.exists(),
         "the recovered VM runs until the failback"
@@ -230,19 +266,33 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
         field(&s, "/status/failover/disks/0/location"),
         a_dir.join("root.img").display().to_string()
     );
-    // The failback ran as four jobs: a fresh point of B and A's disk brought to it while B
-    // ran, then B stopped and shipped, then A's disk brought to B's last point.
+    // A's disk being in step, the failback needed no fresh point while B ran: B stopped and
+    // shipped, then A's disk brought to B's last point. Jobs with no request kept A in step.
     let jobs: Value = serde_json::from_str(&lifeboat(work, &["jobs", "web-01", "--json"])).unwrap();
-    let succeeded = |kind: &str, flag: &str| {
-        jobs.as_array().unwrap().iter().any(|j| {
-            field(j, "/spec/type") == kind
-                && j.pointer(&format!("/spec/parameters/{flag}")) == Some(&Value::Bool(true))
-                && field(j, "/status/phase") == "Succeeded"
-        })
+    let jobs = jobs.as_array().unwrap();
+    let flag = |j: &Value, flag: &str| {
+        j.pointer(&format!("/spec/parameters/{flag}")) == Some(&Value::Bool(true))
     };
-    assert!(succeeded("Failover", "presync"), "{jobs:#}");
-    assert!(succeeded("Failback", "presync"), "{jobs:#}");
-    assert!(succeeded("Failover", "toPrimary"), "{jobs:#}");
+    let succeeded = |j: &Value, kind: &str| {
+        field(j, "/spec/type") == kind && field(j, "/status/phase") == "Succeeded"
+    };
+    assert!(
+        jobs.iter().any(|j| succeeded(j, "Failback")
+            && flag(j, "presync")
+            && j.pointer("/spec/parameters/requestToken").is_none()),
+        "{jobs:#?}"
+    );
+    assert!(
+        jobs.iter()
+            .any(|j| succeeded(j, "Failover") && flag(j, "toPrimary") && !flag(j, "presync")),
+        "{jobs:#?}"
+    );
+    assert!(
+        !jobs
+            .iter()
+            .any(|j| field(j, "/spec/type") == "Failover" && flag(j, "presync")),
+        "no fresh point: {jobs:#?}"
+    );
     let mut qsd_b = qsd_b;
     qsd_b.stop();
     assert_same(

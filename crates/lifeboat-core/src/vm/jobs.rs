@@ -38,8 +38,18 @@ pub fn unplanned_failback(kind: JobKind, params: &JobParams) -> bool {
         && params.failover == Some(FailoverKind::Unplanned)
 }
 
+/// Whether a job keeps the primary site's original disks in step while the VM replicates in
+/// reverse: a Failback job with `presync` and no request (a planned failback's own carries
+/// its request's token). It brings them to the newest point while the recovered VM runs
+/// (ASR keeps the original VM's disks as the reverse replica), so that a failback has only
+/// the changes made since to move, with the recovered VM stopped. It never changes the
+/// phase, answers no request, and its failure only puts off the next one.
+pub fn keeps_in_step(kind: JobKind, params: &JobParams) -> bool {
+    kind == JobKind::Failback && params.presync && params.request_token.is_none()
+}
+
 /// Whether an agent whose last heartbeat is `beat` counts as alive at `now`.
-fn alive(beat: Option<SystemTime>, now: SystemTime) -> bool {
+pub(super) fn alive(beat: Option<SystemTime>, now: SystemTime) -> bool {
     beat.is_some_and(|b| now.duration_since(b).unwrap_or_default() < super::JOB_AGENT_LOST)
 }
 
@@ -51,7 +61,7 @@ pub(super) fn lost_for(beat: Option<SystemTime>, now: SystemTime) -> Option<std:
 }
 
 /// When a failed operation may run again.
-enum RetryGate {
+pub(super) enum RetryGate {
     Now,
     At(SystemTime),
     Never,
@@ -123,6 +133,14 @@ impl Pass<'_> {
                 .and_then(|(end, start)| end.duration_since(start).ok()),
         });
         record.state = facts.state;
+        if succeeded && keeps_in_step(kind, &record.params) {
+            // NB: every point cut before the job started is on the original disks (it took
+            // the newest); one cut while it ran may not be.
+            self.state.original_in_step = facts
+                .start_time
+                .or(facts.completion_time)
+                .or(Some(self.now));
+        }
         if succeeded {
             record.error = None;
             self.notice(
@@ -263,6 +281,8 @@ impl Pass<'_> {
                 handled.failover = token;
                 self.failover_outcome = Some(Verdict::no(&error.reason, error.message.clone()));
             }
+            // NB: kept in step for no request: the next one is due later, nothing else.
+            JobKind::Failback if keeps_in_step(kind, params) => {}
             JobKind::Failback if params.presync => {
                 self.state.phase = Phase::Protected;
                 handled.failover = token;
@@ -308,7 +328,7 @@ impl Pass<'_> {
         }
     }
 
-    fn retry_gate(&self, record: &JobRecord) -> RetryGate {
+    pub(super) fn retry_gate(&self, record: &JobRecord) -> RetryGate {
         let Some(error) = &record.error else {
             return RetryGate::Now;
         };
@@ -361,6 +381,7 @@ impl Pass<'_> {
             },
         );
         let node = self.place(kind, &params);
+        let in_step = keeps_in_step(kind, &params);
         if node.is_none() && self.failback_goes_home(kind, &params) {
             self.notice(
                 true,
@@ -410,6 +431,7 @@ impl Pass<'_> {
             JobKind::Failover if self.state.reverse => self.state.phase = Phase::FailingBack,
             JobKind::Failover => self.state.phase = Phase::FailingOver,
             JobKind::Reprotect => self.state.phase = Phase::Reprotecting,
+            JobKind::Failback if in_step => {}
             JobKind::Failback => self.state.phase = Phase::FailingBack,
             JobKind::DisableProtection => self.state.phase = Phase::DisablingProtection,
             JobKind::TestFailover | JobKind::CleanupTestFailover | JobKind::Commit => {}

@@ -16,7 +16,10 @@
 //!          planned: Failover presync (a cycle, the VM runs), Failback presync (disks, the VM runs), ┘ │
 //!          then Failover (stop, ship, point), Failback (disks); unplanned: the last two only       │
 //!   a presync job or the Failover failed for good ──> Protected (reverse), the request answered ──┘
-//!   (an unplanned one's Failover runs at the primary site, from the store, when the recovered
+//!   (while Protected in reverse, a Failback presync job with no request keeps the original
+//!   disks in step with each new point, the phase unchanged; a planned failback then skips its
+//!   presync steps: stop, ship, point, and the original disks get only what changed since;
+//!   an unplanned one's Failover runs at the primary site, from the store, when the recovered
 //!   VM's agent is lost; an unplanned request replaces a planned step or a re-protect that
 //!   failed, or that waits unclaimed on a lost agent: withdrawn)
 //!
@@ -59,7 +62,7 @@ mod disable;
 mod jobs;
 mod protection;
 
-pub use jobs::{store_only, unplanned_failback};
+pub use jobs::{keeps_in_step, store_only, unplanned_failback};
 mod requests;
 mod status;
 
@@ -239,6 +242,10 @@ pub struct VmState {
     /// The VM replicates (or last replicated) from the recovery site back to the primary: set
     /// when a re-protect after a failover starts, cleared when the one after a failback does.
     pub reverse: bool,
+    /// Replicating in reverse: the primary site's original disks hold every point cut before
+    /// this time (when the last job that kept them in step started, see
+    /// [`jobs::keeps_in_step`]); cleared when a re-protect starts.
+    pub original_in_step: Option<SystemTime>,
     /// The conditions.
     pub conditions: Vec<ObservedCondition>,
 }

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use crate::model::{FailoverKind, JobKind, JobParams, JobState, Phase, PointChoice, ResyncReason};
 
+use super::jobs::keeps_in_step;
 use super::requests::Ask;
-use super::{FailoverAsk, Pass};
+use super::{FailoverAsk, JobRecord, Pass};
 
 /// How often to look again while the policy is missing or not usable.
 const POLICY_RECHECK: Duration = Duration::from_secs(60);
@@ -19,6 +20,7 @@ impl Pass<'_> {
             self.state.phase = Phase::Pending;
         }
         self.unplanned_takes_over();
+        self.in_step_gives_way();
         if !self.idle() {
             // One job at a time: requests wait.
             return;
@@ -193,6 +195,7 @@ impl Pass<'_> {
             return;
         };
         self.state.reverse = reverse;
+        self.state.original_in_step = None;
         self.start_request(
             JobKind::Reprotect,
             JobParams {
@@ -318,14 +321,23 @@ impl Pass<'_> {
                         failover: Some(ask.kind),
                         point: Some(ask.point),
                         to_primary: self.state.reverse,
-                        presync: self.state.reverse && ask.kind == FailoverKind::Planned,
+                        presync: self.state.reverse
+                            && ask.kind == FailoverKind::Planned
+                            && !self.original_in_step(),
                         ..JobParams::default()
                     },
                 );
                 return;
             }
         }
-        let blocked = match self.retry_failed() {
+        // NB: a failed job that kept the original disks in step blocks nothing: the next
+        // one starts when its retry is due (`keep_original_in_step`).
+        let retried = if self.last_in_step_job().is_some() {
+            None
+        } else {
+            self.retry_failed()
+        };
+        let blocked = match retried {
             Some(true) => return,
             Some(false) => self.state.job.as_ref().map(|j| j.kind),
             None => None,
@@ -406,6 +418,104 @@ impl Pass<'_> {
                 ),
             }
         }
+        if self.create.is_none() {
+            self.keep_original_in_step();
+        }
+    }
+
+    /// The current job, when it is one that kept the original disks in step.
+    fn last_in_step_job(&self) -> Option<&JobRecord> {
+        self.state
+            .job
+            .as_ref()
+            .filter(|j| keeps_in_step(j.kind, &j.params))
+    }
+
+    /// Whether the original disks at the primary site are at most two copy intervals behind
+    /// the newest point (so that a planned failback need not bring them to a fresh point
+    /// first, while the recovered VM runs).
+    fn original_in_step(&self) -> bool {
+        let latest = self.input.agent.and_then(|a| a.latest_point);
+        match (self.state.original_in_step, latest) {
+            (Some(synced), Some(latest)) => latest <= synced + 2 * self.interval,
+            _ => false,
+        }
+    }
+
+    /// Replicating in reverse: bring the original disks to the newest point when one was
+    /// cut since they last were (since the re-protect, at first), at most once per copy
+    /// interval, while the primary site's agent lives. A failed attempt waits for its retry
+    /// time (a non-recoverable one for a retry token or a spec change); a failed job of
+    /// another kind keeps its record (and its retry gate), so nothing starts then.
+    fn keep_original_in_step(&mut self) {
+        if !self.state.reverse || self.state.phase != Phase::Protected {
+            return;
+        }
+        let attempt = match &self.state.job {
+            Some(j) if j.state == JobState::Failed && keeps_in_step(j.kind, &j.params) => {
+                match self.retry_gate(j) {
+                    super::jobs::RetryGate::Now => j.attempt + 1,
+                    super::jobs::RetryGate::At(at) => {
+                        self.wake.push(at);
+                        return;
+                    }
+                    super::jobs::RetryGate::Never => return,
+                }
+            }
+            Some(j) if j.state == JobState::Failed => return,
+            _ => 1,
+        };
+        let since = self.state.original_in_step.max(self.state.last_resync);
+        let newer = self
+            .input
+            .agent
+            .and_then(|a| a.latest_point)
+            .is_some_and(|p| since.is_none_or(|s| p > s));
+        if !newer || !super::jobs::alive(self.input.primary_heartbeat, self.now) {
+            return;
+        }
+        if let Some(due) = self.state.original_in_step.map(|t| t + self.interval)
+            && due > self.now
+        {
+            self.wake.push(due);
+            return;
+        }
+        self.start_job(
+            JobKind::Failback,
+            JobParams {
+                point: Some(PointChoice::Latest),
+                presync: true,
+                ..JobParams::default()
+            },
+            attempt,
+        );
+    }
+
+    /// A job keeping the original disks in step that no agent claimed yet gives way (it is
+    /// withdrawn: it did nothing) to a request, or when the primary site's agent is lost.
+    fn in_step_gives_way(&mut self) {
+        let Some(record) = self
+            .state
+            .job
+            .clone()
+            .filter(|j| j.state == JobState::Pending && keeps_in_step(j.kind, &j.params))
+        else {
+            return;
+        };
+        let why = if self.ask_failover().is_some() {
+            "a failback was asked".to_owned()
+        } else if self.ask_test_failover().is_some() || self.ask_resync().is_some() {
+            "a request was made".to_owned()
+        } else if let Some(silence) = super::jobs::lost_for(self.input.primary_heartbeat, self.now)
+        {
+            format!(
+                "the primary site's agent has been silent for {}s",
+                silence.as_secs()
+            )
+        } else {
+            return;
+        };
+        self.withdraw(record, false, &why);
     }
 
     /// Why delta replication cannot go on, from facts newer than the last resync.

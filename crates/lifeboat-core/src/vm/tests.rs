@@ -825,6 +825,193 @@ fn failback_asked() -> World {
     w
 }
 
+/// A VM protected in reverse whose recovered VM's node (node-b) lives, one copy interval on,
+/// with a new point cut there.
+fn reverse_with_a_new_point() -> World {
+    let mut w = World::protected_in_reverse();
+    next_reverse_cycle(&mut w, INTERVAL);
+    w
+}
+
+/// `by` later, both sites' agents alive, a cycle of the recovered VM cut a point.
+fn next_reverse_cycle(w: &mut World, by: Duration) {
+    w.advance(by);
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    w.cycle();
+}
+
+/// One reconcile, which creates a job keeping the original disks in step: on the primary
+/// site's node, no request, the phase unchanged.
+fn step_keeps_in_step(w: &mut World) -> NewJob {
+    let job = w
+        .step()
+        .create_job
+        .expect("a job keeping the original disks in step");
+    assert!(keeps_in_step(job.kind, &job.params), "{job:?}");
+    assert_eq!(
+        (
+            job.kind,
+            job.params.presync,
+            job.params.request_token.as_deref()
+        ),
+        (JobKind::Failback, true, None)
+    );
+    assert_eq!(
+        job.node, None,
+        "the primary site's node holds the original disks"
+    );
+    assert_eq!((w.phase(), w.state.reverse), (Phase::Protected, true));
+    job
+}
+
+#[test]
+fn replicating_in_reverse_keeps_the_original_disks_in_step_and_a_failback_then_stops_at_once() {
+    let mut w = reverse_with_a_new_point();
+    step_keeps_in_step(&mut w);
+    let started = w.now;
+    let d = w.run_current_job();
+    assert!(d.create_job.is_none(), "{:?}", d.create_job);
+    assert_eq!(
+        (w.phase(), w.state.original_in_step),
+        (Phase::Protected, Some(started))
+    );
+    assert_eq!(
+        w.state.handled.failover.as_deref(),
+        Some("f1"),
+        "no request answered"
+    );
+    assert_eq!(
+        d.results,
+        ResultChange::Keep,
+        "status.failover still names the failover's disks"
+    );
+    assert_eq!(w.condition("Ready").0, crate::ConditionStatus::True);
+    // Nothing new: nothing to do. A new point within the copy interval: not yet.
+    assert!(w.step().create_job.is_none());
+    next_reverse_cycle(&mut w, INTERVAL / 2);
+    assert!(w.step().create_job.is_none());
+    next_reverse_cycle(&mut w, INTERVAL / 2);
+    step_keeps_in_step(&mut w);
+    w.run_current_job();
+
+    // A planned failback now: the original disks are a cycle behind at most, so no fresh
+    // point first; the recovered VM is stopped and its last changes shipped, at once.
+    next_reverse_cycle(&mut w, INTERVAL / 2);
+    w.spec.requests.failover = planned("f2");
+    let d = w.step();
+    let job = d.create_job.expect("the failback's Failover");
+    assert_eq!(
+        (
+            job.kind,
+            job.params.to_primary,
+            job.params.presync,
+            job.node.as_deref()
+        ),
+        (JobKind::Failover, true, false, Some("node-b"))
+    );
+    assert_eq!(w.phase(), Phase::FailingBack);
+    failed_back_by(&mut w, "f2");
+
+    // Re-protected forward: the original disks are the VM's own again, nothing to keep.
+    w.spec.requests.reprotect = Some("r2".into());
+    w.step();
+    w.run_current_job();
+    assert_eq!((w.phase(), w.state.reverse), (Phase::Protected, false));
+    assert_eq!(w.state.original_in_step, None);
+    next_reverse_cycle(&mut w, INTERVAL);
+    assert!(w.step().create_job.is_none());
+}
+
+#[test]
+fn original_disks_left_behind_get_a_fresh_point_first_in_a_planned_failback() {
+    let mut w = reverse_with_a_new_point();
+    w.step();
+    w.run_current_job();
+    // The primary site's agent goes silent: nothing is kept in step meanwhile.
+    let beat = w.now;
+    w.now += 3 * INTERVAL;
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    w.heartbeat = Some(beat);
+    w.cycle();
+    assert!(w.step().create_job.is_none(), "not on a lost agent");
+    w.heartbeat = Some(w.now);
+    w.spec.requests.failover = planned("f2");
+    let job = w.step().create_job.expect("the failback's first step");
+    assert_eq!(
+        (job.kind, job.params.to_primary, job.params.presync),
+        (JobKind::Failover, true, true),
+        "the original disks are three intervals behind"
+    );
+}
+
+#[test]
+fn a_failed_attempt_to_keep_the_original_disks_in_step_blocks_nothing() {
+    let mut w = reverse_with_a_new_point();
+    w.step();
+    w.claim();
+    w.step();
+    w.end(Err(error(ErrorClass::Recoverable, "StoreUnavailable")));
+    let d = w.step();
+    assert!(d.create_job.is_none());
+    assert_eq!(
+        (w.phase(), w.state.original_in_step),
+        (Phase::Protected, None)
+    );
+    assert_eq!(
+        w.state.handled.failover.as_deref(),
+        Some("f1"),
+        "no request touched"
+    );
+    assert_eq!(
+        w.state.last_error.as_ref().map(|e| e.reason.as_str()),
+        Some("StoreUnavailable"),
+        "the failure shows"
+    );
+    // A request goes first; the next attempt waits for the retry time.
+    w.spec.requests.resync = Some("s1".into());
+    let job = w.step().create_job.expect("the resync");
+    assert_eq!(job.kind, JobKind::Resynchronize);
+    w.run_current_job();
+    next_reverse_cycle(&mut w, INTERVAL);
+    step_keeps_in_step(&mut w);
+
+    // A non-recoverable failure waits for a retry token.
+    w.claim();
+    w.step();
+    w.end(Err(error(ErrorClass::NonRecoverable, "DiskNotFound")));
+    w.step();
+    next_reverse_cycle(&mut w, 24 * INTERVAL);
+    assert!(w.step().create_job.is_none());
+    w.spec.requests.retry = Some("t1".into());
+    let job = step_keeps_in_step(&mut w);
+    assert_eq!(job.attempt, 2);
+}
+
+#[test]
+fn an_unclaimed_job_keeping_the_original_disks_in_step_gives_way() {
+    // To a failback asked meanwhile.
+    let mut w = reverse_with_a_new_point();
+    let kept = step_keeps_in_step(&mut w);
+    w.spec.requests.failover = unplanned("f2");
+    let d = w.step();
+    assert_eq!(d.delete_job.as_deref(), Some(kept.name.as_str()));
+    let job = d.create_job.expect("the failback's Failover");
+    assert_eq!((job.kind, job.params.to_primary), (JobKind::Failover, true));
+    assert!(w.notices().contains(&"JobWithdrawn"), "{:?}", w.notices());
+
+    // To the primary site's agent lost: withdrawn, and none started while it is.
+    let mut w = reverse_with_a_new_point();
+    let kept = step_keeps_in_step(&mut w);
+    let beat = w.now;
+    w.now += JOB_AGENT_LOST;
+    w.heartbeat = Some(beat);
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    let d = w.step();
+    assert_eq!(d.delete_job.as_deref(), Some(kept.name.as_str()));
+    assert!(d.create_job.is_none(), "{:?}", d.create_job);
+    assert_eq!(w.phase(), Phase::Protected);
+}
+
 #[test]
 fn a_failback_whose_original_disks_cannot_be_written_leaves_the_recovered_vm_replicating() {
     let mut w = failback_asked();
