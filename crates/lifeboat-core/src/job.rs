@@ -3,10 +3,31 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::model::JobState;
+use crate::model::{JobKind, JobParams, JobState};
 
 /// How long finished jobs are kept by default.
 pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a succeeded job that kept a VM's original disks in step is kept, at most: one
+/// runs every copy interval while the VM replicates in reverse (2,880 a day at 30 s), and
+/// the last hour of them says how they go.
+pub const IN_STEP_JOB_RETENTION: Duration = Duration::from_secs(3600);
+
+/// How long a job that ended in `state` is kept: `retention`, or at most
+/// [`IN_STEP_JOB_RETENTION`] when it succeeded in keeping the original disks in step
+/// ([`crate::vm::keeps_in_step`]; a failed one is kept as any job is).
+pub fn retention_of(
+    kind: JobKind,
+    params: &JobParams,
+    state: JobState,
+    retention: Duration,
+) -> Duration {
+    if state == JobState::Succeeded && crate::vm::keeps_in_step(kind, params) {
+        retention.min(IN_STEP_JOB_RETENTION)
+    } else {
+        retention
+    }
+}
 
 /// What to do with a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +95,37 @@ mod tests {
             job_fate(JobState::Failed, Some(t(50)), t(0), t(150), keep, true),
             JobFate::AwaitVm,
             "past its retention, kept while its VM has not taken its end in"
+        );
+    }
+
+    #[test]
+    fn jobs_that_kept_the_original_disks_in_step_are_kept_an_hour_once_they_succeeded() {
+        let day = DEFAULT_JOB_RETENTION;
+        let in_step = JobParams {
+            presync: true,
+            ..JobParams::default()
+        };
+        let failback = JobParams {
+            request_token: Some("f2".into()),
+            ..in_step.clone()
+        };
+        let kept = |kind, params: &JobParams, state| retention_of(kind, params, state, day);
+        assert_eq!(
+            kept(JobKind::Failback, &in_step, JobState::Succeeded),
+            IN_STEP_JOB_RETENTION
+        );
+        assert_eq!(kept(JobKind::Failback, &in_step, JobState::Failed), day);
+        assert_eq!(kept(JobKind::Failback, &failback, JobState::Succeeded), day);
+        assert_eq!(kept(JobKind::Failover, &in_step, JobState::Succeeded), day);
+        assert_eq!(
+            retention_of(
+                JobKind::Failback,
+                &in_step,
+                JobState::Succeeded,
+                Duration::from_secs(60)
+            ),
+            Duration::from_secs(60),
+            "never longer than asked"
         );
     }
 }

@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use lifeboat_api::ReplicationJob;
-use lifeboat_core::job::{JobFate, job_fate};
+use lifeboat_core::job::{JobFate, job_fate, retention_of};
 use lifeboat_core::vm::MAX_REQUEUE;
 
 use crate::context::Context;
@@ -48,12 +48,18 @@ pub async fn reconcile(job: Arc<ReplicationJob>, ctx: Arc<Context>) -> Result<Ac
         .is_some_and(|current| {
             current.name == job.name_any() && !mapping::job_state(current.phase).is_finished()
         });
+    let state = mapping::job_state(status.phase);
     let fate = job_fate(
-        mapping::job_state(status.phase),
+        state,
         status.completion_time.as_ref().map(mapping::system_time),
         created,
         now,
-        ctx.settings.job_retention,
+        retention_of(
+            mapping::job_kind(job.spec.job_type),
+            &mapping::params(&job.spec.parameters),
+            state,
+            ctx.settings.job_retention,
+        ),
         vm_follows,
     );
     match fate {

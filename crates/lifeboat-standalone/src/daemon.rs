@@ -776,8 +776,46 @@ fn spawn_job(
         if let Err(e) = db.put(JOB_KIND, &ns, &name, &finished) {
             tracing::error!(job = %name, error = %e, "write the job's end");
         }
+        if outcome.is_ok()
+            && lifeboat_core::vm::keeps_in_step(kind, &jobs::job_kind_params(&finished).1)
+        {
+            forget_old_in_step_jobs(&db, &finished, ended);
+        }
         wake.notify_one();
     })
+}
+
+/// Delete the jobs of `latest`'s VM that kept its original disks in step and succeeded past
+/// their retention (an hour: one runs every copy interval while the VM replicates in
+/// reverse), as the operator's job controller does in a cluster. The daemon keeps every
+/// other finished job.
+fn forget_old_in_step_jobs(db: &Db, latest: &ReplicationJob, now: SystemTime) {
+    use lifeboat_core::job::{DEFAULT_JOB_RETENTION, JobFate, job_fate, retention_of};
+    let Ok(all) = db.list::<ReplicationJob>(JOB_KIND) else {
+        return;
+    };
+    for job in all {
+        if job.metadata.namespace != latest.metadata.namespace
+            || job.spec.vm_ref.name != latest.spec.vm_ref.name
+            || job.metadata.name == latest.metadata.name
+        {
+            continue;
+        }
+        let (kind, params) = jobs::job_kind_params(&job);
+        let status = job.status.clone().unwrap_or_default();
+        let state = mapping::job_state(status.phase);
+        let completed = status.completion_time.as_ref().map(mapping::system_time);
+        let retention = retention_of(kind, &params, state, DEFAULT_JOB_RETENTION);
+        let expired = completed.is_some_and(|at| {
+            job_fate(state, Some(at), at, now, retention, false) == JobFate::Delete
+        });
+        if expired && lifeboat_core::vm::keeps_in_step(kind, &params) {
+            let (ns, name) = crate::folder::key_of(&job);
+            if let Err(e) = db.delete(JOB_KIND, &ns, &name) {
+                tracing::warn!(job = %name, error = %e, "delete a job past its retention");
+            }
+        }
+    }
 }
 
 /// Jobs an earlier daemon was running when it stopped (killed, crashed, powered off) end as
@@ -803,4 +841,114 @@ fn abandon_interrupted_jobs(db: &Db) -> Result<(), DaemonError> {
         db.put(JOB_KIND, &ns, &name, &job)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_api::common::LocalObjectReference;
+    use lifeboat_api::job::{JobParameters, JobType, ReplicationJobSpec, ReplicationJobStatus};
+
+    fn job(
+        name: &str,
+        vm: &str,
+        job_type: JobType,
+        parameters: JobParameters,
+        phase: JobPhase,
+        ended: SystemTime,
+    ) -> ReplicationJob {
+        let mut job = ReplicationJob::new(
+            name,
+            ReplicationJobSpec {
+                vm_ref: LocalObjectReference { name: vm.into() },
+                node_name: "site-a".into(),
+                job_type,
+                parameters,
+            },
+        );
+        job.metadata.namespace = Some("default".into());
+        job.status = Some(ReplicationJobStatus {
+            phase,
+            completion_time: Some(api_time(ended)),
+            ..ReplicationJobStatus::default()
+        });
+        job
+    }
+
+    #[test]
+    fn jobs_that_kept_the_original_disks_in_step_go_an_hour_after_they_succeeded() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let db = Db::new(dir.path());
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let (hour, minute) = (Duration::from_secs(3600), Duration::from_secs(60));
+        let in_step = JobParameters {
+            presync: true,
+            ..JobParameters::default()
+        };
+        let asked = JobParameters {
+            request_token: Some("f2".into()),
+            ..in_step.clone()
+        };
+        let (ok, failed, fb) = (JobPhase::Succeeded, JobPhase::Failed, JobType::Failback);
+        let all = [
+            job(
+                "web-failback-3",
+                "web",
+                fb,
+                in_step.clone(),
+                ok,
+                now - hour - minute,
+            ),
+            job(
+                "web-failback-4",
+                "web",
+                fb,
+                in_step.clone(),
+                failed,
+                now - hour - minute,
+            ),
+            job("web-failback-5", "web", fb, asked, ok, now - hour - minute),
+            job(
+                "web-failback-6",
+                "web",
+                fb,
+                in_step.clone(),
+                ok,
+                now - hour + minute,
+            ),
+            job(
+                "db-failback-2",
+                "db",
+                fb,
+                in_step.clone(),
+                ok,
+                now - hour - minute,
+            ),
+            job("web-failback-7", "web", fb, in_step, ok, now),
+        ];
+        for j in &all {
+            let name = j.metadata.name.clone().unwrap_or_default();
+            db.put(JOB_KIND, "default", &name, j)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        forget_old_in_step_jobs(&db, &all[5], now);
+        let mut left: Vec<String> = db
+            .list::<ReplicationJob>(JOB_KIND)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .filter_map(|j| j.metadata.name)
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "db-failback-2",
+                "web-failback-4",
+                "web-failback-5",
+                "web-failback-6",
+                "web-failback-7"
+            ],
+            "only web's succeeded in-step job of over an hour ago goes"
+        );
+    }
 }
