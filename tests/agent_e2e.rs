@@ -783,29 +783,16 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         Api::<ConfigMap>::namespaced(client.clone(), NS),
     );
 
-    // While B runs, node-1 keeps A's disk in step with B's points: once a point cut after
-    // this write is on it, A's disk is B's.
+    // While B runs, node-1 keeps A's disk in step with B's points: once it holds a point
+    // captured after this write, A's disk is B's.
     qsd_b.guest_write("os", 6 << 20, 512 << 10, 0x6b);
     let written = std::time::SystemTime::now();
     let b_final = qsd_b.read_disk("os");
-    let latest = |vm: &ProtectedVM| {
-        let status = vm.status.as_ref()?;
-        status
-            .recovery_points
-            .latest
-            .as_ref()
-            .map(|p| system_time(&p.time))
-    };
-    let cut = web_until(&server, &vms, &jobs, "a point after B's write", |vm| {
-        latest(vm).is_some_and(|t| t > written)
-    })
-    .await;
-    let cut = latest(&cut).unwrap();
     let in_step = web_until(&server, &vms, &jobs, "A's disk kept in step", |vm| {
         vm.status
             .as_ref()
             .and_then(|s| s.original_disks_in_step_time.as_ref())
-            .is_some_and(|t| system_time(t) > cut)
+            .is_some_and(|t| system_time(t) > written)
     })
     .await;
     assert_eq!(in_step.status.unwrap().phase, ProtectionPhase::Protected);

@@ -191,7 +191,13 @@ pub async fn run_job_on(
     {
         worker.record_shipped(now, &result.report);
     }
-    worker.job_finished(now);
+    if lifeboat_core::vm::keeps_in_step(kind, &params) {
+        // NB: not a step of the VM's replication: on a node hosting both sites (the standalone
+        // daemon) it runs on the worker that replicates, whose schedule and cycle error stay.
+        worker.clear_progress();
+    } else {
+        worker.job_finished(now);
+    }
     outcome
 }
 

@@ -469,6 +469,11 @@ pub fn job_facts(job: &ReplicationJob) -> JobFacts {
         start_time: status.start_time.as_ref().map(system_time),
         completion_time: status.completion_time.as_ref().map(system_time),
         error: status.error.as_ref().map(error_report),
+        point_time: status
+            .result
+            .as_ref()
+            .and_then(|r| r.recovery_point.as_ref())
+            .map(|p| system_time(&p.time)),
     }
 }
 
@@ -824,6 +829,31 @@ mod tests {
     }
 
     #[test]
+    fn a_job_tells_the_decisions_the_point_it_ended_at() {
+        let mut job = ReplicationJob::new(
+            "web-failback-7",
+            serde_json::from_value(serde_json::json!({
+                "vmRef": {"name": "web"}, "nodeName": "n1", "type": "Failback",
+                "parameters": {"presync": true}
+            }))
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(job_facts(&job).point_time, None);
+        job.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "phase": "Succeeded",
+                "result": {"recoveryPoint": {"name": "p", "time": "2026-12-08T00:20:31Z",
+                           "consistency": "CrashConsistent"}}
+            }))
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(
+            job_facts(&job).point_time,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_689_231))
+        );
+    }
+
+    #[test]
     fn a_decided_state_survives_the_trip_through_status() {
         // A VM whose first job failed: every kind of field is set.
         let vm = ProtectedVM::new(
@@ -890,6 +920,7 @@ mod tests {
                     next_retry_time: None,
                     first_seen_time: None,
                 }),
+                point_time: None,
             }),
             heartbeat: Some(at(1095)),
             primary_heartbeat: Some(at(1095)),

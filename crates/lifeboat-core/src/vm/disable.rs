@@ -13,6 +13,7 @@ const DISABLE_RECHECK: Duration = Duration::from_secs(30);
 
 impl Pass<'_> {
     pub(super) fn disable(&mut self) {
+        self.state.original_in_step = None;
         let record = self.state.job.clone();
         if let Some(record) = record.filter(|j| !j.state.is_finished()) {
             if record.kind == JobKind::DisableProtection {

@@ -48,6 +48,10 @@ pub fn keeps_in_step(kind: JobKind, params: &JobParams) -> bool {
     kind == JobKind::Failback && params.presync && params.request_token.is_none()
 }
 
+/// How long a job keeping the original disks in step that failed for a reason an
+/// administrator must mend waits before it is tried again (at least a copy interval).
+pub const IN_STEP_RETRY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// Whether an agent whose last heartbeat is `beat` counts as alive at `now`.
 pub(super) fn alive(beat: Option<SystemTime>, now: SystemTime) -> bool {
     beat.is_some_and(|b| now.duration_since(b).unwrap_or_default() < super::JOB_AGENT_LOST)
@@ -61,7 +65,7 @@ pub(super) fn lost_for(beat: Option<SystemTime>, now: SystemTime) -> Option<std:
 }
 
 /// When a failed operation may run again.
-pub(super) enum RetryGate {
+enum RetryGate {
     Now,
     At(SystemTime),
     Never,
@@ -94,6 +98,7 @@ impl Pass<'_> {
                     next_retry_time: None,
                     first_seen_time: None,
                 }),
+                point_time: None,
             },
             _ => return,
         };
@@ -133,13 +138,14 @@ impl Pass<'_> {
                 .and_then(|(end, start)| end.duration_since(start).ok()),
         });
         record.state = facts.state;
-        if succeeded && keeps_in_step(kind, &record.params) {
-            // NB: every point cut before the job started is on the original disks (it took
-            // the newest); one cut while it ran may not be.
-            self.state.original_in_step = facts
-                .start_time
-                .or(facts.completion_time)
-                .or(Some(self.now));
+        if keeps_in_step(kind, &record.params) {
+            // NB: the point it says it brought the disks to; an agent that does not say took
+            // the newest when it started (a point cut before then and saved after may be
+            // missing: the next job brings it). One that failed may have left them anywhere
+            // between two points.
+            self.state.original_in_step = succeeded
+                .then(|| facts.point_time.or(facts.start_time))
+                .flatten();
         }
         if succeeded {
             record.error = None;
@@ -151,10 +157,15 @@ impl Pass<'_> {
             self.job_succeeded(kind, &record.params, facts.completion_time);
         } else {
             let error = self.failure(record, facts);
+            let in_step = keeps_in_step(kind, &record.params);
             let next = match (error.class, error.next_retry_time) {
                 (ErrorClass::Recoverable, Some(at)) => {
                     format!("retry at {}", crate::rpo::format_rfc3339(at))
                 }
+                (ErrorClass::NonRecoverable, Some(at)) if in_step => format!(
+                    "tried again at {} (or at once on spec.requests.retry)",
+                    crate::rpo::format_rfc3339(at)
+                ),
                 _ => "no retry: an administrator must act (then set spec.requests.retry)".into(),
             };
             self.notice(
@@ -258,6 +269,13 @@ impl Pass<'_> {
             error.next_retry_time = Some(failed_at);
             return error;
         }
+        // NB: keeping the original disks in step answers no request and nothing waits on it:
+        // a failure an administrator must mend (the disks held open by the VM left paused
+        // there, say) is tried again every `IN_STEP_RETRY`, so that it heals once mended.
+        if error.class == ErrorClass::NonRecoverable && keeps_in_step(record.kind, &record.params) {
+            error.next_retry_time = Some(failed_at + IN_STEP_RETRY.max(self.interval));
+            return error;
+        }
         error.next_retry_time =
             match next_retry(error.class, record.attempt, failed_at, self.interval) {
                 RetryDecision::RetryAt(seed) => {
@@ -328,7 +346,7 @@ impl Pass<'_> {
         }
     }
 
-    pub(super) fn retry_gate(&self, record: &JobRecord) -> RetryGate {
+    fn retry_gate(&self, record: &JobRecord) -> RetryGate {
         let Some(error) = &record.error else {
             return RetryGate::Now;
         };

@@ -62,7 +62,7 @@ mod disable;
 mod jobs;
 mod protection;
 
-pub use jobs::{keeps_in_step, store_only, unplanned_failback};
+pub use jobs::{IN_STEP_RETRY, keeps_in_step, store_only, unplanned_failback};
 mod requests;
 mod status;
 
@@ -242,9 +242,10 @@ pub struct VmState {
     /// The VM replicates (or last replicated) from the recovery site back to the primary: set
     /// when a re-protect after a failover starts, cleared when the one after a failback does.
     pub reverse: bool,
-    /// Replicating in reverse: the primary site's original disks hold every point cut before
-    /// this time (when the last job that kept them in step started, see
-    /// [`jobs::keeps_in_step`]); cleared when a re-protect starts.
+    /// Replicating in reverse: the primary site's original disks hold the point of this time
+    /// (and so every change captured before it), brought there by the last job that kept them
+    /// in step ([`jobs::keeps_in_step`]); cleared when one fails, when a re-protect starts
+    /// and when protection is disabled.
     pub original_in_step: Option<SystemTime>,
     /// The conditions.
     pub conditions: Vec<ObservedCondition>,
@@ -297,6 +298,8 @@ pub struct JobFacts {
     pub completion_time: Option<SystemTime>,
     /// Why it failed.
     pub error: Option<ErrorReport>,
+    /// The time of the recovery point it ended at (a failover's, a failback's), when it says.
+    pub point_time: Option<SystemTime>,
 }
 
 /// What the shell knows of the job the state names.

@@ -431,15 +431,17 @@ impl Pass<'_> {
             .filter(|j| keeps_in_step(j.kind, &j.params))
     }
 
-    /// Whether the original disks at the primary site are at most two copy intervals behind
-    /// the newest point (so that a planned failback need not bring them to a fresh point
-    /// first, while the recovered VM runs).
+    /// Whether a planned failback can stop the recovered VM at once: the original disks at
+    /// the primary site hold a point at most two copy intervals old, and the recovered VM's
+    /// cycles keep up (its last one succeeded within two intervals, none failing since), so
+    /// that what it has not shipped is a cycle or two of writes. Otherwise the failback first
+    /// brings them to a fresh point while the VM runs.
     fn original_in_step(&self) -> bool {
-        let latest = self.input.agent.and_then(|a| a.latest_point);
-        match (self.state.original_in_step, latest) {
-            (Some(synced), Some(latest)) => latest <= synced + 2 * self.interval,
-            _ => false,
-        }
+        let recent = |t: Option<SystemTime>| t.is_some_and(|t| t + 2 * self.interval >= self.now);
+        let agent = self.input.agent;
+        recent(self.state.original_in_step)
+            && recent(agent.and_then(|a| a.last_successful_cycle))
+            && agent.is_some_and(|a| a.last_error.is_none())
     }
 
     /// Replicating in reverse: bring the original disks to the newest point when one was
@@ -452,14 +454,15 @@ impl Pass<'_> {
             return;
         }
         let attempt = match &self.state.job {
+            // NB: one withdrawn (no error) did nothing: the next is a first attempt.
             Some(j) if j.state == JobState::Failed && keeps_in_step(j.kind, &j.params) => {
-                match self.retry_gate(j) {
-                    super::jobs::RetryGate::Now => j.attempt + 1,
-                    super::jobs::RetryGate::At(at) => {
+                match j.error.as_ref().map(|e| e.next_retry_time) {
+                    None => 1,
+                    Some(Some(at)) if at > self.now && !self.retry_asked => {
                         self.wake.push(at);
                         return;
                     }
-                    super::jobs::RetryGate::Never => return,
+                    Some(_) => j.attempt + 1,
                 }
             }
             Some(j) if j.state == JobState::Failed => return,
@@ -492,7 +495,8 @@ impl Pass<'_> {
     }
 
     /// A job keeping the original disks in step that no agent claimed yet gives way (it is
-    /// withdrawn: it did nothing) to a request, or when the primary site's agent is lost.
+    /// withdrawn: it did nothing) to a request, or when the primary site's agent is lost. One
+    /// running is waited for (or taken from its agent when that is lost, as any job is).
     fn in_step_gives_way(&mut self) {
         let Some(record) = self
             .state
@@ -504,7 +508,10 @@ impl Pass<'_> {
         };
         let why = if self.ask_failover().is_some() {
             "a failback was asked".to_owned()
-        } else if self.ask_test_failover().is_some() || self.ask_resync().is_some() {
+        } else if self.ask_test_failover().is_some()
+            || self.ask_cleanup().is_some()
+            || self.ask_resync().is_some()
+        {
             "a request was made".to_owned()
         } else if let Some(silence) = super::jobs::lost_for(self.input.primary_heartbeat, self.now)
         {

@@ -59,10 +59,21 @@ impl Pass<'_> {
             .and_then(|a| a.last_error.clone())
             .filter(|_| phase == Phase::Protected);
         self.state.last_error = job_error.clone().or_else(|| cycle_error.clone());
-        let worst_class = [&job_error, &cycle_error]
+        // NB: a job keeping the original disks in step that failed for good leaves the VM
+        // replicating, and is tried again later: a warning, not a critical health.
+        let in_step = record
+            .as_ref()
+            .is_some_and(|j| super::keeps_in_step(j.kind, &j.params));
+        let job_class = job_error.as_ref().map(|e| {
+            if in_step {
+                ErrorClass::Recoverable
+            } else {
+                e.class
+            }
+        });
+        let worst_class = [job_class, cycle_error.as_ref().map(|e| e.class)]
             .into_iter()
             .flatten()
-            .map(|e| e.class)
             .max_by_key(|c| matches!(c, ErrorClass::NonRecoverable));
 
         // A sign of life: the Lease or a report; before either, the clock starts at creation.

@@ -194,6 +194,7 @@ impl World {
                     start_time: None,
                     completion_time: None,
                     error: None,
+                    point_time: None,
                 },
             );
             self.kinds.insert(job.name.clone(), job.kind);
@@ -942,11 +943,33 @@ fn original_disks_left_behind_get_a_fresh_point_first_in_a_planned_failback() {
         (JobKind::Failover, true, true),
         "the original disks are three intervals behind"
     );
+
+    // In step a moment ago, but the recovered VM's cycles fail: what it has not shipped may
+    // be large, so it is shipped while the VM runs.
+    let mut w = reverse_with_a_new_point();
+    w.step();
+    w.run_current_job();
+    w.advance(MIN);
+    w.recovery = vec![("node-b".into(), Some(w.now))];
+    if let Some(agent) = w.agent.as_mut() {
+        agent.last_error = Some(error(ErrorClass::Recoverable, "StoreUnavailable"));
+    }
+    w.spec.requests.failover = planned("f2");
+    let job = w.step().create_job.expect("the failback's first step");
+    assert_eq!(
+        (job.kind, job.params.presync),
+        (JobKind::Failover, true),
+        "cycles failing"
+    );
 }
 
 #[test]
 fn a_failed_attempt_to_keep_the_original_disks_in_step_blocks_nothing() {
     let mut w = reverse_with_a_new_point();
+    w.step();
+    w.run_current_job();
+    assert!(w.state.original_in_step.is_some());
+    next_reverse_cycle(&mut w, INTERVAL);
     w.step();
     w.claim();
     w.step();
@@ -955,7 +978,8 @@ fn a_failed_attempt_to_keep_the_original_disks_in_step_blocks_nothing() {
     assert!(d.create_job.is_none());
     assert_eq!(
         (w.phase(), w.state.original_in_step),
-        (Phase::Protected, None)
+        (Phase::Protected, None),
+        "a failed one may have left the disks between two points"
     );
     assert_eq!(
         w.state.handled.failover.as_deref(),
@@ -975,16 +999,42 @@ fn a_failed_attempt_to_keep_the_original_disks_in_step_blocks_nothing() {
     next_reverse_cycle(&mut w, INTERVAL);
     step_keeps_in_step(&mut w);
 
-    // A non-recoverable failure waits for a retry token.
+    // One an administrator must mend (the disks held open): shown, not critical (the VM
+    // replicates), and tried again after `IN_STEP_RETRY`, or at once on a retry token.
     w.claim();
     w.step();
-    w.end(Err(error(ErrorClass::NonRecoverable, "DiskNotFound")));
+    w.end(Err(error(ErrorClass::NonRecoverable, "NotReady")));
     w.step();
-    next_reverse_cycle(&mut w, 24 * INTERVAL);
+    assert_ne!(
+        w.state.health,
+        Some(Health::Critical),
+        "{}",
+        w.state.health_reason
+    );
+    assert_eq!(
+        w.state.last_error.as_ref().map(|e| e.reason.as_str()),
+        Some("NotReady")
+    );
+    assert!(w.notices().contains(&"JobFailed"));
+    next_reverse_cycle(&mut w, IN_STEP_RETRY - MIN);
     assert!(w.step().create_job.is_none());
     w.spec.requests.retry = Some("t1".into());
     let job = step_keeps_in_step(&mut w);
     assert_eq!(job.attempt, 2);
+    w.claim();
+    w.step();
+    w.end(Err(error(ErrorClass::NonRecoverable, "NotReady")));
+    w.step();
+    next_reverse_cycle(&mut w, IN_STEP_RETRY);
+    assert_eq!(step_keeps_in_step(&mut w).attempt, 3);
+    w.run_current_job();
+    assert!(w.state.original_in_step.is_some(), "healed");
+    assert_eq!(
+        w.state.health,
+        Some(Health::Normal),
+        "{}",
+        w.state.health_reason
+    );
 }
 
 #[test]
