@@ -105,7 +105,10 @@ impl Pass<'_> {
         if record.state.is_finished() {
             return;
         }
-        if record.state == JobState::Pending && facts.state != JobState::Pending {
+        // NB: one keeping the original disks in step runs every copy interval: its events
+        // are its failures, and its first success after one (a retry).
+        let routine = keeps_in_step(record.kind, &record.params) && record.attempt == 1;
+        if record.state == JobState::Pending && facts.state != JobState::Pending && !routine {
             self.notice(
                 false,
                 reasons::JOB_STARTED,
@@ -113,7 +116,7 @@ impl Pass<'_> {
             );
         }
         if facts.state.is_finished() {
-            self.job_ended(&mut record, &facts);
+            self.job_ended(&mut record, &facts, routine);
         } else {
             record.state = facts.state;
             if record.kind == JobKind::EnableProtection
@@ -126,7 +129,7 @@ impl Pass<'_> {
         self.state.job = Some(record);
     }
 
-    fn job_ended(&mut self, record: &mut JobRecord, facts: &JobFacts) {
+    fn job_ended(&mut self, record: &mut JobRecord, facts: &JobFacts, routine: bool) {
         let kind = record.kind;
         let succeeded = facts.state == JobState::Succeeded;
         self.finished = Some(FinishedJob {
@@ -149,11 +152,13 @@ impl Pass<'_> {
         }
         if succeeded {
             record.error = None;
-            self.notice(
-                false,
-                reasons::JOB_SUCCEEDED,
-                format!("{} job {} succeeded", kind.as_str(), record.name),
-            );
+            if !routine {
+                self.notice(
+                    false,
+                    reasons::JOB_SUCCEEDED,
+                    format!("{} job {} succeeded", kind.as_str(), record.name),
+                );
+            }
             self.job_succeeded(kind, &record.params, facts.completion_time);
         } else {
             let error = self.failure(record, facts);
@@ -390,16 +395,18 @@ impl Pass<'_> {
         let error = previous
             .filter(|p| attempt > 1 && p.kind == kind)
             .and_then(|p| p.error);
-        self.notice(
-            false,
-            reasons::JOB_CREATED,
-            match attempt {
-                1 => format!("{} job {name} created", kind.as_str()),
-                n => format!("{} job {name} created (attempt {n})", kind.as_str()),
-            },
-        );
-        let node = self.place(kind, &params);
         let in_step = keeps_in_step(kind, &params);
+        if !in_step || attempt > 1 {
+            self.notice(
+                false,
+                reasons::JOB_CREATED,
+                match attempt {
+                    1 => format!("{} job {name} created", kind.as_str()),
+                    n => format!("{} job {name} created (attempt {n})", kind.as_str()),
+                },
+            );
+        }
+        let node = self.place(kind, &params);
         if node.is_none() && self.failback_goes_home(kind, &params) {
             self.notice(
                 true,

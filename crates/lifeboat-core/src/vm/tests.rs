@@ -869,9 +869,16 @@ fn step_keeps_in_step(w: &mut World) -> NewJob {
 fn replicating_in_reverse_keeps_the_original_disks_in_step_and_a_failback_then_stops_at_once() {
     let mut w = reverse_with_a_new_point();
     step_keeps_in_step(&mut w);
+    // Routine: no JobCreated, JobStarted or JobSucceeded events every copy interval.
+    assert!(w.notices().is_empty(), "{:?}", w.notices());
     let started = w.now;
-    let d = w.run_current_job();
+    w.claim();
+    w.step();
+    assert!(w.notices().is_empty(), "{:?}", w.notices());
+    w.end(Ok(()));
+    let d = w.step();
     assert!(d.create_job.is_none(), "{:?}", d.create_job);
+    assert!(w.notices().is_empty(), "{:?}", w.notices());
     assert_eq!(
         (w.phase(), w.state.original_in_step),
         (Phase::Protected, Some(started))
