@@ -54,6 +54,13 @@ use crate::policy::PolicyReference;
         description = "Forward (from the primary site) or Reverse (from the recovery site)"
     ),
     printcolumn(
+        name = "In Step",
+        type_ = "date",
+        json_path = ".status.originalDisksInStepTime",
+        priority = 1,
+        description = "Replicating in reverse: the age of the point the original disks hold"
+    ),
+    printcolumn(
         name = "RPO",
         type_ = "string",
         json_path = ".status.rpo",

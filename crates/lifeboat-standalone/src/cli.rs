@@ -113,7 +113,7 @@ pub fn status_table(vms: &[ProtectedVM], now: SystemTime, columns: Columns) -> S
         header.insert(0, "NAMESPACE");
     }
     if columns.wide {
-        header.extend(["REASON", "DIRECTION", "NODE", "POLICY", "JOB"]);
+        header.extend(["REASON", "DIRECTION", "IN STEP", "NODE", "POLICY", "JOB"]);
     }
     let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     for vm in vms {
@@ -145,6 +145,11 @@ pub fn status_table(vms: &[ProtectedVM], now: SystemTime, columns: Columns) -> S
             row.extend([
                 status.health_reason.clone().unwrap_or_else(|| "-".into()),
                 words(&status.direction),
+                // NB: `kubectl get pvm -o wide` shows the point's age as well.
+                age(
+                    status.original_disks_in_step_time.as_ref().map(system_time),
+                    now,
+                ),
                 node,
                 vm.spec.policy_ref.name.clone(),
                 status

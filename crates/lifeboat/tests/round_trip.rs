@@ -218,6 +218,13 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
             .is_some_and(|t| t > written.as_str())
     });
     assert_eq!(field(&s, "/status/phase"), "Protected", "{s:#}");
+    let wide = lifeboat(work, &["status", "-o", "wide"]);
+    let column = wide.lines().next().unwrap().find("IN STEP").unwrap();
+    let row = wide.lines().find(|l| l.starts_with("web-01")).unwrap();
+    assert!(
+        row[column..].starts_with(|c: char| c.is_ascii_digit()),
+        "the age of the point A's disk holds: {wide}"
+    );
     assert_same(
         "A's disk kept in step while B runs",
         &read_image(&a_dir.join("root.img")),
