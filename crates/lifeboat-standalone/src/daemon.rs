@@ -791,8 +791,12 @@ fn spawn_job(
 /// other finished job.
 fn forget_old_in_step_jobs(db: &Db, latest: &ReplicationJob, now: SystemTime) {
     use lifeboat_core::job::{DEFAULT_JOB_RETENTION, JobFate, job_fate, retention_of};
-    let Ok(all) = db.list::<ReplicationJob>(JOB_KIND) else {
-        return;
+    let all = match db.list::<ReplicationJob>(JOB_KIND) {
+        Ok(all) => all,
+        Err(e) => {
+            tracing::warn!(error = %e, "list the jobs to delete those past their retention");
+            return;
+        }
     };
     for job in all {
         if job.metadata.namespace != latest.metadata.namespace

@@ -65,7 +65,7 @@ pub(super) fn lost_for(beat: Option<SystemTime>, now: SystemTime) -> Option<std:
 }
 
 /// When a failed operation may run again.
-enum RetryGate {
+pub(super) enum RetryGate {
     Now,
     At(SystemTime),
     Never,
@@ -274,13 +274,6 @@ impl Pass<'_> {
             error.next_retry_time = Some(failed_at);
             return error;
         }
-        // NB: keeping the original disks in step answers no request and nothing waits on it:
-        // a failure an administrator must mend (the disks held open by the VM left paused
-        // there, say) is tried again every `IN_STEP_RETRY`, so that it heals once mended.
-        if error.class == ErrorClass::NonRecoverable && keeps_in_step(record.kind, &record.params) {
-            error.next_retry_time = Some(failed_at + IN_STEP_RETRY.max(self.interval));
-            return error;
-        }
         error.next_retry_time =
             match next_retry(error.class, record.attempt, failed_at, self.interval) {
                 RetryDecision::RetryAt(seed) => {
@@ -288,6 +281,14 @@ impl Pass<'_> {
                 }
                 RetryDecision::GiveUp => None,
             };
+        // NB: keeping the original disks in step answers no request and nothing waits on it:
+        // it is tried again within `IN_STEP_RETRY` whatever failed, even a failure an
+        // administrator must mend (the disks held open by the VM left paused there, say), so
+        // that it heals once mended.
+        if keeps_in_step(record.kind, &record.params) {
+            let latest = failed_at + IN_STEP_RETRY.max(self.interval);
+            error.next_retry_time = Some(error.next_retry_time.map_or(latest, |t| t.min(latest)));
+        }
         error
     }
 
@@ -351,7 +352,7 @@ impl Pass<'_> {
         }
     }
 
-    fn retry_gate(&self, record: &JobRecord) -> RetryGate {
+    pub(super) fn retry_gate(&self, record: &JobRecord) -> RetryGate {
         let Some(error) = &record.error else {
             return RetryGate::Now;
         };
@@ -453,7 +454,13 @@ impl Pass<'_> {
             JobKind::EnableProtection => self.state.phase = Phase::EnablingProtection,
             JobKind::FinalizeProtection => self.state.phase = Phase::FinalizingProtection,
             JobKind::Resynchronize => self.state.phase = Phase::Resynchronizing,
-            JobKind::Failover if self.state.reverse => self.state.phase = Phase::FailingBack,
+            // NB: the failback overwrites the original disks from here on: they are no
+            // longer known to be in step (a failback that fails before the stop gets them
+            // kept in step again).
+            JobKind::Failover if self.state.reverse => {
+                self.state.phase = Phase::FailingBack;
+                self.state.original_in_step = None;
+            }
             JobKind::Failover => self.state.phase = Phase::FailingOver,
             JobKind::Reprotect => self.state.phase = Phase::Reprotecting,
             JobKind::Failback if in_step => {}

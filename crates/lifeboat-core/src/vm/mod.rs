@@ -28,13 +28,16 @@
 //!
 //! # Guarantees
 //!
-//! - At most one job per VM runs at a time; a request waits while another job runs (one
-//!   exception: an unplanned failover asked while a planned failover's or failback's step, or
-//!   a re-protect, waits unclaimed on an agent lost for `JOB_AGENT_LOST` withdraws it).
+//! - At most one job per VM runs at a time; a request waits while another job runs (two
+//!   exceptions, for jobs no agent claimed yet: an unplanned failover asked while a planned
+//!   failover's or failback's step, or a re-protect, waits on an agent lost for
+//!   `JOB_AGENT_LOST` withdraws it; a failover, test failover, cleanup or resync request
+//!   withdraws a job keeping the original disks in step).
 //! - A failed job is retried only at its retry time (the later of what the agent asked and
 //!   the ASR backoff of [`crate::retry::next_retry`]), never sooner, unless someone sets a new
 //!   `retry` token; a non-recoverable failure is retried only after the spec changes or a
-//!   `retry` token, so nothing hot-loops.
+//!   `retry` token, so nothing hot-loops. Jobs keeping the original disks in step answer no
+//!   request: one that failed, even for good, runs again within [`IN_STEP_RETRY`].
 //! - A request token is echoed in `handled` exactly when its request ended: done, failed for
 //!   good, or rejected (with a `RequestRejected` event saying why).
 //! - The decision is idempotent: deciding again from the state it produced (with the same

@@ -447,8 +447,7 @@ impl Pass<'_> {
     /// Replicating in reverse: bring the original disks to the newest point when one was
     /// cut since they last were (since the re-protect, at first), at most once per copy
     /// interval, while the primary site's agent lives. A failed attempt waits for its retry
-    /// time (a non-recoverable one for a retry token or a spec change); a failed job of
-    /// another kind keeps its record (and its retry gate), so nothing starts then.
+    /// time (at most `IN_STEP_RETRY` away, or a retry token).
     fn keep_original_in_step(&mut self) {
         if !self.state.reverse || self.state.phase != Phase::Protected {
             return;
@@ -465,7 +464,14 @@ impl Pass<'_> {
                     Some(_) => j.attempt + 1,
                 }
             }
-            Some(j) if j.state == JobState::Failed => return,
+            // NB: a failed job of another kind keeps its record (and its retry gate) while it
+            // may run again; one no retry will start but a token (a request failed for good
+            // and answered) gives way, unless it is a resync (its record keeps the automatic
+            // one from starting again).
+            Some(j) if j.state == JobState::Failed => match self.retry_gate(j) {
+                super::jobs::RetryGate::Never if j.kind != JobKind::Resynchronize => 1,
+                _ => return,
+            },
             _ => 1,
         };
         let since = self.state.original_in_step.max(self.state.last_resync);

@@ -918,6 +918,10 @@ fn replicating_in_reverse_keeps_the_original_disks_in_step_and_a_failback_then_s
         (JobKind::Failover, true, false, Some("node-b"))
     );
     assert_eq!(w.phase(), Phase::FailingBack);
+    assert_eq!(
+        w.state.original_in_step, None,
+        "the failback overwrites them"
+    );
     failed_back_by(&mut w, "f2");
 
     // Re-protected forward: the original disks are the VM's own again, nothing to keep.
@@ -988,6 +992,11 @@ fn a_failed_attempt_to_keep_the_original_disks_in_step_blocks_nothing() {
         (Phase::Protected, None),
         "a failed one may have left the disks between two points"
     );
+    let retry = w.state.last_error.as_ref().and_then(|e| e.next_retry_time);
+    assert!(
+        retry.is_some_and(|t| t > w.now && t <= w.now + IN_STEP_RETRY),
+        "{retry:?}"
+    );
     assert_eq!(
         w.state.handled.failover.as_deref(),
         Some("f1"),
@@ -1045,6 +1054,26 @@ fn a_failed_attempt_to_keep_the_original_disks_in_step_blocks_nothing() {
 }
 
 #[test]
+fn a_resync_failed_for_good_keeps_its_record_over_the_original_disks() {
+    let mut w = reverse_with_a_new_point();
+    w.spec.requests.resync = Some("s1".into());
+    let job = w.step().create_job.expect("the resync");
+    assert_eq!(job.kind, JobKind::Resynchronize);
+    w.claim();
+    w.step();
+    w.end(Err(error(ErrorClass::NonRecoverable, "DiskNotFound")));
+    w.step();
+    // Its record keeps the automatic resync from starting again: nothing replaces it.
+    for _ in 0..3 {
+        next_reverse_cycle(&mut w, INTERVAL);
+        assert!(w.step().create_job.is_none(), "{:?}", w.state.job);
+    }
+    w.spec.requests.retry = Some("t1".into());
+    let job = w.step().create_job.expect("the resync, retried");
+    assert_eq!((job.kind, job.attempt), (JobKind::Resynchronize, 2));
+}
+
+#[test]
 fn an_unclaimed_job_keeping_the_original_disks_in_step_gives_way() {
     // To a failback asked meanwhile.
     let mut w = reverse_with_a_new_point();
@@ -1083,6 +1112,9 @@ fn a_failback_whose_original_disks_cannot_be_written_leaves_the_recovered_vm_rep
         w.condition("FailedOver"),
         (crate::ConditionStatus::False, "NotReady".into())
     );
+    // The failed failback's record does not stop the original disks being kept in step.
+    next_reverse_cycle(&mut w, INTERVAL);
+    step_keeps_in_step(&mut w);
 }
 
 #[test]
