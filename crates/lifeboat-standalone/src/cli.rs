@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use lifeboat_agent::StoreCache;
 use lifeboat_api::protected_vm::Requests;
 use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
-use lifeboat_control::mapping::system_time;
+use lifeboat_control::mapping::{self, system_time};
 use lifeboat_core::format_duration;
 use lifeboat_store::VmKey;
 
@@ -205,10 +205,20 @@ pub fn jobs_table(jobs: &[ReplicationJob], now: SystemTime, columns: Columns) ->
             (Some(start), None) => format_duration(now.duration_since(start).unwrap_or_default()),
             _ => "-".into(),
         };
+        // NB: a Failback job that keeps the original disks in step runs every copy interval
+        // while the VM replicates in reverse; it fails nothing back.
+        let in_step = lifeboat_core::vm::keeps_in_step(
+            mapping::job_kind(job.spec.job_type),
+            &mapping::params(&job.spec.parameters),
+        );
+        let kind = match in_step {
+            true => format!("{} (in step)", words(&job.spec.job_type)),
+            false => words(&job.spec.job_type),
+        };
         let mut row = vec![
             job.metadata.name.clone().unwrap_or_default(),
             job.spec.vm_ref.name.clone(),
-            words(&job.spec.job_type),
+            kind,
             words(&status.phase),
             format!("{}%", status.progress.percent),
             age(started, now),

@@ -218,6 +218,8 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
             .is_some_and(|t| t > written.as_str())
     });
     assert_eq!(field(&s, "/status/phase"), "Protected", "{s:#}");
+    let listed = lifeboat(work, &["jobs", "web-01"]);
+    assert!(listed.contains("Failback (in step)"), "{listed}");
     let wide = lifeboat(work, &["status", "-o", "wide"]);
     let column = wide.lines().next().unwrap().find("IN STEP").unwrap();
     let row = wide.lines().find(|l| l.starts_with("web-01")).unwrap();
