@@ -415,18 +415,25 @@ impl LoopDevice {
     }
 }
 
+/// Run a clean-up `command` (`what`, as a person would type it) from a `Drop`: a failure is
+/// printed, not raised.
+fn clean_up(what: &str, command: &mut Command) {
+    match command.output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => eprintln!("cannot run {what}: {e}"),
+    }
+}
+
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        let detached = Command::new("losetup").arg("-d").arg(&self.device).output();
-        match detached {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "losetup -d {} failed: {}",
-                self.device.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => eprintln!("cannot run losetup -d {}: {e}", self.device.display()),
-        }
+        clean_up(
+            &format!("losetup -d {}", self.device.display()),
+            Command::new("losetup").arg("-d").arg(&self.device),
+        );
     }
 }
 
@@ -494,15 +501,10 @@ impl ReflinkFolder {
 impl Drop for ReflinkFolder {
     fn drop(&mut self) {
         // NB: lazy: a daemon of a failed test may still hold a file there.
-        match Command::new("umount").arg("-l").arg(&self.path).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "umount {} failed: {}",
-                self.path.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => eprintln!("cannot run umount {}: {e}", self.path.display()),
-        }
+        clean_up(
+            &format!("umount {}", self.path.display()),
+            Command::new("umount").arg("-l").arg(&self.path),
+        );
     }
 }
 
