@@ -743,7 +743,7 @@ fn spawn_job(
         tracing::error!(job = %name, error = %e, "claim the job");
     }
     tokio::spawn(async move {
-        let (kind, _) = jobs::job_kind_params(&job);
+        let (kind, params) = jobs::job_kind_params(&job);
         tracing::info!(job = %format!("{ns}/{name}"), kind = kind.as_str(), "job started");
         let throttle = ProgressThrottle::new(Duration::from_secs(1));
         let sink = {
@@ -776,9 +776,7 @@ fn spawn_job(
         if let Err(e) = db.put(JOB_KIND, &ns, &name, &finished) {
             tracing::error!(job = %name, error = %e, "write the job's end");
         }
-        if outcome.is_ok()
-            && lifeboat_core::vm::keeps_in_step(kind, &jobs::job_kind_params(&finished).1)
-        {
+        if outcome.is_ok() && lifeboat_core::vm::keeps_in_step(kind, &params) {
             forget_old_in_step_jobs(&db, &finished, ended);
         }
         wake.notify_one();
@@ -806,6 +804,9 @@ fn forget_old_in_step_jobs(db: &Db, latest: &ReplicationJob, now: SystemTime) {
             continue;
         }
         let (kind, params) = jobs::job_kind_params(&job);
+        if !lifeboat_core::vm::keeps_in_step(kind, &params) {
+            continue;
+        }
         let status = job.status.clone().unwrap_or_default();
         let state = mapping::job_state(status.phase);
         let completed = status.completion_time.as_ref().map(mapping::system_time);
@@ -813,7 +814,7 @@ fn forget_old_in_step_jobs(db: &Db, latest: &ReplicationJob, now: SystemTime) {
         let expired = completed.is_some_and(|at| {
             job_fate(state, Some(at), at, now, retention, false) == JobFate::Delete
         });
-        if expired && lifeboat_core::vm::keeps_in_step(kind, &params) {
+        if expired {
             let (ns, name) = crate::folder::key_of(&job);
             if let Err(e) = db.delete(JOB_KIND, &ns, &name) {
                 tracing::warn!(job = %name, error = %e, "delete a job past its retention");

@@ -48,8 +48,9 @@ pub fn keeps_in_step(kind: JobKind, params: &JobParams) -> bool {
     kind == JobKind::Failback && params.presync && params.request_token.is_none()
 }
 
-/// How long a job keeping the original disks in step that failed for a reason an
-/// administrator must mend waits before it is tried again (at least a copy interval).
+/// The longest a job keeping the original disks in step that failed waits before it is tried
+/// again (at least a copy interval), whatever failed, even a failure an administrator must
+/// mend.
 pub const IN_STEP_RETRY: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Whether an agent whose last heartbeat is `beat` counts as alive at `now`.
@@ -141,7 +142,8 @@ impl Pass<'_> {
                 .and_then(|(end, start)| end.duration_since(start).ok()),
         });
         record.state = facts.state;
-        if keeps_in_step(kind, &record.params) {
+        let in_step = keeps_in_step(kind, &record.params);
+        if in_step {
             // NB: the point it says it brought the disks to; an agent that does not say took
             // the newest when it started (a point cut before then and saved after may be
             // missing: the next job brings it). One that failed may have left them anywhere
@@ -162,7 +164,6 @@ impl Pass<'_> {
             self.job_succeeded(kind, &record.params, facts.completion_time);
         } else {
             let error = self.failure(record, facts);
-            let in_step = keeps_in_step(kind, &record.params);
             let next = match (error.class, error.next_retry_time) {
                 (ErrorClass::Recoverable, Some(at)) => {
                     format!("retry at {}", crate::rpo::format_rfc3339(at))
@@ -356,12 +357,17 @@ impl Pass<'_> {
         let Some(error) = &record.error else {
             return RetryGate::Now;
         };
+        // NB: a job keeping the original disks in step runs again at its retry time whatever
+        // failed (`failure` sets one within `IN_STEP_RETRY`).
+        let in_step = keeps_in_step(record.kind, &record.params);
+        let at_its_time = || match error.next_retry_time {
+            Some(at) if at > self.now => RetryGate::At(at),
+            _ => RetryGate::Now,
+        };
         match error.class {
             _ if self.retry_asked => RetryGate::Now,
-            ErrorClass::Recoverable => match error.next_retry_time {
-                Some(at) if at > self.now => RetryGate::At(at),
-                _ => RetryGate::Now,
-            },
+            ErrorClass::Recoverable => at_its_time(),
+            ErrorClass::NonRecoverable if in_step => at_its_time(),
             ErrorClass::NonRecoverable if self.spec_changed && !answered(record) => RetryGate::Now,
             ErrorClass::NonRecoverable => RetryGate::Never,
         }

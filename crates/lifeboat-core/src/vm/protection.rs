@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use crate::model::{FailoverKind, JobKind, JobParams, JobState, Phase, PointChoice, ResyncReason};
 
-use super::jobs::keeps_in_step;
+use super::jobs::{RetryGate, keeps_in_step};
 use super::requests::Ask;
-use super::{FailoverAsk, JobRecord, Pass};
+use super::{FailoverAsk, Pass};
 
 /// How often to look again while the policy is missing or not usable.
 const POLICY_RECHECK: Duration = Duration::from_secs(60);
@@ -332,11 +332,12 @@ impl Pass<'_> {
         }
         // NB: a failed job that kept the original disks in step blocks nothing: the next
         // one starts when its retry is due (`keep_original_in_step`).
-        let retried = if self.last_in_step_job().is_some() {
-            None
-        } else {
-            self.retry_failed()
-        };
+        let in_step = self
+            .state
+            .job
+            .as_ref()
+            .is_some_and(|j| keeps_in_step(j.kind, &j.params));
+        let retried = if in_step { None } else { self.retry_failed() };
         let blocked = match retried {
             Some(true) => return,
             Some(false) => self.state.job.as_ref().map(|j| j.kind),
@@ -423,14 +424,6 @@ impl Pass<'_> {
         }
     }
 
-    /// The current job, when it is one that kept the original disks in step.
-    fn last_in_step_job(&self) -> Option<&JobRecord> {
-        self.state
-            .job
-            .as_ref()
-            .filter(|j| keeps_in_step(j.kind, &j.params))
-    }
-
     /// Whether a planned failback can stop the recovered VM at once: the original disks at
     /// the primary site hold a point at most two copy intervals old, and the recovered VM's
     /// cycles keep up (its last one succeeded within two intervals, none failing since), so
@@ -453,25 +446,23 @@ impl Pass<'_> {
             return;
         }
         let attempt = match &self.state.job {
-            // NB: one withdrawn (no error) did nothing: the next is a first attempt.
-            Some(j) if j.state == JobState::Failed && keeps_in_step(j.kind, &j.params) => {
-                match j.error.as_ref().map(|e| e.next_retry_time) {
-                    None => 1,
-                    Some(Some(at)) if at > self.now && !self.retry_asked => {
-                        self.wake.push(at);
-                        return;
-                    }
-                    Some(_) => j.attempt + 1,
-                }
-            }
             // NB: a failed job of another kind keeps its record (and its retry gate) while it
             // may run again; one no retry will start but a token (a request failed for good
             // and answered) gives way, unless it is a resync (its record keeps the automatic
-            // one from starting again).
-            Some(j) if j.state == JobState::Failed => match self.retry_gate(j) {
-                super::jobs::RetryGate::Never if j.kind != JobKind::Resynchronize => 1,
-                _ => return,
-            },
+            // one from starting again). One of ours withdrawn (no error) did nothing: the
+            // next is a first attempt.
+            Some(j) if j.state == JobState::Failed => {
+                match (self.retry_gate(j), keeps_in_step(j.kind, &j.params)) {
+                    (RetryGate::At(at), true) => {
+                        self.wake.push(at);
+                        return;
+                    }
+                    (RetryGate::Now, true) if j.error.is_some() => j.attempt + 1,
+                    (RetryGate::Now, true) => 1,
+                    (RetryGate::Never, false) if j.kind != JobKind::Resynchronize => 1,
+                    _ => return,
+                }
+            }
             _ => 1,
         };
         let since = self.state.original_in_step.max(self.state.last_resync);
