@@ -153,6 +153,35 @@ pub fn vm_config_on(
     policy: &ReplicationPolicy,
     node: Option<&str>,
 ) -> Result<VmConfig, ConfigError> {
+    let reverse = vm
+        .status
+        .as_ref()
+        .is_some_and(|s| s.direction == ReplicationDirection::Reverse);
+    let spec = &vm.spec;
+    let recovery_here = match (&spec.recovery_site, node) {
+        (Some(r), Some(node)) if r.node_name != spec.node_name => r.node_name == node,
+        (Some(_), _) => reverse,
+        (None, _) => false,
+    };
+    let site = if recovery_here {
+        Site::Recovery
+    } else {
+        Site::Primary
+    };
+    vm_config_at(vm, policy, site)
+}
+
+/// [`vm_config`] for the VM of `site`: the recovered VM (`spec.recoverySite`) when asked for
+/// and the VM has one, else the primary's.
+///
+/// # Errors
+///
+/// As [`vm_config`].
+pub fn vm_config_at(
+    vm: &ProtectedVM,
+    policy: &ReplicationPolicy,
+    site: Site,
+) -> Result<VmConfig, ConfigError> {
     let namespace = vm
         .metadata
         .namespace
@@ -168,10 +197,6 @@ pub fn vm_config_on(
     };
     let key = VmKey::new(&namespace, &name).map_err(|e| field("metadata.name", e.to_string()))?;
     let spec = &vm.spec;
-    let reverse = vm
-        .status
-        .as_ref()
-        .is_some_and(|s| s.direction == ReplicationDirection::Reverse);
     let original_disks: Vec<DiskRef> = spec
         .disks
         .iter()
@@ -182,11 +207,7 @@ pub fn vm_config_on(
             node: d.block_node.clone(),
         })
         .collect();
-    let recovery_here = match (&spec.recovery_site, node) {
-        (Some(r), Some(node)) if r.node_name != spec.node_name => r.node_name == node,
-        (Some(_), _) => reverse,
-        (None, _) => false,
-    };
+    let recovery_here = site == Site::Recovery;
     let (site, node, vm_name, hypervisor_spec, disks, hypervisor_field) = match &spec.recovery_site
     {
         Some(r) if recovery_here => {

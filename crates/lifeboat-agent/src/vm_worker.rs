@@ -150,6 +150,21 @@ pub async fn open_worker(
     Ok(Worker::new(engine))
 }
 
+/// Arm the raw disks of the configured VM that a failover or a failback left at a point, if
+/// the VM runs on them now and nothing wrote them yet
+/// (`lifeboat_engine::backend::Hypervisor::arm_seeds`), through a hypervisor connection of
+/// its own: for a site whose engine is not open here (the standalone daemon opens the one
+/// that replicates). The disks armed.
+pub async fn arm_seeds(config: &VmConfig, state_dir: &Path) -> Vec<String> {
+    let dir = vm_state_dir(state_dir, &config.key, config.site);
+    match hypervisor(config, &dir.join("hypervisor")) {
+        Ok(hv) => {
+            lifeboat_engine::replicator::arm_seeds(hv.as_ref(), &config.key, &config.disks).await
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Run `job` on `worker` to its end: progress goes to `sink` and to the worker's facts, and
 /// the worker's schedule learns that the job ended (a finalize or a resync makes the VM
 /// replicate again).

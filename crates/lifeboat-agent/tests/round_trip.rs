@@ -224,17 +224,27 @@ fn start_recovered(dir: &Path, failover: &JobResult, in_place: bool) -> Qsd {
     Qsd::start_with(dir, &raw_disks())
 }
 
-/// The reflinked twins (`lifeboat_engine::twin`) in the folders of `images`.
-fn twins_beside(images: &[PathBuf]) -> Vec<String> {
+/// The files in the folders of `images` whose names contain `infix`.
+fn beside(images: &[PathBuf], infix: &str) -> Vec<String> {
     let folders: BTreeSet<&Path> = images.iter().filter_map(|i| i.parent()).collect();
-    let mut twins: Vec<String> = folders
+    let mut found: Vec<String> = folders
         .into_iter()
         .flat_map(|f| std::fs::read_dir(f).unwrap())
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".lifeboat-since-"))
+        .filter(|n| n.contains(infix))
         .collect();
-    twins.sort();
-    twins
+    found.sort();
+    found
+}
+
+/// The reflinked twins (`lifeboat_engine::twin`) in the folders of `images`.
+fn twins_beside(images: &[PathBuf]) -> Vec<String> {
+    beside(images, ".lifeboat-since-")
+}
+
+/// The stamps (`lifeboat_engine::stamp`) in the folders of `images`.
+fn stamps_beside(images: &[PathBuf]) -> Vec<String> {
+    beside(images, ".lifeboat-stamp-")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,35 +310,48 @@ async fn on_a_file_system_that_clones_a_write_behind_lifeboats_back_is_named_by_
 /// data at the point (A's first write), so that the failback reads it back from the store.
 const A_STRAY_BLOCK: u64 = 5;
 
-/// A re-protect sent exactly the blocks `writes` (`what`) touched; with the twins beside
-/// `twinned` images (a file system that clones), it read only those blocks, compared no disk
-/// in full, and removed the twins.
-fn assert_reprotected(
-    result: &JobResult,
-    writes: &[Write],
-    twinned: Option<&[PathBuf]>,
-    what: &str,
-) {
+/// A re-protect sent exactly the blocks `writes` (`what`) touched, of `images`, read only
+/// those blocks and compared no disk in full (the seed bitmaps the agent armed before the VM
+/// wrote, or the twins where the file system clones), and removed the twins and stamps.
+fn assert_reprotected(result: &JobResult, writes: &[Write], images: &[PathBuf], what: &str) {
     let report = &result.report;
     assert_eq!(
         report.bytes_sent,
         block_bytes(writes),
         "re-protect sends exactly the blocks of {what}"
     );
-    if let Some(images) = twinned {
-        assert!(
-            report.disks_compared_in_full.is_empty() && report.bytes_read == block_bytes(writes),
-            "the twins name {what}: only those blocks are read ({} bytes read, {} changed): \
-             {report:?}",
-            report.bytes_read,
-            block_bytes(writes),
-        );
-        assert_eq!(
-            twins_beside(images),
-            Vec::<String>::new(),
-            "the re-protect removes its twins"
-        );
-    }
+    assert!(
+        report.disks_compared_in_full.is_empty() && report.bytes_read == block_bytes(writes),
+        "the seed bitmaps (or twins) name {what}: only those blocks are read ({} bytes read, \
+         {} changed): {report:?}",
+        report.bytes_read,
+        block_bytes(writes),
+    );
+    assert_eq!(
+        twins_beside(images),
+        Vec::<String>::new(),
+        "the re-protect removes its twins and stamps"
+    );
+}
+
+/// Arm the raw disks of the VM `site` runs, as its agent does every tick while the VM does not
+/// replicate (`Replicator::arm_seeds`), before its guest writes: each records its writes since
+/// the point its stamp names, and the stamp is used up.
+async fn arm_before_the_guest_writes(site: &Site, images: &[PathBuf]) {
+    let mut armed = site.engine.arm_seeds().await;
+    armed.sort();
+    let mut want: Vec<String> = DISKS.iter().map(|d| (*d).to_owned()).collect();
+    want.sort();
+    assert_eq!(
+        armed, want,
+        "each raw disk records its writes since the point"
+    );
+    assert_eq!(
+        stamps_beside(images),
+        Vec::<String>::new(),
+        "each stamp is used once"
+    );
+    assert!(site.engine.arm_seeds().await.is_empty(), "armed once");
 }
 
 /// The planned round trip on raw images; `clones`: its folders on a file system that clones
@@ -395,12 +418,19 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
     qsd.stop();
     drop(engine);
 
-    // B runs on the failover's disks and writes; re-protect sends only what B changed.
+    // B runs on the failover's disks; its agent arms them before the guest writes; B
+    // writes; re-protect reads and sends only what B changed.
     let b_dir = tmp.path().join("site-b");
-    let qsd_b = start_recovered(&b_dir, &failover, clones.is_some());
-    let b_writes: Vec<Write> = scattered(2, 6, 7, 0x21);
-    qsd_b.guest_writes("root", &b_writes);
+    assert_eq!(
+        stamps_beside(&images).len(),
+        DISKS.len(),
+        "a stamp per failover image"
+    );
+    let qsd_b = start_recovered(&b_dir, &failover, true);
     let mut b = open_site(&b_dir, qsd_b, store_taking_over(tmp.path()).await, "node b").await;
+    arm_before_the_guest_writes(&b, &images).await;
+    let b_writes: Vec<Write> = scattered(2, 6, 7, 0x21);
+    b.qsd.guest_writes("root", &b_writes);
     if clones.is_some() {
         assert_eq!(
             twins_beside(&images).len(),
@@ -438,7 +468,7 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
     assert_reprotected(
         &reprotect,
         &b_writes,
-        clones.is_some().then_some(images.as_slice()),
+        &images,
         "B's writes since the failover",
     );
     assert_eq!(b.engine.state().phase, EnginePhase::Protected);
@@ -591,13 +621,14 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
         );
     }
     a.qsd.start_again();
+    arm_before_the_guest_writes(&a, &a_images).await;
     let a_writes: Vec<Write> = scattered(30, 3, 2, 0x30);
     a.qsd.guest_writes("data", &a_writes);
     let forward = reprotect_from(&mut a.engine, &q, &dirs).await;
     assert_reprotected(
         &forward,
         &a_writes,
-        clones.is_some().then_some(a_images.as_slice()),
+        &a_images,
         "A's writes since the failback",
     );
     a.qsd.guest_writes("root", &scattered(9, 2, 2, 0x31));
@@ -840,13 +871,40 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
     .await
     .unwrap();
     let p = failover.point.as_ref().unwrap().id.clone();
+    // B runs on the failover's disks and its guest writes before B's agent looks: the stamp
+    // of the disk it wrote no longer holds, so that disk is compared in full (never a write
+    // missed); the other disk, unwritten, is armed.
     let b_dir = tmp.path().join("site-b");
-    let qsd_b = start_recovered(&b_dir, &failover, false);
+    let images: Vec<PathBuf> = failover
+        .failover
+        .as_ref()
+        .unwrap()
+        .disks
+        .iter()
+        .map(|d| d.path.clone())
+        .collect();
+    let qsd_b = start_recovered(&b_dir, &failover, true);
     let b_writes = scattered(10, 5, 2, 0x43);
     qsd_b.guest_writes("data", &b_writes);
     let mut b = open_site(&b_dir, qsd_b, b_store, "node b").await;
+    assert_eq!(
+        b.engine.arm_seeds().await,
+        vec!["root".to_owned()],
+        "only the unwritten disk is armed"
+    );
+    assert_eq!(
+        stamps_beside(&images),
+        Vec::<String>::new(),
+        "the stamp that no longer holds is dropped"
+    );
     let reprotect = reprotect_from(&mut b.engine, &p, &dirs).await;
     assert_eq!(reprotect.report.bytes_sent, block_bytes(&b_writes));
+    assert_eq!(
+        reprotect.report.disks_compared_in_full,
+        vec!["data".to_owned()],
+        "{:?}",
+        reprotect.report
+    );
 
     // Fail back: the blocks A lost and the blocks B wrote are what differs, and all of it.
     let shipped = planned_failover(&mut b.engine, true, &dirs).await.unwrap();

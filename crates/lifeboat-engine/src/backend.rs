@@ -289,6 +289,18 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
         let _ = (disks, point);
         Ok(false)
     }
+
+    /// On each disk whose image file a failover or a failback left at a recovery point (its
+    /// [`crate::stamp`] kept beside it) and which nothing has written since, start recording
+    /// the VM's writes as writes since that point (a [`seed_bitmap_name`] bitmap, kept while
+    /// the hypervisor process runs), so that the re-protect from that point reads only them;
+    /// check the stamp again once it records, and use each stamp once. The disks armed; the
+    /// default arms none. The agent calls it every tick while the VM does not replicate: the
+    /// sooner after the VM starts, the likelier the guest has not written yet.
+    async fn arm_seeds(&self, disks: &[DiskRef]) -> Result<Vec<String>, BackendError> {
+        let _ = disks;
+        Ok(Vec::new())
+    }
 }
 
 /// How a VM was stopped, for the failover's report.

@@ -17,6 +17,7 @@ pub mod fs;
 pub mod jobs;
 pub mod replicator;
 pub mod space;
+pub mod stamp;
 pub mod state;
 pub mod throttle;
 pub mod twin;

@@ -173,8 +173,16 @@ fn remove_others(image: &Path, keep: Option<&str>) -> io::Result<usize> {
 
 /// Call `each(point, path)` for every twin of the image at `image` (and a clone left half
 /// made, whose "point" ends in `.cloning`).
-fn for_each_twin(
+fn for_each_twin(image: &Path, each: impl FnMut(&str, &Path) -> io::Result<()>) -> io::Result<()> {
+    for_each_beside(image, TWIN_INFIX, each)
+}
+
+/// Call `each(point, path)` for every file beside the image at `image` (in its folder) named
+/// `.<image's file name><infix><point>`: the records Lifeboat keeps of a raw image, one per
+/// point (its twins, its [`crate::stamp`]s).
+pub(crate) fn for_each_beside(
     image: &Path,
+    infix: &str,
     mut each: impl FnMut(&str, &Path) -> io::Result<()>,
 ) -> io::Result<()> {
     let (Some(dir), Some(name)) = (image.parent(), image.file_name().and_then(|n| n.to_str()))
@@ -186,7 +194,7 @@ fn for_each_twin(
     } else {
         dir
     };
-    let prefix = format!(".{name}{TWIN_INFIX}");
+    let prefix = format!(".{name}{infix}");
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

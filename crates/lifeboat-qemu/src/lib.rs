@@ -50,6 +50,7 @@ use lifeboat_engine::backend::{
     BackendError, DiskInfo, DiskRef, Hypervisor, Quiesce, SEED_BITMAP_PREFIX, Stopped, Tracking,
     TrackingDurability, View, seed_bitmap_name,
 };
+use lifeboat_engine::stamp;
 use qmp::{GuestAgent, QmpClient, QmpError};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -1145,6 +1146,101 @@ impl Hypervisor for QemuHypervisor {
                 .await?;
         }
         Ok(all)
+    }
+
+    /// A non-persistent seed bitmap on each raw file node without one whose file still has
+    /// the stamp a failover or failback kept beside it: QEMU records the guest's writes from
+    /// the bitmap's creation on, and the stamp, checked again after it, says nothing wrote
+    /// the file before. A stamp is used once (removed when armed, and when the file no longer
+    /// matches it); the bitmap lives as long as this QEMU process.
+    async fn arm_seeds(&self, disks: &[DiskRef]) -> Result<Vec<String>, BackendError> {
+        // NB: QMP only when a disk has a stamp beside it: most ticks of most VMs have none.
+        let paths: Vec<PathBuf> = disks.iter().map(|d| PathBuf::from(&d.path)).collect();
+        let stamped = tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .any(|p| stamp::beside(p).is_ok_and(|s| !s.is_empty()))
+        })
+        .await
+        .unwrap_or(false);
+        if !stamped {
+            return Ok(Vec::new());
+        }
+        let inner = &self.inner;
+        let _ops = inner.ops.lock().await;
+        if inner.open_cycle().is_some() {
+            return Ok(Vec::new());
+        }
+        let mut armed = Vec::new();
+        for r in inner.resolve(disks).await? {
+            let Some(file) = r.raw_file.clone().filter(|_| r.seed.is_none()) else {
+                continue;
+            };
+            if arm_seed(inner, &r, &file).await? {
+                armed.push(r.disk.clone());
+            }
+        }
+        Ok(armed)
+    }
+}
+
+/// [`QemuHypervisor::arm_seeds`] for one raw node `r` whose file is `file`: whether a seed
+/// bitmap records now.
+async fn arm_seed(inner: &Inner, r: &Resolved, file: &Path) -> Result<bool, BackendError> {
+    let ctx = Some((r.disk.as_str(), r.node.as_str()));
+    let owned = file.to_owned();
+    let stamps = tokio::task::spawn_blocking(move || stamp::beside(&owned).unwrap_or_default())
+        .await
+        .unwrap_or_default();
+    for kept in stamps {
+        // NB: a file of another length than the node's has offsets that are not the guest's.
+        let holds = || async {
+            kept.len == r.size_bytes && stamp_of(file, &kept.point).await.as_ref() == Some(&kept)
+        };
+        if !holds().await {
+            tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the raw image was written before its VM's writes could be recorded: a re-protect from the point compares the whole disk");
+            forget_stamp(inner, r, file, &kept.point);
+            continue;
+        }
+        let name = seed_bitmap_name(&kept.point);
+        inner
+            .qmp(
+                "block-dirty-bitmap-add",
+                json!({ "node": r.node, "name": name, "persistent": false }),
+                ctx,
+            )
+            .await?;
+        if holds().await {
+            tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the VM's writes since the point are recorded: a re-protect from it reads only those");
+            forget_stamp(inner, r, file, &kept.point);
+            return Ok(true);
+        }
+        // NB: written between the two looks: the bitmap may have missed the first writes.
+        inner
+            .qmp(
+                "block-dirty-bitmap-remove",
+                json!({ "node": r.node, "name": name }),
+                ctx,
+            )
+            .await?;
+        tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the raw image was written as its VM's writes began to be recorded: a re-protect from the point compares the whole disk");
+        forget_stamp(inner, r, file, &kept.point);
+    }
+    Ok(false)
+}
+
+/// The stamp of the file at `file` for `point` now ([`stamp::FileStamp::of`]).
+async fn stamp_of(file: &Path, point: &str) -> Option<stamp::FileStamp> {
+    let (file, point) = (file.to_owned(), point.to_owned());
+    tokio::task::spawn_blocking(move || stamp::FileStamp::of(&file, &point))
+        .await
+        .ok()
+        .flatten()
+}
+
+fn forget_stamp(inner: &Inner, r: &Resolved, file: &Path, point: &str) {
+    if let Err(e) = stamp::forget(file, point) {
+        tracing::warn!(vm = %inner.vm, disk = %r.disk, error = %e, "the raw image's stamp was not removed");
     }
 }
 

@@ -215,6 +215,7 @@ impl VmTask {
             self.claim_and_run(&job, stop).await;
         } else {
             self.cycle(stop).await;
+            self.arm_seeds().await;
         }
         self.report(vm).await;
     }
@@ -701,6 +702,20 @@ impl VmTask {
                 }
                 () = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// While the VM here does not replicate (the recovered VM before its re-protect, the
+    /// original after a failback): have its hypervisor record its writes since the point a
+    /// failover or failback left its raw disks at, as soon as it runs
+    /// (`Replicator::arm_seeds`).
+    async fn arm_seeds(&mut self) {
+        let Some(slot) = self.slot.as_ref().filter(|s| !s.worker.replicating()) else {
+            return;
+        };
+        let armed = slot.worker.engine().arm_seeds().await;
+        if !armed.is_empty() {
+            tracing::info!(vm = %self.vm, disks = ?armed, "the VM's writes since its disks' point are recorded");
         }
     }
 

@@ -15,6 +15,7 @@ use super::maps;
 use super::{Progress, ProgressSink, Replicator, Report, throughput};
 use crate::backend::{Stopped, seed_bitmap_name};
 use crate::error::EngineError;
+use crate::stamp::{self, FileStamp};
 use crate::state::EnginePhase;
 use crate::twin;
 
@@ -210,7 +211,8 @@ pub async fn fail_back_from_store(
 /// image gets an enabled persistent bitmap named [`seed_bitmap_name`] of the point, added
 /// after its data: the VM that runs on it records its writes since the point there. A raw
 /// image of a failover (`label` [`FAILOVER_LABEL`]) gets a reflinked [`twin`] of the point
-/// instead, where its file system clones files.
+/// instead, where its file system clones files, and its [`stamp`] beside it: the agent that
+/// finds a VM running on it before the guest wrote has QEMU record the writes from then on.
 ///
 /// It needs nothing but the store: no state folder, no hypervisor, no source host. The
 /// agent's failover runs it, and so does a recovery from the store alone.
@@ -265,6 +267,7 @@ pub async fn materialise_point(
                 for disk in disks.iter().map(|d| &d.path).chain(std::iter::once(&path)) {
                     let _ = std::fs::remove_file(disk);
                     let _ = twin::remove_all(disk);
+                    let _ = stamp::forget_all(disk);
                 }
                 return Err(e);
             }
@@ -350,6 +353,8 @@ async fn materialise_disk(
         // would have its writes vouched for as the point's.
         DiskFormat::Raw if seeded && super::reprotect::held_open_by(path).is_none() => {
             keep_twin(path, &pd.name, &point.id);
+            // NB: after the twin: cloning may touch the file's metadata.
+            keep_stamp(path, &pd.name, FileStamp::of(path, &point.id));
         }
         DiskFormat::Raw => {}
     }
@@ -368,6 +373,19 @@ pub(super) fn keep_twin(path: &Path, disk: &str, point: &str) {
         Err(e) => {
             tracing::warn!(disk, path = %path.display(), error = %e, "the raw image's twin was not made: a re-protect from this point compares the whole disk");
         }
+    }
+}
+
+/// Keep `stamp` of the raw image at `path` (disk `disk`), taken with it equal to the stamp's
+/// point and flushed, beside the image ([`stamp::keep_beside`]): what lets the agent record
+/// the writes of a VM started on it from that point on. Best effort: without one the
+/// re-protect from the point compares the whole disk (unless a twin names what changed).
+pub(super) fn keep_stamp(path: &Path, disk: &str, stamp: Option<FileStamp>) {
+    let Some(stamp) = stamp else {
+        return;
+    };
+    if let Err(e) = stamp::keep_beside(path, &stamp) {
+        tracing::warn!(disk, path = %path.display(), error = %e, "the raw image's stamp was not kept: a re-protect from this point compares the whole disk");
     }
 }
 
@@ -706,6 +724,7 @@ pub fn remove_disk_images(
         for format in DiskFormat::ALL {
             let path = disk_image_path(dir, vm, label, disk, format);
             twin::remove_all(&path).map_err(EngineError::state("remove the twin of", &path))?;
+            stamp::forget_all(&path).map_err(EngineError::state("remove the stamp of", &path))?;
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(EngineError::state("remove failover disk", path)(e)),

@@ -276,6 +276,13 @@ impl Replicator {
         &self.dir
     }
 
+    /// Have the hypervisor record the writes since the point its raw disks were left at by a
+    /// failover or a failback, when it runs the VM and nothing wrote them yet
+    /// ([`arm_seeds`]). The agent calls it every tick while the VM does not replicate.
+    pub async fn arm_seeds(&self) -> Vec<String> {
+        arm_seeds(self.hypervisor.as_ref(), &self.vm, &self.disks).await
+    }
+
     /// What the VM is (the agent gives its ProtectedVM and policy as applied, opaque here):
     /// [`Replicator::store_definition`] keeps it beside the replica, so that a recovery with
     /// nothing but the store knows what it recovers.
@@ -529,13 +536,18 @@ impl Replicator {
         Ok(left)
     }
 
-    /// Remove the reflinked twins ([`crate::twin`]) of the VM's raw disks: nothing reads them
-    /// once the re-protect that started from their point ended, or protection is disabled,
-    /// and each keeps the point's copy of every block the VM rewrote. Best effort.
+    /// Remove the reflinked twins ([`crate::twin`]) and the stamps ([`crate::stamp`]) of the
+    /// VM's raw disks: nothing reads them once the re-protect that started from their point
+    /// ended, or protection is disabled, and each twin keeps the point's copy of every block
+    /// the VM rewrote. Best effort.
     pub(crate) fn drop_twins(&self) {
         for disk in &self.disks {
-            if let Err(e) = crate::twin::remove_all(Path::new(&disk.path)) {
+            let path = Path::new(&disk.path);
+            if let Err(e) = crate::twin::remove_all(path) {
                 tracing::warn!(vm = %self.vm, disk = %disk.name, error = %e, "a twin of the raw image was not removed: it keeps the space of the blocks rewritten since its point");
+            }
+            if let Err(e) = crate::stamp::forget_all(path) {
+                tracing::warn!(vm = %self.vm, disk = %disk.name, error = %e, "a stamp of the raw image was not removed");
             }
         }
     }
@@ -549,6 +561,19 @@ impl Replicator {
         self.set_phase(EnginePhase::ResyncRequired {
             reason: reason.to_owned(),
         })
+    }
+}
+
+/// [`Hypervisor::arm_seeds`] of `disks` of `vm`, its failure logged, not returned: a VM that
+/// is not running yet (no QMP socket), or cannot be reached, is looked at again next tick.
+/// The disks armed.
+pub async fn arm_seeds(hypervisor: &dyn Hypervisor, vm: &VmKey, disks: &[DiskRef]) -> Vec<String> {
+    match hypervisor.arm_seeds(disks).await {
+        Ok(armed) => armed,
+        Err(e) => {
+            tracing::debug!(vm = %vm, error = %e, "the VM's raw disks cannot be armed yet");
+            Vec::new()
+        }
     }
 }
 

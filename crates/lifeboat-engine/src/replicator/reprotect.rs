@@ -37,12 +37,14 @@ use lifeboat_store::local::PositionalIo;
 use lifeboat_store::{At, ReplicaStore, VmKey};
 
 use super::failover::{
-    FailoverReport, MaterialisedDisk, PointChoice, choose_point, keep_twin, verify_digest,
+    FailoverReport, MaterialisedDisk, PointChoice, choose_point, keep_stamp, keep_twin,
+    verify_digest,
 };
 use super::image::{self, Image, StoreSource, write_from_store};
 use super::{Progress, ProgressSink, Replicator, Report, maps, throughput, unix_ms};
 use crate::backend::{DiskRef, SEED_BITMAP_PREFIX, seed_bitmap_name, union_ranges};
 use crate::error::EngineError;
+use crate::stamp::FileStamp;
 use crate::state::{AgentState, DiskRecord, EnginePhase};
 use crate::twin;
 
@@ -208,55 +210,6 @@ pub struct SeedMaps {
     /// that stopped them, or a failback's first step that wrote them): one whose file still
     /// matches has not been written since.
     pub stamps: BTreeMap<String, FileStamp>,
-}
-
-/// What a raw image file's metadata said when it was left at a point (stopped by a planned
-/// failover, or written and flushed by a failback's first step): a write since changes its
-/// change time (and its modification time). Limits: a clock set back, or a write within the
-/// same timestamp tick as the stamp on a file system or kernel without fine-grained
-/// timestamps (Linux before 6.13 keeps them coarse, a few ms), can go unseen; a file moved
-/// to another device, or a reboot that renumbers it, only costs a full compare. Kept for
-/// regular files only: a block device's node says nothing about writes to the device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileStamp {
-    /// The point the file was brought to.
-    pub point: String,
-    /// Its device and inode: the same file, not one put in its place.
-    pub device: u64,
-    /// See `device`.
-    pub inode: u64,
-    /// Its length.
-    pub len: u64,
-    /// Its modification time, in nanoseconds since the epoch.
-    pub modified_ns: i128,
-    /// Its change time (any write or metadata change), in nanoseconds since the epoch.
-    pub changed_ns: i128,
-}
-
-impl FileStamp {
-    /// The stamp of the regular file at `path` as it is now, for `point`; None for anything
-    /// else (a block device, a file gone) and off Unix.
-    pub fn of(path: &Path, point: &str) -> Option<Self> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            let meta = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
-            let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
-            Some(Self {
-                point: point.to_owned(),
-                device: meta.dev(),
-                inode: meta.ino(),
-                len: meta.len(),
-                modified_ns: ns(meta.mtime(), meta.mtime_nsec()),
-                changed_ns: ns(meta.ctime(), meta.ctime_nsec()),
-            })
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = (path, point);
-            None
-        }
-    }
 }
 
 /// One disk's seed, as [`restore_disk`] uses it: the point the disk equals but for the blocks
@@ -1011,6 +964,9 @@ async fn restore_disk(
     } else {
         keep_twin(path, &pd.name, &point.id);
     }
+    // NB: beside the file too, for the agent that finds the VM started on it (a raw file
+    // cannot record its writes until then): the re-protect from the point reads only those.
+    keep_stamp(path, &pd.name, stamp.clone());
     tracing::info!(vm = %vm, disk = %pd.name, path = %path.display(), written = read, compared, "original disk brought to the point");
     Ok(RestoredDisk {
         read,
