@@ -868,8 +868,15 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
         &b_final,
     );
 
-    // A again; re-protect forward on node-1.
+    // A again: node-1's agent has QEMU record A's writes since the failback's point before
+    // the guest writes (the stamp the failback kept beside A's raw disk, used); re-protect
+    // forward on node-1.
     qsd_a.start_again();
+    let image = a_dir.join("os.img");
+    tokio::task::spawn_blocking(move || lifeboat_qemu::testing::wait_stamp_used(&image, 30))
+        .await
+        .unwrap();
+    qsd_a.guest_write("os", 2 << 20, 64 << 10, 0x6c);
     reprotect_forward(&server, &vms, &jobs, &azurite, &qsd_a).await;
 
     stop_agent_cleanly(stop_a, agent_a, 30).await;

@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
-use lifeboat_api::ReplicationJob;
 use lifeboat_api::common::{ErrorClass, ErrorStatus};
+use lifeboat_api::protected_vm::ProtectionPhase;
+use lifeboat_api::{ProtectedVM, ReplicationJob, ReplicationPolicy};
 use lifeboat_control::mapping::{api_time, whole_seconds};
 use lifeboat_core::JobKind;
 use lifeboat_engine::replicator::{Progress, ProgressSink};
@@ -30,7 +31,7 @@ use lifeboat_engine::throttle::SharedBandwidth;
 use lifeboat_engine::{EngineError, JobDirs, JobResult, Replicator, Worker, run_job};
 use lifeboat_store::{ReplicaStore, VmKey};
 
-use crate::config::{ConfigError, Site, VmConfig, hypervisor};
+use crate::config::{ConfigError, Site, VmConfig, hypervisor, vm_config_at};
 use crate::jobs::job_kind_params;
 
 /// The agent state folder of `vm` under the state folder (change logs, engine state): one per
@@ -150,19 +151,60 @@ pub async fn open_worker(
     Ok(Worker::new(engine))
 }
 
-/// Arm the raw disks of the configured VM that a failover or a failback left at a point, if
-/// the VM runs on them now and nothing wrote them yet
-/// (`lifeboat_engine::backend::Hypervisor::arm_seeds`), through a hypervisor connection of
-/// its own: for a site whose engine is not open here (the standalone daemon opens the one
-/// that replicates). The disks armed.
-pub async fn arm_seeds(config: &VmConfig, state_dir: &Path) -> Vec<String> {
-    let dir = vm_state_dir(state_dir, &config.key, config.site);
-    match hypervisor(config, &dir.join("hypervisor")) {
-        Ok(hv) => {
-            lifeboat_engine::replicator::arm_seeds(hv.as_ref(), &config.key, &config.disks).await
+/// The site whose VM may run on raw disks a failover or a failback left at a point, and does
+/// not replicate yet, by the VM's phase: the recovered VM after a failover, the original after
+/// a failback (a re-protect arms its own VM as it starts).
+pub fn site_to_arm(vm: &ProtectedVM) -> Option<Site> {
+    match vm.status.as_ref().map(|s| s.phase) {
+        Some(ProtectionPhase::FailedOver | ProtectionPhase::FailoverCommitted)
+            if vm.spec.recovery_site.is_some() =>
+        {
+            Some(Site::Recovery)
         }
-        Err(_) => Vec::new(),
+        Some(ProtectionPhase::FailedBack) => Some(Site::Primary),
+        _ => None,
     }
+}
+
+/// Have the hypervisor of the VM [`site_to_arm`] names record its writes since the point its
+/// raw disks were left at, if it runs on them now and nothing wrote them yet
+/// (`lifeboat_engine::backend::Hypervisor::arm_seeds`). Called every tick: the sooner after
+/// the VM starts, the likelier its guest has not written. Through `worker`'s engine when it
+/// is that site's (`open` its configuration), else through a connection of its own, when
+/// that site is on `node` (None: both sites are, the standalone daemon). The disks armed.
+pub async fn arm_started_vm(
+    vm: &ProtectedVM,
+    policy: &ReplicationPolicy,
+    worker: &Worker,
+    open: &VmConfig,
+    state_dir: &Path,
+    node: Option<&str>,
+) -> Vec<String> {
+    let Some(site) = site_to_arm(vm) else {
+        return Vec::new();
+    };
+    let armed = if site == open.site {
+        if worker.replicating() {
+            return Vec::new();
+        }
+        worker.engine().arm_seeds().await
+    } else {
+        let Ok(config) = vm_config_at(vm, policy, site) else {
+            return Vec::new();
+        };
+        if node.is_some_and(|n| n != config.node) {
+            return Vec::new();
+        }
+        let dir = vm_state_dir(state_dir, &config.key, config.site);
+        let Ok(hv) = hypervisor(&config, &dir.join("hypervisor")) else {
+            return Vec::new();
+        };
+        lifeboat_engine::replicator::arm_seeds(hv.as_ref(), &config.key, &config.disks).await
+    };
+    if !armed.is_empty() {
+        tracing::info!(vm = %open.key, disks = ?armed, "the VM's writes since its disks' point are recorded");
+    }
+    armed
 }
 
 /// Run `job` on `worker` to its end: progress goes to `sink` and to the worker's facts, and

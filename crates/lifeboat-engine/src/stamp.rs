@@ -33,10 +33,12 @@ const STAMP_INFIX: &str = ".lifeboat-stamp-";
 
 /// What a raw image file's metadata said when it was left at a point (stopped by a planned
 /// failover, or written and flushed by a failback's first step): a write since changes its
-/// change time (and its modification time). Limits: a clock set back, or a write within the
-/// same timestamp tick as the stamp on a file system or kernel without fine-grained
-/// timestamps (Linux before 6.13 keeps them coarse, a few ms), can go unseen; a file moved
-/// to another device, or a reboot that renumbers it, only costs a full compare. Kept for
+/// change time (and its modification time). A stamp holds within one boot of the host only:
+/// a crash can lose the journal's record of a time change whose write reached the disk (one
+/// that bypassed the page cache), so after a reboot no stamp of before matches. Limits: a
+/// clock set back, or a write within the same timestamp tick as the stamp on a file system
+/// or kernel without fine-grained timestamps (Linux before 6.13 keeps them coarse, a few
+/// ms), can go unseen; a file moved to another device only costs a full compare. Kept for
 /// regular files only: a block device's node says nothing about writes to the device.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileStamp {
@@ -52,6 +54,10 @@ pub struct FileStamp {
     pub modified_ns: i128,
     /// Its change time (any write or metadata change), in nanoseconds since the epoch.
     pub changed_ns: i128,
+    /// The host's boot (Linux's `boot_id`) the stamp was taken in. None off Linux, where a
+    /// stamp is not bound to a boot (and a stamp kept before this field matches none now).
+    #[serde(default)]
+    pub boot: Option<String>,
 }
 
 impl FileStamp {
@@ -70,6 +76,7 @@ impl FileStamp {
                 len: meta.len(),
                 modified_ns: ns(meta.mtime(), meta.mtime_nsec()),
                 changed_ns: ns(meta.ctime(), meta.ctime_nsec()),
+                boot: boot_id(),
             })
         }
         #[cfg(not(unix))]
@@ -78,6 +85,14 @@ impl FileStamp {
             None
         }
     }
+}
+
+/// This boot of the host, as Linux names it; None elsewhere.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
 }
 
 /// The stamp file of the image at `image` for `point`. None for a path without a file name.
@@ -96,7 +111,14 @@ fn stamp_path(image: &Path, point: &str) -> Option<PathBuf> {
 pub fn keep_beside(image: &Path, stamp: &FileStamp) -> io::Result<()> {
     let path = stamp_path(image, &stamp.point)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "an image without a name"))?;
-    let tmp = path.with_extension("tmp");
+    // NB: a name `beside` does not list (a point may hold dots).
+    let tmp = image.with_file_name(format!(
+        ".{}.lifeboat-stamp.tmp",
+        image
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+    ));
     std::fs::write(&tmp, serde_json::to_vec(stamp)?)?;
     std::fs::rename(&tmp, &path)?;
     crate::twin::for_each_beside(image, STAMP_INFIX, |point, other| {

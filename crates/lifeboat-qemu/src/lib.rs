@@ -413,6 +413,22 @@ impl Resolved {
     }
 }
 
+/// Whether seed bitmap `seed` of the node whose file is `filename` is one [`arm_seed`] added
+/// and has not checked yet (its stamp still beside the file: an agent that stopped, or a QMP
+/// command that failed, between the two): not to be trusted until it is checked. Looks at the
+/// folder only for a node with a seed bitmap, rare outside a re-protect's first view.
+fn unchecked_arming(filename: &str, seed: &str) -> bool {
+    let Some(point) = seed.strip_prefix(SEED_BITMAP_PREFIX) else {
+        return false;
+    };
+    if filename.is_empty() || filename.starts_with("json:") {
+        return false;
+    }
+    // NB: a folder that cannot be read is taken to hold the stamp.
+    stamp::beside(Path::new(filename))
+        .map_or(true, |stamps| stamps.iter().any(|s| s.point == point))
+}
+
 /// For each point the raw file of `r` has a reflinked twin of ([`lifeboat_engine::twin`]), the
 /// ranges written since; none for a disk that is not a raw file of the disk's size (a raw node
 /// with an offset or a size of its own: its file's offsets are not the guest's), and none
@@ -539,7 +555,10 @@ impl Inner {
                         .bitmaps
                         .iter()
                         .find(|b| {
-                            b.name.starts_with(SEED_BITMAP_PREFIX) && b.recording && !b.inconsistent
+                            b.name.starts_with(SEED_BITMAP_PREFIX)
+                                && b.recording
+                                && !b.inconsistent
+                                && !unchecked_arming(&info.filename, &b.name)
                         })
                         .map(|b| b.name.clone()),
                     seeds: info
@@ -1154,16 +1173,23 @@ impl Hypervisor for QemuHypervisor {
     /// the file before. A stamp is used once (removed when armed, and when the file no longer
     /// matches it); the bitmap lives as long as this QEMU process.
     async fn arm_seeds(&self, disks: &[DiskRef]) -> Result<Vec<String>, BackendError> {
-        // NB: QMP only when a disk has a stamp beside it: most ticks of most VMs have none.
+        // NB: QMP only when a disk's file has a stamp beside it and QEMU listens: most looks
+        // find neither, and a VM not started yet (no socket, or one an old QEMU left behind)
+        // would cost the client's retries of a refused connection.
         let paths: Vec<PathBuf> = disks.iter().map(|d| PathBuf::from(&d.path)).collect();
         let stamped = tokio::task::spawn_blocking(move || {
-            paths
-                .iter()
-                .any(|p| stamp::beside(p).is_ok_and(|s| !s.is_empty()))
+            paths.iter().any(|p| {
+                std::fs::metadata(p).is_ok_and(|m| m.is_file())
+                    && stamp::beside(p).is_ok_and(|s| !s.is_empty())
+            })
         })
         .await
         .unwrap_or(false);
-        if !stamped {
+        if !stamped
+            || tokio::net::UnixStream::connect(self.inner.qmp.socket())
+                .await
+                .is_err()
+        {
             return Ok(Vec::new());
         }
         let inner = &self.inner;
@@ -1173,7 +1199,7 @@ impl Hypervisor for QemuHypervisor {
         }
         let mut armed = Vec::new();
         for r in inner.resolve(disks).await? {
-            let Some(file) = r.raw_file.clone().filter(|_| r.seed.is_none()) else {
+            let Some(file) = r.raw_file.clone() else {
                 continue;
             };
             if arm_seed(inner, &r, &file).await? {
@@ -1185,37 +1211,51 @@ impl Hypervisor for QemuHypervisor {
 }
 
 /// [`QemuHypervisor::arm_seeds`] for one raw node `r` whose file is `file`: whether a seed
-/// bitmap records now.
+/// bitmap records now, checked.
+///
+/// Each stamp beside the file is used once: when the file still matches it, a seed bitmap for
+/// its point is added (unless one was added before and not checked: an agent that stopped,
+/// or a command that failed, in between), the file is checked against it again, and the
+/// stamp is removed; a bitmap whose check failed is removed first. Until its stamp is gone a
+/// bitmap is not trusted ([`unchecked_arming`]).
 async fn arm_seed(inner: &Inner, r: &Resolved, file: &Path) -> Result<bool, BackendError> {
     let ctx = Some((r.disk.as_str(), r.node.as_str()));
     let owned = file.to_owned();
     let stamps = tokio::task::spawn_blocking(move || stamp::beside(&owned).unwrap_or_default())
         .await
         .unwrap_or_default();
+    let mut armed = false;
     for kept in stamps {
+        let name = seed_bitmap_name(&kept.point);
         // NB: a file of another length than the node's has offsets that are not the guest's.
         let holds = || async {
             kept.len == r.size_bytes && stamp_of(file, &kept.point).await.as_ref() == Some(&kept)
         };
-        if !holds().await {
-            tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the raw image was written before its VM's writes could be recorded: a re-protect from the point compares the whole disk");
+        let added = r.seeds.contains(&name);
+        if !added && (armed || r.seed.is_some() || !holds().await) {
+            if !armed && r.seed.is_none() {
+                tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the raw image was written before its VM's writes could be recorded: a re-protect from the point compares the whole disk");
+            }
             forget_stamp(inner, r, file, &kept.point);
             continue;
         }
-        let name = seed_bitmap_name(&kept.point);
-        inner
-            .qmp(
-                "block-dirty-bitmap-add",
-                json!({ "node": r.node, "name": name, "persistent": false }),
-                ctx,
-            )
-            .await?;
-        if holds().await {
+        if !added {
+            inner
+                .qmp(
+                    "block-dirty-bitmap-add",
+                    json!({ "node": r.node, "name": name, "persistent": false }),
+                    ctx,
+                )
+                .await?;
+        }
+        if !armed && holds().await {
             tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the VM's writes since the point are recorded: a re-protect from it reads only those");
             forget_stamp(inner, r, file, &kept.point);
-            return Ok(true);
+            armed = true;
+            continue;
         }
-        // NB: written between the two looks: the bitmap may have missed the first writes.
+        // NB: written before the bitmap recorded, or as it began to: it may have missed the
+        // first writes.
         inner
             .qmp(
                 "block-dirty-bitmap-remove",
@@ -1226,7 +1266,7 @@ async fn arm_seed(inner: &Inner, r: &Resolved, file: &Path) -> Result<bool, Back
         tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the raw image was written as its VM's writes began to be recorded: a re-protect from the point compares the whole disk");
         forget_stamp(inner, r, file, &kept.point);
     }
-    Ok(false)
+    Ok(armed)
 }
 
 /// The stamp of the file at `file` for `point` now ([`stamp::FileStamp::of`]).

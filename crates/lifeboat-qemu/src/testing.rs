@@ -548,3 +548,18 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
         );
     }
 }
+
+/// Wait up to `seconds` for the stamp a failover or failback kept beside the raw image `image`
+/// (`lifeboat_engine::stamp`) to be used: an agent found the VM started on it and armed its
+/// seed bitmap (or found the file written since). Panics, naming the image, when it is not.
+pub fn wait_stamp_used(image: &Path, seconds: u64) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while lifeboat_engine::stamp::beside(image).is_ok_and(|s| !s.is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "{} still has its stamp after {seconds} s: no agent armed the VM started on it",
+            image.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

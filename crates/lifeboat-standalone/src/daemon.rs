@@ -25,9 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use lifeboat_agent::config::{Site, VmConfig, vm_config, vm_config_at};
+use lifeboat_agent::config::{VmConfig, vm_config};
 use lifeboat_agent::report::same_but_time;
-use lifeboat_agent::vm_worker::{ProgressThrottle, arm_seeds, open_worker, run_job_on};
+use lifeboat_agent::vm_worker::{ProgressThrottle, arm_started_vm, open_worker, run_job_on};
 use lifeboat_agent::{SecretSource, StoreCache, agent_report, jobs};
 use lifeboat_api::common::SecretKeyReference;
 use lifeboat_api::job::JobPhase;
@@ -652,27 +652,21 @@ impl Daemon {
         }
         let idle = slot.job.is_none();
         let worker = slot.worker.clone();
+        let slot_config = slot.config.clone();
         if idle && let Ok(mut worker) = worker.try_lock() {
             if let Some(Err(e)) = worker.tick(now).await {
                 tracing::warn!(vm = %format!("{}/{}", key.0, key.1), error = %e, "cycle failed");
             }
-            // NB: both sites' VMs run on this machine; the other site's engine is not open.
-            let mut armed = Vec::new();
-            if !worker.replicating() {
-                armed.extend(worker.engine().arm_seeds().await);
-            }
-            let other = match config.site {
-                Site::Primary => Site::Recovery,
-                Site::Recovery => Site::Primary,
-            };
-            if vm.spec.recovery_site.is_some()
-                && let Ok(other) = vm_config_at(vm, policy, other)
-            {
-                armed.extend(arm_seeds(&other, &self.options.state_dir).await);
-            }
-            if !armed.is_empty() {
-                tracing::info!(vm = %format!("{}/{}", key.0, key.1), disks = ?armed, "the VM's writes since its disks' point are recorded");
-            }
+            // NB: both sites' VMs run on this machine; one site's engine is open.
+            arm_started_vm(
+                vm,
+                policy,
+                &worker,
+                &slot_config,
+                &self.options.state_dir,
+                None,
+            )
+            .await;
             let facts = worker.facts(now).await;
             drop(worker);
             match facts {

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Daemon, lifeboat};
-use lifeboat_qemu::testing::{DiskSpec, Qsd, assert_same};
+use lifeboat_qemu::testing::{DiskSpec, Qsd, assert_same, wait_stamp_used};
 use serde_json::Value;
 
 const MIB: u64 = 1024 * 1024;
@@ -95,10 +95,33 @@ spec:
             a.join("qmp.sock").display(),
             a.join("root.img").display(),
             b.join("qmp.sock").display(),
-            b.join("root.img").display(),
+            failover_image(work).display(),
         ),
     )
     .unwrap();
+}
+
+/// Where the failover writes the recovered VM's disk, and B runs on it.
+fn failover_image(work: &Path) -> std::path::PathBuf {
+    work.join("failover").join("web-01-failover-root.img")
+}
+
+/// Wait until the daemon has used the stamp beside the raw image `image` (armed the seed
+/// bitmap of the VM that started on it: the file unwritten since the failover or failback
+/// left it), and check that it says so.
+fn wait_armed(work: &Path, image: &Path, armed_before: usize) {
+    wait_stamp_used(image, 30);
+    assert!(
+        log_count(work, "the VM's writes since its disks' point are recorded") > armed_before,
+        "the daemon armed the disk of the VM on {}",
+        image.display()
+    );
+}
+
+/// How many lines of the daemon's log contain `text`.
+fn log_count(work: &Path, text: &str) -> usize {
+    let log = std::fs::read_to_string(work.join("daemon.log")).unwrap_or_default();
+    log.lines().filter(|l| l.contains(text)).count()
 }
 
 /// A pseudo-random delay of up to `max_ms`, printed so that a failure can be replayed by hand.
@@ -166,7 +189,7 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
     let out = lifeboat(work, &["failover", "web-01", "--planned"]);
     assert!(out.contains("phase FailedOver, direction Forward"), "{out}");
     qsd_a.stop();
-    let failed_over = work.join("failover").join("web-01-failover-root.img");
+    let failed_over = failover_image(work);
     assert_same("failover disk", &read_image(&failed_over), &want);
     let s = status(work);
     let definition = std::path::PathBuf::from(field(&s, "/status/failover/recoveredVm/definition"));
@@ -181,9 +204,10 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
             .contains("<name>web-01-dr</name>")
     );
 
-    // B runs on the failover's disk and writes; re-protect (killed once on the way).
-    std::fs::rename(&failed_over, b_dir.join("root.img")).unwrap();
-    let qsd_b = Qsd::start_with(&b_dir, &[DiskSpec::raw_file("root", SIZE)]);
+    // B runs on the failover's disk, where the failover wrote it; the daemon has QEMU record
+    // its writes since the point before the guest writes; re-protect (killed once on the way).
+    let qsd_b = Qsd::start_with(&b_dir, &[DiskSpec::raw_file_at("root", &failed_over)]);
+    wait_armed(work, &failed_over, 0);
     qsd_b.guest_write("root", 2 * MIB, 512 * 1024, 0x71);
     let mut daemon = crash_during(work, &mut daemon, "reprotect", 1500);
     let s = wait_for(work, "re-protect in reverse", 120, |s| {
@@ -295,10 +319,20 @@ fn a_round_trip_through_the_cli_survives_sigkill_of_the_daemon() {
         &b_final,
     );
 
-    // A runs again on its own disk; re-protect forward; a cycle ships A's next write.
+    // A runs again on its own disk (armed as B's was, and written); re-protect forward reads
+    // only that write; a cycle ships A's next write.
+    let armed = log_count(work, "the VM's writes since its disks' point are recorded");
     qsd_a.start_again();
+    wait_armed(work, &a_dir.join("root.img"), armed);
+    qsd_a.guest_write("root", 14 * MIB, 64 * 1024, 0x80);
+    let seeded = "the disk's record of its writes since the point holds";
+    let before = log_count(work, seeded);
     let out = lifeboat(work, &["reprotect", "web-01"]);
     assert!(out.contains("phase Protected, direction Forward"), "{out}");
+    assert!(
+        log_count(work, seeded) > before,
+        "re-protect A compared only the blocks A wrote since the failback"
+    );
     let before = store_points(work);
     qsd_a.guest_write("root", 12 * MIB, MIB, 0x81);
     let deadline = Instant::now() + Duration::from_secs(90);

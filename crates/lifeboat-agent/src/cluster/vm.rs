@@ -34,7 +34,7 @@ use super::{Backoff, Shared, Stop};
 use crate::config::{Site, VmConfig, vm_config_on};
 use crate::jobs;
 use crate::report::{ReportGate, agent_report};
-use crate::vm_worker::{OpenError, ProgressThrottle, open_worker, run_job_on};
+use crate::vm_worker::{OpenError, ProgressThrottle, arm_started_vm, open_worker, run_job_on};
 
 /// The VM's opened engine.
 struct Slot {
@@ -215,7 +215,7 @@ impl VmTask {
             self.claim_and_run(&job, stop).await;
         } else {
             self.cycle(stop).await;
-            self.arm_seeds().await;
+            self.arm_started_vm(vm, policy.as_deref()).await;
         }
         self.report(vm).await;
     }
@@ -705,18 +705,22 @@ impl VmTask {
         }
     }
 
-    /// While the VM here does not replicate (the recovered VM before its re-protect, the
-    /// original after a failback): have its hypervisor record its writes since the point a
-    /// failover or failback left its raw disks at, as soon as it runs
-    /// (`Replicator::arm_seeds`).
-    async fn arm_seeds(&mut self) {
-        let Some(slot) = self.slot.as_ref().filter(|s| !s.worker.replicating()) else {
+    /// After a failover or a failback, before the re-protect: have the hypervisor of the VM
+    /// started on this node record its writes since its raw disks' point, as soon as it runs
+    /// (`vm_worker::arm_started_vm`).
+    async fn arm_started_vm(&self, vm: &ProtectedVM, policy: Option<&ReplicationPolicy>) {
+        let (Some(slot), Some(policy)) = (self.slot.as_ref(), policy) else {
             return;
         };
-        let armed = slot.worker.engine().arm_seeds().await;
-        if !armed.is_empty() {
-            tracing::info!(vm = %self.vm, disks = ?armed, "the VM's writes since its disks' point are recorded");
-        }
+        arm_started_vm(
+            vm,
+            policy,
+            &slot.worker,
+            &slot.config,
+            &self.shared.state_dir,
+            Some(&self.shared.node),
+        )
+        .await;
     }
 
     /// A delta cycle, if one is due (never once fenced).

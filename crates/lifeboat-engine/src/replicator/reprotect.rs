@@ -97,6 +97,10 @@ impl Replicator {
             // NB: not once the resync has started: it writes the live replica past the point.
             self.rewind_replica(from_point).await?;
         }
+        // NB: a VM whose agent has not looked since it started (a re-protect asked at once)
+        // may not have written yet: its raw disks can still be armed, and an arming left
+        // unchecked is checked.
+        self.arm_seeds().await;
         self.resync(now, progress).await
     }
 
@@ -966,7 +970,10 @@ async fn restore_disk(
     }
     // NB: beside the file too, for the agent that finds the VM started on it (a raw file
     // cannot record its writes until then): the re-protect from the point reads only those.
-    keep_stamp(path, &pd.name, stamp.clone());
+    // Not for a file a VM opened meanwhile: its first writes would count as the point's.
+    if held_open_by(path).is_none() {
+        keep_stamp(path, &pd.name, stamp.clone());
+    }
     tracing::info!(vm = %vm, disk = %pd.name, path = %path.display(), written = read, compared, "original disk brought to the point");
     Ok(RestoredDisk {
         read,
