@@ -127,11 +127,13 @@
 //! Per run, on the `--image-mib` half-data image: site A (QSD on a sparse copy) protected,
 //! its initial copy timed (the full copy of the disk the hops are measured against); 1 % of
 //! the 64 KiB blocks rewritten on A, a planned failover (A stopped, shipped, materialised);
-//! site B (QSD on the failover's disk), 1 % rewritten, re-protect B timed; 1 % more on B, a
+//! site B (QSD on the failover's disk; a raw one armed as the agent arms it when the VM starts,
+//! before the guest writes), 1 % rewritten, re-protect B timed; 1 % more on B, a
 //! cycle of B (a point) and the job that keeps A's disk in step with it while B runs (a
 //! Failback job with `presync` and no request), each timed; 1 % more on B, the failback timed
 //! in its two jobs (the Failover job that stops and ships B, the Failback job that brings A's
-//! disk to the final point: B is down for both); A again, 1 % rewritten, re-protect A timed. Every hop runs the job
+//! disk to the final point: B is down for both); A again (armed as B was), 1 % rewritten,
+//! re-protect A timed. Every hop runs the job
 //! the agent runs (`lifeboat_engine::run_job`), the page cache dropped first, and asserts that
 //! the bytes it moved equal the blocks that changed since its seed.
 
@@ -589,6 +591,19 @@ async fn open_engine_on(
 }
 
 fn no_progress(_: &Progress) {}
+
+/// Arm the disk of the VM `qsd` serves on `image` (its QMP socket in `dir`'s name `name`), as
+/// the agent does once the VM started on disks a failover or a failback left at a point, before
+/// its guest writes: `lifeboat_engine::replicator::arm_seeds`, the call of the agent's
+/// `vm_worker::arm_started_vm`. Not timed: the agent does it in the background, within a tick
+/// of the VM's start. Whether a disk was armed (a raw one with its stamp beside it).
+async fn arm(name: &str, qsd: &Qsd, image: &Path, dir: &Path) -> bool {
+    let vm = VmKey::new("bench", name).unwrap();
+    let hypervisor = QemuHypervisor::new(name, &qsd.qmp, dir.join("qemu"));
+    !lifeboat_engine::replicator::arm_seeds(&hypervisor, &vm, &qsd.disks(image))
+        .await
+        .is_empty()
+}
 
 // ---------------------------------------------------------------------------------------
 // Part 1: change tracking cost.
@@ -2218,6 +2233,12 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         // that clones); 1 % on B; re-protect B.
         let b_disk = report.disks[0].path.clone();
         let qsd_b = Qsd::start(&b_dir, &b_disk, true);
+        let raw = format == DiskFormat::Raw;
+        assert_eq!(
+            arm("roundtrip", &qsd_b, &b_disk, &b_dir).await,
+            raw,
+            "B's raw disk armed"
+        );
         let b_first = rewrite(qsd_b.nbd.as_ref().unwrap(), changed);
         let site_b = Site {
             qsd: &qsd_b,
@@ -2320,6 +2341,11 @@ async fn roundtrip_runs(config: &Config, format: DiskFormat) {
         }
         // A runs again on its own disk; 1 % on A; re-protect A.
         let qsd_a = Qsd::start(&a_dir, &a_disk, true);
+        assert_eq!(
+            arm("roundtrip", &qsd_a, &a_disk, &a_dir).await,
+            raw,
+            "A's raw disk armed"
+        );
         let a_changes = rewrite(qsd_a.nbd.as_ref().unwrap(), changed);
         drop(a);
         let site_a = Site {
