@@ -937,6 +937,14 @@ async fn restore_disk(
             (have, writes)
         }
     };
+    if by_twin {
+        // NB: the twin has named what was written since its point; every block written now
+        // would otherwise be copied first (its space is the twin's too). A new one is made
+        // once the disk holds the point; a job that fails before then leaves the stamp.
+        if let Err(e) = twin::remove_all(path) {
+            tracing::warn!(vm = %vm, disk = %pd.name, error = %e, "the raw image's twin was not removed: the failback's writes copy its blocks first");
+        }
+    }
     let at = At::Point(point.id.clone());
     let source = StoreSource {
         store,
