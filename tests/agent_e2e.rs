@@ -869,8 +869,8 @@ async fn failover_reprotect_failback_reprotect_across_two_nodes_agents() {
     );
 
     // A again: node-1's agent has QEMU record A's writes since the failback's point before
-    // the guest writes (the stamp the failback kept beside A's raw disk, used); re-protect
-    // forward on node-1.
+    // the guest writes (the stamp the failback kept beside A's raw disk, used: nothing wrote
+    // the file, so it was not dropped as written); re-protect forward on node-1.
     qsd_a.start_again();
     let image = a_dir.join("os.img");
     tokio::task::spawn_blocking(move || lifeboat_qemu::testing::wait_stamp_used(&image, 30))

@@ -357,8 +357,8 @@ fn assert_reprotected(result: &JobResult, writes: &[Write], images: &[PathBuf], 
         block_bytes(writes),
     );
     assert_eq!(
-        twins_beside(images),
-        Vec::<String>::new(),
+        (twins_beside(images), stamps_beside(images)),
+        (Vec::new(), Vec::new()),
         "the re-protect removes its twins and stamps"
     );
 }
@@ -929,11 +929,17 @@ async fn after_an_unplanned_failover_the_lost_writes_are_overwritten_from_the_re
         Vec::<String>::new(),
         "the stamp that no longer holds is dropped"
     );
+    // NB: where the temporary folder's file system clones, the twin names B's writes.
+    let twinned = !twins_beside(&images).is_empty();
     let reprotect = reprotect_from(&mut b.engine, &p, &dirs).await;
     assert_eq!(reprotect.report.bytes_sent, block_bytes(&b_writes));
+    let in_full = if twinned {
+        vec![]
+    } else {
+        vec!["data".to_owned()]
+    };
     assert_eq!(
-        reprotect.report.disks_compared_in_full,
-        vec!["data".to_owned()],
+        reprotect.report.disks_compared_in_full, in_full,
         "{:?}",
         reprotect.report
     );

@@ -304,6 +304,11 @@ impl QmpClient {
         &self.socket
     }
 
+    /// Whether this client holds a connection now (it may have gone stale since).
+    pub async fn connected(&self) -> bool {
+        self.conn.lock().await.is_some()
+    }
+
     /// Run `command` with `arguments` (`Value::Null` for none) and return its `return` value.
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let mut guard = self.conn.lock().await;

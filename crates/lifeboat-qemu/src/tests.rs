@@ -2034,3 +2034,39 @@ async fn a_monitor_that_greets_twice_listens_late_or_drops_a_client_is_still_rea
         started.elapsed()
     );
 }
+
+/// A seed bitmap is not trusted while the stamp of its point is still beside the raw file: an
+/// arming cut short between the bitmap's add and the check of the file after it. Other points'
+/// stamps, other bitmaps and other nodes' files do not count.
+#[test]
+fn a_seed_bitmap_whose_stamp_remains_beside_its_file_is_unchecked() {
+    use lifeboat_engine::stamp::{self, FileStamp};
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("root.img");
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let name = image.to_str().unwrap();
+    assert!(
+        !unchecked_arming(name, "lifeboat-since-p1"),
+        "no stamp: checked"
+    );
+    stamp::keep_beside(&image, &FileStamp::of(&image, "p1").unwrap()).unwrap();
+    assert!(unchecked_arming(name, "lifeboat-since-p1"));
+    assert!(
+        !unchecked_arming(name, "lifeboat-since-p2"),
+        "another point's bitmap"
+    );
+    assert!(!unchecked_arming(name, "lifeboat-7"), "a cycle's bitmap");
+    assert!(
+        !unchecked_arming("", "lifeboat-since-p1"),
+        "a node without a file"
+    );
+    assert!(
+        !unchecked_arming("json:{\"driver\":\"raw\"}", "lifeboat-since-p1"),
+        "a node whose file is not named plainly has no stamp beside it"
+    );
+    stamp::forget(&image, "p1").unwrap();
+    assert!(
+        !unchecked_arming(name, "lifeboat-since-p1"),
+        "checked once its stamp is used"
+    );
+}

@@ -106,16 +106,20 @@ fn failover_image(work: &Path) -> std::path::PathBuf {
     work.join("failover").join("web-01-failover-root.img")
 }
 
-/// Wait until the daemon has used the stamp beside the raw image `image` (armed the seed
-/// bitmap of the VM that started on it: the file unwritten since the failover or failback
-/// left it), and check that it says so.
+/// Wait until the daemon has used the stamp beside the raw image `image` and says it armed
+/// the seed bitmap of the VM that started on it (the file unwritten since the failover or
+/// failback left it): one more such line in its log than `armed_before`.
 fn wait_armed(work: &Path, image: &Path, armed_before: usize) {
     wait_stamp_used(image, 30);
-    assert!(
-        log_count(work, "the VM's writes since its disks' point are recorded") > armed_before,
-        "the daemon armed the disk of the VM on {}",
-        image.display()
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while log_count(work, "the VM's writes since its disks' point are recorded") <= armed_before {
+        assert!(
+            Instant::now() < deadline,
+            "the stamp beside {} is gone, and the daemon never said it armed the VM's disk",
+            image.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// How many lines of the daemon's log contain `text`.

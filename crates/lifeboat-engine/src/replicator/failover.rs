@@ -351,10 +351,14 @@ async fn materialise_disk(
         DiskFormat::Qcow2 => image::add_bitmap(path, &seed_bitmap_name(&point.id)).await?,
         // NB: a VM started on the image while it was written (past the check before it)
         // would have its writes vouched for as the point's.
-        DiskFormat::Raw if seeded && super::reprotect::held_open_by(path).is_none() => {
-            keep_twin(path, &pd.name, &point.id);
-            // NB: after the twin: cloning may touch the file's metadata.
-            keep_stamp(path, &pd.name, FileStamp::of(path, &point.id));
+        DiskFormat::Raw if seeded => {
+            // NB: the stamp before the check: a VM that opened the file before it is found,
+            // one that opens it after cannot have written before the stamp.
+            let stamp = FileStamp::of(path, &point.id);
+            if super::reprotect::held_open_by(path).is_none() {
+                keep_twin(path, &pd.name, &point.id);
+                keep_stamp(path, &pd.name, stamp);
+            }
         }
         DiskFormat::Raw => {}
     }
