@@ -979,6 +979,9 @@ async fn restore_disk(
     // NB: beside the file too, for the agent that finds the VM started on it (a raw file
     // cannot record its writes until then): the re-protect from the point reads only those.
     // Not for a file a VM opened meanwhile: its first writes would count as the point's.
+    // Kept where only a stamp vouched for the disk too (unlike a twin, above): it vouches for
+    // no more than the stamp it replaces, whose chain the jobs keeping the disk in step
+    // already trust from one point to the next, within one boot of the host.
     if held_open_by(path).is_none() {
         keep_stamp(path, &pd.name, stamp.clone());
     }
