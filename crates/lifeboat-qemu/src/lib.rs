@@ -1167,11 +1167,11 @@ impl Hypervisor for QemuHypervisor {
         Ok(all)
     }
 
-    /// A non-persistent seed bitmap on each raw file node without one whose file still has
-    /// the stamp a failover or failback kept beside it: QEMU records the guest's writes from
-    /// the bitmap's creation on, and the stamp, checked again after it, says nothing wrote
-    /// the file before. A stamp is used once (removed when armed, and when the file no longer
-    /// matches it); the bitmap lives as long as this QEMU process.
+    /// A non-persistent seed bitmap on each raw file node whose file still has the stamp a
+    /// failover or failback kept beside it ([`arm_seed`]): QEMU records the guest's writes
+    /// from the bitmap's creation on, and the stamp, checked again after it, says nothing
+    /// wrote the file before. A stamp is used once (removed when armed, and when the file no
+    /// longer matches it); the bitmap lives as long as this QEMU process.
     async fn arm_seeds(&self, disks: &[DiskRef]) -> Result<Vec<String>, BackendError> {
         // NB: QMP only when a disk's file has a stamp beside it and QEMU listens: most looks
         // find neither, and a VM not started yet (no socket, or one an old QEMU left behind)
