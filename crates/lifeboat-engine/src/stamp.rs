@@ -88,6 +88,7 @@ impl FileStamp {
 }
 
 /// This boot of the host, as Linux names it; None elsewhere.
+#[cfg(unix)]
 fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .ok()
