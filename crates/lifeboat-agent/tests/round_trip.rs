@@ -544,11 +544,17 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
         let first = job(&mut b.engine, JobKind::Failback, early, &a_dirs).await;
         (first.unwrap(), qsd)
     } else {
-        let reader =
-            FaultInjectingStore::new(LocalStore::open_read_only(tmp.path().join("store")).unwrap());
-        reader.maps_left.store(DISKS.len() as u64, Ordering::SeqCst);
-        let reader: Arc<dyn ReplicaStore> = Arc::new(reader);
-        let mut a = open_site(&a_dir, qsd, reader, "node a").await;
+        let reader = Arc::new(FaultInjectingStore::new(
+            LocalStore::open_read_only(tmp.path().join("store")).unwrap(),
+        ));
+        let mut a = open_site(&a_dir, qsd, reader.clone(), "node a").await;
+        // NB: and the job first chooses the point as if just before B cut the fresh one,
+        // whose maps the store's live ones are: it chooses again (reading the first map
+        // twice), never hashing the point it first chose from the store.
+        reader.hide_newest.store(1, Ordering::SeqCst);
+        reader
+            .maps_left
+            .store(DISKS.len() as u64 + 1, Ordering::SeqCst);
         let first = job(&mut a.engine, JobKind::Failback, early, &a_dirs).await;
         let Site { qsd, engine, .. } = a;
         drop(engine);

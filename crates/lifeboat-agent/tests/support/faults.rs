@@ -20,13 +20,16 @@ use lifeboat_store::{At, Manifest, NewPoint, RecoveryPoint, ReplicaStore, StoreE
 
 /// A store that fails like an unreachable remote one while `down` is set, or after
 /// `writes_left` more writes; after `maps_left` more block maps read, it answers each with one
-/// that describes no point (as the live map does once the writer has cut a newer point).
+/// that describes no point (as the live map does once the writer has cut a newer point); its
+/// next `hide_newest` manifests leave out the newest point (as read just before the writer
+/// cut it, its live maps already describing it).
 #[derive(Debug)]
 pub struct FaultInjectingStore<S> {
     pub inner: S,
     pub down: AtomicBool,
     pub writes_left: AtomicU64,
     pub maps_left: AtomicU64,
+    pub hide_newest: AtomicU64,
 }
 
 impl<S> FaultInjectingStore<S> {
@@ -36,6 +39,7 @@ impl<S> FaultInjectingStore<S> {
             down: AtomicBool::new(false),
             writes_left: AtomicU64::new(u64::MAX),
             maps_left: AtomicU64::new(u64::MAX),
+            hide_newest: AtomicU64::new(0),
         }
     }
 
@@ -143,7 +147,15 @@ impl<S: ReplicaStore> ReplicaStore for FaultInjectingStore<S> {
     }
     async fn manifest(&self, vm: &VmKey) -> Result<Option<Manifest>, StoreError> {
         self.check("read manifest")?;
-        self.inner.manifest(vm).await
+        let mut manifest = self.inner.manifest(vm).await?;
+        let hide = self.hide_newest.load(Ordering::SeqCst);
+        if hide > 0 {
+            self.hide_newest.store(hide - 1, Ordering::SeqCst);
+            if let Some(m) = manifest.as_mut() {
+                m.points.pop();
+            }
+        }
+        Ok(manifest)
     }
     async fn list_vms(&self) -> Result<Vec<VmKey>, StoreError> {
         self.check("list VMs")?;

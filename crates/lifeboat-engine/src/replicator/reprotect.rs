@@ -407,7 +407,8 @@ impl Replicator {
     /// it wrote since the failover (on a raw disk, not for a read of the whole disk either).
     ///
     /// The seeds are read from and kept in `seed_dir` (the state folder of the original
-    /// disks' site), by default this engine's.
+    /// disks' site), by default this engine's. The newest point is chosen again when the
+    /// recovered VM cuts a newer one while its maps are read ([`newest_point_with_maps`]).
     ///
     /// Can run again: a seed that no longer holds (the disk written since) is not used.
     ///
@@ -421,7 +422,7 @@ impl Replicator {
         progress: ProgressSink<'_>,
     ) -> Result<FailoverReport, EngineError> {
         let dir = seed_dir.unwrap_or(&self.dir);
-        let point = choose_point(self.store.as_ref(), &self.vm, &PointChoice::Latest).await?;
+        let (point, wants) = newest_point_with_maps(self.store.as_ref(), &self.vm).await?;
         let seeds = self.failback_seeds(dir, targets.iter().map(|t| t.name.as_str()));
         let (report, restored) = restore_disks(
             self.store.as_ref(),
@@ -429,6 +430,7 @@ impl Replicator {
             &point.id,
             targets,
             seeds.as_ref(),
+            wants,
             progress,
         )
         .await?;
@@ -537,9 +539,55 @@ pub async fn restore_onto(
     seeds: Option<&SeedMaps>,
     progress: ProgressSink<'_>,
 ) -> Result<FailoverReport, EngineError> {
-    restore_disks(store, vm, point_id, targets, seeds, progress)
-        .await
-        .map(|(report, _)| report)
+    restore_disks(
+        store,
+        vm,
+        point_id,
+        targets,
+        seeds,
+        BTreeMap::new(),
+        progress,
+    )
+    .await
+    .map(|(report, _)| report)
+}
+
+/// How many times [`newest_point_with_maps`] chooses the newest point.
+const NEWEST_POINT_TRIES: usize = 3;
+
+/// The newest point of `vm` and each of its disks' block maps there, as the store keeps them
+/// (its live maps describe the newest point only). A cycle that cuts a newer point between
+/// the choice and the maps' reads (the writer replicates on while this runs) makes them
+/// describe that one: the newer point is chosen then, up to [`NEWEST_POINT_TRIES`] times,
+/// rather than hashing the chosen one from the store (for a remote store, a download of the
+/// whole replica). A map missing for another reason is left out (the point is hashed).
+async fn newest_point_with_maps(
+    store: &dyn ReplicaStore,
+    vm: &VmKey,
+) -> Result<(lifeboat_store::RecoveryPoint, BTreeMap<String, BlockMap>), EngineError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let point = choose_point(store, vm, &PointChoice::Latest).await?;
+        let mut wants = BTreeMap::new();
+        for pd in &point.disks {
+            let (size, block_size) = (pd.size_bytes, pd.digest.block_size_bytes);
+            match maps::load_trusted(store, vm, &pd.name, size, block_size, &[&point.id]).await? {
+                Some(map) => {
+                    wants.insert(pd.name.clone(), map);
+                }
+                None => break,
+            }
+        }
+        if wants.len() == point.disks.len() || tries == NEWEST_POINT_TRIES {
+            return Ok((point, wants));
+        }
+        let newest = choose_point(store, vm, &PointChoice::Latest).await?;
+        if newest.id == point.id {
+            return Ok((point, wants));
+        }
+        tracing::info!(vm = %vm, chosen = %point.id, newest = %newest.id, "a newer point was cut while the disks' maps were read: choosing it");
+    }
 }
 
 /// One original disk to bring to a point: the point's disk, the original, and what the point
@@ -564,13 +612,15 @@ struct RestoredDisk {
     stamp: Option<FileStamp>,
 }
 
-/// [`restore_onto`], with what each disk holds now, by name.
+/// [`restore_onto`], with what each disk holds now, by name; `wants` has the point's block
+/// maps already read (the others are read, or hashed from the store).
 async fn restore_disks(
     store: &dyn ReplicaStore,
     vm: &VmKey,
     point_id: &str,
     targets: &[DiskRef],
     seeds: Option<&SeedMaps>,
+    mut wants: BTreeMap<String, BlockMap>,
     progress: ProgressSink<'_>,
 ) -> Result<(FailoverReport, BTreeMap<String, RestoredDisk>), EngineError> {
     let point = choose_point(store, vm, &PointChoice::Named(point_id.to_owned())).await?;
@@ -596,7 +646,10 @@ async fn restore_disks(
                         pd.name
                     ),
                 })?;
-        let want = point_map(store, vm, &point, pd).await?;
+        let want = match wants.remove(&pd.name) {
+            Some(want) => want,
+            None => point_map(store, vm, &point, pd).await?,
+        };
         work.push(DiskWork { pd, target, want });
     }
     let mut restored = BTreeMap::new();
