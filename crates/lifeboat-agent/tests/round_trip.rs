@@ -556,6 +556,11 @@ async fn planned_round_trip(a_written_after_first_step: bool, on_b: bool, clones
             .maps_left
             .store(DISKS.len() as u64 + 1, Ordering::SeqCst);
         let first = job(&mut a.engine, JobKind::Failback, early, &a_dirs).await;
+        assert_eq!(
+            reader.ranges_listed.load(Ordering::SeqCst),
+            0,
+            "no disk of the point hashed from the store"
+        );
         let Site { qsd, engine, .. } = a;
         drop(engine);
         (first.unwrap(), qsd)

@@ -13,7 +13,7 @@
 //! | Commit | [`Replicator::commit`] |
 //! | Failover, a planned failback's first step | [`Replicator::ship_before_stop`] (a cycle of the running VM) |
 //! | Failover, a failback's first half | [`Replicator::fail_over_to_primary`] (no disks written) |
-//! | Failback, a planned failback's second step | [`Replicator::sync_original_disks`] (the recovered VM runs on) |
+//! | Failback with `presync`: the original disks kept in step, or a planned failback's second step | [`Replicator::sync_original_disks`] (the recovered VM runs on) |
 //! | Failback | [`Replicator::fail_back`] the original disks ([`JobDirs::original_disks`]) |
 //! | Reprotect | [`Replicator::reprotect`] from the point the job names |
 //! | DisableProtection | [`Replicator::disable`] |

@@ -22,7 +22,8 @@ use lifeboat_store::{At, Manifest, NewPoint, RecoveryPoint, ReplicaStore, StoreE
 /// `writes_left` more writes; after `maps_left` more block maps read, it answers each with one
 /// that describes no point (as the live map does once the writer has cut a newer point); its
 /// next `hide_newest` manifests leave out the newest point (as read just before the writer
-/// cut it, its live maps already describing it).
+/// cut it, its live maps already describing it). `ranges_listed` counts the data ranges asked
+/// for (what a replica disk's hashing from the store starts with).
 #[derive(Debug)]
 pub struct FaultInjectingStore<S> {
     pub inner: S,
@@ -30,6 +31,7 @@ pub struct FaultInjectingStore<S> {
     pub writes_left: AtomicU64,
     pub maps_left: AtomicU64,
     pub hide_newest: AtomicU64,
+    pub ranges_listed: AtomicU64,
 }
 
 impl<S> FaultInjectingStore<S> {
@@ -40,6 +42,7 @@ impl<S> FaultInjectingStore<S> {
             writes_left: AtomicU64::new(u64::MAX),
             maps_left: AtomicU64::new(u64::MAX),
             hide_newest: AtomicU64::new(0),
+            ranges_listed: AtomicU64::new(0),
         }
     }
 
@@ -127,6 +130,7 @@ impl<S: ReplicaStore> ReplicaStore for FaultInjectingStore<S> {
         at: &At,
     ) -> Result<Vec<Range<u64>>, StoreError> {
         self.check("list ranges")?;
+        self.ranges_listed.fetch_add(1, Ordering::SeqCst);
         self.inner.data_ranges(vm, disk, at).await
     }
     async fn flush(&self, vm: &VmKey) -> Result<(), StoreError> {
