@@ -22,8 +22,9 @@
 //!
 //! A stamp is used once: it is removed when the bitmap is armed, and when the file no longer
 //! matches it (written since: that record can never hold again). The guest must not write
-//! before the agent looks (each agent tick, a second or two): one that does costs the
-//! re-protect a compare of the whole disk, never a missed write.
+//! before the agent looks (each agent tick, a second or two): one that does changes the
+//! file's stamp, and costs the re-protect a compare of the whole disk (what a stamp can fail
+//! to see is listed on [`FileStamp`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
