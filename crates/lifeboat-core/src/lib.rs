@@ -14,7 +14,7 @@
 //! | [`vm`] | a ProtectedVM's life cycle: jobs, requests, retries, status |
 //! | [`policy`] | a ReplicationPolicy's readiness and deletion |
 //! | [`job`] | when a finished ReplicationJob is deleted |
-//! | [`health`], [`rpo`], [`retry`] | ASR's health rules, RPO, retry schedule |
+//! | [`health`], [`rpo`](mod@rpo), [`retry`] | ASR's health rules, RPO, retry schedule |
 //! | [`conditions`] | every condition of every resource |
 //! | [`lease`] | leader election |
 //! | [`window`] | wall-clock windows in a time zone |

@@ -1,6 +1,6 @@
 //! The RecoveryPlan controller: it runs the request a plan has pending as a task of its own
 //! (a run waits at gates and on hooks for as long as they take; the other controllers go
-//! on), over [`KubeDriver`]: a VM is asked through its `spec.requests` and waited on as
+//! on), over `KubeDriver`: a VM is asked through its `spec.requests` and waited on as
 //! `lifeboat failover --cluster` does, a hook is a Kubernetes Job made from the hook's
 //! JobSpec with the plan's environment added to its containers, status is applied on the
 //! plan's status subresource.

@@ -1168,7 +1168,7 @@ impl Hypervisor for QemuHypervisor {
     }
 
     /// A non-persistent seed bitmap on each raw file node whose file still has the stamp a
-    /// failover or failback kept beside it ([`arm_seed`]): QEMU records the guest's writes
+    /// failover or failback kept beside it (`arm_seed`): QEMU records the guest's writes
     /// from the bitmap's creation on, and the stamp, checked again after it, says nothing
     /// wrote the file before. A stamp is used once (removed when armed, and when the file no
     /// longer matches it); the bitmap lives as long as this QEMU process.

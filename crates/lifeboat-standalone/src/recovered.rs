@@ -1,5 +1,5 @@
 //! Recovered VMs in standalone mode: the VM a (test) failover brings up on its disks
-//! (`spec.recoveredVm`), carried out by [`lifeboat_control::recovery`] over [`FolderDriver`]:
+//! (`spec.recoveredVm`), carried out by [`lifeboat_control::recovery`] over `FolderDriver`:
 //! the rendered definition is a file beside the disks, the hook a process in the manifests
 //! folder.
 //!

@@ -88,7 +88,7 @@ struct AgentArgs {
     /// The node this agent runs on (the pod's spec.nodeName, from the downward API).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// The agent pod's name: jobs are claimed as <node>/<pod>.
+    /// The agent pod's name: jobs are claimed as `<node>/<pod>`.
     #[arg(long, env = "POD_NAME", default_value = "lifeboat-agent")]
     pod_name: String,
     /// Watch this namespace only. Without it: every namespace.

@@ -503,8 +503,8 @@ impl Replicator {
 
     /// The first half of a failback: fail over as [`Replicator::failover`] does (a planned one
     /// stops the VM and ships everything first), writing no disks here: the point goes onto
-    /// the original disks at the site the VM returns to ([`restore_onto`], the Failback job).
-    /// Idempotent as `failover` is.
+    /// the original disks at the site the VM returns to ([`super::restore_onto`], the Failback
+    /// job). Idempotent as `failover` is.
     ///
     /// # Errors
     ///
@@ -551,7 +551,7 @@ impl Replicator {
     }
 
     /// A planned failback's first step at the site it leaves: a cycle of the running VM,
-    /// shipped straight from its view ([`Replicator::run_direct_cycle`]), nothing stopped or
+    /// shipped straight from its view (`Replicator::run_direct_cycle`), nothing stopped or
     /// fenced, so that the original disks are brought to a fresh point while the VM runs on,
     /// and the stop that follows ships only what it writes meanwhile.
     /// The cycle's report; its point is the one it cut (the latest, if it cut none).

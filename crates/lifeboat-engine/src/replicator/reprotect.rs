@@ -408,7 +408,7 @@ impl Replicator {
     ///
     /// The seeds are read from and kept in `seed_dir` (the state folder of the original
     /// disks' site), by default this engine's. The newest point is chosen again when the
-    /// recovered VM cuts a newer one while its maps are read ([`newest_point_with_maps`]).
+    /// recovered VM cuts a newer one while its maps are read (`newest_point_with_maps`).
     ///
     /// Can run again: a seed that no longer holds (the disk written since) is not used.
     ///
