@@ -475,6 +475,30 @@ impl Inner {
             .map_err(|e| e.into_backend(&self.vm, command, disk))
     }
 
+    /// Add bitmap `name` to the node of disk `r`, `persistent` (stored in a qcow2 image) or
+    /// not (kept while this QEMU runs).
+    async fn add_bitmap(
+        &self,
+        r: &Resolved,
+        name: &str,
+        persistent: bool,
+    ) -> Result<(), BackendError> {
+        let args = json!({ "node": r.node, "name": name, "persistent": persistent });
+        let ctx = Some((r.disk.as_str(), r.node.as_str()));
+        self.qmp("block-dirty-bitmap-add", args, ctx)
+            .await
+            .map(drop)
+    }
+
+    /// Remove bitmap `name` from the node of disk `r`.
+    async fn remove_bitmap(&self, r: &Resolved, name: &str) -> Result<(), BackendError> {
+        let args = json!({ "node": r.node, "name": name });
+        let ctx = Some((r.disk.as_str(), r.node.as_str()));
+        self.qmp("block-dirty-bitmap-remove", args, ctx)
+            .await
+            .map(drop)
+    }
+
     /// Run a QMP command; keep the raw error for callers that tolerate some.
     async fn qmp_raw(&self, command: &str, args: Value) -> Result<Value, QmpError> {
         self.qmp.execute(command, args).await
@@ -1142,27 +1166,14 @@ impl Hypervisor for QemuHypervisor {
         let name = seed_bitmap_name(point);
         let mut all = true;
         for r in &resolved {
-            let ctx = Some((r.disk.as_str(), r.node.as_str()));
             for old in &r.seeds {
-                inner
-                    .qmp(
-                        "block-dirty-bitmap-remove",
-                        json!({ "node": r.node, "name": old }),
-                        ctx,
-                    )
-                    .await?;
+                inner.remove_bitmap(r, old).await?;
             }
             if !r.durability.survives_restart() {
                 all = false;
                 continue;
             }
-            inner
-                .qmp(
-                    "block-dirty-bitmap-add",
-                    json!({ "node": r.node, "name": name, "persistent": true }),
-                    ctx,
-                )
-                .await?;
+            inner.add_bitmap(r, &name, true).await?;
         }
         Ok(all)
     }
@@ -1224,7 +1235,6 @@ impl Hypervisor for QemuHypervisor {
 /// stamp is removed; a bitmap whose check failed is removed first. Until its stamp is gone a
 /// bitmap is not trusted ([`unchecked_arming`]).
 async fn arm_seed(inner: &Inner, r: &Resolved, file: &Path) -> Result<bool, BackendError> {
-    let ctx = Some((r.disk.as_str(), r.node.as_str()));
     let owned = file.to_owned();
     let stamps = tokio::task::spawn_blocking(move || stamp::beside(&owned).unwrap_or_default())
         .await
@@ -1245,13 +1255,7 @@ async fn arm_seed(inner: &Inner, r: &Resolved, file: &Path) -> Result<bool, Back
             continue;
         }
         if !added {
-            inner
-                .qmp(
-                    "block-dirty-bitmap-add",
-                    json!({ "node": r.node, "name": name, "persistent": false }),
-                    ctx,
-                )
-                .await?;
+            inner.add_bitmap(r, &name, false).await?;
         }
         if !armed && holds().await {
             tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the VM's writes since the point are recorded: a re-protect from it reads only those");
@@ -1261,13 +1265,7 @@ async fn arm_seed(inner: &Inner, r: &Resolved, file: &Path) -> Result<bool, Back
         }
         // NB: written before the bitmap recorded, or as it began to: it may have missed the
         // first writes.
-        inner
-            .qmp(
-                "block-dirty-bitmap-remove",
-                json!({ "node": r.node, "name": name }),
-                ctx,
-            )
-            .await?;
+        inner.remove_bitmap(r, &name).await?;
         tracing::info!(vm = %inner.vm, disk = %r.disk, point = %kept.point, "the raw image was written as its VM's writes began to be recorded: a re-protect from the point compares the whole disk");
         forget_stamp(inner, r, file, &kept.point);
     }
